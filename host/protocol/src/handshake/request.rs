@@ -1,0 +1,197 @@
+//! Parsing and validating the client's opening handshake.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+
+use super::HandshakeError;
+
+/// Bounds on the request head, so a slow or hostile client can't make the
+/// host buffer without limit before the upgrade.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeLimits {
+    /// Largest request head accepted; an incomplete head past this is
+    /// refused with 431 instead of waiting for more.
+    pub max_request_bytes: usize,
+    /// Size of the fixed header array handed to httparse; more lines than
+    /// this are refused with 431.
+    pub max_headers: usize,
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        HandshakeLimits {
+            max_request_bytes: 16 * 1024,
+            max_headers: 64,
+        }
+    }
+}
+
+/// A validated WebSocket upgrade request.
+///
+/// Owned strings, so the host can keep it (for routing, auth, logging)
+/// after the read buffer is reused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The request method; always `GET` once validated.
+    pub method: String,
+    /// The request target up to (not including) the first `?`.
+    pub path: String,
+    /// The part of the target after the first `?`, if there was one.
+    pub query: Option<String>,
+    /// Every header in arrival order; values are decoded lossily because
+    /// HTTP allows opaque bytes there but the host wants text.
+    pub headers: Vec<(String, String)>,
+    /// The trimmed `Sec-WebSocket-Key`, to feed to
+    /// [`accept_response`](super::accept_response).
+    pub key: String,
+    /// Offered subprotocols in preference order, from every
+    /// `Sec-WebSocket-Protocol` header.
+    pub subprotocols: Vec<String>,
+}
+
+impl Request {
+    /// The first header named `name` (ASCII case-insensitive), since header
+    /// names are case-insensitive on the wire.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn headers_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parses the opening handshake from the start of `buf`.
+///
+/// `Ok(None)` means the head is not complete yet: read more and call again
+/// with the whole buffer. `Ok(Some((req, n)))` means the request occupied
+/// `buf[..n]`; bytes after `n` are WebSocket frames the client pipelined and
+/// must be fed to the [`WebSocket`](crate::WebSocket).
+pub fn parse_request(
+    buf: &[u8],
+    limits: &HandshakeLimits,
+) -> Result<Option<(Request, usize)>, HandshakeError> {
+    let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
+    let mut req = httparse::Request::new(&mut headers);
+    let n = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            if buf.len() > limits.max_request_bytes {
+                return Err(HandshakeError::RequestTooLarge);
+            }
+            return Ok(None);
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(HandshakeError::TooManyHeaders),
+        Err(e) => return Err(HandshakeError::Malformed(e)),
+    };
+    // Only the head counts: bytes after it are pipelined frames, which the
+    // caller may well have read in the same chunk.
+    if n > limits.max_request_bytes {
+        return Err(HandshakeError::RequestTooLarge);
+    }
+    if req.version != Some(1) {
+        return Err(HandshakeError::UnsupportedHttpVersion);
+    }
+    let method = req.method.unwrap_or_default();
+    if method != "GET" {
+        return Err(HandshakeError::MethodNotAllowed(method.to_owned()));
+    }
+    let target = req.path.unwrap_or_default();
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+        None => (target.to_owned(), None),
+    };
+    let mut request = Request {
+        method: method.to_owned(),
+        path,
+        query,
+        headers: req
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_owned(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect(),
+        key: String::new(),
+        subprotocols: Vec::new(),
+    };
+    validate(&mut request)?;
+    Ok(Some((request, n)))
+}
+
+fn validate(req: &mut Request) -> Result<(), HandshakeError> {
+    match req.headers_named("host").count() {
+        0 => return Err(HandshakeError::MissingHost),
+        1 => {}
+        _ => return Err(HandshakeError::DuplicateHost),
+    }
+    if !req
+        .headers_named("upgrade")
+        .any(|v| has_token(v, "websocket"))
+    {
+        return Err(HandshakeError::NotWebSocketUpgrade);
+    }
+    if !req
+        .headers_named("connection")
+        .any(|v| has_token(v, "upgrade"))
+    {
+        return Err(HandshakeError::MissingConnectionUpgrade);
+    }
+    {
+        let mut versions = req.headers_named("sec-websocket-version");
+        match (versions.next(), versions.next()) {
+            (Some(v), None) if v.trim() == "13" => {}
+            _ => return Err(HandshakeError::UnsupportedWebSocketVersion),
+        }
+    }
+    let key = {
+        let mut keys = req.headers_named("sec-websocket-key");
+        match (keys.next(), keys.next()) {
+            (None, _) => return Err(HandshakeError::MissingKey),
+            (Some(_), Some(_)) => return Err(HandshakeError::DuplicateKey),
+            (Some(k), None) => k.trim(),
+        }
+    };
+    // 16 random bytes encode to exactly 24 characters; checking the length
+    // first keeps a huge bogus key from being decoded at all.
+    if key.len() != 24 || !matches!(STANDARD.decode(key), Ok(raw) if raw.len() == 16) {
+        return Err(HandshakeError::InvalidKey);
+    }
+    let key = key.to_owned();
+    if req.headers_named("content-length").any(|v| v.trim() != "0")
+        || req.headers_named("transfer-encoding").next().is_some()
+    {
+        return Err(HandshakeError::UnexpectedBody);
+    }
+    let subprotocols = req
+        .headers_named("sec-websocket-protocol")
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim_matches(is_ows))
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect();
+    req.key = key;
+    req.subprotocols = subprotocols;
+    Ok(())
+}
+
+fn is_ows(c: char) -> bool {
+    c == ' ' || c == '\t'
+}
+
+/// Whether a comma-separated header value lists `token` (case-insensitive),
+/// as `Connection: keep-alive, Upgrade` must count as an upgrade.
+fn has_token(value: &str, token: &str) -> bool {
+    value
+        .split(',')
+        .any(|t| t.trim_matches(is_ows).eq_ignore_ascii_case(token))
+}

@@ -1,0 +1,667 @@
+//! The WebSocket connection state machine (server role).
+//!
+//! [`WebSocket`] is fed bytes with [`WebSocket::read`] and `Instant`s with
+//! [`WebSocket::handle_timeout`]; it answers with [`Event`]s and queues
+//! bytes to write, which the host drains with [`WebSocket::output_slices`]
+//! and [`WebSocket::advance_output`]. It never blocks, allocates per
+//! message, or buffers beyond its [`Config`] limits.
+
+pub mod close;
+mod config;
+mod error;
+pub(crate) mod frame;
+mod output;
+
+use std::io::IoSlice;
+use std::time::{Duration, Instant};
+
+pub use config::Config;
+pub use error::{ProtocolError, SendError};
+
+use close::CloseCode;
+use frame::coding::{self, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN};
+use frame::mask::apply_mask;
+use frame::utf8::Utf8Validator;
+use frame::{FrameHeader, OpCode};
+use output::Output;
+
+/// Capacity the message buffer is shrunk back to after a bigger message,
+/// so idle connections don't keep the memory of their largest message.
+const MSG_BUF_KEEP: usize = 64 * 1024;
+
+/// Longest reason that fits in a Close frame next to its 2-byte code.
+const MAX_CLOSE_REASON: usize = MAX_CONTROL_PAYLOAD - 2;
+
+/// Where the connection is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Messages flow both ways.
+    Open,
+    /// We sent a Close and are waiting for the peer's; incoming data is
+    /// still delivered, but we send nothing more.
+    Closing,
+    /// The closing handshake finished or the connection failed: only
+    /// queued output remains to be flushed, then the transport can go.
+    Closed,
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseInfo {
+    /// The peer's close code, 1005 if its Close had none, 1006 if the
+    /// connection ended without a closing handshake, or the code we failed
+    /// the connection with.
+    pub code: u16,
+    /// The close reason (the peer's, or our description of its error).
+    pub reason: String,
+    /// True when both Close frames were exchanged; false when the
+    /// connection failed or timed out.
+    pub clean: bool,
+}
+
+/// What [`WebSocket::read`] produced.
+///
+/// Messages borrow the connection's reusable buffer, so handle (or copy)
+/// them before the next `read`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A complete, UTF-8-validated text message.
+    Text(&'a str),
+    /// A complete binary message.
+    Binary(&'a [u8]),
+    /// The connection is closed; this is reported exactly once.
+    Closed(CloseInfo),
+}
+
+/// A message kind, remembered across its fragments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MsgKind {
+    Text,
+    Binary,
+}
+
+/// What `read_inner` found, without borrowing the message buffer.
+enum Ready {
+    Message(MsgKind),
+    Closed(CloseInfo),
+}
+
+/// A frame whose header is decoded and whose payload is still arriving.
+#[derive(Debug, Clone, Copy)]
+struct InFrame {
+    header: FrameHeader,
+    remaining: u64,
+    mask_offset: usize,
+}
+
+/// One WebSocket connection, server side, after a successful handshake.
+#[derive(Debug)]
+pub struct WebSocket {
+    /// Kept apart from `core` so an [`Event`] can borrow it while the core
+    /// is still mutable (e.g. to fail the connection).
+    msg: Vec<u8>,
+    core: Core,
+}
+
+#[derive(Debug)]
+struct Core {
+    config: Config,
+    state: State,
+    /// Whether a Closed event/CloseInfo was handed out already.
+    closed_reported: bool,
+    close_sent: bool,
+    out: Output,
+
+    hdr: [u8; MAX_HEADER_LEN],
+    hdr_len: usize,
+    /// Full header length once the first two bytes are known, else 0.
+    hdr_need: usize,
+    frame: Option<InFrame>,
+    msg_kind: Option<MsgKind>,
+    msg_delivered: bool,
+    utf8: Utf8Validator,
+    ctrl: [u8; MAX_CONTROL_PAYLOAD],
+    ctrl_len: usize,
+
+    /// Latest instant we were told about; `close` has no `now` parameter.
+    now: Instant,
+    last_recv: Instant,
+    ping_outstanding: bool,
+    close_deadline: Option<Instant>,
+}
+
+impl WebSocket {
+    /// A connection in the [`State::Open`] state; `now` starts the idle and
+    /// ping timers.
+    pub fn new(config: Config, now: Instant) -> Self {
+        WebSocket {
+            msg: Vec::new(),
+            core: Core {
+                config,
+                state: State::Open,
+                closed_reported: false,
+                close_sent: false,
+                out: Output::default(),
+                hdr: [0; MAX_HEADER_LEN],
+                hdr_len: 0,
+                hdr_need: 0,
+                frame: None,
+                msg_kind: None,
+                msg_delivered: false,
+                utf8: Utf8Validator::default(),
+                ctrl: [0; MAX_CONTROL_PAYLOAD],
+                ctrl_len: 0,
+                now,
+                last_recv: now,
+                ping_outstanding: false,
+                close_deadline: None,
+            },
+        }
+    }
+
+    /// Consumes bytes from `input` (advancing the slice) until one event is
+    /// ready or input is exhausted. Call repeatedly until it returns `None`
+    /// and `input` is empty.
+    ///
+    /// Pongs and Close replies are queued as a side effect, so check
+    /// [`has_output`](Self::has_output) afterwards. Once closed, input is
+    /// consumed and ignored.
+    pub fn read<'a>(&'a mut self, input: &mut &[u8], now: Instant) -> Option<Event<'a>> {
+        self.core.observe(now);
+        if self.core.msg_delivered {
+            self.core.msg_delivered = false;
+            self.msg.clear();
+            if self.msg.capacity() > MSG_BUF_KEEP {
+                self.msg.shrink_to(MSG_BUF_KEEP);
+            }
+        }
+        let ready = self.core.read_inner(&mut self.msg, input, now);
+        if self.core.state == State::Closed && self.msg.capacity() > 0 {
+            // Nothing more will be delivered; don't hold message memory
+            // while the host flushes the last output.
+            self.msg = Vec::new();
+        }
+        match ready? {
+            Ready::Message(MsgKind::Binary) => Some(Event::Binary(&self.msg)),
+            // The incremental validator already accepted these bytes; this
+            // second, fast pass is the price of staying free of `unsafe`.
+            Ready::Message(MsgKind::Text) => match std::str::from_utf8(&self.msg) {
+                Ok(text) => Some(Event::Text(text)),
+                Err(_) => Some(Event::Closed(self.core.fail(ProtocolError::InvalidUtf8))),
+            },
+            Ready::Closed(info) => Some(Event::Closed(info)),
+        }
+    }
+
+    /// The transport reached EOF or failed. Returns `Closed{1006, clean:
+    /// false}` unless a close was already reported (then `None`).
+    pub fn transport_closed(&mut self) -> Option<CloseInfo> {
+        if self.core.closed_reported {
+            return None;
+        }
+        self.core.state = State::Closed;
+        self.core.closed_reported = true;
+        self.core.close_deadline = None;
+        self.msg = Vec::new();
+        Some(CloseInfo {
+            code: CloseCode::ABNORMAL,
+            reason: String::new(),
+            clean: false,
+        })
+    }
+
+    /// Queues a text message (fragmented per `fragment_size`).
+    pub fn send_text(&mut self, text: &str) -> Result<(), SendError> {
+        self.core.send_data(OpCode::Text, text.as_bytes())
+    }
+
+    /// Queues a binary message (fragmented per `fragment_size`).
+    pub fn send_binary(&mut self, data: &[u8]) -> Result<(), SendError> {
+        self.core.send_data(OpCode::Binary, data)
+    }
+
+    /// Queues a Ping; `data` is at most 125 bytes (else `MessageTooBig`).
+    pub fn send_ping(&mut self, data: &[u8]) -> Result<(), SendError> {
+        let core = &mut self.core;
+        core.check_can_send()?;
+        if data.len() > MAX_CONTROL_PAYLOAD {
+            return Err(SendError::MessageTooBig);
+        }
+        core.check_queue()?;
+        core.out.push_frame(true, OpCode::Ping, data);
+        Ok(())
+    }
+
+    /// Starts the closing handshake (we initiate). `code` must be sendable
+    /// (1000-1003, 1007-1014, 3000-4999) else `InvalidCode`; `reason` is at
+    /// most 123 bytes else `ReasonTooLong`.
+    ///
+    /// The close timeout runs from the latest `Instant` passed to `new`,
+    /// `read` or `handle_timeout`, since this call takes none.
+    pub fn close(&mut self, code: u16, reason: &str) -> Result<(), SendError> {
+        let core = &mut self.core;
+        core.check_can_send()?;
+        if !close::is_valid(code) {
+            return Err(SendError::InvalidCode);
+        }
+        if reason.len() > MAX_CLOSE_REASON {
+            return Err(SendError::ReasonTooLong);
+        }
+        let now = core.now;
+        core.start_close(code, reason, now);
+        Ok(())
+    }
+
+    /// Bytes queued for the transport.
+    pub fn output_len(&self) -> usize {
+        self.core.out.len()
+    }
+
+    /// Whether anything is queued for the transport.
+    pub fn has_output(&self) -> bool {
+        self.core.out.len() > 0
+    }
+
+    /// Fills `dst` with the queued output in order; returns how many slices
+    /// were filled (for `writev`). Fewer slots than chunks gives a prefix.
+    pub fn output_slices<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        self.core.out.slices(dst)
+    }
+
+    /// Drops `n` bytes the transport wrote from the front of the queue;
+    /// `n` past the end is clamped.
+    pub fn advance_output(&mut self, n: usize) {
+        self.core.out.advance(n);
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) next has work: the
+    /// earliest of ping due, idle deadline and close deadline.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.core.poll_timeout()
+    }
+
+    /// Runs the timers: may queue a Ping or start a 1001 close, and returns
+    /// `Closed{1006, clean: false}` once the close deadline has passed.
+    pub fn handle_timeout(&mut self, now: Instant) -> Option<CloseInfo> {
+        let info = self.core.handle_timeout(now);
+        if info.is_some() {
+            self.msg = Vec::new();
+        }
+        info
+    }
+
+    /// The current lifecycle state.
+    pub fn state(&self) -> State {
+        self.core.state
+    }
+
+    /// Whether the connection reached [`State::Closed`].
+    pub fn is_closed(&self) -> bool {
+        self.core.state == State::Closed
+    }
+}
+
+impl Core {
+    fn observe(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+    }
+
+    fn read_inner(&mut self, msg: &mut Vec<u8>, input: &mut &[u8], now: Instant) -> Option<Ready> {
+        if self.state == State::Closed {
+            *input = &[];
+            return None;
+        }
+        if !input.is_empty() {
+            self.last_recv = self.last_recv.max(now);
+            self.ping_outstanding = false;
+        }
+        loop {
+            let Some(mut frame) = self.frame else {
+                match self.read_header(input, msg.len()) {
+                    Ok(true) => continue,
+                    Ok(false) => return None,
+                    Err(e) => return Some(Ready::Closed(self.fail(e))),
+                }
+            };
+            let take = usize::try_from(frame.remaining)
+                .unwrap_or(usize::MAX)
+                .min(input.len());
+            let (chunk, rest) = input.split_at(take);
+            *input = rest;
+            frame.remaining -= take as u64;
+            let (header, mask) = (frame.header, frame.header.mask);
+            if header.opcode.is_control() {
+                let end = self.ctrl_len + take;
+                let Some(dst) = self.ctrl.get_mut(self.ctrl_len..end) else {
+                    return Some(Ready::Closed(self.fail(ProtocolError::ControlFrameTooLong)));
+                };
+                dst.copy_from_slice(chunk);
+                frame.mask_offset = apply_mask(dst, mask, frame.mask_offset);
+                self.ctrl_len = end;
+            } else {
+                let start = msg.len();
+                msg.extend_from_slice(chunk);
+                let new = msg.get_mut(start..).unwrap_or_default();
+                frame.mask_offset = apply_mask(new, mask, frame.mask_offset);
+                if self.msg_kind == Some(MsgKind::Text) && self.utf8.feed(new).is_err() {
+                    return Some(Ready::Closed(self.fail(ProtocolError::InvalidUtf8)));
+                }
+            }
+            if frame.remaining > 0 {
+                self.frame = Some(frame);
+                return None;
+            }
+            self.frame = None;
+            if header.opcode.is_control() {
+                if let Some(ready) = self.finish_control(header.opcode) {
+                    return Some(ready);
+                }
+            } else if header.fin {
+                let kind = self.msg_kind.take()?;
+                if kind == MsgKind::Text && self.utf8.finish().is_err() {
+                    return Some(Ready::Closed(self.fail(ProtocolError::InvalidUtf8)));
+                }
+                self.msg_delivered = true;
+                return Some(Ready::Message(kind));
+            }
+        }
+    }
+
+    /// Collects header bytes; `Ok(true)` when a frame was started,
+    /// `Ok(false)` when input ran out first.
+    fn read_header(&mut self, input: &mut &[u8], msg_len: usize) -> Result<bool, ProtocolError> {
+        if self.hdr_need == 0 {
+            self.fill_header(input, 2);
+            if self.hdr_len < 2 {
+                return Ok(false);
+            }
+            self.hdr_need = coding::check_start(self.hdr[0], self.hdr[1])?;
+        }
+        self.fill_header(input, self.hdr_need);
+        if self.hdr_len < self.hdr_need {
+            return Ok(false);
+        }
+        let header = coding::decode(self.hdr.get(..self.hdr_need).unwrap_or_default())?;
+        self.hdr_len = 0;
+        self.hdr_need = 0;
+        self.begin_frame(header, msg_len)?;
+        Ok(true)
+    }
+
+    fn fill_header(&mut self, input: &mut &[u8], upto: usize) {
+        let want = upto.saturating_sub(self.hdr_len).min(input.len());
+        let (head, rest) = input.split_at(want);
+        if let Some(dst) = self.hdr.get_mut(self.hdr_len..self.hdr_len + want) {
+            dst.copy_from_slice(head);
+            self.hdr_len += want;
+        }
+        *input = rest;
+    }
+
+    /// Applies the rules that need the whole header, before any payload
+    /// byte is stored.
+    fn begin_frame(&mut self, header: FrameHeader, msg_len: usize) -> Result<(), ProtocolError> {
+        match header.opcode {
+            OpCode::Close | OpCode::Ping | OpCode::Pong => {
+                self.ctrl_len = 0;
+            }
+            op => {
+                let kind = match (op, self.msg_kind) {
+                    (OpCode::Continuation, None) => {
+                        return Err(ProtocolError::UnexpectedContinuation);
+                    }
+                    (OpCode::Continuation, Some(kind)) => kind,
+                    (_, Some(_)) => return Err(ProtocolError::ExpectedContinuation),
+                    (OpCode::Text, None) => MsgKind::Text,
+                    (_, None) => MsgKind::Binary,
+                };
+                if header.len > self.config.max_frame_size as u64 {
+                    return Err(ProtocolError::FrameTooBig);
+                }
+                if (msg_len as u64).saturating_add(header.len) > self.config.max_message_size as u64
+                {
+                    return Err(ProtocolError::MessageTooBig);
+                }
+                if self.msg_kind.is_none() && kind == MsgKind::Text {
+                    self.utf8.reset();
+                }
+                self.msg_kind = Some(kind);
+            }
+        }
+        self.frame = Some(InFrame {
+            header,
+            remaining: header.len,
+            mask_offset: 0,
+        });
+        Ok(())
+    }
+
+    fn finish_control(&mut self, opcode: OpCode) -> Option<Ready> {
+        let payload = self.ctrl.get(..self.ctrl_len).unwrap_or_default();
+        match opcode {
+            OpCode::Ping => {
+                // A peer that pings without reading our output must not grow
+                // the queue: RFC 6455 lets us answer only the latest ping.
+                if !self.close_sent && self.out.len() < self.config.send_queue_bytes {
+                    self.out.push_frame(true, OpCode::Pong, payload);
+                }
+                None
+            }
+            OpCode::Close => Some(Ready::Closed(self.peer_close())),
+            _ => None,
+        }
+    }
+
+    fn peer_close(&mut self) -> CloseInfo {
+        let payload = self.ctrl.get(..self.ctrl_len).unwrap_or_default();
+        let (code, reason) = match payload {
+            [] => (None, String::new()),
+            [_] => return self.fail(ProtocolError::CloseFrameOneByte),
+            [hi, lo, reason @ ..] => {
+                let code = u16::from_be_bytes([*hi, *lo]);
+                if !close::is_valid(code) {
+                    return self.fail(ProtocolError::InvalidCloseCode(code));
+                }
+                match std::str::from_utf8(reason) {
+                    Ok(r) => (Some(code), r.to_owned()),
+                    Err(_) => return self.fail(ProtocolError::InvalidCloseReason),
+                }
+            }
+        };
+        if !self.close_sent {
+            let echo = code.map(u16::to_be_bytes);
+            let echo: &[u8] = echo.as_ref().map_or(&[], |e| e);
+            self.out.push_frame(true, OpCode::Close, echo);
+            self.close_sent = true;
+        }
+        self.mark_closed();
+        CloseInfo {
+            code: code.unwrap_or(CloseCode::NO_STATUS),
+            reason,
+            clean: true,
+        }
+    }
+
+    /// Fails the connection: queue our Close (unless one went out already),
+    /// and report the error's code.
+    fn fail(&mut self, e: ProtocolError) -> CloseInfo {
+        if !self.close_sent {
+            self.push_close(e.close_code(), e.reason());
+            self.close_sent = true;
+        }
+        self.mark_closed();
+        CloseInfo {
+            code: e.close_code(),
+            reason: e.reason().to_owned(),
+            clean: false,
+        }
+    }
+
+    fn mark_closed(&mut self) {
+        self.state = State::Closed;
+        self.closed_reported = true;
+        self.close_deadline = None;
+        self.frame = None;
+        self.msg_kind = None;
+    }
+
+    fn push_close(&mut self, code: u16, reason: &str) {
+        let mut buf = [0u8; MAX_CONTROL_PAYLOAD];
+        let reason = reason.as_bytes();
+        let reason = reason.get(..MAX_CLOSE_REASON).unwrap_or(reason);
+        let len = 2 + reason.len();
+        if let Some((code_bytes, rest)) = buf.split_first_chunk_mut::<2>() {
+            *code_bytes = code.to_be_bytes();
+            if let Some(dst) = rest.get_mut(..reason.len()) {
+                dst.copy_from_slice(reason);
+            }
+        }
+        self.out
+            .push_frame(true, OpCode::Close, buf.get(..len).unwrap_or_default());
+    }
+
+    fn start_close(&mut self, code: u16, reason: &str, now: Instant) {
+        self.push_close(code, reason);
+        self.close_sent = true;
+        self.state = State::Closing;
+        self.close_deadline = Some(add(now, self.config.close_timeout));
+    }
+
+    fn check_can_send(&self) -> Result<(), SendError> {
+        if self.state == State::Open {
+            Ok(())
+        } else {
+            Err(SendError::Closed)
+        }
+    }
+
+    fn check_queue(&self) -> Result<(), SendError> {
+        if self.out.len() >= self.config.send_queue_bytes {
+            Err(SendError::QueueFull)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn send_data(&mut self, opcode: OpCode, data: &[u8]) -> Result<(), SendError> {
+        self.check_can_send()?;
+        if data.len() > self.config.max_message_size {
+            return Err(SendError::MessageTooBig);
+        }
+        self.check_queue()?;
+        match self.config.fragment_size {
+            Some(size) if data.len() > size.max(1) => {
+                let mut op = opcode;
+                let mut chunks = data.chunks(size.max(1)).peekable();
+                while let Some(chunk) = chunks.next() {
+                    self.out.push_frame(chunks.peek().is_none(), op, chunk);
+                    op = OpCode::Continuation;
+                }
+            }
+            _ => self.out.push_frame(true, opcode, data),
+        }
+        Ok(())
+    }
+
+    fn ping_due(&self) -> Option<Instant> {
+        match (self.config.ping_interval, self.ping_outstanding) {
+            (Some(every), false) => Some(add(self.last_recv, every)),
+            _ => None,
+        }
+    }
+
+    fn idle_deadline(&self) -> Option<Instant> {
+        self.config
+            .idle_timeout
+            .map(|idle| add(self.last_recv, idle))
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Open => match (self.ping_due(), self.idle_deadline()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            State::Closing => self.close_deadline,
+            State::Closed => None,
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) -> Option<CloseInfo> {
+        self.observe(now);
+        match self.state {
+            State::Open => {
+                if self.idle_deadline().is_some_and(|d| now >= d) {
+                    self.start_close(CloseCode::GOING_AWAY, "idle timeout", now);
+                } else if self.ping_due().is_some_and(|d| now >= d) {
+                    self.out.push_frame(true, OpCode::Ping, &[]);
+                    self.ping_outstanding = true;
+                }
+                None
+            }
+            State::Closing => {
+                if self.close_deadline.is_some_and(|d| now >= d) {
+                    self.mark_closed();
+                    Some(CloseInfo {
+                        code: CloseCode::ABNORMAL,
+                        reason: "close timeout".to_owned(),
+                        clean: false,
+                    })
+                } else {
+                    None
+                }
+            }
+            State::Closed => None,
+        }
+    }
+}
+
+/// `Instant + Duration` that saturates to "about a century later" instead
+/// of panicking on absurd configured durations.
+fn add(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .or_else(|| t.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masked_binary(payload: &[u8]) -> Vec<u8> {
+        let mask = [1, 2, 3, 4];
+        let mut out = vec![0x82, 0x80 | 127];
+        out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    #[test]
+    fn message_buffer_shrinks_after_a_big_message() {
+        let now = Instant::now();
+        let mut ws = WebSocket::new(Config::default(), now);
+        let big = vec![9u8; 1 << 20];
+        let input = masked_binary(&big);
+        let mut bytes = &input[..];
+        assert_eq!(ws.read(&mut bytes, now), Some(Event::Binary(&big[..])));
+        assert!(ws.msg.capacity() >= 1 << 20);
+        // The next read recycles the buffer before decoding anything.
+        let mut empty: &[u8] = &[];
+        assert_eq!(ws.read(&mut empty, now), None);
+        assert!(ws.msg.capacity() <= MSG_BUF_KEEP);
+        assert!(ws.msg.is_empty());
+    }
+
+    #[test]
+    fn message_memory_is_released_on_close() {
+        let now = Instant::now();
+        let mut ws = WebSocket::new(Config::default(), now);
+        let partial = masked_binary(&[7u8; 1000]);
+        let mut bytes = &partial[..500];
+        assert_eq!(ws.read(&mut bytes, now), None);
+        assert!(ws.msg.capacity() > 0);
+        assert!(ws.transport_closed().is_some());
+        assert_eq!(ws.msg.capacity(), 0);
+    }
+}

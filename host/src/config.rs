@@ -1,0 +1,335 @@
+//! `wharf.toml`: what a server listens on, its protocol limits and its plugin.
+//!
+//! Every key has a default, so an empty file (or none at all) is a working
+//! server. Unknown keys are errors: a typo must not silently fall back to a
+//! default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Sockets to accept WebSocket connections on (`[[listener]]` tables).
+    #[serde(rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    /// Server-wide limits (`[server]`).
+    pub server: ServerConfig,
+    /// RFC 6455 protocol limits and timers (`[websocket]`).
+    pub websocket: WebSocketConfig,
+    /// The handler component and its sandbox limits (`[plugin]`).
+    pub plugin: PluginConfig,
+    /// The metrics and health endpoint (`[admin]`).
+    pub admin: AdminConfig,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// `ip:port` to bind, e.g. `"127.0.0.1:8080"` or `"[::]:443"`.
+    pub address: SocketAddr,
+    /// Serve `wss://` with this certificate and key; plain `ws://` if absent.
+    pub tls: Option<TlsConfig>,
+}
+
+/// PEM files for a `wss` listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Server-wide limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Connections served at once (each holds one plugin instance); further
+    /// upgrade requests are answered 503.
+    pub max_connections: u32,
+    /// Time a client has to send a complete upgrade request.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Largest upgrade request (request line and headers) accepted; larger is 431.
+    pub max_request_size: ByteSize,
+    /// Most header lines in an upgrade request; more is 431.
+    pub max_request_headers: usize,
+    /// On SIGINT/SIGTERM, time given to connections to finish their closing
+    /// handshakes (after 1001 "going away") before the process exits.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            max_request_size: ByteSize::kib(16),
+            max_request_headers: 64,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// RFC 6455 limits and timers, per connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Largest frame payload accepted; a larger announced length closes with 1009
+    /// before any of the payload is buffered.
+    pub max_frame_size: ByteSize,
+    /// Largest message (all fragments) accepted, and largest a plugin may send;
+    /// over it: 1009 (incoming) or `message-too-big` (outgoing).
+    pub max_message_size: ByteSize,
+    /// Outgoing messages longer than this are sent as several frames. Unset: never.
+    pub fragment_size: Option<ByteSize>,
+    /// High-water mark of a connection's unsent output; while it is exceeded the
+    /// plugin's sends fail with `queue-full` and the host stops reading.
+    pub send_queue: ByteSize,
+    /// Send a Ping after this long without hearing from the peer. `"0s"`: never.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// Close with 1001 after this long without hearing from the peer. `"0s"`: never.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time the peer has to answer our Close frame before the socket is dropped.
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_size: ByteSize::mib(16),
+            max_message_size: ByteSize::mib(16),
+            fragment_size: None,
+            send_queue: ByteSize::mib(4),
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The handler component.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginConfig {
+    /// Path to the handler component (`.wasm`). Unset: the bundled echo handler.
+    pub path: Option<PathBuf>,
+    /// Most linear memory one instance (one connection) may use; growing past
+    /// it traps, which closes that connection with 1011.
+    pub memory_limit: ByteSize,
+    /// CPU time one event call (`on-text`, …) may use before it is interrupted
+    /// and its connection closed with 1011.
+    #[serde(with = "humantime_serde")]
+    pub cpu_time_per_event: Duration,
+    /// Where compiled plugins are cached. Unset: `$XDG_CACHE_HOME/wharf`,
+    /// else `$HOME/.cache/wharf`, else no cache. Only the server may write here:
+    /// a cached artifact is trusted native code.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            memory_limit: ByteSize::mib(64),
+            cpu_time_per_event: Duration::from_millis(200),
+            cache_dir: None,
+        }
+    }
+}
+
+/// The admin endpoint: `GET /metrics` (Prometheus text format) and `GET /healthz`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `ip:port` to serve it on. Unset: no admin endpoint.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listeners: vec![ListenerConfig {
+                address: SocketAddr::from(([127, 0, 0, 1], 8080)),
+                tls: None,
+            }],
+            server: ServerConfig::default(),
+            websocket: WebSocketConfig::default(),
+            plugin: PluginConfig::default(),
+            admin: AdminConfig::default(),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the relations between keys that serde cannot see.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                problem: problem.to_owned(),
+            })
+        };
+        if self.listeners.is_empty() {
+            return invalid("listener", "must name at least one listener");
+        }
+        if self.server.max_connections == 0 {
+            return invalid("server.max_connections", "must be at least 1");
+        }
+        if self.server.max_request_headers == 0 {
+            return invalid("server.max_request_headers", "must be at least 1");
+        }
+        if self.server.max_request_size.as_u64() < 256 {
+            return invalid("server.max_request_size", "must be at least 256 B");
+        }
+        if self.server.handshake_timeout.is_zero() {
+            return invalid("server.handshake_timeout", "must be more than 0s");
+        }
+        let ws = &self.websocket;
+        if ws.max_frame_size.as_u64() < 125 {
+            return invalid(
+                "websocket.max_frame_size",
+                "must be at least 125 B (a control frame)",
+            );
+        }
+        if ws.max_message_size.as_u64() == 0 {
+            return invalid("websocket.max_message_size", "must be more than 0");
+        }
+        if ws.fragment_size.is_some_and(|f| f.as_u64() == 0) {
+            return invalid("websocket.fragment_size", "must be more than 0 when set");
+        }
+        if ws.send_queue.as_u64() == 0 {
+            return invalid("websocket.send_queue", "must be more than 0");
+        }
+        if ws.close_timeout.is_zero() {
+            return invalid("websocket.close_timeout", "must be more than 0s");
+        }
+        let memory = self.plugin.memory_limit.as_u64();
+        if memory < 1 << 20 {
+            return invalid("plugin.memory_limit", "must be at least 1 MiB");
+        }
+        if memory > 4 << 30 {
+            return invalid(
+                "plugin.memory_limit",
+                "must be at most 4 GiB (32-bit linear memory)",
+            );
+        }
+        if self.plugin.cpu_time_per_event < Duration::from_millis(1) {
+            return invalid("plugin.cpu_time_per_event", "must be at least 1ms");
+        }
+        Ok(())
+    }
+}
+
+/// Byte sizes as `usize`, saturating on 32-bit targets.
+pub(crate) fn bytes(size: ByteSize) -> usize {
+    usize::try_from(size.as_u64()).unwrap_or(usize::MAX)
+}
+
+/// `"0s"` means "off" for optional timers.
+pub(crate) fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_default_server() {
+        let c: Config = toml::from_str("").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].address.port(), 8080);
+        assert_eq!(c.server.max_connections, 10_000);
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c: Config = toml::from_str(
+            r#"
+            [[listener]]
+            address = "127.0.0.1:9001"
+            [[listener]]
+            address = "127.0.0.1:9443"
+            tls = { cert = "c.pem", key = "k.pem" }
+            [server]
+            max_connections = 5
+            handshake_timeout = "3s"
+            [websocket]
+            max_message_size = "1MiB"
+            fragment_size = "64KiB"
+            idle_timeout = "0s"
+            [plugin]
+            path = "x.wasm"
+            memory_limit = "32MiB"
+            cpu_time_per_event = "50ms"
+            [admin]
+            listen = "127.0.0.1:9090"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.websocket.max_message_size, ByteSize::mib(1));
+        assert_eq!(nonzero(c.websocket.idle_timeout), None);
+        assert!(c.listeners[1].tls.is_some());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = toml::from_str::<Config>("[websocket]\nmax_mesage_size = 3\n").unwrap_err();
+        assert!(err.to_string().contains("max_mesage_size"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let err = toml::from_str::<Config>("[plugin]\ncpu_time_per_event = \"fast\"\n").unwrap_err();
+        assert!(err.to_string().contains("cpu_time_per_event"), "{err}");
+        let c: Config = toml::from_str("[plugin]\nmemory_limit = \"1KiB\"\n").unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("plugin.memory_limit"), "{err}");
+    }
+}

@@ -1,0 +1,11 @@
+//! Wharf: a WebSocket server whose application logic runs in sandboxed
+//! WebAssembly components.
+//!
+//! - [`wharf_protocol`] (the `host/protocol` crate) is the sans-IO RFC 6455 core.
+//! - [`runtime`] compiles plugins and runs one sandboxed instance per connection.
+//! - [`server`] is the network driver: listeners, TLS, and the per-connection task
+//!   that feeds the protocol core and the plugin.
+//! - [`config`] is `wharf.toml`; [`metrics`] and [`admin`] make it observable.
+
+pub mod config;
+pub mod runtime;

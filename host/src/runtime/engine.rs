@@ -1,0 +1,104 @@
+//! The one wasmtime `Engine` every plugin is compiled for, and its epoch clock.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// One epoch tick: the granularity of CPU deadlines and of the yields that
+/// keep a busy plugin from holding a worker thread.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Sizing of the engine's instance pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSizing {
+    /// Plugin instances alive at once (one per connection).
+    pub instances: u32,
+    /// Linear memory cap per instance, which is also each memory slot's size.
+    pub memory_limit: usize,
+}
+
+/// Core instances a component may hold: Rust/C components need a handful,
+/// interpreters (componentize-py) a few dozen.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 64;
+/// Average core instances per component the pool is sized for.
+const CORE_INSTANCES_PER_SLOT: u32 = 8;
+const MEMORIES_PER_COMPONENT: u32 = 4;
+const TABLES_PER_COMPONENT: u32 = 16;
+/// Table slots per instance on average.
+const TABLES_PER_SLOT: u32 = 4;
+const TABLE_ELEMENTS: usize = 20_000;
+
+/// Builds the engine: component model, epoch interruption, pooling allocator
+/// with copy-on-write memory images, and no component-model-async
+/// bookkeeping (it doubles the cost of a trivial call).
+pub fn build(pool: PoolSizing) -> anyhow::Result<Engine> {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    config.concurrency_support(false);
+    config.memory_init_cow(true);
+    // Slots only as large as the memory cap: 10,000 slots of 4 GiB each would
+    // exhaust the address space. Bounds checks become explicit, which costs
+    // little for handler code.
+    let reservation = pool.memory_limit as u64;
+    config.memory_reservation(reservation);
+    config.memory_guard_size(64 << 10);
+    config.memory_reservation_for_growth(0);
+
+    let n = pool.instances;
+    let mut pooling = PoolingAllocationConfig::new();
+    pooling
+        .total_component_instances(n)
+        .total_core_instances(n.saturating_mul(CORE_INSTANCES_PER_SLOT))
+        .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+        .total_memories(n.saturating_mul(2))
+        .max_memories_per_component(MEMORIES_PER_COMPONENT)
+        .max_memory_size(pool.memory_limit)
+        .total_tables(n.saturating_mul(TABLES_PER_SLOT))
+        .max_tables_per_component(TABLES_PER_COMPONENT)
+        .table_elements(TABLE_ELEMENTS)
+        // One async fiber stack per store: stores cache their stack.
+        .total_stacks(n)
+        // Return a freed slot's memory to the OS beyond this much, so idle
+        // servers stay small.
+        .linear_memory_keep_resident(64 << 10)
+        .table_keep_resident(16 << 10);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+    Engine::new(&config).map_err(anyhow::Error::from)
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] on a dedicated thread.
+pub struct EpochClock {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochClock {
+    pub fn start(engine: &Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let engine = engine.clone();
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("wharf-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .ok();
+        Self { stop, thread }
+    }
+}
+
+impl Drop for EpochClock {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! The plugin runtime: one wasmtime engine, plugins compiled once, and one
+//! store and instance per connection, each with its own memory and CPU limits.
+
+pub mod bindings;
+pub mod cache;
+pub mod connection_host;
+pub mod engine;
+pub mod limits;
+pub mod log_stream;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use wasmtime::component::{HasSelf, Linker, Resource, ResourceTable};
+use wasmtime::{Engine, Store, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use self::bindings::{HandlerWorld, HandlerWorldPre, UpgradeRequest, UpgradeResponse};
+use self::connection_host::{ConnectionEntry, SendLimits};
+use self::engine::{EpochClock, PoolSizing};
+use self::limits::{CpuBudget, LimitExceeded, LimitHit, SandboxLimiter};
+use self::log_stream::{LogStream, Stream};
+
+/// What every plugin instance is limited to.
+#[derive(Debug, Clone, Copy)]
+pub struct InstanceLimits {
+    pub memory: usize,
+    pub cpu: CpuBudget,
+    pub send: SendLimits,
+}
+
+/// Settings fixed when the runtime starts.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub max_instances: u32,
+    pub limits: InstanceLimits,
+    pub cache_dir: Option<std::path::PathBuf>,
+}
+
+/// The engine, the host functions every plugin is linked against, and the
+/// epoch clock that enforces CPU deadlines.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: RuntimeConfig,
+    _clock: EpochClock,
+}
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read plugin {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("plugin {name} is not a valid component: {source:#}")]
+    Compile {
+        name: String,
+        source: anyhow::Error,
+    },
+    #[error("plugin {name} does not implement the wharf:websocket/handler-world world: {source:#}")]
+    World {
+        name: String,
+        source: anyhow::Error,
+    },
+}
+
+/// Why a call into a plugin instance failed. Every variant kills the instance:
+/// its connection is closed with 1011.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("instantiation failed: {0:#}")]
+    Instantiate(anyhow::Error),
+    #[error("trapped: {0:#}")]
+    Trap(anyhow::Error),
+    #[error("exceeded its CPU time per event")]
+    CpuLimit,
+    #[error("exceeded its memory limit")]
+    MemoryLimit,
+    #[error("exceeded its table limit")]
+    TableLimit,
+}
+
+impl PluginError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginError::Instantiate(_) => "instantiate",
+            PluginError::Trap(_) => "trap",
+            PluginError::CpuLimit => "cpu",
+            PluginError::MemoryLimit => "memory",
+            PluginError::TableLimit => "table",
+        }
+    }
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
+        let engine = engine::build(PoolSizing {
+            instances: config.max_instances,
+            memory_limit: config.limits.memory,
+        })?;
+        let mut linker = Linker::new(&engine);
+        // WASI is linked so that components built by ordinary toolchains
+        // (which import clocks, random, stdio, ...) instantiate; the context
+        // each store gets grants no files, sockets, environment or arguments.
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        HandlerWorld::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
+        let clock = EpochClock::start(&engine);
+        Ok(Self {
+            engine,
+            linker,
+            config,
+            _clock: clock,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Reads, compiles (or loads from the cache) and checks a plugin.
+    pub fn load_file(&self, path: &Path) -> Result<Plugin, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "plugin".into());
+        self.load(&name, &bytes)
+    }
+
+    /// Compiles (or loads from the cache) and checks a plugin from its bytes.
+    pub fn load(&self, name: &str, bytes: &[u8]) -> Result<Plugin, LoadError> {
+        let hash = cache::content_hash(bytes);
+        let started = std::time::Instant::now();
+        let (component, origin) =
+            cache::load(&self.engine, self.config.cache_dir.as_deref(), &hash, bytes).map_err(
+                |source| LoadError::Compile {
+                    name: name.into(),
+                    source,
+                },
+            )?;
+        let world_error = |source: wasmtime::Error| LoadError::World {
+            name: name.into(),
+            source: source.into(),
+        };
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(world_error)?;
+        let pre = HandlerWorldPre::new(pre).map_err(world_error)?;
+        tracing::info!(
+            plugin = name,
+            sha256 = &hash[..16],
+            ?origin,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "plugin loaded"
+        );
+        Ok(Plugin {
+            name: name.into(),
+            hash,
+            pre,
+            limits: self.config.limits,
+        })
+    }
+}
+
+/// A compiled, checked plugin, ready to be instantiated for connections.
+pub struct Plugin {
+    name: Arc<str>,
+    hash: String,
+    pre: HandlerWorldPre<HostState>,
+    limits: InstanceLimits,
+}
+
+impl Plugin {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The SHA-256 of the component, hex: the plugin's version identity.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// Creates the store and instance that will serve connection `conn_id`.
+    pub async fn instantiate(&self, conn_id: u64) -> Result<PluginInstance, PluginError> {
+        let wasi = WasiCtx::builder()
+            .stdout(LogStream::new(self.name.clone(), conn_id, Stream::Stdout))
+            .stderr(LogStream::new(self.name.clone(), conn_id, Stream::Stderr))
+            .build();
+        let mut table = ResourceTable::new();
+        let conn = table
+            .push(ConnectionEntry::new(conn_id, self.limits.send))
+            .map_err(|e| PluginError::Instantiate(e.into()))?;
+        let state = HostState {
+            wasi,
+            table,
+            limiter: SandboxLimiter::new(self.limits.memory, 100_000),
+            cpu: self.limits.cpu,
+            ticks_used: 0,
+        };
+        let mut store = Store::new(self.pre.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            state.ticks_used += 1;
+            if state.ticks_used >= state.cpu.ticks {
+                state.limiter.hit = Some(LimitHit::Cpu);
+                return Err(LimitExceeded {
+                    what: "CPU time per event",
+                    limit: format!("{} ms", state.cpu.ticks),
+                }
+                .into());
+            }
+            // Give the worker thread back between ticks, so a plugin that
+            // spins cannot starve other connections' I/O.
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        });
+        store.set_epoch_deadline(1);
+        let bindings = self
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| classify(&store, e, PluginError::Instantiate))?;
+        Ok(PluginInstance {
+            store,
+            bindings,
+            conn,
+        })
+    }
+}
+
+/// Everything a plugin instance's store holds.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: SandboxLimiter,
+    cpu: CpuBudget,
+    ticks_used: u64,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Turns a failed call's error into why the instance died.
+fn classify(
+    store: &Store<HostState>,
+    err: wasmtime::Error,
+    other: fn(anyhow::Error) -> PluginError,
+) -> PluginError {
+    match store.data().limiter.hit {
+        Some(LimitHit::Cpu) => PluginError::CpuLimit,
+        Some(LimitHit::Memory) => PluginError::MemoryLimit,
+        Some(LimitHit::Table) => PluginError::TableLimit,
+        None => other(anyhow::Error::from(err)),
+    }
+}
+
+/// One connection's plugin instance: its store, its exports and its
+/// connection handle.
+pub struct PluginInstance {
+    store: Store<HostState>,
+    bindings: HandlerWorld,
+    conn: Resource<ConnectionEntry>,
+}
+
+impl PluginInstance {
+    /// The connection's queued sends, with the driver's view of the socket.
+    pub fn connection(&mut self) -> &mut ConnectionEntry {
+        // The entry is pushed at instantiation and never removed while the
+        // store lives, so the lookup cannot fail for a live instance.
+        self.store
+            .data_mut()
+            .table
+            .get_mut(&self.conn)
+            .expect("connection entry lives as long as its store")
+    }
+
+    fn arm(&mut self) -> Resource<ConnectionEntry> {
+        let state = self.store.data_mut();
+        state.ticks_used = 0;
+        self.store.set_epoch_deadline(1);
+        Resource::new_borrow(self.conn.rep())
+    }
+
+    fn finish<R>(&mut self, result: wasmtime::Result<R>) -> Result<R, PluginError> {
+        result.map_err(|e| classify(&self.store, e, PluginError::Trap))
+    }
+
+    pub async fn on_upgrade(
+        &mut self,
+        request: &UpgradeRequest,
+    ) -> Result<UpgradeResponse, PluginError> {
+        let conn = self.arm();
+        let r = self
+            .bindings
+            .wharf_websocket_handler()
+            .call_on_upgrade(&mut self.store, conn, request)
+            .await;
+        self.finish(r)
+    }
+
+    pub async fn on_open(&mut self) -> Result<(), PluginError> {
+        let conn = self.arm();
+        let r = self
+            .bindings
+            .wharf_websocket_handler()
+            .call_on_open(&mut self.store, conn)
+            .await;
+        self.finish(r)
+    }
+
+    pub async fn on_text(&mut self, text: &str) -> Result<(), PluginError> {
+        let conn = self.arm();
+        let r = self
+            .bindings
+            .wharf_websocket_handler()
+            .call_on_text(&mut self.store, conn, text)
+            .await;
+        self.finish(r)
+    }
+
+    pub async fn on_binary(&mut self, data: &[u8]) -> Result<(), PluginError> {
+        let conn = self.arm();
+        let r = self
+            .bindings
+            .wharf_websocket_handler()
+            .call_on_binary(&mut self.store, conn, data)
+            .await;
+        self.finish(r)
+    }
+
+    pub async fn on_close(
+        &mut self,
+        code: u16,
+        reason: &str,
+        clean: bool,
+    ) -> Result<(), PluginError> {
+        let conn = self.arm();
+        let r = self
+            .bindings
+            .wharf_websocket_handler()
+            .call_on_close(&mut self.store, conn, code, reason, clean)
+            .await;
+        self.finish(r)
+    }
+}

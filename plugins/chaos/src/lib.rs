@@ -1,0 +1,112 @@
+//! A deliberately misbehaving handler, for the host's tests. Do not copy it.
+//!
+//! It echoes text and binary messages, except for these text commands:
+//! - "trap": panics, which traps the instance,
+//! - "loop": spins forever (the host must interrupt it: fuel or epochs),
+//! - "alloc": leaks 1 MiB blocks until the host's memory cap refuses to grow
+//!   memory, which traps,
+//! - "sleep N": busy-waits about N milliseconds, then sends "slept",
+//! - "flood N": sends "m0".."m<N-1>" as fast as it can, then reports
+//!   "flooded ok=<sent> full=<refused with queue-full>".
+//!
+//! An upgrade request for the path "/reject-trap" traps in `on_upgrade`.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+wit_bindgen::generate!({
+    path: "../../wit",
+    world: "handler-world",
+});
+
+use exports::wharf::websocket::handler::Guest;
+use wharf::websocket::connection::Connection;
+use wharf::websocket::types::{Accept, ErrorCode, UpgradeRequest, UpgradeResponse};
+
+struct Chaos;
+
+fn log_err(conn: &Connection, result: Result<(), ErrorCode>) {
+    if let Err(e) = result {
+        eprintln!("chaos: connection {}: {e:?}", conn.id());
+    }
+}
+
+/// Never returns. `black_box` keeps the optimizer from proving the loop has
+/// no effect (an effect-free infinite loop may otherwise be removed).
+fn spin_forever() -> ! {
+    let mut n: u64 = 0;
+    loop {
+        n = black_box(n.wrapping_add(1));
+    }
+}
+
+/// Leaks and touches 1 MiB at a time until `memory.grow` fails; the
+/// allocation failure then aborts, which traps.
+fn exhaust_memory() -> ! {
+    loop {
+        let block = vec![1u8; 1 << 20];
+        // Touch every page so the memory is really used, then leak it.
+        black_box(&block);
+        Vec::leak(block);
+    }
+}
+
+fn busy_wait(ms: u64) {
+    let deadline = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
+}
+
+fn flood(conn: &Connection, n: u64) {
+    let (mut ok, mut full) = (0u64, 0u64);
+    for i in 0..n {
+        match conn.send_text(&format!("m{i}")) {
+            Ok(()) => ok += 1,
+            Err(ErrorCode::QueueFull) => full += 1,
+            Err(e) => eprintln!("chaos: flood: {e:?}"),
+        }
+    }
+    // If the queue is still full this fails too; that is fine.
+    let _ = conn.send_text(&format!("flooded ok={ok} full={full}"));
+}
+
+impl Guest for Chaos {
+    fn on_upgrade(_conn: &Connection, request: UpgradeRequest) -> UpgradeResponse {
+        if request.path == "/reject-trap" {
+            panic!("chaos: trapping in on-upgrade as asked");
+        }
+        UpgradeResponse::Accept(Accept {
+            subprotocol: None,
+            headers: Vec::new(),
+        })
+    }
+
+    fn on_open(_conn: &Connection) {}
+
+    fn on_text(conn: &Connection, text: String) {
+        let (command, arg) = match text.split_once(' ') {
+            Some((c, a)) => (c, a.trim().parse::<u64>().ok()),
+            None => (text.as_str(), None),
+        };
+        match (command, arg) {
+            ("trap", None) => panic!("chaos: trapping as asked"),
+            ("loop", None) => spin_forever(),
+            ("alloc", None) => exhaust_memory(),
+            ("sleep", Some(ms)) => {
+                busy_wait(ms);
+                log_err(conn, conn.send_text("slept"));
+            }
+            ("flood", Some(n)) => flood(conn, n),
+            _ => log_err(conn, conn.send_text(&text)),
+        }
+    }
+
+    fn on_binary(conn: &Connection, data: Vec<u8>) {
+        log_err(conn, conn.send_binary(&data));
+    }
+
+    fn on_close(_conn: &Connection, _code: u16, _reason: String, _clean: bool) {}
+}
+
+export!(Chaos);

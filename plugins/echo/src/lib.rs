@@ -1,0 +1,66 @@
+//! The smallest useful Wharf handler: an echo server.
+//!
+//! Demonstrates the four things every handler does:
+//! - generating Rust bindings from the WIT contract with `wit_bindgen::generate!`,
+//! - implementing the generated `Guest` trait (one method per event),
+//! - answering through the `conn` handle (`send_text`, `send_binary`, `close`),
+//! - exporting the implementation with `export!`.
+//!
+//! Every text and binary message is sent straight back; the text "goodbye"
+//! closes the connection with code 1000 instead.
+
+// Reads ../../wit/websocket.wit and generates:
+// - `exports::wharf::websocket::handler::Guest`, the trait we implement,
+// - `wharf::websocket::connection::Connection`, the host's connection resource,
+// - `wharf::websocket::types::*`, the shared records, variants and enums.
+wit_bindgen::generate!({
+    path: "../../wit",
+    world: "handler-world",
+});
+
+use exports::wharf::websocket::handler::Guest;
+use wharf::websocket::connection::Connection;
+use wharf::websocket::types::{Accept, CloseCode, UpgradeRequest, UpgradeResponse};
+
+/// Our handler. It has no state: the host passes the connection to every call.
+struct Echo;
+
+impl Guest for Echo {
+    /// Accept every upgrade request, without picking a subprotocol or adding
+    /// response headers.
+    fn on_upgrade(_conn: &Connection, _request: UpgradeRequest) -> UpgradeResponse {
+        UpgradeResponse::Accept(Accept {
+            subprotocol: None,
+            headers: Vec::new(),
+        })
+    }
+
+    fn on_open(_conn: &Connection) {}
+
+    fn on_text(conn: &Connection, text: String) {
+        let result = if text == "goodbye" {
+            // Start the closing handshake; `on_close` follows when it ends.
+            conn.close(CloseCode::Normal, "goodbye")
+        } else {
+            conn.send_text(&text)
+        };
+        // Sends fail only in ordinary situations (the connection is closing,
+        // the peer reads too slowly, ...). Log and carry on: anything written
+        // to stderr ends up in the host's log.
+        if let Err(e) = result {
+            eprintln!("echo: connection {}: {e:?}", conn.id());
+        }
+    }
+
+    fn on_binary(conn: &Connection, data: Vec<u8>) {
+        if let Err(e) = conn.send_binary(&data) {
+            eprintln!("echo: connection {}: {e:?}", conn.id());
+        }
+    }
+
+    /// Nothing to clean up: the host drops this instance after the last call.
+    fn on_close(_conn: &Connection, _code: u16, _reason: String, _clean: bool) {}
+}
+
+// Tell wit-bindgen which type implements the exported `handler` interface.
+export!(Echo);
