@@ -265,12 +265,12 @@ impl Config {
 }
 
 /// Byte sizes as `usize`, saturating on 32-bit targets.
-pub(crate) fn bytes(size: ByteSize) -> usize {
+pub fn bytes(size: ByteSize) -> usize {
     usize::try_from(size.as_u64()).unwrap_or(usize::MAX)
 }
 
 /// `"0s"` means "off" for optional timers.
-pub(crate) fn nonzero(d: Duration) -> Option<Duration> {
+pub fn nonzero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 

@@ -1,1 +1,177 @@
-fn main(){}
+//! The `wharf` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use wharf::config::{self, Config, ListenerConfig};
+use wharf::metrics::Metrics;
+use wharf::runtime::connection_host::SendLimits;
+use wharf::runtime::limits::CpuBudget;
+use wharf::runtime::{InstanceLimits, Plugin, Runtime, RuntimeConfig};
+use wharf::server::{PluginSlot, Server};
+
+/// Wharf: a WebSocket server whose application logic runs in sandboxed
+/// WebAssembly components.
+///
+/// The host does TLS, the HTTP/1.1 upgrade and all of RFC 6455; each
+/// connection gets its own instance of the handler component, with its own
+/// memory and CPU limits. Logging is controlled with RUST_LOG (default "info").
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve WebSocket connections (with no options: the bundled echo handler
+    /// on ws://127.0.0.1:8080).
+    Serve(ServeArgs),
+    /// Load a configuration and its plugin, report problems, and exit.
+    Check(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Configuration file (TOML); see the README for every key.
+    #[arg(short, long, value_name = "FILE", env = "WHARF_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen on this address with plain ws:// instead of the configured
+    /// listeners (repeatable). Port 0 picks a free port; the bound address is
+    /// printed on stdout as "listening on ws://ADDR".
+    #[arg(short, long, value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+    /// Handler component (.wasm) to serve instead of the configured one.
+    #[arg(short, long, value_name = "PATH")]
+    plugin: Option<PathBuf>,
+    /// Serve Prometheus metrics and /healthz on this address.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,cranelift=warn,wasmtime=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let (args, check_only) = match cli.command {
+        Command::Serve(a) => (a, false),
+        Command::Check(a) => (a, true),
+    };
+    let config = load_config(&args)?;
+    let runtime = Runtime::new(runtime_config(&config)).context("cannot start the plugin runtime")?;
+    let plugin = load_plugin(&runtime, &config)?;
+    if check_only {
+        println!("ok: configuration valid, plugin {} loads", plugin.name());
+        return Ok(());
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("wharf-worker")
+        .build()?
+        .block_on(serve(config, plugin))
+}
+
+fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if !args.listen.is_empty() {
+        config.listeners = args
+            .listen
+            .iter()
+            .map(|&address| ListenerConfig { address, tls: None })
+            .collect();
+    }
+    if let Some(path) = &args.plugin {
+        config.plugin.path = Some(path.clone());
+    }
+    if let Some(addr) = args.admin {
+        config.admin.listen = Some(addr);
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn runtime_config(config: &Config) -> RuntimeConfig {
+    RuntimeConfig {
+        max_instances: config.server.max_connections,
+        limits: InstanceLimits {
+            memory: config::bytes(config.plugin.memory_limit),
+            cpu: CpuBudget::from_duration(config.plugin.cpu_time_per_event),
+            send: SendLimits {
+                max_message_size: config::bytes(config.websocket.max_message_size),
+                send_queue: config::bytes(config.websocket.send_queue),
+            },
+        },
+        cache_dir: config
+            .plugin
+            .cache_dir
+            .clone()
+            .or_else(wharf::runtime::cache::default_dir),
+    }
+}
+
+fn load_plugin(runtime: &Runtime, config: &Config) -> anyhow::Result<Plugin> {
+    Ok(match &config.plugin.path {
+        Some(path) => runtime.load_file(path)?,
+        None => runtime.load("echo", wharf::bundled::ECHO)?,
+    })
+}
+
+async fn serve(config: Config, plugin: Plugin) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let server = Server::start(&config, PluginSlot::new(plugin), metrics.clone()).await?;
+    for bound in server.bound() {
+        tracing::info!(url = %bound.url(), "listening");
+        println!("listening on {}", bound.url());
+    }
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = config.admin.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (admin)"))?;
+        println!("admin on http://{}", listener.local_addr()?);
+        tokio::spawn(wharf::admin::serve(
+            listener,
+            Arc::clone(&metrics),
+            admin_stop.clone(),
+        ));
+    }
+    shutdown_signal().await;
+    server.shutdown().await;
+    admin_stop.cancel();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -27,7 +27,7 @@ struct Chaos;
 
 fn log_err(conn: &Connection, result: Result<(), ErrorCode>) {
     if let Err(e) = result {
-        eprintln!("chaos: connection {}: {e:?}", conn.id());
+        eprintln!("chaos: connection {}: {e}", conn.id());
     }
 }
 
@@ -64,11 +64,14 @@ fn flood(conn: &Connection, n: u64) {
         match conn.send_text(&format!("m{i}")) {
             Ok(()) => ok += 1,
             Err(ErrorCode::QueueFull) => full += 1,
-            Err(e) => eprintln!("chaos: flood: {e:?}"),
+            Err(e) => eprintln!("chaos: flood: {e}"),
         }
     }
-    // If the queue is still full this fails too; that is fine.
-    let _ = conn.send_text(&format!("flooded ok={ok} full={full}"));
+    // Sends are only written after this call returns, so once the queue is
+    // full this report is refused too; the log line always gets through.
+    let report = format!("flooded ok={ok} full={full}");
+    eprintln!("chaos: connection {}: {report}", conn.id());
+    let _ = conn.send_text(&report);
 }
 
 impl Guest for Chaos {

@@ -26,7 +26,7 @@ struct CloseCodes;
 /// Logs a failed send or close; the handler keeps going either way.
 fn log_err(conn: &Connection, result: Result<(), ErrorCode>) {
     if let Err(e) = result {
-        eprintln!("close-codes: connection {}: {e:?}", conn.id());
+        eprintln!("close-codes: connection {}: {e}", conn.id());
     }
 }
 

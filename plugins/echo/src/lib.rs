@@ -48,13 +48,13 @@ impl Guest for Echo {
         // the peer reads too slowly, ...). Log and carry on: anything written
         // to stderr ends up in the host's log.
         if let Err(e) = result {
-            eprintln!("echo: connection {}: {e:?}", conn.id());
+            eprintln!("echo: connection {}: {e}", conn.id());
         }
     }
 
     fn on_binary(conn: &Connection, data: Vec<u8>) {
         if let Err(e) = conn.send_binary(&data) {
-            eprintln!("echo: connection {}: {e:?}", conn.id());
+            eprintln!("echo: connection {}: {e}", conn.id());
         }
     }
 

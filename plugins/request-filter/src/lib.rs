@@ -78,13 +78,13 @@ impl Guest for RequestFilter {
 
     fn on_text(conn: &Connection, text: String) {
         if let Err(e) = conn.send_text(&text) {
-            eprintln!("request-filter: connection {}: {e:?}", conn.id());
+            eprintln!("request-filter: connection {}: {e}", conn.id());
         }
     }
 
     fn on_binary(conn: &Connection, data: Vec<u8>) {
         if let Err(e) = conn.send_binary(&data) {
-            eprintln!("request-filter: connection {}: {e:?}", conn.id());
+            eprintln!("request-filter: connection {}: {e}", conn.id());
         }
     }
 

@@ -1,0 +1,604 @@
+//! Prometheus / OpenMetrics instrumentation for the server.
+//!
+//! [`Metrics`] owns a [`prometheus_client`] [`Registry`] plus handles to every
+//! metric in it. Recording is `&self`, allocation-free and lock-free for the
+//! per-message and per-connection counters (their label sets are fixed, so the
+//! series are created up front and the handles kept). Metrics keyed by a close
+//! code, HTTP status or failure reason go through a [`Family`], which takes a
+//! shared read lock on the (rare) events they describe. [`Metrics::render`]
+//! produces the text exposition served by [`crate::admin`].
+//!
+//! Exposed series (counters carry the `_total` suffix in the output):
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `wharf_connections_accepted_total` | counter | `transport` = `ws` \| `wss` |
+//! | `wharf_connections_open` | gauge | |
+//! | `wharf_websocket_opened_total` | counter | |
+//! | `wharf_websocket_closed_total` | counter | `code`, `clean` = `true` \| `false` |
+//! | `wharf_handshake_failures_total` | counter | `status`, `reason` |
+//! | `wharf_messages_received_total` | counter | `type` = `text` \| `binary` |
+//! | `wharf_received_bytes_total` | counter | |
+//! | `wharf_messages_sent_total` | counter | `type` = `text` \| `binary` |
+//! | `wharf_sent_bytes_total` | counter | |
+//! | `wharf_protocol_violations_total` | counter | `code` |
+//! | `wharf_plugin_failures_total` | counter | `plugin`, `kind` |
+//! | `wharf_sends_refused_total` | counter | `reason` |
+//! | `wharf_plugin_call_seconds` | histogram | |
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Lowest bucket of `wharf_plugin_call_seconds` (1 µs).
+const PLUGIN_CALL_FIRST_BUCKET: f64 = 1e-6;
+/// Each bucket is twice the previous one.
+const PLUGIN_CALL_BUCKET_FACTOR: f64 = 2.0;
+/// 24 buckets: 1 µs .. ~8.4 s, plus the implicit `+Inf`.
+const PLUGIN_CALL_BUCKETS: u16 = 24;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabels {
+    transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabels {
+    r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClosedLabels {
+    code: CloseCodeLabel,
+    clean: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    status: u16,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabels {
+    plugin: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// Close code as a label value, with bounded cardinality.
+///
+/// The peer picks the close code, and the application ranges (3000–4999)
+/// would otherwise let clients mint ~2000 series each. Codes defined by
+/// RFC 6455 and its registry (1000–1015) are kept exactly; the application
+/// ranges collapse to `3xxx` / `4xxx`; anything else is `other`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum CloseCodeLabel {
+    Exact(u16),
+    Registered,
+    Private,
+    Other,
+}
+
+impl CloseCodeLabel {
+    fn from_code(code: u16) -> Self {
+        match code {
+            1000..=1015 => Self::Exact(code),
+            3000..=3999 => Self::Registered,
+            4000..=4999 => Self::Private,
+            _ => Self::Other,
+        }
+    }
+}
+
+impl EncodeLabelValue for CloseCodeLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        match self {
+            Self::Exact(code) => write!(encoder, "{code}"),
+            Self::Registered => encoder.write_str("3xxx"),
+            Self::Private => encoder.write_str("4xxx"),
+            Self::Other => encoder.write_str("other"),
+        }
+    }
+}
+
+/// A text/binary pair of pre-created counter series.
+#[derive(Debug)]
+struct ByType {
+    text: Counter,
+    binary: Counter,
+}
+
+impl ByType {
+    fn new(family: &Family<TypeLabels, Counter>) -> Self {
+        Self {
+            text: family.get_or_create_owned(&TypeLabels { r#type: "text" }),
+            binary: family.get_or_create_owned(&TypeLabels { r#type: "binary" }),
+        }
+    }
+
+    fn get(&self, binary: bool) -> &Counter {
+        if binary {
+            &self.binary
+        } else {
+            &self.text
+        }
+    }
+}
+
+/// All server metrics and the registry they are exposed through.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    accepted_ws: Counter,
+    accepted_wss: Counter,
+    open: Gauge,
+    opened: Counter,
+    closed: Family<ClosedLabels, Counter>,
+    handshake_failures: Family<HandshakeLabels, Counter>,
+    received: ByType,
+    received_bytes: Counter,
+    sent: ByType,
+    sent_bytes: Counter,
+    protocol_violations: Family<CodeLabels, Counter>,
+    plugin_failures: Family<PluginLabels, Counter>,
+    sends_refused: Family<ReasonLabels, Counter>,
+    plugin_call: Histogram,
+}
+
+impl Metrics {
+    /// Create the registry with every metric registered (and the fixed-label
+    /// series pre-created, so they are exported as 0 before first use).
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+
+        let accepted = Family::<TransportLabels, Counter>::default();
+        let accepted_ws = accepted.get_or_create_owned(&TransportLabels { transport: "ws" });
+        let accepted_wss = accepted.get_or_create_owned(&TransportLabels { transport: "wss" });
+        registry.register(
+            "wharf_connections_accepted",
+            "TCP connections accepted, by transport",
+            accepted,
+        );
+
+        let open = Gauge::default();
+        registry.register(
+            "wharf_connections_open",
+            "WebSocket connections currently open",
+            open.clone(),
+        );
+
+        let opened = Counter::default();
+        registry.register(
+            "wharf_websocket_opened",
+            "WebSocket connections that completed the opening handshake",
+            opened.clone(),
+        );
+
+        let closed = Family::<ClosedLabels, Counter>::default();
+        registry.register(
+            "wharf_websocket_closed",
+            "WebSocket connections closed, by close code (3xxx/4xxx collapsed) and whether the closing handshake completed",
+            closed.clone(),
+        );
+
+        let handshake_failures = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "wharf_handshake_failures",
+            "Opening handshakes that failed, by HTTP status and reason",
+            handshake_failures.clone(),
+        );
+
+        let received_family = Family::<TypeLabels, Counter>::default();
+        let received = ByType::new(&received_family);
+        registry.register(
+            "wharf_messages_received",
+            "WebSocket messages received, by type",
+            received_family,
+        );
+
+        let received_bytes = Counter::default();
+        registry.register(
+            "wharf_received_bytes",
+            "WebSocket message payload bytes received",
+            received_bytes.clone(),
+        );
+
+        let sent_family = Family::<TypeLabels, Counter>::default();
+        let sent = ByType::new(&sent_family);
+        registry.register(
+            "wharf_messages_sent",
+            "WebSocket messages sent, by type",
+            sent_family,
+        );
+
+        let sent_bytes = Counter::default();
+        registry.register(
+            "wharf_sent_bytes",
+            "WebSocket message payload bytes sent",
+            sent_bytes.clone(),
+        );
+
+        let protocol_violations = Family::<CodeLabels, Counter>::default();
+        registry.register(
+            "wharf_protocol_violations",
+            "Connections failed for a protocol violation, by the close code sent",
+            protocol_violations.clone(),
+        );
+
+        let plugin_failures = Family::<PluginLabels, Counter>::default();
+        registry.register(
+            "wharf_plugin_failures",
+            "Plugin instance failures, by plugin and kind",
+            plugin_failures.clone(),
+        );
+
+        let sends_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "wharf_sends_refused",
+            "Outbound messages refused or dropped, by reason",
+            sends_refused.clone(),
+        );
+
+        let plugin_call = Histogram::new(exponential_buckets(
+            PLUGIN_CALL_FIRST_BUCKET,
+            PLUGIN_CALL_BUCKET_FACTOR,
+            PLUGIN_CALL_BUCKETS,
+        ));
+        registry.register(
+            "wharf_plugin_call_seconds",
+            "Wall-clock duration of calls into plugin instances",
+            plugin_call.clone(),
+        );
+
+        Arc::new(Self {
+            registry,
+            accepted_ws,
+            accepted_wss,
+            open,
+            opened,
+            closed,
+            handshake_failures,
+            received,
+            received_bytes,
+            sent,
+            sent_bytes,
+            protocol_violations,
+            plugin_failures,
+            sends_refused,
+            plugin_call,
+        })
+    }
+
+    /// A TCP connection was accepted on a `ws` (plain) or `wss` (TLS) listener.
+    pub fn connection_accepted(&self, tls: bool) {
+        if tls {
+            self.accepted_wss.inc();
+        } else {
+            self.accepted_ws.inc();
+        }
+    }
+
+    /// The opening handshake succeeded: the connection is now a WebSocket.
+    pub fn connection_opened(&self) {
+        self.open.inc();
+        self.opened.inc();
+    }
+
+    /// A WebSocket opened with [`connection_opened`](Self::connection_opened)
+    /// ended. `code` is the close code reported for it (1005/1006 included);
+    /// `clean` is whether the closing handshake completed.
+    pub fn connection_closed(&self, code: u16, clean: bool) {
+        self.open.dec();
+        self.closed
+            .get_or_create(&ClosedLabels {
+                code: CloseCodeLabel::from_code(code),
+                clean,
+            })
+            .inc();
+    }
+
+    /// The opening handshake failed with HTTP `status` (0 if no response
+    /// could be sent). `reason` is one of `invalid-request`, `timeout`,
+    /// `capacity`, `plugin-reject`, `plugin-error`, `io`, `tls`.
+    pub fn handshake_failed(&self, status: u16, reason: &'static str) {
+        self.handshake_failures
+            .get_or_create(&HandshakeLabels { status, reason })
+            .inc();
+    }
+
+    /// A complete message (`bytes` of payload) was received from a client.
+    pub fn message_received(&self, binary: bool, bytes: usize) {
+        self.received.get(binary).inc();
+        self.received_bytes.inc_by(bytes as u64);
+    }
+
+    /// A complete message (`bytes` of payload) was queued to a client.
+    pub fn message_sent(&self, binary: bool, bytes: usize) {
+        self.sent.get(binary).inc();
+        self.sent_bytes.inc_by(bytes as u64);
+    }
+
+    /// The connection was failed with close `code` for a protocol violation.
+    pub fn protocol_violation(&self, code: u16) {
+        self.protocol_violations
+            .get_or_create(&CodeLabels { code })
+            .inc();
+    }
+
+    /// A plugin instance failed. `kind` is one of `instantiate`, `trap`,
+    /// `cpu`, `memory`, `table`. `plugin` is a configured plugin name.
+    pub fn plugin_failure(&self, plugin: &str, kind: &'static str) {
+        self.plugin_failures
+            .get_or_create(&PluginLabels {
+                plugin: plugin.to_owned(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// An outbound message was refused or dropped (`queue-full`, `closed`,
+    /// `too-big`, ...). Every dropped message must be counted here.
+    pub fn send_refused(&self, reason: &'static str) {
+        self.sends_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Record the duration of one call into a plugin. Negative durations are
+    /// recorded as 0; NaN and infinities are ignored (they would poison the
+    /// histogram's sum).
+    pub fn plugin_call(&self, seconds: f64) {
+        if seconds.is_finite() {
+            self.plugin_call.observe(seconds.max(0.0));
+        }
+    }
+
+    /// The OpenMetrics text exposition of every metric (ends with `# EOF`).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            // Writing to a String cannot fail; only a broken label encoder could.
+            tracing::error!(%error, "failed to encode metrics");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn has_line(out: &str, line: &str) -> bool {
+        out.lines().any(|l| l == line)
+    }
+
+    #[track_caller]
+    fn assert_line(out: &str, line: &str) {
+        assert!(has_line(out, line), "missing line {line:?} in:\n{out}");
+    }
+
+    #[test]
+    fn fresh_registry_exports_fixed_series_as_zero() {
+        let m = Metrics::new();
+        let out = m.render();
+        assert_line(&out, r#"wharf_connections_accepted_total{transport="ws"} 0"#);
+        assert_line(&out, r#"wharf_connections_accepted_total{transport="wss"} 0"#);
+        assert_line(&out, "wharf_connections_open 0");
+        assert_line(&out, "wharf_websocket_opened_total 0");
+        assert_line(&out, r#"wharf_messages_received_total{type="text"} 0"#);
+        assert_line(&out, r#"wharf_messages_received_total{type="binary"} 0"#);
+        assert_line(&out, r#"wharf_messages_sent_total{type="text"} 0"#);
+        assert_line(&out, r#"wharf_messages_sent_total{type="binary"} 0"#);
+        assert_line(&out, "wharf_received_bytes_total 0");
+        assert_line(&out, "wharf_sent_bytes_total 0");
+        assert_line(&out, "wharf_plugin_call_seconds_count 0");
+        for name in [
+            "wharf_connections_accepted",
+            "wharf_connections_open",
+            "wharf_websocket_opened",
+            "wharf_websocket_closed",
+            "wharf_handshake_failures",
+            "wharf_messages_received",
+            "wharf_received_bytes",
+            "wharf_messages_sent",
+            "wharf_sent_bytes",
+            "wharf_protocol_violations",
+            "wharf_plugin_failures",
+            "wharf_sends_refused",
+            "wharf_plugin_call_seconds",
+        ] {
+            assert!(
+                out.contains(&format!("# TYPE {name} ")),
+                "no TYPE line for {name}:\n{out}"
+            );
+        }
+        assert!(out.ends_with("# EOF\n"), "{out}");
+    }
+
+    #[test]
+    fn connection_lifecycle() {
+        let m = Metrics::new();
+        m.connection_accepted(false);
+        m.connection_accepted(true);
+        m.connection_accepted(true);
+        m.connection_opened();
+        m.connection_opened();
+        m.connection_opened();
+        m.connection_closed(1000, true);
+        m.connection_closed(1006, false);
+        let out = m.render();
+        assert_line(&out, r#"wharf_connections_accepted_total{transport="ws"} 1"#);
+        assert_line(&out, r#"wharf_connections_accepted_total{transport="wss"} 2"#);
+        assert_line(&out, "wharf_connections_open 1");
+        assert_line(&out, "wharf_websocket_opened_total 3");
+        assert_line(
+            &out,
+            r#"wharf_websocket_closed_total{code="1000",clean="true"} 1"#,
+        );
+        assert_line(
+            &out,
+            r#"wharf_websocket_closed_total{code="1006",clean="false"} 1"#,
+        );
+    }
+
+    #[test]
+    fn peer_chosen_close_codes_have_bounded_cardinality() {
+        let m = Metrics::new();
+        for code in 3000..5000 {
+            m.connection_opened();
+            m.connection_closed(code, true);
+        }
+        m.connection_opened();
+        m.connection_closed(2999, false);
+        m.connection_opened();
+        m.connection_closed(u16::MAX, false);
+        let out = m.render();
+        assert_line(
+            &out,
+            r#"wharf_websocket_closed_total{code="3xxx",clean="true"} 1000"#,
+        );
+        assert_line(
+            &out,
+            r#"wharf_websocket_closed_total{code="4xxx",clean="true"} 1000"#,
+        );
+        assert_line(
+            &out,
+            r#"wharf_websocket_closed_total{code="other",clean="false"} 2"#,
+        );
+        assert_line(&out, "wharf_connections_open 0");
+        let series = out
+            .lines()
+            .filter(|l| l.starts_with("wharf_websocket_closed_total{"))
+            .count();
+        assert_eq!(series, 3, "{out}");
+    }
+
+    #[test]
+    fn labelled_failure_counters() {
+        let m = Metrics::new();
+        m.handshake_failed(400, "invalid-request");
+        m.handshake_failed(400, "invalid-request");
+        m.handshake_failed(503, "capacity");
+        m.handshake_failed(0, "tls");
+        m.protocol_violation(1002);
+        m.protocol_violation(1009);
+        m.protocol_violation(1009);
+        m.plugin_failure("echo", "trap");
+        m.plugin_failure("echo", "cpu");
+        m.plugin_failure("chat", "trap");
+        m.send_refused("queue-full");
+        m.send_refused("queue-full");
+        m.send_refused("too-big");
+        let out = m.render();
+        assert_line(
+            &out,
+            r#"wharf_handshake_failures_total{status="400",reason="invalid-request"} 2"#,
+        );
+        assert_line(
+            &out,
+            r#"wharf_handshake_failures_total{status="503",reason="capacity"} 1"#,
+        );
+        assert_line(
+            &out,
+            r#"wharf_handshake_failures_total{status="0",reason="tls"} 1"#,
+        );
+        assert_line(&out, r#"wharf_protocol_violations_total{code="1002"} 1"#);
+        assert_line(&out, r#"wharf_protocol_violations_total{code="1009"} 2"#);
+        assert_line(
+            &out,
+            r#"wharf_plugin_failures_total{plugin="echo",kind="trap"} 1"#,
+        );
+        assert_line(
+            &out,
+            r#"wharf_plugin_failures_total{plugin="echo",kind="cpu"} 1"#,
+        );
+        assert_line(
+            &out,
+            r#"wharf_plugin_failures_total{plugin="chat",kind="trap"} 1"#,
+        );
+        assert_line(&out, r#"wharf_sends_refused_total{reason="queue-full"} 2"#);
+        assert_line(&out, r#"wharf_sends_refused_total{reason="too-big"} 1"#);
+    }
+
+    #[test]
+    fn message_counters() {
+        let m = Metrics::new();
+        m.message_received(false, 5);
+        m.message_received(true, 100);
+        m.message_received(true, 0);
+        m.message_sent(false, 7);
+        let out = m.render();
+        assert_line(&out, r#"wharf_messages_received_total{type="text"} 1"#);
+        assert_line(&out, r#"wharf_messages_received_total{type="binary"} 2"#);
+        assert_line(&out, "wharf_received_bytes_total 105");
+        assert_line(&out, r#"wharf_messages_sent_total{type="text"} 1"#);
+        assert_line(&out, r#"wharf_messages_sent_total{type="binary"} 0"#);
+        assert_line(&out, "wharf_sent_bytes_total 7");
+    }
+
+    #[test]
+    fn plugin_call_histogram() {
+        let m = Metrics::new();
+        m.plugin_call(0.000_000_5); // below the first bucket
+        m.plugin_call(0.003);
+        m.plugin_call(100.0); // beyond the last bucket
+        m.plugin_call(-1.0); // clamped to 0
+        m.plugin_call(f64::NAN); // ignored
+        m.plugin_call(f64::INFINITY); // ignored
+        let out = m.render();
+        assert_line(&out, "wharf_plugin_call_seconds_count 4");
+        assert_line(&out, r#"wharf_plugin_call_seconds_bucket{le="0.000001"} 2"#);
+        assert_line(&out, r#"wharf_plugin_call_seconds_bucket{le="+Inf"} 4"#);
+        let sum: f64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("wharf_plugin_call_seconds_sum "))
+            .expect("sum line")
+            .parse()
+            .expect("sum is a number");
+        assert!((sum - 100.0035).abs() < 1e-9, "{sum}");
+        let buckets = out
+            .lines()
+            .filter(|l| l.starts_with("wharf_plugin_call_seconds_bucket{"))
+            .count();
+        assert_eq!(buckets, usize::from(PLUGIN_CALL_BUCKETS) + 1, "{out}");
+    }
+
+    #[test]
+    fn shared_across_threads() {
+        let m = Metrics::new();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let m = Arc::clone(&m);
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        m.message_sent(true, 2);
+                        m.send_refused("closed");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        let out = m.render();
+        assert_line(&out, r#"wharf_messages_sent_total{type="binary"} 4000"#);
+        assert_line(&out, "wharf_sent_bytes_total 8000");
+        assert_line(&out, r#"wharf_sends_refused_total{reason="closed"} 4000"#);
+    }
+}

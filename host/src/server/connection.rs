@@ -1,0 +1,536 @@
+//! One connection's task: the upgrade handshake, then the loop that feeds
+//! socket bytes to the protocol core, protocol events to the plugin, and the
+//! plugin's sends and the core's output back to the socket.
+//!
+//! The task owns everything about its connection (socket, protocol state,
+//! plugin instance), so connections share nothing but the engine and the
+//! metrics, and a misbehaving plugin can only hurt its own connection.
+
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use wharf_protocol::{CloseInfo, Event, HandshakeError, Request, State, WebSocket};
+
+use super::Shared;
+use crate::runtime::bindings::{Header, UpgradeRequest, UpgradeResponse};
+use crate::runtime::connection_host::Outgoing;
+use crate::runtime::{PluginError, PluginInstance};
+
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 64 * 1024;
+/// Slices handed to one vectored write.
+const WRITE_SLICES: usize = 64;
+/// 1011 reason sent when a plugin dies: says what happened, not why (the why
+/// is in the host's log, not for the peer).
+const PLUGIN_FAILED: &str = "handler failed";
+
+pub(crate) async fn run<S>(stream: S, peer: SocketAddr, tls: bool, id: u64, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let Some(permit) = shared.capacity.clone().try_acquire_owned().ok() else {
+        shared.metrics.handshake_failed(503, "capacity");
+        let body = "server at capacity, try again later";
+        if let Ok(resp) = wharf_protocol::reject_response(503, &[], body) {
+            let _ = write_and_close(&mut writer, &resp).await;
+        }
+        return;
+    };
+    let mut buf = BytesMut::with_capacity(4096);
+    let Some((request, consumed)) = read_request(&mut reader, &mut writer, &mut buf, &shared).await
+    else {
+        return;
+    };
+    buf.advance(consumed);
+
+    let plugin = shared.plugin.current();
+    let started = Instant::now();
+    let mut instance = match plugin.instantiate(id).await {
+        Ok(i) => i,
+        Err(err) => {
+            tracing::error!(plugin = plugin.name(), conn = id, %err, "cannot instantiate plugin");
+            shared.metrics.plugin_failure(plugin.name(), err.kind());
+            shared.metrics.handshake_failed(500, "plugin-error");
+            respond_error(&mut writer, 500, "handler unavailable").await;
+            return;
+        }
+    };
+    let upgrade = upgrade_request(&request, peer, tls);
+    let response = instance.on_upgrade(&upgrade).await;
+    shared.metrics.plugin_call(started.elapsed().as_secs_f64());
+    let reply = match response {
+        Ok(UpgradeResponse::Accept(accept)) => {
+            if let Some(p) = &accept.subprotocol
+                && !request.subprotocols.contains(p)
+            {
+                tracing::error!(plugin = plugin.name(), conn = id, subprotocol = %p, "plugin chose a subprotocol the client did not offer");
+                shared.metrics.handshake_failed(500, "plugin-error");
+                respond_error(&mut writer, 500, "handler error").await;
+                return;
+            }
+            match wharf_protocol::accept_response(
+                &request.key,
+                accept.subprotocol.as_deref(),
+                &headers(accept.headers),
+            ) {
+                Ok(r) => r,
+                Err(err) => {
+                    tracing::error!(plugin = plugin.name(), conn = id, %err, "plugin's 101 headers refused");
+                    shared.metrics.handshake_failed(500, "plugin-error");
+                    respond_error(&mut writer, 500, "handler error").await;
+                    return;
+                }
+            }
+        }
+        Ok(UpgradeResponse::Reject(reject)) => {
+            let status = if (400..=599).contains(&reject.status) {
+                reject.status
+            } else {
+                tracing::error!(plugin = plugin.name(), conn = id, status = reject.status, "plugin rejected with a status outside 400-599");
+                500
+            };
+            let resp =
+                wharf_protocol::reject_response(status, &headers(reject.headers), &reject.body)
+                    .unwrap_or_else(|err| {
+                        tracing::error!(plugin = plugin.name(), conn = id, %err, "plugin's reject headers refused");
+                        wharf_protocol::reject_response(500, &[], "handler error\n")
+                            .unwrap_or_default()
+                    });
+            shared.metrics.handshake_failed(status, "plugin-reject");
+            tracing::debug!(conn = id, status, path = %request.path, "upgrade rejected by plugin");
+            let _ = write_and_close(&mut writer, &resp).await;
+            return;
+        }
+        Err(err) => {
+            tracing::error!(plugin = plugin.name(), conn = id, %err, "plugin failed in on-upgrade");
+            shared.metrics.plugin_failure(plugin.name(), err.kind());
+            shared.metrics.handshake_failed(500, "plugin-error");
+            respond_error(&mut writer, 500, "handler error").await;
+            return;
+        }
+    };
+    if writer.write_all(&reply).await.is_err() {
+        shared.metrics.handshake_failed(101, "io");
+        return;
+    }
+
+    let mut conn = Conn {
+        id,
+        plugin_name: plugin.name().to_owned(),
+        ws: WebSocket::new(shared.ws.clone(), Instant::now()),
+        instance: Some(instance),
+        shared: shared.clone(),
+        closed: None,
+    };
+    shared.metrics.connection_opened();
+    tracing::debug!(conn = id, path = %request.path, "open");
+    // Messages the plugin sent from on-upgrade follow the 101.
+    conn.after_call(Ok(()));
+    conn.on_open().await;
+    conn.drive(&mut reader, &mut writer, buf).await;
+    drop(permit);
+}
+
+/// Reads until a complete upgrade request; answers and drops the connection
+/// on a malformed one, a timeout, or shutdown.
+async fn read_request<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    buf: &mut BytesMut,
+    shared: &Shared,
+) -> Option<(Request, usize)>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + shared.handshake_timeout;
+    loop {
+        match wharf_protocol::parse_request(buf, &shared.handshake) {
+            Ok(Some(done)) => return Some(done),
+            Ok(None) => {}
+            Err(err) => {
+                handshake_refused(writer, &err, shared).await;
+                return None;
+            }
+        }
+        let read = tokio::select! {
+            _ = shared.shutdown.cancelled() => return None,
+            _ = tokio::time::sleep_until(deadline) => {
+                shared.metrics.handshake_failed(408, "timeout");
+                respond_error(writer, 408, "upgrade request not received in time").await;
+                return None;
+            }
+            read = reader.read_buf(buf) => read,
+        };
+        match read {
+            Ok(0) | Err(_) => {
+                if !buf.is_empty() {
+                    shared.metrics.handshake_failed(0, "io");
+                }
+                return None;
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn handshake_refused<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    err: &HandshakeError,
+    shared: &Shared,
+) {
+    tracing::debug!(%err, status = err.status(), "upgrade request refused");
+    shared
+        .metrics
+        .handshake_failed(err.status(), "invalid-request");
+    let _ = write_and_close(writer, &err.response()).await;
+}
+
+async fn respond_error<W: AsyncWrite + Unpin>(writer: &mut W, status: u16, body: &str) {
+    if let Ok(resp) = wharf_protocol::reject_response(status, &[], &format!("{body}\n")) {
+        let _ = write_and_close(writer, &resp).await;
+    }
+}
+
+async fn write_and_close<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    // Bounded: a client that does not read its error response is dropped.
+    let write = async {
+        writer.write_all(bytes).await?;
+        writer.shutdown().await
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), write)
+        .await
+        .unwrap_or(Ok(()))
+}
+
+fn upgrade_request(request: &Request, peer: SocketAddr, tls: bool) -> UpgradeRequest {
+    UpgradeRequest {
+        method: request.method.clone(),
+        path: request.path.clone(),
+        query: request.query.clone(),
+        headers: request
+            .headers
+            .iter()
+            .map(|(name, value)| Header {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+        subprotocols: request.subprotocols.clone(),
+        remote_address: peer.to_string(),
+        tls,
+    }
+}
+
+fn headers(list: Vec<Header>) -> Vec<(String, String)> {
+    list.into_iter().map(|h| (h.name, h.value)).collect()
+}
+
+/// An open connection: protocol state and, while it is alive, its plugin instance.
+struct Conn {
+    id: u64,
+    plugin_name: String,
+    ws: WebSocket,
+    instance: Option<PluginInstance>,
+    shared: Arc<Shared>,
+    /// How the connection ended, once it has.
+    closed: Option<CloseInfo>,
+}
+
+impl Conn {
+    /// Brings the plugin's view of the connection up to date before a call.
+    fn sync_outbox(instance: &mut PluginInstance, backlog: usize, state: State) {
+        instance
+            .connection()
+            .outbox
+            .sync(backlog, state != State::Open);
+    }
+
+    fn record_call(&self, started: Instant) {
+        self.shared
+            .metrics
+            .plugin_call(started.elapsed().as_secs_f64());
+    }
+
+    async fn on_open(&mut self) {
+        let Some(instance) = self.instance.as_mut() else {
+            return;
+        };
+        Self::sync_outbox(instance, self.ws.output_len(), self.ws.state());
+        let started = Instant::now();
+        let r = instance.on_open().await;
+        self.record_call(started);
+        self.after_call(r);
+    }
+
+    /// Hands the plugin's sends to the protocol, or buries a failed instance.
+    fn after_call(&mut self, result: Result<(), PluginError>) {
+        match result {
+            Ok(()) => self.flush_outbox(),
+            Err(err) => {
+                tracing::error!(plugin = %self.plugin_name, conn = self.id, %err, "plugin failed; closing its connection with 1011");
+                self.shared
+                    .metrics
+                    .plugin_failure(&self.plugin_name, err.kind());
+                self.instance = None;
+                if self.ws.state() == State::Open {
+                    let _ = self.ws.close(1011, PLUGIN_FAILED);
+                }
+            }
+        }
+    }
+
+    fn flush_outbox(&mut self) {
+        let Some(instance) = self.instance.as_mut() else {
+            return;
+        };
+        let outbox = &mut instance.connection().outbox;
+        if outbox.is_empty() {
+            return;
+        }
+        for item in outbox.drain() {
+            let (result, binary, len) = match &item {
+                Outgoing::Text(t) => (self.ws.send_text(t), false, t.len()),
+                Outgoing::Binary(b) => (self.ws.send_binary(b), true, b.len()),
+                Outgoing::Close { code, reason } => (self.ws.close(*code, reason), false, 0),
+            };
+            match (result, &item) {
+                (Ok(()), Outgoing::Close { .. }) => {}
+                (Ok(()), _) => self.shared.metrics.message_sent(binary, len),
+                (Err(err), _) => {
+                    // The outbox applies the protocol's own rules, so this is
+                    // a race with a close; still, nothing is dropped unseen.
+                    tracing::warn!(conn = self.id, %err, "plugin send dropped");
+                    self.shared.metrics.send_refused(send_error_label(&err));
+                }
+            }
+        }
+    }
+
+    /// The connection ended: tell the plugin (its last call) and release it.
+    async fn finish(&mut self, info: CloseInfo) {
+        if self.closed.is_some() {
+            return;
+        }
+        tracing::debug!(conn = self.id, code = info.code, clean = info.clean, reason = %info.reason, "closed");
+        self.shared
+            .metrics
+            .connection_closed(info.code, info.clean);
+        let closed = self.closed.insert(info);
+        let Some(instance) = self.instance.as_mut() else {
+            return;
+        };
+        Self::sync_outbox(instance, 0, State::Closed);
+        let started = Instant::now();
+        let r = instance
+            .on_close(closed.code, &closed.reason, closed.clean)
+            .await;
+        self.record_call(started);
+        if let Err(err) = r {
+            tracing::error!(plugin = %self.plugin_name, conn = self.id, %err, "plugin failed in on-close");
+            self.shared
+                .metrics
+                .plugin_failure(&self.plugin_name, err.kind());
+        }
+        // Free the pool slot now rather than after the lingering close.
+        self.instance = None;
+    }
+
+    /// Feeds buffered input to the protocol and its events to the plugin.
+    async fn process_input(&mut self, input: &[u8]) {
+        let mut input = input;
+        loop {
+            // Read before the event borrows the protocol state; the pongs
+            // `read` may queue are too small to matter to the send bound.
+            let backlog = self.ws.output_len();
+            let state = self.ws.state();
+            let Some(event) = self.ws.read(&mut input, Instant::now()) else {
+                break;
+            };
+            let started = Instant::now();
+            let r = match event {
+                Event::Text(text) => {
+                    self.shared.metrics.message_received(false, text.len());
+                    let Some(instance) = self.instance.as_mut() else {
+                        continue;
+                    };
+                    Self::sync_outbox(instance, backlog, state);
+                    instance.on_text(text).await
+                }
+                Event::Binary(data) => {
+                    self.shared.metrics.message_received(true, data.len());
+                    let Some(instance) = self.instance.as_mut() else {
+                        continue;
+                    };
+                    Self::sync_outbox(instance, backlog, state);
+                    instance.on_binary(data).await
+                }
+                Event::Closed(info) => {
+                    if !info.clean && matches!(info.code, 1002 | 1007 | 1009) {
+                        self.shared.metrics.protocol_violation(info.code);
+                    }
+                    self.finish(info).await;
+                    continue;
+                }
+            };
+            self.record_call(started);
+            self.after_call(r);
+        }
+    }
+
+    /// The connection's main loop, until the close handshake is over and the
+    /// output flushed (or the transport is gone).
+    async fn drive<R, W>(
+        &mut self,
+        reader: &mut ReadHalf<R>,
+        writer: &mut WriteHalf<W>,
+        mut rbuf: BytesMut,
+    ) where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+        ReadHalf<R>: AsyncRead + Unpin,
+        WriteHalf<W>: AsyncWrite + Unpin,
+    {
+        let mut shutting_down = false;
+        let mut eof = false;
+        let mut needs_flush = false;
+        loop {
+            if !rbuf.is_empty() {
+                let input = rbuf.split();
+                self.process_input(&input).await;
+                rbuf = reuse(rbuf, input);
+            }
+            if self.ws.is_closed() && !self.ws.has_output() && !needs_flush {
+                break;
+            }
+            let want_read = !eof
+                && !self.ws.is_closed()
+                && self.ws.output_len() < self.shared.ws.send_queue_bytes;
+            let deadline = self.ws.poll_timeout();
+            let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
+            let filled = self.ws.output_slices(&mut slices);
+            if want_read && rbuf.capacity() - rbuf.len() < 4096 {
+                rbuf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                _ = self.shared.shutdown.cancelled(), if !shutting_down => {
+                    shutting_down = true;
+                    if self.ws.state() == State::Open {
+                        let _ = self.ws.close(1001, "server shutting down");
+                    }
+                }
+                written = write_or_flush(writer, &slices[..filled]), if filled > 0 || needs_flush => {
+                    match written {
+                        Err(_) | Ok(Some(0)) => {
+                            self.transport_gone().await;
+                            return;
+                        }
+                        Ok(Some(n)) => {
+                            self.ws.advance_output(n);
+                            needs_flush = true;
+                        }
+                        Ok(None) => needs_flush = false,
+                    }
+                }
+                read = reader.read_buf(&mut rbuf), if want_read => {
+                    match read {
+                        Ok(0) | Err(_) => {
+                            eof = true;
+                            self.transport_gone().await;
+                            if self.ws.is_closed() && !self.ws.has_output() {
+                                return;
+                            }
+                            // The peer half-closed; whatever we still owe it
+                            // is written below, then the socket is dropped.
+                        }
+                        Ok(_) => {}
+                    }
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    if let Some(info) = self.ws.handle_timeout(Instant::now()) {
+                        self.finish(info).await;
+                    }
+                }
+            }
+        }
+        self.linger(reader, writer).await;
+    }
+
+    /// The transport is gone (EOF or error) before the close handshake ended.
+    async fn transport_gone(&mut self) {
+        if let Some(info) = self.ws.transport_closed() {
+            self.finish(info).await;
+        }
+    }
+
+    /// After our last byte: half-close (TLS close_notify, TCP FIN) and read
+    /// until the peer closes too, so the kernel does not answer its in-flight
+    /// data with a reset that could destroy our Close frame.
+    async fn linger<R, W>(&mut self, reader: &mut ReadHalf<R>, writer: &mut WriteHalf<W>)
+    where
+        ReadHalf<R>: AsyncRead + Unpin,
+        WriteHalf<W>: AsyncWrite + Unpin,
+    {
+        let timeout = self.shared.ws.close_timeout;
+        let _ = tokio::time::timeout(timeout, async {
+            let _ = writer.shutdown().await;
+            let mut sink = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+fn send_error_label(err: &wharf_protocol::SendError) -> &'static str {
+    use wharf_protocol::SendError::*;
+    match err {
+        Closed => "closed",
+        MessageTooBig => "too-big",
+        QueueFull => "queue-full",
+        ReasonTooLong => "reason-too-long",
+        InvalidCode => "invalid-code",
+    }
+}
+
+/// Gets the read buffer back after a pass over its contents, keeping its
+/// allocation when nothing else holds it.
+fn reuse(rbuf: BytesMut, mut consumed: BytesMut) -> BytesMut {
+    consumed.clear();
+    if rbuf.is_empty() {
+        consumed.unsplit(rbuf);
+        consumed
+    } else {
+        rbuf
+    }
+}
+
+/// Writes what there is, or, with nothing left, flushes what a TLS stream
+/// buffered. `Some(n)`: n bytes written; `None`: flushed.
+async fn write_or_flush<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    slices: &[IoSlice<'_>],
+) -> std::io::Result<Option<usize>> {
+    if slices.is_empty() {
+        writer.flush().await.map(|()| None)
+    } else {
+        writer.write_vectored(slices).await.map(Some)
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,256 @@
+//! The network driver: listeners, TLS, and one task per connection that moves
+//! bytes between the socket, the protocol core and the plugin instance.
+
+mod connection;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tracing::Instrument as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{self, Config};
+use crate::metrics::Metrics;
+use crate::runtime::Plugin;
+
+/// The plugin new connections get. Swapping it leaves connections already
+/// open on the plugin they started with.
+#[derive(Clone)]
+pub struct PluginSlot(Arc<RwLock<Arc<Plugin>>>);
+
+impl PluginSlot {
+    pub fn new(plugin: Plugin) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(plugin))))
+    }
+
+    pub fn current(&self) -> Arc<Plugin> {
+        match self.0.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn replace(&self, plugin: Plugin) {
+        let mut slot = match self.0.write() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *slot = Arc::new(plugin);
+    }
+}
+
+/// Settings every connection task reads.
+pub(crate) struct Shared {
+    pub ws: wharf_protocol::Config,
+    pub handshake: wharf_protocol::HandshakeLimits,
+    pub handshake_timeout: Duration,
+    pub plugin: PluginSlot,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+    pub capacity: Arc<Semaphore>,
+    max_connections: usize,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A bound listener.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub address: SocketAddr,
+    pub tls: bool,
+}
+
+impl Bound {
+    pub fn url(&self) -> String {
+        format!("{}://{}", if self.tls { "wss" } else { "ws" }, self.address)
+    }
+}
+
+/// A running server.
+pub struct Server {
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    bound: Vec<Bound>,
+    shutdown_timeout: Duration,
+}
+
+impl Server {
+    /// Binds every listener and starts accepting.
+    pub async fn start(
+        config: &Config,
+        plugin: PluginSlot,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let ws = &config.websocket;
+        let shared = Arc::new(Shared {
+            ws: wharf_protocol::Config {
+                max_frame_size: config::bytes(ws.max_frame_size),
+                max_message_size: config::bytes(ws.max_message_size),
+                fragment_size: ws.fragment_size.map(config::bytes),
+                send_queue_bytes: config::bytes(ws.send_queue),
+                ping_interval: config::nonzero(ws.ping_interval),
+                idle_timeout: config::nonzero(ws.idle_timeout),
+                close_timeout: ws.close_timeout,
+            },
+            handshake: wharf_protocol::HandshakeLimits {
+                max_request_bytes: config::bytes(config.server.max_request_size),
+                max_headers: config.server.max_request_headers,
+            },
+            handshake_timeout: config.server.handshake_timeout,
+            plugin,
+            metrics,
+            shutdown: CancellationToken::new(),
+            capacity: Arc::new(Semaphore::new(config.server.max_connections as usize)),
+            max_connections: config.server.max_connections as usize,
+            next_id: AtomicU64::new(1),
+        });
+        let tracker = TaskTracker::new();
+        let mut bound = Vec::new();
+        for listener in &config.listeners {
+            let acceptor = match &listener.tls {
+                Some(tls) => Some(tls::acceptor(tls)?),
+                None => None,
+            };
+            let socket = bind(listener.address)
+                .with_context(|| format!("cannot listen on {}", listener.address))?;
+            let address = socket.local_addr()?;
+            bound.push(Bound {
+                address,
+                tls: acceptor.is_some(),
+            });
+            tracker.spawn(accept_loop(
+                socket,
+                acceptor,
+                shared.clone(),
+                tracker.clone(),
+            ));
+        }
+        Ok(Self {
+            shared,
+            tracker,
+            bound,
+            shutdown_timeout: config.server.shutdown_timeout,
+        })
+    }
+
+    pub fn bound(&self) -> &[Bound] {
+        &self.bound
+    }
+
+    /// Stops accepting, sends every open connection 1001 and waits (up to the
+    /// shutdown timeout) for their closing handshakes and queued output.
+    pub async fn shutdown(self) {
+        let open = self.shared.capacity_in_use();
+        tracing::info!(open, "shutting down: closing connections with 1001");
+        self.shared.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(self.shutdown_timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.tracker.len(),
+                "shutdown timeout: dropping connections still open"
+            );
+        }
+    }
+}
+
+impl Shared {
+    fn capacity_in_use(&self) -> usize {
+        self.max_connections
+            .saturating_sub(self.capacity.available_permits())
+    }
+}
+
+fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(err) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        shared.metrics.connection_accepted(tls.is_some());
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tracker.spawn(async move { serve(stream, peer, tls, shared).await });
+    }
+}
+
+async fn serve(stream: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let id = shared.next_id();
+    let span = tracing::debug_span!("conn", id, %peer);
+    match tls {
+        None => {
+            connection::run(stream, peer, false, id, shared)
+                .instrument(span)
+                .await
+        }
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(shared.handshake_timeout, acceptor.accept(stream));
+            let stream = tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                r = handshake => r,
+            };
+            match stream {
+                Ok(Ok(stream)) => {
+                    connection::run(stream, peer, true, id, shared)
+                        .instrument(span)
+                        .await
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(id, %peer, %err, "TLS handshake failed");
+                    shared.metrics.handshake_failed(0, "tls");
+                }
+                Err(_) => {
+                    tracing::debug!(id, %peer, "TLS handshake timed out");
+                    shared.metrics.handshake_failed(0, "timeout");
+                }
+            }
+        }
+    }
+}
+
