@@ -63,6 +63,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Each connection is a socket: allow as many as the hard limit permits.
+    if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(%err, "cannot raise the open-files limit");
+    }
     let (args, check_only) = match cli.command {
         Command::Serve(a) => (a, false),
         Command::Check(a) => (a, true),
@@ -119,6 +123,7 @@ fn runtime_config(config: &Config) -> RuntimeConfig {
             .cache_dir
             .clone()
             .or_else(wharf::runtime::cache::default_dir),
+        concurrency_support: false,
     }
 }
 

@@ -94,6 +94,51 @@ def read_case_details(outdir, entry):
     }
 
 
+def kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def watch(proc, log_path, timeout, t0):
+    """Wait for wstest; returns (exit code, None) or (None, reason it was killed).
+
+    wstest 0.8.2 never exits when the case patterns select no case ("will run 0 test
+    cases"), so that is detected in its log and turned into a harness error. A progress
+    line is printed every 60 s, so a long run (12.*/13.* take ~15 min) is not silent.
+    """
+    total = None
+    next_progress = t0 + 60
+    while True:
+        try:
+            return proc.wait(timeout=0.5), None
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if now - t0 > timeout:
+            kill_group(proc)
+            return None, ("wstest timed out after %.0f s (no report is written before the end)" % timeout)
+        if total is None or now >= next_progress:
+            try:
+                with open(log_path, errors="replace") as f:
+                    text = f.read()
+            except OSError:
+                text = ""
+            m = re.search(r"will run (\d+) test cases", text)
+            if m:
+                total = int(m.group(1))
+                if total == 0:
+                    kill_group(proc)
+                    return None, "the --cases/--exclude patterns select no case (wstest would hang)"
+            if now >= next_progress:
+                started = text.count("Running test case ID")
+                print("autobahn: ... %d/%s cases started, %.0f s" % (started, total if total is not None else "?",
+                                                                     now - t0), flush=True)
+                next_progress = now + 60
+
+
 def harness_error(msg, log_path=None):
     print("autobahn: harness error: " + msg, file=sys.stderr)
     if log_path and os.path.exists(log_path):
@@ -170,15 +215,12 @@ def main(argv=None):
         except OSError as e:
             return harness_error("cannot start wstest: %s" % e)
         try:
-            rc = proc.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return harness_error("wstest timed out after %.0f s (no report is written before the end)"
-                                 % args.timeout, log_path)
+            rc, why = watch(proc, log_path, args.timeout, t0)
         except KeyboardInterrupt:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc)
             raise
+        if why:
+            return harness_error(why, log_path)
     elapsed = time.monotonic() - t0
 
     try:
@@ -194,6 +236,10 @@ def main(argv=None):
     if results is None and len(index) == 1:
         results = next(iter(index.values()))
     if not results:
+        with open(log_path, errors="replace") as f:
+            m = re.search(r"^Connection to .* failed.*$", f.read(), re.M)
+        if m:
+            return harness_error("server not reachable: " + m.group(0), log_path)
         return harness_error("report has no cases for agent %r (patterns matched nothing?)" % args.agent,
                              log_path)
 

@@ -18,6 +18,9 @@ pub struct PoolSizing {
     pub instances: u32,
     /// Linear memory cap per instance, which is also each memory slot's size.
     pub memory_limit: usize,
+    /// Component-model-async bookkeeping on every call. Off unless a plugin
+    /// needs async (none can in WIT 0.1); kept switchable to measure it.
+    pub concurrency_support: bool,
 }
 
 /// Core instances a component may hold: Rust/C components need a handful,
@@ -38,7 +41,7 @@ pub fn build(pool: PoolSizing) -> anyhow::Result<Engine> {
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
-    config.concurrency_support(false);
+    config.concurrency_support(pool.concurrency_support);
     config.memory_init_cow(true);
     // Slots only as large as the memory cap: 10,000 slots of 4 GiB each would
     // exhaust the address space. Bounds checks become explicit, which costs

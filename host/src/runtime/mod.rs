@@ -35,6 +35,8 @@ pub struct RuntimeConfig {
     pub max_instances: u32,
     pub limits: InstanceLimits,
     pub cache_dir: Option<std::path::PathBuf>,
+    /// See [`engine::PoolSizing::concurrency_support`]; `false` in production.
+    pub concurrency_support: bool,
 }
 
 /// The engine, the host functions every plugin is linked against, and the
@@ -100,6 +102,7 @@ impl Runtime {
         let engine = engine::build(PoolSizing {
             instances: config.max_instances,
             memory_limit: config.limits.memory,
+            concurrency_support: config.concurrency_support,
         })?;
         let mut linker = Linker::new(&engine);
         // WASI is linked so that components built by ordinary toolchains

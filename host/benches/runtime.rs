@@ -1,0 +1,100 @@
+//! Cost of the sandbox itself: instantiating a plugin for a connection, and
+//! one event call into it, with and without wasmtime's component-model-async
+//! bookkeeping (`Config::concurrency_support`), in the same run.
+//!
+//! `cargo bench --bench runtime` (add `-- --quick` for a smoke run).
+
+use std::time::{Duration, Instant};
+
+use wharf::runtime::connection_host::SendLimits;
+use wharf::runtime::limits::CpuBudget;
+use wharf::runtime::{InstanceLimits, Plugin, PluginInstance, Runtime, RuntimeConfig};
+
+struct Figures {
+    instantiate_us: f64,
+    call_32_ns: f64,
+    call_1k_ns: f64,
+}
+
+fn runtime(concurrency_support: bool) -> Runtime {
+    Runtime::new(RuntimeConfig {
+        max_instances: 64,
+        limits: InstanceLimits {
+            memory: 64 << 20,
+            cpu: CpuBudget::from_duration(Duration::from_secs(1)),
+            send: SendLimits {
+                max_message_size: 16 << 20,
+                send_queue: 64 << 20,
+            },
+        },
+        cache_dir: None,
+        concurrency_support,
+    })
+    .expect("runtime")
+}
+
+async fn measure(plugin: &Plugin, instances: u32, calls: u32) -> Figures {
+    // Warm the pool's slots first: the steady state of a busy server.
+    for _ in 0..16 {
+        drop(plugin.instantiate(0).await.expect("instantiate"));
+    }
+    let start = Instant::now();
+    for i in 0..instances {
+        let inst = plugin.instantiate(u64::from(i)).await.expect("instantiate");
+        drop(inst);
+    }
+    let instantiate_us = start.elapsed().as_secs_f64() * 1e6 / f64::from(instances);
+
+    let mut inst = plugin.instantiate(1).await.expect("instantiate");
+    let call_32_ns = per_call(&mut inst, &"x".repeat(32), calls).await;
+    let call_1k_ns = per_call(&mut inst, &"y".repeat(1024), calls).await;
+    Figures {
+        instantiate_us,
+        call_32_ns,
+        call_1k_ns,
+    }
+}
+
+async fn per_call(inst: &mut PluginInstance, payload: &str, calls: u32) -> f64 {
+    let start = Instant::now();
+    for _ in 0..calls {
+        inst.on_text(payload).await.expect("call");
+        // Drain the echo, as the driver does, so the outbox stays small.
+        inst.connection().outbox.drain().for_each(drop);
+    }
+    start.elapsed().as_secs_f64() * 1e9 / f64::from(calls)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (instances, calls) = if quick { (200, 2_000) } else { (5_000, 200_000) };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    let mut results = Vec::new();
+    for concurrency in [false, true] {
+        let runtime = runtime(concurrency);
+        let plugin = runtime.load("echo", wharf::bundled::ECHO).expect("load echo");
+        let f = rt.block_on(measure(&plugin, instances, calls));
+        results.push((concurrency, f));
+    }
+    println!("plugin: echo (Rust), {instances} instantiations, {calls} calls per size");
+    println!(
+        "{:<28} {:>14} {:>14} {:>14}",
+        "concurrency_support", "instantiate µs", "call 32 B ns", "call 1 KiB ns"
+    );
+    for (c, f) in &results {
+        println!(
+            "{:<28} {:>14.2} {:>14.0} {:>14.0}",
+            c, f.instantiate_us, f.call_32_ns, f.call_1k_ns
+        );
+    }
+    let (off, on) = (&results[0].1, &results[1].1);
+    println!(
+        "ratio off/on: instantiate {:.2}, call 32 B {:.2}, call 1 KiB {:.2}",
+        off.instantiate_us / on.instantiate_us,
+        off.call_32_ns / on.call_32_ns,
+        off.call_1k_ns / on.call_1k_ns
+    );
+}
