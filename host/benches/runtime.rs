@@ -67,7 +67,11 @@ async fn per_call(inst: &mut PluginInstance, payload: &str, calls: u32) -> f64 {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let (instances, calls) = if quick { (200, 2_000) } else { (5_000, 200_000) };
+    let (instances, calls) = if quick {
+        (200, 2_000)
+    } else {
+        (5_000, 200_000)
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -75,7 +79,9 @@ fn main() {
     let mut results = Vec::new();
     for concurrency in [false, true] {
         let runtime = runtime(concurrency);
-        let plugin = runtime.load("echo", wharf::bundled::ECHO).expect("load echo");
+        let plugin = runtime
+            .load("echo", wharf::bundled::ECHO)
+            .expect("load echo");
         let f = rt.block_on(measure(&plugin, instances, calls));
         results.push((concurrency, f));
     }

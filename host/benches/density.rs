@@ -1,0 +1,125 @@
+//! Idle-connection density: the server's resident memory with N open
+//! WebSocket connections, each with its own plugin instance, measured from
+//! /proc as the growth over the idle server.
+//!
+//! `cargo bench --bench density -- [--connections N]` (default 10,000).
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::Command;
+
+const REQUEST: &[u8] =
+    b"GET / HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Opens one connection and round-trips one small message, so the plugin
+/// instance has really run; returns the open stream.
+async fn open(addr: &str) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(REQUEST).await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await?;
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        return Err(std::io::Error::other(
+            String::from_utf8_lossy(&head).into_owned(),
+        ));
+    }
+    // Masked text frame "ping" (mask 0).
+    s.write_all(&[0x81, 0x84, 0, 0, 0, 0, b'p', b'i', b'n', b'g'])
+        .await?;
+    let mut echo = [0u8; 6];
+    s.read_exact(&mut echo).await?;
+    if &echo[2..] != b"ping" {
+        return Err(std::io::Error::other("bad echo"));
+    }
+    Ok(s)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let n: usize = args
+        .iter()
+        .position(|a| a == "--connections")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+
+    let cache = tempfile::tempdir()?;
+    let config = cache.path().join("wharf.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[plugin]\ncache_dir = \"{}\"\n",
+            cache.path().display()
+        ),
+    )?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().unwrap_or(0);
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let addr = loop {
+        let line = lines
+            .next_line()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("server exited"))?;
+        if let Some(url) = line.strip_prefix("listening on ws://") {
+            break url.to_owned();
+        }
+    };
+    // Warm up: one connection, so the plugin's code and the runtime's
+    // one-time state are resident before the baseline is taken.
+    drop(open(&addr).await?);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let base = rss_kib(pid);
+
+    let started = Instant::now();
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        match open(&addr).await {
+            Ok(s) => conns.push(s),
+            Err(e) => anyhow::bail!("connection {i} failed: {e}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loaded = rss_kib(pid);
+    // All still alive: a round trip on the first, a middle and the last.
+    for i in [0, n / 2, n.saturating_sub(1)] {
+        let Some(s) = conns.get_mut(i) else { continue };
+        s.write_all(&[0x81, 0x82, 0, 0, 0, 0, b'o', b'k']).await?;
+        let mut echo = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo)).await??;
+    }
+    let per_conn = (loaded.saturating_sub(base)) as f64 / n as f64;
+    println!(
+        "connections open: {n} (each with its own echo instance), opened in {elapsed:.2?} ({:.0}/s sequentially)",
+        n as f64 / elapsed.as_secs_f64()
+    );
+    println!("server RSS: idle {base} KiB, with {n} connections {loaded} KiB");
+    println!("RSS per idle connection: {per_conn:.1} KiB");
+    drop(conns);
+    child.kill().await?;
+    Ok(())
+}
