@@ -44,7 +44,14 @@ fn conformance(tls: bool) {
     let outdir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("autobahn-{transport}"));
     let status = Command::new("python3")
         .arg(here().join("run.py"))
-        .args(["--url", &server.url(tls), "--agent", "wharf", "--exclude", "12.*,13.*"])
+        .args([
+            "--url",
+            &server.url(tls),
+            "--agent",
+            "wharf",
+            "--exclude",
+            "12.*,13.*",
+        ])
         // Cases 1-11 take well under a minute; a hung run must not eat CI.
         .args(["--timeout", "900"])
         .arg("--outdir")
