@@ -116,7 +116,10 @@ async fn serve_with(
 /// What reading the request head produced.
 #[derive(Debug)]
 enum Head {
-    Request { method: String, target: String },
+    Request {
+        method: String,
+        target: String,
+    },
     /// The client closed without sending anything.
     Closed,
     /// Over [`MAX_HEAD_BYTES`] or [`MAX_HEADERS`].
@@ -226,7 +229,12 @@ fn route(method: &str, target: &str, metrics: &Metrics) -> Response {
     }
 }
 
-async fn handle(mut stream: TcpStream, peer: SocketAddr, metrics: &Metrics, read_timeout: Duration) {
+async fn handle(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    metrics: &Metrics,
+    read_timeout: Duration,
+) {
     let response = match tokio::time::timeout(read_timeout, read_head(&mut stream)).await {
         Err(_elapsed) => {
             tracing::debug!(%peer, "admin endpoint: request head timed out");
@@ -416,7 +424,12 @@ mod tests {
         assert!(reply.body.ends_with("# EOF\n"), "{}", reply.body);
 
         // A query string is ignored; HTTP/1.0 is answered too.
-        let reply = exchange(server.addr, b"GET /metrics?name[]=x HTTP/1.0\r\n\r\n", false).await;
+        let reply = exchange(
+            server.addr,
+            b"GET /metrics?name[]=x HTTP/1.0\r\n\r\n",
+            false,
+        )
+        .await;
         assert_eq!(reply.status, 200);
         server.stop().await;
     }

@@ -7,9 +7,9 @@
 //!   that feeds the protocol core and the plugin.
 //! - [`config`] is `wharf.toml`; [`metrics`] and [`admin`] make it observable.
 
+pub mod admin;
 pub mod bundled;
 pub mod config;
 pub mod metrics;
 pub mod runtime;
 pub mod server;
-pub mod admin;
