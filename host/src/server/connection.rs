@@ -20,7 +20,6 @@ use crate::runtime::bindings::{Header, UpgradeRequest, UpgradeResponse};
 use crate::runtime::connection_host::Outgoing;
 use crate::runtime::{PluginError, PluginInstance};
 
-
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
 /// Slices handed to one vectored write.
@@ -92,7 +91,12 @@ where
             let status = if (400..=599).contains(&reject.status) {
                 reject.status
             } else {
-                tracing::error!(plugin = plugin.name(), conn = id, status = reject.status, "plugin rejected with a status outside 400-599");
+                tracing::error!(
+                    plugin = plugin.name(),
+                    conn = id,
+                    status = reject.status,
+                    "plugin rejected with a status outside 400-599"
+                );
                 500
             };
             let resp =
@@ -198,7 +202,10 @@ async fn respond_error<W: AsyncWrite + Unpin>(writer: &mut W, status: u16, body:
     }
 }
 
-async fn write_and_close<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+async fn write_and_close<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    bytes: &[u8],
+) -> std::io::Result<()> {
     // Bounded: a client that does not read its error response is dropped.
     let write = async {
         writer.write_all(bytes).await?;
@@ -319,9 +326,7 @@ impl Conn {
             return;
         }
         tracing::debug!(conn = self.id, code = info.code, clean = info.clean, reason = %info.reason, "closed");
-        self.shared
-            .metrics
-            .connection_closed(info.code, info.clean);
+        self.shared.metrics.connection_closed(info.code, info.clean);
         let closed = self.closed.insert(info);
         let Some(instance) = self.instance.as_mut() else {
             return;
@@ -400,6 +405,7 @@ impl Conn {
         let mut shutting_down = false;
         let mut eof = false;
         let mut needs_flush = false;
+        let mut flush_deadline: Option<Instant> = None;
         loop {
             if !rbuf.is_empty() {
                 let input = rbuf.split();
@@ -412,7 +418,15 @@ impl Conn {
             let want_read = !eof
                 && !self.ws.is_closed()
                 && self.ws.output_len() < self.shared.ws.send_queue_bytes;
-            let deadline = self.ws.poll_timeout();
+            // Once closed, what is left to write gets the close timeout, no
+            // more: a peer that stopped reading must not pin the connection.
+            if self.ws.is_closed() && flush_deadline.is_none() {
+                flush_deadline = Some(Instant::now() + self.shared.ws.close_timeout);
+            }
+            let deadline = match (self.ws.poll_timeout(), flush_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
             let filled = self.ws.output_slices(&mut slices);
             if want_read && rbuf.capacity() - rbuf.len() < 4096 {
@@ -454,7 +468,12 @@ impl Conn {
                     }
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {
-                    if let Some(info) = self.ws.handle_timeout(Instant::now()) {
+                    let now = Instant::now();
+                    if flush_deadline.is_some_and(|d| d <= now) {
+                        tracing::debug!(conn = self.id, unsent = self.ws.output_len(), "peer not reading; dropping connection");
+                        return;
+                    }
+                    if let Some(info) = self.ws.handle_timeout(now) {
                         self.finish(info).await;
                     }
                 }
