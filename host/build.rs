@@ -14,7 +14,9 @@ const WASM_TARGET: &str = "wasm32-wasip2";
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let root = manifest_dir.parent().expect("host/ is inside the workspace");
+    let root = manifest_dir
+        .parent()
+        .expect("host/ is inside the workspace");
     let plugins = root.join("plugins");
     let wit = root.join("wit");
     let target_dir = root.join("target").join("plugins");
@@ -27,10 +29,16 @@ fn main() {
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--release", "--target", WASM_TARGET, "--manifest-path"])
-        .arg(plugins.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target_dir);
+    cmd.args([
+        "build",
+        "--release",
+        "--target",
+        WASM_TARGET,
+        "--manifest-path",
+    ])
+    .arg(plugins.join("Cargo.toml"))
+    .arg("--target-dir")
+    .arg(&target_dir);
     // The outer build's flags are for the host, not for wasm.
     for var in [
         "RUSTFLAGS",

@@ -326,7 +326,8 @@ mod tests {
 
     #[test]
     fn bad_value_is_named() {
-        let err = toml::from_str::<Config>("[plugin]\ncpu_time_per_event = \"fast\"\n").unwrap_err();
+        let err =
+            toml::from_str::<Config>("[plugin]\ncpu_time_per_event = \"fast\"\n").unwrap_err();
         assert!(err.to_string().contains("cpu_time_per_event"), "{err}");
         let c: Config = toml::from_str("[plugin]\nmemory_limit = \"1KiB\"\n").unwrap();
         let err = c.validate().unwrap_err();

@@ -72,7 +72,8 @@ fn main() -> anyhow::Result<()> {
         Command::Check(a) => (a, true),
     };
     let config = load_config(&args)?;
-    let runtime = Runtime::new(runtime_config(&config)).context("cannot start the plugin runtime")?;
+    let runtime =
+        Runtime::new(runtime_config(&config)).context("cannot start the plugin runtime")?;
     let plugin = load_plugin(&runtime, &config)?;
     if check_only {
         println!("ok: configuration valid, plugin {} loads", plugin.name());

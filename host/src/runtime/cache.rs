@@ -53,7 +53,9 @@ pub fn load(
         // the header and refuses mismatched artifacts.
         match unsafe { Component::deserialize_file(engine, &path) } {
             Ok(component) => return Ok((component, Origin::Cached)),
-            Err(err) => tracing::warn!(path = %path.display(), %err, "cached plugin unusable; recompiling"),
+            Err(err) => {
+                tracing::warn!(path = %path.display(), %err, "cached plugin unusable; recompiling")
+            }
         }
     }
     let artifact = engine.precompile_component(bytes)?;

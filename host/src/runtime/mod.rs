@@ -57,15 +57,9 @@ pub enum LoadError {
         source: std::io::Error,
     },
     #[error("plugin {name} is not a valid component: {source:#}")]
-    Compile {
-        name: String,
-        source: anyhow::Error,
-    },
+    Compile { name: String, source: anyhow::Error },
     #[error("plugin {name} does not implement the wharf:websocket/handler-world world: {source:#}")]
-    World {
-        name: String,
-        source: anyhow::Error,
-    },
+    World { name: String, source: anyhow::Error },
 }
 
 /// Why a call into a plugin instance failed. Every variant kills the instance:
