@@ -25,6 +25,7 @@ fn runtime(concurrency_support: bool) -> Runtime {
             send: SendLimits {
                 max_message_size: 16 << 20,
                 send_queue: 64 << 20,
+                fragment_size: None,
             },
         },
         cache_dir: None,

@@ -117,6 +117,7 @@ fn runtime_config(config: &Config) -> RuntimeConfig {
             send: SendLimits {
                 max_message_size: config::bytes(config.websocket.max_message_size),
                 send_queue: config::bytes(config.websocket.send_queue),
+                fragment_size: config.websocket.fragment_size.map(config::bytes),
             },
         },
         cache_dir: config

@@ -1,2 +1,14 @@
-#[test]
-fn placeholder() {}
+//! End-to-end tests: the real `wharf` binary, real sockets (ws and wss), real
+//! plugin components from `plugins/`.
+//!
+//! Every test starts its own server (port 0) so tests run in parallel.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod chaos;
+mod close;
+mod echo;
+mod handshake;
+mod lifecycle;
+mod limits;

@@ -329,7 +329,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::thread::panicking() {
+        // The log of a failed test, or of every test with WHARF_E2E_LOG=1
+        // (`cargo test ... -- --nocapture` to see it).
+        if std::thread::panicking() || std::env::var_os("WHARF_E2E_LOG").is_some() {
             eprintln!(
                 "---- wharf log ----\n{}\n-------------------",
                 self.log_text()

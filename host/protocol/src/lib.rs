@@ -56,4 +56,5 @@ pub use handshake::{
 };
 pub use protocol::{
     CloseInfo, Config, Event, ProtocolError, SendError, State, WebSocket, close::CloseCode,
+    framed_len,
 };

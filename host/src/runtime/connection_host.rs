@@ -30,6 +30,9 @@ pub enum Outgoing {
 pub struct SendLimits {
     pub max_message_size: usize,
     pub send_queue: usize,
+    /// The protocol's outgoing fragmentation, which the queue accounting
+    /// must know to count frame headers as the protocol does.
+    pub fragment_size: Option<usize>,
 }
 
 /// A plugin's queued sends for one connection.
@@ -37,6 +40,7 @@ pub struct SendLimits {
 pub struct Outbox {
     limits: SendLimits,
     items: VecDeque<Outgoing>,
+    /// Framed bytes queued (headers included, as the protocol counts them).
     queued_bytes: usize,
     /// Bytes the driver had not yet written when the current call began.
     backlog: usize,
@@ -60,7 +64,7 @@ impl Outbox {
     }
 
     fn push(&mut self, item: Outgoing, len: usize) {
-        self.queued_bytes += len;
+        self.queued_bytes += wharf_protocol::framed_len(len, self.limits.fragment_size);
         self.items.push_back(item);
     }
 

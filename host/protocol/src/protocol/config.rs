@@ -46,3 +46,64 @@ impl Default for Config {
         }
     }
 }
+
+impl Config {
+    /// Bytes a data message of `payload_len` takes in the output queue once
+    /// framed: see [`framed_len`].
+    pub fn framed_len(&self, payload_len: usize) -> usize {
+        framed_len(payload_len, self.fragment_size)
+    }
+}
+
+/// Bytes a data message of `payload_len` takes in the output queue once
+/// framed (headers included, fragmented per `fragment_size`): what
+/// [`WebSocket::send_text`](super::WebSocket::send_text) counts against
+/// `send_queue_bytes`. A host that admits messages before handing them over
+/// uses it to apply exactly the same bound.
+pub fn framed_len(payload_len: usize, fragment_size: Option<usize>) -> usize {
+    fn header(len: usize) -> usize {
+        match len {
+            0..=125 => 2,
+            126..=0xFFFF => 4,
+            _ => 10,
+        }
+    }
+    match fragment_size {
+        Some(size) if payload_len > size.max(1) => {
+            let size = size.max(1);
+            let (full, rest) = (payload_len / size, payload_len % size);
+            let last = if rest > 0 { header(rest) } else { 0 };
+            payload_len + full * header(size) + last
+        }
+        _ => payload_len + header(payload_len),
+    }
+}
+
+#[cfg(test)]
+mod framed_len_tests {
+    use super::*;
+    use crate::WebSocket;
+    use std::time::Instant;
+
+    /// The formula matches what the encoder really queues.
+    #[test]
+    fn framed_len_matches_the_output() {
+        for fragment_size in [None, Some(1), Some(100), Some(70_000)] {
+            for len in [0, 1, 125, 126, 300, 65_535, 65_536, 200_000] {
+                let config = Config {
+                    fragment_size,
+                    send_queue_bytes: usize::MAX,
+                    ..Config::default()
+                };
+                let expected = config.framed_len(len);
+                let mut ws = WebSocket::new(config, Instant::now());
+                ws.send_binary(&vec![7; len]).unwrap();
+                assert_eq!(
+                    ws.output_len(),
+                    expected,
+                    "len {len} fragment {fragment_size:?}"
+                );
+            }
+        }
+    }
+}

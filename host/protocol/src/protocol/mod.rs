@@ -15,7 +15,7 @@ mod output;
 use std::io::IoSlice;
 use std::time::{Duration, Instant};
 
-pub use config::Config;
+pub use config::{Config, framed_len};
 pub use error::{ProtocolError, SendError};
 
 use close::CloseCode;

@@ -1,0 +1,170 @@
+//! The chaos plugin: a plugin that traps, spins or eats memory loses its own
+//! connection (1011) and nothing else.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::*;
+
+fn chaos_server() -> Server {
+    Server::start(ServerOpts {
+        plugin_limits: "cpu_time_per_event = \"100ms\"\nmemory_limit = \"16MiB\"",
+        ..ServerOpts::new("chaos")
+    })
+}
+
+/// Sends `text` on `ws` and times the echo.
+async fn round_trip(ws: &mut Ws, text: &str) -> Duration {
+    let started = Instant::now();
+    send_text(ws, text).await;
+    assert_eq!(recv_text(ws).await, text);
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn trap_closes_only_its_connection() {
+    let server = chaos_server();
+    let mut bystander = server.connect(false).await;
+    round_trip(&mut bystander, "before").await;
+
+    let mut victim = server.connect(false).await;
+    send_text(&mut victim, "trap").await;
+    assert_eq!(recv_close(&mut victim).await.0, 1011);
+
+    round_trip(&mut bystander, "after the trap").await;
+    let line = server
+        .wait_log(
+            &["ERROR", "plugin=chaos", "err=trapped"],
+            Duration::from_secs(2),
+        )
+        .await;
+    assert!(line.contains("plugin failed"), "{line}");
+}
+
+#[tokio::test]
+async fn endless_loop_is_interrupted_and_does_not_stall_others() {
+    let server = chaos_server();
+    let mut bystander = server.connect(false).await;
+    round_trip(&mut bystander, "warm-up").await;
+
+    let mut looper = server.connect(false).await;
+    let started = Instant::now();
+    send_text(&mut looper, "loop").await;
+    // Let the loop get going (the server has ~100 ms before it interrupts it).
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    let during = round_trip(&mut bystander, "during the loop").await;
+    let closed = recv_timeout(&mut looper, Duration::from_secs(2)).await;
+    let interrupted = started.elapsed();
+    match closed {
+        Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1011),
+        other => panic!("expected Close 1011, got {}", describe(&other)),
+    }
+    assert!(
+        interrupted < Duration::from_secs(1),
+        "loop interrupted only after {interrupted:?}"
+    );
+    assert!(
+        during < Duration::from_millis(90),
+        "another connection's echo took {during:?} while a plugin looped"
+    );
+
+    round_trip(&mut bystander, "after the loop").await;
+    server
+        .wait_log(
+            &["ERROR", "plugin=chaos", "err=exceeded its CPU time"],
+            Duration::from_secs(2),
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn memory_hog_is_stopped() {
+    let server = chaos_server();
+    let mut bystander = server.connect(false).await;
+    let mut hog = server.connect(false).await;
+    send_text(&mut hog, "alloc").await;
+    assert_eq!(recv_close(&mut hog).await.0, 1011);
+    round_trip(&mut bystander, "after the hog").await;
+    server
+        .wait_log(
+            &["ERROR", "plugin=chaos", "err=exceeded its memory limit"],
+            Duration::from_secs(2),
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn trap_in_on_upgrade_is_500() {
+    let server = chaos_server();
+    let mut raw = server.raw(false).await;
+    raw.send(upgrade_request("/reject-trap", &[]).as_bytes())
+        .await;
+    let resp = raw.read_response().await;
+    assert_eq!(resp.status, 500, "{resp:?}");
+    server
+        .wait_log(
+            &["ERROR", "chaos", "failed in on-upgrade", "trapped"],
+            Duration::from_secs(2),
+        )
+        .await;
+}
+
+/// The plugin sends far more than the send queue holds: the overflow is
+/// refused (`queue-full`) instead of buffered, and every send the plugin was
+/// told succeeded arrives, complete and in order.
+///
+/// KNOWN SERVER BUG (fails): the outbox counts payload bytes
+/// (host/src/runtime/connection_host.rs:53) while the protocol's queue counts
+/// framed bytes (host/protocol/src/protocol/mod.rs `check_queue`), so sends the
+/// plugin got `Ok` for are later refused and dropped in
+/// host/src/server/connection.rs `flush_outbox` ("plugin send dropped").
+#[tokio::test]
+async fn flood_is_bounded_by_the_send_queue() {
+    const N: usize = 100_000;
+    let server = Server::start(ServerOpts {
+        websocket: r#"send_queue = "64KiB""#,
+        ..ServerOpts::new("chaos")
+    });
+    let mut ws = server.connect(false).await;
+    send_text(&mut ws, &format!("flood {N}")).await;
+
+    // The plugin's report in the log means the flood call has returned:
+    // everything it will ever send is queued by now.
+    let line = server
+        .wait_log(&["stderr:", "flooded ok="], Duration::from_secs(3))
+        .await;
+    let field = |name: &str| -> usize {
+        let at = line.find(name).unwrap() + name.len();
+        let digits: String = line[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        digits.parse().unwrap()
+    };
+    // Read until the server has nothing more to say (500 ms of silence).
+    let mut received = 0;
+    while let Ok(next) = tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
+        match next {
+            Some(Ok(Message::Text(t))) if t.starts_with("flooded ok=") => {}
+            Some(Ok(Message::Text(t))) => {
+                assert_eq!(t.as_str(), format!("m{received}"), "gap or reorder");
+                received += 1;
+            }
+            other => panic!("unexpected {other:?} after {received} messages"),
+        }
+    }
+    // The connection still works.
+    send_text(&mut ws, "done").await;
+    assert_eq!(recv_text(&mut ws).await, "done");
+
+    let (ok, full) = (field("ok="), field("full="));
+    assert!(full > 0, "the queue never filled: {line}");
+    assert_eq!(ok + full, N, "{line}");
+    assert!(received > 0 && received < N, "received {received}");
+    assert_eq!(
+        received, ok,
+        "the plugin was told {ok} sends succeeded but {received} arrived"
+    );
+}

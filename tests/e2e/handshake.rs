@@ -1,0 +1,159 @@
+//! The HTTP/1.1 opening handshake: what the host refuses by itself, and what
+//! the request-filter plugin decides.
+
+use std::time::{Duration, Instant};
+
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+use crate::support::*;
+
+/// Sends `request` on a fresh connection and reads the response.
+async fn respond(server: &Server, request: &str) -> HttpResponse {
+    let mut raw = server.raw(false).await;
+    raw.send(request.as_bytes()).await;
+    raw.read_response().await
+}
+
+#[tokio::test]
+async fn host_refuses_bad_upgrades() {
+    let server = Server::start(ServerOpts::new("echo"));
+
+    let plain = respond(&server, "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
+    assert_eq!(plain.status, 426, "plain GET: {plain:?}");
+    assert_eq!(plain.header("upgrade"), Some("websocket"), "{plain:?}");
+
+    let request =
+        upgrade_request("/", &[]).replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8");
+    let version = respond(&server, &request).await;
+    assert_eq!(version.status, 426, "wrong version: {version:?}");
+    assert_eq!(version.header("sec-websocket-version"), Some("13"));
+
+    let request = upgrade_request("/", &[]).replace(SAMPLE_KEY, "bm90IDE2IGJ5dGVz");
+    let key = respond(&server, &request).await;
+    assert_eq!(key.status, 400, "bad key: {key:?}");
+
+    let request = upgrade_request("/", &[]).replacen("GET", "POST", 1);
+    let post = respond(&server, &request).await;
+    assert_eq!(post.status, 405, "POST: {post:?}");
+    assert_eq!(post.header("allow"), Some("GET"), "{post:?}");
+
+    let big = "a".repeat(20 * 1024);
+    let request = upgrade_request("/", &[("X-Padding", &big)]);
+    let too_big = respond(&server, &request).await;
+    assert_eq!(too_big.status, 431, "20 KiB of headers: {too_big:?}");
+
+    // None of that hurt the server.
+    let mut ws = server.connect(false).await;
+    send_text(&mut ws, "ok").await;
+    assert_eq!(recv_text(&mut ws).await, "ok");
+}
+
+#[tokio::test]
+async fn request_filter_plugin() {
+    let server = Server::start(ServerOpts::new("request_filter"));
+    let origin = ("Origin", "http://localhost:8080");
+
+    let wrong_path = respond(&server, &upgrade_request("/nope", &[origin])).await;
+    assert_eq!(wrong_path.status, 404, "{wrong_path:?}");
+    assert!(
+        wrong_path.body.contains("no WebSocket endpoint"),
+        "{wrong_path:?}"
+    );
+
+    let bad_origin = respond(
+        &server,
+        &upgrade_request("/ws", &[("Origin", "http://evil.example")]),
+    )
+    .await;
+    assert_eq!(bad_origin.status, 403, "{bad_origin:?}");
+    assert!(
+        bad_origin.body.contains("origin not allowed"),
+        "{bad_origin:?}"
+    );
+
+    let no_origin = respond(&server, &upgrade_request("/ws", &[])).await;
+    assert_eq!(no_origin.status, 403, "{no_origin:?}");
+
+    // Good path and origin, offering "chat" (among others): accepted, "chat" chosen.
+    let mut req = format!("{}/ws", server.url(false))
+        .into_client_request()
+        .unwrap();
+    let headers = req.headers_mut();
+    headers.insert("Origin", HeaderValue::from_static(origin.1));
+    headers.insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static("superchat, chat"),
+    );
+    let (mut ws, resp) = server
+        .connect_request(false, req)
+        .await
+        .expect("accepted upgrade");
+    assert_eq!(resp.status(), 101);
+    assert_eq!(
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap()),
+        Some("chat")
+    );
+    send_text(&mut ws, "filtered echo").await;
+    assert_eq!(recv_text(&mut ws).await, "filtered echo");
+
+    // Without an offer, no subprotocol is chosen.
+    let mut raw = server.raw(false).await;
+    raw.send(upgrade_request("/ws", &[origin]).as_bytes()).await;
+    let resp = raw.read_response().await;
+    assert_eq!(resp.status, 101, "{resp:?}");
+    assert_eq!(resp.header("sec-websocket-protocol"), None, "{resp:?}");
+}
+
+/// A client that never finishes its request is answered 408 and dropped.
+#[tokio::test]
+async fn slow_request_times_out_with_408() {
+    let server = Server::start(ServerOpts {
+        server: r#"handshake_timeout = "300ms""#,
+        ..ServerOpts::new("echo")
+    });
+    let mut raw = server.raw(false).await;
+    let started = Instant::now();
+    raw.send(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n").await;
+    let resp = raw.read_response().await;
+    assert_eq!(resp.status, 408, "{resp:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
+        "408 after {waited:?}"
+    );
+}
+
+/// Past `max_connections`, upgrades get 503; a slot frees when a connection ends.
+#[tokio::test]
+async fn over_capacity_is_503() {
+    let server = Server::start(ServerOpts {
+        server: "max_connections = 1",
+        ..ServerOpts::new("echo")
+    });
+    let mut first = server.connect(false).await;
+    send_text(&mut first, "one").await;
+    assert_eq!(recv_text(&mut first).await, "one");
+
+    let busy = respond(&server, &upgrade_request("/", &[])).await;
+    assert_eq!(busy.status, 503, "{busy:?}");
+
+    send_text(&mut first, "goodbye").await;
+    assert_eq!(recv_close(&mut first).await.0, 1000);
+    drop(first);
+    // The slot is released once the server has finished with the connection.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let mut raw = server.raw(false).await;
+        raw.send(upgrade_request("/", &[]).as_bytes()).await;
+        let status = raw.read_response().await.status;
+        if status == 101 {
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(Instant::now() < deadline, "slot never released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
