@@ -6,6 +6,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod capacity;
 mod chaos;
 mod close;
 mod echo;
