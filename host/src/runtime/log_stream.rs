@@ -4,6 +4,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -14,6 +15,10 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 /// Longest line logged; the rest of a longer line is cut (and said so), so a
 /// plugin cannot make the host buffer without bound.
 const MAX_LINE: usize = 4096;
+
+/// Lines one instance may log (stdout and stderr together); past it output is
+/// dropped, said once, so a chatty plugin cannot flood the host's log.
+pub const MAX_LINES_PER_INSTANCE: u32 = 10_000;
 
 /// Which of the plugin's streams.
 #[derive(Debug, Clone, Copy)]
@@ -28,15 +33,21 @@ pub struct LogStream {
     plugin: Arc<str>,
     conn: u64,
     stream: Stream,
+    /// Lines left for this instance, shared by its stdout and stderr.
+    budget: Arc<AtomicU32>,
 }
 
 impl LogStream {
-    pub fn new(plugin: Arc<str>, conn: u64, stream: Stream) -> Self {
-        Self {
-            plugin,
+    /// The instance's stdout and stderr, sharing one line budget.
+    pub fn pair(plugin: Arc<str>, conn: u64) -> (Self, Self) {
+        let budget = Arc::new(AtomicU32::new(MAX_LINES_PER_INSTANCE));
+        let make = |stream| Self {
+            plugin: plugin.clone(),
             conn,
             stream,
-        }
+            budget: budget.clone(),
+        };
+        (make(Stream::Stdout), make(Stream::Stderr))
     }
 
     fn sink(&self) -> LineSink {
@@ -90,6 +101,15 @@ impl LineSink {
     }
 
     fn emit(&mut self) {
+        let left = self
+            .tag
+            .budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if left.is_err() {
+            self.line.clear();
+            self.cut = false;
+            return;
+        }
         let text = String::from_utf8_lossy(&self.line);
         let text = text.trim_end_matches('\r');
         let (plugin, conn, cut) = (&*self.tag.plugin, self.tag.conn, self.cut);
@@ -103,6 +123,10 @@ impl LineSink {
         }
         self.line.clear();
         self.cut = false;
+        if left == Ok(1) {
+            tracing::warn!(target: "wharf::plugin", plugin, conn,
+                "plugin wrote {MAX_LINES_PER_INSTANCE} log lines; dropping the rest of its output");
+        }
     }
 }
 
@@ -150,5 +174,28 @@ impl OutputStream for LineSink {
 
     fn check_write(&mut self) -> StreamResult<usize> {
         Ok(MAX_LINE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_cut_and_budgeted() {
+        let (out, err) = LogStream::pair("p".into(), 7);
+        let mut a = out.sink();
+        let mut b = err.sink();
+        a.push(&vec![b'x'; MAX_LINE + 10]);
+        assert!(a.cut && a.line.len() == MAX_LINE);
+        a.push(b"\n");
+        assert!(a.line.is_empty() && !a.cut);
+        for _ in 0..MAX_LINES_PER_INSTANCE {
+            b.push(b"line\n");
+        }
+        // stdout's line plus stderr's share one budget: it ran out.
+        assert_eq!(out.budget.load(Ordering::Relaxed), 0);
+        b.push(b"dropped\n");
+        assert_eq!(out.budget.load(Ordering::Relaxed), 0);
     }
 }

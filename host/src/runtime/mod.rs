@@ -19,7 +19,7 @@ use self::bindings::{HandlerWorld, HandlerWorldPre, UpgradeRequest, UpgradeRespo
 use self::connection_host::{ConnectionEntry, SendLimits};
 use self::engine::{EpochClock, PoolSizing};
 use self::limits::{CpuBudget, LimitExceeded, LimitHit, SandboxLimiter};
-use self::log_stream::{LogStream, Stream};
+use self::log_stream::LogStream;
 
 /// What every plugin instance is limited to.
 #[derive(Debug, Clone, Copy)]
@@ -186,10 +186,8 @@ impl Plugin {
 
     /// Creates the store and instance that will serve connection `conn_id`.
     pub async fn instantiate(&self, conn_id: u64) -> Result<PluginInstance, PluginError> {
-        let wasi = WasiCtx::builder()
-            .stdout(LogStream::new(self.name.clone(), conn_id, Stream::Stdout))
-            .stderr(LogStream::new(self.name.clone(), conn_id, Stream::Stderr))
-            .build();
+        let (stdout, stderr) = LogStream::pair(self.name.clone(), conn_id);
+        let wasi = WasiCtx::builder().stdout(stdout).stderr(stderr).build();
         let mut table = ResourceTable::new();
         let conn = table
             .push(ConnectionEntry::new(conn_id, self.limits.send))
