@@ -302,14 +302,22 @@ impl Conn {
             return;
         }
         for item in outbox.drain() {
-            let (result, binary, len) = match &item {
-                Outgoing::Text(t) => (self.ws.send_text(t), false, t.len()),
-                Outgoing::Binary(b) => (self.ws.send_binary(b), true, b.len()),
-                Outgoing::Close { code, reason } => (self.ws.close(*code, reason), false, 0),
+            // The plugin's copy (lifted out of wasm memory) is given to the
+            // protocol as it is: large payloads reach writev without a copy.
+            let (result, sent) = match item {
+                Outgoing::Text(t) => {
+                    let len = t.len();
+                    (self.ws.send_text_owned(t), Some((false, len)))
+                }
+                Outgoing::Binary(b) => {
+                    let len = b.len();
+                    (self.ws.send_binary_owned(b), Some((true, len)))
+                }
+                Outgoing::Close { code, reason } => (self.ws.close(code, &reason), None),
             };
-            match (result, &item) {
-                (Ok(()), Outgoing::Close { .. }) => {}
-                (Ok(()), _) => self.shared.metrics.message_sent(binary, len),
+            match (result, sent) {
+                (Ok(()), Some((binary, len))) => self.shared.metrics.message_sent(binary, len),
+                (Ok(()), None) => {}
                 (Err(err), _) => {
                     // The outbox applies the protocol's own rules, so this is
                     // a race with a close; still, nothing is dropped unseen.

@@ -106,4 +106,40 @@ mod framed_len_tests {
             }
         }
     }
+
+    fn output_bytes(ws: &WebSocket) -> Vec<u8> {
+        let mut slices = [std::io::IoSlice::new(&[]); 64];
+        let n = ws.output_slices(&mut slices);
+        slices[..n].iter().flat_map(|s| s.iter().copied()).collect()
+    }
+
+    /// Owned sends queue exactly the bytes borrowed sends do.
+    #[test]
+    fn owned_sends_match_borrowed_sends() {
+        for fragment_size in [None, Some(7), Some(20_000)] {
+            for len in [0, 5, 16 * 1024 - 1, 16 * 1024, 70_000] {
+                let config = Config {
+                    fragment_size,
+                    send_queue_bytes: usize::MAX,
+                    ..Config::default()
+                };
+                let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
+                let text: String = (0..len)
+                    .map(|i| char::from(b'a' + (i % 26) as u8))
+                    .collect();
+                let mut a = WebSocket::new(config.clone(), Instant::now());
+                a.send_binary(&data).unwrap();
+                a.send_text(&text).unwrap();
+                let mut b = WebSocket::new(config, Instant::now());
+                b.send_binary_owned(data).unwrap();
+                b.send_text_owned(text).unwrap();
+                assert_eq!(
+                    output_bytes(&a),
+                    output_bytes(&b),
+                    "len {len} fragment {fragment_size:?}"
+                );
+                assert_eq!(a.output_len(), b.output_len());
+            }
+        }
+    }
 }

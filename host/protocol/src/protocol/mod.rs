@@ -13,6 +13,8 @@ pub(crate) mod frame;
 mod output;
 
 use std::io::IoSlice;
+
+use bytes::Bytes;
 use std::time::{Duration, Instant};
 
 pub use config::{Config, framed_len};
@@ -218,6 +220,19 @@ impl WebSocket {
     /// Queues a binary message (fragmented per `fragment_size`).
     pub fn send_binary(&mut self, data: &[u8]) -> Result<(), SendError> {
         self.core.send_data(OpCode::Binary, data)
+    }
+
+    /// [`send_text`](Self::send_text) for a message the caller gives away:
+    /// a large payload is queued for the socket without being copied.
+    pub fn send_text_owned(&mut self, text: String) -> Result<(), SendError> {
+        self.core
+            .send_data_owned(OpCode::Text, Bytes::from(text.into_bytes()))
+    }
+
+    /// [`send_binary`](Self::send_binary) for a message the caller gives
+    /// away: a large payload is queued for the socket without being copied.
+    pub fn send_binary_owned(&mut self, data: Vec<u8>) -> Result<(), SendError> {
+        self.core.send_data_owned(OpCode::Binary, Bytes::from(data))
     }
 
     /// Queues a Ping; `data` is at most 125 bytes (else `MessageTooBig`).
@@ -541,6 +556,30 @@ impl Core {
         } else {
             Ok(())
         }
+    }
+
+    fn send_data_owned(&mut self, opcode: OpCode, data: Bytes) -> Result<(), SendError> {
+        self.check_can_send()?;
+        if data.len() > self.config.max_message_size {
+            return Err(SendError::MessageTooBig);
+        }
+        self.check_queue()?;
+        match self.config.fragment_size {
+            Some(size) if data.len() > size.max(1) => {
+                let size = size.max(1);
+                let mut op = opcode;
+                let mut start = 0;
+                while start < data.len() {
+                    let end = (start + size).min(data.len());
+                    self.out
+                        .push_frame_owned(end == data.len(), op, data.slice(start..end));
+                    op = OpCode::Continuation;
+                    start = end;
+                }
+            }
+            _ => self.out.push_frame_owned(true, opcode, data),
+        }
+        Ok(())
     }
 
     fn send_data(&mut self, opcode: OpCode, data: &[u8]) -> Result<(), SendError> {

@@ -33,15 +33,32 @@ impl Output {
 
     /// Queues one complete server (unmasked) frame.
     pub(crate) fn push_frame(&mut self, fin: bool, opcode: OpCode, payload: &[u8]) {
-        let (header, used) = coding::encode(fin, opcode, payload.len());
-        self.tail.extend_from_slice(&header[..used]);
+        self.push_header(fin, opcode, payload.len());
         if payload.len() >= OWN_CHUNK_MIN {
             self.seal_tail();
             self.chunks.push_back(Bytes::copy_from_slice(payload));
         } else {
             self.tail.extend_from_slice(payload);
         }
-        self.len += used + payload.len();
+        self.len += payload.len();
+    }
+
+    /// Queues one complete frame whose payload the caller gives away: a
+    /// large one is queued as it is, without a copy.
+    pub(crate) fn push_frame_owned(&mut self, fin: bool, opcode: OpCode, payload: Bytes) {
+        if payload.len() < OWN_CHUNK_MIN {
+            return self.push_frame(fin, opcode, &payload);
+        }
+        self.push_header(fin, opcode, payload.len());
+        self.seal_tail();
+        self.len += payload.len();
+        self.chunks.push_back(payload);
+    }
+
+    fn push_header(&mut self, fin: bool, opcode: OpCode, len: usize) {
+        let (header, used) = coding::encode(fin, opcode, len);
+        self.tail.extend_from_slice(&header[..used]);
+        self.len += used;
     }
 
     /// Moves the tail into the chunk list so a chunk can follow it.
