@@ -1,0 +1,3 @@
+module wharf.example/go-echo
+
+go 1.24

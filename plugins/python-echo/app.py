@@ -1,0 +1,61 @@
+"""The Wharf echo handler in Python.
+
+Every text and binary message is sent straight back; the text "goodbye"
+closes the connection with code 1000 instead.
+
+componentize-py generates the `wit_world` package from ../../wit at build
+time (run `componentize-py -d ../../wit -w handler-world bindings gen` to
+read it). The exported `handler` interface is implemented by a class named
+`Handler` in this module, one method per event. The host creates one
+instance of the component per connection, so module globals would be
+per-connection state.
+"""
+
+import sys
+
+from componentize_py_types import Err
+from wit_world import exports
+from wit_world.imports.connection import Connection
+from wit_world.imports.types import (
+    Accept,
+    CloseCode_Normal,
+    UpgradeRequest,
+    UpgradeResponse,
+    UpgradeResponse_Accept,
+)
+
+
+class Handler(exports.Handler):
+    def on_upgrade(self, conn: Connection, request: UpgradeRequest) -> UpgradeResponse:
+        # Accept every upgrade: no subprotocol, no extra response headers.
+        return UpgradeResponse_Accept(Accept(subprotocol=None, headers=[]))
+
+    def on_open(self, conn: Connection) -> None:
+        pass
+
+    def on_text(self, conn: Connection, text: str) -> None:
+        # A `result<_, error-code>` the host returns as an error is raised
+        # as `Err(error_code)`: an ordinary event (closing, queue full, ...).
+        try:
+            if text == "goodbye":
+                # Start the closing handshake; `on_close` follows when it ends.
+                conn.close(CloseCode_Normal(), "goodbye")
+            else:
+                conn.send_text(text)
+        except Err as e:
+            # stderr ends up in the host's log.
+            print(f"echo: connection {conn.id()}: {e.value}", file=sys.stderr)
+
+    def on_binary(self, conn: Connection, data: bytes) -> None:
+        # Note: componentize-py 0.25.1 does not free the buffer it copies a
+        # `bytes` argument into for the host, so every send_binary leaks its
+        # size until the instance (the connection) ends; size
+        # `plugin.memory_limit` for the binary traffic of one connection.
+        try:
+            conn.send_binary(data)
+        except Err as e:
+            print(f"echo: connection {conn.id()}: {e.value}", file=sys.stderr)
+
+    def on_close(self, conn: Connection, code: int, reason: str, clean: bool) -> None:
+        # Nothing to clean up: the host drops this instance after this call.
+        pass
