@@ -558,46 +558,27 @@ impl Core {
         }
     }
 
-    fn send_data_owned(&mut self, opcode: OpCode, data: Bytes) -> Result<(), SendError> {
+    /// Whether a data message of `len` bytes may be queued now.
+    fn admit(&self, len: usize) -> Result<(), SendError> {
         self.check_can_send()?;
-        if data.len() > self.config.max_message_size {
+        if len > self.config.max_message_size {
             return Err(SendError::MessageTooBig);
         }
-        self.check_queue()?;
-        match self.config.fragment_size {
-            Some(size) if data.len() > size.max(1) => {
-                let size = size.max(1);
-                let mut op = opcode;
-                let mut start = 0;
-                while start < data.len() {
-                    let end = (start + size).min(data.len());
-                    self.out
-                        .push_frame_owned(end == data.len(), op, data.slice(start..end));
-                    op = OpCode::Continuation;
-                    start = end;
-                }
-            }
-            _ => self.out.push_frame_owned(true, opcode, data),
+        self.check_queue()
+    }
+
+    fn send_data_owned(&mut self, opcode: OpCode, data: Bytes) -> Result<(), SendError> {
+        self.admit(data.len())?;
+        for (fin, op, range) in fragments(opcode, data.len(), self.config.fragment_size) {
+            self.out.push_frame_owned(fin, op, data.slice(range));
         }
         Ok(())
     }
 
     fn send_data(&mut self, opcode: OpCode, data: &[u8]) -> Result<(), SendError> {
-        self.check_can_send()?;
-        if data.len() > self.config.max_message_size {
-            return Err(SendError::MessageTooBig);
-        }
-        self.check_queue()?;
-        match self.config.fragment_size {
-            Some(size) if data.len() > size.max(1) => {
-                let mut op = opcode;
-                let mut chunks = data.chunks(size.max(1)).peekable();
-                while let Some(chunk) = chunks.next() {
-                    self.out.push_frame(chunks.peek().is_none(), op, chunk);
-                    op = OpCode::Continuation;
-                }
-            }
-            _ => self.out.push_frame(true, opcode, data),
+        self.admit(data.len())?;
+        for (fin, op, range) in fragments(opcode, data.len(), self.config.fragment_size) {
+            self.out.push_frame(fin, op, &data[range]);
         }
         Ok(())
     }
@@ -661,6 +642,26 @@ fn add(t: Instant, d: Duration) -> Instant {
     t.checked_add(d)
         .or_else(|| t.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
         .unwrap_or(t)
+}
+
+/// The frames a message of `len` bytes is sent as: (FIN, opcode, payload
+/// range), one frame unless `fragment_size` splits it.
+fn fragments(
+    opcode: OpCode,
+    len: usize,
+    fragment_size: Option<usize>,
+) -> impl Iterator<Item = (bool, OpCode, std::ops::Range<usize>)> {
+    let size = match fragment_size {
+        Some(size) if len > size.max(1) => size.max(1),
+        _ => len.max(1),
+    };
+    let count = len.div_ceil(size).max(1);
+    (0..count).map(move |i| {
+        let start = i * size;
+        let end = (start + size).min(len);
+        let op = if i == 0 { opcode } else { OpCode::Continuation };
+        (i + 1 == count, op, start..end)
+    })
 }
 
 #[cfg(test)]
