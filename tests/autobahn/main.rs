@@ -10,8 +10,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Mutex;
 
 use support::{Server, ServerOpts};
@@ -20,51 +19,15 @@ use support::{Server, ServerOpts};
 /// (6.4.*, fail-fast UTF-8 with delays) see a responsive server.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn here() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/autobahn")
-}
-
-fn install() -> PathBuf {
-    let status = Command::new("bash")
-        .arg(here().join("install.sh"))
-        .status()
-        .expect("run tests/autobahn/install.sh");
-    assert!(status.success(), "installing Autobahn|Testsuite failed");
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/autobahn/venv27/bin/wstest")
-}
-
 fn conformance(tls: bool) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let wstest = install();
     let server = Server::start(ServerOpts {
         tls,
         ..ServerOpts::new("echo")
     });
     let transport = if tls { "wss" } else { "ws" };
     let outdir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("autobahn-{transport}"));
-    let status = Command::new("python3")
-        .arg(here().join("run.py"))
-        .args([
-            "--url",
-            &server.url(tls),
-            "--agent",
-            "wharf",
-            "--exclude",
-            "12.*,13.*",
-        ])
-        // Cases 1-11 take well under a minute; a hung run must not eat CI.
-        .args(["--timeout", "900"])
-        .arg("--outdir")
-        .arg(&outdir)
-        .arg("--wstest")
-        .arg(&wstest)
-        .status()
-        .expect("run tests/autobahn/run.py");
-    assert!(
-        status.success(),
-        "Autobahn|Testsuite over {transport}: not every case OK/INFORMATIONAL (report: {}/index.html)",
-        outdir.display()
-    );
+    support::autobahn(&server.url(tls), "wharf", &outdir);
 }
 
 #[test]

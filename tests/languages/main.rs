@@ -258,39 +258,10 @@ async fn echo_checks(server: &Server) {
 // ---------------------------------------------------------------------------
 
 fn autobahn(name: &str, server: &Server) {
-    let here = root().join("tests/autobahn");
-    let status = Command::new("bash")
-        .arg(here.join("install.sh"))
-        .status()
-        .expect("run tests/autobahn/install.sh");
-    assert!(status.success(), "installing Autobahn|Testsuite failed");
-    let wstest = root().join("target/autobahn/venv27/bin/wstest");
-    let outdir = out_dir().join(format!("autobahn-{name}"));
-    let started = Instant::now();
-    let status = Command::new("python3")
-        .arg(here.join("run.py"))
-        .args(["--url", &server.url(false), "--agent", name])
-        .args(["--exclude", "12.*,13.*"])
-        .args(["--timeout", "900"])
-        .arg("--outdir")
-        .arg(&outdir)
-        .arg("--wstest")
-        .arg(&wstest)
-        .status()
-        .expect("run tests/autobahn/run.py");
-    eprintln!(
-        "[{name}] Autobahn 1-11 over ws: {} in {:.0} s",
-        if status.success() {
-            "all OK/INFORMATIONAL"
-        } else {
-            "FAILED"
-        },
-        started.elapsed().as_secs_f64()
-    );
-    assert!(
-        status.success(),
-        "Autobahn|Testsuite with {name}: not every case OK/INFORMATIONAL (report: {}/index.html)",
-        outdir.display()
+    support::autobahn(
+        &server.url(false),
+        name,
+        &out_dir().join(format!("autobahn-{name}")),
     );
 }
 
