@@ -13,3 +13,4 @@ mod echo;
 mod handshake;
 mod lifecycle;
 mod limits;
+mod pubsub;

@@ -55,6 +55,6 @@ pub use handshake::{
     parse_request, reject_response, validate_header,
 };
 pub use protocol::{
-    CloseInfo, Config, Event, ProtocolError, SendError, State, WebSocket, close::CloseCode,
+    CloseInfo, Config, Event, Framed, ProtocolError, SendError, State, WebSocket, close::CloseCode,
     framed_len,
 };

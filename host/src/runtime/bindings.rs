@@ -14,7 +14,7 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use exports::wharf::websocket::handler::Guest as Handler;
-pub use wharf::websocket::types::{
+pub use self::exports::wharf::websocket::handler::Guest as Handler;
+pub use self::wharf::websocket::types::{
     Accept, CloseCode, ErrorCode, Header, Reject, UpgradeRequest, UpgradeResponse,
 };

@@ -13,6 +13,7 @@ use wasmtime::component::Resource;
 use super::HostState;
 use super::bindings::wharf::websocket::connection::{Host, HostConnection};
 use super::bindings::{CloseCode, ErrorCode};
+use super::pubsub_host::Subscriptions;
 
 /// RFC 6455 5.5: 125 bytes of control payload, 2 of them the code.
 pub const MAX_CLOSE_REASON: usize = 123;
@@ -84,6 +85,11 @@ impl Outbox {
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
+
+    /// Whether sends are refused (the plugin closed, or the connection is closing).
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
 }
 
 /// The resource behind a plugin's `connection` handle.
@@ -91,12 +97,15 @@ impl Outbox {
 pub struct ConnectionEntry {
     id: u64,
     pub outbox: Outbox,
+    /// Its topics (`wharf:websocket/pubsub`), left when the entry is dropped.
+    pub subscriptions: Subscriptions,
 }
 
 impl ConnectionEntry {
-    pub fn new(id: u64, limits: SendLimits) -> Self {
+    pub fn new(id: u64, limits: SendLimits, subscriptions: Subscriptions) -> Self {
         Self {
             id,
+            subscriptions,
             outbox: Outbox {
                 limits,
                 items: VecDeque::new(),
@@ -105,6 +114,13 @@ impl ConnectionEntry {
                 closed: false,
             },
         }
+    }
+}
+
+impl ConnectionEntry {
+    /// The host's id of the connection.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 }
 

@@ -7,6 +7,7 @@ pub mod connection_host;
 pub mod engine;
 pub mod limits;
 pub mod log_stream;
+pub mod pubsub_host;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use self::connection_host::{ConnectionEntry, SendLimits};
 use self::engine::{EpochClock, PoolSizing};
 use self::limits::{CpuBudget, LimitExceeded, LimitHit, SandboxLimiter};
 use self::log_stream::LogStream;
+use self::pubsub_host::{Broker, Mailbox, Subscriptions};
 
 /// What every plugin instance is limited to.
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +45,7 @@ pub struct RuntimeConfig {
 /// epoch clock that enforces CPU deadlines.
 pub struct Runtime {
     engine: Engine,
+    broker: Arc<Broker>,
     linker: Linker<HostState>,
     config: RuntimeConfig,
     _clock: EpochClock,
@@ -107,6 +110,7 @@ impl Runtime {
         let clock = EpochClock::start(&engine);
         Ok(Self {
             engine,
+            broker: Broker::new(),
             linker,
             config,
             _clock: clock,
@@ -115,6 +119,11 @@ impl Runtime {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The topics of `wharf:websocket/pubsub`, shared by every plugin loaded here.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
     }
 
     /// Reads, compiles (or loads from the cache) and checks a plugin.
@@ -162,6 +171,7 @@ impl Runtime {
             hash,
             pre,
             limits: self.config.limits,
+            broker: self.broker.clone(),
         })
     }
 }
@@ -172,6 +182,7 @@ pub struct Plugin {
     hash: String,
     pre: HandlerWorldPre<HostState>,
     limits: InstanceLimits,
+    broker: Arc<Broker>,
 }
 
 impl Plugin {
@@ -189,12 +200,21 @@ impl Plugin {
         let (stdout, stderr) = LogStream::pair(self.name.clone(), conn_id);
         let wasi = WasiCtx::builder().stdout(stdout).stderr(stderr).build();
         let mut table = ResourceTable::new();
+        let (subscriptions, mailbox) =
+            Subscriptions::new(self.broker.clone(), self.name.clone(), conn_id);
         let conn = table
-            .push(ConnectionEntry::new(conn_id, self.limits.send))
+            .push(ConnectionEntry::new(
+                conn_id,
+                self.limits.send,
+                subscriptions,
+            ))
             .map_err(|e| PluginError::Instantiate(e.into()))?;
         let state = HostState {
             wasi,
             table,
+            broker: self.broker.clone(),
+            plugin: self.name.clone(),
+            max_message_size: self.limits.send.max_message_size,
             limiter: SandboxLimiter::new(self.limits.memory, 100_000),
             cpu: self.limits.cpu,
             ticks_used: 0,
@@ -229,6 +249,7 @@ impl Plugin {
             store,
             bindings,
             conn,
+            mailbox: Some(mailbox),
         })
     }
 }
@@ -237,6 +258,11 @@ impl Plugin {
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
+    /// Topics, shared by every instance of every plugin.
+    broker: Arc<Broker>,
+    /// The plugin's name: the scope of its topics.
+    plugin: Arc<str>,
+    max_message_size: usize,
     limiter: SandboxLimiter,
     cpu: CpuBudget,
     ticks_used: u64,
@@ -271,9 +297,15 @@ pub struct PluginInstance {
     store: Store<HostState>,
     bindings: HandlerWorld,
     conn: Resource<ConnectionEntry>,
+    mailbox: Option<Mailbox>,
 }
 
 impl PluginInstance {
+    /// The connection's pub/sub mailbox, for its driver to read (once).
+    pub fn take_mailbox(&mut self) -> Option<Mailbox> {
+        self.mailbox.take()
+    }
+
     /// The connection's queued sends, with the driver's view of the socket.
     pub fn connection(&mut self) -> &mut ConnectionEntry {
         // The entry is pushed at instantiation and never removed while the

@@ -328,6 +328,20 @@ impl Conn {
         }
     }
 
+    /// Queues a message published to one of the connection's topics.
+    fn deliver_published(&mut self, message: &wharf_protocol::Framed) {
+        match self.ws.send_framed(message) {
+            Ok(()) => self
+                .shared
+                .metrics
+                .message_sent(message.is_binary(), message.payload_len()),
+            Err(err) => {
+                tracing::debug!(conn = self.id, %err, "published message dropped");
+                self.shared.metrics.send_refused(send_error_label(&err));
+            }
+        }
+    }
+
     /// The connection ended: tell the plugin (its last call) and release it.
     async fn finish(&mut self, info: CloseInfo) {
         if self.closed.is_some() {
@@ -414,6 +428,9 @@ impl Conn {
         let mut eof = false;
         let mut needs_flush = false;
         let mut flush_deadline: Option<Instant> = None;
+        // Published messages for this connection (pub/sub), delivered by the
+        // host without waking the plugin.
+        let mut mailbox = self.instance.as_mut().and_then(|i| i.take_mailbox());
         loop {
             if !rbuf.is_empty() {
                 let input = rbuf.split();
@@ -459,6 +476,18 @@ impl Conn {
                             needs_flush = true;
                         }
                         Ok(None) => needs_flush = false,
+                    }
+                }
+                published = next_published(&mut mailbox), if mailbox.is_some() && !self.ws.is_closed() => {
+                    match published {
+                        Some(message) => {
+                            self.deliver_published(&message);
+                            // Drain what else is waiting: one write for the batch.
+                            while let Some(Ok(message)) = mailbox.as_mut().map(|m| m.try_recv()) {
+                                self.deliver_published(&message);
+                            }
+                        }
+                        None => mailbox = None,
                     }
                 }
                 read = reader.read_buf(&mut rbuf), if want_read => {
@@ -552,6 +581,15 @@ async fn write_or_flush<W: AsyncWrite + Unpin>(
         writer.flush().await.map(|()| None)
     } else {
         writer.write_vectored(slices).await.map(Some)
+    }
+}
+
+async fn next_published(
+    mailbox: &mut Option<crate::runtime::pubsub_host::Mailbox>,
+) -> Option<wharf_protocol::Framed> {
+    match mailbox {
+        Some(m) => m.recv().await,
+        None => std::future::pending().await,
     }
 }
 

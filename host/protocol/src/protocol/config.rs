@@ -142,4 +142,24 @@ mod framed_len_tests {
             }
         }
     }
+
+    /// A framed message queues the same bytes as a borrowed send.
+    #[test]
+    fn framed_matches_send() {
+        for len in [0, 125, 126, 20_000, 70_000] {
+            let config = Config {
+                send_queue_bytes: usize::MAX,
+                ..Config::default()
+            };
+            let data = vec![3u8; len];
+            let mut a = WebSocket::new(config.clone(), Instant::now());
+            a.send_binary(&data).unwrap();
+            a.send_text("héllo").unwrap();
+            let mut b = WebSocket::new(config, Instant::now());
+            b.send_framed(&crate::Framed::binary(&data)).unwrap();
+            b.send_framed(&crate::Framed::text("héllo")).unwrap();
+            assert_eq!(output_bytes(&a), output_bytes(&b), "len {len}");
+            assert_eq!(a.output_len(), b.output_len());
+        }
+    }
 }

@@ -235,6 +235,16 @@ impl WebSocket {
         self.core.send_data_owned(OpCode::Binary, Bytes::from(data))
     }
 
+    /// Queues a message framed once by [`Framed::text`] / [`Framed::binary`],
+    /// typically shared by many connections (pub/sub fan-out): the bytes are
+    /// queued by reference, never copied. Always one unfragmented frame.
+    pub fn send_framed(&mut self, message: &Framed) -> Result<(), SendError> {
+        let core = &mut self.core;
+        core.admit(message.payload_len)?;
+        core.out.push_encoded(message.bytes.clone());
+        Ok(())
+    }
+
     /// Queues a Ping; `data` is at most 125 bytes (else `MessageTooBig`).
     pub fn send_ping(&mut self, data: &[u8]) -> Result<(), SendError> {
         let core = &mut self.core;
@@ -642,6 +652,49 @@ fn add(t: Instant, d: Duration) -> Instant {
     t.checked_add(d)
         .or_else(|| t.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
         .unwrap_or(t)
+}
+
+/// A complete server data frame, encoded once: cheap to clone and to queue
+/// on any number of connections with [`WebSocket::send_framed`].
+#[derive(Debug, Clone)]
+pub struct Framed {
+    bytes: Bytes,
+    payload_len: usize,
+}
+
+impl Framed {
+    /// A text message (the caller's `&str` is valid UTF-8 by construction).
+    pub fn text(text: &str) -> Self {
+        Self::encode(OpCode::Text, text.as_bytes())
+    }
+
+    /// A binary message.
+    pub fn binary(data: &[u8]) -> Self {
+        Self::encode(OpCode::Binary, data)
+    }
+
+    fn encode(opcode: OpCode, payload: &[u8]) -> Self {
+        let (header, used) = coding::encode(true, opcode, payload.len());
+        let mut bytes = Vec::with_capacity(used + payload.len());
+        bytes.extend_from_slice(&header[..used]);
+        bytes.extend_from_slice(payload);
+        Self {
+            bytes: Bytes::from(bytes),
+            payload_len: payload.len(),
+        }
+    }
+
+    /// The message's payload size.
+    pub fn payload_len(&self) -> usize {
+        self.payload_len
+    }
+
+    /// Whether it is a binary (not a text) message.
+    pub fn is_binary(&self) -> bool {
+        self.bytes
+            .first()
+            .is_some_and(|b| b & 0x0F == OpCode::Binary.bits())
+    }
 }
 
 /// The frames a message of `len` bytes is sent as: (FIN, opcode, payload

@@ -55,6 +55,17 @@ impl Output {
         self.chunks.push_back(payload);
     }
 
+    /// Queues bytes that already are one or more complete frames.
+    pub(crate) fn push_encoded(&mut self, frames: Bytes) {
+        self.len += frames.len();
+        if frames.len() < OWN_CHUNK_MIN {
+            self.tail.extend_from_slice(&frames);
+        } else {
+            self.seal_tail();
+            self.chunks.push_back(frames);
+        }
+    }
+
     fn push_header(&mut self, fin: bool, opcode: OpCode, len: usize) {
         let (header, used) = coding::encode(fin, opcode, len);
         self.tail.extend_from_slice(&header[..used]);
