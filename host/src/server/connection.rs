@@ -33,6 +33,15 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut buf = BytesMut::with_capacity(4096);
+    let Some((request, consumed)) = read_request(&mut reader, &mut writer, &mut buf, &shared).await
+    else {
+        return;
+    };
+    buf.advance(consumed);
+    // Capacity is taken once the request is in: answering earlier would
+    // close the socket with the request unread, which the kernel turns into
+    // a reset that can destroy the 503 before the client reads it.
     let Some(permit) = shared.capacity.clone().try_acquire_owned().ok() else {
         shared.metrics.handshake_failed(503, "capacity");
         let body = "server at capacity, try again later";
@@ -41,12 +50,6 @@ where
         }
         return;
     };
-    let mut buf = BytesMut::with_capacity(4096);
-    let Some((request, consumed)) = read_request(&mut reader, &mut writer, &mut buf, &shared).await
-    else {
-        return;
-    };
-    buf.advance(consumed);
 
     let plugin = shared.plugin.current();
     let started = Instant::now();
