@@ -59,6 +59,13 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
+    // `--hibernate-after MS`: release idle instances (plugin.hibernate_after).
+    let hibernate_ms: u64 = args
+        .iter()
+        .position(|a| a == "--hibernate-after")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let _ = rlimit::increase_nofile_limit(u64::MAX);
 
     let cache = tempfile::tempdir()?;
@@ -66,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[[listener]]\naddress = \"127.0.0.1:0\"\n[plugin]\ncache_dir = \"{}\"\n",
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[plugin]\ncache_dir = \"{}\"\nhibernate_after = \"{hibernate_ms}ms\"\n",
             cache.path().display()
         ),
     )?;
@@ -103,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let elapsed = started.elapsed();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(500 + 2 * hibernate_ms)).await;
     let loaded = rss_kib(pid);
     // All still alive: a round trip on the first, a middle and the last.
     for i in [0, n / 2, n.saturating_sub(1)] {
@@ -118,7 +125,12 @@ async fn main() -> anyhow::Result<()> {
         n as f64 / elapsed.as_secs_f64()
     );
     println!("server RSS: idle {base} KiB, with {n} connections {loaded} KiB");
-    println!("RSS per idle connection: {per_conn:.1} KiB");
+    let mode = if hibernate_ms > 0 {
+        format!("hibernating after {hibernate_ms} ms")
+    } else {
+        "no hibernation".to_owned()
+    };
+    println!("RSS per idle connection ({mode}): {per_conn:.1} KiB");
     drop(conns);
     child.kill().await?;
     Ok(())

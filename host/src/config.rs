@@ -133,6 +133,12 @@ pub struct PluginConfig {
     /// and its connection closed with 1011.
     #[serde(with = "humantime_serde")]
     pub cpu_time_per_event: Duration,
+    /// Release a connection's instance after this long without an event
+    /// (hibernation): the host keeps the socket, the protocol state, the
+    /// topics and the attachment, and instantiates afresh on the next event.
+    /// `"0s"`: never.
+    #[serde(with = "humantime_serde")]
+    pub hibernate_after: Duration,
     /// Where compiled plugins are cached. Unset: `$XDG_CACHE_HOME/wharf`,
     /// else `$HOME/.cache/wharf`, else no cache. Only the server may write here:
     /// a cached artifact is trusted native code.
@@ -145,6 +151,7 @@ impl Default for PluginConfig {
             path: None,
             memory_limit: ByteSize::mib(64),
             cpu_time_per_event: Duration::from_millis(200),
+            hibernate_after: Duration::ZERO,
             cache_dir: None,
         }
     }

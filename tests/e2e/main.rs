@@ -11,6 +11,7 @@ mod chaos;
 mod close;
 mod echo;
 mod handshake;
+mod hibernation;
 mod lifecycle;
 mod limits;
 mod pubsub;

@@ -99,6 +99,8 @@ pub struct ConnectionEntry {
     pub outbox: Outbox,
     /// Its topics (`wharf:websocket/pubsub`), left when the entry is dropped.
     pub subscriptions: Subscriptions,
+    /// Its attachment (`wharf:websocket/attachment`).
+    pub attachment: Vec<u8>,
 }
 
 impl ConnectionEntry {
@@ -106,6 +108,7 @@ impl ConnectionEntry {
         Self {
             id,
             subscriptions,
+            attachment: Vec::new(),
             outbox: Outbox {
                 limits,
                 items: VecDeque::new(),

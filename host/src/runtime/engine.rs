@@ -67,8 +67,8 @@ pub fn build(pool: PoolSizing) -> anyhow::Result<Engine> {
         .total_stacks(n)
         // Return a freed slot's memory to the OS beyond this much, so idle
         // servers stay small.
-        .linear_memory_keep_resident(64 << 10)
-        .table_keep_resident(16 << 10);
+        .linear_memory_keep_resident(0)
+        .table_keep_resident(0);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
     Engine::new(&config).map_err(anyhow::Error::from)
 }

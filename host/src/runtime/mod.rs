@@ -1,6 +1,7 @@
 //! The plugin runtime: one wasmtime engine, plugins compiled once, and one
 //! store and instance per connection, each with its own memory and CPU limits.
 
+pub mod attachment_host;
 pub mod bindings;
 pub mod cache;
 pub mod connection_host;
@@ -197,17 +198,31 @@ impl Plugin {
 
     /// Creates the store and instance that will serve connection `conn_id`.
     pub async fn instantiate(&self, conn_id: u64) -> Result<PluginInstance, PluginError> {
+        self.instantiate_with(conn_id, None).await
+    }
+
+    /// Instantiates for a connection: a new one, or (`parked`) one whose
+    /// previous instance was released by [`PluginInstance::hibernate`], which
+    /// keeps its topics, attachment and mailbox.
+    pub async fn instantiate_with(
+        &self,
+        conn_id: u64,
+        parked: Option<ConnectionEntry>,
+    ) -> Result<PluginInstance, PluginError> {
         let (stdout, stderr) = LogStream::pair(self.name.clone(), conn_id);
         let wasi = WasiCtx::builder().stdout(stdout).stderr(stderr).build();
         let mut table = ResourceTable::new();
-        let (subscriptions, mailbox) =
-            Subscriptions::new(self.broker.clone(), self.name.clone(), conn_id);
+        let (entry, mailbox) = match parked {
+            Some(entry) => (entry, None),
+            None => {
+                let (subscriptions, mailbox) =
+                    Subscriptions::new(self.broker.clone(), self.name.clone(), conn_id);
+                let entry = ConnectionEntry::new(conn_id, self.limits.send, subscriptions);
+                (entry, Some(mailbox))
+            }
+        };
         let conn = table
-            .push(ConnectionEntry::new(
-                conn_id,
-                self.limits.send,
-                subscriptions,
-            ))
+            .push(entry)
             .map_err(|e| PluginError::Instantiate(e.into()))?;
         let state = HostState {
             wasi,
@@ -249,7 +264,7 @@ impl Plugin {
             store,
             bindings,
             conn,
-            mailbox: Some(mailbox),
+            mailbox,
         })
     }
 }
@@ -301,6 +316,13 @@ pub struct PluginInstance {
 }
 
 impl PluginInstance {
+    /// Releases the instance (its store, memory and pool slot), keeping what
+    /// the connection needs to resume: topics, attachment (see
+    /// [`Plugin::instantiate_with`]).
+    pub fn hibernate(mut self) -> Option<ConnectionEntry> {
+        self.store.data_mut().table.delete(self.conn).ok()
+    }
+
     /// The connection's pub/sub mailbox, for its driver to read (once).
     pub fn take_mailbox(&mut self) -> Option<Mailbox> {
         self.mailbox.take()

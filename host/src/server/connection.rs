@@ -17,8 +17,8 @@ use wharf_protocol::{CloseInfo, Event, HandshakeError, Request, State, WebSocket
 
 use super::Shared;
 use crate::runtime::bindings::{Header, UpgradeRequest, UpgradeResponse};
-use crate::runtime::connection_host::Outgoing;
-use crate::runtime::{PluginError, PluginInstance};
+use crate::runtime::connection_host::{ConnectionEntry, Outgoing};
+use crate::runtime::{Plugin, PluginError, PluginInstance};
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
@@ -130,8 +130,11 @@ where
     let mut conn = Conn {
         id,
         plugin_name: plugin.name().to_owned(),
+        plugin: plugin.clone(),
         ws: WebSocket::new(shared.ws.clone(), Instant::now()),
         instance: Some(instance),
+        parked: None,
+        last_event: Instant::now(),
         shared: shared.clone(),
         closed: None,
     };
@@ -246,8 +249,13 @@ fn headers(list: Vec<Header>) -> Vec<(String, String)> {
 struct Conn {
     id: u64,
     plugin_name: String,
+    plugin: Arc<Plugin>,
     ws: WebSocket,
     instance: Option<PluginInstance>,
+    /// While hibernating: what the next instance resumes from.
+    parked: Option<ConnectionEntry>,
+    /// When the plugin last handled an event (for hibernation).
+    last_event: Instant,
     shared: Arc<Shared>,
     /// How the connection ended, once it has.
     closed: Option<CloseInfo>,
@@ -281,6 +289,7 @@ impl Conn {
 
     /// Hands the plugin's sends to the protocol, or buries a failed instance.
     fn after_call(&mut self, result: Result<(), PluginError>) {
+        self.last_event = Instant::now();
         match result {
             Ok(()) => self.flush_outbox(),
             Err(err) => {
@@ -331,6 +340,20 @@ impl Conn {
         }
     }
 
+    /// When the idle instance is to be released, if hibernation is on.
+    fn hibernate_at(&self) -> Option<Instant> {
+        let after = self.shared.hibernate_after?;
+        (self.instance.is_some() && self.ws.state() == State::Open).then(|| self.last_event + after)
+    }
+
+    /// Releases the instance, keeping what the next one resumes from.
+    fn hibernate(&mut self) {
+        if let Some(instance) = self.instance.take() {
+            self.parked = instance.hibernate();
+            tracing::debug!(conn = self.id, "hibernated");
+        }
+    }
+
     /// Queues a message published to one of the connection's topics.
     fn deliver_published(&mut self, message: &wharf_protocol::Framed) {
         match self.ws.send_framed(message) {
@@ -353,8 +376,17 @@ impl Conn {
         tracing::debug!(conn = self.id, code = info.code, clean = info.clean, reason = %info.reason, "closed");
         self.shared.metrics.connection_closed(info.code, info.clean);
         let closed = self.closed.insert(info);
-        let Some(instance) = self.instance.as_mut() else {
-            return;
+        let instance = match wake(&mut self.instance, &mut self.parked, &self.plugin, self.id).await
+        {
+            Ok(Some(instance)) => instance,
+            Ok(None) => return,
+            Err(err) => {
+                tracing::error!(plugin = %self.plugin_name, conn = self.id, %err, "cannot resume plugin for on-close");
+                self.shared
+                    .metrics
+                    .plugin_failure(&self.plugin_name, err.kind());
+                return;
+            }
         };
         Self::sync_outbox(instance, 0, State::Closed);
         let started = Instant::now();
@@ -387,19 +419,25 @@ impl Conn {
             let r = match event {
                 Event::Text(text) => {
                     self.shared.metrics.message_received(false, text.len());
-                    let Some(instance) = self.instance.as_mut() else {
-                        continue;
-                    };
-                    Self::sync_outbox(instance, backlog, state);
-                    instance.on_text(text).await
+                    match wake(&mut self.instance, &mut self.parked, &self.plugin, self.id).await {
+                        Err(err) => Err(err),
+                        Ok(None) => continue,
+                        Ok(Some(instance)) => {
+                            Self::sync_outbox(instance, backlog, state);
+                            instance.on_text(text).await
+                        }
+                    }
                 }
                 Event::Binary(data) => {
                     self.shared.metrics.message_received(true, data.len());
-                    let Some(instance) = self.instance.as_mut() else {
-                        continue;
-                    };
-                    Self::sync_outbox(instance, backlog, state);
-                    instance.on_binary(data).await
+                    match wake(&mut self.instance, &mut self.parked, &self.plugin, self.id).await {
+                        Err(err) => Err(err),
+                        Ok(None) => continue,
+                        Ok(Some(instance)) => {
+                            Self::sync_outbox(instance, backlog, state);
+                            instance.on_binary(data).await
+                        }
+                    }
                 }
                 Event::Closed(info) => {
                     if !info.clean && matches!(info.code, 1002 | 1007 | 1009) {
@@ -451,10 +489,11 @@ impl Conn {
             if self.ws.is_closed() && flush_deadline.is_none() {
                 flush_deadline = Some(Instant::now() + self.shared.ws.close_timeout);
             }
-            let deadline = match (self.ws.poll_timeout(), flush_deadline) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let hibernate_at = self.hibernate_at();
+            let deadline = [self.ws.poll_timeout(), flush_deadline, hibernate_at]
+                .into_iter()
+                .flatten()
+                .min();
             let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
             let filled = self.ws.output_slices(&mut slices);
             if want_read && rbuf.capacity() - rbuf.len() < 4096 {
@@ -509,6 +548,9 @@ impl Conn {
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     let now = Instant::now();
+                    if hibernate_at.is_some_and(|d| d <= now) {
+                        self.hibernate();
+                    }
                     if flush_deadline.is_some_and(|d| d <= now) {
                         tracing::debug!(conn = self.id, unsent = self.ws.output_len(), "peer not reading; dropping connection");
                         return;
@@ -585,6 +627,23 @@ async fn write_or_flush<W: AsyncWrite + Unpin>(
     } else {
         writer.write_vectored(slices).await.map(Some)
     }
+}
+
+/// The connection's instance, re-created from the parked state if it
+/// hibernated. `None`: the plugin is gone (it failed earlier).
+async fn wake<'a>(
+    instance: &'a mut Option<PluginInstance>,
+    parked: &mut Option<ConnectionEntry>,
+    plugin: &Plugin,
+    id: u64,
+) -> Result<Option<&'a mut PluginInstance>, PluginError> {
+    if instance.is_none()
+        && let Some(entry) = parked.take()
+    {
+        *instance = Some(plugin.instantiate_with(id, Some(entry)).await?);
+        tracing::debug!(conn = id, "resumed from hibernation");
+    }
+    Ok(instance.as_mut())
 }
 
 async fn next_published(

@@ -8,6 +8,8 @@
 //! - "sleep N": busy-waits about N milliseconds, then sends "slept",
 //! - "flood N": sends "m0".."m<N-1>" as fast as it can, then reports
 //!   "flooded ok=<sent> full=<refused with queue-full>".
+//! - "count": counts in the attachment (survives hibernation) and in memory
+//!   (does not), answering "count=<attachment> instance=<memory>".
 //!
 //! An upgrade request for the path "/reject-trap" traps in `on_upgrade`.
 
@@ -20,6 +22,7 @@ wit_bindgen::generate!({
 });
 
 use exports::wharf::websocket::handler::Guest;
+use wharf::websocket::attachment;
 use wharf::websocket::connection::Connection;
 use wharf::websocket::types::{Accept, ErrorCode, UpgradeRequest, UpgradeResponse};
 
@@ -101,6 +104,7 @@ impl Guest for Chaos {
                 log_err(conn, conn.send_text("slept"));
             }
             ("flood", Some(n)) => flood(conn, n),
+            ("count", None) => count(conn),
             _ => log_err(conn, conn.send_text(&text)),
         }
     }
@@ -110,6 +114,18 @@ impl Guest for Chaos {
     }
 
     fn on_close(_conn: &Connection, _code: u16, _reason: String, _clean: bool) {}
+}
+
+/// "count": a counter kept in the connection's attachment (so it survives
+/// hibernation) and, for comparison, in this instance's memory (which does
+/// not): answers "count=<attachment> instance=<memory>".
+fn count(conn: &Connection) {
+    static IN_INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let stored = attachment::get(conn);
+    let n = u64::from_le_bytes(stored.try_into().unwrap_or([0; 8])) + 1;
+    log_err(conn, attachment::set(conn, &n.to_le_bytes()));
+    let here = IN_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    log_err(conn, conn.send_text(&format!("count={n} instance={here}")));
 }
 
 export!(Chaos);
