@@ -2,7 +2,12 @@
 //! WebSocket connections, each with its own plugin instance, measured from
 //! /proc as the growth over the idle server.
 //!
-//! `cargo bench --bench density -- [--connections N]` (default 10,000).
+//! `cargo bench --bench density -- [--connections N] [--hibernate-after MS]`
+//! (default 10,000 connections, no hibernation).
+//!
+//! Under `cargo test` (no `--bench` argument) it is a smoke run instead:
+//! 200 connections without and with hibernation, each one's echo checked
+//! before and after.
 
 use std::time::{Duration, Instant};
 
@@ -40,19 +45,44 @@ async fn open(addr: &str) -> std::io::Result<TcpStream> {
         ));
     }
     // Masked text frame "ping" (mask 0).
-    s.write_all(&[0x81, 0x84, 0, 0, 0, 0, b'p', b'i', b'n', b'g'])
-        .await?;
+    const PING: &[u8] = &[0x81, 0x84, 0, 0, 0, 0, b'p', b'i', b'n', b'g'];
+    s.write_all(PING).await?;
     let mut echo = [0u8; 6];
     s.read_exact(&mut echo).await?;
-    if &echo[2..] != b"ping" {
-        return Err(std::io::Error::other("bad echo"));
+    if echo[..] != expected_echo(PING)[..] {
+        return Err(std::io::Error::other(format!("bad echo {echo:?}")));
     }
     Ok(s)
+}
+
+/// The echo of `frame` (a masked text frame from a client, mask 0).
+fn expected_echo(frame: &[u8]) -> Vec<u8> {
+    let mut e = vec![frame[0], frame[1] & 0x7F];
+    e.extend_from_slice(&frame[6..]);
+    e
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes `--bench`; `cargo test` (`test = true`) does not,
+    // and may pass test filters or libtest flags, which the smoke run ignores.
+    if args.iter().any(|a| a == "--list") {
+        println!("smoke: test");
+        return Ok(());
+    }
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    if !args.iter().any(|a| a == "--bench") {
+        let started = Instant::now();
+        for hibernate_ms in [0, 100] {
+            run(200, hibernate_ms, true).await?;
+        }
+        println!(
+            "density smoke run passed in {:.1?} (cargo bench --bench density for figures)",
+            started.elapsed()
+        );
+        return Ok(());
+    }
     let n: usize = args
         .iter()
         .position(|a| a == "--connections")
@@ -66,8 +96,12 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    run(n, hibernate_ms, false).await
+}
 
+/// Opens `n` connections and reports the server's RSS growth; `check_all`:
+/// round-trip on every connection afterwards, not just three.
+async fn run(n: usize, hibernate_ms: u64, check_all: bool) -> anyhow::Result<()> {
     let cache = tempfile::tempdir()?;
     let config = cache.path().join("wharf.toml");
     std::fs::write(
@@ -112,12 +146,25 @@ async fn main() -> anyhow::Result<()> {
     let elapsed = started.elapsed();
     tokio::time::sleep(Duration::from_millis(500 + 2 * hibernate_ms)).await;
     let loaded = rss_kib(pid);
-    // All still alive: a round trip on the first, a middle and the last.
-    for i in [0, n / 2, n.saturating_sub(1)] {
+    // All still alive (resumed, if hibernating): a round trip on the first,
+    // a middle and the last, or on every one.
+    let check: Vec<usize> = if check_all {
+        (0..n).collect()
+    } else {
+        vec![0, n / 2, n.saturating_sub(1)]
+    };
+    const OK: &[u8] = &[0x81, 0x82, 0, 0, 0, 0, b'o', b'k'];
+    for i in check {
         let Some(s) = conns.get_mut(i) else { continue };
-        s.write_all(&[0x81, 0x82, 0, 0, 0, 0, b'o', b'k']).await?;
+        s.write_all(OK).await?;
         let mut echo = [0u8; 4];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo)).await??;
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
+            .await
+            .map_err(|_| anyhow::anyhow!("connection {i}: no echo within 5 s"))??;
+        anyhow::ensure!(
+            echo[..] == expected_echo(OK)[..],
+            "connection {i}: bad echo {echo:?}"
+        );
     }
     let per_conn = (loaded.saturating_sub(base)) as f64 / n as f64;
     println!(

@@ -177,6 +177,26 @@ struct Options {
     quick: bool,
     /// Measurements per server and scenario; the best (highest rate) is kept.
     rounds: usize,
+    /// `cargo test`'s smoke run: no pinning, figures not meaningful.
+    smoke: bool,
+    /// `--instructions`: callgrind instruction counts instead of timings.
+    instructions: Option<InstrOptions>,
+}
+
+impl Options {
+    /// The smoke run `cargo test` does: every scenario, briefly, unpinned,
+    /// every echo still checked byte for byte.
+    fn smoke() -> Self {
+        Options {
+            warmup: Duration::from_millis(100),
+            duration: Duration::from_millis(200),
+            scenarios: SCENARIOS.to_vec(),
+            quick: false,
+            rounds: 1,
+            smoke: true,
+            instructions: None,
+        }
+    }
 }
 
 fn parse_options(args: &[String]) -> Result<Options> {
@@ -185,6 +205,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
     let mut duration = None;
     let mut warmup = None;
     let mut rounds = 1;
+    let mut instructions: Option<InstrOptions> = None;
     let mut it = args.iter().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -210,10 +231,42 @@ fn parse_options(args: &[String]) -> Result<Options> {
                     v.parse().with_context(|| format!("bad --warmup {v}"))?,
                 ));
             }
+            "--instructions" => {
+                instructions.get_or_insert_with(InstrOptions::default);
+            }
+            "--valgrind" => {
+                let v = it.next().context("--valgrind needs a path")?;
+                instructions
+                    .get_or_insert_with(InstrOptions::default)
+                    .valgrind = v.clone();
+            }
+            "--messages" => {
+                let v = it.next().context("--messages needs N1,N2")?;
+                instructions
+                    .get_or_insert_with(InstrOptions::default)
+                    .messages = parse_pair(v).with_context(|| format!("bad --messages {v}"))?;
+            }
+            "--connections" => {
+                let v = it.next().context("--connections needs M1,M2")?;
+                instructions
+                    .get_or_insert_with(InstrOptions::default)
+                    .connections =
+                    parse_pair(v).with_context(|| format!("bad --connections {v}"))?;
+            }
+            "--rep-strings" => {
+                instructions
+                    .get_or_insert_with(InstrOptions::default)
+                    .rep_strings = true;
+            }
+            "--keep" => {
+                let v = it.next().context("--keep needs a directory")?;
+                instructions.get_or_insert_with(InstrOptions::default).keep = Some(v.into());
+            }
             // Passed by `cargo bench` to harness-less benches.
             "--bench" => {}
             other => bail!(
-                "unknown argument {other:?}; options: --quick, --scenario NAME, --duration SECS, --warmup SECS, --rounds N"
+                "unknown argument {other:?}; options: --quick, --scenario NAME, --duration SECS, --warmup SECS, --rounds N, \
+                 --instructions [--messages N1,N2] [--connections M1,M2] [--valgrind PATH] [--keep DIR] [--rep-strings]"
             ),
         }
     }
@@ -248,7 +301,17 @@ fn parse_options(args: &[String]) -> Result<Options> {
         scenarios,
         quick,
         rounds,
+        smoke: false,
+        instructions,
     })
+}
+
+/// `A,B` with `0 < A < B`.
+fn parse_pair(v: &str) -> Result<(u64, u64)> {
+    let (a, b) = v.split_once(',').context("expected two counts, N1,N2")?;
+    let (a, b): (u64, u64) = (a.trim().parse()?, b.trim().parse()?);
+    ensure!(0 < a && a < b, "need 0 < N1 < N2");
+    Ok((a, b))
 }
 
 fn main() -> Result<()> {
@@ -256,17 +319,49 @@ fn main() -> Result<()> {
     if args.iter().any(|a| a == "--serve-baseline") {
         return baseline::main(&args);
     }
-    let options = parse_options(&args)?;
+    // `cargo bench` passes `--bench`; `cargo test` (this target has
+    // `test = true`) does not, and may pass test filters or libtest flags,
+    // which the smoke run ignores.
+    if args.iter().any(|a| a == "--list") {
+        println!("smoke: test");
+        return Ok(());
+    }
+    let options = if args.iter().any(|a| a == "--bench" || a == "--instructions") {
+        parse_options(&args)?
+    } else {
+        Options::smoke()
+    };
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let pinning = Pinning::choose()?;
+    let unpinned = Pinning {
+        server: None,
+        loadgen: None,
+    };
+    let pinning = if options.smoke || options.instructions.is_some() {
+        unpinned
+    } else {
+        Pinning::choose()?
+    };
     if let Some(core) = pinning.loadgen {
         pin_current_thread(core).context("cannot pin the load generator")?;
     }
     // One thread: the load generator is pinned to one core.
-    tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?
-        .block_on(tokio::task::LocalSet::new().run_until(bench(options, pinning)))
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    if let Some(instr) = &options.instructions {
+        return rt.block_on(local.run_until(instructions::run(instr)));
+    }
+    let smoke = options.smoke;
+    let started = Instant::now();
+    rt.block_on(local.run_until(bench(options, pinning)))?;
+    if smoke {
+        println!(
+            "echo smoke run passed in {:.1?} (cargo bench --bench echo for figures)",
+            started.elapsed()
+        );
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -448,7 +543,8 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(pinning: Pinning) -> Result<Self> {
+    /// `extra_config` is appended to the generated wharf.toml.
+    fn new(pinning: Pinning, extra_config: &str) -> Result<Self> {
         let dir = tempfile::tempdir().context("tempdir")?;
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
             .context("generate self-signed certificate")?;
@@ -473,7 +569,7 @@ impl Setup {
             format!(
                 "[[listener]]\naddress = \"127.0.0.1:0\"\n\
                  [[listener]]\naddress = \"127.0.0.1:0\"\ntls = {{ cert = {:?}, key = {:?} }}\n\
-                 [plugin]\ncache_dir = {:?}\n",
+                 [plugin]\ncache_dir = {:?}\n{extra_config}",
                 cert.display().to_string(),
                 key.display().to_string(),
                 cache.display().to_string(),
@@ -492,26 +588,44 @@ impl Setup {
     }
 
     async fn start(&self, target: Target) -> Result<ServerProc> {
+        self.start_with(target, &[]).await
+    }
+
+    /// Starts a server, under `wrapper` (e.g. valgrind and its options) if
+    /// not empty.
+    async fn start_with(&self, target: Target, wrapper: &[String]) -> Result<ServerProc> {
         let n = self.starts.get() + 1;
         self.starts.set(n);
         let log = self.dir.path().join(format!("{}-{n}.log", target.name()));
-        let mut cmd = match target {
-            Target::Wharf => {
-                let mut c = Command::new(env!("CARGO_BIN_EXE_wharf"));
-                c.arg("serve").arg("--config").arg(&self.wharf_config);
-                c
-            }
-            Target::Baseline => {
-                let exe = std::env::current_exe().context("current_exe")?;
-                let mut c = Command::new(exe);
-                c.arg("--serve-baseline")
-                    .arg("--cert")
-                    .arg(&self.cert)
-                    .arg("--key")
-                    .arg(&self.key);
-                c
-            }
+        let (program, args): (PathBuf, Vec<std::ffi::OsString>) = match target {
+            Target::Wharf => (
+                env!("CARGO_BIN_EXE_wharf").into(),
+                vec![
+                    "serve".into(),
+                    "--config".into(),
+                    (&self.wharf_config).into(),
+                ],
+            ),
+            Target::Baseline => (
+                std::env::current_exe().context("current_exe")?,
+                vec![
+                    "--serve-baseline".into(),
+                    "--cert".into(),
+                    (&self.cert).into(),
+                    "--key".into(),
+                    (&self.key).into(),
+                ],
+            ),
         };
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        cmd.args(args);
         cmd.env("RUST_LOG", "warn")
             .env("NO_COLOR", "1")
             .env("TOKIO_WORKER_THREADS", "1")
@@ -593,6 +707,25 @@ impl ServerProc {
             );
         }
         self.child.kill().await.context("kill server")?;
+        Ok(())
+    }
+
+    /// Stops the server with SIGTERM (so valgrind writes its output) and
+    /// waits for it to exit.
+    async fn terminate(mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            bail!(
+                "{} server died during the run ({status}); its log:\n{text}",
+                self.target.name()
+            );
+        }
+        // SAFETY: kill has no memory-safety preconditions; pid is our child's.
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
+        tokio::time::timeout(Duration::from_secs(300), self.child.wait())
+            .await
+            .map_err(|_| anyhow!("{} did not exit on SIGTERM", self.target.name()))?
+            .context("wait for server")?;
         Ok(())
     }
 
@@ -877,6 +1010,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// Waits for the server to close the connection (after the closing
+    /// handshake), so its side of the connection is finished.
+    async fn expect_eof(&mut self) -> Result<()> {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(60), self.s.read(&mut byte))
+            .await
+            .map_err(|_| anyhow!("server did not close the connection after Close"))?
+            .context("read after Close")?;
+        ensure!(n == 0, "data after the closing handshake");
+        Ok(())
+    }
+}
+
 async fn tcp(addr: SocketAddr) -> Result<TcpStream> {
     let s = TcpStream::connect(addr)
         .await
@@ -911,6 +1058,8 @@ struct Phase {
 /// What one task measured.
 #[derive(Default)]
 struct Tally {
+    /// Echoes completed (and checked) at any time, warm-up and stop included.
+    completed: u64,
     messages: u64,
     bytes: u64,
     /// Round-trip times in nanoseconds, of messages completed while measuring.
@@ -1001,6 +1150,7 @@ async fn echo_conn<S: AsyncRead + AsyncWrite + Unpin>(
                     offset = None;
                     pending.pop_front();
                     completed += 1;
+                    tally.completed += 1;
                     if phase.measuring.get() {
                         tally.messages += 1;
                         tally.bytes += end as u64;
@@ -1070,6 +1220,7 @@ async fn connector(
         c.close([4, 3, 2, 1]).await.with_context(what)?;
         drop(c);
         cycle += 1;
+        tally.completed += 1;
         if phase.measuring.get() {
             tally.messages += 1;
             tally.bytes += msg.payload.len() as u64;
@@ -1207,12 +1358,20 @@ async fn run_scenario(
             })?
             .context("load task panicked")?
             .with_context(|| format!("{} against {}", sc.name, server.target.name()))?;
+        total.completed += tally.completed;
         total.messages += tally.messages;
         total.bytes += tally.bytes;
         total.latencies.extend(tally.latencies);
     }
+    // The smoke run's measuring window is short enough for a loaded
+    // machine to complete nothing in it; every echo was still checked.
+    let done = if opts.smoke {
+        total.completed
+    } else {
+        total.messages
+    };
     ensure!(
-        total.messages > 0,
+        done > 0,
         "{}: nothing completed while measuring against {}",
         sc.name,
         server.target.name()
@@ -1258,14 +1417,20 @@ struct Row {
 }
 
 async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
-    let setup = Setup::new(pinning)?;
+    let setup = Setup::new(pinning, "")?;
     let fmt_core = |c: Option<usize>| c.map_or("unpinned".to_owned(), |c| format!("core {c}"));
     println!(
         "echo bench: {} scenarios, warm-up {:?} + measure {:?} each{}",
         opts.scenarios.len(),
         opts.warmup,
         opts.duration,
-        if opts.quick { " (--quick)" } else { "" }
+        if opts.quick {
+            " (--quick)"
+        } else if opts.smoke {
+            " (smoke run for cargo test: unpinned, figures not meaningful)"
+        } else {
+            ""
+        }
     );
     println!(
         "pinning: servers -> {} (TOKIO_WORKER_THREADS=1), load generator -> {} (pid {}, allowed CPUs {})",
@@ -1459,6 +1624,10 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
          srv CPU µs/op: server CPU time per echo (connect: per connection)."
     );
     print!("{t}");
+    if opts.smoke {
+        // Figures from a smoke run are not results.
+        return;
+    }
     for r in rows {
         let name = r.scenario.name;
         let (w, b) = (&r.wharf, &r.baseline);
@@ -1508,6 +1677,362 @@ fn loadgen(cpu: f64) -> String {
 
 fn is_large(sc: &Scenario) -> bool {
     matches!(sc.kind, Kind::Echo { size, .. } if size >= 64 * 1024)
+}
+
+// ---------------------------------------------------------------------------
+// Instructions per operation under callgrind: `--instructions`
+// ---------------------------------------------------------------------------
+
+/// `--instructions` options.
+struct InstrOptions {
+    valgrind: String,
+    /// Echoes over one connection, for the two runs whose difference counts.
+    messages: (u64, u64),
+    /// Connections (connect, upgrade, one 32 B echo, close), likewise.
+    connections: (u64, u64),
+    /// Keep the callgrind output files here (default: a temporary directory).
+    keep: Option<PathBuf>,
+    /// Leave glibc's `rep stos`/`rep movs` string functions on (see
+    /// [`NO_REP_STRINGS`]).
+    rep_strings: bool,
+}
+
+impl Default for InstrOptions {
+    fn default() -> Self {
+        InstrOptions {
+            valgrind: "valgrind".into(),
+            messages: (1_000, 5_000),
+            connections: (50, 250),
+            keep: None,
+            rep_strings: false,
+        }
+    }
+}
+
+/// Instruction counts (valgrind's callgrind, `Ir`) of each server process
+/// per echoed message and per connection: every server runs under callgrind
+/// twice, for N1 and N2 operations, and the figure is
+/// `(I(N2) - I(N1)) / (N2 - N1)`, so start-up, plugin loading and shutdown
+/// cancel out. Instruction counts do not depend on other load on the
+/// machine; they leave out the kernel (syscalls) and memory stalls.
+///
+/// The load is closed-loop with one message in flight over one plain `ws`
+/// connection, every echo checked. All threads are counted, wharf's epoch
+/// ticker too: it costs per second, not per message, and under valgrind it
+/// adds a few Ir per message at most.
+mod instructions {
+    use super::*;
+
+    #[derive(Clone, Copy)]
+    enum Load {
+        /// Echoes over one connection, one in flight.
+        Messages { text: bool, size: usize },
+        /// Sequential connections: connect, upgrade, one echo, close.
+        Connections { size: usize },
+    }
+
+    struct Case {
+        slug: &'static str,
+        name: &'static str,
+        load: Load,
+    }
+
+    const CASES: &[Case] = &[
+        Case {
+            slug: "text32",
+            name: "echo, 32 B text",
+            load: Load::Messages {
+                text: true,
+                size: 32,
+            },
+        },
+        Case {
+            slug: "binary1k",
+            name: "echo, 1 KiB binary",
+            load: Load::Messages {
+                text: false,
+                size: 1024,
+            },
+        },
+        Case {
+            slug: "text1k",
+            name: "echo, 1 KiB text",
+            load: Load::Messages {
+                text: true,
+                size: 1024,
+            },
+        },
+        Case {
+            slug: "connection",
+            name: "connection (+ one 32 B echo)",
+            load: Load::Connections { size: 32 },
+        },
+    ];
+
+    /// Callgrind's count for one server run.
+    #[derive(Clone, Copy, Default)]
+    struct Counts {
+        /// Instructions executed, all threads.
+        ir: u64,
+        wall: Duration,
+    }
+
+    pub(super) async fn run(opts: &InstrOptions) -> Result<()> {
+        let version = std::process::Command::new(&opts.valgrind)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("cannot run {:?} (--valgrind PATH)", opts.valgrind))?;
+        let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+        // A small pool: wharf's pooling allocator reserves address space
+        // for max_connections instances, and valgrind needs little of it.
+        let setup = Setup::new(
+            Pinning {
+                server: None,
+                loadgen: None,
+            },
+            "[server]\nmax_connections = 8\n",
+        )?;
+        let out_dir = match &opts.keep {
+            Some(d) => d.clone(),
+            None => setup.dir.path().join("callgrind"),
+        };
+        std::fs::create_dir_all(&out_dir)
+            .with_context(|| format!("create {}", out_dir.display()))?;
+        println!(
+            "instructions: {version}, servers with TOKIO_WORKER_THREADS=1, callgrind output in {}",
+            out_dir.display()
+        );
+        // Valgrind's CPUID differs from the host's, so wharf compiles the
+        // plugin again under it: do that once, outside every count.
+        let started = Instant::now();
+        let warm = setup
+            .start_with(Target::Wharf, &valgrind(opts, "none", None))
+            .await?;
+        warm.terminate().await?;
+        println!(
+            "wharf compiled the plugin under valgrind in {:.1?}",
+            started.elapsed()
+        );
+
+        let mut rows = Vec::new();
+        for case in CASES {
+            let (n1, n2) = match case.load {
+                Load::Messages { .. } => opts.messages,
+                Load::Connections { .. } => opts.connections,
+            };
+            let mut per_op = [0.0f64; 2];
+            for (i, target) in [Target::Wharf, Target::Baseline].into_iter().enumerate() {
+                let mut counts = [Counts::default(); 2];
+                for (j, n) in [n1, n2].into_iter().enumerate() {
+                    let file = out_dir.join(format!("{}-{}-{n}.out", target.name(), case.slug));
+                    for old in outputs(&file)? {
+                        std::fs::remove_file(old)?;
+                    }
+                    let c = measure(&setup, opts, target, case, n, &file)
+                        .await
+                        .with_context(|| format!("{} against {}", case.name, target.name()))?;
+                    println!(
+                        "  {:<30} {:<8} n={n:<6} {:>14} Ir in {:.1?}",
+                        case.name,
+                        target.name(),
+                        c.ir,
+                        c.wall
+                    );
+                    counts[j] = c;
+                }
+                per_op[i] = (counts[1].ir as f64 - counts[0].ir as f64) / (n2 - n1) as f64;
+            }
+            rows.push((case, n1, n2, per_op));
+        }
+
+        println!(
+            "\nInstructions per operation (callgrind Ir, whole server process, user space only): \
+             (I(N2) - I(N1)) / (N2 - N1)"
+        );
+        println!(
+            "{:<30} {:>12} {:>12} {:>12} {:>14}",
+            "operation", "N1/N2", "wharf", "baseline", "wharf/baseline"
+        );
+        println!("{}", "-".repeat(84));
+        for (case, n1, n2, [w, b]) in &rows {
+            println!(
+                "{:<30} {:>12} {:>12.0} {:>12.0} {:>14.2}",
+                case.name,
+                format!("{n1}/{n2}"),
+                w,
+                b,
+                w / b
+            );
+        }
+        println!(
+            "load: one connection, one message in flight, every echo checked; \
+             connection: connect + upgrade + instantiate + one echo + closing handshake, sequentially"
+        );
+        if opts.rep_strings {
+            println!(
+                "--rep-strings: glibc's memset/memcpy may use rep stosb/movsb, which callgrind counts per byte"
+            );
+        } else {
+            println!(
+                "glibc's memset/memcpy kept off rep stosb/movsb (GLIBC_TUNABLES), which callgrind would count per byte"
+            );
+        }
+        for (case, _, _, [w, b]) in &rows {
+            println!(
+                "RESULT instructions op={} wharf={w:.1} baseline={b:.1} ratio={:.4}",
+                case.slug,
+                w / b
+            );
+        }
+        Ok(())
+    }
+
+    /// glibc tunables that keep memset/memcpy off `rep stosb`/`rep movsb`:
+    /// valgrind counts every byte such an instruction stores as one
+    /// instruction, so tungstenite's zeroing of its 128 KiB read buffer
+    /// before every read (twice per echo) would count ~256,000 Ir per
+    /// message, though it costs a few thousand cycles. With these, memset
+    /// and memcpy use their vector loops at any size, which callgrind
+    /// counts like the CPU executes them.
+    const NO_REP_STRINGS: &str = "GLIBC_TUNABLES=glibc.cpu.x86_rep_stosb_threshold=0x7fffffffffffffff:\
+                                  glibc.cpu.x86_rep_movsb_threshold=0x7fffffffffffffff";
+
+    fn valgrind(opts: &InstrOptions, tool: &str, out: Option<&std::path::Path>) -> Vec<String> {
+        let mut v = Vec::new();
+        if !opts.rep_strings {
+            v.extend(["env".to_owned(), NO_REP_STRINGS.to_owned()]);
+        }
+        v.extend([
+            opts.valgrind.clone(),
+            format!("--tool={tool}"),
+            // wasmtime's compiled code is written to anonymous memory.
+            "--smc-check=all-non-file".into(),
+        ]);
+        if let Some(out) = out {
+            v.push(format!("--callgrind-out-file={}", out.display()));
+        }
+        v
+    }
+
+    /// One server run under callgrind with `n` operations.
+    async fn measure(
+        setup: &Setup,
+        opts: &InstrOptions,
+        target: Target,
+        case: &Case,
+        n: u64,
+        file: &std::path::Path,
+    ) -> Result<Counts> {
+        let started = Instant::now();
+        let server = setup
+            .start_with(target, &valgrind(opts, "callgrind", Some(file)))
+            .await?;
+        if let Err(e) = drive(case.load, server.ws, n).await {
+            let tail = server.log_tail();
+            let _ = server.terminate().await;
+            return Err(e.context(format!("server log tail:\n{tail}")));
+        }
+        // Let the server finish with the last connection.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.terminate().await?;
+        let wall = started.elapsed();
+        let mut counts = Counts {
+            wall,
+            ..Counts::default()
+        };
+        let files = outputs(file)?;
+        ensure!(!files.is_empty(), "callgrind wrote no {}*", file.display());
+        for f in files {
+            let text =
+                std::fs::read_to_string(&f).with_context(|| format!("read {}", f.display()))?;
+            if text.is_empty() {
+                continue;
+            }
+            let total = |key: &str| {
+                text.lines()
+                    .rev()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            counts.ir += total("totals:")
+                .or_else(|| total("summary:"))
+                .with_context(|| format!("no totals in {}", f.display()))?;
+        }
+        Ok(counts)
+    }
+
+    /// Callgrind's files for `file`: `file` itself and, with
+    /// `--separate-threads=yes` or dumps, `file-01`, `file-02`, ...
+    fn outputs(file: &std::path::Path) -> Result<Vec<PathBuf>> {
+        let dir = file.parent().context("output directory")?;
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("output name")?;
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            let p = e?.path();
+            let Some(n) = p.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if n == name || n.strip_prefix(name).is_some_and(|r| r.starts_with('-')) {
+                v.push(p);
+            }
+        }
+        v.sort();
+        Ok(v)
+    }
+
+    /// The load, every echo checked.
+    async fn drive(load: Load, addr: SocketAddr, n: u64) -> Result<()> {
+        let accept =
+            tokio_tungstenite::tungstenite::handshake::derive_accept_key(WS_KEY.as_bytes());
+        match load {
+            Load::Messages { text, size } => {
+                let msgs = messages(0, text, size, 8);
+                let mut c = Conn::new(tcp(addr).await?, 2 * size + 16384);
+                c.handshake(&accept).await?;
+                for i in 0..n {
+                    let m = &msgs[i as usize % msgs.len()];
+                    c.send(&m.frame).await?;
+                    echo(&mut c, m)
+                        .await
+                        .with_context(|| format!("message {i}"))?;
+                }
+                c.close([9, 8, 7, 6]).await?;
+                c.expect_eof().await?;
+            }
+            Load::Connections { size } => {
+                let msg = messages(0, true, size, 1).remove(0);
+                for i in 0..n {
+                    let what = || format!("connection {i}");
+                    let mut c = Conn::new(tcp(addr).await?, 1024);
+                    c.handshake(&accept).await.with_context(what)?;
+                    c.send(&msg.frame).await.with_context(what)?;
+                    echo(&mut c, &msg).await.with_context(what)?;
+                    c.close([4, 3, 2, 1]).await.with_context(what)?;
+                    c.expect_eof().await.with_context(what)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one echo (a single frame: neither server fragments here) and
+    /// checks it byte for byte.
+    async fn echo<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Conn<S>, m: &Msg) -> Result<()> {
+        let (fin, op, p) = c.next_frame().await?;
+        let got = &c.buf[p];
+        ensure!(
+            fin && op == m.opcode && got == &m.payload[..],
+            "ECHO MISMATCH: sent {} B opcode {}, got {} B opcode {op} fin {fin}",
+            m.payload.len(),
+            m.opcode,
+            got.len()
+        );
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------

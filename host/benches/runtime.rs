@@ -2,11 +2,13 @@
 //! one event call into it, with and without wasmtime's component-model-async
 //! bookkeeping (`Config::concurrency_support`), in the same run.
 //!
-//! `cargo bench --bench runtime` (add `-- --quick` for a smoke run).
+//! `cargo bench --bench runtime` (add `-- --quick` for a shorter run).
+//! Under `cargo test` (no `--bench` argument) it is a smoke run of a few
+//! iterations.
 
 use std::time::{Duration, Instant};
 
-use wharf::runtime::connection_host::SendLimits;
+use wharf::runtime::connection_host::{Outgoing, SendLimits};
 use wharf::runtime::limits::CpuBudget;
 use wharf::runtime::{InstanceLimits, Plugin, PluginInstance, Runtime, RuntimeConfig};
 
@@ -34,7 +36,8 @@ fn runtime(concurrency_support: bool) -> Runtime {
     .expect("runtime")
 }
 
-async fn measure(plugin: &Plugin, instances: u32, calls: u32) -> Figures {
+/// `check`: verify every echo (the smoke run).
+async fn measure(plugin: &Plugin, instances: u32, calls: u32, check: bool) -> Figures {
     // Warm the pool's slots first: the steady state of a busy server.
     for _ in 0..16 {
         drop(plugin.instantiate(0).await.expect("instantiate"));
@@ -47,8 +50,8 @@ async fn measure(plugin: &Plugin, instances: u32, calls: u32) -> Figures {
     let instantiate_us = start.elapsed().as_secs_f64() * 1e6 / f64::from(instances);
 
     let mut inst = plugin.instantiate(1).await.expect("instantiate");
-    let call_32_ns = per_call(&mut inst, &"x".repeat(32), calls).await;
-    let call_1k_ns = per_call(&mut inst, &"y".repeat(1024), calls).await;
+    let call_32_ns = per_call(&mut inst, &"x".repeat(32), calls, check).await;
+    let call_1k_ns = per_call(&mut inst, &"y".repeat(1024), calls, check).await;
     Figures {
         instantiate_us,
         call_32_ns,
@@ -56,19 +59,39 @@ async fn measure(plugin: &Plugin, instances: u32, calls: u32) -> Figures {
     }
 }
 
-async fn per_call(inst: &mut PluginInstance, payload: &str, calls: u32) -> f64 {
+async fn per_call(inst: &mut PluginInstance, payload: &str, calls: u32, check: bool) -> f64 {
     let start = Instant::now();
     for _ in 0..calls {
         inst.on_text(payload).await.expect("call");
         // Drain the echo, as the driver does, so the outbox stays small.
-        inst.connection().outbox.drain().for_each(drop);
+        let out = inst.connection().outbox.drain();
+        if check {
+            let out: Vec<Outgoing> = out.collect();
+            assert!(
+                matches!(&out[..], [Outgoing::Text(t)] if t == payload),
+                "echo of a {} B text: {out:?}",
+                payload.len()
+            );
+        } else {
+            out.for_each(drop);
+        }
     }
     start.elapsed().as_secs_f64() * 1e9 / f64::from(calls)
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let (instances, calls) = if quick {
+    let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes `--bench`; `cargo test` (`test = true`) does not,
+    // and may pass test filters or libtest flags, which the smoke run ignores.
+    if args.iter().any(|a| a == "--list") {
+        println!("smoke: test");
+        return;
+    }
+    let smoke = !args.iter().any(|a| a == "--bench");
+    let quick = args.iter().any(|a| a == "--quick");
+    let (instances, calls) = if smoke {
+        (20, 200)
+    } else if quick {
         (200, 2_000)
     } else {
         (5_000, 200_000)
@@ -83,7 +106,7 @@ fn main() {
         let plugin = runtime
             .load("echo", wharf::bundled::ECHO)
             .expect("load echo");
-        let f = rt.block_on(measure(&plugin, instances, calls));
+        let f = rt.block_on(measure(&plugin, instances, calls, smoke));
         results.push((concurrency, f));
     }
     println!("plugin: echo (Rust), {instances} instantiations, {calls} calls per size");
@@ -104,4 +127,7 @@ fn main() {
         off.call_32_ns / on.call_32_ns,
         off.call_1k_ns / on.call_1k_ns
     );
+    if smoke {
+        println!("runtime smoke run passed (cargo bench --bench runtime for figures)");
+    }
 }

@@ -26,6 +26,8 @@ pub struct Config {
     pub plugin: PluginConfig,
     /// The metrics and health endpoint (`[admin]`).
     pub admin: AdminConfig,
+    /// Files served to plain HTTP GETs on the WebSocket listeners (`[static_files]`).
+    pub static_files: StaticFilesConfig,
 }
 
 /// One listening socket.
@@ -176,11 +178,37 @@ impl Default for Config {
             websocket: WebSocketConfig::default(),
             plugin: PluginConfig::default(),
             admin: AdminConfig::default(),
+            static_files: StaticFilesConfig::default(),
         }
     }
 }
 
 /// Why a configuration was refused.
+/// A directory whose files answer plain HTTP `GET`/`HEAD` requests (those
+/// without `Upgrade: websocket`) on every listener, e.g. the page that opens
+/// the WebSocket. Unset: such requests get 426 Upgrade Required.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StaticFilesConfig {
+    /// The directory. Paths resolve under it only (no `..`, no hidden
+    /// files, no symlinks leading out).
+    pub dir: Option<PathBuf>,
+    /// File served for a directory's path (`/` included).
+    pub index: String,
+    /// Largest file served; larger ones are answered 403.
+    pub max_file_size: ByteSize,
+}
+
+impl Default for StaticFilesConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            index: "index.html".to_owned(),
+            max_file_size: ByteSize::mib(1),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -263,6 +291,10 @@ impl Config {
                 "plugin.memory_limit",
                 "must be at most 4 GiB (32-bit linear memory)",
             );
+        }
+        let index = &self.static_files.index;
+        if index.is_empty() || index.contains(['/', '\\']) || index.starts_with('.') {
+            return invalid("static_files.index", "must be a plain file name");
         }
         if self.plugin.cpu_time_per_event < Duration::from_millis(1) {
             return invalid("plugin.cpu_time_per_event", "must be at least 1ms");

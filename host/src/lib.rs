@@ -12,4 +12,5 @@ pub mod bundled;
 pub mod config;
 pub mod metrics;
 pub mod runtime;
+pub mod scaffold;
 pub mod server;

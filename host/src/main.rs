@@ -34,6 +34,9 @@ enum Command {
     Serve(ServeArgs),
     /// Load a configuration and its plugin, report problems, and exit.
     Check(ServeArgs),
+    /// Create a plugin project (an echo handler, the WIT and a build script)
+    /// in Rust, Python, JavaScript, C or Go.
+    New(wharf::scaffold::NewArgs),
 }
 
 #[derive(clap::Args)]
@@ -52,6 +55,10 @@ struct ServeArgs {
     /// Serve Prometheus metrics and /healthz on this address.
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
+    /// Answer plain HTTP GETs (not upgrades) with files from this directory,
+    /// e.g. the page that opens the WebSocket.
+    #[arg(long = "static", value_name = "DIR")]
+    static_dir: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,6 +77,7 @@ fn main() -> anyhow::Result<()> {
     let (args, check_only) = match cli.command {
         Command::Serve(a) => (a, false),
         Command::Check(a) => (a, true),
+        Command::New(a) => return wharf::scaffold::run(&a),
     };
     let config = load_config(&args)?;
     let runtime =
@@ -100,6 +108,9 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(path) = &args.plugin {
         config.plugin.path = Some(path.clone());
+    }
+    if let Some(dir) = &args.static_dir {
+        config.static_files.dir = Some(dir.clone());
     }
     if let Some(addr) = args.admin {
         config.admin.listen = Some(addr);

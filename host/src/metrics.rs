@@ -69,6 +69,11 @@ struct HandshakeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     code: u16,
 }
@@ -157,6 +162,7 @@ pub struct Metrics {
     protocol_violations: Family<CodeLabels, Counter>,
     plugin_failures: Family<PluginLabels, Counter>,
     sends_refused: Family<ReasonLabels, Counter>,
+    static_responses: Family<StatusLabels, Counter>,
     plugin_call: Histogram,
 }
 
@@ -254,6 +260,13 @@ impl Metrics {
             sends_refused.clone(),
         );
 
+        let static_responses = Family::<StatusLabels, Counter>::default();
+        registry.register(
+            "wharf_static_responses",
+            "Plain HTTP requests answered from static_files.dir, by status",
+            static_responses.clone(),
+        );
+
         let plugin_call = Histogram::new(exponential_buckets(
             PLUGIN_CALL_FIRST_BUCKET,
             PLUGIN_CALL_BUCKET_FACTOR,
@@ -280,6 +293,7 @@ impl Metrics {
             protocol_violations,
             plugin_failures,
             sends_refused,
+            static_responses,
             plugin_call,
         })
     }
@@ -318,6 +332,13 @@ impl Metrics {
     pub fn handshake_failed(&self, status: u16, reason: &'static str) {
         self.handshake_failures
             .get_or_create(&HandshakeLabels { status, reason })
+            .inc();
+    }
+
+    /// A plain HTTP request was answered from `static_files.dir`.
+    pub fn static_response(&self, status: u16) {
+        self.static_responses
+            .get_or_create(&StatusLabels { status })
             .inc();
     }
 

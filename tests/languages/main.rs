@@ -16,6 +16,12 @@
 //!
 //! One test per language; the builds run in parallel, everything timed or
 //! load-sensitive (measurements, servers, Autobahn) one language at a time.
+//!
+//! The chat example (`plugins/chat`, pub/sub) and its ports
+//! (`plugins/<lang>-chat/`) pass one scenario against the real server
+//! (`rust_chat`, `python_chat`: `cargo test --release --test languages --
+//! chat`), then `publish-text`'s `exclude` and the cost of a chat connection
+//! are checked through the library API.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -27,11 +33,14 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use support::*;
+use wharf::runtime::bindings::{UpgradeRequest, UpgradeResponse};
 use wharf::runtime::connection_host::SendLimits;
 use wharf::runtime::limits::CpuBudget;
+use wharf::runtime::pubsub_host::Mailbox;
 use wharf::runtime::{InstanceLimits, Plugin, PluginInstance, Runtime, RuntimeConfig};
 
 /// Measurements, servers and Autobahn runs load the machine: one language
@@ -447,6 +456,302 @@ async fn per_call(inst: &mut PluginInstance, payload: Payload) -> f64 {
 }
 
 // ---------------------------------------------------------------------------
+// The chat example (pubsub), in Rust and in Python
+// ---------------------------------------------------------------------------
+
+/// `plugins/chat`, the reference chat, built with the bundled plugins by
+/// host/build.rs (so `dir` has no build.sh): the host's defaults.
+const RUST_CHAT: Lang = Lang {
+    dir: "chat",
+    file: "chat",
+    ..C
+};
+
+/// `plugins/python-chat`, the Python port of `plugins/chat`: the same
+/// interpreter, so the same limits as the Python echo.
+const PYTHON_CHAT: Lang = Lang {
+    dir: "python-chat",
+    file: "python_chat",
+    ..PYTHON
+};
+
+/// The 400 body for a bad room or nick.
+const BAD_NAME: &str = "room and nick: 1 to 32 of A-Z a-z 0-9 - _";
+
+/// Sends a raw upgrade request for `path`; returns the HTTP response.
+async fn upgrade(server: &Server, path: &str) -> HttpResponse {
+    let mut raw = server.raw(false).await;
+    raw.send(upgrade_request(path, &[]).as_bytes()).await;
+    raw.read_response().await
+}
+
+/// Joins `room` as `nick` (`/chat/<room>?nick=<nick>`): checks the
+/// `X-Chat-Room` header of the 101 and the join notice everyone in the room
+/// gets, the newcomer first.
+async fn join(server: &Server, room: &str, nick: &str) -> Ws {
+    let req = format!("{}/chat/{room}?nick={nick}", server.url(false))
+        .into_client_request()
+        .unwrap();
+    let (mut ws, resp) = server
+        .connect_request(false, req)
+        .await
+        .unwrap_or_else(|e| panic!("{nick} cannot join {room}: {e}"));
+    assert_eq!(
+        resp.headers()
+            .get("x-chat-room")
+            .and_then(|v| v.to_str().ok()),
+        Some(room),
+        "X-Chat-Room of the 101: {resp:?}"
+    );
+    assert_eq!(recv_text(&mut ws).await, format!("* {nick} joined {room}"));
+    ws
+}
+
+/// Nothing arrives on `ws` for a little while.
+async fn expect_silence(ws: &mut Ws, who: &str) {
+    if let Ok(m) = tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+        panic!("{who} got an unexpected {m:?}");
+    }
+}
+
+/// The chat scenario of `tests/e2e/pubsub.rs` and more: rejected
+/// upgrades, the default room and nick, joins, fan-out to every member
+/// (the sender included), rooms kept apart, renames, binary refused with
+/// 1003, leave notices for the others.
+async fn chat_checks(server: &Server) {
+    // Rejected before the upgrade, with the plugin's status and body.
+    let resp = upgrade(server, "/elsewhere").await;
+    assert_eq!(resp.status, 404, "{resp:?}");
+    assert_eq!(resp.body, "no chat at /elsewhere; try /chat/<room>");
+    let long = "n".repeat(33);
+    for path in [
+        "/chat/r1?nick=a%20b",
+        "/chat/r1?nick=",
+        "/chat/r1?nick=caf%C3%A9",
+        &format!("/chat/r1?nick={long}"),
+        "/chat/bad%room?nick=alice",
+        "/chat/a/b?nick=alice",
+    ] {
+        let resp = upgrade(server, path).await;
+        assert_eq!(resp.status, 400, "{path}: {resp:?}");
+        assert_eq!(resp.body, BAD_NAME, "{path}");
+        assert_eq!(
+            resp.header("content-type"),
+            Some("text/plain; charset=utf-8"),
+            "{path}"
+        );
+    }
+
+    // The defaults: room "lobby", nick "guest-<connection id>".
+    let (mut guest, resp) = server
+        .connect_request(
+            false,
+            format!("{}/chat", server.url(false))
+                .into_client_request()
+                .unwrap(),
+        )
+        .await
+        .expect("connect to /chat");
+    assert_eq!(
+        resp.headers().get("x-chat-room").map(|v| v.as_bytes()),
+        Some(&b"lobby"[..])
+    );
+    let hello = recv_text(&mut guest).await;
+    let id = hello
+        .strip_prefix("* guest-")
+        .and_then(|s| s.strip_suffix(" joined lobby"))
+        .unwrap_or_else(|| panic!("guest join notice {hello:?}"));
+    assert!(id.parse::<u64>().is_ok(), "guest join notice {hello:?}");
+
+    // Three members in r1 (each sees those who come after), one in r2; the
+    // longest nick allowed is 32 bytes.
+    let mut alice = join(server, "r1", "alice").await;
+    let mut bob = join(server, "r1", "bob").await;
+    assert_eq!(recv_text(&mut alice).await, "* bob joined r1");
+    let dave = "d".repeat(32);
+    let mut dave_ws = join(server, "r1", &dave).await;
+    for ws in [&mut alice, &mut bob] {
+        assert_eq!(recv_text(ws).await, format!("* {dave} joined r1"));
+    }
+    let mut carol = join(server, "r2", "carol").await;
+
+    // A message reaches every member, the sender included.
+    send_text(&mut alice, "hello ✓ wharf").await;
+    for ws in [&mut alice, &mut bob, &mut dave_ws] {
+        assert_eq!(recv_text(ws).await, "alice: hello ✓ wharf");
+    }
+    send_text(&mut carol, "hi").await;
+    assert_eq!(recv_text(&mut carol).await, "carol: hi");
+    send_text(&mut bob, "").await;
+    for ws in [&mut alice, &mut bob, &mut dave_ws] {
+        assert_eq!(recv_text(ws).await, "bob: ");
+    }
+
+    // Renames: "/nick NEW" (trimmed); a bad name is announced as such.
+    send_text(&mut bob, "/nick  robert ").await;
+    for ws in [&mut alice, &mut bob, &mut dave_ws] {
+        assert_eq!(recv_text(ws).await, "* bob is now robert");
+    }
+    send_text(&mut bob, "/nick no way").await;
+    for ws in [&mut alice, &mut bob, &mut dave_ws] {
+        assert_eq!(recv_text(ws).await, "* robert: invalid nick");
+    }
+    send_text(&mut bob, "/nickname").await;
+    for ws in [&mut alice, &mut bob, &mut dave_ws] {
+        assert_eq!(recv_text(ws).await, "robert: /nickname");
+    }
+
+    // Binary is refused with 1003; the others hear that dave left.
+    send(&mut dave_ws, Message::binary(vec![1u8, 2, 3])).await;
+    assert_eq!(
+        recv_close(&mut dave_ws).await,
+        (1003, "text only".to_owned())
+    );
+    for ws in [&mut alice, &mut bob] {
+        assert_eq!(recv_text(ws).await, format!("* {dave} left"));
+    }
+
+    // A client's close: the other member is told, the leaver is gone.
+    bob.close(None).await.expect("close");
+    assert_eq!(recv_text(&mut alice).await, "* robert left");
+    send_text(&mut alice, "anyone?").await;
+    assert_eq!(recv_text(&mut alice).await, "alice: anyone?");
+
+    // None of r1's traffic reached r2 or the lobby, and r2's none of r1.
+    expect_silence(&mut alice, "alice").await;
+    expect_silence(&mut carol, "carol").await;
+    expect_silence(&mut guest, "the guest").await;
+    send_text(&mut carol, "bye").await;
+    assert_eq!(recv_text(&mut carol).await, "carol: bye");
+    expect_silence(&mut alice, "alice").await;
+    for ws in [&mut alice, &mut carol, &mut guest] {
+        ws.close(None).await.expect("close");
+    }
+
+    // Nothing trapped or failed along the way (a failing publish or
+    // subscribe is logged as "chat: ...").
+    let log = server.log_text();
+    assert!(
+        !log.contains("trapped") && !log.contains("exceeded") && !log.contains("chat: "),
+        "the handler failed during the chat checks; log:\n{log}"
+    );
+}
+
+/// Through the library API: `publish-text`'s `exclude` (which the network
+/// cannot show: the leaver's socket is closed when its on-close publishes)
+/// and what a chat connection costs. Loads from the servers' artifact cache.
+fn chat_library(lang: &Lang, wasm: &Path) {
+    let name = lang.file;
+    let bytes = std::fs::read(wasm).unwrap();
+    let rt = runtime(lang, &cache_dir());
+    let started = Instant::now();
+    let plugin = rt.load(name, &bytes).expect("load");
+    let load = started.elapsed();
+    let request = |room: &str, nick: &str| UpgradeRequest {
+        method: "GET".into(),
+        path: format!("/chat/{room}"),
+        query: Some(format!("nick={nick}")),
+        headers: Vec::new(),
+        subprotocols: Vec::new(),
+        remote_address: "127.0.0.1:4242".into(),
+        tls: false,
+    };
+    // The payload sizes of the messages published to a mailbox so far.
+    let published = |mailbox: &mut Mailbox| {
+        std::iter::from_fn(|| mailbox.try_recv().ok().map(|m| m.payload_len())).collect::<Vec<_>>()
+    };
+    let join = async |conn: u64, room: &str, nick: &str| {
+        let mut inst = plugin.instantiate(conn).await.expect("instantiate");
+        let mailbox = inst.take_mailbox().expect("a new connection's mailbox");
+        let response = inst
+            .on_upgrade(&request(room, nick))
+            .await
+            .expect("on_upgrade");
+        assert!(
+            matches!(response, UpgradeResponse::Accept(_)),
+            "{response:?}"
+        );
+        inst.on_open().await.expect("on_open");
+        (inst, mailbox)
+    };
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (first_us, instantiate_us, connection_us) = tokio.block_on(async {
+        let started = Instant::now();
+        drop(plugin.instantiate(0).await.expect("instantiate"));
+        let first_us = started.elapsed().as_secs_f64() * 1e6;
+
+        let (mut a, mut a_mail) = join(1, "m", "a").await;
+        let (b, mut b_mail) = join(2, "m", "b").await;
+        assert_eq!(rt.broker().subscribers(name, "m"), 2);
+        assert_eq!(
+            published(&mut a_mail),
+            ["* a joined m".len(), "* b joined m".len()]
+        );
+        assert_eq!(published(&mut b_mail), ["* b joined m".len()]);
+        a.on_close(1000, "", true).await.expect("on_close");
+        assert_eq!(published(&mut a_mail), [0; 0], "the leaver got its notice");
+        assert_eq!(published(&mut b_mail), ["* a left".len()]);
+        drop(a);
+        assert_eq!(rt.broker().subscribers(name, "m"), 1);
+        drop(b);
+        assert_eq!(rt.broker().subscribers(name, "m"), 0);
+
+        // Steady state: pool slots warm, instances dropped as connections end.
+        let started = Instant::now();
+        let mut n = 0u32;
+        while n < 20 || (n < 2_000 && started.elapsed() < Duration::from_secs(2)) {
+            drop(plugin.instantiate(u64::from(n)).await.expect("instantiate"));
+            n += 1;
+        }
+        let instantiate_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+
+        // A short chat connection: instantiate, upgrade, open (subscribe and
+        // the join notice), one message, close (the leave notice).
+        let started = Instant::now();
+        let mut n = 0u32;
+        while n < 20 || (n < 2_000 && started.elapsed() < Duration::from_secs(2)) {
+            let (mut inst, mut mailbox) = join(u64::from(n) + 10, "bench", "c").await;
+            inst.on_text("hello").await.expect("on_text");
+            inst.on_close(1000, "", true).await.expect("on_close");
+            assert_eq!(published(&mut mailbox).len(), 2, "join and message");
+            n += 1;
+        }
+        let connection_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+        (first_us, instantiate_us, connection_us)
+    });
+    eprintln!(
+        "[{name}] component {:.2} MB | load {:.1} ms | first instantiate {:.0} µs | \
+         instantiate {:.1} µs | instantiate+upgrade+open+message+close {:.1} µs",
+        bytes.len() as f64 / 1e6,
+        load.as_secs_f64() * 1e3,
+        first_us,
+        instantiate_us,
+        connection_us,
+    );
+}
+
+/// The chat checks against `server`, then [`chat_library`].
+fn chat(lang: &Lang, wasm: &Path, server: Server) {
+    let name = lang.file;
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    tokio.block_on(chat_checks(&server));
+    eprintln!(
+        "[{name}] chat checks passed in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    drop(server);
+    chat_library(lang, wasm);
+}
+
+// ---------------------------------------------------------------------------
 
 fn language(lang: &Lang) {
     let wasm = build(lang);
@@ -481,4 +786,23 @@ fn js_echo() {
 #[test]
 fn go_echo() {
     language(&GO);
+}
+
+/// The Rust chat (`plugins/chat`, built by host/build.rs): the reference
+/// the other languages' chats are held to.
+#[test]
+fn rust_chat() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    chat(
+        &RUST_CHAT,
+        &plugin_path("chat"),
+        Server::start(ServerOpts::new("chat")),
+    );
+}
+
+#[test]
+fn python_chat() {
+    let wasm = build(&PYTHON_CHAT);
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    chat(&PYTHON_CHAT, &wasm, start_server(&PYTHON_CHAT, &wasm));
 }

@@ -48,6 +48,8 @@ pub struct ServerOpts {
     pub websocket: &'static str,
     /// Extra lines for `[plugin]` (limits).
     pub plugin_limits: &'static str,
+    /// Further tables, appended to the config as they are.
+    pub extra: String,
 }
 
 impl ServerOpts {
@@ -58,6 +60,7 @@ impl ServerOpts {
             server: "",
             websocket: "",
             plugin_limits: "",
+            extra: String::new(),
         }
     }
 }
@@ -118,6 +121,7 @@ impl Server {
             cache_dir().display().to_string(),
             opts.plugin_limits
         );
+        config += &opts.extra;
         let config_path = dir.path().join("wharf.toml");
         std::fs::write(&config_path, &config).unwrap();
 

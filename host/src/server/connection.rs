@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::OwnedSemaphorePermit;
 use wharf_protocol::{CloseInfo, Event, HandshakeError, Request, State, WebSocket};
 
 use super::Shared;
@@ -22,6 +23,10 @@ use crate::runtime::{Plugin, PluginError, PluginInstance};
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
+/// The read buffer of a hibernated connection: its next read only has to
+/// wake it, and ten thousand idle 64 KiB buffers would be most of an idle
+/// server's memory.
+const IDLE_READ_CHUNK: usize = 256;
 /// Slices handed to one vectored write.
 const WRITE_SLICES: usize = 64;
 /// 1011 reason sent when a plugin dies: says what happened, not why (the why
@@ -33,11 +38,33 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut buf = BytesMut::with_capacity(4096);
-    let Some((request, consumed)) = read_request(&mut reader, &mut writer, &mut buf, &shared).await
-    else {
+    // The upgrade's futures (request parsing, instantiation, on-upgrade) are
+    // large and finished with once the connection is open: boxed, an open
+    // connection's task does not carry their space for its whole life.
+    let opened = Box::pin(open(&mut reader, &mut writer, peer, tls, id, &shared)).await;
+    let Some((mut conn, buf, permit)) = opened else {
         return;
     };
+    conn.drive(&mut reader, &mut writer, buf).await;
+    drop(permit);
+}
+
+/// The opening handshake, up to `on-open`: the open connection, the bytes
+/// read past the request, and the capacity slot it holds.
+async fn open<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    peer: SocketAddr,
+    tls: bool,
+    id: u64,
+    shared: &Arc<Shared>,
+) -> Option<(Conn, BytesMut, OwnedSemaphorePermit)>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(4096);
+    let (request, consumed) = read_request(reader, writer, &mut buf, shared).await?;
     buf.advance(consumed);
     // Capacity is taken once the request is in: answering earlier would
     // close the socket with the request unread, which the kernel turns into
@@ -46,9 +73,9 @@ where
         shared.metrics.handshake_failed(503, "capacity");
         let body = "server at capacity, try again later";
         if let Ok(resp) = wharf_protocol::reject_response(503, &[], body) {
-            let _ = write_and_close(&mut writer, &resp).await;
+            let _ = write_and_close(writer, &resp).await;
         }
-        return;
+        return None;
     };
 
     let plugin = shared.plugin.current();
@@ -59,8 +86,8 @@ where
             tracing::error!(plugin = plugin.name(), conn = id, %err, "cannot instantiate plugin");
             shared.metrics.plugin_failure(plugin.name(), err.kind());
             shared.metrics.handshake_failed(500, "plugin-error");
-            respond_error(&mut writer, 500, "handler unavailable").await;
-            return;
+            respond_error(writer, 500, "handler unavailable").await;
+            return None;
         }
     };
     let upgrade = upgrade_request(&request, peer, tls);
@@ -73,8 +100,8 @@ where
             {
                 tracing::error!(plugin = plugin.name(), conn = id, subprotocol = %p, "plugin chose a subprotocol the client did not offer");
                 shared.metrics.handshake_failed(500, "plugin-error");
-                respond_error(&mut writer, 500, "handler error").await;
-                return;
+                respond_error(writer, 500, "handler error").await;
+                return None;
             }
             match wharf_protocol::accept_response(
                 &request.key,
@@ -85,8 +112,8 @@ where
                 Err(err) => {
                     tracing::error!(plugin = plugin.name(), conn = id, %err, "plugin's 101 headers refused");
                     shared.metrics.handshake_failed(500, "plugin-error");
-                    respond_error(&mut writer, 500, "handler error").await;
-                    return;
+                    respond_error(writer, 500, "handler error").await;
+                    return None;
                 }
             }
         }
@@ -111,20 +138,20 @@ where
                     });
             shared.metrics.handshake_failed(status, "plugin-reject");
             tracing::debug!(conn = id, status, path = %request.path, "upgrade rejected by plugin");
-            let _ = write_and_close(&mut writer, &resp).await;
-            return;
+            let _ = write_and_close(writer, &resp).await;
+            return None;
         }
         Err(err) => {
             tracing::error!(plugin = plugin.name(), conn = id, %err, "plugin failed in on-upgrade");
             shared.metrics.plugin_failure(plugin.name(), err.kind());
             shared.metrics.handshake_failed(500, "plugin-error");
-            respond_error(&mut writer, 500, "handler error").await;
-            return;
+            respond_error(writer, 500, "handler error").await;
+            return None;
         }
     };
     if writer.write_all(&reply).await.is_err() {
         shared.metrics.handshake_failed(101, "io");
-        return;
+        return None;
     }
 
     let mut conn = Conn {
@@ -143,8 +170,7 @@ where
     // Messages the plugin sent from on-upgrade follow the 101.
     conn.after_call(Ok(()));
     conn.on_open().await;
-    conn.drive(&mut reader, &mut writer, buf).await;
-    drop(permit);
+    Some((conn, buf, permit))
 }
 
 /// Reads until a complete upgrade request; answers and drops the connection
@@ -164,6 +190,21 @@ where
         match wharf_protocol::parse_request(buf, &shared.handshake) {
             Ok(Some(done)) => return Some(done),
             Ok(None) => {}
+            Err(
+                err @ (HandshakeError::NotWebSocketUpgrade | HandshakeError::MethodNotAllowed(_)),
+            ) if shared.static_files.is_some() => {
+                // A plain GET/HEAD (a browser asking for the page): the
+                // complete head is in `buf`.
+                let files = shared.static_files.as_ref()?;
+                match files.respond(buf).await {
+                    Some(resp) => {
+                        shared.metrics.static_response(resp.status);
+                        let _ = write_and_close(writer, &resp.bytes).await;
+                    }
+                    None => handshake_refused(writer, &err, shared).await,
+                }
+                return None;
+            }
             Err(err) => {
                 handshake_refused(writer, &err, shared).await;
                 return None;
@@ -350,6 +391,7 @@ impl Conn {
     fn hibernate(&mut self) {
         if let Some(instance) = self.instance.take() {
             self.parked = instance.hibernate();
+            self.shared.released.add();
             tracing::debug!(conn = self.id, "hibernated");
         }
     }
@@ -496,7 +538,10 @@ impl Conn {
                 .min();
             let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
             let filled = self.ws.output_slices(&mut slices);
-            if want_read && rbuf.capacity() - rbuf.len() < 4096 {
+            // A hibernated connection reads into its small buffer; the first
+            // read wakes it, and then it gets a full-sized one.
+            let low_water = if self.parked.is_some() { 1 } else { 4096 };
+            if want_read && rbuf.capacity() - rbuf.len() < low_water {
                 rbuf.reserve(READ_CHUNK);
             }
             tokio::select! {
@@ -550,6 +595,9 @@ impl Conn {
                     let now = Instant::now();
                     if hibernate_at.is_some_and(|d| d <= now) {
                         self.hibernate();
+                        if rbuf.is_empty() {
+                            rbuf = BytesMut::with_capacity(IDLE_READ_CHUNK);
+                        }
                     }
                     if flush_deadline.is_some_and(|d| d <= now) {
                         tracing::debug!(conn = self.id, unsent = self.ws.output_len(), "peer not reading; dropping connection");
@@ -561,7 +609,7 @@ impl Conn {
                 }
             }
         }
-        self.linger(reader, writer).await;
+        self.linger(reader, writer, &mut rbuf).await;
     }
 
     /// The transport is gone (EOF or error) before the close handshake ended.
@@ -574,18 +622,26 @@ impl Conn {
     /// After our last byte: half-close (TLS close_notify, TCP FIN) and read
     /// until the peer closes too, so the kernel does not answer its in-flight
     /// data with a reset that could destroy our Close frame.
-    async fn linger<R, W>(&mut self, reader: &mut ReadHalf<R>, writer: &mut WriteHalf<W>)
-    where
+    async fn linger<R, W>(
+        &mut self,
+        reader: &mut ReadHalf<R>,
+        writer: &mut WriteHalf<W>,
+        rbuf: &mut BytesMut,
+    ) where
         ReadHalf<R>: AsyncRead + Unpin,
         WriteHalf<W>: AsyncWrite + Unpin,
     {
         let timeout = self.shared.ws.close_timeout;
         let _ = tokio::time::timeout(timeout, async {
             let _ = writer.shutdown().await;
-            let mut sink = [0u8; 4096];
-            while let Ok(n) = reader.read(&mut sink).await {
-                if n == 0 {
-                    break;
+            // What the peer still sends is discarded, into the read buffer
+            // (not a stack array, which every task would carry).
+            loop {
+                rbuf.clear();
+                rbuf.reserve(4096);
+                match reader.read_buf(rbuf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
                 }
             }
         })

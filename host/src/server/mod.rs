@@ -2,7 +2,9 @@
 //! bytes between the socket, the protocol core and the plugin instance.
 
 mod connection;
+pub mod static_files;
 pub mod tls;
+mod trim;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,10 +55,13 @@ pub(crate) struct Shared {
     pub handshake: wharf_protocol::HandshakeLimits,
     pub handshake_timeout: Duration,
     pub hibernate_after: Option<Duration>,
+    /// Hibernations, for the heap trimmer.
+    pub released: Arc<trim::Released>,
     pub plugin: PluginSlot,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
     pub capacity: Arc<Semaphore>,
+    pub static_files: Option<static_files::StaticFiles>,
     max_connections: usize,
     next_id: AtomicU64,
 }
@@ -112,14 +117,23 @@ impl Server {
             },
             handshake_timeout: config.server.handshake_timeout,
             hibernate_after: config::nonzero(config.plugin.hibernate_after),
+            released: Arc::default(),
             plugin,
             metrics,
             shutdown: CancellationToken::new(),
             capacity: Arc::new(Semaphore::new(config.server.max_connections as usize)),
+            static_files: static_files::StaticFiles::new(&config.static_files)?,
             max_connections: config.server.max_connections as usize,
             next_id: AtomicU64::new(1),
         });
         let tracker = TaskTracker::new();
+        if shared.hibernate_after.is_some() {
+            tokio::spawn(trim::run(
+                shared.released.clone(),
+                Duration::from_secs(1),
+                shared.shutdown.clone(),
+            ));
+        }
         let mut bound = Vec::new();
         for listener in &config.listeners {
             let acceptor = match &listener.tls {
@@ -217,41 +231,50 @@ async fn accept_loop(
         shared.metrics.connection_accepted(tls.is_some());
         let shared = shared.clone();
         let tls = tls.clone();
-        tracker.spawn(async move { serve(stream, peer, tls, shared).await });
+        // Two task types, not one future for both: an async fn's state is
+        // as large as its largest branch, and a plain connection need not
+        // carry the room for a TLS stream's.
+        let _ = stream.set_nodelay(true);
+        let id = shared.next_id();
+        let span = tracing::debug_span!("conn", id, %peer);
+        match tls {
+            None => {
+                let fut = connection::run(stream, peer, false, id, shared).instrument(span);
+                tracker.spawn(fut)
+            }
+            Some(acceptor) => {
+                tracker.spawn(serve_tls(stream, peer, acceptor, id, shared).instrument(span))
+            }
+        };
     }
 }
 
-async fn serve(stream: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
-    let _ = stream.set_nodelay(true);
-    let id = shared.next_id();
-    let span = tracing::debug_span!("conn", id, %peer);
-    match tls {
-        None => {
-            connection::run(stream, peer, false, id, shared)
-                .instrument(span)
-                .await
+/// The TLS handshake, then the connection.
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    id: u64,
+    shared: Arc<Shared>,
+) {
+    // Boxed: the TLS handshake's future is large and short-lived.
+    let handshake = Box::pin(tokio::time::timeout(
+        shared.handshake_timeout,
+        acceptor.accept(stream),
+    ));
+    let stream = tokio::select! {
+        _ = shared.shutdown.cancelled() => return,
+        r = handshake => r,
+    };
+    match stream {
+        Ok(Ok(stream)) => connection::run(stream, peer, true, id, shared).await,
+        Ok(Err(err)) => {
+            tracing::debug!(id, %peer, %err, "TLS handshake failed");
+            shared.metrics.handshake_failed(0, "tls");
         }
-        Some(acceptor) => {
-            let handshake = tokio::time::timeout(shared.handshake_timeout, acceptor.accept(stream));
-            let stream = tokio::select! {
-                _ = shared.shutdown.cancelled() => return,
-                r = handshake => r,
-            };
-            match stream {
-                Ok(Ok(stream)) => {
-                    connection::run(stream, peer, true, id, shared)
-                        .instrument(span)
-                        .await
-                }
-                Ok(Err(err)) => {
-                    tracing::debug!(id, %peer, %err, "TLS handshake failed");
-                    shared.metrics.handshake_failed(0, "tls");
-                }
-                Err(_) => {
-                    tracing::debug!(id, %peer, "TLS handshake timed out");
-                    shared.metrics.handshake_failed(0, "timeout");
-                }
-            }
+        Err(_) => {
+            tracing::debug!(id, %peer, "TLS handshake timed out");
+            shared.metrics.handshake_failed(0, "timeout");
         }
     }
 }
