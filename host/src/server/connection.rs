@@ -311,10 +311,14 @@ impl Conn {
             .sync(backlog, state != State::Open);
     }
 
-    fn record_call(&self, started: Instant) {
+    /// Records a call's duration; its end is the connection's last event.
+    fn record_call(&mut self, started: Instant) -> Instant {
+        let now = Instant::now();
         self.shared
             .metrics
-            .plugin_call(started.elapsed().as_secs_f64());
+            .plugin_call((now - started).as_secs_f64());
+        self.last_event = now;
+        now
     }
 
     async fn on_open(&mut self) {
@@ -330,7 +334,6 @@ impl Conn {
 
     /// Hands the plugin's sends to the protocol, or buries a failed instance.
     fn after_call(&mut self, result: Result<(), PluginError>) {
-        self.last_event = Instant::now();
         match result {
             Ok(()) => self.flush_outbox(),
             Err(err) => {
@@ -449,15 +452,17 @@ impl Conn {
     /// Feeds buffered input to the protocol and its events to the plugin.
     async fn process_input(&mut self, input: &[u8]) {
         let mut input = input;
+        // One clock read per event: the end of each call is the next one's now.
+        let mut now = Instant::now();
         loop {
             // Read before the event borrows the protocol state; the pongs
             // `read` may queue are too small to matter to the send bound.
             let backlog = self.ws.output_len();
             let state = self.ws.state();
-            let Some(event) = self.ws.read(&mut input, Instant::now()) else {
+            let Some(event) = self.ws.read(&mut input, now) else {
                 break;
             };
-            let started = Instant::now();
+            let started = now;
             let r = match event {
                 Event::Text(text) => {
                     self.shared.metrics.message_received(false, text.len());
@@ -489,7 +494,7 @@ impl Conn {
                     continue;
                 }
             };
-            self.record_call(started);
+            now = self.record_call(started);
             self.after_call(r);
         }
     }
@@ -514,6 +519,9 @@ impl Conn {
         // Published messages for this connection (pub/sub), delivered by the
         // host without waking the plugin.
         let mut mailbox = self.instance.as_mut().and_then(|i| i.take_mailbox());
+        // Registered with the token once, not re-armed on every pass.
+        let shutdown = self.shared.shutdown.clone().cancelled_owned();
+        tokio::pin!(shutdown);
         loop {
             if !rbuf.is_empty() {
                 let input = rbuf.split();
@@ -546,7 +554,7 @@ impl Conn {
             }
             tokio::select! {
                 biased;
-                _ = self.shared.shutdown.cancelled(), if !shutting_down => {
+                _ = &mut shutdown, if !shutting_down => {
                     shutting_down = true;
                     if self.ws.state() == State::Open {
                         let _ = self.ws.close(1001, "server shutting down");
