@@ -237,14 +237,15 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let id = shared.next_id();
         let span = tracing::debug_span!("conn", id, %peer);
+        // Boxed here, once: tokio would otherwise move the whole state
+        // machine (kilobytes) several times while spawning it.
         match tls {
-            None => {
-                let fut = connection::run(stream, peer, false, id, shared).instrument(span);
-                tracker.spawn(fut)
-            }
-            Some(acceptor) => {
-                tracker.spawn(serve_tls(stream, peer, acceptor, id, shared).instrument(span))
-            }
+            None => tracker.spawn(Box::pin(
+                connection::run(stream, peer, false, id, shared).instrument(span),
+            )),
+            Some(acceptor) => tracker.spawn(Box::pin(
+                serve_tls(stream, peer, acceptor, id, shared).instrument(span),
+            )),
         };
     }
 }
