@@ -1,13 +1,14 @@
 //! Idle-connection density: the server's resident memory with N open
-//! WebSocket connections, each with its own plugin instance, measured from
-//! /proc as the growth over the idle server.
+//! WebSocket connections, measured from /proc as the growth over the idle
+//! server, for `wharf serve` (each connection with its own plugin instance)
+//! without and with hibernation, and for the native tokio-tungstenite echo
+//! server (`common/baseline.rs`, this binary re-executed), in one run.
 //!
 //! `cargo bench --bench density -- [--connections N] [--hibernate-after MS]`
-//! (default 10,000 connections, no hibernation).
+//! (default 10,000 connections, hibernation after 200 ms).
 //!
 //! Under `cargo test` (no `--bench` argument) it is a smoke run instead:
-//! 200 connections without and with hibernation, each one's echo checked
-//! before and after.
+//! 200 connections on each server, each one's echo checked before and after.
 
 use std::time::{Duration, Instant};
 
@@ -62,9 +63,40 @@ fn expected_echo(frame: &[u8]) -> Vec<u8> {
     e
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+/// A server under measurement.
+#[derive(Clone, Copy)]
+enum Target {
+    /// `wharf serve` with the bundled echo plugin; hibernating after this
+    /// many ms (0: never).
+    Wharf { hibernate_ms: u64 },
+    /// The native tokio-tungstenite echo server (`common/baseline.rs`).
+    Baseline,
+}
+
+impl Target {
+    fn name(self) -> String {
+        match self {
+            Target::Wharf { hibernate_ms: 0 } => "wharf (no hibernation)".to_owned(),
+            Target::Wharf { hibernate_ms } => {
+                format!("wharf (hibernating after {hibernate_ms} ms)")
+            }
+            Target::Baseline => "tokio-tungstenite".to_owned(),
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--serve-baseline") {
+        return baseline::main(&args);
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(bench(args))
+}
+
+async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; `cargo test` (`test = true`) does not,
     // and may pass test filters or libtest flags, which the smoke run ignores.
     if args.iter().any(|a| a == "--list") {
@@ -74,8 +106,12 @@ async fn main() -> anyhow::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     if !args.iter().any(|a| a == "--bench") {
         let started = Instant::now();
-        for hibernate_ms in [0, 100] {
-            run(200, hibernate_ms, true).await?;
+        for target in [
+            Target::Wharf { hibernate_ms: 0 },
+            Target::Wharf { hibernate_ms: 100 },
+            Target::Baseline,
+        ] {
+            run(target, 200, true).await?;
         }
         println!(
             "density smoke run passed in {:.1?} (cargo bench --bench density for figures)",
@@ -95,15 +131,38 @@ async fn main() -> anyhow::Result<()> {
         .position(|a| a == "--hibernate-after")
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    run(n, hibernate_ms, false).await
+        .unwrap_or(200);
+    let targets = [
+        Target::Wharf { hibernate_ms: 0 },
+        Target::Wharf { hibernate_ms },
+        Target::Baseline,
+    ];
+    let mut results = Vec::new();
+    for target in targets {
+        results.push((target, run(target, n, false).await?));
+    }
+    let baseline = results.last().map_or(0.0, |r| r.1);
+    println!("\nRSS per idle connection, {n} connections (growth over the idle server / n):");
+    println!(
+        "{:<40} {:>10} {:>18}",
+        "server", "KiB/conn", "vs tokio-tungstenite"
+    );
+    for (target, kib) in results {
+        println!("{:<40} {kib:>10.1} {:>18.2}", target.name(), kib / baseline);
+    }
+    Ok(())
 }
 
-/// Opens `n` connections and reports the server's RSS growth; `check_all`:
-/// round-trip on every connection afterwards, not just three.
-async fn run(n: usize, hibernate_ms: u64, check_all: bool) -> anyhow::Result<()> {
+/// Opens `n` connections and returns the server's RSS growth per
+/// connection (KiB); `check_all`: round-trip on every connection
+/// afterwards, not just three.
+async fn run(target: Target, n: usize, check_all: bool) -> anyhow::Result<f64> {
     let cache = tempfile::tempdir()?;
     let config = cache.path().join("wharf.toml");
+    let hibernate_ms = match target {
+        Target::Wharf { hibernate_ms } => hibernate_ms,
+        Target::Baseline => 0,
+    };
     std::fs::write(
         &config,
         format!(
@@ -111,9 +170,19 @@ async fn run(n: usize, hibernate_ms: u64, check_all: bool) -> anyhow::Result<()>
             cache.path().display()
         ),
     )?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["serve", "--config"])
-        .arg(&config)
+    let mut cmd = match target {
+        Target::Wharf { .. } => {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_wharf"));
+            c.args(["serve", "--config"]).arg(&config);
+            c
+        }
+        Target::Baseline => {
+            let mut c = Command::new(std::env::current_exe()?);
+            c.arg("--serve-baseline");
+            c
+        }
+    };
+    let mut child = cmd
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -168,17 +237,19 @@ async fn run(n: usize, hibernate_ms: u64, check_all: bool) -> anyhow::Result<()>
     }
     let per_conn = (loaded.saturating_sub(base)) as f64 / n as f64;
     println!(
-        "connections open: {n} (each with its own echo instance), opened in {elapsed:.2?} ({:.0}/s sequentially)",
+        "{}: {n} connections open, opened in {elapsed:.2?} ({:.0}/s sequentially)",
+        target.name(),
         n as f64 / elapsed.as_secs_f64()
     );
     println!("server RSS: idle {base} KiB, with {n} connections {loaded} KiB");
-    let mode = if hibernate_ms > 0 {
-        format!("hibernating after {hibernate_ms} ms")
-    } else {
-        "no hibernation".to_owned()
-    };
-    println!("RSS per idle connection ({mode}): {per_conn:.1} KiB");
+    println!(
+        "RSS per idle connection, {}: {per_conn:.1} KiB",
+        target.name()
+    );
     drop(conns);
     child.kill().await?;
-    Ok(())
+    Ok(per_conn)
 }
+
+#[path = "common/baseline.rs"]
+mod baseline;
