@@ -32,6 +32,7 @@ fn runtime(concurrency_support: bool) -> Runtime {
         },
         cache_dir: None,
         concurrency_support,
+        keep_resident: 64 << 10,
     })
     .expect("runtime")
 }

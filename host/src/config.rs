@@ -141,6 +141,11 @@ pub struct PluginConfig {
     /// `"0s"`: never.
     #[serde(with = "humantime_serde")]
     pub hibernate_after: Duration,
+    /// Of a finished instance's memory, how much its pool slot keeps mapped
+    /// and resets in place for the next connection (only the pages it
+    /// dirtied), instead of returning it to the OS: connection set-up
+    /// without page faults, at up to this much RSS per slot ever used.
+    pub keep_resident: ByteSize,
     /// Where compiled plugins are cached. Unset: `$XDG_CACHE_HOME/wharf`,
     /// else `$HOME/.cache/wharf`, else no cache. Only the server may write here:
     /// a cached artifact is trusted native code.
@@ -154,6 +159,7 @@ impl Default for PluginConfig {
             memory_limit: ByteSize::mib(64),
             cpu_time_per_event: Duration::from_millis(200),
             hibernate_after: Duration::ZERO,
+            keep_resident: ByteSize::kib(64),
             cache_dir: None,
         }
     }
@@ -295,6 +301,12 @@ impl Config {
         let index = &self.static_files.index;
         if index.is_empty() || index.contains(['/', '\\']) || index.starts_with('.') {
             return invalid("static_files.index", "must be a plain file name");
+        }
+        if self.plugin.keep_resident.as_u64() > self.plugin.memory_limit.as_u64() {
+            return invalid(
+                "plugin.keep_resident",
+                "must not exceed plugin.memory_limit",
+            );
         }
         if self.plugin.cpu_time_per_event < Duration::from_millis(1) {
             return invalid("plugin.cpu_time_per_event", "must be at least 1ms");

@@ -137,6 +137,7 @@ fn runtime_config(config: &Config) -> RuntimeConfig {
             .clone()
             .or_else(wharf::runtime::cache::default_dir),
         concurrency_support: false,
+        keep_resident: config::bytes(config.plugin.keep_resident),
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// One epoch tick: the granularity of CPU deadlines and of the yields that
 /// keep a busy plugin from holding a worker thread.
@@ -21,6 +21,9 @@ pub struct PoolSizing {
     /// Component-model-async bookkeeping on every call. Off unless a plugin
     /// needs async (none can in WIT 0.1); kept switchable to measure it.
     pub concurrency_support: bool,
+    /// Bytes of a freed slot's linear memory (and tables) kept mapped and
+    /// reset in place rather than returned to the OS.
+    pub keep_resident: usize,
 }
 
 /// Core instances a component may hold: Rust/C components need a handful,
@@ -29,6 +32,10 @@ const CORE_INSTANCES_PER_COMPONENT: u32 = 64;
 /// Average core instances per component the pool is sized for.
 const CORE_INSTANCES_PER_SLOT: u32 = 8;
 const MEMORIES_PER_COMPONENT: u32 = 4;
+/// Freed slots whose memory is returned to the OS with one batch of madvise
+/// calls (per CPU shard): fewer system calls on the connection path, at most
+/// this many slots' memory pending per shard.
+const DECOMMIT_BATCH: usize = 32;
 const TABLES_PER_COMPONENT: u32 = 16;
 /// Table slots per instance on average.
 const TABLES_PER_SLOT: u32 = 4;
@@ -65,10 +72,16 @@ pub fn build(pool: PoolSizing) -> anyhow::Result<Engine> {
         .table_elements(TABLE_ELEMENTS)
         // One async fiber stack per store: stores cache their stack.
         .total_stacks(n)
-        // Return a freed slot's memory to the OS beyond this much, so idle
-        // servers stay small.
-        .linear_memory_keep_resident(0)
-        .table_keep_resident(0);
+        // A freed slot keeps its first `keep_resident` bytes mapped, reset
+        // in place (only the pages the instance dirtied, found with
+        // PAGEMAP_SCAN where the kernel has it): the next instance in that
+        // slot starts without an madvise and page faults, which is most of
+        // what instantiation costs beyond wasmtime's own bookkeeping. The
+        // rest goes back to the OS, in batches.
+        .linear_memory_keep_resident(pool.keep_resident)
+        .table_keep_resident(pool.keep_resident)
+        .pagemap_scan(Enabled::Auto)
+        .decommit_batch_size(DECOMMIT_BATCH);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
     Engine::new(&config).map_err(anyhow::Error::from)
 }

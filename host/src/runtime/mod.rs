@@ -40,6 +40,8 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<std::path::PathBuf>,
     /// See [`engine::PoolSizing::concurrency_support`]; `false` in production.
     pub concurrency_support: bool,
+    /// See [`engine::PoolSizing::keep_resident`] (`plugin.keep_resident`).
+    pub keep_resident: usize,
 }
 
 /// The engine, the host functions every plugin is linked against, and the
@@ -101,6 +103,7 @@ impl Runtime {
             instances: config.max_instances,
             memory_limit: config.limits.memory,
             concurrency_support: config.concurrency_support,
+            keep_resident: config.keep_resident,
         })?;
         let mut linker = Linker::new(&engine);
         // WASI is linked so that components built by ordinary toolchains
