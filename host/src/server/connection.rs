@@ -64,7 +64,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(4096);
-    let (request, consumed) = read_request(reader, writer, &mut buf, shared).await?;
+    let (mut request, consumed) = read_request(reader, writer, &mut buf, shared).await?;
     buf.advance(consumed);
     // Capacity is taken once the request is in: answering earlier would
     // close the socket with the request unread, which the kernel turns into
@@ -90,7 +90,7 @@ where
             return None;
         }
     };
-    let upgrade = upgrade_request(&request, peer, tls);
+    let upgrade = upgrade_request(&mut request, peer, tls);
     let response = instance.on_upgrade(&upgrade).await;
     shared.metrics.plugin_call(started.elapsed().as_secs_f64());
     let reply = match response {
@@ -263,18 +263,16 @@ async fn write_and_close<W: AsyncWrite + Unpin>(
         .unwrap_or(Ok(()))
 }
 
-fn upgrade_request(request: &Request, peer: SocketAddr, tls: bool) -> UpgradeRequest {
+/// What the plugin sees of the request. The headers are moved, not copied:
+/// nothing after `on-upgrade` reads them.
+fn upgrade_request(request: &mut Request, peer: SocketAddr, tls: bool) -> UpgradeRequest {
     UpgradeRequest {
         method: request.method.clone(),
         path: request.path.clone(),
         query: request.query.clone(),
-        headers: request
-            .headers
-            .iter()
-            .map(|(name, value)| Header {
-                name: name.clone(),
-                value: value.clone(),
-            })
+        headers: std::mem::take(&mut request.headers)
+            .into_iter()
+            .map(|(name, value)| Header { name, value })
             .collect(),
         subprotocols: request.subprotocols.clone(),
         remote_address: peer.to_string(),
