@@ -26,6 +26,19 @@ async fn resumes_with_its_state(tls: bool) {
     // Ordinary echo still works, and the close reaches the resumed plugin.
     send_text(&mut ws, "still echoing").await;
     assert_eq!(recv_text(&mut ws).await, "still echoing");
+    // A large message arriving at a hibernated connection (whose read
+    // buffer shrank) resumes it whole.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let big: String = (0..1 << 20)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    send_text(&mut ws, &big).await;
+    assert!(
+        recv_text(&mut ws).await == big,
+        "1 MiB echo after hibernation differs"
+    );
+    send_text(&mut ws, "count").await;
+    assert_eq!(recv_text(&mut ws).await, "count=5 instance=1");
 }
 
 #[tokio::test]

@@ -514,6 +514,8 @@ impl Conn {
         let mut eof = false;
         let mut needs_flush = false;
         let mut flush_deadline: Option<Instant> = None;
+        // The read buffer is the small one of a hibernated connection.
+        let mut idle_buffer = false;
         // Published messages for this connection (pub/sub), delivered by the
         // host without waking the plugin.
         let mut mailbox = self.instance.as_mut().and_then(|i| i.take_mailbox());
@@ -544,9 +546,10 @@ impl Conn {
                 .min();
             let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
             let filled = self.ws.output_slices(&mut slices);
-            // A hibernated connection reads into its small buffer; the first
-            // read wakes it, and then it gets a full-sized one.
-            let low_water = if self.parked.is_some() { 1 } else { 4096 };
+            // A hibernated connection reads into its small buffer; once
+            // anything arrives it gets a full-sized one again (a message
+            // may be starting, and need not wake the plugin yet).
+            let low_water = if idle_buffer { 1 } else { 4096 };
             if want_read && rbuf.capacity() - rbuf.len() < low_water {
                 rbuf.reserve(READ_CHUNK);
             }
@@ -594,7 +597,7 @@ impl Conn {
                             // The peer half-closed; whatever we still owe it
                             // is written below, then the socket is dropped.
                         }
-                        Ok(_) => {}
+                        Ok(_) => idle_buffer = false,
                     }
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {
@@ -603,6 +606,7 @@ impl Conn {
                         self.hibernate();
                         if rbuf.is_empty() {
                             rbuf = BytesMut::with_capacity(IDLE_READ_CHUNK);
+                            idle_buffer = true;
                         }
                     }
                     if flush_deadline.is_some_and(|d| d <= now) {
