@@ -23,9 +23,8 @@ use crate::runtime::{Plugin, PluginError, PluginInstance};
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
-/// The read buffer of a hibernated connection: its next read only has to
-/// wake it, and ten thousand idle 64 KiB buffers would be most of an idle
-/// server's memory.
+/// The read buffer of a hibernated connection until bytes arrive again: ten
+/// thousand idle 64 KiB buffers would be most of an idle server's memory.
 const IDLE_READ_CHUNK: usize = 256;
 /// Slices handed to one vectored write.
 const WRITE_SLICES: usize = 64;
@@ -190,23 +189,22 @@ where
         match wharf_protocol::parse_request(buf, &shared.handshake) {
             Ok(Some(done)) => return Some(done),
             Ok(None) => {}
-            Err(
-                err @ (HandshakeError::NotWebSocketUpgrade | HandshakeError::MethodNotAllowed(_)),
-            ) if shared.static_files.is_some() => {
-                // A plain GET/HEAD (a browser asking for the page): the
-                // complete head is in `buf`.
-                let files = shared.static_files.as_ref()?;
-                match files.respond(buf).await {
-                    Some(resp) => {
-                        shared.metrics.static_response(resp.status);
-                        let _ = write_and_close(writer, &resp.bytes).await;
-                    }
-                    None => handshake_refused(writer, &err, shared).await,
-                }
-                return None;
-            }
             Err(err) => {
-                handshake_refused(writer, &err, shared).await;
+                // A plain GET/HEAD (a browser asking for the page) may be
+                // answered from static_files.dir: the complete head is in `buf`.
+                let not_upgrade = matches!(
+                    err,
+                    HandshakeError::NotWebSocketUpgrade | HandshakeError::MethodNotAllowed(_)
+                );
+                if not_upgrade
+                    && let Some(files) = &shared.static_files
+                    && let Some(resp) = files.respond(buf).await
+                {
+                    shared.metrics.static_response(resp.status);
+                    let _ = write_and_close(writer, &resp.bytes).await;
+                } else {
+                    handshake_refused(writer, &err, shared).await;
+                }
                 return None;
             }
         }
