@@ -119,19 +119,9 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let n: usize = args
-        .iter()
-        .position(|a| a == "--connections")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
+    let n: usize = option(&args, "--connections").unwrap_or(10_000);
     // `--hibernate-after MS`: release idle instances (plugin.hibernate_after).
-    let hibernate_ms: u64 = args
-        .iter()
-        .position(|a| a == "--hibernate-after")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let hibernate_ms: u64 = option(&args, "--hibernate-after").unwrap_or(200);
     let targets = [
         Target::Wharf { hibernate_ms: 0 },
         Target::Wharf { hibernate_ms },
@@ -153,25 +143,31 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The value after `name` in `args`, parsed.
+fn option<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1)?.parse().ok()
+}
+
 /// Opens `n` connections and returns the server's RSS growth per
 /// connection (KiB); `check_all`: round-trip on every connection
 /// afterwards, not just three.
 async fn run(target: Target, n: usize, check_all: bool) -> anyhow::Result<f64> {
     let cache = tempfile::tempdir()?;
-    let config = cache.path().join("wharf.toml");
     let hibernate_ms = match target {
         Target::Wharf { hibernate_ms } => hibernate_ms,
         Target::Baseline => 0,
     };
-    std::fs::write(
-        &config,
-        format!(
-            "[[listener]]\naddress = \"127.0.0.1:0\"\n[plugin]\ncache_dir = \"{}\"\nhibernate_after = \"{hibernate_ms}ms\"\n",
-            cache.path().display()
-        ),
-    )?;
     let mut cmd = match target {
         Target::Wharf { .. } => {
+            let config = cache.path().join("wharf.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "[[listener]]\naddress = \"127.0.0.1:0\"\n[plugin]\ncache_dir = \"{}\"\nhibernate_after = \"{hibernate_ms}ms\"\n",
+                    cache.path().display()
+                ),
+            )?;
             let mut c = Command::new(env!("CARGO_BIN_EXE_wharf"));
             c.args(["serve", "--config"]).arg(&config);
             c

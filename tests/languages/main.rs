@@ -353,6 +353,18 @@ struct Costs {
     binary_1k: f64,
 }
 
+/// µs per instantiation in the steady state: pool slots warm, instances
+/// dropped as connections end.
+async fn steady_instantiate_us(plugin: &Plugin) -> f64 {
+    let started = Instant::now();
+    let mut n = 0u32;
+    while n < 20 || (n < 2_000 && started.elapsed() < Duration::from_secs(2)) {
+        drop(plugin.instantiate(u64::from(n)).await.expect("instantiate"));
+        n += 1;
+    }
+    started.elapsed().as_secs_f64() * 1e6 / f64::from(n)
+}
+
 async fn costs(plugin: &Plugin) -> Costs {
     let started = Instant::now();
     let mut inst = plugin.instantiate(0).await.expect("instantiate");
@@ -360,14 +372,7 @@ async fn costs(plugin: &Plugin) -> Costs {
     inst.on_text("warm-up").await.expect("call");
     drop(inst);
 
-    // Steady state: pool slots warm, instances dropped as connections end.
-    let started = Instant::now();
-    let mut n = 0u32;
-    while n < 20 || (n < 2_000 && started.elapsed() < Duration::from_secs(2)) {
-        drop(plugin.instantiate(u64::from(n)).await.expect("instantiate"));
-        n += 1;
-    }
-    let instantiate_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+    let instantiate_us = steady_instantiate_us(plugin).await;
 
     // A short connection: instantiate, open, one echo, close. Some runtimes
     // finish initialising on the first call, which this includes.
@@ -700,14 +705,7 @@ fn chat_library(lang: &Lang, wasm: &Path) {
         drop(b);
         assert_eq!(rt.broker().subscribers(name, "m"), 0);
 
-        // Steady state: pool slots warm, instances dropped as connections end.
-        let started = Instant::now();
-        let mut n = 0u32;
-        while n < 20 || (n < 2_000 && started.elapsed() < Duration::from_secs(2)) {
-            drop(plugin.instantiate(u64::from(n)).await.expect("instantiate"));
-            n += 1;
-        }
-        let instantiate_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+        let instantiate_us = steady_instantiate_us(&plugin).await;
 
         // A short chat connection: instantiate, upgrade, open (subscribe and
         // the join notice), one message, close (the leave notice).
