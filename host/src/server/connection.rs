@@ -21,8 +21,12 @@ use crate::runtime::bindings::{Header, UpgradeRequest, UpgradeResponse};
 use crate::runtime::connection_host::{ConnectionEntry, Outgoing};
 use crate::runtime::{Plugin, PluginError, PluginInstance};
 
-/// Bytes read from the socket at a time.
+/// The most read from the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
+/// What an open connection reads at a time until reads fill it: most
+/// connections carry small messages, and a 64 KiB buffer for each would be
+/// a large allocation (and free, with glibc's consolidation) per connection.
+const FIRST_READ_CHUNK: usize = 4096;
 /// The read buffer of a hibernated connection until bytes arrive again: ten
 /// thousand idle 64 KiB buffers would be most of an idle server's memory.
 const IDLE_READ_CHUNK: usize = 256;
@@ -514,17 +518,35 @@ impl Conn {
         let mut flush_deadline: Option<Instant> = None;
         // The read buffer is the small one of a hibernated connection.
         let mut idle_buffer = false;
+        // Doubles, up to READ_CHUNK, each time a read fills the buffer.
+        let mut read_chunk = FIRST_READ_CHUNK;
         // Published messages for this connection (pub/sub), delivered by the
         // host without waking the plugin.
         let mut mailbox = self.instance.as_mut().and_then(|i| i.take_mailbox());
         // Registered with the token once, not re-armed on every pass.
         let shutdown = self.shared.shutdown.clone().cancelled_owned();
         tokio::pin!(shutdown);
+        // One timer for the connection's life. Activity only ever moves the
+        // deadlines later, so it is re-armed only when a deadline comes
+        // earlier than the armed one; firing early is harmless (every
+        // deadline is checked against the clock when it fires), and saves
+        // a timer-wheel insert and removal per message.
+        let timer = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         loop {
             if !rbuf.is_empty() {
                 let input = rbuf.split();
                 self.process_input(&input).await;
                 rbuf = reuse(rbuf, input);
+            }
+            // What the input produced goes out now if the socket takes it,
+            // without a round through the select below.
+            if (self.ws.has_output() || needs_flush)
+                && write_now(writer, &mut self.ws, &mut needs_flush).is_err()
+            {
+                self.transport_gone().await;
+                return;
             }
             if self.ws.is_closed() && !self.ws.has_output() && !needs_flush {
                 break;
@@ -542,15 +564,24 @@ impl Conn {
                 .into_iter()
                 .flatten()
                 .min();
+            match (deadline, armed) {
+                (Some(d), Some(a)) if d >= a => {}
+                (Some(d), _) => {
+                    timer.as_mut().reset(d.into());
+                    armed = Some(d);
+                }
+                (None, _) => armed = None,
+            }
             let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
             let filled = self.ws.output_slices(&mut slices);
             // A hibernated connection reads into its small buffer; once
             // anything arrives it gets a full-sized one again (a message
             // may be starting, and need not wake the plugin yet).
-            let low_water = if idle_buffer { 1 } else { 4096 };
+            let low_water = if idle_buffer { 1 } else { read_chunk / 4 };
             if want_read && rbuf.capacity() - rbuf.len() < low_water {
-                rbuf.reserve(READ_CHUNK);
+                rbuf.reserve(read_chunk);
             }
+            let spare = rbuf.capacity() - rbuf.len();
             tokio::select! {
                 biased;
                 _ = &mut shutdown, if !shutting_down => {
@@ -595,16 +626,23 @@ impl Conn {
                             // The peer half-closed; whatever we still owe it
                             // is written below, then the socket is dropped.
                         }
-                        Ok(_) => idle_buffer = false,
+                        Ok(n) => {
+                            idle_buffer = false;
+                            if n == spare {
+                                read_chunk = (read_chunk * 2).min(READ_CHUNK);
+                            }
+                        }
                     }
                 }
-                _ = sleep_until(deadline), if deadline.is_some() => {
+                _ = &mut timer, if armed.is_some() => {
+                    armed = None;
                     let now = Instant::now();
                     if hibernate_at.is_some_and(|d| d <= now) {
                         self.hibernate();
                         if rbuf.is_empty() {
                             rbuf = BytesMut::with_capacity(IDLE_READ_CHUNK);
                             idle_buffer = true;
+                            read_chunk = FIRST_READ_CHUNK;
                         }
                     }
                     if flush_deadline.is_some_and(|d| d <= now) {
@@ -719,9 +757,42 @@ async fn next_published(
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
+/// Writes queued output, and flushes, as far as the socket takes it without
+/// waiting; what is left is written by the driver's select. `Err`: the
+/// transport is gone.
+fn write_now<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    ws: &mut WebSocket,
+    needs_flush: &mut bool,
+) -> Result<(), ()> {
+    use std::task::{Context, Poll, Waker};
+    // Polled once with a waker that does nothing: `Pending` only means
+    // "not now", and the select polls the same write with the task's waker.
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut writer = std::pin::Pin::new(writer);
+    loop {
+        let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
+        let filled = ws.output_slices(&mut slices);
+        if filled == 0 {
+            if *needs_flush {
+                match writer.as_mut().poll_flush(&mut cx) {
+                    Poll::Ready(Ok(())) => *needs_flush = false,
+                    Poll::Ready(Err(_)) => return Err(()),
+                    Poll::Pending => {}
+                }
+            }
+            return Ok(());
+        }
+        match writer
+            .as_mut()
+            .poll_write_vectored(&mut cx, &slices[..filled])
+        {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(()),
+            Poll::Ready(Ok(n)) => {
+                ws.advance_output(n);
+                *needs_flush = true;
+            }
+            Poll::Pending => return Ok(()),
+        }
     }
 }

@@ -578,7 +578,21 @@ impl Core {
     }
 
     fn send_data_owned(&mut self, opcode: OpCode, data: Bytes) -> Result<(), SendError> {
+        // A payload that will be copied into the tail anyway, or that is one
+        // frame, is not sliced: slicing would turn the caller's buffer into
+        // a shared one (an allocation and a reference count per message).
+        if data.len() < output::OWN_CHUNK_MIN {
+            return self.send_data(opcode, &data);
+        }
         self.admit(data.len())?;
+        if self
+            .config
+            .fragment_size
+            .is_none_or(|size| data.len() <= size)
+        {
+            self.out.push_frame_owned(true, opcode, data);
+            return Ok(());
+        }
         for (fin, op, range) in fragments(opcode, data.len(), self.config.fragment_size) {
             self.out.push_frame_owned(fin, op, data.slice(range));
         }
