@@ -492,12 +492,13 @@ fn others(core: &Option<usize>, a: &[(u64, u64)], b: &[(u64, u64)], ours: Durati
     ((busy - ours.as_secs_f64() * hz) / total).clamp(0.0, 1.0)
 }
 
-/// A child's user + system CPU time (all its threads), from /proc/PID/stat.
-fn process_cpu(pid: u32) -> Duration {
+/// A child's user + system CPU time (all its threads), from /proc/PID/stat:
+/// (user + system, system).
+fn process_cpu(pid: u32) -> (Duration, Duration) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
     let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return Duration::ZERO;
+        return (Duration::ZERO, Duration::ZERO);
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| {
@@ -508,8 +509,9 @@ fn process_cpu(pid: u32) -> Duration {
     };
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let t = ticks(11) + ticks(12); // utime, stime (fields 14 and 15)
-    Duration::from_nanos(t * 1_000_000_000 / hz)
+    let (user, sys) = (ticks(11), ticks(12)); // utime, stime (fields 14 and 15)
+    let time = |t: u64| Duration::from_nanos(t * 1_000_000_000 / hz);
+    (time(user + sys), time(sys))
 }
 
 // ---------------------------------------------------------------------------
@@ -1239,6 +1241,8 @@ struct Measurement {
     p99_us: f64,
     loadgen_cpu: f64,
     server_cpu: f64,
+    /// The part of `server_cpu` spent in the kernel (system time).
+    server_sys: f64,
     /// CPU time of everything else on the server's / load generator's core,
     /// as a fraction of the wall time (other builds on a busy machine).
     others_server_core: f64,
@@ -1251,6 +1255,18 @@ impl Measurement {
     fn server_us_per_op(&self) -> f64 {
         self.server_cpu / self.per_s * 1e6
     }
+
+    /// The kernel's part of [`server_us_per_op`](Self::server_us_per_op).
+    fn server_sys_us_per_op(&self) -> f64 {
+        self.server_sys / self.per_s * 1e6
+    }
+}
+
+/// The best wharf/baseline rate a CPU-bound wharf could reach if its own
+/// user-space work cost nothing: the baseline's CPU per op over the kernel
+/// time wharf spends per op.
+fn kernel_ceiling(w: &Measurement, b: &Measurement) -> f64 {
+    b.server_us_per_op() / w.server_sys_us_per_op()
 }
 
 fn percentile(sorted: &[u64], q: f64) -> f64 {
@@ -1339,11 +1355,11 @@ async fn run_scenario(
     // Load tasks only end early on error; then stop sleeping and report it.
     sleep_checking(opts.warmup, &tasks).await;
     let cores0 = core_busy();
-    let (cpu0, srv0, t0) = (self_cpu(), process_cpu(server.pid), Instant::now());
+    let (cpu0, (srv0, sys0), t0) = (self_cpu(), process_cpu(server.pid), Instant::now());
     phase.measuring.set(true);
     sleep_checking(opts.duration, &tasks).await;
     phase.measuring.set(false);
-    let (cpu1, srv1, t1) = (self_cpu(), process_cpu(server.pid), Instant::now());
+    let (cpu1, (srv1, sys1), t1) = (self_cpu(), process_cpu(server.pid), Instant::now());
     let cores1 = core_busy();
     phase.stop.set(true);
 
@@ -1385,6 +1401,7 @@ async fn run_scenario(
         p99_us: percentile(&total.latencies, 0.99),
         loadgen_cpu: (cpu1 - cpu0).as_secs_f64() / wall,
         server_cpu: srv1.saturating_sub(srv0).as_secs_f64() / wall,
+        server_sys: sys1.saturating_sub(sys0).as_secs_f64() / wall,
         others_server_core: others(&setup.pinning.server, &cores0, &cores1, srv1 - srv0),
         others_loadgen_core: others(&setup.pinning.loadgen, &cores0, &cores1, cpu1 - cpu0),
         count: total.messages,
@@ -1554,7 +1571,7 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
     );
     let _ = writeln!(
         t,
-        "{:<14} {:<8} {:>10} {:>10} {:>6} | {:>15} | {:>15} | {:>13} | {:>11} | {:>13} | {:>11}",
+        "{:<14} {:<8} {:>10} {:>10} {:>6} | {:>15} | {:>15} | {:>13} | {:>13} | {:>7} | {:>11} | {:>13} | {:>11}",
         "scenario",
         "metric",
         "wharf",
@@ -1563,11 +1580,13 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
         "wharf p50/p99µs",
         "base p50/p99µs",
         "srv CPU µs/op",
+        "of it kernel",
+        "ceiling",
         "server CPU",
         "loadgen CPU",
         "other load"
     );
-    let _ = writeln!(t, "{}", "-".repeat(152));
+    let _ = writeln!(t, "{}", "-".repeat(178));
     for r in rows {
         let (w, b) = (&r.wharf, &r.baseline);
         let large = is_large(&r.scenario);
@@ -1583,7 +1602,7 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
         };
         let _ = writeln!(
             t,
-            "{:<14} {:<8} {:>10.1} {:>10.1} {:>6.3} | {:>15} | {:>15} | {:>13} | {:>4.0}% / {:>3.0}% | {:>5} / {:>5} | {:>4.0}% / {:>3.0}%",
+            "{:<14} {:<8} {:>10.1} {:>10.1} {:>6.3} | {:>15} | {:>15} | {:>13} | {:>13} | {:>7.2} | {:>4.0}% / {:>3.0}% | {:>5} / {:>5} | {:>4.0}% / {:>3.0}%",
             r.scenario.name,
             metric,
             wv,
@@ -1592,6 +1611,12 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
             format!("{:.0} / {:.0}", w.p50_us, w.p99_us),
             format!("{:.0} / {:.0}", b.p50_us, b.p99_us),
             format!("{:.1} / {:.1}", w.server_us_per_op(), b.server_us_per_op()),
+            format!(
+                "{:.1} / {:.1}",
+                w.server_sys_us_per_op(),
+                b.server_sys_us_per_op()
+            ),
+            kernel_ceiling(w, b),
             w.server_cpu * 100.0,
             b.server_cpu * 100.0,
             loadgen(w.loadgen_cpu),
@@ -1621,7 +1646,9 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
         t,
         "latency: send to complete echo, per message (connect: the whole cycle). MB/s: echoed payload \
          one way, 10^6 B.\nCPU %: process CPU time / wall time while measuring (wharf / baseline); \
-         srv CPU µs/op: server CPU time per echo (connect: per connection)."
+         srv CPU µs/op: server CPU time per echo (connect: per connection); of it kernel: the system \
+         time in it.\nceiling: baseline CPU µs/op / wharf kernel µs/op, the ratio a CPU-bound wharf \
+         would reach if its own user-space work cost nothing."
     );
     print!("{t}");
     if opts.smoke {
@@ -1651,6 +1678,15 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
             "server_cpu_us_per_op",
             w.server_us_per_op(),
             b.server_us_per_op(),
+        );
+        line(
+            "server_kernel_us_per_op",
+            w.server_sys_us_per_op(),
+            b.server_sys_us_per_op(),
+        );
+        println!(
+            "RESULT scenario={name} metric=kernel_ceiling value={:.4}",
+            kernel_ceiling(w, b)
         );
         line("server_cpu", w.server_cpu, b.server_cpu);
         line("loadgen_cpu", w.loadgen_cpu, b.loadgen_cpu);

@@ -668,7 +668,6 @@ fn chat_library(lang: &Lang, wasm: &Path) {
     };
     let join = async |conn: u64, room: &str, nick: &str| {
         let mut inst = plugin.instantiate(conn).await.expect("instantiate");
-        let mailbox = inst.take_mailbox().expect("a new connection's mailbox");
         let response = inst
             .on_upgrade(&request(room, nick))
             .await
@@ -678,6 +677,12 @@ fn chat_library(lang: &Lang, wasm: &Path) {
             "{response:?}"
         );
         inst.on_open().await.expect("on_open");
+        // The mailbox exists once the handler subscribed to its room.
+        let mailbox = inst
+            .connection()
+            .subscriptions
+            .take_mailbox()
+            .expect("a mailbox after joining a room");
         (inst, mailbox)
     };
     let tokio = tokio::runtime::Builder::new_current_thread()

@@ -22,7 +22,7 @@ use self::connection_host::{ConnectionEntry, SendLimits};
 use self::engine::{EpochClock, PoolSizing};
 use self::limits::{CpuBudget, LimitExceeded, LimitHit, SandboxLimiter};
 use self::log_stream::LogStream;
-use self::pubsub_host::{Broker, Mailbox, Subscriptions};
+use self::pubsub_host::{Broker, Subscriptions};
 
 /// What every plugin instance is limited to.
 #[derive(Debug, Clone, Copy)]
@@ -206,7 +206,7 @@ impl Plugin {
 
     /// Instantiates for a connection: a new one, or (`parked`) one whose
     /// previous instance was released by [`PluginInstance::hibernate`], which
-    /// keeps its topics, attachment and mailbox.
+    /// keeps its topics and attachment.
     pub async fn instantiate_with(
         &self,
         conn_id: u64,
@@ -215,15 +215,10 @@ impl Plugin {
         let (stdout, stderr) = LogStream::pair(self.name.clone(), conn_id);
         let wasi = WasiCtx::builder().stdout(stdout).stderr(stderr).build();
         let mut table = ResourceTable::new();
-        let (entry, mailbox) = match parked {
-            Some(entry) => (entry, None),
-            None => {
-                let (subscriptions, mailbox) =
-                    Subscriptions::new(self.broker.clone(), self.name.clone(), conn_id);
-                let entry = ConnectionEntry::new(conn_id, self.limits.send, subscriptions);
-                (entry, Some(mailbox))
-            }
-        };
+        let entry = parked.unwrap_or_else(|| {
+            let subscriptions = Subscriptions::new(self.broker.clone(), self.name.clone(), conn_id);
+            ConnectionEntry::new(conn_id, self.limits.send, subscriptions)
+        });
         let conn = table
             .push(entry)
             .map_err(|e| PluginError::Instantiate(e.into()))?;
@@ -267,7 +262,6 @@ impl Plugin {
             store,
             bindings,
             conn,
-            mailbox,
         })
     }
 }
@@ -315,7 +309,6 @@ pub struct PluginInstance {
     store: Store<HostState>,
     bindings: HandlerWorld,
     conn: Resource<ConnectionEntry>,
-    mailbox: Option<Mailbox>,
 }
 
 impl PluginInstance {
@@ -324,11 +317,6 @@ impl PluginInstance {
     /// [`Plugin::instantiate_with`]).
     pub fn hibernate(mut self) -> Option<ConnectionEntry> {
         self.store.data_mut().table.delete(self.conn).ok()
-    }
-
-    /// The connection's pub/sub mailbox, for its driver to read (once).
-    pub fn take_mailbox(&mut self) -> Option<Mailbox> {
-        self.mailbox.take()
     }
 
     /// The connection's queued sends, with the driver's view of the socket.

@@ -108,7 +108,11 @@ pub struct Subscriptions {
     broker: Arc<Broker>,
     scope: Arc<str>,
     conn: u64,
-    mailbox: mpsc::Sender<Framed>,
+    /// Made on the first subscription: most connections never subscribe,
+    /// and their tasks then have no mailbox to allocate or to poll.
+    mailbox: Option<mpsc::Sender<Framed>>,
+    /// The receiving end, until the connection's task takes it.
+    unclaimed: Option<Mailbox>,
     topics: HashSet<String>,
 }
 
@@ -122,17 +126,22 @@ impl std::fmt::Debug for Subscriptions {
 }
 
 impl Subscriptions {
-    /// A connection's subscriptions, and the mailbox its task reads.
-    pub fn new(broker: Arc<Broker>, scope: Arc<str>, conn: u64) -> (Self, Mailbox) {
-        let (tx, rx) = mpsc::channel(MAILBOX_CAPACITY);
-        let subs = Self {
+    /// A connection's subscriptions (none yet).
+    pub fn new(broker: Arc<Broker>, scope: Arc<str>, conn: u64) -> Self {
+        Self {
             broker,
             scope,
             conn,
-            mailbox: tx,
+            mailbox: None,
+            unclaimed: None,
             topics: HashSet::new(),
-        };
-        (subs, rx)
+        }
+    }
+
+    /// The mailbox the connection's task reads, once there is one (after
+    /// the first subscription); handed out once.
+    pub fn take_mailbox(&mut self) -> Option<Mailbox> {
+        self.unclaimed.take()
     }
 
     fn key(&self, topic: &str) -> TopicKey {
@@ -147,8 +156,13 @@ impl Subscriptions {
         if self.topics.len() >= MAX_TOPICS_PER_CONNECTION {
             return Err(ErrorCode::QueueFull);
         }
-        self.broker
-            .subscribe(self.key(&topic), self.conn, self.mailbox.clone());
+        let mailbox = self.mailbox.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(MAILBOX_CAPACITY);
+            self.unclaimed = Some(rx);
+            tx
+        });
+        let mailbox = mailbox.clone();
+        self.broker.subscribe(self.key(&topic), self.conn, mailbox);
         self.topics.insert(topic);
         Ok(())
     }
@@ -264,14 +278,19 @@ mod tests {
         let broker = Broker::new();
         let scope: Arc<str> = Arc::from("chat");
         let mut conns: Vec<_> = (0..3)
-            .map(|id| Subscriptions::new(broker.clone(), scope.clone(), id))
+            .map(|id| {
+                let mut subs = Subscriptions::new(broker.clone(), scope.clone(), id);
+                assert!(subs.take_mailbox().is_none(), "no mailbox before a subscription");
+                subs.subscribe("room".into()).unwrap();
+                let rx = subs.take_mailbox().expect("a mailbox after the first subscription");
+                (subs, rx)
+            })
             .collect();
-        for (subs, _) in &mut conns {
-            subs.subscribe("room".into()).unwrap();
-        }
         // Another tenant's topic of the same name is another topic.
-        let (mut other, mut other_rx) = Subscriptions::new(broker.clone(), Arc::from("x"), 9);
+        let mut other = Subscriptions::new(broker.clone(), Arc::from("x"), 9);
         other.subscribe("room".into()).unwrap();
+        let mut other_rx = other.take_mailbox().unwrap();
+        assert!(other.take_mailbox().is_none(), "handed out once");
         let key = (scope.clone(), "room".to_owned());
         let reach = broker.publish(&key, &Framed::text("hi"), Some(0));
         assert_eq!(
@@ -294,7 +313,7 @@ mod tests {
     #[test]
     fn limits() {
         let broker = Broker::new();
-        let (mut subs, _rx) = Subscriptions::new(broker.clone(), Arc::from("p"), 1);
+        let mut subs = Subscriptions::new(broker.clone(), Arc::from("p"), 1);
         assert_eq!(subs.subscribe(String::new()), Err(ErrorCode::MessageTooBig));
         assert_eq!(
             subs.subscribe("x".repeat(MAX_TOPIC_LEN + 1)),

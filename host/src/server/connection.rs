@@ -19,6 +19,7 @@ use wharf_protocol::{CloseInfo, Event, HandshakeError, Request, State, WebSocket
 use super::Shared;
 use crate::runtime::bindings::{Header, UpgradeRequest, UpgradeResponse};
 use crate::runtime::connection_host::{ConnectionEntry, Outgoing};
+use crate::runtime::pubsub_host::Mailbox;
 use crate::runtime::{Plugin, PluginError, PluginInstance};
 
 /// The most read from the socket at a time.
@@ -167,6 +168,7 @@ where
         last_event: Instant::now(),
         shared: shared.clone(),
         closed: None,
+        mailbox: None,
     };
     shared.metrics.connection_opened();
     tracing::debug!(conn = id, path = %request.path, "open");
@@ -300,6 +302,9 @@ struct Conn {
     shared: Arc<Shared>,
     /// How the connection ended, once it has.
     closed: Option<CloseInfo>,
+    /// Published messages for this connection (pub/sub), delivered by the
+    /// host without waking the plugin; there once the plugin subscribed.
+    mailbox: Option<Mailbox>,
 }
 
 impl Conn {
@@ -353,7 +358,11 @@ impl Conn {
         let Some(instance) = self.instance.as_mut() else {
             return;
         };
-        let outbox = &mut instance.connection().outbox;
+        let entry = instance.connection();
+        if self.mailbox.is_none() {
+            self.mailbox = entry.subscriptions.take_mailbox();
+        }
+        let outbox = &mut entry.outbox;
         if outbox.is_empty() {
             return;
         }
@@ -520,9 +529,6 @@ impl Conn {
         let mut idle_buffer = false;
         // Doubles, up to READ_CHUNK, each time a read fills the buffer.
         let mut read_chunk = FIRST_READ_CHUNK;
-        // Published messages for this connection (pub/sub), delivered by the
-        // host without waking the plugin.
-        let mut mailbox = self.instance.as_mut().and_then(|i| i.take_mailbox());
         // Registered with the token once, not re-armed on every pass.
         let shutdown = self.shared.shutdown.clone().cancelled_owned();
         tokio::pin!(shutdown);
@@ -603,16 +609,16 @@ impl Conn {
                         Ok(None) => needs_flush = false,
                     }
                 }
-                published = next_published(&mut mailbox), if mailbox.is_some() && !self.ws.is_closed() => {
+                published = next_published(&mut self.mailbox), if self.mailbox.is_some() && !self.ws.is_closed() => {
                     match published {
                         Some(message) => {
                             self.deliver_published(&message);
                             // Drain what else is waiting: one write for the batch.
-                            while let Some(Ok(message)) = mailbox.as_mut().map(|m| m.try_recv()) {
+                            while let Some(Ok(message)) = self.mailbox.as_mut().map(|m| m.try_recv()) {
                                 self.deliver_published(&message);
                             }
                         }
-                        None => mailbox = None,
+                        None => self.mailbox = None,
                     }
                 }
                 read = reader.read_buf(&mut rbuf), if want_read => {
@@ -749,7 +755,7 @@ async fn wake<'a>(
 }
 
 async fn next_published(
-    mailbox: &mut Option<crate::runtime::pubsub_host::Mailbox>,
+    mailbox: &mut Option<Mailbox>,
 ) -> Option<wharf_protocol::Framed> {
     match mailbox {
         Some(m) => m.recv().await,
