@@ -280,9 +280,14 @@ mod tests {
         let mut conns: Vec<_> = (0..3)
             .map(|id| {
                 let mut subs = Subscriptions::new(broker.clone(), scope.clone(), id);
-                assert!(subs.take_mailbox().is_none(), "no mailbox before a subscription");
+                assert!(
+                    subs.take_mailbox().is_none(),
+                    "no mailbox before a subscription"
+                );
                 subs.subscribe("room".into()).unwrap();
-                let rx = subs.take_mailbox().expect("a mailbox after the first subscription");
+                let rx = subs
+                    .take_mailbox()
+                    .expect("a mailbox after the first subscription");
                 (subs, rx)
             })
             .collect();

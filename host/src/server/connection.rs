@@ -24,7 +24,7 @@ use crate::runtime::{Plugin, PluginError, PluginInstance};
 
 /// The most read from the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
-/// What an open connection reads at a time until reads fill it: most
+/// What an open connection reads at a time until a read fills it: most
 /// connections carry small messages, and a 64 KiB buffer for each would be
 /// a large allocation (and free, with glibc's consolidation) per connection.
 const FIRST_READ_CHUNK: usize = 4096;
@@ -527,7 +527,7 @@ impl Conn {
         let mut flush_deadline: Option<Instant> = None;
         // The read buffer is the small one of a hibernated connection.
         let mut idle_buffer = false;
-        // Doubles, up to READ_CHUNK, each time a read fills the buffer.
+        // FIRST_READ_CHUNK until a read fills the buffer, then READ_CHUNK.
         let mut read_chunk = FIRST_READ_CHUNK;
         // Registered with the token once, not re-armed on every pass.
         let shutdown = self.shared.shutdown.clone().cancelled_owned();
@@ -634,8 +634,10 @@ impl Conn {
                         }
                         Ok(n) => {
                             idle_buffer = false;
+                            // A read that filled the buffer: large messages
+                            // (or a burst); read them in full-sized chunks.
                             if n == spare {
-                                read_chunk = (read_chunk * 2).min(READ_CHUNK);
+                                read_chunk = READ_CHUNK;
                             }
                         }
                     }
@@ -754,9 +756,7 @@ async fn wake<'a>(
     Ok(instance.as_mut())
 }
 
-async fn next_published(
-    mailbox: &mut Option<Mailbox>,
-) -> Option<wharf_protocol::Framed> {
+async fn next_published(mailbox: &mut Option<Mailbox>) -> Option<wharf_protocol::Framed> {
     match mailbox {
         Some(m) => m.recv().await,
         None => std::future::pending().await,
