@@ -350,8 +350,15 @@ impl Metrics {
 
     /// A complete message (`bytes` of payload) was queued to a client.
     pub fn message_sent(&self, binary: bool, bytes: usize) {
-        self.sent.get(binary).inc();
-        self.sent_bytes.inc_by(bytes as u64);
+        self.messages_sent(binary, 1, bytes as u64);
+    }
+
+    /// `messages` complete messages (`bytes` of payload in all) were queued.
+    pub fn messages_sent(&self, binary: bool, messages: u64, bytes: u64) {
+        if messages > 0 {
+            self.sent.get(binary).inc_by(messages);
+            self.sent_bytes.inc_by(bytes);
+        }
     }
 
     /// The connection was failed with close `code` for a protocol violation.
@@ -375,9 +382,14 @@ impl Metrics {
     /// An outbound message was refused or dropped (`queue-full`, `closed`,
     /// `too-big`, ...). Every dropped message must be counted here.
     pub fn send_refused(&self, reason: &'static str) {
+        self.sends_refused(reason, 1);
+    }
+
+    /// `count` sends refused at once (a batch the connection could no longer take).
+    pub fn sends_refused(&self, reason: &'static str, count: u64) {
         self.sends_refused
             .get_or_create(&ReasonLabels { reason })
-            .inc();
+            .inc_by(count);
     }
 
     /// Record the duration of one call into a plugin. Negative durations are

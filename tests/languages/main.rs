@@ -382,7 +382,7 @@ async fn costs(plugin: &Plugin) -> Costs {
         let mut inst = plugin.instantiate(u64::from(n)).await.expect("instantiate");
         inst.on_open().await.expect("on_open");
         inst.on_text("hello").await.expect("on_text");
-        assert_eq!(inst.connection().outbox.drain().count(), 1, "no echo");
+        assert_eq!(inst.connection().outbox.discard(), 1, "no echo");
         inst.on_close(1000, "", true).await.expect("on_close");
         n += 1;
     }
@@ -425,7 +425,7 @@ async fn long_connection(lang: &Lang, plugin: &Plugin) -> Result<String, String>
                     (i * SIZE) >> 20
                 ));
             }
-            inst.connection().outbox.drain().for_each(drop);
+            inst.connection().outbox.discard();
             i += 1;
         }
         done.push(format!("{kind} {} MiB", (i * SIZE) >> 20));
@@ -447,7 +447,7 @@ async fn per_call(inst: &mut PluginInstance, payload: Payload) -> f64 {
             Payload::Binary(b) => inst.on_binary(b).await.expect("on_binary"),
         }
         // Drain the echo, as the connection driver does.
-        assert_eq!(inst.connection().outbox.drain().count(), 1, "no echo");
+        assert_eq!(inst.connection().outbox.discard(), 1, "no echo");
     };
     for _ in 0..20 {
         call(inst).await;

@@ -55,6 +55,6 @@ pub use handshake::{
     parse_request, reject_response, validate_header,
 };
 pub use protocol::{
-    CloseInfo, Config, Event, Framed, ProtocolError, SendError, State, WebSocket, close::CloseCode,
-    framed_len,
+    CloseInfo, Config, Event, FrameBatch, Framed, ProtocolError, SendError, State, Tally,
+    WebSocket, close::CloseCode, framed_len,
 };

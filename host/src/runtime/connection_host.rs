@@ -1,48 +1,47 @@
 //! The host side of `wharf:websocket/connection`: the `connection` resource a
 //! plugin sends through.
 //!
-//! A plugin's sends are not written from inside the call: they are queued in
-//! the connection's [`Outbox`] and handed to the protocol state machine by the
-//! driver once the call returns, so the host never re-enters an instance and a
-//! plugin never touches a socket.
+//! A plugin's sends are not written from inside the call: they are framed
+//! into the connection's [`Outbox`] and handed to the protocol state machine
+//! by the driver once the call returns, so the host never re-enters an
+//! instance and a plugin never touches a socket.
+//!
+//! These host functions are wired by hand rather than by `bindgen!`: the
+//! generated ones would lift each payload into a fresh `String`/`Vec`
+//! (an allocation and a copy per message); here the payload is read in
+//! place from the plugin's memory and framed straight into the outbox.
 
-use std::collections::VecDeque;
-
-use wasmtime::component::Resource;
+use wasmtime::StoreContextMut;
+use wasmtime::component::{Linker, Resource, ResourceType, WasmList, WasmStr};
+use wharf_protocol::FrameBatch;
 
 use super::HostState;
-use super::bindings::wharf::websocket::connection::{Host, HostConnection};
 use super::bindings::{CloseCode, ErrorCode};
 use super::pubsub_host::Subscriptions;
 
 /// RFC 6455 5.5: 125 bytes of control payload, 2 of them the code.
 pub const MAX_CLOSE_REASON: usize = 123;
 
-/// What a plugin asked to send, in order.
-#[derive(Debug)]
-pub enum Outgoing {
-    Text(String),
-    Binary(Vec<u8>),
-    Close { code: u16, reason: String },
-}
+/// The interface these functions implement (older 0.1.x plugins are matched
+/// to it by semver).
+const INTERFACE: &str = "wharf:websocket/connection@0.1.2";
 
 /// The limits the host checks a send against, fixed per connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct SendLimits {
     pub max_message_size: usize,
     pub send_queue: usize,
-    /// The protocol's outgoing fragmentation, which the queue accounting
-    /// must know to count frame headers as the protocol does.
+    /// The protocol's outgoing fragmentation: sends are framed here.
     pub fragment_size: Option<usize>,
 }
 
-/// A plugin's queued sends for one connection.
-#[derive(Debug)]
+/// A plugin's sends for one connection during a call: complete frames, and
+/// the close it asked for (always last: nothing is accepted after it).
+#[derive(Debug, Default)]
 pub struct Outbox {
     limits: SendLimits,
-    items: VecDeque<Outgoing>,
-    /// Framed bytes queued (headers included, as the protocol counts them).
-    queued_bytes: usize,
+    pub frames: FrameBatch,
+    pub close: Option<(u16, String)>,
     /// Bytes the driver had not yet written when the current call began.
     backlog: usize,
     /// No more sends accepted: the plugin closed, or the connection is closing.
@@ -50,12 +49,20 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    fn new(limits: SendLimits) -> Self {
+        Self {
+            limits,
+            frames: FrameBatch::new(limits.fragment_size),
+            ..Self::default()
+        }
+    }
+
     fn check_send(&self, len: usize) -> Result<(), ErrorCode> {
         if self.closed {
             Err(ErrorCode::Closed)
         } else if len > self.limits.max_message_size {
             Err(ErrorCode::MessageTooBig)
-        } else if self.backlog + self.queued_bytes >= self.limits.send_queue {
+        } else if self.backlog + self.frames.len() >= self.limits.send_queue {
             // The same high-water rule the protocol applies to its output, so a
             // message accepted here is never refused when it is handed over.
             Err(ErrorCode::QueueFull)
@@ -64,9 +71,29 @@ impl Outbox {
         }
     }
 
-    fn push(&mut self, item: Outgoing, len: usize) {
-        self.queued_bytes += wharf_protocol::framed_len(len, self.limits.fragment_size);
-        self.items.push_back(item);
+    fn send_text(&mut self, text: &str) -> Result<(), ErrorCode> {
+        self.check_send(text.len())?;
+        self.frames.push_text(text);
+        Ok(())
+    }
+
+    fn send_binary(&mut self, data: &[u8]) -> Result<(), ErrorCode> {
+        self.check_send(data.len())?;
+        self.frames.push_binary(data);
+        Ok(())
+    }
+
+    fn close(&mut self, code: CloseCode, reason: String) -> Result<(), ErrorCode> {
+        if self.closed {
+            return Err(ErrorCode::Closed);
+        }
+        let code = close_code_number(code)?;
+        if reason.len() > MAX_CLOSE_REASON {
+            return Err(ErrorCode::ReasonTooLong);
+        }
+        self.closed = true;
+        self.close = Some((code, reason));
+        Ok(())
     }
 
     /// Sets what the driver still has to write and whether the connection can
@@ -76,14 +103,17 @@ impl Outbox {
         self.closed |= closed;
     }
 
-    /// Takes the queued sends, oldest first.
-    pub fn drain(&mut self) -> impl Iterator<Item = Outgoing> + '_ {
-        self.queued_bytes = 0;
-        self.items.drain(..)
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty() && self.close.is_none()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+    /// Discards the queued sends (for callers that drive an instance without
+    /// a connection: benches, tests); returns how many messages there were.
+    pub fn discard(&mut self) -> u64 {
+        let (text, binary) = self.frames.take_tally();
+        self.frames.clear();
+        self.close = None;
+        text.messages + binary.messages
     }
 
     /// Whether sends are refused (the plugin closed, or the connection is closing).
@@ -109,18 +139,10 @@ impl ConnectionEntry {
             id,
             subscriptions,
             attachment: Vec::new(),
-            outbox: Outbox {
-                limits,
-                items: VecDeque::new(),
-                queued_bytes: 0,
-                backlog: 0,
-                closed: false,
-            },
+            outbox: Outbox::new(limits),
         }
     }
-}
 
-impl ConnectionEntry {
     /// The host's id of the connection.
     pub fn id(&self) -> u64 {
         self.id
@@ -143,64 +165,122 @@ pub fn close_code_number(code: CloseCode) -> Result<u16, ErrorCode> {
     })
 }
 
-impl HostConnection for HostState {
-    fn id(&mut self, this: Resource<ConnectionEntry>) -> wasmtime::Result<u64> {
-        Ok(self.table.get(&this)?.id)
-    }
-
-    fn send_text(
-        &mut self,
-        this: Resource<ConnectionEntry>,
-        text: String,
-    ) -> wasmtime::Result<Result<(), ErrorCode>> {
-        let outbox = &mut self.table.get_mut(&this)?.outbox;
-        let len = text.len();
-        Ok(outbox
-            .check_send(len)
-            .map(|()| outbox.push(Outgoing::Text(text), len)))
-    }
-
-    fn send_binary(
-        &mut self,
-        this: Resource<ConnectionEntry>,
-        data: Vec<u8>,
-    ) -> wasmtime::Result<Result<(), ErrorCode>> {
-        let outbox = &mut self.table.get_mut(&this)?.outbox;
-        let len = data.len();
-        Ok(outbox
-            .check_send(len)
-            .map(|()| outbox.push(Outgoing::Binary(data), len)))
-    }
-
-    fn close(
-        &mut self,
-        this: Resource<ConnectionEntry>,
-        code: CloseCode,
-        reason: String,
-    ) -> wasmtime::Result<Result<(), ErrorCode>> {
-        let outbox = &mut self.table.get_mut(&this)?.outbox;
-        let result = (|| {
-            if outbox.closed {
-                return Err(ErrorCode::Closed);
-            }
-            let code = close_code_number(code)?;
-            if reason.len() > MAX_CLOSE_REASON {
-                return Err(ErrorCode::ReasonTooLong);
-            }
-            outbox.closed = true;
-            outbox.push(Outgoing::Close { code, reason }, 0);
-            Ok(())
-        })();
-        Ok(result)
-    }
-
-    fn drop(&mut self, _this: Resource<ConnectionEntry>) -> wasmtime::Result<()> {
-        // Plugins only ever receive borrowed handles, so this is never a
-        // plugin's to call; the host drops the entry with the store.
-        Ok(())
-    }
+/// Runs `send` on the connection's outbox with the plugin's memory readable:
+/// the outbox is taken out of the table for the call, so the payload can be
+/// read in place while it is framed.
+fn with_outbox(
+    mut store: StoreContextMut<'_, HostState>,
+    this: &Resource<ConnectionEntry>,
+    send: impl FnOnce(
+        &StoreContextMut<'_, HostState>,
+        &mut Outbox,
+    ) -> wasmtime::Result<Result<(), ErrorCode>>,
+) -> wasmtime::Result<(Result<(), ErrorCode>,)> {
+    let mut outbox = std::mem::take(&mut store.data_mut().table.get_mut(this)?.outbox);
+    let result = send(&store, &mut outbox);
+    store.data_mut().table.get_mut(this)?.outbox = outbox;
+    Ok((result?,))
 }
 
-impl Host for HostState {}
+/// Adds `wharf:websocket/connection` to the linker.
+pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    let mut inst = linker.instance(INTERFACE)?;
+    // Plugins only ever receive borrowed handles, so a drop is never a
+    // plugin's to make; the host drops the entry with the store.
+    inst.resource(
+        "connection",
+        ResourceType::host::<ConnectionEntry>(),
+        |_, _| Ok(()),
+    )?;
+    inst.func_wrap(
+        "[method]connection.id",
+        |store: StoreContextMut<'_, HostState>, (this,): (Resource<ConnectionEntry>,)| {
+            Ok((store.data().table.get(&this)?.id,))
+        },
+    )?;
+    inst.func_wrap(
+        "[method]connection.send-text",
+        |store: StoreContextMut<'_, HostState>,
+         (this, text): (Resource<ConnectionEntry>, WasmStr)| {
+            with_outbox(store, &this, |store, outbox| {
+                // Validated (and transcoded, for UTF-16 plugins) here; a
+                // UTF-8 plugin's text is read in place.
+                let text = text.to_str(store)?;
+                Ok(outbox.send_text(&text))
+            })
+        },
+    )?;
+    inst.func_wrap(
+        "[method]connection.send-binary",
+        |store: StoreContextMut<'_, HostState>,
+         (this, data): (Resource<ConnectionEntry>, WasmList<u8>)| {
+            with_outbox(store, &this, |store, outbox| {
+                Ok(outbox.send_binary(data.as_le_slice(store)))
+            })
+        },
+    )?;
+    inst.func_wrap(
+        "[method]connection.close",
+        |mut store: StoreContextMut<'_, HostState>,
+         (this, code, reason): (Resource<ConnectionEntry>, CloseCode, String)| {
+            let outbox = &mut store.data_mut().table.get_mut(&this)?.outbox;
+            Ok((outbox.close(code, reason),))
+        },
+    )?;
+    Ok(())
+}
 
 impl super::bindings::wharf::websocket::types::Host for HostState {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox(max_message_size: usize, send_queue: usize) -> Outbox {
+        Outbox::new(SendLimits {
+            max_message_size,
+            send_queue,
+            fragment_size: None,
+        })
+    }
+
+    #[test]
+    fn sends_are_framed_and_bounded() {
+        let mut out = outbox(100, 50);
+        assert_eq!(out.send_text("hi"), Ok(()));
+        assert_eq!(out.send_binary(&[1, 2, 3]), Ok(()));
+        // Frames as the protocol writes them: 2-byte headers, no mask.
+        assert_eq!(out.frames.len(), 2 + 2 + 2 + 3);
+        assert_eq!(out.send_binary(&[0; 101]), Err(ErrorCode::MessageTooBig));
+        // The queue bound counts what the driver still has to write too.
+        out.sync(41, false);
+        assert_eq!(out.send_text("x"), Err(ErrorCode::QueueFull));
+        out.sync(0, false);
+        assert_eq!(out.discard(), 2);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn nothing_after_close() {
+        let mut out = outbox(100, 1000);
+        assert_eq!(
+            out.close(CloseCode::Application(2999), String::new()),
+            Err(ErrorCode::InvalidCode)
+        );
+        assert_eq!(
+            out.close(CloseCode::Normal, "x".repeat(MAX_CLOSE_REASON + 1)),
+            Err(ErrorCode::ReasonTooLong)
+        );
+        assert_eq!(out.close(CloseCode::Normal, "bye".into()), Ok(()));
+        assert_eq!(out.close, Some((1000, "bye".to_owned())));
+        assert_eq!(out.send_text("late"), Err(ErrorCode::Closed));
+        assert_eq!(
+            out.close(CloseCode::Normal, String::new()),
+            Err(ErrorCode::Closed)
+        );
+        // A connection that is closing refuses sends before any close call.
+        let mut out = outbox(100, 1000);
+        out.sync(0, true);
+        assert_eq!(out.send_binary(b"x"), Err(ErrorCode::Closed));
+    }
+}

@@ -18,7 +18,7 @@ use wharf_protocol::{CloseInfo, Event, HandshakeError, Request, State, WebSocket
 
 use super::Shared;
 use crate::runtime::bindings::{Header, UpgradeRequest, UpgradeResponse};
-use crate::runtime::connection_host::{ConnectionEntry, Outgoing};
+use crate::runtime::connection_host::ConnectionEntry;
 use crate::runtime::pubsub_host::Mailbox;
 use crate::runtime::{Plugin, PluginError, PluginInstance};
 
@@ -31,8 +31,9 @@ const FIRST_READ_CHUNK: usize = 4096;
 /// The read buffer of a hibernated connection until bytes arrive again: ten
 /// thousand idle 64 KiB buffers would be most of an idle server's memory.
 const IDLE_READ_CHUNK: usize = 256;
-/// Slices handed to one vectored write.
-const WRITE_SLICES: usize = 64;
+/// Slices handed to one vectored write: the queue is a few chunks of at least
+/// 16 KiB and a tail, so 16 carry plenty per call (and are cheap to set up).
+const WRITE_SLICES: usize = 16;
 /// 1011 reason sent when a plugin dies: says what happened, not why (the why
 /// is in the host's log, not for the peer).
 const PLUGIN_FAILED: &str = "handler failed";
@@ -366,30 +367,31 @@ impl Conn {
         if outbox.is_empty() {
             return;
         }
-        for item in outbox.drain() {
-            // The plugin's copy (lifted out of wasm memory) is given to the
-            // protocol as it is: large payloads reach writev without a copy.
-            let (result, sent) = match item {
-                Outgoing::Text(t) => {
-                    let len = t.len();
-                    (self.ws.send_text_owned(t), Some((false, len)))
+        let metrics = &self.shared.metrics;
+        if !outbox.frames.is_empty() {
+            // Framed during the call straight from the plugin's memory; the
+            // protocol takes the whole batch (exchanging buffers when its
+            // queue is empty).
+            let (text, binary) = outbox.frames.take_tally();
+            match self.ws.send_batch(&mut outbox.frames) {
+                Ok(()) => {
+                    metrics.messages_sent(false, text.messages, text.bytes);
+                    metrics.messages_sent(true, binary.messages, binary.bytes);
                 }
-                Outgoing::Binary(b) => {
-                    let len = b.len();
-                    (self.ws.send_binary_owned(b), Some((true, len)))
-                }
-                Outgoing::Close { code, reason } => (self.ws.close(code, &reason), None),
-            };
-            match (result, sent) {
-                (Ok(()), Some((binary, len))) => self.shared.metrics.message_sent(binary, len),
-                (Ok(()), None) => {}
-                (Err(err), _) => {
+                Err(err) => {
                     // The outbox applies the protocol's own rules, so this is
                     // a race with a close; still, nothing is dropped unseen.
-                    tracing::warn!(conn = self.id, %err, "plugin send dropped");
-                    self.shared.metrics.send_refused(send_error_label(&err));
+                    let dropped = text.messages + binary.messages;
+                    tracing::warn!(conn = self.id, %err, dropped, "plugin sends dropped");
+                    metrics.sends_refused(send_error_label(&err), dropped);
                 }
             }
+        }
+        if let Some((code, reason)) = outbox.close.take()
+            && let Err(err) = self.ws.close(code, &reason)
+        {
+            tracing::warn!(conn = self.id, %err, "plugin close dropped");
+            metrics.sends_refused(send_error_label(&err), 1);
         }
     }
 
@@ -403,6 +405,9 @@ impl Conn {
     fn hibernate(&mut self) {
         if let Some(instance) = self.instance.take() {
             self.parked = instance.hibernate();
+            if let Some(entry) = self.parked.as_mut() {
+                entry.outbox.frames.release();
+            }
             self.shared.released.add();
             tracing::debug!(conn = self.id, "hibernated");
         }
@@ -732,10 +737,12 @@ async fn write_or_flush<W: AsyncWrite + Unpin>(
     writer: &mut W,
     slices: &[IoSlice<'_>],
 ) -> std::io::Result<Option<usize>> {
-    if slices.is_empty() {
-        writer.flush().await.map(|()| None)
-    } else {
-        writer.write_vectored(slices).await.map(Some)
+    match slices {
+        [] => writer.flush().await.map(|()| None),
+        // One slice: a plain send, which the kernel serves with less work
+        // than a one-element writev.
+        [one] => writer.write(one).await.map(Some),
+        _ => writer.write_vectored(slices).await.map(Some),
     }
 }
 
@@ -789,10 +796,11 @@ fn write_now<W: AsyncWrite + Unpin>(
             }
             return Ok(());
         }
-        match writer
-            .as_mut()
-            .poll_write_vectored(&mut cx, &slices[..filled])
-        {
+        let written = match &slices[..filled] {
+            [one] => writer.as_mut().poll_write(&mut cx, one),
+            many => writer.as_mut().poll_write_vectored(&mut cx, many),
+        };
+        match written {
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(()),
             Poll::Ready(Ok(n)) => {
                 ws.advance_output(n);

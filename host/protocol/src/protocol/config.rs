@@ -82,7 +82,7 @@ pub fn framed_len(payload_len: usize, fragment_size: Option<usize>) -> usize {
 #[cfg(test)]
 mod framed_len_tests {
     use super::*;
-    use crate::WebSocket;
+    use crate::{FrameBatch, SendError, WebSocket};
     use std::time::Instant;
 
     /// The formula matches what the encoder really queues.
@@ -141,6 +141,66 @@ mod framed_len_tests {
                 assert_eq!(a.output_len(), b.output_len());
             }
         }
+    }
+
+    /// A batch queues the bytes the same sends would, whatever is queued
+    /// already, and counts what it carried.
+    #[test]
+    fn batch_matches_sends() {
+        for fragment_size in [None, Some(7), Some(20_000)] {
+            for len in [0, 5, 125, 126, 16 * 1024, 70_000] {
+                for queued_before in [0, 3, 20_000] {
+                    let config = Config {
+                        fragment_size,
+                        send_queue_bytes: usize::MAX,
+                        ..Config::default()
+                    };
+                    let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
+                    let text: String = (0..len)
+                        .map(|i| char::from(b'a' + (i % 26) as u8))
+                        .collect();
+                    let before = vec![9u8; queued_before];
+                    let mut a = WebSocket::new(config.clone(), Instant::now());
+                    let mut b = WebSocket::new(config, Instant::now());
+                    if queued_before > 0 {
+                        a.send_binary(&before).unwrap();
+                        b.send_binary(&before).unwrap();
+                    }
+                    a.send_binary(&data).unwrap();
+                    a.send_text(&text).unwrap();
+                    let mut batch = FrameBatch::new(fragment_size);
+                    batch.push_binary(&data);
+                    batch.push_text(&text);
+                    let (t, bin) = batch.take_tally();
+                    assert_eq!((t.messages, t.bytes), (1, len as u64));
+                    assert_eq!((bin.messages, bin.bytes), (1, len as u64));
+                    b.send_batch(&mut batch).unwrap();
+                    assert!(batch.is_empty());
+                    let what =
+                        format!("len {len} fragment {fragment_size:?} before {queued_before}");
+                    assert_eq!(output_bytes(&a), output_bytes(&b), "{what}");
+                    assert_eq!(a.output_len(), b.output_len(), "{what}");
+                    // The batch is reusable after the exchange of buffers.
+                    batch.push_text("again");
+                    b.send_batch(&mut batch).unwrap();
+                    a.send_text("again").unwrap();
+                    assert_eq!(output_bytes(&a), output_bytes(&b), "{what}, reused");
+                }
+            }
+        }
+    }
+
+    /// A batch is refused, and emptied, once the connection is closing.
+    #[test]
+    fn batch_refused_when_not_open() {
+        let mut ws = WebSocket::new(Config::default(), Instant::now());
+        ws.close(1000, "bye").unwrap();
+        let queued = ws.output_len();
+        let mut batch = FrameBatch::new(None);
+        batch.push_text("late");
+        assert_eq!(ws.send_batch(&mut batch), Err(SendError::Closed));
+        assert!(batch.is_empty());
+        assert_eq!(ws.output_len(), queued);
     }
 
     /// A framed message queues the same bytes as a borrowed send.

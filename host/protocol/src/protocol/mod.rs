@@ -6,6 +6,7 @@
 //! and [`WebSocket::advance_output`]. It never blocks, allocates per
 //! message, or buffers beyond its [`Config`] limits.
 
+mod batch;
 pub mod close;
 mod config;
 mod error;
@@ -17,6 +18,7 @@ use std::io::IoSlice;
 use bytes::Bytes;
 use std::time::{Duration, Instant};
 
+pub use batch::{FrameBatch, Tally};
 pub use config::{Config, framed_len};
 pub use error::{ProtocolError, SendError};
 
@@ -235,6 +237,20 @@ impl WebSocket {
         self.core.send_data_owned(OpCode::Binary, Bytes::from(data))
     }
 
+    /// Queues a [`FrameBatch`], leaving it empty (its buffer is kept or
+    /// exchanged, so a batch refilled every call allocates rarely). The
+    /// batch's messages are not checked against the send queue bound: the
+    /// host that filled it admits each message with the same rule (see
+    /// [`framed_len`]). Refused (and emptied) unless the connection is open.
+    pub fn send_batch(&mut self, batch: &mut FrameBatch) -> Result<(), SendError> {
+        if let Err(err) = self.core.check_can_send() {
+            batch.clear();
+            return Err(err);
+        }
+        self.core.out.append(batch.bytes_mut());
+        Ok(())
+    }
+
     /// Queues a message framed once by [`Framed::text`] / [`Framed::binary`],
     /// typically shared by many connections (pub/sub fan-out): the bytes are
     /// queued by reference, never copied. Always one unfragmented frame.
@@ -368,7 +384,11 @@ impl Core {
                 msg.extend_from_slice(chunk);
                 let new = msg.get_mut(start..).unwrap_or_default();
                 frame.mask_offset = apply_mask(new, mask, frame.mask_offset);
-                if self.msg_kind == Some(MsgKind::Text) && self.utf8.feed(new).is_err() {
+                // A message that arrived whole in this input is validated
+                // once, when it is delivered; only one that arrives in parts
+                // is validated as it comes (to fail fast).
+                let whole = start == 0 && header.fin && frame.remaining == 0;
+                if self.msg_kind == Some(MsgKind::Text) && !whole && self.utf8.feed(new).is_err() {
                     return Some(Ready::Closed(self.fail(ProtocolError::InvalidUtf8)));
                 }
             }

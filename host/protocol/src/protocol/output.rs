@@ -66,6 +66,28 @@ impl Output {
         }
     }
 
+    /// Queues bytes that are complete frames, taking them from `frames`
+    /// (left empty). Into an empty queue the buffers are exchanged, so
+    /// neither side copies or allocates; a large batch behind queued bytes
+    /// becomes a chunk of its own; a small one is copied into the tail.
+    pub(crate) fn append(&mut self, frames: &mut BytesMut) {
+        let n = frames.len();
+        if n == 0 {
+            return;
+        }
+        self.len += n;
+        if self.tail.is_empty() {
+            std::mem::swap(&mut self.tail, frames);
+            frames.clear();
+        } else if n >= OWN_CHUNK_MIN {
+            self.seal_tail();
+            self.chunks.push_back(frames.split().freeze());
+        } else {
+            self.tail.extend_from_slice(frames);
+            frames.clear();
+        }
+    }
+
     fn push_header(&mut self, fin: bool, opcode: OpCode, len: usize) {
         let (header, used) = coding::encode(fin, opcode, len);
         self.tail.extend_from_slice(&header[..used]);
