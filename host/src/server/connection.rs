@@ -737,12 +737,10 @@ async fn write_or_flush<W: AsyncWrite + Unpin>(
     writer: &mut W,
     slices: &[IoSlice<'_>],
 ) -> std::io::Result<Option<usize>> {
-    match slices {
-        [] => writer.flush().await.map(|()| None),
-        // One slice: a plain send, which the kernel serves with less work
-        // than a one-element writev.
-        [one] => writer.write(one).await.map(Some),
-        _ => writer.write_vectored(slices).await.map(Some),
+    if slices.is_empty() {
+        writer.flush().await.map(|()| None)
+    } else {
+        writer.write_vectored(slices).await.map(Some)
     }
 }
 
@@ -796,11 +794,10 @@ fn write_now<W: AsyncWrite + Unpin>(
             }
             return Ok(());
         }
-        let written = match &slices[..filled] {
-            [one] => writer.as_mut().poll_write(&mut cx, one),
-            many => writer.as_mut().poll_write_vectored(&mut cx, many),
-        };
-        match written {
+        match writer
+            .as_mut()
+            .poll_write_vectored(&mut cx, &slices[..filled])
+        {
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(()),
             Poll::Ready(Ok(n)) => {
                 ws.advance_output(n);
