@@ -113,20 +113,31 @@ mod framed_len_tests {
         slices[..n].iter().flat_map(|s| s.iter().copied()).collect()
     }
 
+    /// A config whose send queue never refuses.
+    fn unbounded(fragment_size: Option<usize>) -> Config {
+        Config {
+            fragment_size,
+            send_queue_bytes: usize::MAX,
+            ..Config::default()
+        }
+    }
+
+    /// A binary and a text payload of `len` bytes.
+    fn payloads(len: usize) -> (Vec<u8>, String) {
+        let data = (0..len).map(|i| i as u8).collect();
+        let text = (0..len)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        (data, text)
+    }
+
     /// Owned sends queue exactly the bytes borrowed sends do.
     #[test]
     fn owned_sends_match_borrowed_sends() {
         for fragment_size in [None, Some(7), Some(20_000)] {
             for len in [0, 5, 16 * 1024 - 1, 16 * 1024, 70_000] {
-                let config = Config {
-                    fragment_size,
-                    send_queue_bytes: usize::MAX,
-                    ..Config::default()
-                };
-                let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
-                let text: String = (0..len)
-                    .map(|i| char::from(b'a' + (i % 26) as u8))
-                    .collect();
+                let config = unbounded(fragment_size);
+                let (data, text) = payloads(len);
                 let mut a = WebSocket::new(config.clone(), Instant::now());
                 a.send_binary(&data).unwrap();
                 a.send_text(&text).unwrap();
@@ -150,15 +161,8 @@ mod framed_len_tests {
         for fragment_size in [None, Some(7), Some(20_000)] {
             for len in [0, 5, 125, 126, 16 * 1024, 70_000] {
                 for queued_before in [0, 3, 20_000] {
-                    let config = Config {
-                        fragment_size,
-                        send_queue_bytes: usize::MAX,
-                        ..Config::default()
-                    };
-                    let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
-                    let text: String = (0..len)
-                        .map(|i| char::from(b'a' + (i % 26) as u8))
-                        .collect();
+                    let config = unbounded(fragment_size);
+                    let (data, text) = payloads(len);
                     let before = vec![9u8; queued_before];
                     let mut a = WebSocket::new(config.clone(), Instant::now());
                     let mut b = WebSocket::new(config, Instant::now());

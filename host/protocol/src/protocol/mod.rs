@@ -239,9 +239,10 @@ impl WebSocket {
 
     /// Queues a [`FrameBatch`], leaving it empty (its buffer is kept or
     /// exchanged, so a batch refilled every call allocates rarely). The
-    /// batch's messages are not checked against the send queue bound: the
-    /// host that filled it admits each message with the same rule (see
-    /// [`framed_len`]). Refused (and emptied) unless the connection is open.
+    /// batch's messages are not checked against the send queue bound here:
+    /// the host that filled it admits each message by the same high-water
+    /// rule, counting what is queued and what the batch already holds.
+    /// Refused (and emptied) unless the connection is open.
     pub fn send_batch(&mut self, batch: &mut FrameBatch) -> Result<(), SendError> {
         if let Err(err) = self.core.check_can_send() {
             batch.clear();
