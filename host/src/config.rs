@@ -189,7 +189,6 @@ impl Default for Config {
     }
 }
 
-/// Why a configuration was refused.
 /// A directory whose files answer plain HTTP `GET`/`HEAD` requests (those
 /// without `Upgrade: websocket`) on every listener, e.g. the page that opens
 /// the WebSocket. Unset: such requests get 426 Upgrade Required.
@@ -215,6 +214,7 @@ impl Default for StaticFilesConfig {
     }
 }
 
+/// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
