@@ -56,5 +56,5 @@ pub use handshake::{
 };
 pub use protocol::{
     CloseInfo, Config, Event, FrameBatch, Framed, ProtocolError, SendError, State, Tally,
-    WebSocket, close::CloseCode, framed_len,
+    WebSocket, close::CloseCode,
 };

@@ -47,20 +47,10 @@ impl Default for Config {
     }
 }
 
-impl Config {
-    /// Bytes a data message of `payload_len` takes in the output queue once
-    /// framed: see [`framed_len`].
-    pub fn framed_len(&self, payload_len: usize) -> usize {
-        framed_len(payload_len, self.fragment_size)
-    }
-}
-
 /// Bytes a data message of `payload_len` takes in the output queue once
-/// framed (headers included, fragmented per `fragment_size`): what
-/// [`WebSocket::send_text`](super::WebSocket::send_text) counts against
-/// `send_queue_bytes`. A host that admits messages before handing them over
-/// uses it to apply exactly the same bound.
-pub fn framed_len(payload_len: usize, fragment_size: Option<usize>) -> usize {
+/// framed (headers included, fragmented per `fragment_size`): what a
+/// [`FrameBatch`](super::FrameBatch) reserves before encoding one.
+pub(crate) fn framed_len(payload_len: usize, fragment_size: Option<usize>) -> usize {
     fn header(len: usize) -> usize {
         match len {
             0..=125 => 2,
@@ -90,13 +80,8 @@ mod framed_len_tests {
     fn framed_len_matches_the_output() {
         for fragment_size in [None, Some(1), Some(100), Some(70_000)] {
             for len in [0, 1, 125, 126, 300, 65_535, 65_536, 200_000] {
-                let config = Config {
-                    fragment_size,
-                    send_queue_bytes: usize::MAX,
-                    ..Config::default()
-                };
-                let expected = config.framed_len(len);
-                let mut ws = WebSocket::new(config, Instant::now());
+                let expected = framed_len(len, fragment_size);
+                let mut ws = WebSocket::new(unbounded(fragment_size), Instant::now());
                 ws.send_binary(&vec![7; len]).unwrap();
                 assert_eq!(
                     ws.output_len(),
@@ -129,29 +114,6 @@ mod framed_len_tests {
             .map(|i| char::from(b'a' + (i % 26) as u8))
             .collect();
         (data, text)
-    }
-
-    /// Owned sends queue exactly the bytes borrowed sends do.
-    #[test]
-    fn owned_sends_match_borrowed_sends() {
-        for fragment_size in [None, Some(7), Some(20_000)] {
-            for len in [0, 5, 16 * 1024 - 1, 16 * 1024, 70_000] {
-                let config = unbounded(fragment_size);
-                let (data, text) = payloads(len);
-                let mut a = WebSocket::new(config.clone(), Instant::now());
-                a.send_binary(&data).unwrap();
-                a.send_text(&text).unwrap();
-                let mut b = WebSocket::new(config, Instant::now());
-                b.send_binary_owned(data).unwrap();
-                b.send_text_owned(text).unwrap();
-                assert_eq!(
-                    output_bytes(&a),
-                    output_bytes(&b),
-                    "len {len} fragment {fragment_size:?}"
-                );
-                assert_eq!(a.output_len(), b.output_len());
-            }
-        }
     }
 
     /// A batch queues the bytes the same sends would, whatever is queued

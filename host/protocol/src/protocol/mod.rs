@@ -19,7 +19,7 @@ use bytes::Bytes;
 use std::time::{Duration, Instant};
 
 pub use batch::{FrameBatch, Tally};
-pub use config::{Config, framed_len};
+pub use config::Config;
 pub use error::{ProtocolError, SendError};
 
 use close::CloseCode;
@@ -222,19 +222,6 @@ impl WebSocket {
     /// Queues a binary message (fragmented per `fragment_size`).
     pub fn send_binary(&mut self, data: &[u8]) -> Result<(), SendError> {
         self.core.send_data(OpCode::Binary, data)
-    }
-
-    /// [`send_text`](Self::send_text) for a message the caller gives away:
-    /// a large payload is queued for the socket without being copied.
-    pub fn send_text_owned(&mut self, text: String) -> Result<(), SendError> {
-        self.core
-            .send_data_owned(OpCode::Text, Bytes::from(text.into_bytes()))
-    }
-
-    /// [`send_binary`](Self::send_binary) for a message the caller gives
-    /// away: a large payload is queued for the socket without being copied.
-    pub fn send_binary_owned(&mut self, data: Vec<u8>) -> Result<(), SendError> {
-        self.core.send_data_owned(OpCode::Binary, Bytes::from(data))
     }
 
     /// Queues a [`FrameBatch`], leaving it empty (its buffer is kept or
@@ -596,28 +583,6 @@ impl Core {
             return Err(SendError::MessageTooBig);
         }
         self.check_queue()
-    }
-
-    fn send_data_owned(&mut self, opcode: OpCode, data: Bytes) -> Result<(), SendError> {
-        // A payload that will be copied into the tail anyway, or that is one
-        // frame, is not sliced: slicing would turn the caller's buffer into
-        // a shared one (an allocation and a reference count per message).
-        if data.len() < output::OWN_CHUNK_MIN {
-            return self.send_data(opcode, &data);
-        }
-        self.admit(data.len())?;
-        if self
-            .config
-            .fragment_size
-            .is_none_or(|size| data.len() <= size)
-        {
-            self.out.push_frame_owned(true, opcode, data);
-            return Ok(());
-        }
-        for (fin, op, range) in fragments(opcode, data.len(), self.config.fragment_size) {
-            self.out.push_frame_owned(fin, op, data.slice(range));
-        }
-        Ok(())
     }
 
     fn send_data(&mut self, opcode: OpCode, data: &[u8]) -> Result<(), SendError> {

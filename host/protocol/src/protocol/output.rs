@@ -43,18 +43,6 @@ impl Output {
         self.len += payload.len();
     }
 
-    /// Queues one complete frame whose payload the caller gives away: a
-    /// large one is queued as it is, without a copy.
-    pub(crate) fn push_frame_owned(&mut self, fin: bool, opcode: OpCode, payload: Bytes) {
-        if payload.len() < OWN_CHUNK_MIN {
-            return self.push_frame(fin, opcode, &payload);
-        }
-        self.push_header(fin, opcode, payload.len());
-        self.seal_tail();
-        self.len += payload.len();
-        self.chunks.push_back(payload);
-    }
-
     /// Queues bytes that already are one or more complete frames.
     pub(crate) fn push_encoded(&mut self, frames: Bytes) {
         self.len += frames.len();
