@@ -8,7 +8,9 @@
 
 use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
@@ -586,8 +588,8 @@ impl Conn {
             let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
             let filled = self.ws.output_slices(&mut slices);
             // A hibernated connection reads into its small buffer; once
-            // anything arrives it gets a full-sized one again (a message
-            // may be starting, and need not wake the plugin yet).
+            // anything arrives it gets a regular one again (a message may
+            // be starting, and need not wake the plugin yet).
             let low_water = if idle_buffer { 1 } else { read_chunk / 4 };
             if want_read && rbuf.capacity() - rbuf.len() < low_water {
                 rbuf.reserve(read_chunk);
@@ -601,17 +603,10 @@ impl Conn {
                         let _ = self.ws.close(1001, "server shutting down");
                     }
                 }
-                written = write_or_flush(writer, &slices[..filled]), if filled > 0 || needs_flush => {
-                    match written {
-                        Err(_) | Ok(Some(0)) => {
-                            self.transport_gone().await;
-                            return;
-                        }
-                        Ok(Some(n)) => {
-                            self.ws.advance_output(n);
-                            needs_flush = true;
-                        }
-                        Ok(None) => needs_flush = false,
+                written = std::future::poll_fn(|cx| poll_write_or_flush(Pin::new(&mut *writer), cx, &slices[..filled])), if filled > 0 || needs_flush => {
+                    if wrote(&mut self.ws, &mut needs_flush, written).is_err() {
+                        self.transport_gone().await;
+                        return;
                     }
                 }
                 published = next_published(&mut self.mailbox), if self.mailbox.is_some() && !self.ws.is_closed() => {
@@ -731,17 +726,36 @@ fn reuse(rbuf: BytesMut, mut consumed: BytesMut) -> BytesMut {
     }
 }
 
-/// Writes what there is, or, with nothing left, flushes what a TLS stream
-/// buffered. `Some(n)`: n bytes written; `None`: flushed.
-async fn write_or_flush<W: AsyncWrite + Unpin>(
-    writer: &mut W,
+/// One step of writing: the queued slices, or, with none left, a flush of
+/// what a TLS stream buffered. `Some(n)`: n bytes written; `None`: flushed.
+fn poll_write_or_flush<W: AsyncWrite + Unpin>(
+    writer: Pin<&mut W>,
+    cx: &mut Context<'_>,
     slices: &[IoSlice<'_>],
-) -> std::io::Result<Option<usize>> {
+) -> Poll<std::io::Result<Option<usize>>> {
     if slices.is_empty() {
-        writer.flush().await.map(|()| None)
+        writer.poll_flush(cx).map_ok(|()| None)
     } else {
-        writer.write_vectored(slices).await.map(Some)
+        writer.poll_write_vectored(cx, slices).map_ok(Some)
     }
+}
+
+/// Applies a write step's outcome to the output queue. `Err`: the
+/// transport is gone.
+fn wrote(
+    ws: &mut WebSocket,
+    needs_flush: &mut bool,
+    written: std::io::Result<Option<usize>>,
+) -> Result<(), ()> {
+    match written {
+        Err(_) | Ok(Some(0)) => return Err(()),
+        Ok(Some(n)) => {
+            ws.advance_output(n);
+            *needs_flush = true;
+        }
+        Ok(None) => *needs_flush = false,
+    }
+    Ok(())
 }
 
 /// The connection's instance, re-created from the parked state if it
@@ -776,34 +790,16 @@ fn write_now<W: AsyncWrite + Unpin>(
     ws: &mut WebSocket,
     needs_flush: &mut bool,
 ) -> Result<(), ()> {
-    use std::task::{Context, Poll, Waker};
-    // Polled once with a waker that does nothing: `Pending` only means
-    // "not now", and the select polls the same write with the task's waker.
+    // Polled with a waker that does nothing: `Pending` only means "not
+    // now", and the select polls the same write with the task's waker.
     let mut cx = Context::from_waker(Waker::noop());
-    let mut writer = std::pin::Pin::new(writer);
-    loop {
+    while ws.has_output() || *needs_flush {
         let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
         let filled = ws.output_slices(&mut slices);
-        if filled == 0 {
-            if *needs_flush {
-                match writer.as_mut().poll_flush(&mut cx) {
-                    Poll::Ready(Ok(())) => *needs_flush = false,
-                    Poll::Ready(Err(_)) => return Err(()),
-                    Poll::Pending => {}
-                }
-            }
-            return Ok(());
-        }
-        match writer
-            .as_mut()
-            .poll_write_vectored(&mut cx, &slices[..filled])
-        {
-            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(()),
-            Poll::Ready(Ok(n)) => {
-                ws.advance_output(n);
-                *needs_flush = true;
-            }
-            Poll::Pending => return Ok(()),
+        match poll_write_or_flush(Pin::new(&mut *writer), &mut cx, &slices[..filled]) {
+            Poll::Ready(written) => wrote(ws, needs_flush, written)?,
+            Poll::Pending => break,
         }
     }
+    Ok(())
 }
