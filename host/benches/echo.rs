@@ -700,7 +700,8 @@ struct ServerProc {
 }
 
 impl ServerProc {
-    async fn stop(mut self) -> Result<()> {
+    /// Fails, with the server's log, if it exited before we stopped it.
+    fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
             bail!(
@@ -708,6 +709,11 @@ impl ServerProc {
                 self.target.name()
             );
         }
+        Ok(())
+    }
+
+    async fn stop(mut self) -> Result<()> {
+        self.check_alive()?;
         self.child.kill().await.context("kill server")?;
         Ok(())
     }
@@ -715,13 +721,7 @@ impl ServerProc {
     /// Stops the server with SIGTERM (so valgrind writes its output) and
     /// waits for it to exit.
     async fn terminate(mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            bail!(
-                "{} server died during the run ({status}); its log:\n{text}",
-                self.target.name()
-            );
-        }
+        self.check_alive()?;
         // SAFETY: kill has no memory-safety preconditions; pid is our child's.
         unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
         tokio::time::timeout(Duration::from_secs(300), self.child.wait())
