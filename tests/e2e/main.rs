@@ -15,4 +15,5 @@ mod handshake;
 mod hibernation;
 mod lifecycle;
 mod limits;
+mod metrics;
 mod pubsub;

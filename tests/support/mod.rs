@@ -70,6 +70,8 @@ pub struct Server {
     child: Child,
     pub ws_addr: SocketAddr,
     pub wss_addr: Option<SocketAddr>,
+    /// The admin endpoint, when `extra` configured `[admin]`.
+    pub admin_addr: Option<SocketAddr>,
     log: Arc<Mutex<Vec<String>>>,
     client_tls: Option<Arc<rustls::ClientConfig>>,
     _dir: tempfile::TempDir,
@@ -160,20 +162,24 @@ impl Server {
             child,
             ws_addr: "0.0.0.0:0".parse().unwrap(),
             wss_addr: None,
+            admin_addr: None,
             log,
             client_tls,
             _dir: dir,
         };
         let wanted = if opts.tls { 2 } else { 1 };
+        let wants_admin = opts.extra.contains("[admin]");
         let mut urls = Vec::new();
         // Generous: the first start of a plugin compiles it.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while urls.len() < wanted {
+        while urls.len() < wanted || (wants_admin && server.admin_addr.is_none()) {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(url) = line.strip_prefix("listening on ") {
                         urls.push(url.to_owned());
+                    } else if let Some(addr) = line.strip_prefix("admin on http://") {
+                        server.admin_addr = Some(addr.parse().unwrap());
                     }
                 }
                 Err(_) => panic!(
@@ -249,6 +255,32 @@ impl Server {
             stream: open_stream(self.addr(tls), self.client_tls(tls)).await,
             buf: Vec::new(),
         }
+    }
+
+    /// The admin endpoint's `/metrics` exposition.
+    pub async fn metrics(&self) -> String {
+        let addr = self
+            .admin_addr
+            .expect("configure [admin] to scrape metrics");
+        let mut raw = RawClient {
+            stream: open_stream(addr, None).await,
+            buf: Vec::new(),
+        };
+        raw.send(b"GET /metrics HTTP/1.1\r\nHost: wharf\r\nConnection: close\r\n\r\n")
+            .await;
+        let resp = raw.read_response().await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        resp.body
+    }
+
+    /// The value of the exposition line for `series` (name and labels).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+            .parse()
+            .expect("a number")
     }
 
     /// A raw connection that has completed the opening handshake on `path`.

@@ -19,6 +19,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use wharf_protocol::{CloseInfo, Event, HandshakeError, Request, State, WebSocket};
 
 use super::Shared;
+use crate::metrics::Tally;
 use crate::runtime::bindings::{Header, UpgradeRequest, UpgradeResponse};
 use crate::runtime::connection_host::ConnectionEntry;
 use crate::runtime::pubsub_host::Mailbox;
@@ -99,7 +100,7 @@ where
     };
     let upgrade = upgrade_request(&mut request, peer, tls);
     let response = instance.on_upgrade(&upgrade).await;
-    shared.metrics.plugin_call(started.elapsed().as_secs_f64());
+    shared.metrics.plugin_call(started.elapsed());
     let reply = match response {
         Ok(UpgradeResponse::Accept(accept)) => {
             if let Some(p) = &accept.subprotocol
@@ -172,6 +173,7 @@ where
         shared: shared.clone(),
         closed: None,
         mailbox: None,
+        tally: Tally::default(),
     };
     shared.metrics.connection_opened();
     tracing::debug!(conn = id, path = %request.path, "open");
@@ -308,6 +310,15 @@ struct Conn {
     /// Published messages for this connection (pub/sub), delivered by the
     /// host without waking the plugin; there once the plugin subscribed.
     mailbox: Option<Mailbox>,
+    /// Counts not yet added to the shared metrics: they go there when the
+    /// connection next waits (and when it ends), not per message.
+    tally: Tally,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.shared.metrics.absorb(&mut self.tally);
+    }
 }
 
 impl Conn {
@@ -322,9 +333,7 @@ impl Conn {
     /// Records a call's duration; its end is the connection's last event.
     fn record_call(&mut self, started: Instant) -> Instant {
         let now = Instant::now();
-        self.shared
-            .metrics
-            .plugin_call((now - started).as_secs_f64());
+        self.tally.plugin_call(now - started);
         self.last_event = now;
         now
     }
@@ -369,7 +378,6 @@ impl Conn {
         if outbox.is_empty() {
             return;
         }
-        let metrics = &self.shared.metrics;
         if !outbox.frames.is_empty() {
             // Framed during the call straight from the plugin's memory; the
             // protocol takes the whole batch (exchanging buffers when its
@@ -377,15 +385,18 @@ impl Conn {
             let (text, binary) = outbox.frames.take_tally();
             match self.ws.send_batch(&mut outbox.frames) {
                 Ok(()) => {
-                    metrics.messages_sent(false, text.messages, text.bytes);
-                    metrics.messages_sent(true, binary.messages, binary.bytes);
+                    self.tally.messages_sent(false, text.messages, text.bytes);
+                    self.tally
+                        .messages_sent(true, binary.messages, binary.bytes);
                 }
                 Err(err) => {
                     // The outbox applies the protocol's own rules, so this is
                     // a race with a close; still, nothing is dropped unseen.
                     let dropped = text.messages + binary.messages;
                     tracing::warn!(conn = self.id, %err, dropped, "plugin sends dropped");
-                    metrics.sends_refused(send_error_label(&err), dropped);
+                    self.shared
+                        .metrics
+                        .sends_refused(send_error_label(&err), dropped);
                 }
             }
         }
@@ -393,7 +404,7 @@ impl Conn {
             && let Err(err) = self.ws.close(code, &reason)
         {
             tracing::warn!(conn = self.id, %err, "plugin close dropped");
-            metrics.sends_refused(send_error_label(&err), 1);
+            self.shared.metrics.sends_refused(send_error_label(&err), 1);
         }
     }
 
@@ -418,10 +429,10 @@ impl Conn {
     /// Queues a message published to one of the connection's topics.
     fn deliver_published(&mut self, message: &wharf_protocol::Framed) {
         match self.ws.send_framed(message) {
-            Ok(()) => self
-                .shared
-                .metrics
-                .message_sent(message.is_binary(), message.payload_len()),
+            Ok(()) => {
+                self.tally
+                    .messages_sent(message.is_binary(), 1, message.payload_len() as u64)
+            }
             Err(err) => {
                 tracing::debug!(conn = self.id, %err, "published message dropped");
                 self.shared.metrics.send_refused(send_error_label(&err));
@@ -481,7 +492,7 @@ impl Conn {
             let started = now;
             let r = match event {
                 Event::Text(text) => {
-                    self.shared.metrics.message_received(false, text.len());
+                    self.tally.message_received(false, text.len());
                     match wake(&mut self.instance, &mut self.parked, &self.plugin, self.id).await {
                         Err(err) => Err(err),
                         Ok(None) => continue,
@@ -492,7 +503,7 @@ impl Conn {
                     }
                 }
                 Event::Binary(data) => {
-                    self.shared.metrics.message_received(true, data.len());
+                    self.tally.message_received(true, data.len());
                     match wake(&mut self.instance, &mut self.parked, &self.plugin, self.id).await {
                         Err(err) => Err(err),
                         Ok(None) => continue,
@@ -553,6 +564,9 @@ impl Conn {
                 self.process_input(&input).await;
                 rbuf = reuse(rbuf, input);
             }
+            // Counted before it is sent: whoever sees a reply also sees it
+            // in the metrics.
+            self.shared.metrics.absorb(&mut self.tally);
             // What the input produced goes out now if the socket takes it,
             // without a round through the select below.
             if (self.ws.has_output() || needs_flush)

@@ -2,8 +2,10 @@
 //!
 //! [`Metrics`] owns a [`prometheus_client`] [`Registry`] plus handles to every
 //! metric in it. Recording is `&self`, allocation-free and lock-free for the
-//! per-message and per-connection counters (their label sets are fixed, so the
-//! series are created up front and the handles kept). Metrics keyed by a close
+//! per-connection counters (their label sets are fixed, so the series are
+//! created up front and the handles kept). Per-message counts and call
+//! durations are gathered in a connection's [`Tally`] and
+//! [`absorb`](Metrics::absorb)ed in bulk. Metrics keyed by a close
 //! code, HTTP status or failure reason go through a [`Family`], which takes a
 //! shared read lock on the (rare) events they describe. [`Metrics::render`]
 //! produces the text exposition served by [`crate::admin`].
@@ -29,22 +31,21 @@
 //! Series with fixed labels are exported as 0 from the start; the families
 //! keyed by code, status, reason or plugin appear on their first event.
 
+mod histogram;
+mod tally;
+
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// Lowest bucket of `wharf_plugin_call_seconds` (1 µs).
-const PLUGIN_CALL_FIRST_BUCKET: f64 = 1e-6;
-/// Each bucket is twice the previous one.
-const PLUGIN_CALL_BUCKET_FACTOR: f64 = 2.0;
-/// 24 buckets: 1 µs .. ~8.4 s, plus the implicit `+Inf`.
-const PLUGIN_CALL_BUCKETS: u16 = 24;
+use histogram::CallHistogram;
+pub use tally::Tally;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TransportLabels {
@@ -140,8 +141,17 @@ impl ByType {
         }
     }
 
-    fn get(&self, binary: bool) -> &Counter {
-        if binary { &self.binary } else { &self.text }
+    /// Adds `[text, binary]` counts.
+    fn add(&self, [text, binary]: [u64; 2]) {
+        add(&self.text, text);
+        add(&self.binary, binary);
+    }
+}
+
+/// Skips the locked add when there is nothing to add.
+fn add(counter: &Counter, n: u64) {
+    if n > 0 {
+        counter.inc_by(n);
     }
 }
 
@@ -163,7 +173,7 @@ pub struct Metrics {
     plugin_failures: Family<PluginLabels, Counter>,
     sends_refused: Family<ReasonLabels, Counter>,
     static_responses: Family<StatusLabels, Counter>,
-    plugin_call: Histogram,
+    plugin_call: CallHistogram,
 }
 
 impl Metrics {
@@ -267,11 +277,7 @@ impl Metrics {
             static_responses.clone(),
         );
 
-        let plugin_call = Histogram::new(exponential_buckets(
-            PLUGIN_CALL_FIRST_BUCKET,
-            PLUGIN_CALL_BUCKET_FACTOR,
-            PLUGIN_CALL_BUCKETS,
-        ));
+        let plugin_call = CallHistogram::default();
         registry.register(
             "wharf_plugin_call_seconds",
             "Wall-clock duration of calls into plugin instances",
@@ -342,23 +348,17 @@ impl Metrics {
             .inc();
     }
 
-    /// A complete message (`bytes` of payload) was received from a client.
-    pub fn message_received(&self, binary: bool, bytes: usize) {
-        self.received.get(binary).inc();
-        self.received_bytes.inc_by(bytes as u64);
-    }
-
-    /// A complete message (`bytes` of payload) was queued to a client.
-    pub fn message_sent(&self, binary: bool, bytes: usize) {
-        self.messages_sent(binary, 1, bytes as u64);
-    }
-
-    /// `messages` complete messages (`bytes` of payload in all) were queued.
-    pub fn messages_sent(&self, binary: bool, messages: u64, bytes: u64) {
-        if messages > 0 {
-            self.sent.get(binary).inc_by(messages);
-            self.sent_bytes.inc_by(bytes);
+    /// Adds what a connection counted since its last flush, and empties it.
+    pub fn absorb(&self, tally: &mut Tally) {
+        if tally.is_empty() {
+            return;
         }
+        let t = std::mem::take(tally);
+        self.received.add(t.received);
+        self.sent.add(t.sent);
+        add(&self.received_bytes, t.received_bytes);
+        add(&self.sent_bytes, t.sent_bytes);
+        self.plugin_call.add(&t.calls);
     }
 
     /// The connection was failed with close `code` for a protocol violation.
@@ -392,13 +392,10 @@ impl Metrics {
             .inc_by(count);
     }
 
-    /// Record the duration of one call into a plugin. Negative durations are
-    /// recorded as 0; NaN and infinities are ignored (they would poison the
-    /// histogram's sum).
-    pub fn plugin_call(&self, seconds: f64) {
-        if seconds.is_finite() {
-            self.plugin_call.observe(seconds.max(0.0));
-        }
+    /// Records one call into a plugin made outside a connection's
+    /// [`Tally`] (the upgrade decision).
+    pub fn plugin_call(&self, d: Duration) {
+        self.plugin_call.observe(d);
     }
 
     /// The OpenMetrics text exposition of every metric (ends with `# EOF`).
@@ -567,10 +564,17 @@ mod tests {
     #[test]
     fn message_counters() {
         let m = Metrics::new();
-        m.message_received(false, 5);
-        m.message_received(true, 100);
-        m.message_received(true, 0);
-        m.message_sent(false, 7);
+        let mut t = Tally::default();
+        assert!(t.is_empty());
+        t.message_received(false, 5);
+        t.message_received(true, 100);
+        t.message_received(true, 0);
+        t.messages_sent(false, 1, 7);
+        t.messages_sent(true, 0, 0);
+        assert!(!t.is_empty());
+        m.absorb(&mut t);
+        assert!(t.is_empty());
+        m.absorb(&mut t); // a flushed tally adds nothing twice
         let out = m.render();
         assert_line(&out, r#"wharf_messages_received_total{type="text"} 1"#);
         assert_line(&out, r#"wharf_messages_received_total{type="binary"} 2"#);
@@ -583,15 +587,17 @@ mod tests {
     #[test]
     fn plugin_call_histogram() {
         let m = Metrics::new();
-        m.plugin_call(0.000_000_5); // below the first bucket
-        m.plugin_call(0.003);
-        m.plugin_call(100.0); // beyond the last bucket
-        m.plugin_call(-1.0); // clamped to 0
-        m.plugin_call(f64::NAN); // ignored
-        m.plugin_call(f64::INFINITY); // ignored
+        let mut t = Tally::default();
+        t.plugin_call(Duration::from_nanos(500)); // below the first bucket
+        t.plugin_call(Duration::from_millis(3));
+        t.plugin_call(Duration::from_secs(100)); // beyond the last bucket
+        m.absorb(&mut t);
+        m.plugin_call(Duration::ZERO);
         let out = m.render();
         assert_line(&out, "wharf_plugin_call_seconds_count 4");
         assert_line(&out, r#"wharf_plugin_call_seconds_bucket{le="0.000001"} 2"#);
+        assert_line(&out, r#"wharf_plugin_call_seconds_bucket{le="0.002048"} 2"#);
+        assert_line(&out, r#"wharf_plugin_call_seconds_bucket{le="0.004096"} 3"#);
         assert_line(&out, r#"wharf_plugin_call_seconds_bucket{le="+Inf"} 4"#);
         let sum: f64 = out
             .lines()
@@ -604,7 +610,7 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("wharf_plugin_call_seconds_bucket{"))
             .count();
-        assert_eq!(buckets, usize::from(PLUGIN_CALL_BUCKETS) + 1, "{out}");
+        assert_eq!(buckets, histogram::BUCKETS, "{out}");
     }
 
     #[test]
@@ -615,7 +621,9 @@ mod tests {
                 let m = Arc::clone(&m);
                 std::thread::spawn(move || {
                     for _ in 0..1000 {
-                        m.message_sent(true, 2);
+                        let mut t = Tally::default();
+                        t.messages_sent(true, 1, 2);
+                        m.absorb(&mut t);
                         m.send_refused("closed");
                     }
                 })

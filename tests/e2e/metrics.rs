@@ -1,0 +1,63 @@
+//! `/metrics` counts what a connection did by the time its client sees the
+//! replies (connections gather counts locally and add them in bulk).
+
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn messages_and_calls_are_counted_before_the_replies_arrive() {
+    let server = Server::start(ServerOpts {
+        extra: "[admin]\nlisten = \"127.0.0.1:0\"\n".into(),
+        ..ServerOpts::new("echo")
+    });
+    let mut ws = server.connect(false).await;
+    for text in ["one", "two", "three"] {
+        send_text(&mut ws, text).await;
+        assert_eq!(recv_text(&mut ws).await, text);
+    }
+    // Two binaries in one go: one read, two calls, one flush.
+    send(&mut ws, Message::binary(vec![1u8; 1000])).await;
+    send(&mut ws, Message::binary(vec![2u8; 24])).await;
+    for _ in 0..2 {
+        assert!(matches!(recv(&mut ws).await, Message::Binary(_)));
+    }
+
+    let m = server.metrics().await;
+    for (series, value) in [
+        (r#"wharf_messages_received_total{type="text"}"#, 3.0),
+        (r#"wharf_messages_received_total{type="binary"}"#, 2.0),
+        (r#"wharf_messages_sent_total{type="text"}"#, 3.0),
+        (r#"wharf_messages_sent_total{type="binary"}"#, 2.0),
+        ("wharf_received_bytes_total", 1035.0),
+        ("wharf_sent_bytes_total", 1035.0),
+        // on-upgrade, on-open and one call per message.
+        ("wharf_plugin_call_seconds_count", 7.0),
+        (r#"wharf_plugin_call_seconds_bucket{le="+Inf"}"#, 7.0),
+    ] {
+        let got = m
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {series} in:\n{m}"));
+        assert_eq!(got.parse::<f64>().unwrap(), value, "{series} in:\n{m}");
+    }
+
+    ws.close(None).await.unwrap();
+    assert_eq!(recv_close(&mut ws).await.0, 1005);
+    // The close and on-close are counted once the connection ends.
+    let mut count = 0.0;
+    for _ in 0..100 {
+        count = server.metric("wharf_plugin_call_seconds_count").await;
+        if count == 8.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(count, 8.0);
+    assert_eq!(
+        server
+            .metric(r#"wharf_websocket_closed_total{code="1005",clean="true"}"#)
+            .await,
+        1.0
+    );
+}
