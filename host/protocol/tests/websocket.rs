@@ -830,3 +830,35 @@ fn fuzz_random_streams_never_panic_and_stay_bounded() {
         assert!(ws.is_closed());
     }
 }
+
+#[test]
+fn close_is_next_sees_a_close_frame_before_read_takes_it() {
+    let now = Instant::now();
+    let mut ws = ws();
+    let text = frame(0x81, b"hi");
+    let mut between = frame(0x89, b"ping");
+    between.extend(frame(0x02, b"frag"));
+    let close = frame(0x88, &close_payload(1000, ""));
+    assert!(!ws.close_is_next(&text), "a text frame is next");
+    assert_eq!(feed_at(&mut ws, &text, now), [Ev::Text("hi".into())]);
+    assert!(!ws.close_is_next(&between), "a ping is next");
+    assert!(!ws.close_is_next(&[]), "nothing is next");
+    // The ping answered, the first fragment taken: then the close (control
+    // frames may come between fragments).
+    assert_eq!(feed_at(&mut ws, &between, now), []);
+    assert!(ws.close_is_next(&close));
+    // Only its first byte has arrived: still known to be a close.
+    assert_eq!(feed_at(&mut ws, &close[..1], now), []);
+    assert!(ws.close_is_next(&[]));
+    assert!(ws.close_is_next(&close[1..]));
+    // Mid-frame, the next byte is payload, whatever its value.
+    assert!(!ws_fresh_mid_frame().close_is_next(&[0x88]));
+}
+
+/// A connection that has read half of a binary frame's payload.
+fn ws_fresh_mid_frame() -> WebSocket {
+    let mut ws = ws();
+    let f = frame(0x82, &[0x88; 10]);
+    assert_eq!(feed_at(&mut ws, &f[..8], Instant::now()), []);
+    ws
+}

@@ -35,15 +35,18 @@ pub(crate) fn bucket_of(d: Duration) -> usize {
 /// Observations gathered away from the shared histogram.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LocalCalls {
-    pub(crate) buckets: [u32; BUCKETS],
-    pub(crate) count: u32,
-    pub(crate) sum_ns: u64,
+    buckets: [u32; BUCKETS],
+    /// Bit n set: bucket n is not zero (most flushes touch one or two).
+    touched: u32,
+    count: u32,
+    sum_ns: u64,
 }
 
 impl LocalCalls {
     pub(crate) fn observe(&mut self, d: Duration) {
-        let bucket = &mut self.buckets[bucket_of(d)];
-        *bucket = bucket.saturating_add(1);
+        let n = bucket_of(d);
+        self.buckets[n] = self.buckets[n].saturating_add(1);
+        self.touched |= 1 << n;
         self.count = self.count.saturating_add(1);
         self.sum_ns = self
             .sum_ns
@@ -68,24 +71,30 @@ impl CallHistogram {
     pub(crate) fn observe(&self, d: Duration) {
         let mut one = LocalCalls::default();
         one.observe(d);
-        self.add(&one);
+        self.take_from(&mut one);
     }
 
-    /// Adds what a connection gathered: one atomic add per non-empty bucket.
-    pub(crate) fn add(&self, local: &LocalCalls) {
+    /// Adds what a connection gathered (one atomic add per bucket it
+    /// touched) and empties it.
+    pub(crate) fn take_from(&self, local: &mut LocalCalls) {
         if local.count == 0 {
             return;
         }
         let inner = &*self.inner;
-        for (shared, &n) in inner.buckets.iter().zip(&local.buckets) {
-            if n > 0 {
-                shared.fetch_add(u64::from(n), Ordering::Relaxed);
-            }
+        let mut touched = std::mem::take(&mut local.touched);
+        while touched != 0 {
+            let n = touched.trailing_zeros() as usize;
+            touched &= touched - 1;
+            let count = std::mem::take(&mut local.buckets[n]);
+            inner.buckets[n].fetch_add(u64::from(count), Ordering::Relaxed);
         }
+        inner.count.fetch_add(
+            u64::from(std::mem::take(&mut local.count)),
+            Ordering::Relaxed,
+        );
         inner
-            .count
-            .fetch_add(u64::from(local.count), Ordering::Relaxed);
-        inner.sum_ns.fetch_add(local.sum_ns, Ordering::Relaxed);
+            .sum_ns
+            .fetch_add(std::mem::take(&mut local.sum_ns), Ordering::Relaxed);
     }
 }
 

@@ -353,12 +353,15 @@ impl Metrics {
         if tally.is_empty() {
             return;
         }
-        let t = std::mem::take(tally);
-        self.received.add(t.received);
-        self.sent.add(t.sent);
-        add(&self.received_bytes, t.received_bytes);
-        add(&self.sent_bytes, t.sent_bytes);
-        self.plugin_call.add(&t.calls);
+        tally.dirty = false;
+        self.received.add(std::mem::take(&mut tally.received));
+        self.sent.add(std::mem::take(&mut tally.sent));
+        add(
+            &self.received_bytes,
+            std::mem::take(&mut tally.received_bytes),
+        );
+        add(&self.sent_bytes, std::mem::take(&mut tally.sent_bytes));
+        self.plugin_call.take_from(&mut tally.calls);
     }
 
     /// The connection was failed with close `code` for a protocol violation.

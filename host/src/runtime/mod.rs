@@ -2,6 +2,7 @@
 //! store and instance per connection, each with its own memory and CPU limits.
 
 pub mod attachment_host;
+pub mod batch_handler;
 pub mod bindings;
 pub mod cache;
 pub mod connection_host;
@@ -13,11 +14,12 @@ pub mod pubsub_host;
 use std::path::Path;
 use std::sync::Arc;
 
-use wasmtime::component::{HasSelf, Linker, Resource, ResourceTable};
+use wasmtime::component::{Func, HasSelf, InstancePre, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use self::bindings::{HandlerWorld, HandlerWorldPre, UpgradeRequest, UpgradeResponse};
+use self::batch_handler::{BatchExport, Message};
+use self::bindings::{HandlerWorld, HandlerWorldIndices, UpgradeRequest, UpgradeResponse};
 use self::connection_host::{ConnectionEntry, SendLimits};
 use self::engine::{EpochClock, PoolSizing};
 use self::limits::{CpuBudget, LimitExceeded, LimitHit, SandboxLimiter};
@@ -168,11 +170,13 @@ impl Runtime {
             .linker
             .instantiate_pre(&component)
             .map_err(world_error)?;
-        let pre = HandlerWorldPre::new(pre).map_err(world_error)?;
+        let indices = HandlerWorldIndices::new(&pre).map_err(world_error)?;
+        let batch = BatchExport::find(&pre).map_err(|e| world_error(e.into()))?;
         tracing::info!(
             plugin = name,
             sha256 = &hash[..16],
             ?origin,
+            batched = batch.is_some(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "plugin loaded"
         );
@@ -180,6 +184,8 @@ impl Runtime {
             name: name.into(),
             hash,
             pre,
+            indices,
+            batch,
             limits: self.config.limits,
             broker: self.broker.clone(),
         })
@@ -190,7 +196,10 @@ impl Runtime {
 pub struct Plugin {
     name: Arc<str>,
     hash: String,
-    pre: HandlerWorldPre<HostState>,
+    pre: InstancePre<HostState>,
+    indices: HandlerWorldIndices,
+    /// Set if the plugin takes its messages in batches.
+    batch: Option<BatchExport>,
     limits: InstanceLimits,
     broker: Arc<Broker>,
 }
@@ -203,6 +212,12 @@ impl Plugin {
     /// The SHA-256 of the component, hex: the plugin's version identity.
     pub fn hash(&self) -> &str {
         &self.hash
+    }
+
+    /// Whether the plugin exports `batch-handler` (see
+    /// [`PluginInstance::on_messages`]).
+    pub fn batched(&self) -> bool {
+        self.batch.is_some()
     }
 
     /// Creates the store and instance that will serve connection `conn_id`.
@@ -238,7 +253,7 @@ impl Plugin {
             cpu: self.limits.cpu,
             ticks_used: 0,
         };
-        let mut store = Store::new(self.pre.engine(), state);
+        let mut store = Store::new(self.pre.component().engine(), state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_callback(|mut ctx| {
             let state = ctx.data_mut();
@@ -259,14 +274,23 @@ impl Plugin {
             ))
         });
         store.set_epoch_deadline(1);
-        let bindings = self
+        let instance = self
             .pre
             .instantiate_async(&mut store)
             .await
             .map_err(|e| classify(&store, e, PluginError::Instantiate))?;
+        let bindings = self
+            .indices
+            .load(&mut store, &instance)
+            .map_err(|e| PluginError::Instantiate(e.into()))?;
+        let on_messages = self
+            .batch
+            .as_ref()
+            .and_then(|b| b.resolve(&mut store, &instance));
         Ok(PluginInstance {
             store,
             bindings,
+            on_messages,
             conn,
         })
     }
@@ -314,6 +338,8 @@ fn classify(
 pub struct PluginInstance {
     store: Store<HostState>,
     bindings: HandlerWorld,
+    /// `batch-handler#on-messages`, if the plugin exports it.
+    on_messages: Option<Func>,
     conn: Resource<ConnectionEntry>,
 }
 
@@ -387,6 +413,23 @@ impl PluginInstance {
             .wharf_websocket_handler()
             .call_on_binary(&mut self.store, conn, data)
             .await;
+        self.finish(r)
+    }
+
+    /// Messages that arrived together, in one `on-messages` call (a plugin
+    /// without the export gets one `on-text`/`on-binary` call each).
+    pub async fn on_messages(&mut self, messages: &[Message<'_>]) -> Result<(), PluginError> {
+        let Some(func) = self.on_messages else {
+            for message in messages {
+                match *message {
+                    Message::Text(text) => self.on_text(text).await?,
+                    Message::Binary(data) => self.on_binary(data).await?,
+                }
+            }
+            return Ok(());
+        };
+        let conn = self.arm();
+        let r = batch_handler::call(&mut self.store, func, conn, messages).await;
         self.finish(r)
     }
 

@@ -19,7 +19,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use wharf_protocol::{CloseInfo, Event, HandshakeError, Request, State, WebSocket};
 
 use super::Shared;
+use super::inbox::{self, Inbox};
 use crate::metrics::Tally;
+use crate::runtime::batch_handler::Message;
 use crate::runtime::bindings::{Header, UpgradeRequest, UpgradeResponse};
 use crate::runtime::connection_host::ConnectionEntry;
 use crate::runtime::pubsub_host::Mailbox;
@@ -174,6 +176,7 @@ where
         closed: None,
         mailbox: None,
         tally: Tally::default(),
+        inbox: Inbox::default(),
     };
     shared.metrics.connection_opened();
     tracing::debug!(conn = id, path = %request.path, "open");
@@ -313,6 +316,8 @@ struct Conn {
     /// Counts not yet added to the shared metrics: they go there when the
     /// connection next waits (and when it ends), not per message.
     tally: Tally,
+    /// Messages waiting for one `on-messages` call (batched plugins only).
+    inbox: Inbox,
 }
 
 impl Drop for Conn {
@@ -421,6 +426,7 @@ impl Conn {
             if let Some(entry) = self.parked.as_mut() {
                 entry.outbox.frames.release();
             }
+            self.inbox.release();
             self.shared.released.add();
             tracing::debug!(conn = self.id, "hibernated");
         }
@@ -476,12 +482,19 @@ impl Conn {
         self.instance = None;
     }
 
-    /// Feeds buffered input to the protocol and its events to the plugin.
+    /// Feeds buffered input to the protocol and its events to the plugin:
+    /// one call per message, or, for a plugin that takes batches, one call
+    /// for the messages of a read (see [`Inbox`]).
     async fn process_input(&mut self, input: &[u8]) {
         let mut input = input;
+        let batched = self.plugin.batched();
         // One clock read per event: the end of each call is the next one's now.
         let mut now = Instant::now();
         loop {
+            if !self.inbox.is_empty() && self.ws.close_is_next(input) {
+                // Replies to what came before a Close go out before its answer.
+                now = self.deliver_inbox(now).await;
+            }
             // Read before the event borrows the protocol state; the pongs
             // `read` may queue are too small to matter to the send bound.
             let backlog = self.ws.output_len();
@@ -489,40 +502,93 @@ impl Conn {
             let Some(event) = self.ws.read(&mut input, now) else {
                 break;
             };
-            let started = now;
-            let r = match event {
+            let message = match event {
                 Event::Text(text) => {
                     self.tally.message_received(false, text.len());
-                    match wake(&mut self.instance, &mut self.parked, &self.plugin, self.id).await {
-                        Err(err) => Err(err),
-                        Ok(None) => continue,
-                        Ok(Some(instance)) => {
-                            Self::sync_outbox(instance, backlog, state);
-                            instance.on_text(text).await
-                        }
-                    }
+                    Message::Text(text)
                 }
                 Event::Binary(data) => {
                     self.tally.message_received(true, data.len());
-                    match wake(&mut self.instance, &mut self.parked, &self.plugin, self.id).await {
-                        Err(err) => Err(err),
-                        Ok(None) => continue,
-                        Ok(Some(instance)) => {
-                            Self::sync_outbox(instance, backlog, state);
-                            instance.on_binary(data).await
-                        }
-                    }
+                    Message::Binary(data)
                 }
                 Event::Closed(info) => {
                     if !info.clean && matches!(info.code, 1002 | 1007 | 1009) {
                         self.shared.metrics.protocol_violation(info.code);
                     }
+                    now = self.deliver_inbox(now).await;
                     self.finish(info).await;
                     continue;
                 }
             };
-            now = self.record_call(started);
-            self.after_call(r);
+            let started = now;
+            // Small messages with more input behind them wait in the inbox
+            // (batched plugins); the last one, or a large one, goes with
+            // what waits, uncopied. A message on its own is a plain call.
+            let hold = batched && !input.is_empty() && message.len() <= inbox::MESSAGE_MAX;
+            let r = if hold || !self.inbox.is_empty() {
+                let last = if hold {
+                    if !self.inbox.push(message) {
+                        continue;
+                    }
+                    None
+                } else {
+                    Some(message)
+                };
+                let r = call_batch(
+                    Woken::of(&mut self.instance, &mut self.parked, &self.plugin, self.id),
+                    &self.inbox,
+                    last,
+                    backlog,
+                    state,
+                )
+                .await;
+                self.inbox.clear();
+                r
+            } else {
+                match wake(&mut self.instance, &mut self.parked, &self.plugin, self.id).await {
+                    Err(err) => Some(Err(err)),
+                    Ok(None) => None,
+                    Ok(Some(instance)) => {
+                        Self::sync_outbox(instance, backlog, state);
+                        Some(match message {
+                            Message::Text(text) => instance.on_text(text).await,
+                            Message::Binary(data) => instance.on_binary(data).await,
+                        })
+                    }
+                }
+            };
+            if let Some(r) = r {
+                now = self.record_call(started);
+                self.after_call(r);
+            }
+        }
+        // The input ended inside a frame: what is held goes now.
+        self.deliver_inbox(now).await;
+    }
+
+    /// Delivers what the inbox holds, if anything, in one call. Returns the
+    /// clock at its end.
+    async fn deliver_inbox(&mut self, now: Instant) -> Instant {
+        if self.inbox.is_empty() {
+            return now;
+        }
+        let (backlog, state) = (self.ws.output_len(), self.ws.state());
+        let r = call_batch(
+            Woken::of(&mut self.instance, &mut self.parked, &self.plugin, self.id),
+            &self.inbox,
+            None,
+            backlog,
+            state,
+        )
+        .await;
+        self.inbox.clear();
+        match r {
+            Some(r) => {
+                let end = self.record_call(now);
+                self.after_call(r);
+                end
+            }
+            None => now,
         }
     }
 
@@ -787,6 +853,49 @@ async fn wake<'a>(
         tracing::debug!(conn = id, "resumed from hibernation");
     }
     Ok(instance.as_mut())
+}
+
+/// What [`wake`] needs: the connection's instance slots and its plugin.
+struct Woken<'a> {
+    instance: &'a mut Option<PluginInstance>,
+    parked: &'a mut Option<ConnectionEntry>,
+    plugin: &'a Plugin,
+    id: u64,
+}
+
+impl<'a> Woken<'a> {
+    fn of(
+        instance: &'a mut Option<PluginInstance>,
+        parked: &'a mut Option<ConnectionEntry>,
+        plugin: &'a Plugin,
+        id: u64,
+    ) -> Self {
+        Self {
+            instance,
+            parked,
+            plugin,
+            id,
+        }
+    }
+}
+
+/// One `on-messages` call with what `inbox` holds, then `last`. `None`: the
+/// instance is gone (it failed before), the messages are dropped.
+async fn call_batch(
+    slots: Woken<'_>,
+    inbox: &Inbox,
+    last: Option<Message<'_>>,
+    backlog: usize,
+    state: State,
+) -> Option<Result<(), PluginError>> {
+    match wake(slots.instance, slots.parked, slots.plugin, slots.id).await {
+        Err(err) => Some(Err(err)),
+        Ok(None) => None,
+        Ok(Some(instance)) => {
+            Conn::sync_outbox(instance, backlog, state);
+            Some(instance.on_messages(&inbox.messages(last)).await)
+        }
+    }
 }
 
 async fn next_published(mailbox: &mut Option<Mailbox>) -> Option<wharf_protocol::Framed> {

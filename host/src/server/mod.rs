@@ -2,6 +2,7 @@
 //! bytes between the socket, the protocol core and the plugin instance.
 
 mod connection;
+mod inbox;
 pub mod static_files;
 pub mod tls;
 mod trim;

@@ -4,7 +4,11 @@
 //! - generating Rust bindings from the WIT contract with `wit_bindgen::generate!`,
 //! - implementing the generated `Guest` trait (one method per event),
 //! - answering through the `conn` handle (`send_text`, `send_binary`, `close`),
-//! - exporting the implementation with `export!`.
+//! - exporting the implementation with `export!`,
+//!
+//! and one optional thing: taking messages in batches (`batch-handler`),
+//! which saves a call into the instance per message when a client sends
+//! many at once.
 //!
 //! Every text and binary message is sent straight back; the text "goodbye"
 //! closes the connection with code 1000 instead.
@@ -12,12 +16,15 @@
 // Reads ../../wit/websocket.wit and generates:
 // - `exports::wharf::websocket::handler::Guest`, the trait we implement,
 // - `wharf::websocket::connection::Connection`, the host's connection resource,
-// - `wharf::websocket::types::*`, the shared records, variants and enums.
+// - `wharf::websocket::types::*`, the shared records, variants and enums,
+// - `exports::wharf::websocket::batch_handler::Guest`, the optional batch
+//   export (`batch-handler-world` is `handler-world` plus it).
 wit_bindgen::generate!({
     path: "../../wit",
-    world: "handler-world",
+    world: "batch-handler-world",
 });
 
+use exports::wharf::websocket::batch_handler::{Guest as BatchGuest, Message};
 use exports::wharf::websocket::handler::Guest;
 use wharf::websocket::connection::Connection;
 use wharf::websocket::types::{Accept, CloseCode, UpgradeRequest, UpgradeResponse};
@@ -38,29 +45,50 @@ impl Guest for Echo {
     fn on_open(_conn: &Connection) {}
 
     fn on_text(conn: &Connection, text: String) {
-        let result = if text == "goodbye" {
-            // Start the closing handshake; `on_close` follows when it ends.
-            conn.close(CloseCode::Normal, "goodbye")
-        } else {
-            conn.send_text(&text)
-        };
-        // Sends fail only in ordinary situations (the connection is closing,
-        // the peer reads too slowly, ...). Log and carry on: anything written
-        // to stderr ends up in the host's log.
-        if let Err(e) = result {
-            eprintln!("echo: connection {}: {e}", conn.id());
-        }
+        echo_text(conn, &text);
     }
 
     fn on_binary(conn: &Connection, data: Vec<u8>) {
-        if let Err(e) = conn.send_binary(&data) {
-            eprintln!("echo: connection {}: {e}", conn.id());
-        }
+        echo_binary(conn, &data);
     }
 
     /// Nothing to clean up: the host drops this instance after the last call.
     fn on_close(_conn: &Connection, _code: u16, _reason: String, _clean: bool) {}
 }
 
-// Tell wit-bindgen which type implements the exported `handler` interface.
+/// With this export, the host delivers every message here (and no longer
+/// calls `on_text`/`on_binary`): all that arrived together, in order.
+impl BatchGuest for Echo {
+    fn on_messages(conn: &Connection, messages: Vec<Message>) {
+        for message in messages {
+            match message {
+                Message::Text(text) => echo_text(conn, &text),
+                Message::Binary(data) => echo_binary(conn, &data),
+            }
+        }
+    }
+}
+
+fn echo_text(conn: &Connection, text: &str) {
+    let result = if text == "goodbye" {
+        // Start the closing handshake; `on_close` follows when it ends.
+        conn.close(CloseCode::Normal, "goodbye")
+    } else {
+        conn.send_text(text)
+    };
+    // Sends fail only in ordinary situations (the connection is closing, the
+    // peer reads too slowly, ...). Log and carry on: anything written to
+    // stderr ends up in the host's log.
+    if let Err(e) = result {
+        eprintln!("echo: connection {}: {e}", conn.id());
+    }
+}
+
+fn echo_binary(conn: &Connection, data: &[u8]) {
+    if let Err(e) = conn.send_binary(data) {
+        eprintln!("echo: connection {}: {e}", conn.id());
+    }
+}
+
+// Tell wit-bindgen which type implements the exported interfaces.
 export!(Echo);

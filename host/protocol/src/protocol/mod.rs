@@ -197,6 +197,26 @@ impl WebSocket {
         }
     }
 
+    /// Whether the next frame `read` would take from `input` (or the one
+    /// whose header it has begun) is a Close frame. A host that holds back
+    /// replies to earlier messages must send them before `read` takes it:
+    /// the Close answers it and nothing can be sent after that.
+    pub fn close_is_next(&self, input: &[u8]) -> bool {
+        let core = &self.core;
+        if core.frame.is_some() || core.state == State::Closed {
+            return false;
+        }
+        let first = if core.hdr_len > 0 {
+            core.hdr[0]
+        } else {
+            match input.first() {
+                Some(&b) => b,
+                None => return false,
+            }
+        };
+        first & 0x0F == OpCode::Close.bits()
+    }
+
     /// The transport reached EOF or failed. Returns `Closed{1006, clean:
     /// false}` unless a close was already reported (then `None`).
     pub fn transport_closed(&mut self) -> Option<CloseInfo> {

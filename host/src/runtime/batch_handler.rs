@@ -1,0 +1,104 @@
+//! `wharf:websocket/batch-handler`: the optional export through which a
+//! handler takes the messages of one read in one call.
+//!
+//! Wired by hand rather than by `bindgen!`: bindgen would lower a
+//! `list<message>` from owned `String`s and `Vec`s, one allocation and copy
+//! per message, where [`Message`] lowers straight from the host's buffers.
+//! The export is looked up and type-checked once per plugin
+//! ([`BatchExport::find`]) and resolved once per instance.
+
+use wasmtime::component::{
+    ComponentExportIndex, ComponentType, Func, Instance, InstancePre, Lower, Resource, TypedFunc,
+};
+use wasmtime::{AsContextMut, Store};
+
+use super::HostState;
+use super::connection_host::ConnectionEntry;
+
+/// The interface's name; wasmtime matches later 0.1.x exports to it.
+pub const INTERFACE: &str = "wharf:websocket/batch-handler@0.1.3";
+const FUNCTION: &str = "on-messages";
+
+/// One message of a batch, borrowed from the host's buffers.
+#[derive(ComponentType, Lower, Clone, Copy, Debug, PartialEq, Eq)]
+#[component(variant)]
+pub enum Message<'a> {
+    #[component(name = "text")]
+    Text(&'a str),
+    #[component(name = "binary")]
+    Binary(&'a [u8]),
+}
+
+impl Message<'_> {
+    /// The payload's length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Message::Text(text) => text.len(),
+            Message::Binary(data) => data.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+type Params<'a, 'b> = (Resource<ConnectionEntry>, &'a [Message<'b>]);
+
+/// Where a plugin exports `on-messages`, once checked to have its type.
+#[derive(Clone, Debug)]
+pub struct BatchExport {
+    index: ComponentExportIndex,
+}
+
+/// Why a plugin's `batch-handler` export cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchExportError {
+    #[error("{INTERFACE} has no function {FUNCTION}")]
+    Missing,
+    #[error("{INTERFACE}#{FUNCTION} is not a function")]
+    NotAFunction,
+    #[error("{INTERFACE}#{FUNCTION} has the wrong type: {0:#}")]
+    WrongType(wasmtime::Error),
+}
+
+impl BatchExport {
+    /// `None` if the plugin does not export the interface (it takes its
+    /// messages one call each); an error if it exports it wrongly.
+    pub fn find(pre: &InstancePre<HostState>) -> Result<Option<Self>, BatchExportError> {
+        let component = pre.component();
+        let Some(interface) = component.get_export_index(None, INTERFACE) else {
+            return Ok(None);
+        };
+        let (item, index) = component
+            .get_export(Some(&interface), FUNCTION)
+            .ok_or(BatchExportError::Missing)?;
+        let wasmtime::component::types::ComponentItem::ComponentFunc(func) = item else {
+            return Err(BatchExportError::NotAFunction);
+        };
+        // The check `bindgen!`'s generated code makes once per plugin, so
+        // that each call can skip it.
+        func.typecheck::<Params<'_, '_>, ()>(&pre.instance_type())
+            .map_err(BatchExportError::WrongType)?;
+        Ok(Some(Self { index }))
+    }
+
+    /// The function in a fresh instance of the plugin `find` checked.
+    pub fn resolve(&self, store: &mut Store<HostState>, instance: &Instance) -> Option<Func> {
+        instance.get_func(store.as_context_mut(), self.index)
+    }
+}
+
+/// Calls `on-messages` (resolved by [`BatchExport::resolve`]).
+pub async fn call(
+    store: &mut Store<HostState>,
+    func: Func,
+    conn: Resource<ConnectionEntry>,
+    messages: &[Message<'_>],
+) -> wasmtime::Result<()> {
+    // SAFETY: `func` is the export `BatchExport::find` type-checked against
+    // exactly these parameter and result types, resolved in an instance of
+    // that same component.
+    let typed = unsafe { TypedFunc::<Params<'_, '_>, ()>::new_unchecked(func) };
+    typed.call_async(store, (conn, messages)).await
+}

@@ -1,0 +1,131 @@
+//! Batched delivery (`batch-handler`, which the Rust echo plugin exports):
+//! messages that arrive together reach the plugin in one call, in order,
+//! whatever their kind or size, and replies still precede the answer to a
+//! Close that followed them.
+
+use crate::support::*;
+
+const MASK: [u8; 4] = [1, 2, 3, 4];
+
+/// What a burst of client frames should come back as: (opcode, payload).
+fn burst() -> (Vec<u8>, Vec<(u8, Vec<u8>)>) {
+    let mut wire = Vec::new();
+    let mut want = Vec::new();
+    for i in 0..300u32 {
+        let (opcode, payload) = match i % 5 {
+            0 => (1, format!("text {i} ✓").into_bytes()),
+            1 => (2, i.to_be_bytes().repeat(i as usize % 7)),
+            2 => (1, Vec::new()),
+            // Larger than what the host copies into a batch (16 KiB).
+            3 if i % 60 == 3 => (2, vec![i as u8; 20_000]),
+            _ => (2, vec![i as u8; 1000]),
+        };
+        wire.extend(masked(opcode, &payload));
+        want.push((opcode, payload));
+    }
+    // A fragmented message with a ping between its fragments.
+    wire.extend(frame(false, 0, 1, Some(MASK), b"frag"));
+    wire.extend(frame(true, 0, 9, Some(MASK), b"ping"));
+    wire.extend(frame(true, 0, 0, Some(MASK), b"mented"));
+    want.push((1, b"fragmented".to_vec()));
+    (wire, want)
+}
+
+async fn burst_echoes_in_order(tls: bool) {
+    let server = Server::start(ServerOpts {
+        tls,
+        extra: "[admin]\nlisten = \"127.0.0.1:0\"\n".into(),
+        ..ServerOpts::new("echo")
+    });
+    let mut raw = server.raw_upgraded(tls, "/").await;
+    let (wire, want) = burst();
+    raw.send(&wire).await;
+    let mut pong = false;
+    for (i, (opcode, payload)) in want.iter().enumerate() {
+        let mut got = raw.read_frame().await;
+        if got.opcode == 0xA {
+            assert_eq!(got.payload, b"ping");
+            pong = true;
+            got = raw.read_frame().await;
+        }
+        assert!(got.fin, "message {i}: unfragmented echo");
+        assert_eq!(got.opcode, *opcode, "message {i}");
+        assert!(got.payload == *payload, "message {i}: payload differs");
+    }
+    if !pong {
+        assert_eq!(raw.read_frame().await.opcode, 0xA);
+    }
+    let messages = want.len() as f64;
+    assert_eq!(
+        server
+            .metric(r#"wharf_messages_sent_total{type="binary"}"#)
+            .await
+            + server
+                .metric(r#"wharf_messages_sent_total{type="text"}"#)
+                .await,
+        messages
+    );
+    // on-upgrade, on-open, then far fewer calls than messages.
+    let calls = server.metric("wharf_plugin_call_seconds_count").await - 2.0;
+    assert!(
+        calls >= 1.0 && calls <= messages / 4.0,
+        "{calls} calls for {messages} messages"
+    );
+}
+
+#[tokio::test]
+async fn burst_echoes_in_order_ws() {
+    burst_echoes_in_order(false).await;
+}
+
+#[tokio::test]
+async fn burst_echoes_in_order_wss() {
+    burst_echoes_in_order(true).await;
+}
+
+#[tokio::test]
+async fn replies_precede_the_answer_to_a_close_that_followed() {
+    let server = Server::start(ServerOpts::new("echo"));
+    let mut raw = server.raw_upgraded(false, "/").await;
+    let mut wire = Vec::new();
+    for text in ["one", "two", "three"] {
+        wire.extend(masked(1, text.as_bytes()));
+    }
+    wire.extend(close_frame(4321, "bye"));
+    raw.send(&wire).await;
+    for text in ["one", "two", "three"] {
+        let f = raw.read_frame().await;
+        assert_eq!((f.opcode, f.payload.as_slice()), (1, text.as_bytes()));
+    }
+    let close = raw.read_frame().await;
+    assert_eq!(close.opcode, 8);
+    assert_eq!(close.close_code().0, 4321);
+}
+
+#[tokio::test]
+async fn goodbye_inside_a_batch_closes_after_the_replies_before_it() {
+    let server = Server::start(ServerOpts::new("echo"));
+    let mut raw = server.raw_upgraded(false, "/").await;
+    let mut wire = Vec::new();
+    for text in ["a", "b", "goodbye", "c"] {
+        wire.extend(masked(1, text.as_bytes()));
+    }
+    raw.send(&wire).await;
+    for text in ["a", "b"] {
+        let f = raw.read_frame().await;
+        assert_eq!((f.opcode, f.payload.as_slice()), (1, text.as_bytes()));
+    }
+    let close = raw.read_frame().await;
+    assert_eq!(
+        close.opcode,
+        8,
+        "{:?}",
+        String::from_utf8_lossy(&close.payload)
+    );
+    assert_eq!(close.close_code(), (1000, "goodbye".to_owned()));
+    // "c" came after the plugin started closing: its echo is refused, and
+    // that is logged, not silent.
+    server
+        .wait_log(&["echo: connection"], std::time::Duration::from_secs(5))
+        .await;
+}
