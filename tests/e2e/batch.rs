@@ -83,15 +83,16 @@ async fn burst_echoes_in_order_wss() {
     burst_echoes_in_order(true).await;
 }
 
-#[tokio::test]
-async fn replies_precede_the_answer_to_a_close_that_followed() {
+/// Three messages, then `last` in the same write: the three are echoed,
+/// then the server's Close with `code`.
+async fn replies_then_close(last: Vec<u8>, code: u16) {
     let server = Server::start(ServerOpts::new("echo"));
     let mut raw = server.raw_upgraded(false, "/").await;
     let mut wire = Vec::new();
     for text in ["one", "two", "three"] {
         wire.extend(masked(1, text.as_bytes()));
     }
-    wire.extend(close_frame(4321, "bye"));
+    wire.extend(last);
     raw.send(&wire).await;
     for text in ["one", "two", "three"] {
         let f = raw.read_frame().await;
@@ -99,7 +100,18 @@ async fn replies_precede_the_answer_to_a_close_that_followed() {
     }
     let close = raw.read_frame().await;
     assert_eq!(close.opcode, 8);
-    assert_eq!(close.close_code().0, 4321);
+    assert_eq!(close.close_code().0, code);
+}
+
+#[tokio::test]
+async fn replies_precede_the_answer_to_a_close_that_followed() {
+    replies_then_close(close_frame(4321, "bye"), 4321).await;
+}
+
+#[tokio::test]
+async fn replies_precede_the_close_for_a_violation_that_followed() {
+    // RSV1 set without an extension: 1002.
+    replies_then_close(frame(true, 4, 1, Some(MASK), b"rsv"), 1002).await;
 }
 
 #[tokio::test]
@@ -128,4 +140,28 @@ async fn goodbye_inside_a_batch_closes_after_the_replies_before_it() {
     server
         .wait_log(&["echo: connection"], std::time::Duration::from_secs(5))
         .await;
+}
+
+#[tokio::test]
+async fn a_burst_resumes_a_hibernated_connection() {
+    let server = Server::start(ServerOpts {
+        plugin_limits: "hibernate_after = \"100ms\"",
+        ..ServerOpts::new("echo")
+    });
+    let mut raw = server.raw_upgraded(false, "/").await;
+    for round in 0..2 {
+        // Idle past hibernate_after: the instance is released; the burst
+        // (after the hibernated connection's small read buffer) resumes it.
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        let (wire, want) = burst();
+        raw.send(&wire).await;
+        for (i, (opcode, payload)) in want.iter().enumerate() {
+            let mut got = raw.read_frame().await;
+            if got.opcode == 0xA {
+                got = raw.read_frame().await;
+            }
+            assert_eq!(got.opcode, *opcode, "round {round}, message {i}");
+            assert!(got.payload == *payload, "round {round}, message {i}");
+        }
+    }
 }

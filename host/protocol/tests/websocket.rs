@@ -3,7 +3,7 @@
 use std::io::IoSlice;
 use std::time::{Duration, Instant};
 
-use wharf_protocol::{CloseInfo, Config, Event, SendError, State, WebSocket};
+use wharf_protocol::{CloseInfo, Config, Event, FrameBatch, SendError, State, WebSocket};
 
 const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
@@ -832,33 +832,48 @@ fn fuzz_random_streams_never_panic_and_stay_bounded() {
 }
 
 #[test]
-fn close_is_next_sees_a_close_frame_before_read_takes_it() {
-    let now = Instant::now();
-    let mut ws = ws();
-    let text = frame(0x81, b"hi");
-    let mut between = frame(0x89, b"ping");
-    between.extend(frame(0x02, b"frag"));
-    let close = frame(0x88, &close_payload(1000, ""));
-    assert!(!ws.close_is_next(&text), "a text frame is next");
-    assert_eq!(feed_at(&mut ws, &text, now), [Ev::Text("hi".into())]);
-    assert!(!ws.close_is_next(&between), "a ping is next");
-    assert!(!ws.close_is_next(&[]), "nothing is next");
-    // The ping answered, the first fragment taken: then the close (control
-    // frames may come between fragments).
-    assert_eq!(feed_at(&mut ws, &between, now), []);
-    assert!(ws.close_is_next(&close));
-    // Only its first byte has arrived: still known to be a close.
-    assert_eq!(feed_at(&mut ws, &close[..1], now), []);
-    assert!(ws.close_is_next(&[]));
-    assert!(ws.close_is_next(&close[1..]));
-    // Mid-frame, the next byte is payload, whatever its value.
-    assert!(!ws_fresh_mid_frame().close_is_next(&[0x88]));
-}
-
-/// A connection that has read half of a binary frame's payload.
-fn ws_fresh_mid_frame() -> WebSocket {
-    let mut ws = ws();
-    let f = frame(0x82, &[0x88; 10]);
-    assert_eq!(feed_at(&mut ws, &f[..8], Instant::now()), []);
-    ws
+fn replies_to_messages_read_before_a_close_go_ahead_of_it() {
+    let batch_of = |text: &str| {
+        let mut batch = FrameBatch::new(None);
+        batch.push_text(text);
+        batch
+    };
+    // The peer's Close, and a violation, each answered by our Close.
+    for (after, code) in [
+        (frame(0x88, &close_payload(1000, "")), 1000u16),
+        (frame(0xC1, b"rsv"), 1002),
+    ] {
+        let mut conn = ws();
+        let mut input = frame(0x81, b"hi");
+        input.extend(&after);
+        let evs = feed(&mut conn, &input);
+        assert_eq!(evs[0], Ev::Text("hi".into()));
+        assert!(matches!(evs[1], Ev::Closed(_)), "{evs:?}");
+        let mut batch = batch_of("hi");
+        assert_eq!(conn.send_batch(&mut batch), Err(SendError::Closed));
+        let mut batch = batch_of("hi");
+        assert_eq!(conn.send_batch_before_close(&mut batch), Ok(()));
+        assert!(batch.is_empty());
+        let got = take_output(&mut conn);
+        let (reply, close) = got.split_at(4);
+        assert_eq!(reply, server_frame(0x81, b"hi"));
+        assert_eq!(close[0], 0x88, "{got:?}");
+        assert_eq!(close[2..4], code.to_be_bytes());
+    }
+    // Once a byte of the Close is written, nothing goes ahead of it.
+    let mut conn = ws();
+    feed(&mut conn, &frame(0x88, &[]));
+    conn.advance_output(1);
+    let mut batch = batch_of("late");
+    assert_eq!(
+        conn.send_batch_before_close(&mut batch),
+        Err(SendError::Closed)
+    );
+    assert!(batch.is_empty());
+    assert_eq!(take_output(&mut conn), server_frame(0x88, &[])[1..]);
+    // While open, it is `send_batch`.
+    let mut conn = ws();
+    let mut batch = batch_of("open");
+    assert_eq!(conn.send_batch_before_close(&mut batch), Ok(()));
+    assert_eq!(take_output(&mut conn), server_frame(0x81, b"open"));
 }

@@ -177,6 +177,7 @@ where
         mailbox: None,
         tally: Tally::default(),
         inbox: Inbox::default(),
+        inbox_state: State::Open,
     };
     shared.metrics.connection_opened();
     tracing::debug!(conn = id, path = %request.path, "open");
@@ -318,6 +319,8 @@ struct Conn {
     tally: Tally,
     /// Messages waiting for one `on-messages` call (batched plugins only).
     inbox: Inbox,
+    /// The protocol state when the inbox's first message was read.
+    inbox_state: State,
 }
 
 impl Drop for Conn {
@@ -386,9 +389,11 @@ impl Conn {
         if !outbox.frames.is_empty() {
             // Framed during the call straight from the plugin's memory; the
             // protocol takes the whole batch (exchanging buffers when its
-            // queue is empty).
+            // queue is empty). Replies to messages read before a Close came
+            // in go ahead of the answer to it: the outbox admitted them by
+            // the state the messages were read in.
             let (text, binary) = outbox.frames.take_tally();
-            match self.ws.send_batch(&mut outbox.frames) {
+            match self.ws.send_batch_before_close(&mut outbox.frames) {
                 Ok(()) => {
                     self.tally.messages_sent(false, text.messages, text.bytes);
                     self.tally
@@ -491,10 +496,6 @@ impl Conn {
         // One clock read per event: the end of each call is the next one's now.
         let mut now = Instant::now();
         loop {
-            if !self.inbox.is_empty() && self.ws.close_is_next(input) {
-                // Replies to what came before a Close go out before its answer.
-                now = self.deliver_inbox(now).await;
-            }
             // Read before the event borrows the protocol state; the pongs
             // `read` may queue are too small to matter to the send bound.
             let backlog = self.ws.output_len();
@@ -515,6 +516,8 @@ impl Conn {
                     if !info.clean && matches!(info.code, 1002 | 1007 | 1009) {
                         self.shared.metrics.protocol_violation(info.code);
                     }
+                    // The messages read before the Close (or the violation)
+                    // still get their replies, ahead of our Close frame.
                     now = self.deliver_inbox(now).await;
                     self.finish(info).await;
                     continue;
@@ -527,6 +530,9 @@ impl Conn {
             let hold = batched && !input.is_empty() && message.len() <= inbox::MESSAGE_MAX;
             let r = if hold || !self.inbox.is_empty() {
                 let last = if hold {
+                    if self.inbox.is_empty() {
+                        self.inbox_state = state;
+                    }
                     if !self.inbox.push(message) {
                         continue;
                     }
@@ -539,7 +545,11 @@ impl Conn {
                     &self.inbox,
                     last,
                     backlog,
-                    state,
+                    if self.inbox.is_empty() {
+                        state
+                    } else {
+                        self.inbox_state
+                    },
                 )
                 .await;
                 self.inbox.clear();
@@ -572,13 +582,15 @@ impl Conn {
         if self.inbox.is_empty() {
             return now;
         }
-        let (backlog, state) = (self.ws.output_len(), self.ws.state());
+        // The plugin sees the connection as it was when the messages came:
+        // a Close read after them does not refuse their replies.
+        let backlog = self.ws.output_len();
         let r = call_batch(
             Woken::of(&mut self.instance, &mut self.parked, &self.plugin, self.id),
             &self.inbox,
             None,
             backlog,
-            state,
+            self.inbox_state,
         )
         .await;
         self.inbox.clear();

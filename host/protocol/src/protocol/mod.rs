@@ -197,26 +197,6 @@ impl WebSocket {
         }
     }
 
-    /// Whether the next frame `read` would take from `input` (or the one
-    /// whose header it has begun) is a Close frame. A host that holds back
-    /// replies to earlier messages must send them before `read` takes it:
-    /// the Close answers it and nothing can be sent after that.
-    pub fn close_is_next(&self, input: &[u8]) -> bool {
-        let core = &self.core;
-        if core.frame.is_some() || core.state == State::Closed {
-            return false;
-        }
-        let first = if core.hdr_len > 0 {
-            core.hdr[0]
-        } else {
-            match input.first() {
-                Some(&b) => b,
-                None => return false,
-            }
-        };
-        first & 0x0F == OpCode::Close.bits()
-    }
-
     /// The transport reached EOF or failed. Returns `Closed{1006, clean:
     /// false}` unless a close was already reported (then `None`).
     pub fn transport_closed(&mut self) -> Option<CloseInfo> {
@@ -257,6 +237,23 @@ impl WebSocket {
         }
         self.core.out.append(batch.bytes_mut());
         Ok(())
+    }
+
+    /// Like [`send_batch`](Self::send_batch), for replies to messages read
+    /// before the connection closed (the peer's Close, or a violation that
+    /// failed it, came later in the same input): once closed, they go ahead
+    /// of our Close frame as long as no byte of it was written. Refused (and
+    /// emptied) otherwise.
+    pub fn send_batch_before_close(&mut self, batch: &mut FrameBatch) -> Result<(), SendError> {
+        if self.core.state == State::Open {
+            return self.send_batch(batch);
+        }
+        if self.core.out.append_before_close(batch.bytes_mut()) {
+            Ok(())
+        } else {
+            batch.clear();
+            Err(SendError::Closed)
+        }
     }
 
     /// Queues a message framed once by [`Framed::text`] / [`Framed::binary`],
@@ -524,7 +521,7 @@ impl Core {
         if !self.close_sent {
             let echo = code.map(u16::to_be_bytes);
             let echo: &[u8] = echo.as_ref().map_or(&[], |e| e);
-            self.out.push_frame(true, OpCode::Close, echo);
+            self.out.push_close(echo);
             self.close_sent = true;
         }
         self.mark_closed();
@@ -569,8 +566,7 @@ impl Core {
                 dst.copy_from_slice(reason);
             }
         }
-        self.out
-            .push_frame(true, OpCode::Close, buf.get(..len).unwrap_or_default());
+        self.out.push_close(buf.get(..len).unwrap_or_default());
     }
 
     fn start_close(&mut self, code: u16, reason: &str, now: Instant) {

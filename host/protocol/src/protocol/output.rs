@@ -24,6 +24,9 @@ pub(crate) struct Output {
     chunks: VecDeque<Bytes>,
     tail: BytesMut,
     len: usize,
+    /// Length of the Close frame queued last (nothing is queued after one),
+    /// 0 if none.
+    close_len: usize,
 }
 
 impl Output {
@@ -44,6 +47,28 @@ impl Output {
     }
 
     /// Queues bytes that already are one or more complete frames.
+    /// Queues our Close frame, the last frame the connection sends.
+    pub(crate) fn push_close(&mut self, payload: &[u8]) {
+        let before = self.len;
+        self.push_frame(true, OpCode::Close, payload);
+        self.close_len = self.len - before;
+    }
+
+    /// Appends `frames` ahead of the queued Close frame, if none of it was
+    /// written yet; `false` (and `frames` untouched) otherwise.
+    pub(crate) fn append_before_close(&mut self, frames: &mut BytesMut) -> bool {
+        let n = self.close_len;
+        if n == 0 || self.len < n || self.tail.len() < n {
+            return false;
+        }
+        let close = self.tail.split_off(self.tail.len() - n);
+        self.len -= n;
+        self.append(frames);
+        self.tail.extend_from_slice(&close);
+        self.len += n;
+        true
+    }
+
     pub(crate) fn push_encoded(&mut self, frames: Bytes) {
         self.len += frames.len();
         if frames.len() < OWN_CHUNK_MIN {
