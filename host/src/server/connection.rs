@@ -725,12 +725,12 @@ impl Conn {
                             // is written below, then the socket is dropped.
                         }
                         Ok(n) => {
-                            idle_buffer = false;
                             // A read that filled the buffer: large messages
                             // (or a burst); read them in full-sized chunks.
-                            if n == spare {
+                            if n == spare || (!idle_buffer && read_ready(reader, &mut rbuf)) {
                                 read_chunk = READ_CHUNK;
                             }
+                            idle_buffer = false;
                         }
                     }
                 }
@@ -915,6 +915,24 @@ async fn next_published(mailbox: &mut Option<Mailbox>) -> Option<wharf_protocol:
         Some(m) => m.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// Reads what the transport hands over without waiting, into the buffer's
+/// spare room; `true` if that filled it. TLS hands out one record per read:
+/// a burst of messages should reach the plugin as one batch, not one per
+/// record. (TCP costs nothing here: after a short read tokio knows the
+/// socket is drained and answers `Pending` without a syscall.)
+fn read_ready<R: AsyncRead + Unpin>(reader: &mut R, rbuf: &mut BytesMut) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    while rbuf.len() < rbuf.capacity() {
+        let read = std::pin::pin!(reader.read_buf(&mut *rbuf));
+        match read.poll(&mut cx) {
+            Poll::Ready(Ok(n)) if n > 0 => {}
+            // Not now; or EOF or an error, which the next read sees again.
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// Writes queued output, and flushes, as far as the socket takes it without
