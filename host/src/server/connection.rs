@@ -55,7 +55,7 @@ where
     let Some((mut conn, buf, permit)) = opened else {
         return;
     };
-    conn.drive(&mut reader, &mut writer, buf).await;
+    conn.drive(&mut reader, &mut writer, buf, tls).await;
     drop(permit);
 }
 
@@ -611,6 +611,7 @@ impl Conn {
         reader: &mut ReadHalf<R>,
         writer: &mut WriteHalf<W>,
         mut rbuf: BytesMut,
+        tls: bool,
     ) where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -725,9 +726,13 @@ impl Conn {
                             // is written below, then the socket is dropped.
                         }
                         Ok(n) => {
+                            // TLS hands out a record per read: take the
+                            // others already there too (plain TCP after a
+                            // short read has nothing more).
+                            let more = tls && !idle_buffer && read_ready(reader, &mut rbuf);
                             // A read that filled the buffer: large messages
                             // (or a burst); read them in full-sized chunks.
-                            if n == spare || (!idle_buffer && read_ready(reader, &mut rbuf)) {
+                            if n == spare || more {
                                 read_chunk = READ_CHUNK;
                             }
                             idle_buffer = false;
@@ -918,10 +923,9 @@ async fn next_published(mailbox: &mut Option<Mailbox>) -> Option<wharf_protocol:
 }
 
 /// Reads what the transport hands over without waiting, into the buffer's
-/// spare room; `true` if that filled it. TLS hands out one record per read:
-/// a burst of messages should reach the plugin as one batch, not one per
-/// record. (TCP costs nothing here: after a short read tokio knows the
-/// socket is drained and answers `Pending` without a syscall.)
+/// spare room; `true` if that filled it. For TLS, which hands out one
+/// record per read: a burst of messages should reach the plugin as one
+/// batch, not one per record.
 fn read_ready<R: AsyncRead + Unpin>(reader: &mut R, rbuf: &mut BytesMut) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
     while rbuf.len() < rbuf.capacity() {
