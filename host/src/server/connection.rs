@@ -866,7 +866,9 @@ async fn wake<'a>(
     if instance.is_none()
         && let Some(entry) = parked.take()
     {
-        *instance = Some(plugin.instantiate_with(id, Some(entry)).await?);
+        // Boxed: resuming is rare, and its state (a store being built) would
+        // otherwise add ~320 bytes to every connection's task.
+        *instance = Some(Box::pin(plugin.instantiate_with(id, Some(entry))).await?);
         tracing::debug!(conn = id, "resumed from hibernation");
     }
     Ok(instance.as_mut())
