@@ -26,7 +26,7 @@
 //! | `wharf_protocol_violations_total` | counter | `code` |
 //! | `wharf_plugin_failures_total` | counter | `plugin`, `kind` |
 //! | `wharf_sends_refused_total` | counter | `reason` |
-//! | `wharf_plugin_call_seconds` | histogram | buckets 1 µs × 2ⁿ, n = 0..23 (to ~8.4 s) |
+//! | `wharf_plugin_call_seconds` | histogram | buckets 1 µs × 2ⁿ, n = 0..23 (to ~8.4 s); one observation per call, a batch (`on-messages`) being one call |
 //!
 //! Series with fixed labels are exported as 0 from the start; the families
 //! keyed by code, status, reason or plugin appear on their first event.

@@ -19,9 +19,7 @@ use std::cell::RefCell;
 use exports::wharf::websocket::handler::Guest;
 use wharf::websocket::connection::Connection;
 use wharf::websocket::pubsub;
-use wharf::websocket::types::{
-    Accept, CloseCode, Header, Reject, UpgradeRequest, UpgradeResponse,
-};
+use wharf::websocket::types::{Accept, CloseCode, Header, Reject, UpgradeRequest, UpgradeResponse};
 
 /// Longest nickname, in bytes.
 const MAX_NICK: usize = 32;
@@ -39,7 +37,8 @@ thread_local! {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_NICK
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// The value of `key` in a query string (no percent-decoding: names are
@@ -72,16 +71,18 @@ impl Guest for Chat {
         let room = match request.path.strip_prefix("/chat") {
             Some("" | "/") => "lobby",
             Some(rest) => rest.trim_start_matches('/'),
-            None => return reject(404, format!("no chat at {}; try /chat/<room>", request.path)),
+            None => {
+                return reject(
+                    404,
+                    format!("no chat at {}; try /chat/<room>", request.path),
+                );
+            }
         };
         let nick = query_param(request.query.as_deref(), "nick")
             .map(str::to_owned)
             .unwrap_or_else(|| format!("guest-{}", conn.id()));
         if !valid_name(room) || !valid_name(&nick) {
-            return reject(
-                400,
-                "room and nick: 1 to 32 of A-Z a-z 0-9 - _".to_owned(),
-            );
+            return reject(400, "room and nick: 1 to 32 of A-Z a-z 0-9 - _".to_owned());
         }
         MEMBER.with_borrow_mut(|m| {
             *m = Some(Member {
