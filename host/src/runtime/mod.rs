@@ -416,15 +416,20 @@ impl PluginInstance {
         self.finish(r)
     }
 
+    /// One message: `on-text` or `on-binary`.
+    pub async fn on_message(&mut self, message: Message<'_>) -> Result<(), PluginError> {
+        match message {
+            Message::Text(text) => self.on_text(text).await,
+            Message::Binary(data) => self.on_binary(data).await,
+        }
+    }
+
     /// Messages that arrived together, in one `on-messages` call (a plugin
     /// without the export gets one `on-text`/`on-binary` call each).
     pub async fn on_messages(&mut self, messages: &[Message<'_>]) -> Result<(), PluginError> {
         let Some(func) = self.on_messages else {
-            for message in messages {
-                match *message {
-                    Message::Text(text) => self.on_text(text).await?,
-                    Message::Binary(data) => self.on_binary(data).await?,
-                }
+            for &message in messages {
+                self.on_message(message).await?;
             }
             return Ok(());
         };

@@ -528,45 +528,26 @@ impl Conn {
             // (batched plugins); the last one, or a large one, goes with
             // what waits, uncopied. A message on its own is a plain call.
             let hold = batched && !input.is_empty() && message.len() <= inbox::MESSAGE_MAX;
-            let r = if hold || !self.inbox.is_empty() {
-                let last = if hold {
-                    if self.inbox.is_empty() {
-                        self.inbox_state = state;
-                    }
-                    if !self.inbox.push(message) {
-                        continue;
-                    }
-                    None
-                } else {
-                    Some(message)
-                };
-                let r = call_batch(
-                    Woken::of(&mut self.instance, &mut self.parked, &self.plugin, self.id),
-                    &self.inbox,
-                    last,
-                    backlog,
-                    if self.inbox.is_empty() {
-                        state
-                    } else {
-                        self.inbox_state
-                    },
-                )
-                .await;
-                self.inbox.clear();
-                r
-            } else {
-                match wake(&mut self.instance, &mut self.parked, &self.plugin, self.id).await {
-                    Err(err) => Some(Err(err)),
-                    Ok(None) => None,
-                    Ok(Some(instance)) => {
-                        Self::sync_outbox(instance, backlog, state);
-                        Some(match message {
-                            Message::Text(text) => instance.on_text(text).await,
-                            Message::Binary(data) => instance.on_binary(data).await,
-                        })
-                    }
+            if self.inbox.is_empty() {
+                self.inbox_state = state;
+            }
+            let last = if hold {
+                if !self.inbox.push(message) {
+                    continue;
                 }
+                None
+            } else {
+                Some(message)
             };
+            let r = call_with(
+                Woken::of(&mut self.instance, &mut self.parked, &self.plugin, self.id),
+                &self.inbox,
+                last,
+                backlog,
+                self.inbox_state,
+            )
+            .await;
+            self.inbox.clear();
             if let Some(r) = r {
                 now = self.record_call(started);
                 self.after_call(r);
@@ -585,7 +566,7 @@ impl Conn {
         // The plugin sees the connection as it was when the messages came:
         // a Close read after them does not refuse their replies.
         let backlog = self.ws.output_len();
-        let r = call_batch(
+        let r = call_with(
             Woken::of(&mut self.instance, &mut self.parked, &self.plugin, self.id),
             &self.inbox,
             None,
@@ -898,9 +879,10 @@ impl<'a> Woken<'a> {
     }
 }
 
-/// One `on-messages` call with what `inbox` holds, then `last`. `None`: the
-/// instance is gone (it failed before), the messages are dropped.
-async fn call_batch(
+/// One call with what `inbox` holds, then `last`: `on-messages`, or for a
+/// message on its own `on-text`/`on-binary`. `None`: the instance is gone
+/// (it failed before), the messages are dropped.
+async fn call_with(
     slots: Woken<'_>,
     inbox: &Inbox,
     last: Option<Message<'_>>,
@@ -912,7 +894,10 @@ async fn call_batch(
         Ok(None) => None,
         Ok(Some(instance)) => {
             Conn::sync_outbox(instance, backlog, state);
-            Some(instance.on_messages(&inbox.messages(last)).await)
+            Some(match last {
+                Some(one) if inbox.is_empty() => instance.on_message(one).await,
+                _ => instance.on_messages(&inbox.messages(last)).await,
+            })
         }
     }
 }

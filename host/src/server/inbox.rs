@@ -66,6 +66,10 @@ impl Inbox {
 
     /// Empties the inbox, keeping its buffers unless a burst grew them.
     pub(super) fn clear(&mut self) {
+        // Called after every message; most of the time nothing was held.
+        if self.order.is_empty() {
+            return;
+        }
         self.order.clear();
         self.text.clear();
         self.binary.clear();

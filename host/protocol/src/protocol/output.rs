@@ -46,7 +46,6 @@ impl Output {
         self.len += payload.len();
     }
 
-    /// Queues bytes that already are one or more complete frames.
     /// Queues our Close frame, the last frame the connection sends.
     pub(crate) fn push_close(&mut self, payload: &[u8]) {
         let before = self.len;
@@ -69,6 +68,7 @@ impl Output {
         true
     }
 
+    /// Queues bytes that already are one or more complete frames.
     pub(crate) fn push_encoded(&mut self, frames: Bytes) {
         self.len += frames.len();
         if frames.len() < OWN_CHUNK_MIN {
