@@ -40,13 +40,32 @@ pub struct ListenerConfig {
     pub tls: Option<TlsConfig>,
 }
 
-/// PEM files for a `wss` listener.
+/// PEM files for a `wss` listener: the default certificate, and more chosen
+/// by the name the client asks for (SNI).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
-    /// Certificate chain, leaf first (PEM).
+    /// Certificate chain, leaf first (PEM); served when no `sni` entry
+    /// matches the client's server name (or it sent none).
     pub cert: PathBuf,
     /// Private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Further certificates, each for the server names it lists.
+    #[serde(default)]
+    pub sni: Vec<SniCertificate>,
+}
+
+/// A certificate served to clients that ask for one of its names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCertificate {
+    /// Server names, e.g. `"acme.example.com"` or `"*.acme.example.com"`
+    /// (one or more labels). Matched case-insensitively: an exact name
+    /// first, then the longest matching wildcard.
+    pub names: Vec<String>,
+    /// Certificate chain, leaf first (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
     pub key: PathBuf,
 }
 
