@@ -24,7 +24,10 @@ fn runtime(concurrency_support: bool) -> Runtime {
         max_instances: 64,
         limits: InstanceLimits {
             memory: 64 << 20,
-            cpu: CpuBudget::from_duration(Duration::from_secs(1)),
+            cpu: CpuBudget {
+                cpu: Duration::from_secs(1),
+                wall: Duration::from_secs(5),
+            },
             send: SendLimits {
                 max_message_size: 16 << 20,
                 send_queue: 64 << 20,

@@ -4,6 +4,7 @@
 //! server. Unknown keys are errors: a typo must not silently fall back to a
 //! default.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -28,6 +29,77 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Files served to plain HTTP GETs on the WebSocket listeners (`[static_files]`).
     pub static_files: StaticFilesConfig,
+    /// Tenants (`[[tenant]]` tables): each its own plugin, routes, limits and
+    /// settings. None: one tenant named `default`, on every route, running
+    /// `[plugin]`'s handler.
+    #[serde(rename = "tenant")]
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// The name of the tenant `[plugin]` describes when there are no `[[tenant]]`s.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// One tenant: whose handler serves which routes, within which limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// `[a-z0-9-]{1,63}`, unique: the tenant's name in logs, metrics and
+    /// the admin API, and the scope of its topics.
+    pub name: String,
+    /// The tenant's handler component (`.wasm`).
+    pub plugin: PathBuf,
+    /// `HOST/PATH-PREFIX` or `/PATH-PREFIX` (any host); see the README.
+    pub routes: Vec<String>,
+    /// One instance per connection, or one for all of them.
+    #[serde(default)]
+    pub instance: InstanceMode,
+    /// Origins whose pages may open connections (exact, or `*.` wildcards,
+    /// or `"*"` for any). Unset: `[plugin]`'s, by default same-origin.
+    pub allowed_origins: Option<Vec<String>>,
+    /// Overrides of the server-wide defaults, key by key.
+    #[serde(default)]
+    pub limits: TenantLimits,
+    /// Read by the plugin through `wharf:websocket/config`.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
+}
+
+/// How a tenant's connections map onto plugin instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceMode {
+    /// Each connection its own instance (its globals are its state).
+    #[default]
+    PerConnection,
+    /// One instance serves all of the tenant's connections.
+    Shared,
+}
+
+/// A tenant's limits. Each key unset takes the server-wide value of the
+/// same name (`[plugin]`, `[websocket]`, `[server]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantLimits {
+    /// `[plugin] memory_limit`.
+    pub memory_limit: Option<ByteSize>,
+    /// `[plugin] cpu_time_per_event`.
+    #[serde(with = "humantime_serde::option")]
+    pub cpu_time_per_event: Option<Duration>,
+    /// `[plugin] wall_time_per_event`.
+    #[serde(with = "humantime_serde::option")]
+    pub wall_time_per_event: Option<Duration>,
+    /// `[server] max_connections`: the tenant's open connections.
+    pub max_connections: Option<u32>,
+    /// `[websocket] max_message_size`.
+    pub max_message_size: Option<ByteSize>,
+    /// `[websocket] max_frame_size`.
+    pub max_frame_size: Option<ByteSize>,
+    /// `[websocket] send_queue`.
+    pub send_queue: Option<ByteSize>,
+    /// `[websocket] messages_per_second`.
+    pub messages_per_second: Option<u32>,
+    /// `[websocket] bytes_per_second`.
+    pub bytes_per_second: Option<ByteSize>,
 }
 
 /// One listening socket.
@@ -125,6 +197,11 @@ pub struct WebSocketConfig {
     /// Time the peer has to answer our Close frame before the socket is dropped.
     #[serde(with = "humantime_serde")]
     pub close_timeout: Duration,
+    /// Messages a connection may send per second, with a burst of one
+    /// second's worth (token bucket); over it: close 1008. `0`: no limit.
+    pub messages_per_second: u32,
+    /// Payload bytes a connection may send per second, likewise. `"0B"`: no limit.
+    pub bytes_per_second: ByteSize,
 }
 
 impl Default for WebSocketConfig {
@@ -137,6 +214,8 @@ impl Default for WebSocketConfig {
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
             close_timeout: Duration::from_secs(5),
+            messages_per_second: 0,
+            bytes_per_second: ByteSize::b(0),
         }
     }
 }
@@ -150,10 +229,24 @@ pub struct PluginConfig {
     /// Most linear memory one instance (one connection) may use; growing past
     /// it traps, which closes that connection with 1011.
     pub memory_limit: ByteSize,
-    /// CPU time one event call (`on-text`, …) may use before it is interrupted
-    /// and its connection closed with 1011.
+    /// CPU time one event call (`on-text`, …) may use, host calls it makes
+    /// included, before it is interrupted and its connection closed with 1011.
     #[serde(with = "humantime_serde")]
     pub cpu_time_per_event: Duration,
+    /// Wall-clock time one event call may take, waits included (a plugin
+    /// blocked in `wasi:io/poll`, e.g. a sleep, uses no CPU); over it the
+    /// call is abandoned and its connection closed with 1011.
+    #[serde(with = "humantime_serde")]
+    pub wall_time_per_event: Duration,
+    /// Origins whose pages may open connections: exact origins
+    /// (`"https://app.example.com"`), `*.` wildcards
+    /// (`"https://*.example.com"`), or `"*"` for any. Unset: same-origin
+    /// (see the README). A request without `Origin` (not from a browser)
+    /// is always allowed.
+    pub allowed_origins: Option<Vec<String>>,
+    /// Settings of the `default` tenant (with no `[[tenant]]`s), read by the
+    /// plugin through `wharf:websocket/config`.
+    pub settings: BTreeMap<String, String>,
     /// Release a connection's instance after this long without an event
     /// (hibernation): the host keeps the socket, the protocol state, the
     /// topics and the attachment, and instantiates afresh on the next event.
@@ -177,6 +270,9 @@ impl Default for PluginConfig {
             path: None,
             memory_limit: ByteSize::mib(64),
             cpu_time_per_event: Duration::from_millis(200),
+            wall_time_per_event: Duration::from_secs(1),
+            allowed_origins: None,
+            settings: BTreeMap::new(),
             hibernate_after: Duration::ZERO,
             keep_resident: ByteSize::kib(64),
             cache_dir: None,
@@ -204,6 +300,7 @@ impl Default for Config {
             plugin: PluginConfig::default(),
             admin: AdminConfig::default(),
             static_files: StaticFilesConfig::default(),
+            tenants: Vec::new(),
         }
     }
 }
@@ -247,7 +344,7 @@ pub enum ConfigError {
         source: Box<toml::de::Error>,
     },
     #[error("invalid config: `{key}` {problem}")]
-    Invalid { key: &'static str, problem: String },
+    Invalid { key: String, problem: String },
 }
 
 impl Config {
@@ -267,9 +364,9 @@ impl Config {
 
     /// Checks the relations between keys that serde cannot see.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, problem: &str| {
+        let invalid = |key: &str, problem: &str| {
             Err(ConfigError::Invalid {
-                key,
+                key: key.to_owned(),
                 problem: problem.to_owned(),
             })
         };
@@ -289,25 +386,175 @@ impl Config {
             return invalid("server.handshake_timeout", "must be more than 0s");
         }
         let ws = &self.websocket;
-        if ws.max_frame_size.as_u64() < 125 {
-            return invalid(
-                "websocket.max_frame_size",
-                "must be at least 125 B (a control frame)",
-            );
-        }
-        if ws.max_message_size.as_u64() == 0 {
-            return invalid("websocket.max_message_size", "must be more than 0");
-        }
         if ws.fragment_size.is_some_and(|f| f.as_u64() == 0) {
             return invalid("websocket.fragment_size", "must be more than 0 when set");
-        }
-        if ws.send_queue.as_u64() == 0 {
-            return invalid("websocket.send_queue", "must be more than 0");
         }
         if ws.close_timeout.is_zero() {
             return invalid("websocket.close_timeout", "must be more than 0s");
         }
-        let memory = self.plugin.memory_limit.as_u64();
+        if self.plugin.path.is_some() && !self.tenants.is_empty() {
+            return invalid(
+                "plugin.path",
+                "names the default tenant's handler; with [[tenant]] tables, give each its `plugin`",
+            );
+        }
+        let mut names = std::collections::HashSet::new();
+        for tenant in &self.tenants {
+            let name = &tenant.name;
+            let valid = (1..=63).contains(&name.len())
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !valid {
+                return Err(ConfigError::Invalid {
+                    key: "tenant.name".into(),
+                    problem: format!("{name:?} must be 1 to 63 of a-z, 0-9 and -"),
+                });
+            }
+            if !names.insert(name.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: "tenant.name".into(),
+                    problem: format!("{name:?} names two tenants"),
+                });
+            }
+            if tenant.instance == InstanceMode::Shared {
+                return Err(ConfigError::Invalid {
+                    key: format!("tenant.{name}.instance"),
+                    problem: "\"shared\" is not supported yet; use \"per-connection\"".into(),
+                });
+            }
+        }
+        let mut largest_memory = 0;
+        for tenant in self.resolved_tenants() {
+            tenant.limits.validate(&tenant.key_prefix)?;
+            if let Some(origins) = &tenant.allowed_origins {
+                crate::tenancy::origin::OriginPolicy::parse(origins).map_err(|problem| {
+                    ConfigError::Invalid {
+                        key: format!("{}allowed_origins", tenant.key_prefix),
+                        problem,
+                    }
+                })?;
+            }
+            largest_memory = largest_memory.max(tenant.limits.memory_limit.as_u64());
+        }
+        crate::tenancy::routes::RouteTable::build(&self.resolved_tenants()).map_err(|problem| {
+            ConfigError::Invalid {
+                key: "tenant.routes".into(),
+                problem: problem.to_string(),
+            }
+        })?;
+        let index = &self.static_files.index;
+        if index.is_empty() || index.contains(['/', '\\']) || index.starts_with('.') {
+            return invalid("static_files.index", "must be a plain file name");
+        }
+        if self.plugin.keep_resident.as_u64() > largest_memory {
+            return invalid(
+                "plugin.keep_resident",
+                "must not exceed the largest memory_limit",
+            );
+        }
+        Ok(())
+    }
+
+    /// Every tenant with its limits resolved: the `[[tenant]]`s, or the
+    /// `default` one `[plugin]` describes.
+    pub fn resolved_tenants(&self) -> Vec<ResolvedTenant> {
+        let limits = |o: &TenantLimits| Limits {
+            memory_limit: o.memory_limit.unwrap_or(self.plugin.memory_limit),
+            cpu_time_per_event: o
+                .cpu_time_per_event
+                .unwrap_or(self.plugin.cpu_time_per_event),
+            wall_time_per_event: o
+                .wall_time_per_event
+                .unwrap_or(self.plugin.wall_time_per_event),
+            max_connections: o.max_connections.unwrap_or(self.server.max_connections),
+            max_message_size: o.max_message_size.unwrap_or(self.websocket.max_message_size),
+            max_frame_size: o.max_frame_size.unwrap_or(self.websocket.max_frame_size),
+            send_queue: o.send_queue.unwrap_or(self.websocket.send_queue),
+            messages_per_second: o
+                .messages_per_second
+                .unwrap_or(self.websocket.messages_per_second),
+            bytes_per_second: o.bytes_per_second.unwrap_or(self.websocket.bytes_per_second),
+        };
+        if self.tenants.is_empty() {
+            return vec![ResolvedTenant {
+                name: DEFAULT_TENANT.to_owned(),
+                key_prefix: String::new(),
+                plugin: self.plugin.path.clone(),
+                routes: vec!["/".to_owned()],
+                instance: InstanceMode::PerConnection,
+                allowed_origins: self.plugin.allowed_origins.clone(),
+                limits: limits(&TenantLimits::default()),
+                settings: self.plugin.settings.clone(),
+            }];
+        }
+        self.tenants
+            .iter()
+            .map(|t| ResolvedTenant {
+                name: t.name.clone(),
+                key_prefix: format!("tenant.{}.limits.", t.name),
+                plugin: Some(t.plugin.clone()),
+                routes: t.routes.clone(),
+                instance: t.instance,
+                allowed_origins: t
+                    .allowed_origins
+                    .clone()
+                    .or_else(|| self.plugin.allowed_origins.clone()),
+                limits: limits(&t.limits),
+                settings: t.settings.clone(),
+            })
+            .collect()
+    }
+}
+
+/// A tenant as the server runs it: every default applied.
+#[derive(Debug, Clone)]
+pub struct ResolvedTenant {
+    pub name: String,
+    /// Where its limit keys live, for error messages (`""`: the global keys).
+    key_prefix: String,
+    /// `None`: the bundled echo handler.
+    pub plugin: Option<PathBuf>,
+    pub routes: Vec<String>,
+    pub instance: InstanceMode,
+    pub allowed_origins: Option<Vec<String>>,
+    pub limits: Limits,
+    pub settings: BTreeMap<String, String>,
+}
+
+/// One tenant's limits, resolved.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub memory_limit: ByteSize,
+    pub cpu_time_per_event: Duration,
+    pub wall_time_per_event: Duration,
+    pub max_connections: u32,
+    pub max_message_size: ByteSize,
+    pub max_frame_size: ByteSize,
+    pub send_queue: ByteSize,
+    pub messages_per_second: u32,
+    pub bytes_per_second: ByteSize,
+}
+
+impl Limits {
+    /// The rules every tenant's limits obey; `prefix` says where the keys
+    /// are (`"tenant.acme.limits."`), `""` for the server-wide ones.
+    fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        let key = |global: &str| {
+            let (section, name) = global.split_once('.').unwrap_or(("", global));
+            if prefix.is_empty() {
+                format!("{section}.{name}")
+            } else {
+                format!("{prefix}{name}")
+            }
+        };
+        let invalid = |global: &str, problem: &str| {
+            Err(ConfigError::Invalid {
+                key: key(global),
+                problem: problem.to_owned(),
+            })
+        };
+        let memory = self.memory_limit.as_u64();
         if memory < 1 << 20 {
             return invalid("plugin.memory_limit", "must be at least 1 MiB");
         }
@@ -317,18 +564,32 @@ impl Config {
                 "must be at most 4 GiB (32-bit linear memory)",
             );
         }
-        let index = &self.static_files.index;
-        if index.is_empty() || index.contains(['/', '\\']) || index.starts_with('.') {
-            return invalid("static_files.index", "must be a plain file name");
+        if self.cpu_time_per_event < Duration::from_millis(1) {
+            return invalid("plugin.cpu_time_per_event", "must be at least 1ms");
         }
-        if self.plugin.keep_resident.as_u64() > self.plugin.memory_limit.as_u64() {
+        if self.wall_time_per_event < self.cpu_time_per_event {
             return invalid(
-                "plugin.keep_resident",
-                "must not exceed plugin.memory_limit",
+                "plugin.wall_time_per_event",
+                "must be at least cpu_time_per_event",
             );
         }
-        if self.plugin.cpu_time_per_event < Duration::from_millis(1) {
-            return invalid("plugin.cpu_time_per_event", "must be at least 1ms");
+        if self.wall_time_per_event > Duration::from_secs(24 * 3600) {
+            return invalid("plugin.wall_time_per_event", "must be at most 24h");
+        }
+        if self.max_connections == 0 {
+            return invalid("server.max_connections", "must be at least 1");
+        }
+        if self.max_frame_size.as_u64() < 125 {
+            return invalid(
+                "websocket.max_frame_size",
+                "must be at least 125 B (a control frame)",
+            );
+        }
+        if self.max_message_size.as_u64() == 0 {
+            return invalid("websocket.max_message_size", "must be more than 0");
+        }
+        if self.send_queue.as_u64() == 0 {
+            return invalid("websocket.send_queue", "must be more than 0");
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! - [`runtime`] compiles plugins and runs one sandboxed instance per connection.
 //! - [`server`] is the network driver: listeners, TLS, and the per-connection task
 //!   that feeds the protocol core and the plugin.
+//! - [`tenancy`] is the control plane's tenants: routes, origins, limits.
 //! - [`config`] is `wharf.toml`; [`metrics`] and [`admin`] make it observable.
 
 pub mod admin;
@@ -14,3 +15,4 @@ pub mod metrics;
 pub mod runtime;
 pub mod scaffold;
 pub mod server;
+pub mod tenancy;

@@ -9,10 +9,9 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use wharf::config::{self, Config, ListenerConfig};
 use wharf::metrics::Metrics;
-use wharf::runtime::connection_host::SendLimits;
-use wharf::runtime::limits::CpuBudget;
-use wharf::runtime::{InstanceLimits, Plugin, Runtime, RuntimeConfig};
-use wharf::server::{PluginSlot, Server};
+use wharf::runtime::{Runtime, RuntimeConfig};
+use wharf::server::Server;
+use wharf::tenancy::{self, Tenants};
 
 /// Wharf: a WebSocket server whose application logic runs in sandboxed
 /// WebAssembly components.
@@ -82,16 +81,18 @@ fn main() -> anyhow::Result<()> {
     let config = load_config(&args)?;
     let runtime =
         Runtime::new(runtime_config(&config)).context("cannot start the plugin runtime")?;
-    let plugin = load_plugin(&runtime, &config)?;
+    let tenants = Tenants::load(&config, &runtime)?;
     if check_only {
-        println!("ok: configuration valid, plugin {} loads", plugin.name());
+        let count = tenants.iter().count();
+        println!("ok: configuration valid, {count} tenant(s), every plugin loads");
+        print!("{}", tenants.describe());
         return Ok(());
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("wharf-worker")
         .build()?
-        .block_on(serve(config, plugin))
+        .block_on(serve(config, tenants))
 }
 
 fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
@@ -122,15 +123,7 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
 fn runtime_config(config: &Config) -> RuntimeConfig {
     RuntimeConfig {
         max_instances: config.server.max_connections,
-        limits: InstanceLimits {
-            memory: config::bytes(config.plugin.memory_limit),
-            cpu: CpuBudget::from_duration(config.plugin.cpu_time_per_event),
-            send: SendLimits {
-                max_message_size: config::bytes(config.websocket.max_message_size),
-                send_queue: config::bytes(config.websocket.send_queue),
-                fragment_size: config.websocket.fragment_size.map(config::bytes),
-            },
-        },
+        limits: tenancy::runtime_limits(config),
         cache_dir: config
             .plugin
             .cache_dir
@@ -141,16 +134,9 @@ fn runtime_config(config: &Config) -> RuntimeConfig {
     }
 }
 
-fn load_plugin(runtime: &Runtime, config: &Config) -> anyhow::Result<Plugin> {
-    Ok(match &config.plugin.path {
-        Some(path) => runtime.load_file(path)?,
-        None => runtime.load("echo", wharf::bundled::ECHO)?,
-    })
-}
-
-async fn serve(config: Config, plugin: Plugin) -> anyhow::Result<()> {
+async fn serve(config: Config, tenants: Tenants) -> anyhow::Result<()> {
     let metrics = Metrics::new();
-    let server = Server::start(&config, PluginSlot::new(plugin), metrics.clone()).await?;
+    let server = Server::start(&config, Arc::new(tenants), metrics.clone()).await?;
     for bound in server.bound() {
         tracing::info!(url = %bound.url(), "listening");
         println!("listening on {}", bound.url());

@@ -283,7 +283,10 @@ fn runtime(lang: &Lang, cache_dir: &Path) -> Runtime {
         max_instances: 16,
         limits: InstanceLimits {
             memory: lang.memory,
-            cpu: CpuBudget::from_duration(lang.cpu),
+            cpu: CpuBudget {
+                cpu: lang.cpu,
+                wall: lang.cpu * 5,
+            },
             send: SendLimits {
                 max_message_size: 16 << 20,
                 send_queue: 64 << 20,

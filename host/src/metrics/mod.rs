@@ -24,12 +24,15 @@
 //! | `wharf_messages_sent_total` | counter | `type` = `text` \| `binary` |
 //! | `wharf_sent_bytes_total` | counter | |
 //! | `wharf_protocol_violations_total` | counter | `code` |
-//! | `wharf_plugin_failures_total` | counter | `plugin`, `kind` |
+//! | `wharf_plugin_failures_total` | counter | `tenant`, `kind` |
 //! | `wharf_sends_refused_total` | counter | `reason` |
+//! | `wharf_received_dropped_total` | counter | `reason` |
+//! | `wharf_tenant_connections_open` | gauge | `tenant` |
+//! | `wharf_tenant_refusals_total` | counter | `tenant`, `reason` |
 //! | `wharf_plugin_call_seconds` | histogram | buckets 1 µs × 2ⁿ, n = 0..23 (to ~8.4 s); one observation per call, a batch (`on-messages`) being one call |
 //!
 //! Series with fixed labels are exported as 0 from the start; the families
-//! keyed by code, status, reason or plugin appear on their first event.
+//! keyed by code, status, reason or tenant appear on their first event.
 
 mod histogram;
 mod tally;
@@ -81,8 +84,19 @@ struct CodeLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PluginLabels {
-    plugin: String,
+    tenant: String,
     kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantReasonLabels {
+    tenant: String,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -172,6 +186,9 @@ pub struct Metrics {
     protocol_violations: Family<CodeLabels, Counter>,
     plugin_failures: Family<PluginLabels, Counter>,
     sends_refused: Family<ReasonLabels, Counter>,
+    received_dropped: Family<ReasonLabels, Counter>,
+    tenant_open: Family<TenantLabels, Gauge>,
+    tenant_refusals: Family<TenantReasonLabels, Counter>,
     static_responses: Family<StatusLabels, Counter>,
     plugin_call: CallHistogram,
 }
@@ -259,7 +276,7 @@ impl Metrics {
         let plugin_failures = Family::<PluginLabels, Counter>::default();
         registry.register(
             "wharf_plugin_failures",
-            "Plugin instance failures, by plugin and kind",
+            "Plugin instance failures, by tenant and kind",
             plugin_failures.clone(),
         );
 
@@ -268,6 +285,27 @@ impl Metrics {
             "wharf_sends_refused",
             "Outbound messages refused or dropped, by reason",
             sends_refused.clone(),
+        );
+
+        let received_dropped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "wharf_received_dropped",
+            "Inbound messages dropped before reaching a plugin, by reason",
+            received_dropped.clone(),
+        );
+
+        let tenant_open = Family::<TenantLabels, Gauge>::default();
+        registry.register(
+            "wharf_tenant_connections_open",
+            "WebSocket connections currently open, by tenant",
+            tenant_open.clone(),
+        );
+
+        let tenant_refusals = Family::<TenantReasonLabels, Counter>::default();
+        registry.register(
+            "wharf_tenant_refusals",
+            "Upgrades refused and connections closed by a tenant's limits, by tenant and reason",
+            tenant_refusals.clone(),
         );
 
         let static_responses = Family::<StatusLabels, Counter>::default();
@@ -299,6 +337,9 @@ impl Metrics {
             protocol_violations,
             plugin_failures,
             sends_refused,
+            received_dropped,
+            tenant_open,
+            tenant_refusals,
             static_responses,
             plugin_call,
         })
@@ -372,14 +413,42 @@ impl Metrics {
     }
 
     /// A plugin instance failed. `kind` is one of `instantiate`, `trap`,
-    /// `cpu`, `memory`, `table`. `plugin` is a configured plugin name.
-    pub fn plugin_failure(&self, plugin: &str, kind: &'static str) {
+    /// `cpu`, `wall-time`, `memory`, `table`. `tenant` is a configured name.
+    pub fn plugin_failure(&self, tenant: &str, kind: &'static str) {
         self.plugin_failures
             .get_or_create(&PluginLabels {
-                plugin: plugin.to_owned(),
+                tenant: tenant.to_owned(),
                 kind,
             })
             .inc();
+    }
+
+    /// A tenant's open connections changed by `delta` (±1).
+    pub fn tenant_connection(&self, tenant: &str, delta: i64) {
+        self.tenant_open
+            .get_or_create(&TenantLabels {
+                tenant: tenant.to_owned(),
+            })
+            .inc_by(delta);
+    }
+
+    /// A tenant's limit refused an upgrade or closed a connection: `reason`
+    /// is `origin` (403), `capacity` (503) or `rate-limit` (1008).
+    pub fn tenant_refused(&self, tenant: &str, reason: &'static str) {
+        self.tenant_refusals
+            .get_or_create(&TenantReasonLabels {
+                tenant: tenant.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// `count` messages the peer sent were dropped before any plugin saw
+    /// them (`rate-limit`: after the connection went over its rates).
+    pub fn received_dropped(&self, reason: &'static str, count: u64) {
+        self.received_dropped
+            .get_or_create(&ReasonLabels { reason })
+            .inc_by(count);
     }
 
     /// An outbound message was refused or dropped (`queue-full`, `closed`,

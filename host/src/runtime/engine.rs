@@ -28,18 +28,19 @@ pub struct PoolSizing {
 
 /// Core instances a component may hold: Rust/C components need a handful,
 /// interpreters (componentize-py) a few dozen.
-const CORE_INSTANCES_PER_COMPONENT: u32 = 64;
+pub const CORE_INSTANCES_PER_COMPONENT: u32 = 64;
 /// Average core instances per component the pool is sized for.
 const CORE_INSTANCES_PER_SLOT: u32 = 8;
-const MEMORIES_PER_COMPONENT: u32 = 4;
+pub const MEMORIES_PER_COMPONENT: u32 = 4;
 /// Freed slots whose memory is returned to the OS with one batch of madvise
 /// calls (per CPU shard): fewer system calls on the connection path, at most
 /// this many slots' memory pending per shard.
 const DECOMMIT_BATCH: usize = 32;
-const TABLES_PER_COMPONENT: u32 = 16;
+pub const TABLES_PER_COMPONENT: u32 = 16;
 /// Table slots per instance on average.
 const TABLES_PER_SLOT: u32 = 4;
-const TABLE_ELEMENTS: usize = 20_000;
+/// Elements per table, in the pool and in each store's limiter.
+pub const TABLE_ELEMENTS: usize = 20_000;
 
 /// Builds the engine: component model, epoch interruption, pooling allocator
 /// with copy-on-write memory images, and no component-model-async
@@ -73,14 +74,16 @@ pub fn build(pool: PoolSizing) -> anyhow::Result<Engine> {
         // One async fiber stack per store: stores cache their stack.
         .total_stacks(n)
         // A freed slot keeps its first `keep_resident` bytes mapped, reset
-        // in place (only the pages the instance dirtied, found with
-        // PAGEMAP_SCAN where the kernel has it): the next instance in that
-        // slot starts without an madvise and page faults, which is most of
-        // what instantiation costs beyond wasmtime's own bookkeeping. The
-        // rest goes back to the OS, in batches.
+        // in place: the next instance in that slot starts without an
+        // madvise and page faults, which is most of what instantiation
+        // costs beyond wasmtime's own bookkeeping. The rest goes back to
+        // the OS, in batches. The reset is a full memset, not PAGEMAP_SCAN:
+        // wasmtime 48's scan resets only pages that are present, so a
+        // dirty page swapped out would reach the slot's next instance,
+        // maybe another tenant's (bytecodealliance/wasmtime#14357).
         .linear_memory_keep_resident(pool.keep_resident)
         .table_keep_resident(pool.keep_resident)
-        .pagemap_scan(Enabled::Auto)
+        .pagemap_scan(Enabled::No)
         .decommit_batch_size(DECOMMIT_BATCH);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
     Engine::new(&config).map_err(anyhow::Error::from)

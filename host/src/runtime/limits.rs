@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use wasmtime::ResourceLimiter;
 
-use super::engine::EPOCH_TICK;
+use super::engine::{CORE_INSTANCES_PER_COMPONENT, MEMORIES_PER_COMPONENT, TABLES_PER_COMPONENT};
 
 /// Which limit an instance ran into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,30 +78,25 @@ impl ResourceLimiter for SandboxLimiter {
         Ok(true)
     }
 
+    // The pool's per-component caps, so both agree on what fits.
     fn instances(&self) -> usize {
-        64
+        CORE_INSTANCES_PER_COMPONENT as usize
     }
 
     fn tables(&self) -> usize {
-        64
+        TABLES_PER_COMPONENT as usize
     }
 
     fn memories(&self) -> usize {
-        8
+        MEMORIES_PER_COMPONENT as usize
     }
 }
 
-/// A CPU budget in epoch ticks, spent only while the instance runs.
+/// The time one event call may take: `cpu` counts while the call runs
+/// (wasm and the host calls it makes), checked every epoch tick; `wall`
+/// counts everything, waits included.
 #[derive(Debug, Clone, Copy)]
 pub struct CpuBudget {
-    pub ticks: u64,
-}
-
-impl CpuBudget {
-    pub fn from_duration(d: Duration) -> Self {
-        let ticks = d.as_micros() / EPOCH_TICK.as_micros().max(1);
-        Self {
-            ticks: u64::try_from(ticks).unwrap_or(u64::MAX).max(1),
-        }
-    }
+    pub cpu: Duration,
+    pub wall: Duration,
 }

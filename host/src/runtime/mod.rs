@@ -5,14 +5,18 @@ pub mod attachment_host;
 pub mod batch_handler;
 pub mod bindings;
 pub mod cache;
+pub mod config_host;
 pub mod connection_host;
 pub mod engine;
 pub mod limits;
 pub mod log_stream;
 pub mod pubsub_host;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{Func, HasSelf, InstancePre, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, Store, UpdateDeadline};
@@ -34,10 +38,23 @@ pub struct InstanceLimits {
     pub send: SendLimits,
 }
 
+/// Whose plugin is loaded, and what its instances get.
+#[derive(Debug, Clone)]
+pub struct PluginSpec {
+    /// The tenant: the scope of the plugin's topics and its label in logs
+    /// and metrics.
+    pub tenant: Arc<str>,
+    pub limits: InstanceLimits,
+    /// What `wharf:websocket/config` answers.
+    pub settings: Arc<BTreeMap<String, String>>,
+}
+
 /// Settings fixed when the runtime starts.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     pub max_instances: u32,
+    /// What [`Runtime::load`] gives a plugin; `limits.memory` is also the
+    /// size of every pool slot, so no plugin may be given more.
     pub limits: InstanceLimits,
     pub cache_dir: Option<std::path::PathBuf>,
     /// See [`engine::PoolSizing::concurrency_support`]; `false` in production.
@@ -80,6 +97,8 @@ pub enum PluginError {
     Trap(anyhow::Error),
     #[error("exceeded its CPU time per event")]
     CpuLimit,
+    #[error("exceeded its wall-clock time per event")]
+    WallTime,
     #[error("exceeded its memory limit")]
     MemoryLimit,
     #[error("exceeded its table limit")]
@@ -93,6 +112,7 @@ impl PluginError {
             PluginError::Instantiate(_) => "instantiate",
             PluginError::Trap(_) => "trap",
             PluginError::CpuLimit => "cpu",
+            PluginError::WallTime => "wall-time",
             PluginError::MemoryLimit => "memory",
             PluginError::TableLimit => "table",
         }
@@ -114,8 +134,9 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         // The world's interfaces one by one: `connection` is this crate's own
         // (see `connection_host`), the others are `bindgen!`'s.
-        use self::bindings::wharf::websocket::{attachment, pubsub, types};
+        use self::bindings::wharf::websocket::{attachment, config, pubsub, types};
         types::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
+        config::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
         connection_host::add_to_linker(&mut linker)?;
         pubsub::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
         attachment::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
@@ -140,19 +161,30 @@ impl Runtime {
 
     /// Reads, compiles (or loads from the cache) and checks a plugin.
     pub fn load_file(&self, path: &Path) -> Result<Plugin, LoadError> {
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "plugin".into());
+        let (name, bytes) = read_plugin(path)?;
         self.load(&name, &bytes)
     }
 
-    /// Compiles (or loads from the cache) and checks a plugin from its bytes.
+    /// Compiles (or loads from the cache) and checks a plugin from its
+    /// bytes, with the runtime's default limits and its name as its scope.
     pub fn load(&self, name: &str, bytes: &[u8]) -> Result<Plugin, LoadError> {
+        let spec = PluginSpec {
+            tenant: name.into(),
+            limits: self.config.limits,
+            settings: Arc::default(),
+        };
+        self.load_for(spec, name, bytes)
+    }
+
+    /// [`load`](Self::load) for a tenant: its limits, settings and scope.
+    /// Its memory limit is capped at the runtime's (the pool slot size).
+    pub fn load_for(
+        &self,
+        mut spec: PluginSpec,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<Plugin, LoadError> {
+        spec.limits.memory = spec.limits.memory.min(self.config.limits.memory);
         let hash = cache::content_hash(bytes);
         let started = std::time::Instant::now();
         let (component, origin) =
@@ -173,6 +205,7 @@ impl Runtime {
         let indices = HandlerWorldIndices::new(&pre).map_err(world_error)?;
         let batch = BatchExport::find(&pre).map_err(|e| world_error(e.into()))?;
         tracing::info!(
+            tenant = %spec.tenant,
             plugin = name,
             sha256 = &hash[..16],
             ?origin,
@@ -186,10 +219,23 @@ impl Runtime {
             pre,
             indices,
             batch,
-            limits: self.config.limits,
+            spec,
             broker: self.broker.clone(),
         })
     }
+}
+
+/// A plugin file's bytes and its name (the file stem).
+pub fn read_plugin(path: &Path) -> Result<(String, Vec<u8>), LoadError> {
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "plugin".into());
+    Ok((name, bytes))
 }
 
 /// A compiled, checked plugin, ready to be instantiated for connections.
@@ -200,13 +246,22 @@ pub struct Plugin {
     indices: HandlerWorldIndices,
     /// Set if the plugin takes its messages in batches.
     batch: Option<BatchExport>,
-    limits: InstanceLimits,
+    spec: PluginSpec,
     broker: Arc<Broker>,
 }
 
 impl Plugin {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The tenant the plugin serves.
+    pub fn tenant(&self) -> &Arc<str> {
+        &self.spec.tenant
+    }
+
+    pub fn limits(&self) -> &InstanceLimits {
+        &self.spec.limits
     }
 
     /// The SHA-256 of the component, hex: the plugin's version identity.
@@ -233,12 +288,23 @@ impl Plugin {
         conn_id: u64,
         parked: Option<ConnectionEntry>,
     ) -> Result<PluginInstance, PluginError> {
-        let (stdout, stderr) = LogStream::pair(self.name.clone(), conn_id);
-        let wasi = WasiCtx::builder().stdout(stdout).stderr(stderr).build();
+        let limits = self.spec.limits;
+        let (stdout, stderr) = LogStream::pair(self.spec.tenant.clone(), conn_id);
+        let wasi = WasiCtx::builder()
+            .stdout(stdout)
+            .stderr(stderr)
+            // A handler needs a few random bytes (hash seeds), not a host
+            // call that copies megabytes.
+            .max_random_size(MAX_RANDOM_BYTES)
+            .build();
         let mut table = ResourceTable::new();
+        // A handler holds a handful of host resources (its connection, a
+        // few streams); each costs host memory outside its memory limit.
+        table.set_max_capacity(MAX_HOST_RESOURCES);
         let entry = parked.unwrap_or_else(|| {
-            let subscriptions = Subscriptions::new(self.broker.clone(), self.name.clone(), conn_id);
-            ConnectionEntry::new(conn_id, self.limits.send, subscriptions)
+            let subscriptions =
+                Subscriptions::new(self.broker.clone(), self.spec.tenant.clone(), conn_id);
+            ConnectionEntry::new(conn_id, limits.send, subscriptions)
         });
         let conn = table
             .push(entry)
@@ -247,37 +313,51 @@ impl Plugin {
             wasi,
             table,
             broker: self.broker.clone(),
-            plugin: self.name.clone(),
-            max_message_size: self.limits.send.max_message_size,
-            limiter: SandboxLimiter::new(self.limits.memory, 100_000),
-            cpu: self.limits.cpu,
-            ticks_used: 0,
+            tenant: self.spec.tenant.clone(),
+            settings: self.spec.settings.clone(),
+            max_message_size: limits.send.max_message_size,
+            limiter: SandboxLimiter::new(limits.memory, engine::TABLE_ELEMENTS),
+            cpu: limits.cpu,
+            cpu_used: Duration::ZERO,
+            running_since: Arc::new(AtomicU64::new(0)),
         };
         let mut store = Store::new(self.pre.component().engine(), state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_callback(|mut ctx| {
             let state = ctx.data_mut();
-            state.ticks_used += 1;
-            if state.ticks_used >= state.cpu.ticks {
+            // Time since the call started or last came back from a yield:
+            // the wasm it ran and the host calls it made, not the time
+            // other connections had the thread.
+            let now = monotonic_micros();
+            let since = state.running_since.load(Ordering::Relaxed);
+            state.cpu_used += Duration::from_micros(now.saturating_sub(since));
+            if state.cpu_used >= state.cpu.cpu {
                 state.limiter.hit = Some(LimitHit::Cpu);
                 return Err(LimitExceeded {
                     what: "CPU time per event",
-                    limit: format!("{} ms", state.cpu.ticks),
+                    limit: format!("{:?}", state.cpu.cpu),
                 }
                 .into());
             }
             // Give the worker thread back between ticks, so a plugin that
             // spins cannot starve other connections' I/O.
+            let resumed = state.running_since.clone();
             Ok(UpdateDeadline::YieldCustom(
                 1,
-                Box::pin(tokio::task::yield_now()),
+                Box::pin(async move {
+                    tokio::task::yield_now().await;
+                    resumed.store(monotonic_micros(), Ordering::Relaxed);
+                }),
             ))
         });
         store.set_epoch_deadline(1);
-        let instance = self
-            .pre
-            .instantiate_async(&mut store)
+        store
+            .data()
+            .running_since
+            .store(monotonic_micros(), Ordering::Relaxed);
+        let instance = tokio::time::timeout(limits.cpu.wall, self.pre.instantiate_async(&mut store))
             .await
+            .map_err(|_| PluginError::WallTime)?
             .map_err(|e| classify(&store, e, PluginError::Instantiate))?;
         let bindings = self
             .indices
@@ -296,18 +376,37 @@ impl Plugin {
     }
 }
 
+/// Largest `wasi:random` request: enough for any seed, too small to make a
+/// host call that runs for long.
+const MAX_RANDOM_BYTES: u64 = 64 * 1024;
+/// Host resources (connection, streams, pollables) one instance may hold.
+pub const MAX_HOST_RESOURCES: usize = 1024;
+
+/// Microseconds on a monotonic clock, as an atomic can hold them.
+fn monotonic_micros() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
 /// Everything a plugin instance's store holds.
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     /// Topics, shared by every instance of every plugin.
     broker: Arc<Broker>,
-    /// The plugin's name: the scope of its topics.
-    plugin: Arc<str>,
+    /// The plugin's tenant: the scope of its topics.
+    tenant: Arc<str>,
+    /// The tenant's settings (`wharf:websocket/config`).
+    settings: Arc<BTreeMap<String, String>>,
     max_message_size: usize,
     limiter: SandboxLimiter,
     cpu: CpuBudget,
-    ticks_used: u64,
+    /// CPU time the current call has used, as of its last epoch check.
+    cpu_used: Duration,
+    /// When the current call last started running ([`monotonic_micros`]);
+    /// shared with the yield future, which resets it on resuming.
+    running_since: Arc<AtomicU64>,
 }
 
 impl WasiView for HostState {
@@ -364,7 +463,10 @@ impl PluginInstance {
 
     fn arm(&mut self) -> Resource<ConnectionEntry> {
         let state = self.store.data_mut();
-        state.ticks_used = 0;
+        state.cpu_used = Duration::ZERO;
+        state
+            .running_since
+            .store(monotonic_micros(), Ordering::Relaxed);
         self.store.set_epoch_deadline(1);
         Resource::new_borrow(self.conn.rep())
     }
@@ -373,47 +475,79 @@ impl PluginInstance {
         result.map_err(|e| classify(&self.store, e, PluginError::Trap))
     }
 
+    fn finish_within<R>(
+        &mut self,
+        result: Result<wasmtime::Result<R>, tokio::time::error::Elapsed>,
+    ) -> Result<R, PluginError> {
+        match result {
+            Ok(r) => self.finish(r),
+            Err(_) => Err(PluginError::WallTime),
+        }
+    }
+
+    /// The wall-clock bound of one call: past it the call is abandoned
+    /// (wasmtime unwinds its fiber) and the instance must not be used again.
+    fn wall(&self) -> Duration {
+        self.store.data().cpu.wall
+    }
+
     pub async fn on_upgrade(
         &mut self,
         request: &UpgradeRequest,
     ) -> Result<UpgradeResponse, PluginError> {
         let conn = self.arm();
-        let r = self
+        let wall = self.wall();
+        let r = tokio::time::timeout(
+            wall,
+            self
             .bindings
             .wharf_websocket_handler()
-            .call_on_upgrade(&mut self.store, conn, request)
-            .await;
-        self.finish(r)
+            .call_on_upgrade(&mut self.store, conn, request),
+        )
+        .await;
+        self.finish_within(r)
     }
 
     pub async fn on_open(&mut self) -> Result<(), PluginError> {
         let conn = self.arm();
-        let r = self
+        let wall = self.wall();
+        let r = tokio::time::timeout(
+            wall,
+            self
             .bindings
             .wharf_websocket_handler()
-            .call_on_open(&mut self.store, conn)
-            .await;
-        self.finish(r)
+            .call_on_open(&mut self.store, conn),
+        )
+        .await;
+        self.finish_within(r)
     }
 
     pub async fn on_text(&mut self, text: &str) -> Result<(), PluginError> {
         let conn = self.arm();
-        let r = self
+        let wall = self.wall();
+        let r = tokio::time::timeout(
+            wall,
+            self
             .bindings
             .wharf_websocket_handler()
-            .call_on_text(&mut self.store, conn, text)
-            .await;
-        self.finish(r)
+            .call_on_text(&mut self.store, conn, text),
+        )
+        .await;
+        self.finish_within(r)
     }
 
     pub async fn on_binary(&mut self, data: &[u8]) -> Result<(), PluginError> {
         let conn = self.arm();
-        let r = self
+        let wall = self.wall();
+        let r = tokio::time::timeout(
+            wall,
+            self
             .bindings
             .wharf_websocket_handler()
-            .call_on_binary(&mut self.store, conn, data)
-            .await;
-        self.finish(r)
+            .call_on_binary(&mut self.store, conn, data),
+        )
+        .await;
+        self.finish_within(r)
     }
 
     /// One message: `on-text` or `on-binary`.
@@ -434,8 +568,13 @@ impl PluginInstance {
             return Ok(());
         };
         let conn = self.arm();
-        let r = batch_handler::call(&mut self.store, func, conn, messages).await;
-        self.finish(r)
+        let wall = self.wall();
+        let r = tokio::time::timeout(
+            wall,
+            batch_handler::call(&mut self.store, func, conn, messages),
+        )
+        .await;
+        self.finish_within(r)
     }
 
     pub async fn on_close(
@@ -445,11 +584,15 @@ impl PluginInstance {
         clean: bool,
     ) -> Result<(), PluginError> {
         let conn = self.arm();
-        let r = self
+        let wall = self.wall();
+        let r = tokio::time::timeout(
+            wall,
+            self
             .bindings
             .wharf_websocket_handler()
-            .call_on_close(&mut self.store, conn, code, reason, clean)
-            .await;
-        self.finish(r)
+            .call_on_close(&mut self.store, conn, code, reason, clean),
+        )
+        .await;
+        self.finish_within(r)
     }
 }

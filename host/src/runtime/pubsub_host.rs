@@ -208,10 +208,10 @@ impl HostState {
             Ok(m) => m,
             Err(_too_big) => return Ok(Err(ErrorCode::MessageTooBig)),
         };
-        let key = (self.plugin.clone(), topic);
+        let key = (self.tenant.clone(), topic);
         let reach = self.broker.publish(&key, &message, exclude);
         if reach.missed > 0 {
-            tracing::warn!(plugin = %key.0, topic = %key.1, missed = reach.missed, queued = reach.queued,
+            tracing::warn!(tenant = %key.0, topic = %key.1, missed = reach.missed, queued = reach.queued,
                 "published message dropped for subscribers whose mailbox is full");
         }
         Ok(Ok(reach.queued))

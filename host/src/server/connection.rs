@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::OwnedSemaphorePermit;
-use wharf_protocol::{CloseInfo, Event, HandshakeError, Request, State, WebSocket};
+use wharf_protocol::{CloseCode, CloseInfo, Event, HandshakeError, Request, State, WebSocket};
 
 use super::Shared;
 use super::inbox::{self, Inbox};
@@ -26,6 +26,8 @@ use crate::runtime::bindings::{Header, UpgradeRequest, UpgradeResponse};
 use crate::runtime::connection_host::ConnectionEntry;
 use crate::runtime::pubsub_host::Mailbox;
 use crate::runtime::{Plugin, PluginError, PluginInstance};
+use crate::tenancy::Tenant;
+use crate::tenancy::rate::Bucket;
 
 /// The most read from the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
@@ -52,15 +54,19 @@ where
     // large and finished with once the connection is open: boxed, an open
     // connection's task does not carry their space for its whole life.
     let opened = Box::pin(open(&mut reader, &mut writer, peer, tls, id, &shared)).await;
-    let Some((mut conn, buf, permit)) = opened else {
+    let Some((mut conn, buf, permits)) = opened else {
         return;
     };
     conn.drive(&mut reader, &mut writer, buf, tls).await;
-    drop(permit);
+    drop(permits);
 }
 
+/// An open connection's places: among the tenant's, and the server's.
+type Permits = [OwnedSemaphorePermit; 2];
+
 /// The opening handshake, up to `on-open`: the open connection, the bytes
-/// read past the request, and the capacity slot it holds.
+/// read past the request, and the capacity it holds. The tenant is chosen,
+/// and its origin rule and connection limit applied, before any plugin runs.
 async fn open<R, W>(
     reader: &mut R,
     writer: &mut W,
@@ -68,7 +74,7 @@ async fn open<R, W>(
     tls: bool,
     id: u64,
     shared: &Arc<Shared>,
-) -> Option<(Conn, BytesMut, OwnedSemaphorePermit)>
+) -> Option<(Conn, BytesMut, Permits)>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -76,25 +82,42 @@ where
     let mut buf = BytesMut::with_capacity(4096);
     let (mut request, consumed) = read_request(reader, writer, &mut buf, shared).await?;
     buf.advance(consumed);
+    let host = request.header("host");
+    let Some(tenant) = shared.tenants.route(host, &request.path).cloned() else {
+        tracing::debug!(conn = id, host, path = %request.path, "no route");
+        shared.metrics.handshake_failed(404, "no-route");
+        respond_error(writer, 404, "no WebSocket endpoint here").await;
+        return None;
+    };
+    if !tenant.origins.allows(request.header("origin"), host) {
+        tracing::debug!(conn = id, tenant = %tenant.name, origin = request.header("origin"), "origin not allowed");
+        shared.metrics.tenant_refused(&tenant.name, "origin");
+        shared.metrics.handshake_failed(403, "origin");
+        respond_error(writer, 403, "origin not allowed").await;
+        return None;
+    }
     // Capacity is taken once the request is in: answering earlier would
     // close the socket with the request unread, which the kernel turns into
     // a reset that can destroy the 503 before the client reads it.
+    let Some(tenant_permit) = tenant.admit() else {
+        shared.metrics.tenant_refused(&tenant.name, "capacity");
+        shared.metrics.handshake_failed(503, "tenant-capacity");
+        respond_error(writer, 503, "at capacity, try again later").await;
+        return None;
+    };
     let Some(permit) = shared.capacity.clone().try_acquire_owned().ok() else {
         shared.metrics.handshake_failed(503, "capacity");
-        let body = "server at capacity, try again later";
-        if let Ok(resp) = wharf_protocol::reject_response(503, &[], body) {
-            let _ = write_and_close(writer, &resp).await;
-        }
+        respond_error(writer, 503, "server at capacity, try again later").await;
         return None;
     };
 
-    let plugin = shared.plugin.current();
+    let plugin = tenant.plugin.current();
     let started = Instant::now();
     let mut instance = match plugin.instantiate(id).await {
         Ok(i) => i,
         Err(err) => {
-            tracing::error!(plugin = plugin.name(), conn = id, %err, "cannot instantiate plugin");
-            shared.metrics.plugin_failure(plugin.name(), err.kind());
+            tracing::error!(tenant = %tenant.name, conn = id, %err, "cannot instantiate plugin");
+            shared.metrics.plugin_failure(&tenant.name, err.kind());
             shared.metrics.handshake_failed(500, "plugin-error");
             respond_error(writer, 500, "handler unavailable").await;
             return None;
@@ -108,7 +131,7 @@ where
             if let Some(p) = &accept.subprotocol
                 && !request.subprotocols.contains(p)
             {
-                tracing::error!(plugin = plugin.name(), conn = id, subprotocol = %p, "plugin chose a subprotocol the client did not offer");
+                tracing::error!(tenant = %tenant.name, conn = id, subprotocol = %p, "plugin chose a subprotocol the client did not offer");
                 shared.metrics.handshake_failed(500, "plugin-error");
                 respond_error(writer, 500, "handler error").await;
                 return None;
@@ -120,7 +143,7 @@ where
             ) {
                 Ok(r) => r,
                 Err(err) => {
-                    tracing::error!(plugin = plugin.name(), conn = id, %err, "plugin's 101 headers refused");
+                    tracing::error!(tenant = %tenant.name, conn = id, %err, "plugin's 101 headers refused");
                     shared.metrics.handshake_failed(500, "plugin-error");
                     respond_error(writer, 500, "handler error").await;
                     return None;
@@ -132,7 +155,7 @@ where
                 reject.status
             } else {
                 tracing::error!(
-                    plugin = plugin.name(),
+                    tenant = %tenant.name,
                     conn = id,
                     status = reject.status,
                     "plugin rejected with a status outside 400-599"
@@ -142,7 +165,7 @@ where
             let resp =
                 wharf_protocol::reject_response(status, &headers(reject.headers), &reject.body)
                     .unwrap_or_else(|err| {
-                        tracing::error!(plugin = plugin.name(), conn = id, %err, "plugin's reject headers refused");
+                        tracing::error!(tenant = %tenant.name, conn = id, %err, "plugin's reject headers refused");
                         wharf_protocol::reject_response(500, &[], "handler error\n")
                             .unwrap_or_default()
                     });
@@ -152,8 +175,8 @@ where
             return None;
         }
         Err(err) => {
-            tracing::error!(plugin = plugin.name(), conn = id, %err, "plugin failed in on-upgrade");
-            shared.metrics.plugin_failure(plugin.name(), err.kind());
+            tracing::error!(tenant = %tenant.name, conn = id, %err, "plugin failed in on-upgrade");
+            shared.metrics.plugin_failure(&tenant.name, err.kind());
             shared.metrics.handshake_failed(500, "plugin-error");
             respond_error(writer, 500, "handler error").await;
             return None;
@@ -164,11 +187,14 @@ where
         return None;
     }
 
+    let now = Instant::now();
     let mut conn = Conn {
         id,
-        plugin_name: plugin.name().to_owned(),
         plugin: plugin.clone(),
-        ws: WebSocket::new(shared.ws.clone(), Instant::now()),
+        ws: WebSocket::new(tenant.ws.clone(), now),
+        rate: Bucket::new(tenant.rate, now),
+        rate_limited: false,
+        tenant,
         instance: Some(instance),
         parked: None,
         last_event: Instant::now(),
@@ -180,11 +206,12 @@ where
         inbox_state: State::Open,
     };
     shared.metrics.connection_opened();
-    tracing::debug!(conn = id, path = %request.path, "open");
+    shared.metrics.tenant_connection(&conn.tenant.name, 1);
+    tracing::debug!(conn = id, tenant = %conn.tenant.name, path = %request.path, "open");
     // Messages the plugin sent from on-upgrade follow the 101.
     conn.after_call(Ok(()));
     conn.on_open().await;
-    Some((conn, buf, permit))
+    Some((conn, buf, [tenant_permit, permit]))
 }
 
 /// Reads until a complete upgrade request; answers and drops the connection
@@ -300,9 +327,13 @@ fn headers(list: Vec<Header>) -> Vec<(String, String)> {
 /// An open connection: protocol state and, while it is alive, its plugin instance.
 struct Conn {
     id: u64,
-    plugin_name: String,
+    tenant: Arc<Tenant>,
     plugin: Arc<Plugin>,
     ws: WebSocket,
+    /// The tenant's per-connection message and byte rates.
+    rate: Bucket,
+    /// Closed with 1008 for going over them: later messages are dropped.
+    rate_limited: bool,
     instance: Option<PluginInstance>,
     /// While hibernating: what the next instance resumes from.
     parked: Option<ConnectionEntry>,
@@ -326,6 +357,7 @@ struct Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         self.shared.metrics.absorb(&mut self.tally);
+        self.shared.metrics.tenant_connection(&self.tenant.name, -1);
     }
 }
 
@@ -362,10 +394,10 @@ impl Conn {
         match result {
             Ok(()) => self.flush_outbox(),
             Err(err) => {
-                tracing::error!(plugin = %self.plugin_name, conn = self.id, %err, "plugin failed; closing its connection with 1011");
+                tracing::error!(tenant = %self.tenant.name, conn = self.id, %err, "plugin failed; closing its connection with 1011");
                 self.shared
                     .metrics
-                    .plugin_failure(&self.plugin_name, err.kind());
+                    .plugin_failure(&self.tenant.name, err.kind());
                 self.instance = None;
                 if self.ws.state() == State::Open {
                     let _ = self.ws.close(1011, PLUGIN_FAILED);
@@ -464,10 +496,10 @@ impl Conn {
             Ok(Some(instance)) => instance,
             Ok(None) => return,
             Err(err) => {
-                tracing::error!(plugin = %self.plugin_name, conn = self.id, %err, "cannot resume plugin for on-close");
+                tracing::error!(tenant = %self.tenant.name, conn = self.id, %err, "cannot resume plugin for on-close");
                 self.shared
                     .metrics
-                    .plugin_failure(&self.plugin_name, err.kind());
+                    .plugin_failure(&self.tenant.name, err.kind());
                 return;
             }
         };
@@ -478,10 +510,10 @@ impl Conn {
             .await;
         self.record_call(started);
         if let Err(err) = r {
-            tracing::error!(plugin = %self.plugin_name, conn = self.id, %err, "plugin failed in on-close");
+            tracing::error!(tenant = %self.tenant.name, conn = self.id, %err, "plugin failed in on-close");
             self.shared
                 .metrics
-                .plugin_failure(&self.plugin_name, err.kind());
+                .plugin_failure(&self.tenant.name, err.kind());
         }
         // Free the pool slot now rather than after the lingering close.
         self.instance = None;
@@ -523,6 +555,10 @@ impl Conn {
                     continue;
                 }
             };
+            if self.rate_limited || !self.rate.admit(now, message.len()) {
+                self.over_rate();
+                continue;
+            }
             let started = now;
             // Small messages with more input behind them wait in the inbox
             // (batched plugins); the last one, or a large one, goes with
@@ -555,6 +591,21 @@ impl Conn {
         }
         // The input ended inside a frame: what is held goes now.
         self.deliver_inbox(now).await;
+    }
+
+    /// A message the peer sent went over the tenant's rates. The first one
+    /// closes the connection with 1008; it and every later one are dropped,
+    /// and counted.
+    fn over_rate(&mut self) {
+        if !self.rate_limited {
+            self.rate_limited = true;
+            tracing::info!(conn = self.id, tenant = %self.tenant.name, "message rate limit exceeded; closing with 1008");
+            self.shared.metrics.tenant_refused(&self.tenant.name, "rate-limit");
+            if self.ws.state() == State::Open {
+                let _ = self.ws.close(CloseCode::POLICY_VIOLATION, "rate limit exceeded");
+            }
+        }
+        self.shared.metrics.received_dropped("rate-limit", 1);
     }
 
     /// Delivers what the inbox holds, if anything, in one call. Returns the
@@ -640,11 +691,11 @@ impl Conn {
             }
             let want_read = !eof
                 && !self.ws.is_closed()
-                && self.ws.output_len() < self.shared.ws.send_queue_bytes;
+                && self.ws.output_len() < self.tenant.ws.send_queue_bytes;
             // Once closed, what is left to write gets the close timeout, no
             // more: a peer that stopped reading must not pin the connection.
             if self.ws.is_closed() && flush_deadline.is_none() {
-                flush_deadline = Some(Instant::now() + self.shared.ws.close_timeout);
+                flush_deadline = Some(Instant::now() + self.tenant.ws.close_timeout);
             }
             let hibernate_at = self.hibernate_at();
             let deadline = [self.ws.poll_timeout(), flush_deadline, hibernate_at]
@@ -763,7 +814,7 @@ impl Conn {
         ReadHalf<R>: AsyncRead + Unpin,
         WriteHalf<W>: AsyncWrite + Unpin,
     {
-        let timeout = self.shared.ws.close_timeout;
+        let timeout = self.tenant.ws.close_timeout;
         let _ = tokio::time::timeout(timeout, async {
             let _ = writer.shutdown().await;
             // What the peer still sends is discarded, into the read buffer

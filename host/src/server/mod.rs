@@ -2,14 +2,14 @@
 //! bytes between the socket, the protocol core and the plugin instance.
 
 mod connection;
+mod conn_id;
 mod inbox;
 pub mod static_files;
 pub mod tls;
 mod trim;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -22,55 +22,22 @@ use tracing::Instrument as _;
 
 use crate::config::{self, Config};
 use crate::metrics::Metrics;
-use crate::runtime::Plugin;
-
-/// The plugin new connections get. Swapping it leaves connections already
-/// open on the plugin they started with.
-#[derive(Clone)]
-pub struct PluginSlot(Arc<RwLock<Arc<Plugin>>>);
-
-impl PluginSlot {
-    pub fn new(plugin: Plugin) -> Self {
-        Self(Arc::new(RwLock::new(Arc::new(plugin))))
-    }
-
-    pub fn current(&self) -> Arc<Plugin> {
-        match self.0.read() {
-            Ok(p) => p.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    pub fn replace(&self, plugin: Plugin) {
-        let mut slot = match self.0.write() {
-            Ok(p) => p,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        *slot = Arc::new(plugin);
-    }
-}
+use crate::tenancy::Tenants;
 
 /// Settings every connection task reads.
 pub(crate) struct Shared {
-    pub ws: wharf_protocol::Config,
     pub handshake: wharf_protocol::HandshakeLimits,
     pub handshake_timeout: Duration,
     pub hibernate_after: Option<Duration>,
     /// Hibernations, for the heap trimmer.
     pub released: Arc<trim::Released>,
-    pub plugin: PluginSlot,
+    pub tenants: Arc<Tenants>,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
     pub capacity: Arc<Semaphore>,
     pub static_files: Option<static_files::StaticFiles>,
     max_connections: usize,
-    next_id: AtomicU64,
-}
-
-impl Shared {
-    fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
+    ids: conn_id::ConnIds,
 }
 
 /// A bound listener.
@@ -98,20 +65,10 @@ impl Server {
     /// Binds every listener and starts accepting.
     pub async fn start(
         config: &Config,
-        plugin: PluginSlot,
+        tenants: Arc<Tenants>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
-        let ws = &config.websocket;
         let shared = Arc::new(Shared {
-            ws: wharf_protocol::Config {
-                max_frame_size: config::bytes(ws.max_frame_size),
-                max_message_size: config::bytes(ws.max_message_size),
-                fragment_size: ws.fragment_size.map(config::bytes),
-                send_queue_bytes: config::bytes(ws.send_queue),
-                ping_interval: config::nonzero(ws.ping_interval),
-                idle_timeout: config::nonzero(ws.idle_timeout),
-                close_timeout: ws.close_timeout,
-            },
             handshake: wharf_protocol::HandshakeLimits {
                 max_request_bytes: config::bytes(config.server.max_request_size),
                 max_headers: config.server.max_request_headers,
@@ -119,13 +76,13 @@ impl Server {
             handshake_timeout: config.server.handshake_timeout,
             hibernate_after: config::nonzero(config.plugin.hibernate_after),
             released: Arc::default(),
-            plugin,
+            tenants,
             metrics,
             shutdown: CancellationToken::new(),
             capacity: Arc::new(Semaphore::new(config.server.max_connections as usize)),
             static_files: static_files::StaticFiles::new(&config.static_files)?,
             max_connections: config.server.max_connections as usize,
-            next_id: AtomicU64::new(1),
+            ids: conn_id::ConnIds::new(),
         });
         let tracker = TaskTracker::new();
         if shared.hibernate_after.is_some() {
@@ -236,7 +193,7 @@ async fn accept_loop(
         // as large as its largest branch, and a plain connection need not
         // carry the room for a TLS stream's.
         let _ = stream.set_nodelay(true);
-        let id = shared.next_id();
+        let id = shared.ids.next();
         let span = tracing::debug_span!("conn", id, %peer);
         // Boxed here, once: tokio would otherwise move the whole state
         // machine (kilobytes) several times while spawning it.
