@@ -40,7 +40,8 @@ pub type Ws = WebSocketStream<Stream>;
 /// listeners, the plugin path and the cache dir are filled in).
 #[derive(Clone, Debug)]
 pub struct ServerOpts {
-    /// Plugin file stem in `wharf::bundled::PLUGIN_DIR` ("echo", "chaos", ...).
+    /// Plugin file stem in `wharf::bundled::PLUGIN_DIR` ("echo", "chaos", ...);
+    /// `""` for none (the `[[tenant]]` tables in `extra` name theirs).
     pub plugin: &'static str,
     /// Also open a wss listener (after the ws one), with a fresh self-signed cert.
     pub tls: bool,
@@ -117,9 +118,17 @@ impl Server {
         }
         config += &format!("[server]\n{}\n", opts.server);
         config += &format!("[websocket]\n{}\n", opts.websocket);
+        // No plugin: the config's [[tenant]] tables (in `extra`) name theirs.
+        let path = if opts.plugin.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "path = {:?}\n",
+                plugin_path(opts.plugin).display().to_string()
+            )
+        };
         config += &format!(
-            "[plugin]\npath = {:?}\ncache_dir = {:?}\n{}\n",
-            plugin_path(opts.plugin).display().to_string(),
+            "[plugin]\n{path}cache_dir = {:?}\n{}\n",
             cache_dir().display().to_string(),
             opts.plugin_limits
         );
@@ -593,8 +602,13 @@ pub const SAMPLE_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
 /// A valid upgrade request for `path`, with extra header lines.
 pub fn upgrade_request(path: &str, extra: &[(&str, &str)]) -> String {
+    upgrade_request_to("127.0.0.1", path, extra)
+}
+
+/// [`upgrade_request`] with another `Host`.
+pub fn upgrade_request_to(host: &str, path: &str, extra: &[(&str, &str)]) -> String {
     let mut req = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
          Connection: Upgrade\r\nSec-WebSocket-Key: {SAMPLE_KEY}\r\n\
          Sec-WebSocket-Version: 13\r\n"
     );

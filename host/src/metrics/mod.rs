@@ -619,15 +619,15 @@ mod tests {
         assert_line(&out, r#"wharf_protocol_violations_total{code="1009"} 2"#);
         assert_line(
             &out,
-            r#"wharf_plugin_failures_total{plugin="echo",kind="trap"} 1"#,
+            r#"wharf_plugin_failures_total{tenant="echo",kind="trap"} 1"#,
         );
         assert_line(
             &out,
-            r#"wharf_plugin_failures_total{plugin="echo",kind="cpu"} 1"#,
+            r#"wharf_plugin_failures_total{tenant="echo",kind="cpu"} 1"#,
         );
         assert_line(
             &out,
-            r#"wharf_plugin_failures_total{plugin="chat",kind="trap"} 1"#,
+            r#"wharf_plugin_failures_total{tenant="chat",kind="trap"} 1"#,
         );
         assert_line(&out, r#"wharf_sends_refused_total{reason="queue-full"} 2"#);
         assert_line(&out, r#"wharf_sends_refused_total{reason="too-big"} 1"#);

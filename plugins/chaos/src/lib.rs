@@ -10,6 +10,8 @@
 //!   "flooded ok=<sent> full=<refused with queue-full>".
 //! - "count": counts in the attachment (survives hibernation) and in memory
 //!   (does not), answering "count=<attachment> instance=<memory>".
+//! - "setting KEY": answers the tenant's setting KEY (`wharf:websocket/config`),
+//!   or "none"; "settings": every "key=value", joined by ";".
 //!
 //! An upgrade request for the path "/reject-trap" traps in `on_upgrade`.
 
@@ -22,7 +24,7 @@ wit_bindgen::generate!({
 });
 
 use exports::wharf::websocket::handler::Guest;
-use wharf::websocket::attachment;
+use wharf::websocket::{attachment, config};
 use wharf::websocket::connection::Connection;
 use wharf::websocket::types::{Accept, ErrorCode, UpgradeRequest, UpgradeResponse};
 
@@ -91,6 +93,17 @@ impl Guest for Chaos {
     fn on_open(_conn: &Connection) {}
 
     fn on_text(conn: &Connection, text: String) {
+        if let Some(key) = text.strip_prefix("setting ") {
+            let value = config::get(key).unwrap_or_else(|| "none".into());
+            return log_err(conn, conn.send_text(&value));
+        }
+        if text == "settings" {
+            let all: Vec<String> = config::get_all()
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            return log_err(conn, conn.send_text(&all.join(";")));
+        }
         let (command, arg) = match text.split_once(' ') {
             Some((c, a)) => (c, a.trim().parse::<u64>().ok()),
             None => (text.as_str(), None),
