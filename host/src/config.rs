@@ -468,13 +468,17 @@ impl Config {
                 .wall_time_per_event
                 .unwrap_or(self.plugin.wall_time_per_event),
             max_connections: o.max_connections.unwrap_or(self.server.max_connections),
-            max_message_size: o.max_message_size.unwrap_or(self.websocket.max_message_size),
+            max_message_size: o
+                .max_message_size
+                .unwrap_or(self.websocket.max_message_size),
             max_frame_size: o.max_frame_size.unwrap_or(self.websocket.max_frame_size),
             send_queue: o.send_queue.unwrap_or(self.websocket.send_queue),
             messages_per_second: o
                 .messages_per_second
                 .unwrap_or(self.websocket.messages_per_second),
-            bytes_per_second: o.bytes_per_second.unwrap_or(self.websocket.bytes_per_second),
+            bytes_per_second: o
+                .bytes_per_second
+                .unwrap_or(self.websocket.bytes_per_second),
         };
         if self.tenants.is_empty() {
             return vec![ResolvedTenant {

@@ -355,10 +355,11 @@ impl Plugin {
             .data()
             .running_since
             .store(monotonic_micros(), Ordering::Relaxed);
-        let instance = tokio::time::timeout(limits.cpu.wall, self.pre.instantiate_async(&mut store))
-            .await
-            .map_err(|_| PluginError::WallTime)?
-            .map_err(|e| classify(&store, e, PluginError::Instantiate))?;
+        let instance =
+            tokio::time::timeout(limits.cpu.wall, self.pre.instantiate_async(&mut store))
+                .await
+                .map_err(|_| PluginError::WallTime)?
+                .map_err(|e| classify(&store, e, PluginError::Instantiate))?;
         let bindings = self
             .indices
             .load(&mut store, &instance)
@@ -499,10 +500,9 @@ impl PluginInstance {
         let wall = self.wall();
         let r = tokio::time::timeout(
             wall,
-            self
-            .bindings
-            .wharf_websocket_handler()
-            .call_on_upgrade(&mut self.store, conn, request),
+            self.bindings
+                .wharf_websocket_handler()
+                .call_on_upgrade(&mut self.store, conn, request),
         )
         .await;
         self.finish_within(r)
@@ -513,10 +513,9 @@ impl PluginInstance {
         let wall = self.wall();
         let r = tokio::time::timeout(
             wall,
-            self
-            .bindings
-            .wharf_websocket_handler()
-            .call_on_open(&mut self.store, conn),
+            self.bindings
+                .wharf_websocket_handler()
+                .call_on_open(&mut self.store, conn),
         )
         .await;
         self.finish_within(r)
@@ -527,10 +526,9 @@ impl PluginInstance {
         let wall = self.wall();
         let r = tokio::time::timeout(
             wall,
-            self
-            .bindings
-            .wharf_websocket_handler()
-            .call_on_text(&mut self.store, conn, text),
+            self.bindings
+                .wharf_websocket_handler()
+                .call_on_text(&mut self.store, conn, text),
         )
         .await;
         self.finish_within(r)
@@ -541,10 +539,9 @@ impl PluginInstance {
         let wall = self.wall();
         let r = tokio::time::timeout(
             wall,
-            self
-            .bindings
-            .wharf_websocket_handler()
-            .call_on_binary(&mut self.store, conn, data),
+            self.bindings
+                .wharf_websocket_handler()
+                .call_on_binary(&mut self.store, conn, data),
         )
         .await;
         self.finish_within(r)
@@ -587,10 +584,13 @@ impl PluginInstance {
         let wall = self.wall();
         let r = tokio::time::timeout(
             wall,
-            self
-            .bindings
-            .wharf_websocket_handler()
-            .call_on_close(&mut self.store, conn, code, reason, clean),
+            self.bindings.wharf_websocket_handler().call_on_close(
+                &mut self.store,
+                conn,
+                code,
+                reason,
+                clean,
+            ),
         )
         .await;
         self.finish_within(r)

@@ -600,9 +600,13 @@ impl Conn {
         if !self.rate_limited {
             self.rate_limited = true;
             tracing::info!(conn = self.id, tenant = %self.tenant.name, "message rate limit exceeded; closing with 1008");
-            self.shared.metrics.tenant_refused(&self.tenant.name, "rate-limit");
+            self.shared
+                .metrics
+                .tenant_refused(&self.tenant.name, "rate-limit");
             if self.ws.state() == State::Open {
-                let _ = self.ws.close(CloseCode::POLICY_VIOLATION, "rate limit exceeded");
+                let _ = self
+                    .ws
+                    .close(CloseCode::POLICY_VIOLATION, "rate limit exceeded");
             }
         }
         self.shared.metrics.received_dropped("rate-limit", 1);

@@ -1,8 +1,8 @@
 //! The network driver: listeners, TLS, and one task per connection that moves
 //! bytes between the socket, the protocol core and the plugin instance.
 
-mod connection;
 mod conn_id;
+mod connection;
 mod inbox;
 pub mod static_files;
 pub mod tls;

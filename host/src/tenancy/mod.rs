@@ -110,7 +110,8 @@ impl Tenants {
     /// The route table, most specific route first, as `wharf check`
     /// prints it.
     pub fn describe(&self) -> String {
-        let mut out = String::from("route                                    tenant            plugin\n");
+        let mut out =
+            String::from("route                                    tenant            plugin\n");
         for (route, i) in self.routes.routes() {
             let tenant = &self.list[i];
             let _ = writeln!(

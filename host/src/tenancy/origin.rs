@@ -40,14 +40,18 @@ impl OriginPolicy {
                 continue;
             }
             let Some((scheme, authority)) = e.split_once("://") else {
-                return Err(format!("{entry:?} is not an origin (scheme://host[:port] or \"*\")"));
+                return Err(format!(
+                    "{entry:?} is not an origin (scheme://host[:port] or \"*\")"
+                ));
             };
             let valid_scheme = !scheme.is_empty()
                 && scheme
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
             if !valid_scheme || authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
-                return Err(format!("{entry:?} is not an origin (scheme://host[:port] or \"*\")"));
+                return Err(format!(
+                    "{entry:?} is not an origin (scheme://host[:port] or \"*\")"
+                ));
             }
             match authority.strip_prefix("*.") {
                 Some(suffix) if !suffix.is_empty() && !suffix.contains('*') => {
@@ -103,7 +107,10 @@ mod tests {
     #[test]
     fn same_origin_by_default() {
         let p = OriginPolicy::default();
-        assert!(p.allows(None, Some("chat.test")), "no Origin: not a browser");
+        assert!(
+            p.allows(None, Some("chat.test")),
+            "no Origin: not a browser"
+        );
         assert!(p.allows(Some("https://chat.test"), Some("chat.test")));
         assert!(p.allows(Some("http://127.0.0.1:8080"), Some("127.0.0.1:8080")));
         assert!(p.allows(Some("https://Chat.Test"), Some("chat.test")));
@@ -117,8 +124,14 @@ mod tests {
     fn lists_exact_and_wildcard() {
         let p = policy(&["https://app.example.com", "https://*.acme.test:8443/"]);
         assert!(p.allows(Some("https://app.example.com"), Some("x")));
-        assert!(!p.allows(Some("http://app.example.com"), Some("x")), "scheme");
-        assert!(!p.allows(Some("https://app.example.com:444"), Some("x")), "port");
+        assert!(
+            !p.allows(Some("http://app.example.com"), Some("x")),
+            "scheme"
+        );
+        assert!(
+            !p.allows(Some("https://app.example.com:444"), Some("x")),
+            "port"
+        );
         assert!(p.allows(Some("https://a.acme.test:8443"), Some("x")));
         assert!(p.allows(Some("https://a.b.acme.test:8443"), Some("x")));
         assert!(!p.allows(Some("https://acme.test:8443"), Some("x")));
@@ -131,7 +144,13 @@ mod tests {
 
     #[test]
     fn bad_entries_are_refused() {
-        for bad in ["example.com", "https://", "https://a/b", "https://a.*.b", "*.x"] {
+        for bad in [
+            "example.com",
+            "https://",
+            "https://a/b",
+            "https://a.*.b",
+            "*.x",
+        ] {
             assert!(OriginPolicy::parse(&[bad.to_string()]).is_err(), "{bad}");
         }
     }

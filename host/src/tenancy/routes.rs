@@ -205,9 +205,8 @@ mod tests {
     fn table(tenants: &[(&str, &[&str])]) -> Result<RouteTable, RouteError> {
         let mut text = String::new();
         for (name, routes) in tenants {
-            text += &format!(
-                "[[tenant]]\nname = {name:?}\nplugin = \"x.wasm\"\nroutes = {routes:?}\n"
-            );
+            text +=
+                &format!("[[tenant]]\nname = {name:?}\nplugin = \"x.wasm\"\nroutes = {routes:?}\n");
         }
         let config: Config = toml::from_str(&text).unwrap();
         RouteTable::build(&config.resolved_tenants())
@@ -227,14 +226,26 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(who(&t, "acme.example.com", "/x"), Some(1));
-        assert_eq!(who(&t, "ACME.Example.com:8443", "/x"), Some(1), "case, port");
+        assert_eq!(
+            who(&t, "ACME.Example.com:8443", "/x"),
+            Some(1),
+            "case, port"
+        );
         assert_eq!(who(&t, "acme.example.com.", "/x"), Some(1), "trailing dot");
         assert_eq!(who(&t, "other.test", "/acme/room"), Some(1));
         assert_eq!(who(&t, "other.test", "/acmex"), Some(0), "segment boundary");
         assert_eq!(who(&t, "a.acme.example.com", "/chat/x"), Some(2));
-        assert_eq!(who(&t, "a.b.acme.example.com", "/chat"), Some(2), "several labels");
+        assert_eq!(
+            who(&t, "a.b.acme.example.com", "/chat"),
+            Some(2),
+            "several labels"
+        );
         assert_eq!(who(&t, "a.acme.example.com", "/chatter"), Some(0));
-        assert_eq!(who(&t, "x.eu.acme.example.com", "/chat"), Some(3), "longer wildcard");
+        assert_eq!(
+            who(&t, "x.eu.acme.example.com", "/chat"),
+            Some(3),
+            "longer wildcard"
+        );
         // exact host beats a longer path on any host
         assert_eq!(who(&t, "acme.example.com", "/acme"), Some(1));
         assert_eq!(who(&t, "[::1]:80", "/"), Some(0));
@@ -262,7 +273,15 @@ mod tests {
 
     #[test]
     fn bad_routes_are_refused() {
-        for bad in ["x.test:80/", "*x.test/", "a.*.test/", "/a//b", "/a?b", "a..b/", ""] {
+        for bad in [
+            "x.test:80/",
+            "*x.test/",
+            "a.*.test/",
+            "/a//b",
+            "/a?b",
+            "a..b/",
+            "",
+        ] {
             let err = table(&[("a", &[bad])]);
             if bad.is_empty() {
                 // "" is any host, the root: valid.
@@ -274,6 +293,9 @@ mod tests {
                 "{bad:?}: {err:?}"
             );
         }
-        assert!(matches!(table(&[("a", &[])]), Err(RouteError::NoRoutes { .. })));
+        assert!(matches!(
+            table(&[("a", &[])]),
+            Err(RouteError::NoRoutes { .. })
+        ));
     }
 }
