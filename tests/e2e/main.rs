@@ -18,3 +18,4 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod pubsub;
+mod sni;
