@@ -100,6 +100,8 @@ pub struct TenantLimits {
     pub messages_per_second: Option<u32>,
     /// `[websocket] bytes_per_second`.
     pub bytes_per_second: Option<ByteSize>,
+    /// `[plugin] log_lines_per_second`.
+    pub log_lines_per_second: Option<u32>,
 }
 
 /// One listening socket.
@@ -238,6 +240,10 @@ pub struct PluginConfig {
     /// call is abandoned and its connection closed with 1011.
     #[serde(with = "humantime_serde")]
     pub wall_time_per_event: Duration,
+    /// Lines a tenant's instances may write to stdout and stderr per
+    /// second, all together; the rest are dropped and counted
+    /// (`wharf_plugin_log_dropped_total`).
+    pub log_lines_per_second: u32,
     /// Origins whose pages may open connections: exact origins
     /// (`"https://app.example.com"`), `*.` wildcards
     /// (`"https://*.example.com"`), or `"*"` for any. Unset: same-origin
@@ -271,6 +277,7 @@ impl Default for PluginConfig {
             memory_limit: ByteSize::mib(64),
             cpu_time_per_event: Duration::from_millis(200),
             wall_time_per_event: Duration::from_secs(1),
+            log_lines_per_second: 1000,
             allowed_origins: None,
             settings: BTreeMap::new(),
             hibernate_after: Duration::ZERO,
@@ -479,6 +486,9 @@ impl Config {
             bytes_per_second: o
                 .bytes_per_second
                 .unwrap_or(self.websocket.bytes_per_second),
+            log_lines_per_second: o
+                .log_lines_per_second
+                .unwrap_or(self.plugin.log_lines_per_second),
         };
         if self.tenants.is_empty() {
             return vec![ResolvedTenant {
@@ -538,6 +548,7 @@ pub struct Limits {
     pub send_queue: ByteSize,
     pub messages_per_second: u32,
     pub bytes_per_second: ByteSize,
+    pub log_lines_per_second: u32,
 }
 
 impl Limits {

@@ -81,8 +81,16 @@ fn main() -> anyhow::Result<()> {
     let config = load_config(&args)?;
     let runtime =
         Runtime::new(runtime_config(&config)).context("cannot start the plugin runtime")?;
-    let tenants = Tenants::load(&config, &runtime)?;
+    let metrics = Metrics::new();
+    let tenants = Tenants::load(&config, &runtime, &metrics)?;
     if check_only {
+        // What `serve` would refuse at start-up: the certificates too.
+        for listener in &config.listeners {
+            if let Some(tls) = &listener.tls {
+                wharf::server::tls::acceptor(tls)
+                    .with_context(|| format!("listener {}", listener.address))?;
+            }
+        }
         let count = tenants.iter().count();
         println!("ok: configuration valid, {count} tenant(s), every plugin loads");
         print!("{}", tenants.describe());
@@ -92,7 +100,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .thread_name("wharf-worker")
         .build()?
-        .block_on(serve(config, tenants))
+        .block_on(serve(config, tenants, metrics))
 }
 
 fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
@@ -134,8 +142,7 @@ fn runtime_config(config: &Config) -> RuntimeConfig {
     }
 }
 
-async fn serve(config: Config, tenants: Tenants) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
+async fn serve(config: Config, tenants: Tenants, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let server = Server::start(&config, Arc::new(tenants), metrics.clone()).await?;
     for bound in server.bound() {
         tracing::info!(url = %bound.url(), "listening");

@@ -36,7 +36,7 @@ async fn trap_closes_only_its_connection() {
     round_trip(&mut bystander, "after the trap").await;
     let line = server
         .wait_log(
-            &["ERROR", "plugin=chaos", "err=trapped"],
+            &["ERROR", "tenant=default", "err=trapped"],
             Duration::from_secs(2),
         )
         .await;
@@ -73,7 +73,7 @@ async fn endless_loop_is_interrupted_and_does_not_stall_others() {
     round_trip(&mut bystander, "after the loop").await;
     server
         .wait_log(
-            &["ERROR", "plugin=chaos", "err=exceeded its CPU time"],
+            &["ERROR", "tenant=default", "err=exceeded its CPU time"],
             Duration::from_secs(2),
         )
         .await;
@@ -89,7 +89,7 @@ async fn memory_hog_is_stopped() {
     round_trip(&mut bystander, "after the hog").await;
     server
         .wait_log(
-            &["ERROR", "plugin=chaos", "err=exceeded its memory limit"],
+            &["ERROR", "tenant=default", "err=exceeded its memory limit"],
             Duration::from_secs(2),
         )
         .await;
@@ -105,7 +105,7 @@ async fn trap_in_on_upgrade_is_500() {
     assert_eq!(resp.status, 500, "{resp:?}");
     server
         .wait_log(
-            &["ERROR", "chaos", "failed in on-upgrade", "trapped"],
+            &["ERROR", "tenant=default", "failed in on-upgrade", "trapped"],
             Duration::from_secs(2),
         )
         .await;

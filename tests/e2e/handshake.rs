@@ -51,7 +51,11 @@ async fn host_refuses_bad_upgrades() {
 
 #[tokio::test]
 async fn request_filter_plugin() {
-    let server = Server::start(ServerOpts::new("request_filter"));
+    // The plugin checks origins itself: the host's own rule lets every
+    // origin through to it.
+    let mut opts = ServerOpts::new("request_filter");
+    opts.plugin_limits = "allowed_origins = [\"*\"]";
+    let server = Server::start(opts);
     let origin = ("Origin", "http://localhost:8080");
 
     let wrong_path = respond(&server, &upgrade_request("/nope", &[origin])).await;

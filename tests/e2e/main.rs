@@ -19,3 +19,4 @@ mod limits;
 mod metrics;
 mod pubsub;
 mod sni;
+mod tenants;

@@ -29,6 +29,7 @@
 //! | `wharf_received_dropped_total` | counter | `reason` |
 //! | `wharf_tenant_connections_open` | gauge | `tenant` |
 //! | `wharf_tenant_refusals_total` | counter | `tenant`, `reason` |
+//! | `wharf_plugin_log_dropped_total` | counter | `tenant` |
 //! | `wharf_plugin_call_seconds` | histogram | buckets 1 µs × 2ⁿ, n = 0..23 (to ~8.4 s); one observation per call, a batch (`on-messages`) being one call |
 //!
 //! Series with fixed labels are exported as 0 from the start; the families
@@ -189,6 +190,7 @@ pub struct Metrics {
     received_dropped: Family<ReasonLabels, Counter>,
     tenant_open: Family<TenantLabels, Gauge>,
     tenant_refusals: Family<TenantReasonLabels, Counter>,
+    log_dropped: Family<TenantLabels, Counter>,
     static_responses: Family<StatusLabels, Counter>,
     plugin_call: CallHistogram,
 }
@@ -308,6 +310,13 @@ impl Metrics {
             tenant_refusals.clone(),
         );
 
+        let log_dropped = Family::<TenantLabels, Counter>::default();
+        registry.register(
+            "wharf_plugin_log_dropped",
+            "Plugin stdout/stderr lines dropped over the tenant's log_lines_per_second",
+            log_dropped.clone(),
+        );
+
         let static_responses = Family::<StatusLabels, Counter>::default();
         registry.register(
             "wharf_static_responses",
@@ -340,6 +349,7 @@ impl Metrics {
             received_dropped,
             tenant_open,
             tenant_refusals,
+            log_dropped,
             static_responses,
             plugin_call,
         })
@@ -441,6 +451,14 @@ impl Metrics {
                 reason,
             })
             .inc();
+    }
+
+    /// The counter of a tenant's dropped plugin log lines, for its
+    /// [`LogBudget`](crate::runtime::log_stream::LogBudget).
+    pub fn plugin_log_dropped(&self, tenant: &str) -> Counter {
+        self.log_dropped.get_or_create_owned(&TenantLabels {
+            tenant: tenant.to_owned(),
+        })
     }
 
     /// `count` messages the peer sent were dropped before any plugin saw

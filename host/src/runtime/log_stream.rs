@@ -1,11 +1,13 @@
 //! A plugin's stdout and stderr, forwarded line by line to the host's log,
-//! tagged with the plugin and the connection.
+//! tagged with the tenant and the connection, within the tenant's budget of
+//! lines per second.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::io::AsyncWrite;
@@ -16,9 +18,64 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 /// plugin cannot make the host buffer without bound.
 const MAX_LINE: usize = 4096;
 
-/// Lines one instance may log (stdout and stderr together); past it output is
-/// dropped, said once, so a chatty plugin cannot flood the host's log.
-pub const MAX_LINES_PER_INSTANCE: u32 = 10_000;
+/// Lines a tenant's instances may log per second, together: past it lines
+/// are dropped and counted, and the count is logged once a second, so no
+/// plugin (nor a tenant with many connections) can flood the host's log.
+#[derive(Debug)]
+pub struct LogBudget {
+    per_second: u32,
+    /// The second (since `start`) the budget is for.
+    second: AtomicU64,
+    left: AtomicU32,
+    dropped_this_second: AtomicU64,
+    /// `wharf_plugin_log_dropped_total` for the tenant.
+    dropped: prometheus_client::metrics::counter::Counter,
+    start: Instant,
+}
+
+impl LogBudget {
+    pub fn new(
+        per_second: u32,
+        dropped: prometheus_client::metrics::counter::Counter,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            per_second,
+            second: AtomicU64::new(0),
+            left: AtomicU32::new(per_second),
+            dropped_this_second: AtomicU64::new(0),
+            dropped,
+            start: Instant::now(),
+        })
+    }
+
+    /// Takes one line; `false` if the tenant is over its budget.
+    fn take(&self, tenant: &str) -> bool {
+        let now = self.start.elapsed().as_secs();
+        let second = self.second.load(Ordering::Relaxed);
+        if now != second
+            && self
+                .second
+                .compare_exchange(second, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.left.store(self.per_second, Ordering::Relaxed);
+            let dropped = self.dropped_this_second.swap(0, Ordering::Relaxed);
+            if dropped > 0 {
+                tracing::warn!(target: "wharf::plugin", tenant, dropped,
+                    "plugin log lines dropped: over the tenant's log_lines_per_second");
+            }
+        }
+        let ok = self
+            .left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if !ok {
+            self.dropped.inc();
+            self.dropped_this_second.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+}
 
 /// Which of the plugin's streams.
 #[derive(Debug, Clone, Copy)]
@@ -30,19 +87,18 @@ pub enum Stream {
 /// The `StdoutStream` handed to WASI: every stream it makes logs the same way.
 #[derive(Clone)]
 pub struct LogStream {
-    plugin: Arc<str>,
+    tenant: Arc<str>,
     conn: u64,
     stream: Stream,
-    /// Lines left for this instance, shared by its stdout and stderr.
-    budget: Arc<AtomicU32>,
+    /// The tenant's, shared by all its instances' stdout and stderr.
+    budget: Arc<LogBudget>,
 }
 
 impl LogStream {
-    /// The instance's stdout and stderr, sharing one line budget.
-    pub fn pair(plugin: Arc<str>, conn: u64) -> (Self, Self) {
-        let budget = Arc::new(AtomicU32::new(MAX_LINES_PER_INSTANCE));
+    /// An instance's stdout and stderr.
+    pub fn pair(tenant: Arc<str>, conn: u64, budget: Arc<LogBudget>) -> (Self, Self) {
         let make = |stream| Self {
-            plugin: plugin.clone(),
+            tenant: tenant.clone(),
             conn,
             stream,
             budget: budget.clone(),
@@ -101,33 +157,38 @@ impl LineSink {
     }
 
     fn emit(&mut self) {
-        let left = self
-            .tag
-            .budget
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-        if left.is_err() {
-            self.line.clear();
-            self.cut = false;
-            return;
-        }
-        let text = String::from_utf8_lossy(&self.line);
-        let text = text.trim_end_matches('\r');
-        let (plugin, conn, cut) = (&*self.tag.plugin, self.tag.conn, self.cut);
-        match self.tag.stream {
-            Stream::Stdout => {
-                tracing::info!(target: "wharf::plugin", plugin, conn, cut, "stdout: {text}")
-            }
-            Stream::Stderr => {
-                tracing::warn!(target: "wharf::plugin", plugin, conn, cut, "stderr: {text}")
+        let (tenant, conn, cut) = (&*self.tag.tenant, self.tag.conn, self.cut);
+        if self.tag.budget.take(tenant) {
+            let text = escape(&self.line);
+            match self.tag.stream {
+                Stream::Stdout => {
+                    tracing::info!(target: "wharf::plugin", tenant, conn, cut, "stdout: {text}")
+                }
+                Stream::Stderr => {
+                    tracing::warn!(target: "wharf::plugin", tenant, conn, cut, "stderr: {text}")
+                }
             }
         }
         self.line.clear();
         self.cut = false;
-        if left == Ok(1) {
-            tracing::warn!(target: "wharf::plugin", plugin, conn,
-                "plugin wrote {MAX_LINES_PER_INSTANCE} log lines; dropping the rest of its output");
+    }
+}
+
+/// A line as text with its control characters escaped (`\r`, `\u{1b}`,
+/// ...), so that a plugin cannot forge log lines or drive a terminal. A
+/// trailing `\r` (a CRLF line end) is dropped.
+fn escape(line: &[u8]) -> String {
+    let text = String::from_utf8_lossy(line);
+    let text = text.strip_suffix('\r').unwrap_or(&text);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
         }
     }
+    out
 }
 
 impl Drop for LineSink {
@@ -182,20 +243,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lines_are_cut_and_budgeted() {
-        let (out, err) = LogStream::pair("p".into(), 7);
+    fn lines_are_cut_and_budgeted_per_tenant() {
+        let dropped = prometheus_client::metrics::counter::Counter::default();
+        let budget = LogBudget::new(100, dropped.clone());
+        let (out, _) = LogStream::pair("p".into(), 7, budget.clone());
+        // Another instance of the same tenant shares the budget.
+        let (_, err) = LogStream::pair("p".into(), 8, budget);
         let mut a = out.sink();
         let mut b = err.sink();
         a.push(&vec![b'x'; MAX_LINE + 10]);
         assert!(a.cut && a.line.len() == MAX_LINE);
         a.push(b"\n");
         assert!(a.line.is_empty() && !a.cut);
-        for _ in 0..MAX_LINES_PER_INSTANCE {
+        for _ in 0..150 {
             b.push(b"line\n");
         }
-        // stdout's line plus stderr's share one budget: it ran out.
-        assert_eq!(out.budget.load(Ordering::Relaxed), 0);
-        b.push(b"dropped\n");
-        assert_eq!(out.budget.load(Ordering::Relaxed), 0);
+        // Within one second (the test is far quicker): 99 of b's 150 got through.
+        assert_eq!(dropped.get(), 51);
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(
+            escape(b"ok\r2026-12-01 ERROR forged\x1b[2J\0\x0b\tend\r"),
+            "ok\\r2026-12-01 ERROR forged\\u{1b}[2J\\u{0}\\u{b}\tend"
+        );
     }
 }

@@ -27,7 +27,7 @@ use self::bindings::{HandlerWorld, HandlerWorldIndices, UpgradeRequest, UpgradeR
 use self::connection_host::{ConnectionEntry, SendLimits};
 use self::engine::{EpochClock, PoolSizing};
 use self::limits::{CpuBudget, LimitExceeded, LimitHit, SandboxLimiter};
-use self::log_stream::LogStream;
+use self::log_stream::{LogBudget, LogStream};
 use self::pubsub_host::{Broker, Subscriptions};
 
 /// What every plugin instance is limited to.
@@ -47,6 +47,8 @@ pub struct PluginSpec {
     pub limits: InstanceLimits,
     /// What `wharf:websocket/config` answers.
     pub settings: Arc<BTreeMap<String, String>>,
+    /// The tenant's log lines per second, shared by all its instances.
+    pub log: Arc<LogBudget>,
 }
 
 /// Settings fixed when the runtime starts.
@@ -172,6 +174,7 @@ impl Runtime {
             tenant: name.into(),
             limits: self.config.limits,
             settings: Arc::default(),
+            log: LogBudget::new(DEFAULT_LOG_LINES_PER_SECOND, Default::default()),
         };
         self.load_for(spec, name, bytes)
     }
@@ -289,7 +292,8 @@ impl Plugin {
         parked: Option<ConnectionEntry>,
     ) -> Result<PluginInstance, PluginError> {
         let limits = self.spec.limits;
-        let (stdout, stderr) = LogStream::pair(self.spec.tenant.clone(), conn_id);
+        let (stdout, stderr) =
+            LogStream::pair(self.spec.tenant.clone(), conn_id, self.spec.log.clone());
         let wasi = WasiCtx::builder()
             .stdout(stdout)
             .stderr(stderr)
@@ -380,6 +384,8 @@ impl Plugin {
 /// Largest `wasi:random` request: enough for any seed, too small to make a
 /// host call that runs for long.
 const MAX_RANDOM_BYTES: u64 = 64 * 1024;
+/// Log lines per second of a plugin loaded with [`Runtime::load`].
+const DEFAULT_LOG_LINES_PER_SECOND: u32 = 1000;
 /// Host resources (connection, streams, pollables) one instance may hold.
 pub const MAX_HOST_RESOURCES: usize = 1024;
 

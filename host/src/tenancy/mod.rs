@@ -17,8 +17,10 @@ use self::origin::OriginPolicy;
 use self::rate::RateLimit;
 use self::routes::RouteTable;
 use crate::config::{self, Config, InstanceMode, ResolvedTenant};
+use crate::metrics::Metrics;
 use crate::runtime::connection_host::SendLimits;
 use crate::runtime::limits::CpuBudget;
+use crate::runtime::log_stream::LogBudget;
 use crate::runtime::{InstanceLimits, Plugin, PluginSpec, Runtime};
 
 /// The plugin a tenant's new connections get. Swapping it leaves
@@ -75,7 +77,7 @@ pub struct Tenants {
 impl Tenants {
     /// Loads every tenant's plugin (compiling or from the cache) with its
     /// limits and settings.
-    pub fn load(config: &Config, runtime: &Runtime) -> anyhow::Result<Tenants> {
+    pub fn load(config: &Config, runtime: &Runtime, metrics: &Metrics) -> anyhow::Result<Tenants> {
         let resolved = config.resolved_tenants();
         let routes = RouteTable::build(&resolved)?;
         let mut list = Vec::with_capacity(resolved.len());
@@ -84,6 +86,10 @@ impl Tenants {
                 tenant: tenant.name.as_str().into(),
                 limits: instance_limits(config, tenant),
                 settings: Arc::new(tenant.settings.clone()),
+                log: LogBudget::new(
+                    tenant.limits.log_lines_per_second,
+                    metrics.plugin_log_dropped(&tenant.name),
+                ),
             };
             let plugin = match &tenant.plugin {
                 Some(path) => {

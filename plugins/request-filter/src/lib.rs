@@ -9,6 +9,10 @@
 //!
 //! It also shows subprotocol negotiation (it picks "chat" when the client
 //! offers it). Accepted connections echo every message back.
+//!
+//! The host checks `Origin` too, before any plugin runs (same-origin unless
+//! `allowed_origins` says otherwise): to let this handler decide, serve it
+//! with `allowed_origins = ["*"]`.
 
 wit_bindgen::generate!({
     path: "../../wit",
