@@ -102,6 +102,8 @@ pub struct TenantLimits {
     pub bytes_per_second: Option<ByteSize>,
     /// `[plugin] log_lines_per_second`.
     pub log_lines_per_second: Option<u32>,
+    /// `[plugin] cpu_share`.
+    pub cpu_share: Option<f64>,
 }
 
 /// One listening socket.
@@ -240,6 +242,12 @@ pub struct PluginConfig {
     /// call is abandoned and its connection closed with 1011.
     #[serde(with = "humantime_serde")]
     pub wall_time_per_event: Duration,
+    /// CPU a tenant's plugin calls may use across all its connections, in
+    /// cores (CPU seconds per second, a one-second burst): over it, its
+    /// events wait and its new upgrades get 503. `0`: no limit. Unset:
+    /// none with one tenant; with several, half the machine's cores (at
+    /// least one) each, so that no tenant can take them all.
+    pub cpu_share: Option<f64>,
     /// Lines a tenant's instances may write to stdout and stderr per
     /// second, all together; the rest are dropped and counted
     /// (`wharf_plugin_log_dropped_total`).
@@ -278,6 +286,7 @@ impl Default for PluginConfig {
             cpu_time_per_event: Duration::from_millis(200),
             wall_time_per_event: Duration::from_secs(1),
             log_lines_per_second: 1000,
+            cpu_share: None,
             allowed_origins: None,
             settings: BTreeMap::new(),
             hibernate_after: Duration::ZERO,
@@ -489,6 +498,10 @@ impl Config {
             log_lines_per_second: o
                 .log_lines_per_second
                 .unwrap_or(self.plugin.log_lines_per_second),
+            cpu_share: o
+                .cpu_share
+                .or(self.plugin.cpu_share)
+                .unwrap_or_else(|| default_cpu_share(self.tenants.len())),
         };
         if self.tenants.is_empty() {
             return vec![ResolvedTenant {
@@ -549,6 +562,18 @@ pub struct Limits {
     pub messages_per_second: u32,
     pub bytes_per_second: ByteSize,
     pub log_lines_per_second: u32,
+    /// Cores; 0: unlimited.
+    pub cpu_share: f64,
+}
+
+/// `cpu_share` unset: no limit for a lone tenant; with several, half the
+/// cores each (at least one).
+fn default_cpu_share(tenants: usize) -> f64 {
+    if tenants <= 1 {
+        return 0.0;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores as f64 / 2.0).max(1.0)
 }
 
 impl Limits {
@@ -605,6 +630,9 @@ impl Limits {
         }
         if self.send_queue.as_u64() == 0 {
             return invalid("websocket.send_queue", "must be more than 0");
+        }
+        if !self.cpu_share.is_finite() || self.cpu_share < 0.0 {
+            return invalid("plugin.cpu_share", "must be a number of cores, 0 or more");
         }
         Ok(())
     }

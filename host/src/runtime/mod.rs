@@ -7,6 +7,7 @@ pub mod bindings;
 pub mod cache;
 pub mod config_host;
 pub mod connection_host;
+pub mod cpu_share;
 pub mod engine;
 pub mod limits;
 pub mod log_stream;
@@ -25,6 +26,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use self::batch_handler::{BatchExport, Message};
 use self::bindings::{HandlerWorld, HandlerWorldIndices, UpgradeRequest, UpgradeResponse};
 use self::connection_host::{ConnectionEntry, SendLimits};
+use self::cpu_share::CpuShare;
 use self::engine::{EpochClock, PoolSizing};
 use self::limits::{CpuBudget, LimitExceeded, LimitHit, SandboxLimiter};
 use self::log_stream::{LogBudget, LogStream};
@@ -49,6 +51,8 @@ pub struct PluginSpec {
     pub settings: Arc<BTreeMap<String, String>>,
     /// The tenant's log lines per second, shared by all its instances.
     pub log: Arc<LogBudget>,
+    /// The tenant's share of the CPU, shared by all its instances.
+    pub cpu_share: Arc<CpuShare>,
 }
 
 /// Settings fixed when the runtime starts.
@@ -101,6 +105,8 @@ pub enum PluginError {
     CpuLimit,
     #[error("exceeded its wall-clock time per event")]
     WallTime,
+    #[error("no instance slot free (the pool is exhausted)")]
+    PoolExhausted,
     #[error("exceeded its memory limit")]
     MemoryLimit,
     #[error("exceeded its table limit")]
@@ -115,6 +121,7 @@ impl PluginError {
             PluginError::Trap(_) => "trap",
             PluginError::CpuLimit => "cpu",
             PluginError::WallTime => "wall-time",
+            PluginError::PoolExhausted => "pool",
             PluginError::MemoryLimit => "memory",
             PluginError::TableLimit => "table",
         }
@@ -175,6 +182,7 @@ impl Runtime {
             limits: self.config.limits,
             settings: Arc::default(),
             log: LogBudget::new(DEFAULT_LOG_LINES_PER_SECOND, Default::default()),
+            cpu_share: Arc::new(CpuShare::new(0.0)),
         };
         self.load_for(spec, name, bytes)
     }
@@ -267,6 +275,10 @@ impl Plugin {
         &self.spec.limits
     }
 
+    pub fn cpu_share(&self) -> &Arc<CpuShare> {
+        &self.spec.cpu_share
+    }
+
     /// The SHA-256 of the component, hex: the plugin's version identity.
     pub fn hash(&self) -> &str {
         &self.hash
@@ -324,6 +336,7 @@ impl Plugin {
             cpu: limits.cpu,
             cpu_used: Duration::ZERO,
             running_since: Arc::new(AtomicU64::new(0)),
+            share: self.spec.cpu_share.clone(),
         };
         let mut store = Store::new(self.pre.component().engine(), state);
         store.limiter(|s| &mut s.limiter);
@@ -332,9 +345,7 @@ impl Plugin {
             // Time since the call started or last came back from a yield:
             // the wasm it ran and the host calls it made, not the time
             // other connections had the thread.
-            let now = monotonic_micros();
-            let since = state.running_since.load(Ordering::Relaxed);
-            state.cpu_used += Duration::from_micros(now.saturating_sub(since));
+            state.settle();
             if state.cpu_used >= state.cpu.cpu {
                 state.limiter.hit = Some(LimitHit::Cpu);
                 return Err(LimitExceeded {
@@ -344,12 +355,18 @@ impl Plugin {
                 .into());
             }
             // Give the worker thread back between ticks, so a plugin that
-            // spins cannot starve other connections' I/O.
+            // spins cannot starve other connections' I/O; a tenant over its
+            // CPU share sleeps for about what it ran over.
             let resumed = state.running_since.clone();
+            let pause = state.share.wait().min(MAX_THROTTLE);
             Ok(UpdateDeadline::YieldCustom(
                 1,
                 Box::pin(async move {
-                    tokio::task::yield_now().await;
+                    if pause.is_zero() {
+                        tokio::task::yield_now().await;
+                    } else {
+                        tokio::time::sleep(pause).await;
+                    }
                     resumed.store(monotonic_micros(), Ordering::Relaxed);
                 }),
             ))
@@ -384,6 +401,8 @@ impl Plugin {
 /// Largest `wasi:random` request: enough for any seed, too small to make a
 /// host call that runs for long.
 const MAX_RANDOM_BYTES: u64 = 64 * 1024;
+/// Longest a running call over its tenant's CPU share sleeps at one tick.
+const MAX_THROTTLE: Duration = Duration::from_millis(20);
 /// Log lines per second of a plugin loaded with [`Runtime::load`].
 const DEFAULT_LOG_LINES_PER_SECOND: u32 = 1000;
 /// Host resources (connection, streams, pollables) one instance may hold.
@@ -414,6 +433,20 @@ pub struct HostState {
     /// When the current call last started running ([`monotonic_micros`]);
     /// shared with the yield future, which resets it on resuming.
     running_since: Arc<AtomicU64>,
+    /// The tenant's CPU share, charged with what the calls run.
+    share: Arc<CpuShare>,
+}
+
+impl HostState {
+    /// Adds the time run since the call started or resumed to the call's
+    /// CPU time and to the tenant's share.
+    fn settle(&mut self) {
+        let now = monotonic_micros();
+        let since = self.running_since.swap(now, Ordering::Relaxed);
+        let ran = Duration::from_micros(now.saturating_sub(since));
+        self.cpu_used += ran;
+        self.share.charge(ran);
+    }
 }
 
 impl WasiView for HostState {
@@ -435,6 +468,7 @@ fn classify(
         Some(LimitHit::Cpu) => PluginError::CpuLimit,
         Some(LimitHit::Memory) => PluginError::MemoryLimit,
         Some(LimitHit::Table) => PluginError::TableLimit,
+        None if err.is::<wasmtime::PoolConcurrencyLimitError>() => PluginError::PoolExhausted,
         None => other(anyhow::Error::from(err)),
     }
 }
@@ -487,7 +521,13 @@ impl PluginInstance {
         result: Result<wasmtime::Result<R>, tokio::time::error::Elapsed>,
     ) -> Result<R, PluginError> {
         match result {
-            Ok(r) => self.finish(r),
+            Ok(r) => {
+                // The time since the last tick, for the tenant's CPU share.
+                self.store.data_mut().settle();
+                self.finish(r)
+            }
+            // Abandoned: it was waiting (a blocked wasi:io/poll), since a
+            // running call is checked at every tick.
             Err(_) => Err(PluginError::WallTime),
         }
     }

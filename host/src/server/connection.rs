@@ -24,6 +24,7 @@ use crate::metrics::Tally;
 use crate::runtime::batch_handler::Message;
 use crate::runtime::bindings::{Header, UpgradeRequest, UpgradeResponse};
 use crate::runtime::connection_host::ConnectionEntry;
+use crate::runtime::cpu_share::CpuShare;
 use crate::runtime::pubsub_host::Mailbox;
 use crate::runtime::{Plugin, PluginError, PluginInstance};
 use crate::tenancy::Tenant;
@@ -99,6 +100,12 @@ where
     // Capacity is taken once the request is in: answering earlier would
     // close the socket with the request unread, which the kernel turns into
     // a reset that can destroy the 503 before the client reads it.
+    if tenant.cpu.exhausted() {
+        shared.metrics.tenant_refused(&tenant.name, "cpu-share");
+        shared.metrics.handshake_failed(503, "tenant-cpu");
+        respond_error(writer, 503, "busy, try again later").await;
+        return None;
+    }
     let Some(tenant_permit) = tenant.admit() else {
         shared.metrics.tenant_refused(&tenant.name, "capacity");
         shared.metrics.handshake_failed(503, "tenant-capacity");
@@ -115,6 +122,12 @@ where
     let started = Instant::now();
     let mut instance = match plugin.instantiate(id).await {
         Ok(i) => i,
+        Err(PluginError::PoolExhausted) => {
+            tracing::warn!(tenant = %tenant.name, conn = id, "no instance slot free; 503");
+            shared.metrics.handshake_failed(503, "pool");
+            respond_error(writer, 503, "server at capacity, try again later").await;
+            return None;
+        }
         Err(err) => {
             tracing::error!(tenant = %tenant.name, conn = id, %err, "cannot instantiate plugin");
             shared.metrics.plugin_failure(&tenant.name, err.kind());
@@ -394,13 +407,19 @@ impl Conn {
         match result {
             Ok(()) => self.flush_outbox(),
             Err(err) => {
-                tracing::error!(tenant = %self.tenant.name, conn = self.id, %err, "plugin failed; closing its connection with 1011");
+                // A hibernated connection that cannot wake for want of a
+                // slot may retry later; anything else is the plugin's fault.
+                let (code, reason) = match err {
+                    PluginError::PoolExhausted => (CloseCode::TRY_AGAIN_LATER, "server busy"),
+                    _ => (CloseCode::INTERNAL_ERROR, PLUGIN_FAILED),
+                };
+                tracing::error!(tenant = %self.tenant.name, conn = self.id, %err, code, "plugin failed; closing its connection");
                 self.shared
                     .metrics
                     .plugin_failure(&self.tenant.name, err.kind());
                 self.instance = None;
                 if self.ws.state() == State::Open {
-                    let _ = self.ws.close(1011, PLUGIN_FAILED);
+                    let _ = self.ws.close(code, reason);
                 }
             }
         }
@@ -576,7 +595,13 @@ impl Conn {
                 Some(message)
             };
             let r = call_with(
-                Woken::of(&mut self.instance, &mut self.parked, &self.plugin, self.id),
+                Woken::of(
+                    &mut self.instance,
+                    &mut self.parked,
+                    &self.plugin,
+                    &self.tenant.cpu,
+                    self.id,
+                ),
                 &self.inbox,
                 last,
                 backlog,
@@ -622,7 +647,13 @@ impl Conn {
         // a Close read after them does not refuse their replies.
         let backlog = self.ws.output_len();
         let r = call_with(
-            Woken::of(&mut self.instance, &mut self.parked, &self.plugin, self.id),
+            Woken::of(
+                &mut self.instance,
+                &mut self.parked,
+                &self.plugin,
+                &self.tenant.cpu,
+                self.id,
+            ),
             &self.inbox,
             None,
             backlog,
@@ -910,11 +941,13 @@ async fn wake<'a>(
     Ok(instance.as_mut())
 }
 
-/// What [`wake`] needs: the connection's instance slots and its plugin.
+/// What [`wake`] needs: the connection's instance slots and its plugin,
+/// and its tenant's CPU share, which a message event waits for.
 struct Woken<'a> {
     instance: &'a mut Option<PluginInstance>,
     parked: &'a mut Option<ConnectionEntry>,
     plugin: &'a Plugin,
+    share: &'a CpuShare,
     id: u64,
 }
 
@@ -923,12 +956,14 @@ impl<'a> Woken<'a> {
         instance: &'a mut Option<PluginInstance>,
         parked: &'a mut Option<ConnectionEntry>,
         plugin: &'a Plugin,
+        share: &'a CpuShare,
         id: u64,
     ) -> Self {
         Self {
             instance,
             parked,
             plugin,
+            share,
             id,
         }
     }
@@ -944,6 +979,10 @@ async fn call_with(
     backlog: usize,
     state: State,
 ) -> Option<Result<(), PluginError>> {
+    let wait = slots.share.wait();
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
     match wake(slots.instance, slots.parked, slots.plugin, slots.id).await {
         Err(err) => Some(Err(err)),
         Ok(None) => None,

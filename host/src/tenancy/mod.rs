@@ -19,6 +19,7 @@ use self::routes::RouteTable;
 use crate::config::{self, Config, InstanceMode, ResolvedTenant};
 use crate::metrics::Metrics;
 use crate::runtime::connection_host::SendLimits;
+use crate::runtime::cpu_share::CpuShare;
 use crate::runtime::limits::CpuBudget;
 use crate::runtime::log_stream::LogBudget;
 use crate::runtime::{InstanceLimits, Plugin, PluginSpec, Runtime};
@@ -50,6 +51,8 @@ pub struct Tenant {
     pub ws: wharf_protocol::Config,
     pub origins: OriginPolicy,
     pub rate: RateLimit,
+    /// Its plugin calls' share of the CPU, across its connections.
+    pub cpu: Arc<CpuShare>,
     pub routes: Vec<String>,
     pub max_connections: u32,
     connections: Arc<Semaphore>,
@@ -90,6 +93,7 @@ impl Tenants {
                     tenant.limits.log_lines_per_second,
                     metrics.plugin_log_dropped(&tenant.name),
                 ),
+                cpu_share: Arc::new(CpuShare::new(tenant.limits.cpu_share)),
             };
             let plugin = match &tenant.plugin {
                 Some(path) => {
@@ -141,6 +145,7 @@ impl Tenant {
             Some(list) => OriginPolicy::parse(list).map_err(anyhow::Error::msg)?,
             None => OriginPolicy::default(),
         };
+        let cpu = plugin.cpu_share().clone();
         Ok(Tenant {
             name: tenant.name.as_str().into(),
             plugin: PluginSlot::new(plugin),
@@ -159,6 +164,7 @@ impl Tenant {
                 messages_per_second: limits.messages_per_second,
                 bytes_per_second: limits.bytes_per_second.as_u64(),
             },
+            cpu,
             routes: tenant.routes.clone(),
             max_connections: limits.max_connections,
             connections: Arc::new(Semaphore::new(limits.max_connections as usize)),

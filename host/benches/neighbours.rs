@@ -1,0 +1,378 @@
+//! Noisy neighbours: a well-behaved tenant's echo throughput and latency
+//! alone, then with a hostile tenant attacking the same server, one attack
+//! at a time (`plugins/hostile`), as ratios to the quiet run.
+//!
+//! `cargo bench --bench neighbours -- [--seconds S] [--connections N]
+//! [--attackers N] [--attack NAME] [--cpu-share CORES]` (default 4 s per
+//! phase, 50 echo connections with one 32 B message in flight each, 4
+//! attacking connections that reconnect whenever they are cut, and the
+//! hostile tenant's `cpu_share` left at its default: half the cores).
+//!
+//! The server runs with two tokio workers (`TOKIO_WORKER_THREADS=2`) and is
+//! not pinned: the question is whether one tenant's plugin can take the
+//! machine from another's, so it gets the whole machine, as in production.
+//! The load generator shares it; its cost is the same in every phase.
+//! Every echo is checked. Under `cargo test` (no `--bench`) it is a smoke
+//! run: half a second per phase, figures not meaningful.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+/// The attacks: a name and the text messages one attacking connection
+/// sends after its upgrade (each connection is cut by the host, then
+/// reconnects and attacks again).
+const ATTACKS: &[(&str, &[&str])] = &[
+    ("infinite loop", &["loop"]),
+    ("memory bomb", &["alloc"]),
+    ("trap on the third message", &["trap-third", "x", "x"]),
+    ("blocking sleep", &["nap 60000"]),
+    ("send flood", &["flood 1000000"]),
+    ("100 MiB reply", &["big-reply 100"]),
+    ("log flood", &["log 100000"]),
+    ("64 MiB random bytes", &["random 64"]),
+    ("32 MiB attachment loop", &["attach 32"]),
+    ("16 MiB publish loop", &["publish 16"]),
+    ("handle exhaustion", &["streams 100000"]),
+];
+
+struct Options {
+    phase: Duration,
+    connections: usize,
+    attackers: usize,
+    only: Option<String>,
+    /// The hostile tenant's `limits.cpu_share`; `None`: the default.
+    cpu_share: Option<f64>,
+    smoke: bool,
+}
+
+fn option<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1)?.parse().ok()
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        println!("smoke: test");
+        return Ok(());
+    }
+    let smoke = !args.iter().any(|a| a == "--bench");
+    let opts = Options {
+        phase: if smoke {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs_f64(option(&args, "--seconds").unwrap_or(4.0))
+        },
+        connections: option(&args, "--connections").unwrap_or(if smoke { 10 } else { 50 }),
+        attackers: option(&args, "--attackers").unwrap_or(if smoke { 1 } else { 4 }),
+        only: option(&args, "--attack"),
+        cpu_share: option(&args, "--cpu-share"),
+        smoke,
+    };
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(bench(opts))
+}
+
+/// The server: tenant `good` (the echo plugin) on `/good`, tenant `bad`
+/// (the hostile plugin) on `/bad`, default limits.
+struct Server {
+    child: Child,
+    addr: String,
+    admin: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start(cpu_share: Option<f64>) -> Result<Server> {
+        let dir = tempfile::tempdir()?;
+        let plugin = |name: &str| format!("{}/{name}.wasm", wharf::bundled::PLUGIN_DIR);
+        let config = format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [plugin]\ncache_dir = {cache:?}\n\
+             [[tenant]]\nname = \"good\"\nplugin = {good:?}\nroutes = [\"/good\"]\n\
+             [[tenant]]\nname = \"bad\"\nplugin = {bad:?}\nroutes = [\"/bad\"]\n\
+             [tenant.limits]\n{share}\n",
+            cache = dir.path().join("cache").display().to_string(),
+            good = plugin("echo"),
+            bad = plugin("hostile"),
+            share = cpu_share.map_or(String::new(), |c| format!("cpu_share = {c}")),
+        );
+        let path = dir.path().join("wharf.toml");
+        std::fs::write(&path, config)?;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("TOKIO_WORKER_THREADS", "2")
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawn wharf")?;
+        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let (mut addr, mut admin) = (None, None);
+        while addr.is_none() || admin.is_none() {
+            let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+                .await
+                .context("wharf did not start")??
+                .context("wharf exited")?;
+            if let Some(a) = line.strip_prefix("listening on ws://") {
+                addr = Some(a.to_owned());
+            } else if let Some(a) = line.strip_prefix("admin on http://") {
+                admin = Some(a.to_owned());
+            }
+        }
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Server {
+            child,
+            addr: addr.unwrap_or_default(),
+            admin: admin.unwrap_or_default(),
+            _dir: dir,
+        })
+    }
+
+    /// `wharf_plugin_failures_total` and `wharf_plugin_log_dropped_total`
+    /// of tenant `bad`, summed by series.
+    async fn breaches(&self) -> Result<Vec<(String, f64)>> {
+        let mut s = TcpStream::connect(&self.admin).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut text)).await??;
+        Ok(text
+            .lines()
+            .filter(|l| l.contains("tenant=\"bad\"") && !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                Some((series.to_owned(), value.parse().ok()?))
+            })
+            .collect())
+    }
+}
+
+async fn upgrade(addr: &str, path: &str) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await?;
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        bail!("upgrade refused: {}", String::from_utf8_lossy(&head));
+    }
+    Ok(s)
+}
+
+/// A masked (mask 0) text frame.
+fn text_frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x81];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&[0, 0, 0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Latencies (µs) of every echo the good tenant's connections completed.
+async fn good_load(addr: &str, connections: usize, phase: Duration) -> Result<Vec<u32>> {
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let addr = addr.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut s = upgrade(&addr, "/good").await?;
+            let payload = format!("{c:0>32}");
+            let frame = text_frame(payload.as_bytes());
+            let mut echo = vec![0u8; 2 + payload.len()];
+            let mut latencies = Vec::new();
+            let end = Instant::now() + phase;
+            while Instant::now() < end {
+                let sent = Instant::now();
+                s.write_all(&frame).await?;
+                tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut echo))
+                    .await
+                    .context("echo timed out")??;
+                if echo[2..] != *payload.as_bytes() {
+                    bail!("wrong echo on connection {c}");
+                }
+                latencies.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(all)
+}
+
+/// Attacking connections: each upgrades, sends its messages, waits to be
+/// cut (or for 2 s), and starts again, until `stop`. Returns how many
+/// attacks were made.
+fn attack(
+    addr: &str,
+    attackers: usize,
+    messages: &'static [&'static str],
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<u64>> {
+    (0..attackers)
+        .map(|_| {
+            let addr = addr.to_owned();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let attacks = AtomicU64::new(0);
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut s) = upgrade(&addr, "/bad").await else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    attacks.fetch_add(1, Ordering::Relaxed);
+                    for m in messages {
+                        if s.write_all(&text_frame(m.as_bytes())).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Read (and discard) until the host cuts us off.
+                    let mut sink = vec![0u8; 64 * 1024];
+                    let until = Instant::now() + Duration::from_secs(2);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut sink))
+                            .await
+                        {
+                            Ok(Ok(0)) | Ok(Err(_)) => break,
+                            _ => {}
+                        }
+                    }
+                }
+                attacks.load(Ordering::Relaxed)
+            })
+        })
+        .collect()
+}
+
+struct Figures {
+    rate: f64,
+    p50: u32,
+    p99: u32,
+}
+
+fn figures(mut latencies: Vec<u32>, phase: Duration) -> Figures {
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    Figures {
+        rate: latencies.len() as f64 / phase.as_secs_f64(),
+        p50: pct(0.50),
+        p99: pct(0.99),
+    }
+}
+
+async fn bench(opts: Options) -> Result<()> {
+    let server = Server::start(opts.cpu_share).await?;
+    let quiet = figures(
+        good_load(&server.addr, opts.connections, opts.phase).await?,
+        opts.phase,
+    );
+    println!(
+        "neighbours: good tenant, {} connections x 1 in flight (32 B echo), {} attacking connections, {:.1} s per phase, hostile tenant's cpu_share {}",
+        opts.connections,
+        opts.attackers,
+        opts.phase.as_secs_f64(),
+        opts.cpu_share
+            .map_or("default (half the cores)".to_owned(), |c| format!(
+                "{c} cores"
+            )),
+    );
+    println!();
+    println!(
+        "| attack | good msgs/s | p50 µs | p99 µs | throughput ratio | p99 ratio | attacks | bad tenant's breaches (metrics) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| none (quiet) | {:.0} | {} | {} | 1.00 | 1.00 | 0 | |",
+        quiet.rate, quiet.p50, quiet.p99
+    );
+    for (name, messages) in ATTACKS {
+        if opts.only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
+        let before = server.breaches().await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let attackers = attack(&server.addr, opts.attackers, messages, stop.clone());
+        // Let the attack get going before measuring.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let loud = figures(
+            good_load(&server.addr, opts.connections, opts.phase).await?,
+            opts.phase,
+        );
+        stop.store(true, Ordering::Relaxed);
+        let mut attacks = 0;
+        for a in attackers {
+            attacks += a.await?;
+        }
+        let after = server.breaches().await?;
+        let breaches: Vec<String> = after
+            .iter()
+            .filter_map(|(series, v)| {
+                let was = before
+                    .iter()
+                    .find(|(s, _)| s == series)
+                    .map_or(0.0, |b| b.1);
+                let label = series
+                    .split('{')
+                    .nth(1)?
+                    .trim_end_matches('}')
+                    .replace("tenant=\"bad\",", "");
+                (*v > was && !series.contains("connections_open"))
+                    .then(|| format!("{} {label}", v - was))
+            })
+            .collect();
+        println!(
+            "| {name} | {:.0} | {} | {} | {:.2} | {:.2} | {attacks} | {} |",
+            loud.rate,
+            loud.p50,
+            loud.p99,
+            loud.rate / quiet.rate.max(1.0),
+            f64::from(loud.p99) / f64::from(quiet.p99.max(1)),
+            breaches.join(", ")
+        );
+        if opts.smoke && loud.rate == 0.0 {
+            bail!("the good tenant was not served during {name}");
+        }
+        // Let cut connections settle before the next phase.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(server.child);
+    if opts.smoke {
+        println!("neighbours smoke run passed (cargo bench --bench neighbours for figures)");
+    }
+    Ok(())
+}
