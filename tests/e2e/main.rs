@@ -14,6 +14,7 @@ mod close;
 mod echo;
 mod handshake;
 mod hibernation;
+mod hostile;
 mod lifecycle;
 mod limits;
 mod metrics;

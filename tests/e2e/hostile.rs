@@ -1,0 +1,194 @@
+//! A hostile tenant (`plugins/hostile`) beside a well-behaved one: each
+//! attack gets the hostile connection its documented close code and shows
+//! in the metrics under the hostile tenant, while the good tenant keeps
+//! echoing correctly throughout.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{OP_TEXT, RawClient, Server, ServerOpts, plugin_path, upgrade_request_to};
+
+fn start(server: &'static str, bad_limits: &str) -> Server {
+    let tenant = |name: &str, plugin: &str, routes: &[&str], limits: &str| {
+        format!(
+            "[[tenant]]\nname = {name:?}\nplugin = {:?}\nroutes = {routes:?}\n[tenant.limits]\n{limits}\n",
+            plugin_path(plugin).display().to_string()
+        )
+    };
+    let mut opts = ServerOpts::new("");
+    opts.server = server;
+    opts.extra = tenant("good", "echo", &["/good"], "")
+        + &tenant(
+            "bad",
+            "hostile",
+            &["/bad", "/nap-upgrade", "/loop-upgrade"],
+            bad_limits,
+        )
+        + "[admin]\nlisten = \"127.0.0.1:0\"\n";
+    Server::start(opts)
+}
+
+const BAD_LIMITS: &str = "memory_limit = \"16MiB\"\ncpu_time_per_event = \"100ms\"\n\
+                          wall_time_per_event = \"300ms\"\ncpu_share = 0.5";
+
+async fn upgrade(server: &Server, path: &str) -> (RawClient, u16) {
+    let mut raw = server.raw(false).await;
+    raw.send(upgrade_request_to("x", path, &[]).as_bytes())
+        .await;
+    let status = raw.read_response().await.status;
+    (raw, status)
+}
+
+async fn ask(raw: &mut RawClient, text: &str) -> String {
+    raw.send_frame(true, OP_TEXT, text.as_bytes()).await;
+    String::from_utf8(raw.read_frame().await.payload).expect("text")
+}
+
+/// Sends `messages` on a hostile connection and reads until its Close,
+/// echoing on `good` all the while; returns the close code and the text
+/// replies before it.
+async fn attack(server: &Server, good: &mut RawClient, messages: &[&str]) -> (u16, Vec<String>) {
+    let (mut bad, status) = upgrade(server, "/bad").await;
+    assert_eq!(status, 101);
+    for m in messages {
+        bad.send_frame(true, OP_TEXT, m.as_bytes()).await;
+    }
+    let mut replies = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut n = 0;
+    loop {
+        // The good tenant answers, correctly, while the attack runs.
+        n += 1;
+        assert_eq!(
+            ask(good, &format!("still here {n}")).await,
+            format!("still here {n}")
+        );
+        let frame = tokio::time::timeout(Duration::from_millis(20), bad.read_frame()).await;
+        let Ok(frame) = frame else {
+            assert!(
+                Instant::now() < deadline,
+                "{messages:?}: not cut within 5 s"
+            );
+            continue;
+        };
+        match frame.opcode {
+            0x8 => return (frame.close_code().0, replies),
+            0x1 => replies.push(String::from_utf8_lossy(&frame.payload).into_owned()),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_attack_is_contained_and_counted() {
+    let server = start("", BAD_LIMITS);
+    let (mut good, status) = upgrade(&server, "/good").await;
+    assert_eq!(status, 101);
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("loop", &["loop"], "cpu"),
+        ("memory bomb", &["alloc"], "memory"),
+        (
+            "trap on the third message",
+            &["trap-third", "x", "x"],
+            "trap",
+        ),
+        ("blocking sleep", &["nap 60000"], "wall-time"),
+        ("100 MiB reply", &["big-reply 100"], "memory"),
+        ("64 MiB random bytes", &["random 64"], "trap"),
+        ("8 MiB attachment loop", &["attach 8"], "cpu"),
+        ("8 MiB publish loop", &["publish 8"], "cpu"),
+        ("handle exhaustion", &["streams 100000"], "trap"),
+    ];
+    for (name, messages, kind) in cases {
+        let series = format!("wharf_plugin_failures_total{{tenant=\"bad\",kind=\"{kind}\"}}");
+        let before = server.metrics().await;
+        let was: f64 = before
+            .lines()
+            .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+            .unwrap_or(0.0);
+        let started = Instant::now();
+        let (code, _) = attack(&server, &mut good, messages).await;
+        assert_eq!(code, 1011, "{name}");
+        assert_eq!(server.metric(&series).await, was + 1.0, "{name}");
+        eprintln!("{name}: 1011 after {:?}", started.elapsed());
+    }
+    // The good tenant never failed.
+    assert!(!server.metrics().await.contains("tenant=\"good\",kind="));
+}
+
+#[tokio::test]
+async fn send_flood_is_bounded_and_log_flood_is_escaped_and_counted() {
+    let server = start("", BAD_LIMITS);
+    let (mut good, _) = upgrade(&server, "/good").await;
+    // A flood ends with the CPU limit or its report; either way the good
+    // tenant was served throughout (checked inside `attack`).
+    let (mut bad, _) = upgrade(&server, "/bad").await;
+    bad.send_frame(true, OP_TEXT, b"log 5000").await;
+    assert_eq!(bad.read_frame().await.payload, b"logged");
+    let dropped = server
+        .metric("wharf_plugin_log_dropped_total{tenant=\"bad\"}")
+        .await;
+    assert!(dropped >= 3000.0, "{dropped}");
+    assert!(
+        server
+            .log_lines()
+            .iter()
+            .all(|l| !l.starts_with("2026-12-01T00:00:00Z ERROR wharf: forged")),
+        "a plugin forged a log line"
+    );
+    assert!(server.log_contains("\\r2026-12-01T00:00:00Z ERROR wharf: forged"));
+    let (code, replies) = attack(&server, &mut good, &["flood 1000000"]).await;
+    assert_eq!(code, 1011, "{replies:?}");
+}
+
+#[tokio::test]
+async fn wasi_grants_nothing() {
+    let server = start("", BAD_LIMITS);
+    let (mut bad, _) = upgrade(&server, "/bad").await;
+    let report = ask(&mut bad, "wasi").await;
+    assert!(
+        report.starts_with("env=0 home=err file=err dir=err tcp=err clock="),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn a_reused_pool_slot_shows_zeros() {
+    // One slot: the second connection's instance lives where the first's did.
+    let server = start("max_connections = 1", BAD_LIMITS);
+    for round in 0..3 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut bad = loop {
+            let (bad, status) = upgrade(&server, "/bad").await;
+            if status == 101 {
+                break bad;
+            }
+            assert!(Instant::now() < deadline, "slot not freed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // `peek` reads a buffer it never wrote, then fills it with a secret.
+        assert_eq!(
+            ask(&mut bad, "peek").await,
+            "peek zeros=true nonzero=0",
+            "round {round}"
+        );
+        assert!(ask(&mut bad, "peek").await.starts_with("peek zeros=false"));
+        bad.send(&crate::support::close_frame(1000, "")).await;
+        let _ = bad.read_close().await;
+    }
+}
+
+#[tokio::test]
+async fn sleeping_in_on_upgrade_is_cut_and_frees_its_place() {
+    let server = start("max_connections = 1", BAD_LIMITS);
+    let started = Instant::now();
+    let (_, status) = upgrade(&server, "/nap-upgrade?ms=60000").await;
+    assert_eq!(status, 500);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let (mut good, status) = upgrade(&server, "/good").await;
+    assert_eq!(status, 101);
+    assert_eq!(ask(&mut good, "after").await, "after");
+}
