@@ -433,12 +433,6 @@ impl Config {
                     problem: format!("{name:?} names two tenants"),
                 });
             }
-            if tenant.instance == InstanceMode::Shared {
-                return Err(ConfigError::Invalid {
-                    key: format!("tenant.{name}.instance"),
-                    problem: "\"shared\" is not supported yet; use \"per-connection\"".into(),
-                });
-            }
         }
         let mut largest_memory = 0;
         for tenant in self.resolved_tenants() {

@@ -82,6 +82,9 @@ fn main() -> anyhow::Result<()> {
     let runtime =
         Runtime::new(runtime_config(&config)).context("cannot start the plugin runtime")?;
     let metrics = Metrics::new();
+    // Pub/sub's missed deliveries and refused publishes: wharf_sends_refused_total.
+    let broker = runtime.broker();
+    broker.set_counters(|reason| metrics.sends_refused_counter(reason));
     let tenants = Tenants::load(&config, &runtime, &metrics)?;
     if check_only {
         // What `serve` would refuse at start-up: the certificates too.

@@ -19,5 +19,6 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod pubsub;
+mod shared;
 mod sni;
 mod tenants;

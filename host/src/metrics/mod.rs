@@ -482,6 +482,14 @@ impl Metrics {
             .inc_by(count);
     }
 
+    /// The counter of `wharf_sends_refused_total{reason}`, for counting
+    /// outside this struct (the pub/sub broker's `mailbox-full` and
+    /// `publish-rate`). The series is exported from then on, as 0 at first.
+    pub fn sends_refused_counter(&self, reason: &'static str) -> Counter {
+        self.sends_refused
+            .get_or_create_owned(&ReasonLabels { reason })
+    }
+
     /// Records one call into a plugin made outside a connection's
     /// [`Tally`] (the upgrade decision).
     pub fn plugin_call(&self, d: Duration) {
@@ -649,6 +657,22 @@ mod tests {
         );
         assert_line(&out, r#"wharf_sends_refused_total{reason="queue-full"} 2"#);
         assert_line(&out, r#"wharf_sends_refused_total{reason="too-big"} 1"#);
+    }
+
+    #[test]
+    fn sends_refused_counter_handle() {
+        let m = Metrics::new();
+        let c = m.sends_refused_counter("mailbox-full");
+        assert_line(
+            &m.render(),
+            r#"wharf_sends_refused_total{reason="mailbox-full"} 0"#,
+        );
+        c.inc_by(3);
+        m.sends_refused("mailbox-full", 2);
+        assert_line(
+            &m.render(),
+            r#"wharf_sends_refused_total{reason="mailbox-full"} 5"#,
+        );
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //! (an allocation and a copy per message); here the payload is read in
 //! place from the plugin's memory and framed straight into the outbox.
 
+use std::sync::Arc;
+
+use tokio::sync::Notify;
 use wasmtime::StoreContextMut;
 use wasmtime::component::{Linker, Resource, ResourceType, WasmList, WasmStr};
 use wharf_protocol::FrameBatch;
@@ -71,19 +74,19 @@ impl Outbox {
         }
     }
 
-    fn send_text(&mut self, text: &str) -> Result<(), ErrorCode> {
+    pub(crate) fn send_text(&mut self, text: &str) -> Result<(), ErrorCode> {
         self.check_send(text.len())?;
         self.frames.push_text(text);
         Ok(())
     }
 
-    fn send_binary(&mut self, data: &[u8]) -> Result<(), ErrorCode> {
+    pub(crate) fn send_binary(&mut self, data: &[u8]) -> Result<(), ErrorCode> {
         self.check_send(data.len())?;
         self.frames.push_binary(data);
         Ok(())
     }
 
-    fn close(&mut self, code: CloseCode, reason: String) -> Result<(), ErrorCode> {
+    pub(crate) fn close(&mut self, code: CloseCode, reason: String) -> Result<(), ErrorCode> {
         if self.closed {
             return Err(ErrorCode::Closed);
         }
@@ -131,6 +134,9 @@ pub struct ConnectionEntry {
     pub subscriptions: Subscriptions,
     /// Its attachment (`wharf:websocket/attachment`).
     pub attachment: Vec<u8>,
+    /// Wakes the connection's task when another connection's call queued
+    /// sends for it (`wharf:websocket/peers`, in a shared instance).
+    pub wake: Option<Arc<Notify>>,
 }
 
 impl ConnectionEntry {
@@ -140,6 +146,7 @@ impl ConnectionEntry {
             subscriptions,
             attachment: Vec::new(),
             outbox: Outbox::new(limits),
+            wake: None,
         }
     }
 

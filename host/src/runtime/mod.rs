@@ -11,9 +11,11 @@ pub mod cpu_share;
 pub mod engine;
 pub mod limits;
 pub mod log_stream;
+pub mod peers_host;
 pub mod pubsub_host;
+pub mod shared;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -143,9 +145,10 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         // The world's interfaces one by one: `connection` is this crate's own
         // (see `connection_host`), the others are `bindgen!`'s.
-        use self::bindings::wharf::websocket::{attachment, config, pubsub, types};
+        use self::bindings::wharf::websocket::{attachment, config, peers, pubsub, types};
         types::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
         config::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
+        peers::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
         connection_host::add_to_linker(&mut linker)?;
         pubsub::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
         attachment::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
@@ -290,6 +293,13 @@ impl Plugin {
         self.batch.is_some()
     }
 
+    /// What the host keeps for a new connection, outside any instance.
+    pub fn new_entry(&self, conn_id: u64) -> ConnectionEntry {
+        let subscriptions =
+            Subscriptions::new(self.broker.clone(), self.spec.tenant.clone(), conn_id);
+        ConnectionEntry::new(conn_id, self.spec.limits.send, subscriptions)
+    }
+
     /// Creates the store and instance that will serve connection `conn_id`.
     pub async fn instantiate(&self, conn_id: u64) -> Result<PluginInstance, PluginError> {
         self.instantiate_with(conn_id, None).await
@@ -317,14 +327,11 @@ impl Plugin {
         // A handler holds a handful of host resources (its connection, a
         // few streams); each costs host memory outside its memory limit.
         table.set_max_capacity(MAX_HOST_RESOURCES);
-        let entry = parked.unwrap_or_else(|| {
-            let subscriptions =
-                Subscriptions::new(self.broker.clone(), self.spec.tenant.clone(), conn_id);
-            ConnectionEntry::new(conn_id, limits.send, subscriptions)
-        });
+        let entry = parked.unwrap_or_else(|| self.new_entry(conn_id));
         let conn = table
             .push(entry)
             .map_err(|e| PluginError::Instantiate(e.into()))?;
+        let conns = HashMap::from([(conn_id, conn.rep())]);
         let state = HostState {
             wasi,
             table,
@@ -337,6 +344,7 @@ impl Plugin {
             cpu_used: Duration::ZERO,
             running_since: Arc::new(AtomicU64::new(0)),
             share: self.spec.cpu_share.clone(),
+            conns,
         };
         let mut store = Store::new(self.pre.component().engine(), state);
         store.limiter(|s| &mut s.limiter);
@@ -435,6 +443,9 @@ pub struct HostState {
     running_since: Arc<AtomicU64>,
     /// The tenant's CPU share, charged with what the calls run.
     share: Arc<CpuShare>,
+    /// The connections this instance serves (one, unless it is shared):
+    /// connection id to its entry's handle, for `wharf:websocket/peers`.
+    conns: HashMap<u64, u32>,
 }
 
 impl HostState {
@@ -489,6 +500,40 @@ impl PluginInstance {
     /// [`Plugin::instantiate_with`]).
     pub fn hibernate(mut self) -> Option<ConnectionEntry> {
         self.store.data_mut().table.delete(self.conn).ok()
+    }
+
+    /// Serves another connection too (a shared instance): its entry joins
+    /// the store. `false` if the store has no room for it.
+    pub fn attach(&mut self, entry: ConnectionEntry) -> bool {
+        let id = entry.id();
+        let state = self.store.data_mut();
+        match state.table.push(entry) {
+            Ok(conn) => {
+                state.conns.insert(id, conn.rep());
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Makes connection `id` the one the next calls are for; `false` if
+    /// the instance does not serve it.
+    pub fn select(&mut self, id: u64) -> bool {
+        match self.store.data().conns.get(&id) {
+            Some(&rep) => {
+                self.conn = Resource::new_own(rep);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops serving connection `id` (a shared instance): its entry leaves
+    /// the store, with its topics.
+    pub fn detach(&mut self, id: u64) -> Option<ConnectionEntry> {
+        let state = self.store.data_mut();
+        let rep = state.conns.remove(&id)?;
+        state.table.delete(Resource::new_own(rep)).ok()
     }
 
     /// The connection's queued sends, with the driver's view of the socket.

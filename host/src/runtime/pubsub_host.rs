@@ -4,12 +4,34 @@
 //! A published message is framed once ([`Framed`]) and a reference to it is
 //! put in each subscriber's mailbox; the subscriber's connection task queues
 //! it for its socket. No receiving plugin instance runs, and the payload is
-//! copied out of the publisher's memory once, whatever the audience.
+//! framed once whatever the audience, and not at all when there is none.
+//!
+//! What bounds it:
+//! - A connection's mailbox holds at most its byte budget of payload (the
+//!   connection's `send_queue`, [`DEFAULT_MAILBOX_BYTES`] unless set with
+//!   [`Subscriptions::with_mailbox_budget`]) and [`MAILBOX_CAPACITY`]
+//!   messages; an empty mailbox takes any one message. A subscriber whose
+//!   task does not drain it (busy in a long plugin call) misses what does
+//!   not fit, so it pins at most the larger of its budget and one message.
+//! - A connection's handler may publish [`PUBLISHES_PER_SECOND`] times a
+//!   second (a one-second burst); over it `publish-*` fails with
+//!   `queue-full`.
+//! - Every missed delivery and every refused publish is counted
+//!   (`wharf_sends_refused_total{reason="mailbox-full"|"publish-rate"}`, see
+//!   [`Broker::set_counters`]) and logged at most once a second per topic
+//!   (missed deliveries) or per connection (refused publishes), with the
+//!   count since the previous line.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::{self, error::TrySendError};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::mpsc::{
+    self,
+    error::{TryRecvError, TrySendError},
+};
 use wasmtime::component::Resource;
 use wharf_protocol::Framed;
 
@@ -22,20 +44,170 @@ use super::connection_host::ConnectionEntry;
 pub const MAX_TOPIC_LEN: usize = 256;
 /// Topics one connection may be subscribed to at once.
 pub const MAX_TOPICS_PER_CONNECTION: usize = 64;
-/// Published messages waiting for one connection's task; beyond it the
-/// subscriber misses messages (counted and logged).
+/// Published messages waiting for one connection's task, whatever their
+/// size (the byte budget bounds the big ones); beyond it the subscriber
+/// misses messages (counted and logged).
 pub const MAILBOX_CAPACITY: usize = 1024;
+/// Payload bytes waiting for one connection's task, unless its budget is set
+/// with [`Subscriptions::with_mailbox_budget`]: the default `[websocket]
+/// send_queue` (4 MiB). Beyond it the subscriber misses messages (counted
+/// and logged); an empty mailbox still takes one message of any size, as an
+/// empty send queue does.
+pub const DEFAULT_MAILBOX_BYTES: usize = 4 << 20;
+/// Publishes (`publish-text` and `publish-binary` together) one
+/// connection's handler may make per second, with a burst of as many (one
+/// second's worth): a handler may publish 1000 messages at once, then 1000
+/// more each second. Over it a publish fails with `queue-full` before its
+/// payload is framed; the refusal is counted
+/// (`wharf_sends_refused_total{reason="publish-rate"}`) and logged at most
+/// once a second per connection. A publish to a topic nobody else is
+/// subscribed to counts too (lifting its payload out of the instance is the
+/// cost being bounded).
+pub const PUBLISHES_PER_SECOND: u32 = 1000;
+/// Publishes a connection may make at once: one second's worth.
+pub const PUBLISH_BURST: u32 = PUBLISHES_PER_SECOND;
+/// The `reason` label of a delivery missed because a mailbox was full.
+pub const MAILBOX_FULL: &str = "mailbox-full";
+/// The `reason` label of a publish refused over [`PUBLISHES_PER_SECOND`].
+pub const PUBLISH_RATE: &str = "publish-rate";
+
+/// Time between two publishes at the steady rate.
+const PUBLISH_INTERVAL: Duration =
+    Duration::from_nanos(1_000_000_000 / PUBLISHES_PER_SECOND as u64);
+/// How far ahead of now a connection's publishes may run: the burst.
+const PUBLISH_WINDOW: Duration =
+    Duration::from_nanos(1_000_000_000 / PUBLISHES_PER_SECOND as u64 * PUBLISH_BURST as u64);
+/// Shortest time between two log lines about one topic's missed deliveries
+/// or one connection's refused publishes.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// The table entry of the connection an instance was made for: the first
+/// resource pushed into its store's table (see `Plugin::instantiate_with`),
+/// which the host keeps for the instance's life (handlers only ever get
+/// borrows of it). Its publishes are charged to it.
+const HOME_CONNECTION: u32 = 0;
+
+/// What a message costs in a mailbox's byte budget.
+fn cost(message: &Framed) -> usize {
+    message.payload_len()
+}
 
 /// Where published messages wait for a connection's task.
-pub type Mailbox = mpsc::Receiver<Framed>;
+#[derive(Debug)]
+pub struct Mailbox {
+    rx: mpsc::Receiver<Framed>,
+    /// Payload bytes waiting, shared with the sending ends ([`Outlet`]).
+    queued: Arc<AtomicUsize>,
+}
+
+impl Mailbox {
+    /// The next message; `None` once no topic can send to it any more.
+    /// Cancel-safe (as [`mpsc::Receiver::recv`]).
+    pub async fn recv(&mut self) -> Option<Framed> {
+        let message = self.rx.recv().await?;
+        Some(self.taken(message))
+    }
+
+    /// The next message if one is waiting.
+    pub fn try_recv(&mut self) -> Result<Framed, TryRecvError> {
+        self.rx.try_recv().map(|message| self.taken(message))
+    }
+
+    /// Frees what `message` took of the byte budget.
+    fn taken(&self, message: Framed) -> Framed {
+        self.queued.fetch_sub(cost(&message), Ordering::Relaxed);
+        message
+    }
+}
+
+/// The sending end of a connection's mailbox (cloned for each of its topics).
+#[derive(Debug, Clone)]
+struct Outlet {
+    tx: mpsc::Sender<Framed>,
+    /// Payload bytes waiting, shared with the [`Mailbox`].
+    queued: Arc<AtomicUsize>,
+    budget: usize,
+}
+
+/// What became of a message offered to a mailbox.
+enum Offered {
+    Queued,
+    /// Over the byte budget or the message count: missed.
+    Missed,
+    /// The connection's task is gone.
+    Gone,
+}
+
+impl Outlet {
+    fn offer(&self, message: &Framed) -> Offered {
+        let cost = cost(message);
+        // Added before the send and taken back if it fails, so the receiver
+        // never subtracts what was not added yet. Offers are serialised by
+        // the broker's lock; only the receiver runs concurrently.
+        let before = self.queued.fetch_add(cost, Ordering::Relaxed);
+        if before > 0 && before.saturating_add(cost) > self.budget {
+            self.queued.fetch_sub(cost, Ordering::Relaxed);
+            return Offered::Missed;
+        }
+        match self.tx.try_send(message.clone()) {
+            Ok(()) => Offered::Queued,
+            Err(err) => {
+                self.queued.fetch_sub(cost, Ordering::Relaxed);
+                match err {
+                    TrySendError::Full(_) => Offered::Missed,
+                    TrySendError::Closed(_) => Offered::Gone,
+                }
+            }
+        }
+    }
+}
 
 /// A topic, scoped to the plugin (tenant) that named it.
 type TopicKey = (Arc<str>, String);
 
+/// One topic's subscribers, and what is left to log about it.
+#[derive(Default)]
+struct Topic {
+    subscribers: HashMap<u64, Outlet>,
+    /// Deliveries missed since the last log line about them.
+    unlogged: u64,
+    /// When that line was written.
+    logged_at: Option<Instant>,
+}
+
+impl Topic {
+    /// Adds `missed` deliveries; the count to log now, if a line is due
+    /// (the first, then at most one per [`LOG_INTERVAL`]).
+    fn note_missed(&mut self, missed: u32, now: Instant) -> Option<u64> {
+        self.unlogged += u64::from(missed);
+        let due = self
+            .logged_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= LOG_INTERVAL);
+        due.then(|| {
+            self.logged_at = Some(now);
+            std::mem::take(&mut self.unlogged)
+        })
+    }
+}
+
+fn log_missed(key: &TopicKey, missed: u64) {
+    if missed > 0 {
+        tracing::warn!(tenant = %key.0, topic = %key.1, missed,
+            "published messages missed by subscribers whose mailbox was full (since the last such line)");
+    }
+}
+
+/// Where missed deliveries and refused publishes are counted.
+#[derive(Debug)]
+struct Refusals {
+    mailbox_full: Counter,
+    publish_rate: Counter,
+}
+
 /// Every topic's subscribers, server-wide.
 #[derive(Default)]
 pub struct Broker {
-    topics: Mutex<HashMap<TopicKey, HashMap<u64, mpsc::Sender<Framed>>>>,
+    topics: Mutex<HashMap<TopicKey, Topic>>,
+    refusals: OnceLock<Refusals>,
 }
 
 /// What a publish reached.
@@ -52,45 +224,115 @@ impl Broker {
         Arc::new(Self::default())
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<TopicKey, HashMap<u64, mpsc::Sender<Framed>>>> {
+    /// Counts missed deliveries ([`MAILBOX_FULL`]) and refused publishes
+    /// ([`PUBLISH_RATE`]) in `counter(reason)` (main.rs passes
+    /// `wharf_sends_refused_total`'s series). The first call sets them;
+    /// later ones are ignored. Until then they are only logged.
+    pub fn set_counters(&self, counter: impl Fn(&'static str) -> Counter) {
+        let _ = self.refusals.set(Refusals {
+            mailbox_full: counter(MAILBOX_FULL),
+            publish_rate: counter(PUBLISH_RATE),
+        });
+    }
+
+    fn count(&self, which: fn(&Refusals) -> &Counter, n: u64) {
+        if n > 0
+            && let Some(refusals) = self.refusals.get()
+        {
+            which(refusals).inc_by(n);
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<TopicKey, Topic>> {
         // A panic while holding the lock leaves a consistent map (every
         // mutation is one insert or remove), so poisoning is ignored.
         self.topics.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn subscribe(&self, key: TopicKey, conn: u64, mailbox: mpsc::Sender<Framed>) {
-        self.lock().entry(key).or_default().insert(conn, mailbox);
+    fn subscribe(&self, key: TopicKey, conn: u64, mailbox: Outlet) {
+        self.lock()
+            .entry(key)
+            .or_default()
+            .subscribers
+            .insert(conn, mailbox);
     }
 
     fn unsubscribe(&self, key: &TopicKey, conn: u64) {
         let mut topics = self.lock();
-        if let Some(subs) = topics.get_mut(key) {
-            subs.remove(&conn);
-            if subs.is_empty() {
-                topics.remove(key);
-            }
+        let Some(topic) = topics.get_mut(key) else {
+            return;
+        };
+        topic.subscribers.remove(&conn);
+        if topic.subscribers.is_empty() {
+            let unlogged = topic.unlogged;
+            topics.remove(key);
+            drop(topics);
+            log_missed(key, unlogged);
         }
     }
 
     /// Queues `message` for every subscriber of `key` but `exclude`.
     pub fn publish(&self, key: &TopicKey, message: &Framed, exclude: Option<u64>) -> Reach {
+        self.publish_with(key, exclude, || message.clone())
+    }
+
+    /// Queues the message `frame` makes for every subscriber of `key` but
+    /// `exclude`; `frame` is not called (nothing is copied) when there is
+    /// none. It runs outside the lock, which a big copy would otherwise
+    /// hold for every topic of every tenant.
+    pub fn publish_with(
+        &self,
+        key: &TopicKey,
+        exclude: Option<u64>,
+        frame: impl FnOnce() -> Framed,
+    ) -> Reach {
+        if !self.has_audience(key, exclude) {
+            return Reach::default();
+        }
+        let message = frame();
+        self.deliver(key, &message, exclude)
+    }
+
+    /// Whether `key` has a subscriber besides `exclude`.
+    fn has_audience(&self, key: &TopicKey, exclude: Option<u64>) -> bool {
+        self.lock()
+            .get(key)
+            .is_some_and(|topic| topic.subscribers.keys().any(|&c| Some(c) != exclude))
+    }
+
+    fn deliver(&self, key: &TopicKey, message: &Framed, exclude: Option<u64>) -> Reach {
         let mut reach = Reach::default();
-        let mut topics = self.lock();
-        let Some(subs) = topics.get_mut(key) else {
-            return reach;
+        let to_log = {
+            let mut topics = self.lock();
+            let Some(topic) = topics.get_mut(key) else {
+                return reach;
+            };
+            topic.subscribers.retain(|&conn, mailbox| {
+                if Some(conn) == exclude {
+                    return true;
+                }
+                match mailbox.offer(message) {
+                    Offered::Queued => reach.queued += 1,
+                    Offered::Missed => reach.missed += 1,
+                    // Its entry is being dropped, which would remove it too.
+                    Offered::Gone => return false,
+                }
+                true
+            });
+            let mut to_log = None;
+            if reach.missed > 0 {
+                to_log = topic.note_missed(reach.missed, Instant::now());
+            }
+            if topic.subscribers.is_empty() {
+                to_log = Some(topic.unlogged);
+                topics.remove(key);
+            }
+            to_log
         };
-        subs.retain(|&conn, mailbox| {
-            if Some(conn) == exclude {
-                return true;
-            }
-            match mailbox.try_send(message.clone()) {
-                Ok(()) => reach.queued += 1,
-                Err(TrySendError::Full(_)) => reach.missed += 1,
-                // The connection's task is gone; its entry is being dropped.
-                Err(TrySendError::Closed(_)) => return false,
-            }
-            true
-        });
+        self.count(|r| &r.mailbox_full, u64::from(reach.missed));
+        if let Some(missed) = to_log {
+            log_missed(key, missed);
+        }
         reach
     }
 
@@ -98,7 +340,50 @@ impl Broker {
     pub fn subscribers(&self, scope: &str, topic: &str) -> usize {
         self.lock()
             .get(&(Arc::from(scope), topic.to_owned()))
-            .map_or(0, HashMap::len)
+            .map_or(0, |topic| topic.subscribers.len())
+    }
+}
+
+/// A connection's publishes against [`PUBLISHES_PER_SECOND`] (a GCRA: the
+/// time its publishes have been paid up to may run at most the burst's
+/// worth ahead of now).
+#[derive(Debug)]
+struct PublishRate {
+    paid_until: Instant,
+    /// Refusals since the last log line about them, and when that was.
+    unlogged: u64,
+    logged_at: Option<Instant>,
+}
+
+impl PublishRate {
+    fn new(now: Instant) -> Self {
+        Self {
+            paid_until: now,
+            unlogged: 0,
+            logged_at: None,
+        }
+    }
+
+    /// Takes one publish; `false` if over the rate.
+    fn take(&mut self, now: Instant) -> bool {
+        let next = self.paid_until.max(now) + PUBLISH_INTERVAL;
+        if next.duration_since(now) > PUBLISH_WINDOW {
+            return false;
+        }
+        self.paid_until = next;
+        true
+    }
+
+    /// Adds a refusal; the count to log now, if a line is due.
+    fn note_refused(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        let due = self
+            .logged_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= LOG_INTERVAL);
+        due.then(|| {
+            self.logged_at = Some(now);
+            std::mem::take(&mut self.unlogged)
+        })
     }
 }
 
@@ -108,12 +393,16 @@ pub struct Subscriptions {
     broker: Arc<Broker>,
     scope: Arc<str>,
     conn: u64,
+    /// Payload bytes its mailbox may hold.
+    budget: usize,
     /// Made on the first subscription: most connections never subscribe,
     /// and their tasks then have no mailbox to allocate or to poll.
-    mailbox: Option<mpsc::Sender<Framed>>,
+    mailbox: Option<Outlet>,
     /// The receiving end, until the connection's task takes it.
     unclaimed: Option<Mailbox>,
     topics: HashSet<String>,
+    /// Its handler's publishes (here, so hibernation does not reset them).
+    rate: PublishRate,
 }
 
 impl std::fmt::Debug for Subscriptions {
@@ -126,16 +415,26 @@ impl std::fmt::Debug for Subscriptions {
 }
 
 impl Subscriptions {
-    /// A connection's subscriptions (none yet).
+    /// A connection's subscriptions (none yet), its mailbox's byte budget
+    /// [`DEFAULT_MAILBOX_BYTES`].
     pub fn new(broker: Arc<Broker>, scope: Arc<str>, conn: u64) -> Self {
         Self {
             broker,
             scope,
             conn,
+            budget: DEFAULT_MAILBOX_BYTES,
             mailbox: None,
             unclaimed: None,
             topics: HashSet::new(),
+            rate: PublishRate::new(Instant::now()),
         }
+    }
+
+    /// Sets its mailbox's byte budget (the connection's `send_queue`); for
+    /// a new value, before the first subscription makes the mailbox.
+    pub fn with_mailbox_budget(mut self, bytes: usize) -> Self {
+        self.budget = bytes;
+        self
     }
 
     /// The mailbox the connection's task reads, once there is one (after
@@ -158,8 +457,16 @@ impl Subscriptions {
         }
         let mailbox = self.mailbox.get_or_insert_with(|| {
             let (tx, rx) = mpsc::channel(MAILBOX_CAPACITY);
-            self.unclaimed = Some(rx);
-            tx
+            let queued = Arc::new(AtomicUsize::new(0));
+            self.unclaimed = Some(Mailbox {
+                rx,
+                queued: queued.clone(),
+            });
+            Outlet {
+                tx,
+                queued,
+                budget: self.budget,
+            }
         });
         let mailbox = mailbox.clone();
         self.broker.subscribe(self.key(&topic), self.conn, mailbox);
@@ -171,6 +478,21 @@ impl Subscriptions {
         if self.topics.remove(topic) {
             self.broker.unsubscribe(&self.key(topic), self.conn);
         }
+    }
+
+    /// Takes one publish of the connection's handler; `false` (counted, and
+    /// logged at most once a second) when over [`PUBLISHES_PER_SECOND`].
+    fn admit_publish(&mut self, now: Instant) -> bool {
+        if self.rate.take(now) {
+            return true;
+        }
+        self.broker.count(|r| &r.publish_rate, 1);
+        if let Some(refused) = self.rate.note_refused(now) {
+            tracing::warn!(tenant = %self.scope, conn = self.conn, refused,
+                limit = PUBLISHES_PER_SECOND,
+                "publishes over the per-connection rate refused with queue-full (since the last such line)");
+        }
+        false
     }
 }
 
@@ -191,10 +513,14 @@ fn check_topic(topic: &str) -> Result<(), ErrorCode> {
 }
 
 impl HostState {
+    /// Publishes a message of `len` payload bytes that `frame` makes: the
+    /// cheap refusals first (topic, size, rate), then only if the topic
+    /// has a subscriber besides `exclude` is the payload framed.
     fn publish(
         &mut self,
         topic: String,
-        message: Result<Framed, usize>,
+        len: usize,
+        frame: impl FnOnce() -> Framed,
         exclude: Option<Resource<ConnectionEntry>>,
     ) -> wasmtime::Result<Result<u32, ErrorCode>> {
         let exclude = match exclude {
@@ -204,25 +530,28 @@ impl HostState {
         if let Err(code) = check_topic(&topic) {
             return Ok(Err(code));
         }
-        let message = match message {
-            Ok(m) => m,
-            Err(_too_big) => return Ok(Err(ErrorCode::MessageTooBig)),
-        };
-        let key = (self.tenant.clone(), topic);
-        let reach = self.broker.publish(&key, &message, exclude);
-        if reach.missed > 0 {
-            tracing::warn!(tenant = %key.0, topic = %key.1, missed = reach.missed, queued = reach.queued,
-                "published message dropped for subscribers whose mailbox is full");
-        }
-        Ok(Ok(reach.queued))
-    }
-
-    fn framed(&self, len: usize, frame: impl FnOnce() -> Framed) -> Result<Framed, usize> {
         if len > self.max_message_size {
-            Err(len)
-        } else {
-            Ok(frame())
+            return Ok(Err(ErrorCode::MessageTooBig));
         }
+        let home = Resource::<ConnectionEntry>::new_borrow(HOME_CONNECTION);
+        let admitted = match self.table.get_mut(&home) {
+            Ok(entry) => entry.subscriptions.admit_publish(Instant::now()),
+            Err(_) => {
+                // Cannot happen while the home connection's entry stays at
+                // its place; refuse rather than publish without a rate.
+                static WARNED: AtomicBool = AtomicBool::new(false);
+                if !WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::error!(tenant = %self.tenant,
+                        "publish refused: the instance's connection entry is not where expected");
+                }
+                false
+            }
+        };
+        if !admitted {
+            return Ok(Err(ErrorCode::QueueFull));
+        }
+        let key = (self.tenant.clone(), topic);
+        Ok(Ok(self.broker.publish_with(&key, exclude, frame).queued))
     }
 }
 
@@ -254,8 +583,7 @@ impl Host for HostState {
         text: String,
         exclude: Option<Resource<ConnectionEntry>>,
     ) -> wasmtime::Result<Result<u32, ErrorCode>> {
-        let message = self.framed(text.len(), || Framed::text(&text));
-        self.publish(topic, message, exclude)
+        self.publish(topic, text.len(), || Framed::text(&text), exclude)
     }
 
     fn publish_binary(
@@ -264,8 +592,7 @@ impl Host for HostState {
         data: Vec<u8>,
         exclude: Option<Resource<ConnectionEntry>>,
     ) -> wasmtime::Result<Result<u32, ErrorCode>> {
-        let message = self.framed(data.len(), || Framed::binary(&data));
-        self.publish(topic, message, exclude)
+        self.publish(topic, data.len(), || Framed::binary(&data), exclude)
     }
 }
 
@@ -341,5 +668,186 @@ mod tests {
                 missed: 1
             }
         );
+    }
+
+    /// A broker whose refusals are counted: (broker, mailbox-full, publish-rate).
+    fn counted_broker() -> (Arc<Broker>, Counter, Counter) {
+        let broker = Broker::new();
+        let (full, rate) = (Counter::default(), Counter::default());
+        broker.set_counters(|reason| match reason {
+            MAILBOX_FULL => full.clone(),
+            PUBLISH_RATE => rate.clone(),
+            other => panic!("unexpected reason {other}"),
+        });
+        (broker, full, rate)
+    }
+
+    fn subscribed(broker: &Arc<Broker>, conn: u64, topic: &str) -> (Subscriptions, Mailbox) {
+        let mut subs = Subscriptions::new(broker.clone(), Arc::from("p"), conn);
+        subs.subscribe(topic.into()).unwrap();
+        let rx = subs.take_mailbox().unwrap();
+        (subs, rx)
+    }
+
+    #[test]
+    fn mailbox_is_bounded_in_bytes_and_misses_are_counted() {
+        const MIB: usize = 1 << 20;
+        let (broker, full, _) = counted_broker();
+        // One subscriber whose task is stuck (never drains), one that drains.
+        let (_stuck, mut stuck_rx) = subscribed(&broker, 1, "t");
+        let (_live, mut live_rx) = subscribed(&broker, 2, "t");
+        let key = (Arc::from("p"), "t".to_owned());
+        let message = Framed::binary(&vec![7; MIB]);
+        let fit = DEFAULT_MAILBOX_BYTES / MIB;
+        assert_eq!(fit, 4);
+        let mut missed = 0;
+        for _ in 0..20 {
+            missed += broker.publish(&key, &message, None).missed;
+            assert_eq!(live_rx.try_recv().unwrap().payload_len(), MIB);
+        }
+        // The stuck one got what fits in its budget, and missed the rest.
+        assert_eq!(missed as usize, 20 - fit);
+        assert_eq!(full.get(), (20 - fit) as u64);
+        // Draining frees budget: one out, one more in.
+        assert_eq!(stuck_rx.try_recv().unwrap().payload_len(), MIB);
+        let reach = broker.publish(&key, &message, None);
+        assert_eq!(
+            reach,
+            Reach {
+                queued: 2,
+                missed: 0
+            }
+        );
+        let reach = broker.publish(&key, &message, None);
+        assert_eq!(
+            reach,
+            Reach {
+                queued: 1,
+                missed: 1
+            }
+        );
+        assert_eq!(full.get(), (20 - fit + 1) as u64);
+        let mut held = 0;
+        while stuck_rx.try_recv().is_ok() {
+            held += 1;
+        }
+        assert_eq!(held, fit);
+        assert_eq!(stuck_rx.queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn an_empty_mailbox_takes_one_message_over_its_budget() {
+        let broker = Broker::new();
+        let mut subs =
+            Subscriptions::new(broker.clone(), Arc::from("p"), 1).with_mailbox_budget(100);
+        subs.subscribe("t".into()).unwrap();
+        let mut rx = subs.take_mailbox().unwrap();
+        let key = (Arc::from("p"), "t".to_owned());
+        let big = Framed::binary(&[0; 1000]);
+        assert_eq!(broker.publish(&key, &big, None).queued, 1);
+        assert_eq!(broker.publish(&key, &Framed::text("x"), None).missed, 1);
+        assert_eq!(rx.try_recv().unwrap().payload_len(), 1000);
+        assert_eq!(broker.publish(&key, &Framed::text("x"), None).queued, 1);
+        // Small ones fill it up to the budget, not beyond.
+        for _ in 0..99 {
+            broker.publish(&key, &Framed::text("x"), None);
+        }
+        assert_eq!(rx.queued.load(Ordering::Relaxed), 100);
+        assert_eq!(broker.publish(&key, &Framed::text("x"), None).missed, 1);
+    }
+
+    #[tokio::test]
+    async fn recv_frees_the_budget_too() {
+        let broker = Broker::new();
+        let (_subs, mut rx) = subscribed(&broker, 1, "t");
+        let key = (Arc::from("p"), "t".to_owned());
+        broker.publish(&key, &Framed::text("hello"), None);
+        assert_eq!(rx.queued.load(Ordering::Relaxed), 5);
+        assert_eq!(rx.recv().await.unwrap().payload_len(), 5);
+        assert_eq!(rx.queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn publishes_per_connection_are_rate_limited_and_counted() {
+        let (broker, _, refused) = counted_broker();
+        let mut a = Subscriptions::new(broker.clone(), Arc::from("p"), 1);
+        let mut b = Subscriptions::new(broker.clone(), Arc::from("p"), 2);
+        let t0 = Instant::now();
+        let admitted = (0..PUBLISH_BURST + 500)
+            .filter(|_| a.admit_publish(t0))
+            .count();
+        assert_eq!(admitted, PUBLISH_BURST as usize);
+        assert_eq!(refused.get(), 500);
+        // Another connection has its own rate.
+        assert!(b.admit_publish(t0));
+        // The rate refills at PUBLISHES_PER_SECOND.
+        let t1 = t0 + Duration::from_millis(10);
+        let admitted = (0..100).filter(|_| a.admit_publish(t1)).count();
+        assert_eq!(admitted, 10);
+        // A second is a whole burst again, and no more.
+        let t2 = t1 + Duration::from_secs(5);
+        let admitted = (0..2 * PUBLISH_BURST)
+            .filter(|_| a.admit_publish(t2))
+            .count();
+        assert_eq!(admitted, PUBLISH_BURST as usize);
+        // A steady rate at the limit is never refused.
+        let before = refused.get();
+        let mut t = t2 + Duration::from_secs(1);
+        for _ in 0..5000 {
+            t += PUBLISH_INTERVAL;
+            assert!(a.admit_publish(t));
+        }
+        assert_eq!(refused.get(), before);
+    }
+
+    #[test]
+    fn refusals_are_logged_at_most_once_a_second_with_the_count() {
+        let t0 = Instant::now();
+        let mut rate = PublishRate::new(t0);
+        assert_eq!(rate.note_refused(t0), Some(1));
+        for _ in 0..99 {
+            assert_eq!(rate.note_refused(t0 + Duration::from_millis(500)), None);
+        }
+        assert_eq!(rate.note_refused(t0 + LOG_INTERVAL), Some(100));
+        let mut topic = Topic::default();
+        assert_eq!(topic.note_missed(3, t0), Some(3));
+        assert_eq!(topic.note_missed(4, t0 + Duration::from_millis(999)), None);
+        assert_eq!(topic.note_missed(5, t0 + LOG_INTERVAL), Some(9));
+        assert_eq!(topic.note_missed(1, t0 + LOG_INTERVAL), None);
+    }
+
+    #[test]
+    fn no_frame_is_built_for_a_topic_nobody_else_hears() {
+        let broker = Broker::new();
+        let key = (Arc::from("p"), "t".to_owned());
+        let nobody = || -> Framed { panic!("framed for nobody") };
+        // No such topic.
+        assert_eq!(broker.publish_with(&key, None, nobody), Reach::default());
+        // Only the excluded publisher is subscribed.
+        let (_me, mut my_rx) = subscribed(&broker, 1, "t");
+        assert_eq!(broker.publish_with(&key, Some(1), nobody), Reach::default());
+        // Another subscriber: framed once.
+        let (_other, mut other_rx) = subscribed(&broker, 2, "t");
+        let mut framed = 0;
+        let reach = broker.publish_with(&key, Some(1), || {
+            framed += 1;
+            Framed::text("hi")
+        });
+        assert_eq!((framed, reach.queued), (1, 1));
+        assert!(my_rx.try_recv().is_err());
+        assert_eq!(other_rx.try_recv().unwrap().payload_len(), 2);
+    }
+
+    #[test]
+    fn a_topic_whose_subscribers_are_gone_is_removed() {
+        let broker = Broker::new();
+        let (_subs, rx) = subscribed(&broker, 1, "t");
+        drop(rx); // the connection's task ended first
+        let key = (Arc::from("p"), "t".to_owned());
+        assert_eq!(
+            broker.publish(&key, &Framed::text("x"), None),
+            Reach::default()
+        );
+        assert_eq!(broker.subscribers("p", "t"), 0);
     }
 }

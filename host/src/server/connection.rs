@@ -15,15 +15,15 @@ use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use wharf_protocol::{CloseCode, CloseInfo, Event, HandshakeError, Request, State, WebSocket};
 
 use super::Shared;
+use super::handler::Handler;
 use super::inbox::{self, Inbox};
 use crate::metrics::Tally;
 use crate::runtime::batch_handler::Message;
 use crate::runtime::bindings::{Header, UpgradeRequest, UpgradeResponse};
-use crate::runtime::connection_host::ConnectionEntry;
 use crate::runtime::cpu_share::CpuShare;
 use crate::runtime::pubsub_host::Mailbox;
 use crate::runtime::{Plugin, PluginError, PluginInstance};
@@ -118,10 +118,17 @@ where
         return None;
     };
 
-    let plugin = tenant.plugin.current();
+    let plugin = match &tenant.shared {
+        Some(shared) => shared.plugin().clone(),
+        None => tenant.plugin.current(),
+    };
     let started = Instant::now();
-    let mut instance = match plugin.instantiate(id).await {
-        Ok(i) => i,
+    let created = match &tenant.shared {
+        None => plugin.instantiate(id).await.map(Handler::own),
+        Some(shared) => Handler::join(shared, id).await,
+    };
+    let mut handler = match created {
+        Ok(h) => h,
         Err(PluginError::PoolExhausted) => {
             tracing::warn!(tenant = %tenant.name, conn = id, "no instance slot free; 503");
             shared.metrics.handshake_failed(503, "pool");
@@ -137,7 +144,19 @@ where
         }
     };
     let upgrade = upgrade_request(&mut request, peer, tls);
-    let response = instance.on_upgrade(&upgrade).await;
+    let response = match handler.acquire(&plugin, id).await {
+        Ok(Some(mut instance)) => {
+            let r = instance.on_upgrade(&upgrade).await;
+            if r.is_err() {
+                instance.fail();
+            }
+            r
+        }
+        Ok(None) => Err(PluginError::Instantiate(anyhow::anyhow!(
+            "the shared instance failed"
+        ))),
+        Err(err) => Err(err),
+    };
     shared.metrics.plugin_call(started.elapsed());
     let reply = match response {
         Ok(UpgradeResponse::Accept(accept)) => {
@@ -208,8 +227,7 @@ where
         rate: Bucket::new(tenant.rate, now),
         rate_limited: false,
         tenant,
-        instance: Some(instance),
-        parked: None,
+        handler,
         last_event: Instant::now(),
         shared: shared.clone(),
         closed: None,
@@ -222,7 +240,7 @@ where
     shared.metrics.tenant_connection(&conn.tenant.name, 1);
     tracing::debug!(conn = id, tenant = %conn.tenant.name, path = %request.path, "open");
     // Messages the plugin sent from on-upgrade follow the 101.
-    conn.after_call(Ok(()));
+    conn.after_call(Ok(())).await;
     conn.on_open().await;
     Some((conn, buf, [tenant_permit, permit]))
 }
@@ -347,9 +365,8 @@ struct Conn {
     rate: Bucket,
     /// Closed with 1008 for going over them: later messages are dropped.
     rate_limited: bool,
-    instance: Option<PluginInstance>,
-    /// While hibernating: what the next instance resumes from.
-    parked: Option<ConnectionEntry>,
+    /// Its instance, or its place in the tenant's shared one.
+    handler: Handler,
     /// When the plugin last handled an event (for hibernation).
     last_event: Instant,
     shared: Arc<Shared>,
@@ -392,20 +409,28 @@ impl Conn {
     }
 
     async fn on_open(&mut self) {
-        let Some(instance) = self.instance.as_mut() else {
-            return;
-        };
-        Self::sync_outbox(instance, self.ws.output_len(), self.ws.state());
+        let (backlog, state) = (self.ws.output_len(), self.ws.state());
         let started = Instant::now();
-        let r = instance.on_open().await;
+        let r = match self.handler.acquire(&self.plugin, self.id).await {
+            Ok(Some(mut instance)) => {
+                Self::sync_outbox(&mut instance, backlog, state);
+                let r = instance.on_open().await;
+                if r.is_err() {
+                    instance.fail();
+                }
+                r
+            }
+            Ok(None) => return,
+            Err(err) => Err(err),
+        };
         self.record_call(started);
-        self.after_call(r);
+        self.after_call(r).await;
     }
 
     /// Hands the plugin's sends to the protocol, or buries a failed instance.
-    fn after_call(&mut self, result: Result<(), PluginError>) {
+    async fn after_call(&mut self, result: Result<(), PluginError>) {
         match result {
-            Ok(()) => self.flush_outbox(),
+            Ok(()) => self.flush_outbox().await,
             Err(err) => {
                 // A hibernated connection that cannot wake for want of a
                 // slot may retry later; anything else is the plugin's fault.
@@ -417,7 +442,7 @@ impl Conn {
                 self.shared
                     .metrics
                     .plugin_failure(&self.tenant.name, err.kind());
-                self.instance = None;
+                self.handler.bury();
                 if self.ws.state() == State::Open {
                     let _ = self.ws.close(code, reason);
                 }
@@ -425,8 +450,19 @@ impl Conn {
         }
     }
 
-    fn flush_outbox(&mut self) {
-        let Some(instance) = self.instance.as_mut() else {
+    /// Another connection's call queued sends for this one (a shared
+    /// instance), or the shared instance failed.
+    async fn peer_woke(&mut self) {
+        if self.handler.current().await.is_some() {
+            self.flush_outbox().await;
+        } else if self.ws.state() == State::Open {
+            tracing::debug!(conn = self.id, "shared instance failed; closing with 1011");
+            let _ = self.ws.close(CloseCode::INTERNAL_ERROR, PLUGIN_FAILED);
+        }
+    }
+
+    async fn flush_outbox(&mut self) {
+        let Some(mut instance) = self.handler.current().await else {
             return;
         };
         let entry = instance.connection();
@@ -472,14 +508,14 @@ impl Conn {
     /// When the idle instance is to be released, if hibernation is on.
     fn hibernate_at(&self) -> Option<Instant> {
         let after = self.shared.hibernate_after?;
-        (self.instance.is_some() && self.ws.state() == State::Open).then(|| self.last_event + after)
+        (self.handler.can_hibernate() && self.ws.state() == State::Open)
+            .then(|| self.last_event + after)
     }
 
     /// Releases the instance, keeping what the next one resumes from.
     fn hibernate(&mut self) {
-        if let Some(instance) = self.instance.take() {
-            self.parked = instance.hibernate();
-            if let Some(entry) = self.parked.as_mut() {
+        if self.handler.can_hibernate() {
+            if let Some(entry) = self.handler.hibernate() {
                 entry.outbox.frames.release();
             }
             self.inbox.release();
@@ -510,32 +546,39 @@ impl Conn {
         tracing::debug!(conn = self.id, code = info.code, clean = info.clean, reason = %info.reason, "closed");
         self.shared.metrics.connection_closed(info.code, info.clean);
         let closed = self.closed.insert(info);
-        let instance = match wake(&mut self.instance, &mut self.parked, &self.plugin, self.id).await
-        {
-            Ok(Some(instance)) => instance,
-            Ok(None) => return,
+        let started = Instant::now();
+        let r = match self.handler.acquire(&self.plugin, self.id).await {
+            Ok(Some(mut instance)) => {
+                Self::sync_outbox(&mut instance, 0, State::Closed);
+                let r = instance
+                    .on_close(closed.code, &closed.reason, closed.clean)
+                    .await;
+                if r.is_err() {
+                    instance.fail();
+                }
+                Some(r)
+            }
+            Ok(None) => None,
             Err(err) => {
                 tracing::error!(tenant = %self.tenant.name, conn = self.id, %err, "cannot resume plugin for on-close");
                 self.shared
                     .metrics
                     .plugin_failure(&self.tenant.name, err.kind());
-                return;
+                None
             }
         };
-        Self::sync_outbox(instance, 0, State::Closed);
-        let started = Instant::now();
-        let r = instance
-            .on_close(closed.code, &closed.reason, closed.clean)
-            .await;
-        self.record_call(started);
-        if let Err(err) = r {
-            tracing::error!(tenant = %self.tenant.name, conn = self.id, %err, "plugin failed in on-close");
-            self.shared
-                .metrics
-                .plugin_failure(&self.tenant.name, err.kind());
+        if let Some(r) = r {
+            self.record_call(started);
+            if let Err(err) = r {
+                tracing::error!(tenant = %self.tenant.name, conn = self.id, %err, "plugin failed in on-close");
+                self.shared
+                    .metrics
+                    .plugin_failure(&self.tenant.name, err.kind());
+            }
         }
-        // Free the pool slot now rather than after the lingering close.
-        self.instance = None;
+        // Free the pool slot (or the shared instance's entry) now rather
+        // than after the lingering close.
+        self.handler.release().await;
     }
 
     /// Feeds buffered input to the protocol and its events to the plugin:
@@ -595,13 +638,7 @@ impl Conn {
                 Some(message)
             };
             let r = call_with(
-                Woken::of(
-                    &mut self.instance,
-                    &mut self.parked,
-                    &self.plugin,
-                    &self.tenant.cpu,
-                    self.id,
-                ),
+                Woken::of(&mut self.handler, &self.plugin, &self.tenant.cpu, self.id),
                 &self.inbox,
                 last,
                 backlog,
@@ -611,7 +648,7 @@ impl Conn {
             self.inbox.clear();
             if let Some(r) = r {
                 now = self.record_call(started);
-                self.after_call(r);
+                self.after_call(r).await;
             }
         }
         // The input ended inside a frame: what is held goes now.
@@ -647,13 +684,7 @@ impl Conn {
         // a Close read after them does not refuse their replies.
         let backlog = self.ws.output_len();
         let r = call_with(
-            Woken::of(
-                &mut self.instance,
-                &mut self.parked,
-                &self.plugin,
-                &self.tenant.cpu,
-                self.id,
-            ),
+            Woken::of(&mut self.handler, &self.plugin, &self.tenant.cpu, self.id),
             &self.inbox,
             None,
             backlog,
@@ -664,7 +695,7 @@ impl Conn {
         match r {
             Some(r) => {
                 let end = self.record_call(now);
-                self.after_call(r);
+                self.after_call(r).await;
                 end
             }
             None => now,
@@ -696,6 +727,8 @@ impl Conn {
         // Registered with the token once, not re-armed on every pass.
         let shutdown = self.shared.shutdown.clone().cancelled_owned();
         tokio::pin!(shutdown);
+        // A shared instance's member is woken by other connections' calls.
+        let peer_wake = self.handler.wake().cloned();
         // One timer for the connection's life. Activity only ever moves the
         // deadlines later, so it is re-armed only when a deadline comes
         // earlier than the armed one; firing early is harmless (every
@@ -768,6 +801,9 @@ impl Conn {
                         self.transport_gone().await;
                         return;
                     }
+                }
+                _ = peer_woke(peer_wake.as_deref()), if peer_wake.is_some() && !self.ws.is_closed() => {
+                    self.peer_woke().await;
                 }
                 published = next_published(&mut self.mailbox), if self.mailbox.is_some() && !self.ws.is_closed() => {
                     match published {
@@ -922,46 +958,19 @@ fn wrote(
     Ok(())
 }
 
-/// The connection's instance, re-created from the parked state if it
-/// hibernated. `None`: the plugin is gone (it failed earlier).
-async fn wake<'a>(
-    instance: &'a mut Option<PluginInstance>,
-    parked: &mut Option<ConnectionEntry>,
-    plugin: &Plugin,
-    id: u64,
-) -> Result<Option<&'a mut PluginInstance>, PluginError> {
-    if instance.is_none()
-        && let Some(entry) = parked.take()
-    {
-        // Boxed: resuming is rare, and its state (a store being built) would
-        // otherwise add ~320 bytes to every connection's task.
-        *instance = Some(Box::pin(plugin.instantiate_with(id, Some(entry))).await?);
-        tracing::debug!(conn = id, "resumed from hibernation");
-    }
-    Ok(instance.as_mut())
-}
-
-/// What [`wake`] needs: the connection's instance slots and its plugin,
-/// and its tenant's CPU share, which a message event waits for.
+/// What a call needs: the connection's handler, its plugin, and its
+/// tenant's CPU share, which a message event waits for.
 struct Woken<'a> {
-    instance: &'a mut Option<PluginInstance>,
-    parked: &'a mut Option<ConnectionEntry>,
+    handler: &'a mut Handler,
     plugin: &'a Plugin,
     share: &'a CpuShare,
     id: u64,
 }
 
 impl<'a> Woken<'a> {
-    fn of(
-        instance: &'a mut Option<PluginInstance>,
-        parked: &'a mut Option<ConnectionEntry>,
-        plugin: &'a Plugin,
-        share: &'a CpuShare,
-        id: u64,
-    ) -> Self {
+    fn of(handler: &'a mut Handler, plugin: &'a Plugin, share: &'a CpuShare, id: u64) -> Self {
         Self {
-            instance,
-            parked,
+            handler,
             plugin,
             share,
             id,
@@ -983,16 +992,27 @@ async fn call_with(
     if !wait.is_zero() {
         tokio::time::sleep(wait).await;
     }
-    match wake(slots.instance, slots.parked, slots.plugin, slots.id).await {
+    match slots.handler.acquire(slots.plugin, slots.id).await {
         Err(err) => Some(Err(err)),
         Ok(None) => None,
-        Ok(Some(instance)) => {
-            Conn::sync_outbox(instance, backlog, state);
-            Some(match last {
+        Ok(Some(mut instance)) => {
+            Conn::sync_outbox(&mut instance, backlog, state);
+            let r = match last {
                 Some(one) if inbox.is_empty() => instance.on_message(one).await,
                 _ => instance.on_messages(&inbox.messages(last)).await,
-            })
+            };
+            if r.is_err() {
+                instance.fail();
+            }
+            Some(r)
         }
+    }
+}
+
+async fn peer_woke(wake: Option<&Notify>) {
+    match wake {
+        Some(w) => w.notified().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod conn_id;
 mod connection;
+mod handler;
 mod inbox;
 pub mod static_files;
 pub mod tls;

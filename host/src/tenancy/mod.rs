@@ -22,6 +22,7 @@ use crate::runtime::connection_host::SendLimits;
 use crate::runtime::cpu_share::CpuShare;
 use crate::runtime::limits::CpuBudget;
 use crate::runtime::log_stream::LogBudget;
+use crate::runtime::shared::SharedInstance;
 use crate::runtime::{InstanceLimits, Plugin, PluginSpec, Runtime};
 
 /// The plugin a tenant's new connections get. Swapping it leaves
@@ -47,6 +48,8 @@ pub struct Tenant {
     pub name: Arc<str>,
     pub plugin: PluginSlot,
     pub instance: InstanceMode,
+    /// In shared mode: the one instance all its connections use.
+    pub shared: Option<Arc<SharedInstance>>,
     /// Its connections' protocol limits and timers.
     pub ws: wharf_protocol::Config,
     pub origins: OriginPolicy,
@@ -146,10 +149,14 @@ impl Tenant {
             None => OriginPolicy::default(),
         };
         let cpu = plugin.cpu_share().clone();
+        let plugin = PluginSlot::new(plugin);
+        let shared = (tenant.instance == InstanceMode::Shared)
+            .then(|| Arc::new(SharedInstance::new(plugin.current())));
         Ok(Tenant {
             name: tenant.name.as_str().into(),
-            plugin: PluginSlot::new(plugin),
+            plugin,
             instance: tenant.instance,
+            shared,
             ws: wharf_protocol::Config {
                 max_frame_size: config::bytes(limits.max_frame_size),
                 max_message_size: config::bytes(limits.max_message_size),

@@ -12,6 +12,9 @@
 //!   (does not), answering "count=<attachment> instance=<memory>".
 //! - "setting KEY": answers the tenant's setting KEY (`wharf:websocket/config`),
 //!   or "none"; "settings": every "key=value", joined by ";".
+//! - "id": answers the connection's id; "peer ID TEXT": sends TEXT to
+//!   connection ID (`wharf:websocket/peers`), answering "peer ok" or
+//!   "peer err=<error>".
 //!
 //! An upgrade request for the path "/reject-trap" traps in `on_upgrade`.
 
@@ -24,9 +27,9 @@ wit_bindgen::generate!({
 });
 
 use exports::wharf::websocket::handler::Guest;
-use wharf::websocket::{attachment, config};
 use wharf::websocket::connection::Connection;
 use wharf::websocket::types::{Accept, ErrorCode, UpgradeRequest, UpgradeResponse};
+use wharf::websocket::{attachment, config, peers};
 
 struct Chaos;
 
@@ -96,6 +99,21 @@ impl Guest for Chaos {
         if let Some(key) = text.strip_prefix("setting ") {
             let value = config::get(key).unwrap_or_else(|| "none".into());
             return log_err(conn, conn.send_text(&value));
+        }
+        if text == "id" {
+            return log_err(conn, conn.send_text(&conn.id().to_string()));
+        }
+        if let Some(rest) = text.strip_prefix("peer ") {
+            let (id, message) = rest.split_once(' ').unwrap_or((rest, ""));
+            let result = match id.parse::<u64>() {
+                Ok(id) => peers::send_text(id, message),
+                Err(_) => Err(ErrorCode::Closed),
+            };
+            let answer = match result {
+                Ok(()) => "peer ok".to_owned(),
+                Err(e) => format!("peer err={e:?}"),
+            };
+            return log_err(conn, conn.send_text(&answer));
         }
         if text == "settings" {
             let all: Vec<String> = config::get_all()

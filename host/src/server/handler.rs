@@ -1,0 +1,195 @@
+//! Which plugin instance a connection's events go to: its own (created at
+//! the upgrade, released while it hibernates, re-created from what it
+//! parked), or its tenant's shared one, locked for each call.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use crate::runtime::connection_host::ConnectionEntry;
+use crate::runtime::shared::{Held, SharedInstance};
+use crate::runtime::{Plugin, PluginError, PluginInstance};
+
+pub(super) enum Handler {
+    /// Per-connection mode.
+    Own {
+        /// `None` once it failed, or while the connection hibernates.
+        instance: Option<PluginInstance>,
+        /// While hibernating: what the next instance resumes from.
+        parked: Option<ConnectionEntry>,
+    },
+    /// Shared mode.
+    Shared(Member),
+}
+
+/// A connection's place in its tenant's shared instance.
+pub(super) struct Member {
+    shared: Arc<SharedInstance>,
+    id: u64,
+    /// The instance it joined; a later one is not its.
+    generation: u64,
+    /// Notified when another connection's call queued sends for this one,
+    /// or when the instance failed.
+    pub wake: Arc<Notify>,
+    left: bool,
+}
+
+/// An instance ready for a call.
+pub(super) enum Acquired<'a> {
+    Own(&'a mut PluginInstance),
+    Shared(Held<'a>),
+}
+
+impl Handler {
+    pub fn own(instance: PluginInstance) -> Self {
+        Handler::Own {
+            instance: Some(instance),
+            parked: None,
+        }
+    }
+
+    /// Joins `shared` for connection `id`.
+    pub async fn join(shared: &Arc<SharedInstance>, id: u64) -> Result<Self, PluginError> {
+        let wake = Arc::new(Notify::new());
+        let generation = shared.join(id, wake.clone()).await?;
+        Ok(Handler::Shared(Member {
+            shared: shared.clone(),
+            id,
+            generation,
+            wake,
+            left: false,
+        }))
+    }
+
+    /// The instance for the next call: a hibernated connection's is
+    /// re-created, a shared one locked. `None`: it is gone (it failed).
+    pub async fn acquire(
+        &mut self,
+        plugin: &Plugin,
+        id: u64,
+    ) -> Result<Option<Acquired<'_>>, PluginError> {
+        match self {
+            Handler::Own { instance, parked } => {
+                if instance.is_none()
+                    && let Some(entry) = parked.take()
+                {
+                    // Boxed: resuming is rare, and its state (a store being
+                    // built) would otherwise add ~320 bytes to every
+                    // connection's task.
+                    *instance = Some(Box::pin(plugin.instantiate_with(id, Some(entry))).await?);
+                    tracing::debug!(conn = id, "resumed from hibernation");
+                }
+                Ok(instance.as_mut().map(Acquired::Own))
+            }
+            Handler::Shared(m) => Ok(m
+                .shared
+                .lock(m.id, m.generation)
+                .await
+                .map(Acquired::Shared)),
+        }
+    }
+
+    /// The live instance, without resuming a hibernated one: for handing
+    /// over what a call queued. `None`: there is none.
+    pub async fn current(&mut self) -> Option<Acquired<'_>> {
+        match self {
+            Handler::Own { instance, .. } => instance.as_mut().map(Acquired::Own),
+            Handler::Shared(m) => m
+                .shared
+                .lock(m.id, m.generation)
+                .await
+                .map(Acquired::Shared),
+        }
+    }
+
+    /// After a failed call: a connection's own instance is dropped (a
+    /// shared one was dropped while held, see [`Acquired::fail`]).
+    pub fn bury(&mut self) {
+        if let Handler::Own { instance, .. } = self {
+            *instance = None;
+        }
+    }
+
+    /// Whether the connection has its own live instance to hibernate.
+    pub fn can_hibernate(&self) -> bool {
+        matches!(
+            self,
+            Handler::Own {
+                instance: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// Releases the connection's own instance, keeping what the next one
+    /// resumes from. Returns the parked entry.
+    pub fn hibernate(&mut self) -> Option<&mut ConnectionEntry> {
+        let Handler::Own { instance, parked } = self else {
+            return None;
+        };
+        *parked = instance.take()?.hibernate();
+        parked.as_mut()
+    }
+
+    /// The connection ended: its own instance is released, or it leaves
+    /// the shared one.
+    pub async fn release(&mut self) {
+        match self {
+            Handler::Own { instance, .. } => *instance = None,
+            Handler::Shared(m) => {
+                m.left = true;
+                m.shared.leave(m.id, m.generation).await;
+            }
+        }
+    }
+
+    /// The shared member's waker, if any.
+    pub fn wake(&self) -> Option<&Arc<Notify>> {
+        match self {
+            Handler::Shared(m) => Some(&m.wake),
+            Handler::Own { .. } => None,
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if !self.left {
+            // A task that ended without `release` (its transport failed
+            // mid-upgrade, say): leave from a task of its own.
+            let (shared, id, generation) = (self.shared.clone(), self.id, self.generation);
+            tokio::spawn(async move { shared.leave(id, generation).await });
+        }
+    }
+}
+
+impl Acquired<'_> {
+    /// The call just made failed: a shared instance is dropped at once,
+    /// before another connection calls into it.
+    pub fn fail(&mut self) {
+        if let Acquired::Shared(held) = self {
+            held.fail();
+        }
+    }
+}
+
+impl Deref for Acquired<'_> {
+    type Target = PluginInstance;
+
+    fn deref(&self) -> &PluginInstance {
+        match self {
+            Acquired::Own(i) => i,
+            Acquired::Shared(h) => h,
+        }
+    }
+}
+
+impl DerefMut for Acquired<'_> {
+    fn deref_mut(&mut self) -> &mut PluginInstance {
+        match self {
+            Acquired::Own(i) => i,
+            Acquired::Shared(h) => h,
+        }
+    }
+}

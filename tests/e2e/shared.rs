@@ -1,0 +1,152 @@
+//! Shared instance mode: one instance serves all of a tenant's connections,
+//! one event at a time; `wharf:websocket/peers` reaches the tenant's other
+//! connections and nobody else's; a failure closes them all with 1011 and
+//! the next connection gets a fresh instance.
+
+use std::time::Duration;
+
+use crate::support::{OP_TEXT, RawClient, Server, ServerOpts, plugin_path, upgrade_request_to};
+
+fn tenant(name: &str, plugin: &str, routes: &[&str], mode: &str) -> String {
+    format!(
+        "[[tenant]]\nname = {name:?}\nplugin = {:?}\nroutes = {routes:?}\ninstance = {mode:?}\n",
+        plugin_path(plugin).display().to_string()
+    )
+}
+
+fn start(tenants: &[String]) -> Server {
+    let mut opts = ServerOpts::new("");
+    opts.extra = tenants.concat() + "[admin]\nlisten = \"127.0.0.1:0\"\n";
+    Server::start(opts)
+}
+
+async fn connect(server: &Server, path: &str) -> RawClient {
+    let mut raw = server.raw(false).await;
+    raw.send(upgrade_request_to("x", path, &[]).as_bytes())
+        .await;
+    let resp = raw.read_response().await;
+    assert_eq!(resp.status, 101, "{path}: {resp:?}");
+    raw
+}
+
+async fn say(raw: &mut RawClient, text: &str) {
+    raw.send_frame(true, OP_TEXT, text.as_bytes()).await;
+}
+
+async fn hear(raw: &mut RawClient) -> String {
+    let frame = raw.read_frame().await;
+    assert_eq!(frame.opcode, OP_TEXT, "{frame:?}");
+    String::from_utf8(frame.payload).unwrap()
+}
+
+async fn ask(raw: &mut RawClient, text: &str) -> String {
+    say(raw, text).await;
+    hear(raw).await
+}
+
+#[tokio::test]
+async fn shared_chat_keeps_rooms_in_memory() {
+    let server = start(&[tenant("chat", "shared_chat", &["/chat"], "shared")]);
+    let mut ann = connect(&server, "/chat/lobby?nick=ann").await;
+    assert_eq!(hear(&mut ann).await, "* ann joined lobby");
+    let mut bob = connect(&server, "/chat/lobby?nick=bob").await;
+    assert_eq!(hear(&mut ann).await, "* bob joined lobby");
+    assert_eq!(hear(&mut bob).await, "* bob joined lobby");
+    let mut cy = connect(&server, "/chat/attic?nick=cy").await;
+    assert_eq!(hear(&mut cy).await, "* cy joined attic");
+
+    say(&mut ann, "hello").await;
+    assert_eq!(hear(&mut ann).await, "ann: hello");
+    assert_eq!(hear(&mut bob).await, "ann: hello");
+    assert_eq!(ask(&mut bob, "/who").await, "* in lobby: ann, bob");
+    assert_eq!(ask(&mut cy, "/who").await, "* in attic: cy");
+
+    bob.send(&crate::support::close_frame(1000, "")).await;
+    assert_eq!(bob.read_close().await.0, 1000);
+    assert_eq!(hear(&mut ann).await, "* bob left");
+    assert_eq!(ask(&mut ann, "/who").await, "* in lobby: ann");
+    // cy heard none of the lobby.
+    assert_eq!(ask(&mut cy, "/who").await, "* in attic: cy");
+}
+
+#[tokio::test]
+async fn one_instance_serves_every_connection_and_peers_stay_in_the_tenant() {
+    let server = start(&[
+        tenant("one", "chaos", &["/one"], "shared"),
+        tenant("two", "chaos", &["/two"], "shared"),
+        tenant("own", "chaos", &["/own"], "per-connection"),
+    ]);
+    let mut a = connect(&server, "/one").await;
+    let mut b = connect(&server, "/one").await;
+    // The same memory: the in-instance counter goes on across connections.
+    assert_eq!(ask(&mut a, "count").await, "count=1 instance=1");
+    assert_eq!(ask(&mut b, "count").await, "count=1 instance=2");
+    let b_id = ask(&mut b, "id").await;
+    assert_eq!(ask(&mut a, &format!("peer {b_id} psst")).await, "peer ok");
+    assert_eq!(hear(&mut b).await, "psst");
+
+    // Another tenant's shared instance cannot reach b, nor can a
+    // per-connection instance.
+    let mut c = connect(&server, "/two").await;
+    assert!(
+        ask(&mut c, &format!("peer {b_id} hi"))
+            .await
+            .starts_with("peer err=")
+    );
+    let mut d = connect(&server, "/own").await;
+    assert!(
+        ask(&mut d, &format!("peer {b_id} hi"))
+            .await
+            .starts_with("peer err=")
+    );
+    let d_id = ask(&mut d, "id").await;
+    // To itself: queued in order with the reply that follows it.
+    assert_eq!(ask(&mut d, &format!("peer {d_id} self")).await, "self");
+    assert_eq!(hear(&mut d).await, "peer ok");
+    // b heard nothing of it: its next message is its own echo.
+    assert_eq!(ask(&mut b, "ping").await, "ping");
+}
+
+#[tokio::test]
+async fn a_failed_shared_instance_closes_its_connections_and_is_replaced() {
+    let server = start(&[
+        tenant("one", "chaos", &["/one"], "shared"),
+        tenant("other", "chaos", &["/other"], "shared"),
+    ]);
+    let mut a = connect(&server, "/one").await;
+    let mut b = connect(&server, "/one").await;
+    let mut other = connect(&server, "/other").await;
+    assert_eq!(ask(&mut a, "count").await, "count=1 instance=1");
+    say(&mut b, "trap").await;
+    assert_eq!(b.read_close().await.0, 1011);
+    let (code, _) = tokio::time::timeout(Duration::from_secs(3), a.read_close())
+        .await
+        .expect("a closed too");
+    assert_eq!(code, 1011);
+    // A new connection gets a new instance: its memory starts afresh.
+    let mut c = connect(&server, "/one").await;
+    assert_eq!(ask(&mut c, "count").await, "count=1 instance=1");
+    // The other tenant's shared instance never noticed.
+    assert_eq!(ask(&mut other, "still").await, "still");
+    assert_eq!(
+        server
+            .metric("wharf_plugin_failures_total{tenant=\"one\",kind=\"trap\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_spinning_event_in_a_shared_instance_is_cut() {
+    let mut opts = ServerOpts::new("");
+    opts.plugin_limits = "cpu_time_per_event = \"100ms\"";
+    opts.extra = tenant("one", "chaos", &["/one"], "shared");
+    let server = Server::start(opts);
+    let mut a = connect(&server, "/one").await;
+    let mut b = connect(&server, "/one").await;
+    say(&mut a, "loop").await;
+    assert_eq!(a.read_close().await.0, 1011);
+    assert_eq!(b.read_close().await.0, 1011);
+    let mut c = connect(&server, "/one").await;
+    assert_eq!(ask(&mut c, "back").await, "back");
+}
