@@ -62,6 +62,20 @@ pub struct TenantConfig {
     /// Read by the plugin through `wharf:websocket/config`.
     #[serde(default)]
     pub settings: BTreeMap<String, String>,
+    /// WASI capabilities granted beyond the defaults. Unset: `[plugin]`'s.
+    pub wasi: Option<WasiGrants>,
+}
+
+/// WASI capabilities a tenant's plugin is granted. By default none: no
+/// environment variables, no files (clocks and random are always there).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WasiGrants {
+    /// Environment variables the plugin sees, by name, with the server's
+    /// values (a name the server does not have is left out).
+    pub env: Vec<String>,
+    /// A directory the plugin may read (not write), as `/data`.
+    pub dir: Option<PathBuf>,
 }
 
 /// How a tenant's connections map onto plugin instances.
@@ -261,6 +275,9 @@ pub struct PluginConfig {
     /// Settings of the `default` tenant (with no `[[tenant]]`s), read by the
     /// plugin through `wharf:websocket/config`.
     pub settings: BTreeMap<String, String>,
+    /// WASI capabilities every tenant's plugin is granted, unless its own
+    /// `[tenant.wasi]` says otherwise. Default: none.
+    pub wasi: WasiGrants,
     /// Release a connection's instance after this long without an event
     /// (hibernation): the host keeps the socket, the protocol state, the
     /// topics and the attachment, and instantiates afresh on the next event.
@@ -289,6 +306,7 @@ impl Default for PluginConfig {
             cpu_share: None,
             allowed_origins: None,
             settings: BTreeMap::new(),
+            wasi: WasiGrants::default(),
             hibernate_after: Duration::ZERO,
             keep_resident: ByteSize::kib(64),
             cache_dir: None,
@@ -437,6 +455,14 @@ impl Config {
         let mut largest_memory = 0;
         for tenant in self.resolved_tenants() {
             tenant.limits.validate(&tenant.key_prefix)?;
+            if let Some(dir) = &tenant.wasi.dir
+                && !dir.is_dir()
+            {
+                return Err(ConfigError::Invalid {
+                    key: format!("{}wasi.dir", tenant.key_prefix.replace("limits.", "")),
+                    problem: format!("{} is not a directory", dir.display()),
+                });
+            }
             if let Some(origins) = &tenant.allowed_origins {
                 crate::tenancy::origin::OriginPolicy::parse(origins).map_err(|problem| {
                     ConfigError::Invalid {
@@ -507,6 +533,7 @@ impl Config {
                 allowed_origins: self.plugin.allowed_origins.clone(),
                 limits: limits(&TenantLimits::default()),
                 settings: self.plugin.settings.clone(),
+                wasi: self.plugin.wasi.clone(),
             }];
         }
         self.tenants
@@ -523,6 +550,7 @@ impl Config {
                     .or_else(|| self.plugin.allowed_origins.clone()),
                 limits: limits(&t.limits),
                 settings: t.settings.clone(),
+                wasi: t.wasi.clone().unwrap_or_else(|| self.plugin.wasi.clone()),
             })
             .collect()
     }
@@ -541,6 +569,7 @@ pub struct ResolvedTenant {
     pub allowed_origins: Option<Vec<String>>,
     pub limits: Limits,
     pub settings: BTreeMap<String, String>,
+    pub wasi: WasiGrants,
 }
 
 /// One tenant's limits, resolved.

@@ -360,3 +360,32 @@ async fn per_tenant_message_size() {
     tiny.send_frame(true, OP_TEXT, big.as_bytes()).await;
     assert_eq!(tiny.read_close().await.0, 1009);
 }
+
+#[tokio::test]
+async fn wasi_grants_are_per_tenant_and_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hello.txt"), "hi from the host").unwrap();
+    let granted = format!(
+        "[tenant.wasi]\nenv = [\"RUST_LOG\", \"WHARF_NOT_SET_ANYWHERE\"]\ndir = {:?}\n",
+        dir.path().display().to_string()
+    );
+    let server = start(&[
+        tenant("granted", "chaos", &["/granted"], &granted),
+        tenant("plain", "chaos", &["/plain"], ""),
+    ]);
+    let (mut g, _) = upgrade(&server, "x", "/granted", &[]).await;
+    let (mut p, _) = upgrade(&server, "x", "/plain", &[]).await;
+    // The test harness runs the server with RUST_LOG=info.
+    assert_eq!(ask(&mut g, "env RUST_LOG").await, "info");
+    assert_eq!(ask(&mut g, "env HOME").await, "none");
+    assert_eq!(ask(&mut g, "env WHARF_NOT_SET_ANYWHERE").await, "none");
+    assert_eq!(
+        ask(&mut g, "read /data/hello.txt").await,
+        "hi from the host"
+    );
+    assert_eq!(ask(&mut g, "write /data/new.txt").await, "err");
+    assert!(!dir.path().join("new.txt").exists());
+    assert_eq!(ask(&mut g, "read /etc/passwd").await, "err");
+    assert_eq!(ask(&mut p, "env RUST_LOG").await, "none");
+    assert_eq!(ask(&mut p, "read /data/hello.txt").await, "err");
+}

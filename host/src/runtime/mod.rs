@@ -55,7 +55,21 @@ pub struct PluginSpec {
     pub log: Arc<LogBudget>,
     /// The tenant's share of the CPU, shared by all its instances.
     pub cpu_share: Arc<CpuShare>,
+    /// WASI capabilities beyond clocks and random.
+    pub wasi: Arc<WasiGrants>,
 }
+
+/// WASI capabilities an instance is granted beyond clocks and random.
+#[derive(Debug, Clone, Default)]
+pub struct WasiGrants {
+    /// Environment variables, names and values.
+    pub env: Vec<(String, String)>,
+    /// A directory readable (only) at [`WASI_DIR`].
+    pub dir: Option<std::path::PathBuf>,
+}
+
+/// Where a granted directory appears to the plugin.
+pub const WASI_DIR: &str = "/data";
 
 /// Settings fixed when the runtime starts.
 #[derive(Debug, Clone)]
@@ -186,6 +200,7 @@ impl Runtime {
             settings: Arc::default(),
             log: LogBudget::new(DEFAULT_LOG_LINES_PER_SECOND, Default::default()),
             cpu_share: Arc::new(CpuShare::new(0.0)),
+            wasi: Arc::default(),
         };
         self.load_for(spec, name, bytes)
     }
@@ -316,13 +331,18 @@ impl Plugin {
         let limits = self.spec.limits;
         let (stdout, stderr) =
             LogStream::pair(self.spec.tenant.clone(), conn_id, self.spec.log.clone());
-        let wasi = WasiCtx::builder()
-            .stdout(stdout)
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(stdout)
             .stderr(stderr)
             // A handler needs a few random bytes (hash seeds), not a host
             // call that copies megabytes.
             .max_random_size(MAX_RANDOM_BYTES)
-            .build();
+            .envs(&self.spec.wasi.env);
+        if let Some(dir) = &self.spec.wasi.dir {
+            wasi.preopened_dir(dir, WASI_DIR, wasmtime_wasi::FsPerms::ReadOnly)
+                .map_err(|e| PluginError::Instantiate(e.into()))?;
+        }
+        let wasi = wasi.build();
         let mut table = ResourceTable::new();
         // A handler holds a handful of host resources (its connection, a
         // few streams); each costs host memory outside its memory limit.

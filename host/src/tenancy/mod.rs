@@ -23,7 +23,7 @@ use crate::runtime::cpu_share::CpuShare;
 use crate::runtime::limits::CpuBudget;
 use crate::runtime::log_stream::LogBudget;
 use crate::runtime::shared::SharedInstance;
-use crate::runtime::{InstanceLimits, Plugin, PluginSpec, Runtime};
+use crate::runtime::{InstanceLimits, Plugin, PluginSpec, Runtime, WasiGrants};
 
 /// The plugin a tenant's new connections get. Swapping it leaves
 /// connections already open on the plugin they started with.
@@ -97,6 +97,15 @@ impl Tenants {
                     metrics.plugin_log_dropped(&tenant.name),
                 ),
                 cpu_share: Arc::new(CpuShare::new(tenant.limits.cpu_share)),
+                wasi: Arc::new(WasiGrants {
+                    env: tenant
+                        .wasi
+                        .env
+                        .iter()
+                        .filter_map(|name| Some((name.clone(), std::env::var(name).ok()?)))
+                        .collect(),
+                    dir: tenant.wasi.dir.clone(),
+                }),
             };
             let plugin = match &tenant.plugin {
                 Some(path) => {

@@ -12,6 +12,9 @@
 //!   (does not), answering "count=<attachment> instance=<memory>".
 //! - "setting KEY": answers the tenant's setting KEY (`wharf:websocket/config`),
 //!   or "none"; "settings": every "key=value", joined by ";".
+//! - "env NAME": answers the environment variable NAME, or "none"; "read
+//!   PATH": the file's text, or "err"; "write PATH": "ok" or "err" (what
+//!   the tenant's WASI grants allow).
 //! - "id": answers the connection's id; "peer ID TEXT": sends TEXT to
 //!   connection ID (`wharf:websocket/peers`), answering "peer ok" or
 //!   "peer err=<error>".
@@ -99,6 +102,18 @@ impl Guest for Chaos {
         if let Some(key) = text.strip_prefix("setting ") {
             let value = config::get(key).unwrap_or_else(|| "none".into());
             return log_err(conn, conn.send_text(&value));
+        }
+        if let Some(name) = text.strip_prefix("env ") {
+            let value = std::env::var(name).unwrap_or_else(|_| "none".into());
+            return log_err(conn, conn.send_text(&value));
+        }
+        if let Some(path) = text.strip_prefix("read ") {
+            let content = std::fs::read_to_string(path).unwrap_or_else(|_| "err".into());
+            return log_err(conn, conn.send_text(&content));
+        }
+        if let Some(path) = text.strip_prefix("write ") {
+            let done = std::fs::write(path, b"x").map_or("err", |()| "ok");
+            return log_err(conn, conn.send_text(done));
         }
         if text == "id" {
             return log_err(conn, conn.send_text(&conn.id().to_string()));
