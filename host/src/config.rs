@@ -25,7 +25,7 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     /// The handler component and its sandbox limits (`[plugin]`).
     pub plugin: PluginConfig,
-    /// The metrics and health endpoint (`[admin]`).
+    /// The admin API: health, metrics, tenants and hot swap (`[admin]`).
     pub admin: AdminConfig,
     /// Files served to plain HTTP GETs on the WebSocket listeners (`[static_files]`).
     pub static_files: StaticFilesConfig,
@@ -177,6 +177,11 @@ pub struct ServerConfig {
     /// handshakes (after 1001 "going away") before the process exits.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// A swap with the `restart` policy closes open connections with 1012
+    /// at moments spread over this long, so clients do not all reconnect
+    /// at once.
+    #[serde(with = "humantime_serde")]
+    pub restart_window: Duration,
 }
 
 impl Default for ServerConfig {
@@ -187,6 +192,7 @@ impl Default for ServerConfig {
             max_request_size: ByteSize::kib(16),
             max_request_headers: 64,
             shutdown_timeout: Duration::from_secs(10),
+            restart_window: Duration::from_secs(10),
         }
     }
 }
@@ -206,6 +212,11 @@ pub struct WebSocketConfig {
     /// High-water mark of a connection's unsent output; while it is exceeded the
     /// plugin's sends fail with `queue-full` and the host stops reading.
     pub send_queue: ByteSize,
+    /// How long a connection's send queue may stay full (the peer reads
+    /// slower than the plugin writes; the plugin's sends get `queue-full`
+    /// meanwhile) before the connection is closed with 1008.
+    #[serde(with = "humantime_serde")]
+    pub send_queue_grace: Duration,
     /// Send a Ping after this long without hearing from the peer. `"0s"`: never.
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
@@ -229,6 +240,7 @@ impl Default for WebSocketConfig {
             max_message_size: ByteSize::mib(16),
             fragment_size: None,
             send_queue: ByteSize::mib(4),
+            send_queue_grace: Duration::from_secs(30),
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
             close_timeout: Duration::from_secs(5),
@@ -253,9 +265,10 @@ pub struct PluginConfig {
     pub cpu_time_per_event: Duration,
     /// Wall-clock time one event call may take, waits included (a plugin
     /// blocked in `wasi:io/poll`, e.g. a sleep, uses no CPU); over it the
-    /// call is abandoned and its connection closed with 1011.
-    #[serde(with = "humantime_serde")]
-    pub wall_time_per_event: Duration,
+    /// call is abandoned and its connection closed with 1011. Unset: twice
+    /// `cpu_time_per_event`, and at least 1 s.
+    #[serde(with = "humantime_serde::option")]
+    pub wall_time_per_event: Option<Duration>,
     /// CPU a tenant's plugin calls may use across all its connections, in
     /// cores (CPU seconds per second, a one-second burst): over it, its
     /// events wait and its new upgrades get 503. `0`: no limit. Unset:
@@ -301,7 +314,7 @@ impl Default for PluginConfig {
             path: None,
             memory_limit: ByteSize::mib(64),
             cpu_time_per_event: Duration::from_millis(200),
-            wall_time_per_event: Duration::from_secs(1),
+            wall_time_per_event: None,
             log_lines_per_second: 1000,
             cpu_share: None,
             allowed_origins: None,
@@ -314,12 +327,30 @@ impl Default for PluginConfig {
     }
 }
 
-/// The admin endpoint: `GET /metrics` (Prometheus text format) and `GET /healthz`.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The admin API (`crate::admin`): health and readiness, `GET /metrics`
+/// (OpenMetrics), the tenants' status and the hot swap of their plugins.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// `ip:port` to serve it on. Unset: no admin endpoint.
     pub listen: Option<SocketAddr>,
+    /// A file whose content (trimmed) is the bearer token the API asks for;
+    /// the environment variable `WHARF_ADMIN_TOKEN` overrides it. With
+    /// neither, deploys and rollbacks are refused (403) and `/tenants` and
+    /// `/metrics` are open. An unreadable or empty file stops start-up.
+    pub token_file: Option<PathBuf>,
+    /// Largest component a deploy may upload (or name); larger is 413.
+    pub max_upload_size: ByteSize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            token_file: None,
+            max_upload_size: ByteSize::mib(64),
+        }
+    }
 }
 
 impl Default for Config {
@@ -416,12 +447,18 @@ impl Config {
         if self.server.max_request_size.as_u64() < 256 {
             return invalid("server.max_request_size", "must be at least 256 B");
         }
+        if self.server.restart_window > Duration::from_secs(24 * 3600) {
+            return invalid("server.restart_window", "must be at most 24h");
+        }
         if self.server.handshake_timeout.is_zero() {
             return invalid("server.handshake_timeout", "must be more than 0s");
         }
         let ws = &self.websocket;
         if ws.fragment_size.is_some_and(|f| f.as_u64() == 0) {
             return invalid("websocket.fragment_size", "must be more than 0 when set");
+        }
+        if ws.send_queue_grace.is_zero() || ws.send_queue_grace > Duration::from_secs(24 * 3600) {
+            return invalid("websocket.send_queue_grace", "must be between 0s and 24h");
         }
         if ws.close_timeout.is_zero() {
             return invalid("websocket.close_timeout", "must be more than 0s");
@@ -495,33 +532,37 @@ impl Config {
     /// Every tenant with its limits resolved: the `[[tenant]]`s, or the
     /// `default` one `[plugin]` describes.
     pub fn resolved_tenants(&self) -> Vec<ResolvedTenant> {
-        let limits = |o: &TenantLimits| Limits {
-            memory_limit: o.memory_limit.unwrap_or(self.plugin.memory_limit),
-            cpu_time_per_event: o
+        let limits = |o: &TenantLimits| {
+            let cpu = o
                 .cpu_time_per_event
-                .unwrap_or(self.plugin.cpu_time_per_event),
-            wall_time_per_event: o
-                .wall_time_per_event
-                .unwrap_or(self.plugin.wall_time_per_event),
-            max_connections: o.max_connections.unwrap_or(self.server.max_connections),
-            max_message_size: o
-                .max_message_size
-                .unwrap_or(self.websocket.max_message_size),
-            max_frame_size: o.max_frame_size.unwrap_or(self.websocket.max_frame_size),
-            send_queue: o.send_queue.unwrap_or(self.websocket.send_queue),
-            messages_per_second: o
-                .messages_per_second
-                .unwrap_or(self.websocket.messages_per_second),
-            bytes_per_second: o
-                .bytes_per_second
-                .unwrap_or(self.websocket.bytes_per_second),
-            log_lines_per_second: o
-                .log_lines_per_second
-                .unwrap_or(self.plugin.log_lines_per_second),
-            cpu_share: o
-                .cpu_share
-                .or(self.plugin.cpu_share)
-                .unwrap_or_else(|| default_cpu_share(self.tenants.len())),
+                .unwrap_or(self.plugin.cpu_time_per_event);
+            Limits {
+                memory_limit: o.memory_limit.unwrap_or(self.plugin.memory_limit),
+                cpu_time_per_event: cpu,
+                wall_time_per_event: o
+                    .wall_time_per_event
+                    .or(self.plugin.wall_time_per_event)
+                    .unwrap_or_else(|| (cpu * 2).max(Duration::from_secs(1))),
+                max_connections: o.max_connections.unwrap_or(self.server.max_connections),
+                max_message_size: o
+                    .max_message_size
+                    .unwrap_or(self.websocket.max_message_size),
+                max_frame_size: o.max_frame_size.unwrap_or(self.websocket.max_frame_size),
+                send_queue: o.send_queue.unwrap_or(self.websocket.send_queue),
+                messages_per_second: o
+                    .messages_per_second
+                    .unwrap_or(self.websocket.messages_per_second),
+                bytes_per_second: o
+                    .bytes_per_second
+                    .unwrap_or(self.websocket.bytes_per_second),
+                log_lines_per_second: o
+                    .log_lines_per_second
+                    .unwrap_or(self.plugin.log_lines_per_second),
+                cpu_share: o
+                    .cpu_share
+                    .or(self.plugin.cpu_share)
+                    .unwrap_or_else(|| default_cpu_share(self.tenants.len())),
+            }
         };
         if self.tenants.is_empty() {
             return vec![ResolvedTenant {

@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
     // Pub/sub's missed deliveries and refused publishes: wharf_sends_refused_total.
     let broker = runtime.broker();
     broker.set_counters(|reason| metrics.sends_refused_counter(reason));
-    let tenants = Tenants::load(&config, &runtime, &metrics)?;
+    let tenants = Tenants::load(&config, Arc::new(runtime), metrics.clone())?;
     if check_only {
         // What `serve` would refuse at start-up: the certificates too.
         for listener in &config.listeners {

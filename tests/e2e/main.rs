@@ -21,4 +21,5 @@ mod metrics;
 mod pubsub;
 mod shared;
 mod sni;
+mod swap;
 mod tenants;

@@ -30,6 +30,10 @@
 //! | `wharf_tenant_connections_open` | gauge | `tenant` |
 //! | `wharf_tenant_refusals_total` | counter | `tenant`, `reason` |
 //! | `wharf_plugin_log_dropped_total` | counter | `tenant` |
+//! | `wharf_swaps_total` | counter | `tenant`, `policy` |
+//! | `wharf_deploys_failed_total` | counter | `tenant` |
+//! | `wharf_migrations_total` | counter | `tenant` |
+//! | `wharf_restart_closes_total` | counter | `tenant` |
 //! | `wharf_plugin_call_seconds` | histogram | buckets 1 µs × 2ⁿ, n = 0..23 (to ~8.4 s); one observation per call, a batch (`on-messages`) being one call |
 //!
 //! Series with fixed labels are exported as 0 from the start; the families
@@ -92,6 +96,12 @@ struct PluginLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TenantLabels {
     tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantPolicyLabels {
+    tenant: String,
+    policy: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -191,6 +201,10 @@ pub struct Metrics {
     tenant_open: Family<TenantLabels, Gauge>,
     tenant_refusals: Family<TenantReasonLabels, Counter>,
     log_dropped: Family<TenantLabels, Counter>,
+    swaps: Family<TenantPolicyLabels, Counter>,
+    deploys_failed: Family<TenantLabels, Counter>,
+    migrations: Family<TenantLabels, Counter>,
+    restart_closes: Family<TenantLabels, Counter>,
     static_responses: Family<StatusLabels, Counter>,
     plugin_call: CallHistogram,
 }
@@ -317,6 +331,31 @@ impl Metrics {
             log_dropped.clone(),
         );
 
+        let swaps = Family::<TenantPolicyLabels, Counter>::default();
+        registry.register(
+            "wharf_swaps",
+            "Plugin versions swapped in, by tenant and policy",
+            swaps.clone(),
+        );
+        let deploys_failed = Family::<TenantLabels, Counter>::default();
+        registry.register(
+            "wharf_deploys_failed",
+            "Deploys refused (the component did not compile or lacks an export)",
+            deploys_failed.clone(),
+        );
+        let migrations = Family::<TenantLabels, Counter>::default();
+        registry.register(
+            "wharf_migrations",
+            "Open connections moved to a new version (policy migrate)",
+            migrations.clone(),
+        );
+        let restart_closes = Family::<TenantLabels, Counter>::default();
+        registry.register(
+            "wharf_restart_closes",
+            "Connections closed with 1012 for a new version (policy restart)",
+            restart_closes.clone(),
+        );
+
         let static_responses = Family::<StatusLabels, Counter>::default();
         registry.register(
             "wharf_static_responses",
@@ -350,6 +389,10 @@ impl Metrics {
             tenant_open,
             tenant_refusals,
             log_dropped,
+            swaps,
+            deploys_failed,
+            migrations,
+            restart_closes,
             static_responses,
             plugin_call,
         })
@@ -457,6 +500,34 @@ impl Metrics {
     /// [`LogBudget`](crate::runtime::log_stream::LogBudget).
     pub fn plugin_log_dropped(&self, tenant: &str) -> Counter {
         self.log_dropped.get_or_create_owned(&TenantLabels {
+            tenant: tenant.to_owned(),
+        })
+    }
+
+    /// A new version of `tenant`'s plugin took over with `policy`.
+    pub fn swapped(&self, tenant: &str, policy: &'static str) {
+        self.swaps
+            .get_or_create(&TenantPolicyLabels {
+                tenant: tenant.to_owned(),
+                policy,
+            })
+            .inc();
+    }
+
+    pub fn deploy_failed(&self, tenant: &str) {
+        self.tenant_counter(&self.deploys_failed, tenant).inc();
+    }
+
+    pub fn migrated(&self, tenant: &str) {
+        self.tenant_counter(&self.migrations, tenant).inc();
+    }
+
+    pub fn restart_closed(&self, tenant: &str) {
+        self.tenant_counter(&self.restart_closes, tenant).inc();
+    }
+
+    fn tenant_counter(&self, family: &Family<TenantLabels, Counter>, tenant: &str) -> Counter {
+        family.get_or_create_owned(&TenantLabels {
             tenant: tenant.to_owned(),
         })
     }

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::{Notify, OwnedSemaphorePermit, watch};
 use wharf_protocol::{CloseCode, CloseInfo, Event, HandshakeError, Request, State, WebSocket};
 
 use super::Shared;
@@ -29,6 +29,7 @@ use crate::runtime::pubsub_host::Mailbox;
 use crate::runtime::{Plugin, PluginError, PluginInstance};
 use crate::tenancy::Tenant;
 use crate::tenancy::rate::Bucket;
+use crate::tenancy::swap::{Current, Policy, Serving};
 
 /// The most read from the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
@@ -118,12 +119,13 @@ where
         return None;
     };
 
-    let plugin = match &tenant.shared {
-        Some(shared) => shared.plugin().clone(),
-        None => tenant.plugin.current(),
-    };
+    // Subscribed before the version is read: a swap made in between is
+    // seen as one.
+    let mut swaps = tenant.plugin.subscribe();
+    let version = swaps.borrow_and_update().version.clone();
+    let plugin = version.plugin.clone();
     let started = Instant::now();
-    let created = match &tenant.shared {
+    let created = match &version.shared {
         None => plugin.instantiate(id).await.map(Handler::own),
         Some(shared) => Handler::join(shared, id).await,
     };
@@ -228,6 +230,9 @@ where
         rate_limited: false,
         tenant,
         handler,
+        serving: version.serve(),
+        swaps: Some(swaps),
+        restart_at: None,
         last_event: Instant::now(),
         shared: shared.clone(),
         closed: None,
@@ -367,6 +372,12 @@ struct Conn {
     rate_limited: bool,
     /// Its instance, or its place in the tenant's shared one.
     handler: Handler,
+    /// The version of the tenant's plugin it is served by.
+    serving: Serving,
+    /// The tenant's swaps; `None` once the tenant is gone.
+    swaps: Option<watch::Receiver<Current>>,
+    /// When to close with 1012 for a swap with the `restart` policy.
+    restart_at: Option<Instant>,
     /// When the plugin last handled an event (for hibernation).
     last_event: Instant,
     shared: Arc<Shared>,
@@ -521,6 +532,41 @@ impl Conn {
             self.inbox.release();
             self.shared.released.add();
             tracing::debug!(conn = self.id, "hibernated");
+        }
+    }
+
+    /// The tenant's plugin changed version: move by the swap's policy.
+    async fn on_swap(&mut self) {
+        let Some(current) = self.swaps.as_mut().map(|s| s.borrow_and_update().clone()) else {
+            return;
+        };
+        if Arc::ptr_eq(&current.version, self.serving.version()) {
+            return;
+        }
+        match current.policy {
+            Policy::Drain => {}
+            Policy::Restart => {
+                if self.restart_at.is_none() {
+                    // Ids are a keyed permutation: spread evenly.
+                    let at = (self.id % 1024) as f64 / 1024.0;
+                    let delay = self.shared.restart_window.mul_f64(at);
+                    self.restart_at = Some(Instant::now() + delay);
+                }
+            }
+            Policy::Migrate => {
+                let plugin = &current.version.plugin;
+                match self.handler.migrate(plugin, self.id).await {
+                    Ok(true) => {
+                        tracing::debug!(conn = self.id, sha256 = &plugin.hash()[..16], "migrated");
+                        self.plugin = plugin.clone();
+                        self.serving = current.version.serve();
+                        self.shared.metrics.migrated(&self.tenant.name);
+                    }
+                    // A shared instance stays (the deploy fell back to drain).
+                    Ok(false) => {}
+                    Err(err) => self.after_call(Err(err)).await,
+                }
+            }
         }
     }
 
@@ -720,6 +766,8 @@ impl Conn {
         let mut eof = false;
         let mut needs_flush = false;
         let mut flush_deadline: Option<Instant> = None;
+        // Since when the send queue has been full.
+        let mut slow_since: Option<Instant> = None;
         // The read buffer is the small one of a hibernated connection.
         let mut idle_buffer = false;
         // FIRST_READ_CHUNK until a read fills the buffer, then READ_CHUNK.
@@ -757,19 +805,38 @@ impl Conn {
             if self.ws.is_closed() && !self.ws.has_output() && !needs_flush {
                 break;
             }
-            let want_read = !eof
-                && !self.ws.is_closed()
-                && self.ws.output_len() < self.tenant.ws.send_queue_bytes;
+            let backed_up = self.ws.output_len() >= self.tenant.ws.send_queue_bytes;
+            let want_read = !eof && !self.ws.is_closed() && !backed_up;
+            // A peer that keeps the send queue full (it reads slower than
+            // the plugin writes) has the grace period to catch up.
+            let slow_deadline = match (backed_up && !self.ws.is_closed(), slow_since) {
+                (false, _) => {
+                    slow_since = None;
+                    None
+                }
+                (true, Some(since)) => Some(since + self.shared.send_queue_grace),
+                (true, None) => {
+                    let now = Instant::now();
+                    slow_since = Some(now);
+                    Some(now + self.shared.send_queue_grace)
+                }
+            };
             // Once closed, what is left to write gets the close timeout, no
             // more: a peer that stopped reading must not pin the connection.
             if self.ws.is_closed() && flush_deadline.is_none() {
                 flush_deadline = Some(Instant::now() + self.tenant.ws.close_timeout);
             }
             let hibernate_at = self.hibernate_at();
-            let deadline = [self.ws.poll_timeout(), flush_deadline, hibernate_at]
-                .into_iter()
-                .flatten()
-                .min();
+            let deadline = [
+                self.ws.poll_timeout(),
+                flush_deadline,
+                hibernate_at,
+                self.restart_at,
+                slow_deadline,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             match (deadline, armed) {
                 (Some(d), Some(a)) if d >= a => {}
                 (Some(d), _) => {
@@ -800,6 +867,13 @@ impl Conn {
                     if wrote(&mut self.ws, &mut needs_flush, written).is_err() {
                         self.transport_gone().await;
                         return;
+                    }
+                }
+                swapped = next_swap(&mut self.swaps), if self.swaps.is_some() && !self.ws.is_closed() => {
+                    if swapped {
+                        self.on_swap().await;
+                    } else {
+                        self.swaps = None;
                     }
                 }
                 _ = peer_woke(peer_wake.as_deref()), if peer_wake.is_some() && !self.ws.is_closed() => {
@@ -845,6 +919,18 @@ impl Conn {
                 _ = &mut timer, if armed.is_some() => {
                     armed = None;
                     let now = Instant::now();
+                    if slow_deadline.is_some_and(|d| d <= now) && self.ws.state() == State::Open {
+                        tracing::info!(conn = self.id, tenant = %self.tenant.name, unsent = self.ws.output_len(), "peer not reading its messages; closing with 1008");
+                        self.shared.metrics.tenant_refused(&self.tenant.name, "slow-consumer");
+                        let _ = self.ws.close(CloseCode::POLICY_VIOLATION, "too slow");
+                    }
+                    if self.restart_at.is_some_and(|d| d <= now) {
+                        self.restart_at = None;
+                        if self.ws.state() == State::Open {
+                            let _ = self.ws.close(CloseCode::SERVICE_RESTART, "new version");
+                            self.shared.metrics.restart_closed(&self.tenant.name);
+                        }
+                    }
                     if hibernate_at.is_some_and(|d| d <= now) {
                         self.hibernate();
                         if rbuf.is_empty() {
@@ -1006,6 +1092,14 @@ async fn call_with(
             }
             Some(r)
         }
+    }
+}
+
+/// `true` when the tenant's version changed; `false` if the tenant is gone.
+async fn next_swap(swaps: &mut Option<watch::Receiver<Current>>) -> bool {
+    match swaps {
+        Some(s) => s.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

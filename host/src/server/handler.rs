@@ -144,6 +144,22 @@ impl Handler {
         }
     }
 
+    /// Moves a connection's own instance to `plugin` (between two events):
+    /// a live one is replaced by a new instance given its entry, as waking
+    /// from hibernation is; a hibernated one will wake on `plugin`.
+    /// `false`: a shared member, which stays.
+    pub async fn migrate(&mut self, plugin: &Plugin, id: u64) -> Result<bool, PluginError> {
+        let Handler::Own { instance, .. } = self else {
+            return Ok(false);
+        };
+        if let Some(old) = instance.take()
+            && let Some(entry) = old.hibernate()
+        {
+            *instance = Some(Box::pin(plugin.instantiate_with(id, Some(entry))).await?);
+        }
+        Ok(true)
+    }
+
     /// The shared member's waker, if any.
     pub fn wake(&self) -> Option<&Arc<Notify>> {
         match self {

@@ -29,6 +29,10 @@ use crate::tenancy::Tenants;
 pub(crate) struct Shared {
     pub handshake: wharf_protocol::HandshakeLimits,
     pub handshake_timeout: Duration,
+    /// Over how long `restart` swaps spread their 1012 closes.
+    pub restart_window: Duration,
+    /// How long a connection's send queue may stay full before 1008.
+    pub send_queue_grace: Duration,
     pub hibernate_after: Option<Duration>,
     /// Hibernations, for the heap trimmer.
     pub released: Arc<trim::Released>,
@@ -75,6 +79,8 @@ impl Server {
                 max_headers: config.server.max_request_headers,
             },
             handshake_timeout: config.server.handshake_timeout,
+            restart_window: config.server.restart_window,
+            send_queue_grace: config.websocket.send_queue_grace,
             hibernate_after: config::nonzero(config.plugin.hibernate_after),
             released: Arc::default(),
             tenants,

@@ -6,9 +6,11 @@
 pub mod origin;
 pub mod rate;
 pub mod routes;
+pub mod swap;
 
 use std::fmt::Write as _;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::time::{Instant, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -16,40 +18,24 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use self::origin::OriginPolicy;
 use self::rate::RateLimit;
 use self::routes::RouteTable;
+use self::swap::{PluginSlot, Policy, Version};
 use crate::config::{self, Config, InstanceMode, ResolvedTenant};
 use crate::metrics::Metrics;
 use crate::runtime::connection_host::SendLimits;
 use crate::runtime::cpu_share::CpuShare;
 use crate::runtime::limits::CpuBudget;
 use crate::runtime::log_stream::LogBudget;
-use crate::runtime::shared::SharedInstance;
-use crate::runtime::{InstanceLimits, Plugin, PluginSpec, Runtime, WasiGrants};
-
-/// The plugin a tenant's new connections get. Swapping it leaves
-/// connections already open on the plugin they started with.
-#[derive(Clone)]
-pub struct PluginSlot(Arc<RwLock<Arc<Plugin>>>);
-
-impl PluginSlot {
-    pub fn new(plugin: Plugin) -> Self {
-        Self(Arc::new(RwLock::new(Arc::new(plugin))))
-    }
-
-    pub fn current(&self) -> Arc<Plugin> {
-        match self.0.read() {
-            Ok(p) => p.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-}
+use crate::runtime::{InstanceLimits, LoadError, Plugin, PluginSpec, Runtime, WasiGrants};
 
 /// One tenant as the server runs it.
 pub struct Tenant {
     pub name: Arc<str>,
+    /// Its plugin's versions: the one new connections get, and the others
+    /// still serving connections.
     pub plugin: PluginSlot,
     pub instance: InstanceMode,
-    /// In shared mode: the one instance all its connections use.
-    pub shared: Option<Arc<SharedInstance>>,
+    /// What its plugins are loaded with (for deploys).
+    spec: PluginSpec,
     /// Its connections' protocol limits and timers.
     pub ws: wharf_protocol::Config,
     pub origins: OriginPolicy,
@@ -78,12 +64,83 @@ impl Tenant {
 pub struct Tenants {
     list: Vec<Arc<Tenant>>,
     routes: RouteTable,
+    runtime: Arc<Runtime>,
+    metrics: Arc<Metrics>,
+}
+
+/// Why a deploy or a rollback was refused; the running version keeps
+/// serving.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("no tenant named {0:?}")]
+    UnknownTenant(String),
+    #[error(transparent)]
+    Invalid(#[from] LoadError),
+    #[error("tenant {0} has no previous version to roll back to")]
+    NoPrevious(String),
+}
+
+impl DeployError {
+    /// The HTTP status the admin API answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            DeployError::UnknownTenant(_) => 404,
+            DeployError::Invalid(_) => 422,
+            DeployError::NoPrevious(_) => 409,
+        }
+    }
+}
+
+/// What a deploy or rollback did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeployOutcome {
+    pub tenant: String,
+    /// The version now serving new connections (SHA-256 of the component).
+    pub sha256: String,
+    /// The version it replaced.
+    pub previous: String,
+    /// The policy applied to open connections.
+    pub policy: Policy,
+    /// Set when the asked policy could not be applied (and which was).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// Connections open on older versions when the swap was made.
+    pub open_connections: usize,
+    pub compile_ms: u64,
+}
+
+/// A tenant as `GET /tenants` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TenantStatus {
+    pub name: String,
+    pub routes: Vec<String>,
+    pub instance: &'static str,
+    pub max_connections: u32,
+    pub connections: usize,
+    pub versions: Vec<VersionStatus>,
+}
+
+/// One loaded version of a tenant's plugin.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VersionStatus {
+    pub sha256: String,
+    pub plugin: String,
+    /// Seconds since the Unix epoch.
+    pub loaded_at: u64,
+    pub connections: usize,
+    /// `active` (new connections get it), `draining` (connections still
+    /// open on it) or `standby` (none: kept loaded as the rollback target).
+    pub state: &'static str,
 }
 
 impl Tenants {
     /// Loads every tenant's plugin (compiling or from the cache) with its
     /// limits and settings.
-    pub fn load(config: &Config, runtime: &Runtime, metrics: &Metrics) -> anyhow::Result<Tenants> {
+    pub fn load(
+        config: &Config,
+        runtime: Arc<Runtime>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Tenants> {
         let resolved = config.resolved_tenants();
         let routes = RouteTable::build(&resolved)?;
         let mut list = Vec::with_capacity(resolved.len());
@@ -110,14 +167,139 @@ impl Tenants {
             let plugin = match &tenant.plugin {
                 Some(path) => {
                     let (name, bytes) = crate::runtime::read_plugin(path)?;
-                    runtime.load_for(spec, &name, &bytes)
+                    runtime.load_for(spec.clone(), &name, &bytes)
                 }
-                None => runtime.load_for(spec, "echo", crate::bundled::ECHO),
+                None => runtime.load_for(spec.clone(), "echo", crate::bundled::ECHO),
             }
             .with_context(|| format!("tenant {}", tenant.name))?;
-            list.push(Arc::new(Tenant::new(config, tenant, plugin)?));
+            list.push(Arc::new(Tenant::new(config, tenant, spec, plugin)?));
         }
-        Ok(Tenants { list, routes })
+        Ok(Tenants {
+            list,
+            routes,
+            runtime,
+            metrics,
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Tenant>> {
+        self.list.iter().find(|t| &*t.name == name)
+    }
+
+    /// Compiles (or takes from the cache) and checks a new version of a
+    /// tenant's plugin, then makes it the one new connections get, moving
+    /// the open ones by `policy`. A component that does not compile or
+    /// lacks an export is refused and the running version keeps serving.
+    /// Blocking (it may compile): call it off the async workers.
+    pub fn deploy(
+        &self,
+        tenant: &str,
+        name: &str,
+        bytes: &[u8],
+        policy: Policy,
+    ) -> Result<DeployOutcome, DeployError> {
+        let t = self
+            .get(tenant)
+            .ok_or_else(|| DeployError::UnknownTenant(tenant.to_owned()))?;
+        let started = Instant::now();
+        let plugin = self
+            .runtime
+            .load_for(t.spec.clone(), name, bytes)
+            .inspect_err(|err| {
+                tracing::warn!(tenant, %err, "deploy refused");
+                self.metrics.deploy_failed(tenant);
+            })?;
+        let version = Version::new(plugin, t.instance == InstanceMode::Shared);
+        Ok(self.install(t, version, policy, started))
+    }
+
+    /// Back to the version before the current one.
+    pub fn rollback(&self, tenant: &str, policy: Policy) -> Result<DeployOutcome, DeployError> {
+        let t = self
+            .get(tenant)
+            .ok_or_else(|| DeployError::UnknownTenant(tenant.to_owned()))?;
+        let previous = t
+            .plugin
+            .previous()
+            .ok_or_else(|| DeployError::NoPrevious(tenant.to_owned()))?;
+        Ok(self.install(t, previous, policy, Instant::now()))
+    }
+
+    fn install(
+        &self,
+        t: &Tenant,
+        version: Arc<Version>,
+        asked: Policy,
+        started: Instant,
+    ) -> DeployOutcome {
+        // A shared instance's state is in its memory; nothing hands it
+        // over to another version yet.
+        let (policy, note) = if asked == Policy::Migrate && t.instance == InstanceMode::Shared {
+            (
+                Policy::Drain,
+                Some("migrate needs per-connection instances; a shared instance's state cannot move yet, so drain was applied".to_owned()),
+            )
+        } else {
+            (asked, None)
+        };
+        let sha256 = version.plugin.hash().to_owned();
+        let old = t.plugin.swap(version, policy);
+        let open_connections = t
+            .plugin
+            .versions()
+            .iter()
+            .skip(1)
+            .map(|v| v.connections())
+            .sum();
+        self.metrics.swapped(&t.name, policy.as_str());
+        tracing::info!(tenant = %t.name, sha256 = &sha256[..16], previous = &old.plugin.hash()[..16], policy = policy.as_str(), open_connections, "plugin swapped");
+        DeployOutcome {
+            tenant: t.name.to_string(),
+            sha256,
+            previous: old.plugin.hash().to_owned(),
+            policy,
+            note,
+            open_connections,
+            compile_ms: started.elapsed().as_millis() as u64,
+        }
+    }
+
+    /// Every tenant, with its loaded versions.
+    pub fn status(&self) -> Vec<TenantStatus> {
+        self.list
+            .iter()
+            .map(|t| {
+                let versions = t.plugin.versions();
+                TenantStatus {
+                    name: t.name.to_string(),
+                    routes: t.routes.clone(),
+                    instance: match t.instance {
+                        InstanceMode::PerConnection => "per-connection",
+                        InstanceMode::Shared => "shared",
+                    },
+                    max_connections: t.max_connections,
+                    connections: t.open_connections(),
+                    versions: versions
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| VersionStatus {
+                            sha256: v.plugin.hash().to_owned(),
+                            plugin: v.plugin.name().to_owned(),
+                            loaded_at: v
+                                .loaded_at
+                                .duration_since(UNIX_EPOCH)
+                                .map_or(0, |d| d.as_secs()),
+                            connections: v.connections(),
+                            state: match (i, v.connections()) {
+                                (0, _) => "active",
+                                (_, 0) => "standby",
+                                _ => "draining",
+                            },
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
     }
 
     /// The tenant serving a request for `host` (the `Host` header) and `path`.
@@ -141,8 +323,8 @@ impl Tenants {
                 "{:<40} {:<17} {} (sha256 {})",
                 route.to_string(),
                 tenant.name,
-                tenant.plugin.current().name(),
-                &tenant.plugin.current().hash()[..12],
+                tenant.plugin.current().plugin.name(),
+                &tenant.plugin.current().plugin.hash()[..12],
             );
         }
         out
@@ -150,7 +332,12 @@ impl Tenants {
 }
 
 impl Tenant {
-    fn new(config: &Config, tenant: &ResolvedTenant, plugin: Plugin) -> anyhow::Result<Tenant> {
+    fn new(
+        config: &Config,
+        tenant: &ResolvedTenant,
+        spec: PluginSpec,
+        plugin: Plugin,
+    ) -> anyhow::Result<Tenant> {
         let limits = &tenant.limits;
         let ws = &config.websocket;
         let origins = match &tenant.allowed_origins {
@@ -158,14 +345,12 @@ impl Tenant {
             None => OriginPolicy::default(),
         };
         let cpu = plugin.cpu_share().clone();
-        let plugin = PluginSlot::new(plugin);
-        let shared = (tenant.instance == InstanceMode::Shared)
-            .then(|| Arc::new(SharedInstance::new(plugin.current())));
+        let version = Version::new(plugin, tenant.instance == InstanceMode::Shared);
         Ok(Tenant {
             name: tenant.name.as_str().into(),
-            plugin,
+            plugin: PluginSlot::new(version),
             instance: tenant.instance,
-            shared,
+            spec,
             ws: wharf_protocol::Config {
                 max_frame_size: config::bytes(limits.max_frame_size),
                 max_message_size: config::bytes(limits.max_message_size),
