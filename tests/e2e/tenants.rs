@@ -389,3 +389,26 @@ async fn wasi_grants_are_per_tenant_and_read_only() {
     assert_eq!(ask(&mut p, "env RUST_LOG").await, "none");
     assert_eq!(ask(&mut p, "read /data/hello.txt").await, "err");
 }
+
+#[tokio::test]
+async fn a_peer_that_does_not_read_is_closed_after_the_grace_period() {
+    let mut opts = ServerOpts::new("hostile");
+    opts.websocket =
+        "send_queue = \"64KiB\"\nsend_queue_grace = \"300ms\"\nclose_timeout = \"500ms\"";
+    opts.extra = "[admin]\nlisten = \"127.0.0.1:0\"\n".into();
+    let server = Server::start(opts);
+    let (mut raw, _) = upgrade(&server, "127.0.0.1", "/", &[]).await;
+    let series = "wharf_tenant_refusals_total{tenant=\"default\",reason=\"slow-consumer\"}";
+    // The plugin answers each request with 1 MiB; the client asks on and
+    // never reads, so the kernel's buffers fill and then the send queue.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        raw.send_frame(true, OP_TEXT, b"big-reply 1").await;
+        if server.metrics().await.contains(&format!("{series} 1")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not closed for being slow");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(server.log_contains("peer not reading its messages; closing with 1008"));
+}
