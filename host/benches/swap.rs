@@ -204,13 +204,16 @@ struct Figures {
     p99: u32,
 }
 
+/// When an echo completed, and its latency in µs.
+type Sample = (Instant, u32);
+
 /// Connections echoing until told to stop; each echo timed.
 struct Load {
     stop: Arc<AtomicBool>,
     /// Set when a v2 reply arrives: micros since `origin`.
     first_v2: Arc<AtomicU64>,
     origin: Instant,
-    tasks: Vec<tokio::task::JoinHandle<Result<Vec<(Instant, u32)>>>>,
+    tasks: Vec<tokio::task::JoinHandle<Result<Vec<Sample>>>>,
 }
 
 impl Load {

@@ -60,7 +60,9 @@ async fn start(mode: &str) -> Running {
     .unwrap();
     let metrics = Metrics::new();
     let tenants = Arc::new(Tenants::load(&config, Arc::new(runtime), metrics.clone()).unwrap());
-    let server = Server::start(&config, tenants.clone(), metrics).await.unwrap();
+    let server = Server::start(&config, tenants.clone(), metrics)
+        .await
+        .unwrap();
     let (ws, wss) = (server.bound()[0].address, server.bound()[1].address);
     Running {
         server: Some(server),
@@ -91,12 +93,11 @@ impl Running {
     async fn deploy_v2(&self, policy: Policy) {
         let tenants = self.tenants.clone();
         let bytes = std::fs::read(plugin_path("swap_v2")).unwrap();
-        let outcome = tokio::task::spawn_blocking(move || {
-            tenants.deploy("t", "swap_v2", &bytes, policy)
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        let outcome =
+            tokio::task::spawn_blocking(move || tenants.deploy("t", "swap_v2", &bytes, policy))
+                .await
+                .unwrap()
+                .unwrap();
         assert_eq!(outcome.policy, policy, "{outcome:?}");
     }
 
@@ -120,7 +121,10 @@ async fn wait_versions(running: &Running, expected: &[(&str, usize)]) {
         if versions == expected {
             return;
         }
-        assert!(Instant::now() < deadline, "versions {versions:?}, expected {expected:?}");
+        assert!(
+            Instant::now() < deadline,
+            "versions {versions:?}, expected {expected:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -200,7 +204,10 @@ async fn drain_keeps_open_connections_on_v1_and_gives_new_ones_v2() {
     let running = start("per-connection").await;
     let seen = swap_under_load(&running, Policy::Drain, 200).await;
     for (i, s) in seen.iter().enumerate() {
-        assert!(s.v1 > 0 && s.v2 == 0 && s.close.is_none(), "connection {i}: {s:?}");
+        assert!(
+            s.v1 > 0 && s.v2 == 0 && s.close.is_none(),
+            "connection {i}: {s:?}"
+        );
     }
     let mut fresh = running.connect(true).await;
     assert_eq!(ask(&mut fresh, "hi").await, "v2:hi");
@@ -278,7 +285,11 @@ async fn a_broken_or_incomplete_component_is_refused_and_v1_keeps_serving() {
         let incomplete = std::fs::read(plugin_path("incomplete")).unwrap();
         let partial = tenants.deploy("t", "incomplete", &incomplete, Policy::Drain);
         let unknown = tenants.deploy("nobody", "x", b"", Policy::Drain);
-        (junk.unwrap_err(), partial.unwrap_err(), unknown.unwrap_err())
+        (
+            junk.unwrap_err(),
+            partial.unwrap_err(),
+            unknown.unwrap_err(),
+        )
     })
     .await
     .unwrap();

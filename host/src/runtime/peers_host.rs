@@ -14,7 +14,7 @@ use super::connection_host::{ConnectionEntry, Outbox};
 impl HostState {
     /// Runs `send` on connection `id`'s outbox, and wakes its task to write
     /// what was queued. `closed` if the instance does not serve `id`.
-    fn to_peer(
+    fn queue_for(
         &mut self,
         id: u64,
         send: impl FnOnce(&mut Outbox) -> Result<(), ErrorCode>,
@@ -36,11 +36,11 @@ impl HostState {
 
 impl Host for HostState {
     fn send_text(&mut self, id: u64, text: String) -> wasmtime::Result<Result<(), ErrorCode>> {
-        Ok(self.to_peer(id, |outbox| outbox.send_text(&text)))
+        Ok(self.queue_for(id, |outbox| outbox.send_text(&text)))
     }
 
     fn send_binary(&mut self, id: u64, data: Vec<u8>) -> wasmtime::Result<Result<(), ErrorCode>> {
-        Ok(self.to_peer(id, |outbox| outbox.send_binary(&data)))
+        Ok(self.queue_for(id, |outbox| outbox.send_binary(&data)))
     }
 
     fn close(
@@ -49,6 +49,6 @@ impl Host for HostState {
         code: CloseCode,
         reason: String,
     ) -> wasmtime::Result<Result<(), ErrorCode>> {
-        Ok(self.to_peer(id, |outbox| outbox.close(code, reason)))
+        Ok(self.queue_for(id, |outbox| outbox.close(code, reason)))
     }
 }

@@ -11,6 +11,10 @@ use crate::runtime::connection_host::ConnectionEntry;
 use crate::runtime::shared::{Held, SharedInstance};
 use crate::runtime::{Plugin, PluginError, PluginInstance};
 
+// The per-connection variant is the large one and the common one: boxing
+// it would add an allocation and an indirection to every connection to
+// shrink the rare shared one's.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Handler {
     /// Per-connection mode.
     Own {
