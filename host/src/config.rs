@@ -64,6 +64,10 @@ pub struct TenantConfig {
     pub settings: BTreeMap<String, String>,
     /// WASI capabilities granted beyond the defaults. Unset: `[plugin]`'s.
     pub wasi: Option<WasiGrants>,
+    /// Redeploy the tenant (policy `drain`) when its plugin file changes
+    /// (`serve --watch` does it for every tenant).
+    #[serde(default)]
+    pub watch: bool,
 }
 
 /// WASI capabilities a tenant's plugin is granted. By default none: no
@@ -575,6 +579,7 @@ impl Config {
                 limits: limits(&TenantLimits::default()),
                 settings: self.plugin.settings.clone(),
                 wasi: self.plugin.wasi.clone(),
+                watch: false,
             }];
         }
         self.tenants
@@ -592,6 +597,7 @@ impl Config {
                 limits: limits(&t.limits),
                 settings: t.settings.clone(),
                 wasi: t.wasi.clone().unwrap_or_else(|| self.plugin.wasi.clone()),
+                watch: t.watch,
             })
             .collect()
     }
@@ -611,6 +617,7 @@ pub struct ResolvedTenant {
     pub limits: Limits,
     pub settings: BTreeMap<String, String>,
     pub wasi: WasiGrants,
+    pub watch: bool,
 }
 
 /// One tenant's limits, resolved.

@@ -58,6 +58,9 @@ struct ServeArgs {
     /// e.g. the page that opens the WebSocket.
     #[arg(long = "static", value_name = "DIR")]
     static_dir: Option<PathBuf>,
+    /// Redeploy a tenant when its plugin file changes (policy drain).
+    #[arg(long)]
+    watch: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -85,7 +88,7 @@ fn main() -> anyhow::Result<()> {
     // Pub/sub's missed deliveries and refused publishes: wharf_sends_refused_total.
     let broker = runtime.broker();
     broker.set_counters(|reason| metrics.sends_refused_counter(reason));
-    let tenants = Tenants::load(&config, Arc::new(runtime), metrics.clone())?;
+    let tenants = Arc::new(Tenants::load(&config, Arc::new(runtime), metrics.clone())?);
     if check_only {
         // What `serve` would refuse at start-up: the certificates too.
         for listener in &config.listeners {
@@ -103,7 +106,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .thread_name("wharf-worker")
         .build()?
-        .block_on(serve(config, tenants, metrics))
+        .block_on(serve(config, tenants, metrics, args.watch))
 }
 
 fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
@@ -145,8 +148,20 @@ fn runtime_config(config: &Config) -> RuntimeConfig {
     }
 }
 
-async fn serve(config: Config, tenants: Tenants, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    let server = Server::start(&config, Arc::new(tenants), metrics.clone()).await?;
+async fn serve(
+    config: Config,
+    tenants: Arc<Tenants>,
+    metrics: Arc<Metrics>,
+    watch: bool,
+) -> anyhow::Result<()> {
+    let server = Server::start(&config, tenants.clone(), metrics.clone()).await?;
+    let watch_stop = tokio_util::sync::CancellationToken::new();
+    wharf::tenancy::watch::spawn(
+        tenants.clone(),
+        tenants.watched_files(watch),
+        watch_stop.clone(),
+    )
+    .context("cannot watch the plugin files")?;
     for bound in server.bound() {
         tracing::info!(url = %bound.url(), "listening");
         println!("listening on {}", bound.url());
@@ -164,6 +179,7 @@ async fn serve(config: Config, tenants: Tenants, metrics: Arc<Metrics>) -> anyho
         ));
     }
     shutdown_signal().await;
+    watch_stop.cancel();
     server.shutdown().await;
     admin_stop.cancel();
     tracing::info!("stopped");

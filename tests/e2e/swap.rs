@@ -301,3 +301,40 @@ async fn a_broken_or_incomplete_component_is_refused_and_v1_keeps_serving() {
     assert_eq!(ask(&mut ws, "still").await, "v1:still");
     running.stop().await;
 }
+
+#[tokio::test]
+async fn a_watched_plugin_file_redeploys_its_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("app.wasm");
+    std::fs::copy(plugin_path("swap_v1"), &file).unwrap();
+    let mut opts = support::ServerOpts::new("");
+    opts.extra = format!(
+        "[[tenant]]\nname = \"app\"\nplugin = {:?}\nroutes = [\"/\"]\nwatch = true\n",
+        file.display().to_string()
+    );
+    let server = support::Server::start(opts);
+    let mut old = server.connect(false).await;
+    assert_eq!(ask(&mut old, "a").await, "v1:a");
+    // As a build does: write elsewhere, rename over.
+    let tmp = dir.path().join("app.wasm.tmp");
+    std::fs::copy(plugin_path("swap_v2"), &tmp).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut ws = server.connect(false).await;
+        if ask(&mut ws, "b").await == "v2:b" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not redeployed:\n{}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Drained: the connection from before stays on v1.
+    assert_eq!(ask(&mut old, "c").await, "v1:c");
+    // A broken file is logged and ignored.
+    std::fs::write(&file, b"not a component").unwrap();
+    server
+        .wait_log(&["cannot be deployed"], Duration::from_secs(10))
+        .await;
+    let mut ws = server.connect(false).await;
+    assert_eq!(ask(&mut ws, "d").await, "v2:d");
+}

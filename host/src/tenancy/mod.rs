@@ -7,6 +7,7 @@ pub mod origin;
 pub mod rate;
 pub mod routes;
 pub mod swap;
+pub mod watch;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -36,6 +37,10 @@ pub struct Tenant {
     pub instance: InstanceMode,
     /// What its plugins are loaded with (for deploys).
     spec: PluginSpec,
+    /// Its plugin file (none: the bundled echo), and whether a change to
+    /// it redeploys the tenant.
+    source: Option<std::path::PathBuf>,
+    watch: bool,
     /// Its connections' protocol limits and timers.
     pub ws: wharf_protocol::Config,
     pub origins: OriginPolicy,
@@ -180,6 +185,16 @@ impl Tenants {
             runtime,
             metrics,
         })
+    }
+
+    /// The plugin files to watch: every tenant's with `all` (`serve
+    /// --watch`), else those with `watch = true`.
+    pub fn watched_files(&self, all: bool) -> Vec<(String, std::path::PathBuf)> {
+        self.list
+            .iter()
+            .filter(|t| all || t.watch)
+            .filter_map(|t| Some((t.name.to_string(), t.source.clone()?)))
+            .collect()
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Tenant>> {
@@ -351,6 +366,8 @@ impl Tenant {
             plugin: PluginSlot::new(version),
             instance: tenant.instance,
             spec,
+            source: tenant.plugin.clone(),
+            watch: tenant.watch,
             ws: wharf_protocol::Config {
                 max_frame_size: config::bytes(limits.max_frame_size),
                 max_message_size: config::bytes(limits.max_message_size),
