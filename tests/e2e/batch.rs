@@ -58,10 +58,10 @@ async fn burst_echoes_in_order(tls: bool) {
     let messages = want.len() as f64;
     assert_eq!(
         server
-            .metric(r#"wharf_messages_sent_total{type="binary"}"#)
+            .metric(r#"wharf_messages_sent_total{tenant="default",type="binary"}"#)
             .await
             + server
-                .metric(r#"wharf_messages_sent_total{type="text"}"#)
+                .metric(r#"wharf_messages_sent_total{tenant="default",type="text"}"#)
                 .await,
         messages
     );

@@ -23,12 +23,24 @@ async fn messages_and_calls_are_counted_before_the_replies_arrive() {
 
     let m = server.metrics().await;
     for (series, value) in [
-        (r#"wharf_messages_received_total{type="text"}"#, 3.0),
-        (r#"wharf_messages_received_total{type="binary"}"#, 2.0),
-        (r#"wharf_messages_sent_total{type="text"}"#, 3.0),
-        (r#"wharf_messages_sent_total{type="binary"}"#, 2.0),
-        ("wharf_received_bytes_total", 1035.0),
-        ("wharf_sent_bytes_total", 1035.0),
+        (
+            r#"wharf_messages_received_total{tenant="default",type="text"}"#,
+            3.0,
+        ),
+        (
+            r#"wharf_messages_received_total{tenant="default",type="binary"}"#,
+            2.0,
+        ),
+        (
+            r#"wharf_messages_sent_total{tenant="default",type="text"}"#,
+            3.0,
+        ),
+        (
+            r#"wharf_messages_sent_total{tenant="default",type="binary"}"#,
+            2.0,
+        ),
+        (r#"wharf_received_bytes_total{tenant="default"}"#, 1035.0),
+        (r#"wharf_sent_bytes_total{tenant="default"}"#, 1035.0),
         // on-upgrade, on-open and one call per message.
         ("wharf_plugin_call_seconds_count", 7.0),
         (r#"wharf_plugin_call_seconds_bucket{le="+Inf"}"#, 7.0),

@@ -19,10 +19,10 @@
 //! | `wharf_websocket_opened_total` | counter | |
 //! | `wharf_websocket_closed_total` | counter | `code`, `clean` = `true` \| `false` |
 //! | `wharf_handshake_failures_total` | counter | `status`, `reason` |
-//! | `wharf_messages_received_total` | counter | `type` = `text` \| `binary` |
-//! | `wharf_received_bytes_total` | counter | |
-//! | `wharf_messages_sent_total` | counter | `type` = `text` \| `binary` |
-//! | `wharf_sent_bytes_total` | counter | |
+//! | `wharf_messages_received_total` | counter | `tenant`, `type` = `text` \| `binary` |
+//! | `wharf_received_bytes_total` | counter | `tenant` |
+//! | `wharf_messages_sent_total` | counter | `tenant`, `type` = `text` \| `binary` |
+//! | `wharf_sent_bytes_total` | counter | `tenant` |
 //! | `wharf_protocol_violations_total` | counter | `code` |
 //! | `wharf_plugin_failures_total` | counter | `tenant`, `kind` |
 //! | `wharf_sends_refused_total` | counter | `reason` |
@@ -61,11 +61,6 @@ struct TransportLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TypeLabels {
-    r#type: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClosedLabels {
     code: CloseCodeLabel,
     clean: bool,
@@ -96,6 +91,22 @@ struct PluginLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TenantLabels {
     tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantTypeLabels {
+    tenant: String,
+    r#type: &'static str,
+}
+
+/// One tenant's message counters, fetched once (at load) so that adding
+/// to them takes no lookup.
+#[derive(Debug)]
+pub struct TenantCounters {
+    received: ByType,
+    received_bytes: Counter,
+    sent: ByType,
+    sent_bytes: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -159,10 +170,16 @@ struct ByType {
 }
 
 impl ByType {
-    fn new(family: &Family<TypeLabels, Counter>) -> Self {
+    fn new(family: &Family<TenantTypeLabels, Counter>, tenant: &str) -> Self {
+        let of = |r#type| {
+            family.get_or_create_owned(&TenantTypeLabels {
+                tenant: tenant.to_owned(),
+                r#type,
+            })
+        };
         Self {
-            text: family.get_or_create_owned(&TypeLabels { r#type: "text" }),
-            binary: family.get_or_create_owned(&TypeLabels { r#type: "binary" }),
+            text: of("text"),
+            binary: of("binary"),
         }
     }
 
@@ -190,10 +207,10 @@ pub struct Metrics {
     opened: Counter,
     closed: Family<ClosedLabels, Counter>,
     handshake_failures: Family<HandshakeLabels, Counter>,
-    received: ByType,
-    received_bytes: Counter,
-    sent: ByType,
-    sent_bytes: Counter,
+    received: Family<TenantTypeLabels, Counter>,
+    received_bytes: Family<TenantLabels, Counter>,
+    sent: Family<TenantTypeLabels, Counter>,
+    sent_bytes: Family<TenantLabels, Counter>,
     protocol_violations: Family<CodeLabels, Counter>,
     plugin_failures: Family<PluginLabels, Counter>,
     sends_refused: Family<ReasonLabels, Counter>,
@@ -252,33 +269,31 @@ impl Metrics {
             handshake_failures.clone(),
         );
 
-        let received_family = Family::<TypeLabels, Counter>::default();
-        let received = ByType::new(&received_family);
+        let received = Family::<TenantTypeLabels, Counter>::default();
         registry.register(
             "wharf_messages_received",
-            "WebSocket messages received, by type",
-            received_family,
+            "WebSocket messages received, by tenant and type",
+            received.clone(),
         );
 
-        let received_bytes = Counter::default();
+        let received_bytes = Family::<TenantLabels, Counter>::default();
         registry.register(
             "wharf_received_bytes",
-            "WebSocket message payload bytes received",
+            "WebSocket message payload bytes received, by tenant",
             received_bytes.clone(),
         );
 
-        let sent_family = Family::<TypeLabels, Counter>::default();
-        let sent = ByType::new(&sent_family);
+        let sent = Family::<TenantTypeLabels, Counter>::default();
         registry.register(
             "wharf_messages_sent",
-            "WebSocket messages sent, by type",
-            sent_family,
+            "WebSocket messages sent, by tenant and type",
+            sent.clone(),
         );
 
-        let sent_bytes = Counter::default();
+        let sent_bytes = Family::<TenantLabels, Counter>::default();
         registry.register(
             "wharf_sent_bytes",
-            "WebSocket message payload bytes sent",
+            "WebSocket message payload bytes sent, by tenant",
             sent_bytes.clone(),
         );
 
@@ -442,19 +457,30 @@ impl Metrics {
             .inc();
     }
 
-    /// Adds what a connection counted since its last flush, and empties it.
-    pub fn absorb(&self, tally: &mut Tally) {
+    /// A tenant's message counters (its series exist, as 0, from now on).
+    pub fn tenant_counters(&self, tenant: &str) -> TenantCounters {
+        TenantCounters {
+            received: ByType::new(&self.received, tenant),
+            received_bytes: self.tenant_counter(&self.received_bytes, tenant),
+            sent: ByType::new(&self.sent, tenant),
+            sent_bytes: self.tenant_counter(&self.sent_bytes, tenant),
+        }
+    }
+
+    /// Adds what a connection of the tenant `to` counted since its last
+    /// flush, and empties it.
+    pub fn absorb(&self, tally: &mut Tally, to: &TenantCounters) {
         if tally.is_empty() {
             return;
         }
         tally.dirty = false;
-        self.received.add(std::mem::take(&mut tally.received));
-        self.sent.add(std::mem::take(&mut tally.sent));
+        to.received.add(std::mem::take(&mut tally.received));
+        to.sent.add(std::mem::take(&mut tally.sent));
         add(
-            &self.received_bytes,
+            &to.received_bytes,
             std::mem::take(&mut tally.received_bytes),
         );
-        add(&self.sent_bytes, std::mem::take(&mut tally.sent_bytes));
+        add(&to.sent_bytes, std::mem::take(&mut tally.sent_bytes));
         self.plugin_call.take_from(&mut tally.calls);
     }
 
@@ -594,6 +620,8 @@ mod tests {
     #[test]
     fn fresh_registry_exports_fixed_series_as_zero() {
         let m = Metrics::new();
+        // A tenant's series exist once it is loaded.
+        let _ = m.tenant_counters("default");
         let out = m.render();
         assert_line(
             &out,
@@ -605,12 +633,25 @@ mod tests {
         );
         assert_line(&out, "wharf_connections_open 0");
         assert_line(&out, "wharf_websocket_opened_total 0");
-        assert_line(&out, r#"wharf_messages_received_total{type="text"} 0"#);
-        assert_line(&out, r#"wharf_messages_received_total{type="binary"} 0"#);
-        assert_line(&out, r#"wharf_messages_sent_total{type="text"} 0"#);
-        assert_line(&out, r#"wharf_messages_sent_total{type="binary"} 0"#);
-        assert_line(&out, "wharf_received_bytes_total 0");
-        assert_line(&out, "wharf_sent_bytes_total 0");
+        let d = r#"tenant="default","#;
+        assert_line(
+            &out,
+            &format!(r#"wharf_messages_received_total{{{d}type="text"}} 0"#),
+        );
+        assert_line(
+            &out,
+            &format!(r#"wharf_messages_received_total{{{d}type="binary"}} 0"#),
+        );
+        assert_line(
+            &out,
+            &format!(r#"wharf_messages_sent_total{{{d}type="text"}} 0"#),
+        );
+        assert_line(
+            &out,
+            &format!(r#"wharf_messages_sent_total{{{d}type="binary"}} 0"#),
+        );
+        assert_line(&out, r#"wharf_received_bytes_total{tenant="default"} 0"#);
+        assert_line(&out, r#"wharf_sent_bytes_total{tenant="default"} 0"#);
         assert_line(&out, "wharf_plugin_call_seconds_count 0");
         // Families keyed by codes/reasons have no series (and so are not
         // exported at all) until their first event.
@@ -757,16 +798,37 @@ mod tests {
         t.messages_sent(false, 1, 7);
         t.messages_sent(true, 0, 0);
         assert!(!t.is_empty());
-        m.absorb(&mut t);
+        let acme = m.tenant_counters("acme");
+        let other = m.tenant_counters("other");
+        m.absorb(&mut t, &acme);
         assert!(t.is_empty());
-        m.absorb(&mut t); // a flushed tally adds nothing twice
+        m.absorb(&mut t, &acme); // a flushed tally adds nothing twice
+        t.message_received(false, 1);
+        m.absorb(&mut t, &other);
         let out = m.render();
-        assert_line(&out, r#"wharf_messages_received_total{type="text"} 1"#);
-        assert_line(&out, r#"wharf_messages_received_total{type="binary"} 2"#);
-        assert_line(&out, "wharf_received_bytes_total 105");
-        assert_line(&out, r#"wharf_messages_sent_total{type="text"} 1"#);
-        assert_line(&out, r#"wharf_messages_sent_total{type="binary"} 0"#);
-        assert_line(&out, "wharf_sent_bytes_total 7");
+        let acme = r#"tenant="acme","#;
+        assert_line(
+            &out,
+            &format!(r#"wharf_messages_received_total{{{acme}type="text"}} 1"#),
+        );
+        assert_line(
+            &out,
+            &format!(r#"wharf_messages_received_total{{{acme}type="binary"}} 2"#),
+        );
+        assert_line(&out, r#"wharf_received_bytes_total{tenant="acme"} 105"#);
+        assert_line(
+            &out,
+            &format!(r#"wharf_messages_sent_total{{{acme}type="text"}} 1"#),
+        );
+        assert_line(
+            &out,
+            &format!(r#"wharf_messages_sent_total{{{acme}type="binary"}} 0"#),
+        );
+        assert_line(&out, r#"wharf_sent_bytes_total{tenant="acme"} 7"#);
+        assert_line(
+            &out,
+            r#"wharf_messages_received_total{tenant="other",type="text"} 1"#,
+        );
     }
 
     #[test]
@@ -776,7 +838,7 @@ mod tests {
         t.plugin_call(Duration::from_nanos(500)); // below the first bucket
         t.plugin_call(Duration::from_millis(3));
         t.plugin_call(Duration::from_secs(100)); // beyond the last bucket
-        m.absorb(&mut t);
+        m.absorb(&mut t, &m.tenant_counters("t"));
         m.plugin_call(Duration::ZERO);
         let out = m.render();
         assert_line(&out, "wharf_plugin_call_seconds_count 4");
@@ -805,10 +867,11 @@ mod tests {
             .map(|_| {
                 let m = Arc::clone(&m);
                 std::thread::spawn(move || {
+                    let counters = m.tenant_counters("t");
                     for _ in 0..1000 {
                         let mut t = Tally::default();
                         t.messages_sent(true, 1, 2);
-                        m.absorb(&mut t);
+                        m.absorb(&mut t, &counters);
                         m.send_refused("closed");
                     }
                 })
@@ -818,8 +881,11 @@ mod tests {
             t.join().expect("thread");
         }
         let out = m.render();
-        assert_line(&out, r#"wharf_messages_sent_total{type="binary"} 4000"#);
-        assert_line(&out, "wharf_sent_bytes_total 8000");
+        assert_line(
+            &out,
+            r#"wharf_messages_sent_total{tenant="t",type="binary"} 4000"#,
+        );
+        assert_line(&out, r#"wharf_sent_bytes_total{tenant="t"} 8000"#);
         assert_line(&out, r#"wharf_sends_refused_total{reason="closed"} 4000"#);
     }
 }

@@ -397,7 +397,9 @@ struct Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.shared.metrics.absorb(&mut self.tally);
+        self.shared
+            .metrics
+            .absorb(&mut self.tally, &self.tenant.counters);
         self.shared.metrics.tenant_connection(&self.tenant.name, -1);
     }
 }
@@ -793,7 +795,9 @@ impl Conn {
             }
             // Counted before it is sent: whoever sees a reply also sees it
             // in the metrics.
-            self.shared.metrics.absorb(&mut self.tally);
+            self.shared
+                .metrics
+                .absorb(&mut self.tally, &self.tenant.counters);
             // What the input produced goes out now if the socket takes it,
             // without a round through the select below.
             if (self.ws.has_output() || needs_flush)

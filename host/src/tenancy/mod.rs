@@ -21,7 +21,7 @@ use self::rate::RateLimit;
 use self::routes::RouteTable;
 use self::swap::{PluginSlot, Policy, Version};
 use crate::config::{self, Config, InstanceMode, ResolvedTenant};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TenantCounters};
 use crate::runtime::connection_host::SendLimits;
 use crate::runtime::cpu_share::CpuShare;
 use crate::runtime::limits::CpuBudget;
@@ -45,6 +45,8 @@ pub struct Tenant {
     pub ws: wharf_protocol::Config,
     pub origins: OriginPolicy,
     pub rate: RateLimit,
+    /// Its message and byte counters.
+    pub counters: TenantCounters,
     /// Its plugin calls' share of the CPU, across its connections.
     pub cpu: Arc<CpuShare>,
     pub routes: Vec<String>,
@@ -177,7 +179,10 @@ impl Tenants {
                 None => runtime.load_for(spec.clone(), "echo", crate::bundled::ECHO),
             }
             .with_context(|| format!("tenant {}", tenant.name))?;
-            list.push(Arc::new(Tenant::new(config, tenant, spec, plugin)?));
+            let counters = metrics.tenant_counters(&tenant.name);
+            list.push(Arc::new(Tenant::new(
+                config, tenant, spec, plugin, counters,
+            )?));
         }
         Ok(Tenants {
             list,
@@ -352,6 +357,7 @@ impl Tenant {
         tenant: &ResolvedTenant,
         spec: PluginSpec,
         plugin: Plugin,
+        counters: TenantCounters,
     ) -> anyhow::Result<Tenant> {
         let limits = &tenant.limits;
         let ws = &config.websocket;
@@ -382,6 +388,7 @@ impl Tenant {
                 messages_per_second: limits.messages_per_second,
                 bytes_per_second: limits.bytes_per_second.as_u64(),
             },
+            counters,
             cpu,
             routes: tenant.routes.clone(),
             max_connections: limits.max_connections,
