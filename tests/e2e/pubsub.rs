@@ -1,10 +1,12 @@
 //! `wharf:websocket/pubsub` through the chat example: rooms are topics, the
 //! host fans each message out to the room's members.
 
+use std::time::{Duration, Instant};
+
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{Server, ServerOpts, Ws, recv_text, send_text};
+use crate::support::{Server, ServerOpts, Ws, describe, recv_text, recv_timeout, send_text};
 
 async fn join(server: &Server, room: &str, nick: &str) -> Ws {
     let mut ws = server
@@ -76,4 +78,147 @@ async fn bad_names_are_rejected_before_the_upgrade() {
         let resp = raw.read_response().await;
         assert!(resp.status == 400 || resp.status == 404, "{path}: {resp:?}");
     }
+}
+
+/// The server's resident set, in KiB.
+fn rss_kib(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
+        .expect("read /proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in:\n{status}"))
+}
+
+/// `key=<number>` from a hostile "published ..." answer.
+fn field(answer: &str, key: &str) -> u64 {
+    answer
+        .split(' ')
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {answer:?}"))
+}
+
+/// The hostile plugin, its calls allowed 10 s (a nap counts as CPU time
+/// once wasm runs again), with metrics.
+fn hostile_server() -> Server {
+    let mut opts = ServerOpts::new("hostile");
+    opts.plugin_limits = "wall_time_per_event = \"10s\"\ncpu_time_per_event = \"10s\"";
+    opts.extra = "[admin]\nlisten = \"127.0.0.1:0\"\n".to_owned();
+    Server::start(opts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_subscriber_holds_its_byte_budget_not_every_message() {
+    const MIB: u64 = 1 << 20;
+    const MESSAGES: u64 = 200;
+    let server = hostile_server();
+    let mut a = server.connect(false).await;
+    send_text(&mut a, "sub t").await;
+    assert_eq!(recv_text(&mut a).await, "subscribed");
+    let mut b = server.connect(false).await;
+    // Warm up both paths (B's instance and buffers, A's delivery) with one
+    // message A takes, so the baseline below is after their first use.
+    send_text(&mut b, &format!("pub t 1 {MIB}")).await;
+    assert_eq!(
+        recv_text(&mut b).await,
+        "published ok=1 reached=1 full=0 err=0"
+    );
+    match recv_timeout(&mut a, Duration::from_secs(5)).await {
+        Message::Binary(data) => assert_eq!(data.len() as u64, MIB),
+        other => panic!("expected the warm-up message, got {}", describe(&other)),
+    }
+    let before = rss_kib(&server);
+
+    // A's task is busy in a 5 s call: its mailbox is not drained meanwhile.
+    send_text(&mut a, "nap 5000").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    send_text(&mut b, &format!("pub t {MESSAGES} {MIB}")).await;
+    let answer = recv_text(&mut b).await;
+    let publishing = started.elapsed();
+    let after = rss_kib(&server);
+    eprintln!(
+        "{answer} in {publishing:?}; server RSS {before} KiB -> {after} KiB (+{} KiB)",
+        after.saturating_sub(before)
+    );
+    assert_eq!(field(&answer, "ok"), MESSAGES, "{answer}");
+    let reached = field(&answer, "reached");
+    // The default send_queue (4 MiB) holds 4 of these.
+    assert!((1..=4).contains(&reached), "{answer}");
+    assert!(
+        after.saturating_sub(before) < 64 * 1024,
+        "server RSS grew from {before} KiB to {after} KiB"
+    );
+    // Every missed delivery is counted...
+    let missed = server
+        .metric(r#"wharf_sends_refused_total{reason="mailbox-full"}"#)
+        .await;
+    assert_eq!(missed, (MESSAGES - reached) as f64);
+    // ...and logged at most once a second.
+    server
+        .wait_log(
+            &["missed by subscribers", "topic=t"],
+            Duration::from_secs(5),
+        )
+        .await;
+    let lines = server
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("missed by subscribers"))
+        .count() as u64;
+    assert!(lines <= 1 + publishing.as_secs(), "{lines} log lines");
+
+    // After its call, A gets what its mailbox held, whole.
+    let (mut napped, mut got) = (false, 0);
+    while !napped || got < reached {
+        match recv_timeout(&mut a, Duration::from_secs(10)).await {
+            Message::Text(t) if t.as_str() == "napped" => napped = true,
+            Message::Binary(data) => {
+                assert_eq!(data.len() as u64, MIB);
+                got += 1;
+            }
+            other => panic!("unexpected {}", describe(&other)),
+        }
+    }
+    // The stuck subscriber is still served once it drains.
+    send_text(&mut b, "pub t 1 10").await;
+    assert_eq!(
+        recv_text(&mut b).await,
+        "published ok=1 reached=1 full=0 err=0"
+    );
+    match recv_timeout(&mut a, Duration::from_secs(5)).await {
+        Message::Binary(data) => assert_eq!(data.len(), 10),
+        other => panic!("unexpected {}", describe(&other)),
+    }
+}
+
+#[tokio::test]
+async fn publishes_per_connection_are_capped_and_counted() {
+    let server = hostile_server();
+    let mut b = server.connect(false).await;
+    // To a topic nobody hears: publishes count against the cap all the same.
+    send_text(&mut b, "pub nobody 3000 1").await;
+    let answer = recv_text(&mut b).await;
+    let (ok, full) = (field(&answer, "ok"), field(&answer, "full"));
+    assert_eq!(ok + full, 3000, "{answer}");
+    assert_eq!(field(&answer, "reached"), 0, "{answer}");
+    // The one-second burst, plus what refilled while the call ran.
+    assert!((1000..2000).contains(&ok), "{answer}");
+    let refused = server
+        .metric(r#"wharf_sends_refused_total{reason="publish-rate"}"#)
+        .await;
+    assert_eq!(refused, full as f64);
+    server
+        .wait_log(&["per-connection rate refused"], Duration::from_secs(5))
+        .await;
+    // Another connection has its own allowance.
+    let mut c = server.connect(false).await;
+    send_text(&mut c, "pub nobody 10 1").await;
+    assert_eq!(
+        recv_text(&mut c).await,
+        "published ok=10 reached=0 full=0 err=0"
+    );
 }

@@ -80,11 +80,6 @@ const PUBLISH_WINDOW: Duration =
 /// Shortest time between two log lines about one topic's missed deliveries
 /// or one connection's refused publishes.
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
-/// The table entry of the connection an instance was made for: the first
-/// resource pushed into its store's table (see `Plugin::instantiate_with`),
-/// which the host keeps for the instance's life (handlers only ever get
-/// borrows of it). Its publishes are charged to it.
-const HOME_CONNECTION: u32 = 0;
 
 /// What a message costs in a mailbox's byte budget.
 fn cost(message: &Framed) -> usize {
@@ -513,6 +508,20 @@ fn check_topic(topic: &str) -> Result<(), ErrorCode> {
 }
 
 impl HostState {
+    /// The connection a publish is charged to ([`PUBLISHES_PER_SECOND`]):
+    /// the instance's connection; for a shared instance, which serves
+    /// several and does not record which one a call is for, the `exclude`d
+    /// one if it is one of them.
+    fn publisher(&mut self, exclude: Option<u64>) -> Option<&mut ConnectionEntry> {
+        let rep = match self.conns.len() {
+            1 => self.conns.values().next().copied(),
+            _ => exclude.and_then(|id| self.conns.get(&id).copied()),
+        }?;
+        self.table
+            .get_mut(&Resource::<ConnectionEntry>::new_borrow(rep))
+            .ok()
+    }
+
     /// Publishes a message of `len` payload bytes that `frame` makes: the
     /// cheap refusals first (topic, size, rate), then only if the topic
     /// has a subscriber besides `exclude` is the payload framed.
@@ -533,16 +542,17 @@ impl HostState {
         if len > self.max_message_size {
             return Ok(Err(ErrorCode::MessageTooBig));
         }
-        let home = Resource::<ConnectionEntry>::new_borrow(HOME_CONNECTION);
-        let admitted = match self.table.get_mut(&home) {
-            Ok(entry) => entry.subscriptions.admit_publish(Instant::now()),
-            Err(_) => {
-                // Cannot happen while the home connection's entry stays at
-                // its place; refuse rather than publish without a rate.
+        let admitted = match self.publisher(exclude) {
+            Some(entry) => entry.subscriptions.admit_publish(Instant::now()),
+            None => {
+                // A shared instance publishing without excluding one of its
+                // connections: which one the call is for is not recorded in
+                // the store, so there is no rate to charge. Refused rather
+                // than left without a bound.
                 static WARNED: AtomicBool = AtomicBool::new(false);
                 if !WARNED.swap(true, Ordering::Relaxed) {
                     tracing::error!(tenant = %self.tenant,
-                        "publish refused: the instance's connection entry is not where expected");
+                        "publish refused: no connection to charge it to (a shared instance must exclude the sender)");
                 }
                 false
             }

@@ -8,7 +8,8 @@
 //!
 //! It echoes text and binary messages, except for these text commands (one
 //! per message, `CMD` or `CMD ARG`; ARG is a decimal `u64`; anything else,
-//! including a command with a missing, extra or non-numeric ARG, is echoed):
+//! including a command with a missing, extra or non-numeric ARG, is echoed;
+//! "sub" and "pub" take the arguments shown, TOPIC being one word):
 //! - "loop": spins forever (CPU: fuel or epochs must interrupt it).
 //! - "alloc": leaks and touches 1 MiB blocks until `memory.grow` fails, which
 //!   traps (memory bomb: the memory cap must hold).
@@ -59,6 +60,13 @@
 //!   pool slot). A second "peek" in the same instance sees its own secret
 //!   (zeros=false nonzero=1048576).
 //! - "conn-id": answers "id=<the connection's id>".
+//! - "sub TOPIC": subscribes the connection to TOPIC, answers "subscribed"
+//!   or "sub err=<error-code>".
+//! - "pub TOPIC N SIZE": publishes N binary messages of SIZE bytes (0x42) to
+//!   TOPIC as fast as it can (excluding no one), then answers "published
+//!   ok=<publishes accepted> reached=<subscribers queued for, summed>
+//!   full=<refused with queue-full> err=<refused otherwise>" (a subscriber
+//!   whose task never drains its mailbox, the publish rate cap).
 //!
 //! Upgrades: the path "/nap-upgrade" with a query "ms=N" sleeps N ms in
 //! `on_upgrade` (a blocking sleep, as "nap") then accepts; "/loop-upgrade"
@@ -254,6 +262,40 @@ fn open_streams(conn: &Connection, n: u64) {
     log_err(conn, conn.send_text("streams ok"));
 }
 
+/// "sub TOPIC" and "pub TOPIC N SIZE": the answer, or `None` for any other
+/// text (malformed ones included, which are then echoed).
+fn pubsub_command(conn: &Connection, text: &str) -> Option<String> {
+    let mut words = text.split(' ');
+    let (command, topic) = (words.next()?, words.next()?);
+    let numbers = words
+        .map(|w| w.parse::<u64>().ok())
+        .collect::<Option<Vec<_>>>()?;
+    match (command, numbers.as_slice()) {
+        ("sub", []) => Some(match pubsub::subscribe(conn, topic) {
+            Ok(()) => "subscribed".to_owned(),
+            Err(e) => format!("sub err={}", code_name(e)),
+        }),
+        ("pub", &[n, size]) => {
+            let data = vec![0x42; usize::try_from(size).ok()?];
+            let (mut ok, mut reached, mut full, mut err) = (0u64, 0u64, 0u64, 0u64);
+            for _ in 0..n {
+                match pubsub::publish_binary(topic, &data, None) {
+                    Ok(queued) => {
+                        ok += 1;
+                        reached += u64::from(queued);
+                    }
+                    Err(ErrorCode::QueueFull) => full += 1,
+                    Err(_) => err += 1,
+                }
+            }
+            Some(format!(
+                "published ok={ok} reached={reached} full={full} err={err}"
+            ))
+        }
+        _ => None,
+    }
+}
+
 fn ok_err<T, E>(r: &Result<T, E>) -> &'static str {
     if r.is_ok() { "ok" } else { "err" }
 }
@@ -333,6 +375,10 @@ impl Guest for Hostile {
             None => (text.as_str(), None),
         };
         let n = count_message(text == "trap-third");
+        if let Some(answer) = pubsub_command(conn, &text) {
+            log_err(conn, conn.send_text(&answer));
+            return;
+        }
         match (command, arg) {
             ("trap-third", None) => {
                 log_err(conn, conn.send_text(&format!("armed n={n}")));
