@@ -310,8 +310,10 @@ impl Plugin {
 
     /// What the host keeps for a new connection, outside any instance.
     pub fn new_entry(&self, conn_id: u64) -> ConnectionEntry {
+        // What waits in its mailbox is bounded like its send queue.
         let subscriptions =
-            Subscriptions::new(self.broker.clone(), self.spec.tenant.clone(), conn_id);
+            Subscriptions::new(self.broker.clone(), self.spec.tenant.clone(), conn_id)
+                .with_mailbox_budget(self.spec.limits.send.send_queue);
         ConnectionEntry::new(conn_id, self.spec.limits.send, subscriptions)
     }
 
@@ -365,6 +367,7 @@ impl Plugin {
             running_since: Arc::new(AtomicU64::new(0)),
             share: self.spec.cpu_share.clone(),
             conns,
+            current: conn_id,
         };
         let mut store = Store::new(self.pre.component().engine(), state);
         store.limiter(|s| &mut s.limiter);
@@ -466,6 +469,9 @@ pub struct HostState {
     /// The connections this instance serves (one, unless it is shared):
     /// connection id to its entry's handle, for `wharf:websocket/peers`.
     conns: HashMap<u64, u32>,
+    /// The connection the current call is for (its publishes are charged
+    /// to its rate).
+    current: u64,
 }
 
 impl HostState {
@@ -539,8 +545,10 @@ impl PluginInstance {
     /// Makes connection `id` the one the next calls are for; `false` if
     /// the instance does not serve it.
     pub fn select(&mut self, id: u64) -> bool {
-        match self.store.data().conns.get(&id) {
+        let state = self.store.data_mut();
+        match state.conns.get(&id) {
             Some(&rep) => {
+                state.current = id;
                 self.conn = Resource::new_own(rep);
                 true
             }

@@ -23,7 +23,7 @@
 //!   count since the previous line.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -509,14 +509,9 @@ fn check_topic(topic: &str) -> Result<(), ErrorCode> {
 
 impl HostState {
     /// The connection a publish is charged to ([`PUBLISHES_PER_SECOND`]):
-    /// the instance's connection; for a shared instance, which serves
-    /// several and does not record which one a call is for, the `exclude`d
-    /// one if it is one of them.
-    fn publisher(&mut self, exclude: Option<u64>) -> Option<&mut ConnectionEntry> {
-        let rep = match self.conns.len() {
-            1 => self.conns.values().next().copied(),
-            _ => exclude.and_then(|id| self.conns.get(&id).copied()),
-        }?;
+    /// the one the current call is for (in a shared instance too).
+    fn publisher(&mut self) -> Option<&mut ConnectionEntry> {
+        let rep = self.conns.get(&self.current).copied()?;
         self.table
             .get_mut(&Resource::<ConnectionEntry>::new_borrow(rep))
             .ok()
@@ -542,21 +537,11 @@ impl HostState {
         if len > self.max_message_size {
             return Ok(Err(ErrorCode::MessageTooBig));
         }
-        let admitted = match self.publisher(exclude) {
-            Some(entry) => entry.subscriptions.admit_publish(Instant::now()),
-            None => {
-                // A shared instance publishing without excluding one of its
-                // connections: which one the call is for is not recorded in
-                // the store, so there is no rate to charge. Refused rather
-                // than left without a bound.
-                static WARNED: AtomicBool = AtomicBool::new(false);
-                if !WARNED.swap(true, Ordering::Relaxed) {
-                    tracing::error!(tenant = %self.tenant,
-                        "publish refused: no connection to charge it to (a shared instance must exclude the sender)");
-                }
-                false
-            }
-        };
+        // The current call's connection always has an entry; should it
+        // not, the publish is refused rather than left without a bound.
+        let admitted = self
+            .publisher()
+            .is_some_and(|entry| entry.subscriptions.admit_publish(Instant::now()));
         if !admitted {
             return Ok(Err(ErrorCode::QueueFull));
         }
