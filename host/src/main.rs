@@ -36,6 +36,12 @@ enum Command {
     /// Create a plugin project (an echo handler, the WIT and a build script)
     /// in Rust, Python, JavaScript, C or Go.
     New(wharf::scaffold::NewArgs),
+    /// Show each tenant's plugin versions and connections (admin API).
+    Status(wharf::admin::client::StatusArgs),
+    /// Upload a component as a tenant's new plugin version (admin API).
+    Deploy(wharf::admin::client::DeployArgs),
+    /// Put a tenant's previous plugin version back (admin API).
+    Rollback(wharf::admin::client::RollbackArgs),
 }
 
 #[derive(clap::Args)]
@@ -80,6 +86,9 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(a) => (a, false),
         Command::Check(a) => (a, true),
         Command::New(a) => return wharf::scaffold::run(&a),
+        Command::Status(a) => return wharf::admin::client::status(&a),
+        Command::Deploy(a) => return wharf::admin::client::deploy(&a),
+        Command::Rollback(a) => return wharf::admin::client::rollback(&a),
     };
     let config = load_config(&args)?;
     let runtime =
@@ -154,6 +163,13 @@ async fn serve(
     metrics: Arc<Metrics>,
     watch: bool,
 ) -> anyhow::Result<()> {
+    // An admin token that cannot be read stops start-up before anything listens.
+    let admin_token = match config.admin.listen {
+        Some(_) => wharf::admin::AdminToken::load(&config.admin)?,
+        None => None,
+    };
+    // GET /readyz: 503 until the listeners serve, and again once shutdown begins.
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let server = Server::start(&config, tenants.clone(), metrics.clone()).await?;
     let watch_stop = tokio_util::sync::CancellationToken::new();
     wharf::tenancy::watch::spawn(
@@ -166,19 +182,27 @@ async fn serve(
         tracing::info!(url = %bound.url(), "listening");
         println!("listening on {}", bound.url());
     }
+    ready.store(true, std::sync::atomic::Ordering::SeqCst);
     let admin_stop = tokio_util::sync::CancellationToken::new();
     if let Some(addr) = config.admin.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (admin)"))?;
         println!("admin on http://{}", listener.local_addr()?);
-        tokio::spawn(wharf::admin::serve(
-            listener,
-            Arc::clone(&metrics),
-            admin_stop.clone(),
-        ));
+        if admin_token.is_none() {
+            tracing::info!("no admin token: deploys and rollbacks are off");
+        }
+        let admin = wharf::admin::Admin {
+            metrics: Arc::clone(&metrics),
+            tenants,
+            token: admin_token,
+            ready: Arc::clone(&ready),
+            limits: wharf::admin::Limits::from_config(&config.admin),
+        };
+        tokio::spawn(wharf::admin::serve(listener, admin, admin_stop.clone()));
     }
     shutdown_signal().await;
+    ready.store(false, std::sync::atomic::Ordering::SeqCst);
     watch_stop.cancel();
     server.shutdown().await;
     admin_stop.cancel();
