@@ -24,3 +24,4 @@ mod shared;
 mod sni;
 mod swap;
 mod tenants;
+mod tls_reload;

@@ -7,6 +7,7 @@ mod handler;
 mod inbox;
 pub mod static_files;
 pub mod tls;
+pub mod tls_reload;
 mod trim;
 
 use std::net::SocketAddr;
