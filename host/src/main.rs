@@ -57,7 +57,7 @@ struct ServeArgs {
     /// Handler component (.wasm) to serve instead of the configured one.
     #[arg(short, long, value_name = "PATH")]
     plugin: Option<PathBuf>,
-    /// Serve Prometheus metrics and /healthz on this address.
+    /// Serve the admin API (health, metrics, tenants, hot swap) on this address.
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
     /// Answer plain HTTP GETs (not upgrades) with files from this directory,
