@@ -246,6 +246,8 @@ pub struct Admin {
     /// clears it when shutdown begins.
     pub ready: Arc<AtomicBool>,
     pub limits: Limits,
+    /// The wss listeners' certificates, for `POST /reload-tls`.
+    pub tls: Vec<crate::server::tls::TlsReloader>,
 }
 
 struct AppState {
@@ -267,6 +269,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/tenants", get(tenants))
         .route("/tenants/{name}/plugin", put(deploy))
         .route("/tenants/{name}/rollback", post(rollback))
+        .route("/reload-tls", post(reload_tls))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/healthz", get(healthz))
@@ -696,6 +699,41 @@ async fn rollback(
     Ok(outcome(result))
 }
 
+/// `POST /reload-tls`: every wss listener re-reads its certificate and key
+/// files; a bad pair is refused (the listener keeps its current one).
+/// 200 if every listener reloaded, 422 otherwise, with one entry each.
+async fn reload_tls(State(state): State<Shared>) -> Response {
+    let reloaders = state.admin.tls.clone();
+    let results =
+        tokio::task::spawn_blocking(move || crate::server::tls_reload::reload_all(&reloaders))
+            .await
+            .unwrap_or_default();
+    let all_ok = results.iter().all(Result::is_ok);
+    let report: Vec<serde_json::Value> = state
+        .admin
+        .tls
+        .iter()
+        .zip(&results)
+        .map(|(reloader, result)| match result {
+            Ok(r) => serde_json::json!({
+                "cert": reloader.cert().display().to_string(),
+                "changed": r.changed,
+                "not_after": r.not_after,
+            }),
+            Err(err) => serde_json::json!({
+                "cert": reloader.cert().display().to_string(),
+                "error": err.to_string(),
+            }),
+        })
+        .collect();
+    let status = if all_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    (status, Json(report)).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -790,6 +828,7 @@ mod tests {
             tenants: fake.clone(),
             token: token.and_then(AdminToken::new),
             ready: Arc::new(AtomicBool::new(true)),
+            tls: Vec::new(),
             limits: Limits {
                 max_upload: 1024,
                 ..Limits::default()
@@ -811,6 +850,42 @@ mod tests {
         fn error(&self) -> String {
             self.json()["error"].as_str().expect("an error").to_owned()
         }
+    }
+
+    #[tokio::test]
+    async fn reload_tls_reloads_every_listener_and_reports_a_bad_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        let a = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
+        std::fs::write(&cert, a.cert.pem()).unwrap();
+        std::fs::write(&key, a.signing_key.serialize_pem()).unwrap();
+        let tls = crate::config::TlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            sni: Vec::new(),
+        };
+        let (_, reloader) = crate::server::tls::reloadable_acceptor(&tls).unwrap();
+        let fake = Arc::new(Fake::default());
+        let mut with_tls = admin(Some(TOKEN), &fake);
+        with_tls.tls = vec![reloader];
+        let app = router(with_tls);
+        let reply = call(&app, request("POST", "/reload-tls", None, "")).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+        let reply = call(&app, request("POST", "/reload-tls", Some(TOKEN), "")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_eq!(reply.json()[0]["changed"], false);
+        // Another key than the certificate's: refused, the old pair stays.
+        let b = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
+        std::fs::write(&key, b.signing_key.serialize_pem()).unwrap();
+        let reply = call(&app, request("POST", "/reload-tls", Some(TOKEN), "")).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{}",
+            reply.body
+        );
+        let error = reply.json()[0]["error"].as_str().unwrap().to_owned();
+        assert!(error.contains("does not match"), "{error}");
     }
 
     async fn call(app: &Router, request: axum::http::Request<Body>) -> Reply {

@@ -198,6 +198,7 @@ async fn serve(
             token: admin_token,
             ready: Arc::clone(&ready),
             limits: wharf::admin::Limits::from_config(&config.admin),
+            tls: server.tls_reloaders().to_vec(),
         };
         tokio::spawn(wharf::admin::serve(listener, admin, admin_stop.clone()));
     }

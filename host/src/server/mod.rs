@@ -64,6 +64,8 @@ pub struct Server {
     shared: Arc<Shared>,
     tracker: TaskTracker,
     bound: Vec<Bound>,
+    /// One per wss listener (for the admin API's `POST /reload-tls`).
+    tls_reloaders: Vec<tls::TlsReloader>,
     shutdown_timeout: Duration,
 }
 
@@ -101,9 +103,14 @@ impl Server {
             ));
         }
         let mut bound = Vec::new();
+        let mut tls_reloaders = Vec::new();
         for listener in &config.listeners {
             let acceptor = match &listener.tls {
-                Some(tls) => Some(tls::acceptor(tls)?),
+                Some(tls) => {
+                    let (acceptor, reloader) = tls::reloadable_acceptor(tls)?;
+                    tls_reloaders.push(reloader);
+                    Some(acceptor)
+                }
                 None => None,
             };
             let socket = bind(listener.address)
@@ -120,16 +127,23 @@ impl Server {
                 tracker.clone(),
             ));
         }
+        // File changes and SIGHUP reload the certificates, until shutdown.
+        tls_reload::spawn(tls_reloaders.clone(), &shared.shutdown);
         Ok(Self {
             shared,
             tracker,
             bound,
+            tls_reloaders,
             shutdown_timeout: config.server.shutdown_timeout,
         })
     }
 
     pub fn bound(&self) -> &[Bound] {
         &self.bound
+    }
+
+    pub fn tls_reloaders(&self) -> &[tls::TlsReloader] {
+        &self.tls_reloaders
     }
 
     /// Stops accepting, sends every open connection 1001 and waits (up to the
