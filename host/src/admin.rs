@@ -659,7 +659,15 @@ fn read_component(path: &std::path::Path, limit: usize) -> Result<(String, Vec<u
     if bytes.len() > limit {
         return Err(Refusal::too_large(limit));
     }
-    let stem: String = path
+    Ok((version_label(path, "plugin"), bytes))
+}
+
+/// The name a version goes by in logs and the status, from its file: the
+/// stem, in the characters a `name=` may have (others become `_`), at
+/// most 64; `fallback` when nothing is left. One rule for the server and
+/// the CLI, so both name an upload alike.
+pub(crate) fn version_label(file: &std::path::Path, fallback: &str) -> String {
+    let label: String = file
         .file_stem()
         .map(|s| s.to_string_lossy())
         .unwrap_or_default()
@@ -673,12 +681,11 @@ fn read_component(path: &std::path::Path, limit: usize) -> Result<(String, Vec<u
         })
         .take(64)
         .collect();
-    let stem = if stem.is_empty() {
-        "plugin".to_owned()
+    if label.is_empty() {
+        fallback.to_owned()
     } else {
-        stem
-    };
-    Ok((stem, bytes))
+        label
+    }
 }
 
 async fn rollback(

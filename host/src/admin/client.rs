@@ -277,25 +277,7 @@ fn encode(segment: &str) -> String {
 
 /// The name logs show for a file: its stem, within what the server accepts.
 fn label(file: &Path) -> String {
-    let label: String = file
-        .file_stem()
-        .map(|s| s.to_string_lossy())
-        .unwrap_or_default()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    if label.is_empty() {
-        "upload".to_owned()
-    } else {
-        label
-    }
+    super::version_label(file, "upload")
 }
 
 #[derive(Deserialize)]
