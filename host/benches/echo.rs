@@ -1,21 +1,25 @@
 //! Echo throughput and latency: `wharf serve` with the bundled echo plugin
-//! against a native tokio-tungstenite echo server built into this binary,
-//! under identical load, in one run.
+//! against two native echo servers built into this binary, tokio-tungstenite
+//! (every decodable message fed, one flush per batch) and fastwebsockets
+//! (behind hyper's upgrade, as its examples do), under identical load, in
+//! one run.
 //!
 //! ```text
 //! cargo bench --bench echo -- [--quick] [--scenario NAME]... [--duration SECS] [--warmup SECS] [--rounds N]
 //! ```
 //!
-//! Each server process is pinned to one core and runs one tokio worker
-//! (`TOKIO_WORKER_THREADS=1`); the load generator (this process, one
-//! current-thread tokio runtime) is pinned to another core. The load
+//! Each server process is pinned to one core; wharf runs one tokio worker
+//! (`TOKIO_WORKER_THREADS=1`), each baseline one current-thread runtime
+//! (the faster of the two for them; see `common/baseline.rs`). The load
+//! generator (this process, one current-thread tokio runtime) is pinned to
+//! another core. The load
 //! generator speaks raw RFC 6455 over TCP or TLS: it does the upgrade
 //! handshake, sends pre-encoded masked frames (each message encoded once),
 //! parses the echoes with a small frame parser and checks every echoed byte
 //! against what it sent; any mismatch aborts the run.
 //!
-//! Scenarios (a fresh server process for each measurement, servers measured
-//! in alternating order):
+//! Scenarios (a fresh server process for each measurement, the three servers
+//! measured in rotating order):
 //!
 //! | name | load |
 //! |---|---|
@@ -25,13 +29,15 @@
 //! | `*-tls` | the same three over wss |
 //! | `connect` | 50 connectors: connect, upgrade, one 32 B echo, closing handshake |
 //!
-//! The baseline server is this binary re-executed with `--serve-baseline`.
+//! The baseline servers are this binary re-executed with `--serve-baseline
+//! tokio-tungstenite` or `--serve-baseline fastwebsockets`. The report gives
+//! wharf's ratio to each of them.
 //!
 //! Besides rates and p50/p99 latencies, each measurement reports the load
 //! generator's CPU use (to show it is not the bottleneck), the server's CPU
 //! use and CPU time per echo (the figure least disturbed by other load), and
 //! how much of the two cores other processes took meanwhile. On a busy
-//! machine, `--rounds N` measures each server N times (alternating) and keeps
+//! machine, `--rounds N` measures each server N times (rotating) and keeps
 //! each one's best run. Every figure is also printed as a `RESULT` line.
 
 use std::cell::Cell;
@@ -521,15 +527,35 @@ fn process_cpu(pid: u32) -> (Duration, Duration) {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Target {
     Wharf,
-    Baseline,
+    /// `common/baseline.rs`: tokio-tungstenite, one flush per batch.
+    Tungstenite,
+    /// `common/baseline.rs`: fastwebsockets behind hyper's upgrade.
+    Fastwebsockets,
 }
+
+/// Every server, in the order of [`Row::m`] and of the report's columns.
+const TARGETS: [Target; 3] = [Target::Wharf, Target::Tungstenite, Target::Fastwebsockets];
 
 impl Target {
     fn name(self) -> &'static str {
         match self {
             Target::Wharf => "wharf",
-            Target::Baseline => "baseline",
+            Target::Tungstenite => "tokio-tungstenite",
+            Target::Fastwebsockets => "fastwebsockets",
         }
+    }
+
+    /// Short name for table columns.
+    fn short(self) -> &'static str {
+        match self {
+            Target::Wharf => "wharf",
+            Target::Tungstenite => "tungstenite",
+            Target::Fastwebsockets => "fastws",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -608,10 +634,11 @@ impl Setup {
                     (&self.wharf_config).into(),
                 ],
             ),
-            Target::Baseline => (
+            Target::Tungstenite | Target::Fastwebsockets => (
                 std::env::current_exe().context("current_exe")?,
                 vec![
                     "--serve-baseline".into(),
+                    target.name().into(),
                     "--cert".into(),
                     (&self.cert).into(),
                     "--key".into(),
@@ -1429,8 +1456,8 @@ async fn sleep_checking(d: Duration, tasks: &[tokio::task::JoinHandle<Result<Tal
 
 struct Row {
     scenario: Scenario,
-    wharf: Measurement,
-    baseline: Measurement,
+    /// Each server's best measurement, in [`TARGETS`] order.
+    m: [Measurement; 3],
 }
 
 async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
@@ -1472,15 +1499,12 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
     let mut rows = Vec::new();
     for (i, sc) in opts.scenarios.iter().enumerate() {
         println!("\n== {} ({})", sc.name, sc.describe());
-        let mut wharf: Option<Measurement> = None;
-        let mut baseline: Option<Measurement> = None;
-        // Alternate which server goes first, across scenarios and rounds.
+        let mut best: [Option<Measurement>; 3] = Default::default();
+        // Rotate which server goes first, across scenarios and rounds: over
+        // three rounds each one runs once in each position.
         let order = (0..opts.rounds).flat_map(|round| {
-            if (i + round) % 2 == 0 {
-                [Target::Wharf, Target::Baseline]
-            } else {
-                [Target::Baseline, Target::Wharf]
-            }
+            let k = i + round;
+            [0, 1, 2].map(|j| TARGETS[(k + j) % TARGETS.len()])
         });
         for target in order {
             let server = setup.start(target).await?;
@@ -1510,8 +1534,8 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
                 println!("  note: {} logged (RUST_LOG=warn):\n{tail}", target.name());
             }
             println!(
-                "  {:<8} {:>10.0}/s  p50 {:>8.1} µs  p99 {:>8.1} µs  {:>8.1} MB/s  loadgen CPU {:>3.0}%  server CPU {:>3.0}% = {:.1} µs/op (CPUs {pinned}, {threads} threads)  others on cores: {:.0}% / {:.0}%  [{} done]",
-                target.name(),
+                "  {:<11} {:>10.0}/s  p50 {:>8.1} µs  p99 {:>8.1} µs  {:>8.1} MB/s  loadgen CPU {:>3.0}%  server CPU {:>3.0}% = {:.1} µs/op (CPUs {pinned}, {threads} threads)  others on cores: {:.0}% / {:.0}%  [{} done]",
+                target.short(),
                 m.per_s,
                 m.p50_us,
                 m.p99_us,
@@ -1524,18 +1548,14 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
                 m.count
             );
             // Other load only ever slows a run down: keep each server's best.
-            let best = match target {
-                Target::Wharf => &mut wharf,
-                Target::Baseline => &mut baseline,
-            };
+            let best = &mut best[target.index()];
             if best.as_ref().is_none_or(|b| m.per_s > b.per_s) {
                 *best = Some(m);
             }
         }
         rows.push(Row {
             scenario: *sc,
-            wharf: wharf.unwrap_or_default(),
-            baseline: baseline.unwrap_or_default(),
+            m: best.map(Option::unwrap_or_default),
         });
     }
     print_report(&rows, pinning, &opts);
@@ -1552,8 +1572,9 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
     let core = |c: Option<usize>| c.map_or("-".into(), |c| c.to_string());
     let _ = writeln!(
         t,
-        "\nEcho benchmark: wharf (bundled echo plugin) vs native tokio-tungstenite echo, \
-         {:?} measured after {:?} warm-up, fresh server per measurement{}",
+        "\nEcho benchmark: wharf (bundled echo plugin) vs two native echo servers, tokio-tungstenite \
+         (one flush per batch) and fastwebsockets (hyper upgrade), {:?} measured after {:?} warm-up, \
+         fresh server per measurement{}",
         opts.duration,
         opts.warmup,
         if opts.rounds > 1 {
@@ -1564,91 +1585,96 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
     );
     let _ = writeln!(
         t,
-        "pinning: each server process on core {} with TOKIO_WORKER_THREADS=1; \
-         load generator on core {} (one current-thread runtime)",
+        "pinning: each server process on core {} (wharf: TOKIO_WORKER_THREADS=1; the baselines: \
+         one current-thread runtime); load generator on core {} (one current-thread runtime)",
         core(pinning.server),
         core(pinning.loadgen)
     );
     let _ = writeln!(
         t,
-        "{:<14} {:<8} {:>10} {:>10} {:>6} | {:>15} | {:>15} | {:>13} | {:>13} | {:>7} | {:>11} | {:>13} | {:>11}",
-        "scenario",
-        "metric",
-        "wharf",
-        "baseline",
-        "ratio",
-        "wharf p50/p99µs",
-        "base p50/p99µs",
-        "srv CPU µs/op",
-        "of it kernel",
-        "ceiling",
-        "server CPU",
-        "loadgen CPU",
-        "other load"
+        "{:<14} {:<8} {:>10} {:>11} {:>10} | {:>8} {:>8} | {:>14}",
+        "scenario", "metric", "wharf", "tungstenite", "fastws", "w/tung", "w/fast", "ceiling t / f"
     );
-    let _ = writeln!(t, "{}", "-".repeat(178));
+    let _ = writeln!(t, "{}", "-".repeat(94));
     for r in rows {
-        let (w, b) = (&r.wharf, &r.baseline);
+        let [w, tu, fa] = &r.m;
         let large = is_large(&r.scenario);
         let metric = match r.scenario.kind {
             Kind::Connect { .. } => "conns/s",
             _ if large => "MB/s",
             _ => "msgs/s",
         };
-        let (wv, bv) = if large {
-            (w.mb_per_s, b.mb_per_s)
-        } else {
-            (w.per_s, b.per_s)
-        };
+        let v = |m: &Measurement| if large { m.mb_per_s } else { m.per_s };
         let _ = writeln!(
             t,
-            "{:<14} {:<8} {:>10.1} {:>10.1} {:>6.3} | {:>15} | {:>15} | {:>13} | {:>13} | {:>7.2} | {:>4.0}% / {:>3.0}% | {:>5} / {:>5} | {:>4.0}% / {:>3.0}%",
+            "{:<14} {:<8} {:>10.1} {:>11.1} {:>10.1} | {:>8.3} {:>8.3} | {:>6.2} / {:>5.2}",
             r.scenario.name,
             metric,
-            wv,
-            bv,
-            wv / bv,
-            format!("{:.0} / {:.0}", w.p50_us, w.p99_us),
-            format!("{:.0} / {:.0}", b.p50_us, b.p99_us),
-            format!("{:.1} / {:.1}", w.server_us_per_op(), b.server_us_per_op()),
-            format!(
-                "{:.1} / {:.1}",
-                w.server_sys_us_per_op(),
-                b.server_sys_us_per_op()
-            ),
-            kernel_ceiling(w, b),
-            w.server_cpu * 100.0,
-            b.server_cpu * 100.0,
-            loadgen(w.loadgen_cpu),
-            loadgen(b.loadgen_cpu),
-            w.others_server_core * 100.0,
-            b.others_server_core * 100.0,
+            v(w),
+            v(tu),
+            v(fa),
+            v(w) / v(tu),
+            v(w) / v(fa),
+            kernel_ceiling(w, tu),
+            kernel_ceiling(w, fa),
         );
         if large {
             let _ = writeln!(
                 t,
-                "{:<14} {:<8} {:>10.1} {:>10.1} {:>6.3} |",
+                "{:<14} {:<8} {:>10.1} {:>11.1} {:>10.1} | {:>8.3} {:>8.3} |",
                 "",
                 "msgs/s",
                 w.per_s,
-                b.per_s,
-                w.per_s / b.per_s
+                tu.per_s,
+                fa.per_s,
+                w.per_s / tu.per_s,
+                w.per_s / fa.per_s
             );
         }
     }
     let _ = writeln!(
         t,
-        "other load: CPU share other processes took on the servers' core during the measurement \
-         (wharf / baseline). !: load generator at >= {:.0}% CPU, the figure may be its limit.",
+        "\n{:<14} {:<11} {:>15} | {:>13} | {:>12} | {:>10} | {:>11} | {:>10}",
+        "scenario",
+        "server",
+        "p50 / p99 µs",
+        "srv CPU µs/op",
+        "of it kernel",
+        "server CPU",
+        "loadgen CPU",
+        "other load"
+    );
+    let _ = writeln!(t, "{}", "-".repeat(112));
+    for r in rows {
+        for (k, target) in TARGETS.into_iter().enumerate() {
+            let m = &r.m[k];
+            let _ = writeln!(
+                t,
+                "{:<14} {:<11} {:>15} | {:>13.2} | {:>12.2} | {:>9.0}% | {:>11} | {:>9.0}%",
+                if k == 0 { r.scenario.name } else { "" },
+                target.short(),
+                format!("{:.0} / {:.0}", m.p50_us, m.p99_us),
+                m.server_us_per_op(),
+                m.server_sys_us_per_op(),
+                m.server_cpu * 100.0,
+                loadgen(m.loadgen_cpu),
+                m.others_server_core * 100.0,
+            );
+        }
+    }
+    let _ = writeln!(
+        t,
+        "other load: CPU share other processes took on the servers' core during the measurement. \
+         !: load generator at >= {:.0}% CPU, the figure may be its limit.",
         LOADGEN_SATURATED * 100.0
     );
     let _ = writeln!(
         t,
         "latency: send to complete echo, per message (connect: the whole cycle). MB/s: echoed payload \
-         one way, 10^6 B.\nCPU %: process CPU time / wall time while measuring (wharf / baseline); \
-         srv CPU µs/op: server CPU time per echo (connect: per connection); of it kernel: the system \
-         time in it.\nceiling: baseline CPU µs/op / wharf kernel µs/op, the ratio a CPU-bound wharf \
-         would reach if its own user-space work cost nothing."
+         one way, 10^6 B.\nCPU %: process CPU time / wall time while measuring; srv CPU µs/op: server \
+         CPU time per echo (connect: per connection); of it kernel: the system time in it.\n\
+         ceiling: a baseline's CPU µs/op / wharf's kernel µs/op, the ratio to that baseline a \
+         CPU-bound wharf would reach if its own user-space work cost nothing."
     );
     print!("{t}");
     if opts.smoke {
@@ -1657,49 +1683,37 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
     }
     for r in rows {
         let name = r.scenario.name;
-        let (w, b) = (&r.wharf, &r.baseline);
         let per = match r.scenario.kind {
             Kind::Connect { .. } => "conns_per_s",
             _ => "msgs_per_s",
         };
-        let line = |metric: &str, wv: f64, bv: f64| {
+        let line = |metric: &str, f: &dyn Fn(&Measurement) -> f64| {
+            let [w, tu, fa] = r.m.each_ref().map(f);
             println!(
-                "RESULT scenario={name} metric={metric} wharf={wv:.3} baseline={bv:.3} ratio={:.4}",
-                wv / bv
+                "RESULT scenario={name} metric={metric} wharf={w:.3} tokio_tungstenite={tu:.3} \
+                 fastwebsockets={fa:.3} ratio_tokio_tungstenite={:.4} ratio_fastwebsockets={:.4}",
+                w / tu,
+                w / fa
             );
         };
-        line(per, w.per_s, b.per_s);
+        line(per, &|m| m.per_s);
         if is_large(&r.scenario) {
-            line("mb_per_s", w.mb_per_s, b.mb_per_s);
+            line("mb_per_s", &|m| m.mb_per_s);
         }
-        line("p50_us", w.p50_us, b.p50_us);
-        line("p99_us", w.p99_us, b.p99_us);
-        line(
-            "server_cpu_us_per_op",
-            w.server_us_per_op(),
-            b.server_us_per_op(),
-        );
-        line(
-            "server_kernel_us_per_op",
-            w.server_sys_us_per_op(),
-            b.server_sys_us_per_op(),
-        );
+        line("p50_us", &|m| m.p50_us);
+        line("p99_us", &|m| m.p99_us);
+        line("server_cpu_us_per_op", &|m| m.server_us_per_op());
+        line("server_kernel_us_per_op", &|m| m.server_sys_us_per_op());
+        let [w, tu, fa] = &r.m;
         println!(
-            "RESULT scenario={name} metric=kernel_ceiling value={:.4}",
-            kernel_ceiling(w, b)
+            "RESULT scenario={name} metric=kernel_ceiling tokio_tungstenite={:.4} fastwebsockets={:.4}",
+            kernel_ceiling(w, tu),
+            kernel_ceiling(w, fa)
         );
-        line("server_cpu", w.server_cpu, b.server_cpu);
-        line("loadgen_cpu", w.loadgen_cpu, b.loadgen_cpu);
-        line(
-            "other_load_server_core",
-            w.others_server_core,
-            b.others_server_core,
-        );
-        line(
-            "other_load_loadgen_core",
-            w.others_loadgen_core,
-            b.others_loadgen_core,
-        );
+        line("server_cpu", &|m| m.server_cpu);
+        line("loadgen_cpu", &|m| m.loadgen_cpu);
+        line("other_load_server_core", &|m| m.others_server_core);
+        line("other_load_loadgen_core", &|m| m.others_loadgen_core);
     }
 }
 
@@ -1835,7 +1849,7 @@ mod instructions {
         std::fs::create_dir_all(&out_dir)
             .with_context(|| format!("create {}", out_dir.display()))?;
         println!(
-            "instructions: {version}, servers with TOKIO_WORKER_THREADS=1, callgrind output in {}",
+            "instructions: {version}, wharf with TOKIO_WORKER_THREADS=1, callgrind output in {}",
             out_dir.display()
         );
         // Valgrind's CPUID differs from the host's, so wharf compiles the
@@ -1856,8 +1870,8 @@ mod instructions {
                 Load::Messages { .. } => opts.messages,
                 Load::Connections { .. } => opts.connections,
             };
-            let mut per_op = [0.0f64; 2];
-            for (i, target) in [Target::Wharf, Target::Baseline].into_iter().enumerate() {
+            let mut per_op = [0.0f64; 3];
+            for target in TARGETS {
                 let mut counts = [Counts::default(); 2];
                 for (j, n) in [n1, n2].into_iter().enumerate() {
                     let file = out_dir.join(format!("{}-{}-{n}.out", target.name(), case.slug));
@@ -1868,7 +1882,7 @@ mod instructions {
                         .await
                         .with_context(|| format!("{} against {}", case.name, target.name()))?;
                     println!(
-                        "  {:<30} {:<8} n={n:<6} {:>14} Ir in {:.1?}",
+                        "  {:<30} {:<17} n={n:<6} {:>14} Ir in {:.1?}",
                         case.name,
                         target.name(),
                         c.ir,
@@ -1876,7 +1890,8 @@ mod instructions {
                     );
                     counts[j] = c;
                 }
-                per_op[i] = (counts[1].ir as f64 - counts[0].ir as f64) / (n2 - n1) as f64;
+                per_op[target.index()] =
+                    (counts[1].ir as f64 - counts[0].ir as f64) / (n2 - n1) as f64;
             }
             rows.push((case, n1, n2, per_op));
         }
@@ -1886,18 +1901,20 @@ mod instructions {
              (I(N2) - I(N1)) / (N2 - N1)"
         );
         println!(
-            "{:<30} {:>12} {:>12} {:>12} {:>14}",
-            "operation", "N1/N2", "wharf", "baseline", "wharf/baseline"
+            "{:<30} {:>12} {:>10} {:>11} {:>10} {:>8} {:>8}",
+            "operation", "N1/N2", "wharf", "tungstenite", "fastws", "w/tung", "w/fast"
         );
-        println!("{}", "-".repeat(84));
-        for (case, n1, n2, [w, b]) in &rows {
+        println!("{}", "-".repeat(95));
+        for (case, n1, n2, [w, tu, fa]) in &rows {
             println!(
-                "{:<30} {:>12} {:>12.0} {:>12.0} {:>14.2}",
+                "{:<30} {:>12} {:>10.0} {:>11.0} {:>10.0} {:>8.2} {:>8.2}",
                 case.name,
                 format!("{n1}/{n2}"),
                 w,
-                b,
-                w / b
+                tu,
+                fa,
+                w / tu,
+                w / fa
             );
         }
         println!(
@@ -1913,11 +1930,13 @@ mod instructions {
                 "glibc's memset/memcpy kept off rep stosb/movsb (GLIBC_TUNABLES), which callgrind would count per byte"
             );
         }
-        for (case, _, _, [w, b]) in &rows {
+        for (case, _, _, [w, tu, fa]) in &rows {
             println!(
-                "RESULT instructions op={} wharf={w:.1} baseline={b:.1} ratio={:.4}",
+                "RESULT instructions op={} wharf={w:.1} tokio_tungstenite={tu:.1} fastwebsockets={fa:.1} \
+                 ratio_tokio_tungstenite={:.4} ratio_fastwebsockets={:.4}",
                 case.slug,
-                w / b
+                w / tu,
+                w / fa
             );
         }
         Ok(())
@@ -1925,11 +1944,11 @@ mod instructions {
 
     /// glibc tunables that keep memset/memcpy off `rep stosb`/`rep movsb`:
     /// valgrind counts every byte such an instruction stores as one
-    /// instruction, so tungstenite's zeroing of its 128 KiB read buffer
-    /// before every read (twice per echo) would count ~256,000 Ir per
-    /// message, though it costs a few thousand cycles. With these, memset
-    /// and memcpy use their vector loops at any size, which callgrind
-    /// counts like the CPU executes them.
+    /// instruction, so tungstenite's zeroing of its read buffer before
+    /// every read (16 KiB in the baseline, twice per echo) would count
+    /// ~32,000 Ir per message, though it costs far fewer cycles. With
+    /// these, memset and memcpy use their vector loops at any size, which
+    /// callgrind counts like the CPU executes them.
     const NO_REP_STRINGS: &str = "GLIBC_TUNABLES=glibc.cpu.x86_rep_stosb_threshold=0x7fffffffffffffff:\
                                   glibc.cpu.x86_rep_movsb_threshold=0x7fffffffffffffff";
 
@@ -2071,6 +2090,6 @@ mod instructions {
     }
 }
 
-// The baseline server: `--serve-baseline [--cert PEM --key PEM]`.
+// The baseline servers: `--serve-baseline NAME [--cert PEM --key PEM]`.
 #[path = "common/baseline.rs"]
 mod baseline;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Instructions per echoed message and per connection, wharf (bundled echo
-# plugin) against the native tokio-tungstenite echo server, counted by
-# valgrind's callgrind: stable on a noisy machine, unlike timings.
+# plugin) against the native tokio-tungstenite and fastwebsockets echo
+# servers (host/benches/common/baseline.rs), counted by valgrind's
+# callgrind: stable on a noisy machine, unlike timings.
 #
 #   host/benches/instructions.sh [--messages N1,N2] [--connections M1,M2]
 #                                [--top K] [--keep DIR [--no-run]] [--valgrind PATH] [--rep-strings]
@@ -24,7 +25,7 @@ while (($#)); do
     --top) top=$2; shift 2 ;;
     --keep) keep=$2; shift 2 ;;
     --no-run) run=0; shift ;;
-    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
     *) pass+=("$1"); shift ;;
     esac
 done
@@ -89,7 +90,7 @@ diff_profile() {
         sort -rn | head -n 15
 }
 
-for target in wharf baseline; do
+for target in wharf tokio-tungstenite fastwebsockets; do
     diff_profile "32 B text echo" "$target" text32
     diff_profile "1 KiB binary echo" "$target" binary1k
     diff_profile "connection" "$target" connection
