@@ -5,8 +5,11 @@
 //! one run.
 //!
 //! ```text
-//! cargo bench --bench echo -- [--quick] [--scenario NAME]... [--duration SECS] [--warmup SECS] [--rounds N]
+//! cargo bench --bench echo -- [--quick] [--scenario NAME]... [--duration SECS] [--warmup SECS] [--rounds N] [--shared]
 //! ```
+//!
+//! `--shared` serves the echo plugin as a tenant in shared instance mode
+//! (one instance for every connection, so no instantiation per connection).
 //!
 //! Each server process is pinned to one core; wharf runs one tokio worker
 //! (`TOKIO_WORKER_THREADS=1`), each baseline one current-thread runtime
@@ -187,6 +190,8 @@ struct Options {
     smoke: bool,
     /// `--instructions`: callgrind instruction counts instead of timings.
     instructions: Option<InstrOptions>,
+    /// `--shared`: wharf serves the echo plugin in shared instance mode.
+    shared: bool,
 }
 
 impl Options {
@@ -201,6 +206,7 @@ impl Options {
             rounds: 1,
             smoke: true,
             instructions: None,
+            shared: false,
         }
     }
 }
@@ -212,10 +218,12 @@ fn parse_options(args: &[String]) -> Result<Options> {
     let mut warmup = None;
     let mut rounds = 1;
     let mut instructions: Option<InstrOptions> = None;
+    let mut shared = false;
     let mut it = args.iter().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => quick = true,
+            "--shared" => shared = true,
             "--scenario" => {
                 let v = it.next().context("--scenario needs a name")?;
                 names.extend(v.split(',').map(str::to_owned));
@@ -309,6 +317,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         rounds,
         smoke: false,
         instructions,
+        shared,
     })
 }
 
@@ -1461,7 +1470,18 @@ struct Row {
 }
 
 async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
-    let setup = Setup::new(pinning, "")?;
+    let extra = if opts.shared {
+        format!(
+            "[[tenant]]\nname = \"echo\"\nplugin = {:?}\nroutes = [\"/\"]\ninstance = \"shared\"\n",
+            format!("{}/echo.wasm", wharf::bundled::PLUGIN_DIR)
+        )
+    } else {
+        String::new()
+    };
+    let setup = Setup::new(pinning, &extra)?;
+    if opts.shared {
+        println!("wharf serves the echo plugin in shared instance mode");
+    }
     let fmt_core = |c: Option<usize>| c.map_or("unpinned".to_owned(), |c| format!("core {c}"));
     println!(
         "echo bench: {} scenarios, warm-up {:?} + measure {:?} each{}",
