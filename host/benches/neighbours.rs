@@ -154,6 +154,12 @@ impl Server {
         Ok(text
             .lines()
             .filter(|l| l.contains("tenant=\"bad\"") && !l.starts_with('#'))
+            // The breaches, not the traffic.
+            .filter(|l| {
+                ["failures", "refusals", "log_dropped"]
+                    .iter()
+                    .any(|s| l.contains(s))
+            })
             .filter_map(|l| {
                 let (series, value) = l.rsplit_once(' ')?;
                 Some((series.to_owned(), value.parse().ok()?))
