@@ -325,7 +325,11 @@ async fn a_watched_plugin_file_redeploys_its_tenant() {
         if ask(&mut ws, "b").await == "v2:b" {
             break;
         }
-        assert!(Instant::now() < deadline, "not redeployed:\n{}", server.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "not redeployed:\n{}",
+            server.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Drained: the connection from before stays on v1.

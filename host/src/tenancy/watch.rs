@@ -49,7 +49,10 @@ pub fn spawn(
     })?;
     let mut dirs = HashSet::new();
     for (_, file) in &files {
-        let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = file
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         if dirs.insert(dir.to_owned()) {
             watcher.watch(dir, RecursiveMode::NonRecursive)?;
         }
@@ -58,7 +61,10 @@ pub fn spawn(
         .iter()
         .map(|(tenant, file)| (absolute(file), tenant.clone()))
         .collect();
-    tracing::info!(files = by_file.len(), "watching plugin files; a change redeploys its tenant");
+    tracing::info!(
+        files = by_file.len(),
+        "watching plugin files; a change redeploys its tenant"
+    );
     tokio::spawn(async move {
         // The watcher lives as long as this task.
         let _watcher = watcher;
@@ -97,10 +103,17 @@ async fn redeploy(tenants: &Arc<Tenants>, tenant: String, path: PathBuf) {
     .await;
     match result {
         Ok(Ok(outcome)) => {
-            tracing::info!(tenant = outcome.tenant, sha256 = &outcome.sha256[..16], "plugin file changed: redeployed")
+            tracing::info!(
+                tenant = outcome.tenant,
+                sha256 = &outcome.sha256[..16],
+                "plugin file changed: redeployed"
+            )
         }
         Ok(Err(err)) => {
-            tracing::warn!(err = format!("{err:#}"), "plugin file changed but cannot be deployed; the running version keeps serving")
+            tracing::warn!(
+                err = format!("{err:#}"),
+                "plugin file changed but cannot be deployed; the running version keeps serving"
+            )
         }
         Err(err) => tracing::error!(%err, "redeploy task failed"),
     }
