@@ -289,10 +289,6 @@ impl Plugin {
         &self.spec.tenant
     }
 
-    pub fn limits(&self) -> &InstanceLimits {
-        &self.spec.limits
-    }
-
     pub fn cpu_share(&self) -> &Arc<CpuShare> {
         &self.spec.cpu_share
     }

@@ -48,10 +48,6 @@ impl SharedInstance {
         }
     }
 
-    pub fn plugin(&self) -> &Arc<Plugin> {
-        &self.plugin
-    }
-
     /// Connection `id` joins the instance (made now if there is none);
     /// `wake` is notified when another call queues sends for it or the
     /// instance fails. Returns the generation it joined.
