@@ -6,17 +6,25 @@
 //! next tick instead of yielding, the tenant's next events wait for it to
 //! refill and its new upgrades get 503, so a tenant whose plugins spin (or
 //! that reconnects each time it is cut) cannot take the cores from the
-//! others.
+//! others. A tenant that went over its share within the last
+//! [`PENALTY`] is *penalized*: its message calls run on the
+//! [idle pool](super::idle_pool), off the workers everyone else needs.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// How much unused share a tenant may save up, in wall time.
-const BURST_PER_SECOND: i64 = 10;
+/// How much unused share a tenant may save up: 1/50 of a second of it
+/// (short, so that a call that spins is penalized within milliseconds).
+const BURST_PER_SECOND: i64 = 50;
 
 /// Longest a single event waits for its tenant's bucket: past it the
 /// event runs anyway (the wait is a brake, never a hang).
 const MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a tenant stays penalized after it last went over its share:
+/// long enough that a tenant spinning in slices (over, throttled, under,
+/// over again) stays off the workers throughout.
+pub const PENALTY: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct CpuShare {
@@ -28,6 +36,8 @@ pub struct CpuShare {
     level: AtomicI64,
     /// When `level` was last refilled, in microseconds since `start`.
     refilled: AtomicU64,
+    /// Until when the tenant is penalized, in microseconds since `start`.
+    penalized_until: AtomicU64,
     start: Instant,
 }
 
@@ -41,6 +51,7 @@ impl CpuShare {
             capacity,
             level: AtomicI64::new(capacity),
             refilled: AtomicU64::new(0),
+            penalized_until: AtomicU64::new(0),
             start: Instant::now(),
         }
     }
@@ -53,14 +64,28 @@ impl CpuShare {
     pub fn charge(&self, used: Duration) {
         if self.is_limited() {
             let used = i64::try_from(used.as_micros()).unwrap_or(i64::MAX);
-            self.level.fetch_sub(used, Ordering::Relaxed);
+            let before = self.level.fetch_sub(used, Ordering::Relaxed);
+            if before.saturating_sub(used) < 0 {
+                let until = self.now().saturating_add(PENALTY.as_micros() as u64);
+                self.penalized_until.fetch_max(until, Ordering::Relaxed);
+            }
         }
+    }
+
+    /// Whether the tenant went over its share within the last [`PENALTY`].
+    pub fn penalized(&self) -> bool {
+        self.is_limited() && self.now() < self.penalized_until.load(Ordering::Relaxed)
+    }
+
+    /// Microseconds since `start`.
+    fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
     /// The bucket's level now (µs), after adding what the time since the
     /// last refill earned.
     fn refill(&self) -> i64 {
-        let now = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let now = self.now();
         let last = self.refilled.load(Ordering::Relaxed);
         let earned =
             i64::try_from((now.saturating_sub(last) as u128 * self.rate as u128) / 1_000_000)
@@ -109,10 +134,12 @@ mod tests {
     fn debt_makes_events_wait_and_time_repays_it() {
         let share = CpuShare::new(0.5);
         assert!(!share.exhausted());
+        assert!(!share.penalized());
         assert_eq!(share.wait(), Duration::ZERO);
-        // 50 ms is the burst; 175 ms leaves 125 ms owed, 250 ms to repay.
-        share.charge(Duration::from_millis(175));
+        // 10 ms is the burst; 135 ms leaves 125 ms owed, 250 ms to repay.
+        share.charge(Duration::from_millis(135));
         assert!(share.exhausted());
+        assert!(share.penalized());
         let wait = share.wait();
         assert!(
             wait > Duration::from_millis(200) && wait <= Duration::from_millis(250),
@@ -120,9 +147,12 @@ mod tests {
         );
         std::thread::sleep(Duration::from_millis(600));
         assert!(!share.exhausted());
+        // Repaid, but still within the penalty.
+        assert!(share.penalized());
         let unlimited = CpuShare::new(0.0);
         unlimited.charge(Duration::from_secs(100));
         assert!(!unlimited.exhausted());
+        assert!(!unlimited.penalized());
         assert_eq!(unlimited.wait(), Duration::ZERO);
     }
 }

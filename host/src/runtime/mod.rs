@@ -9,6 +9,7 @@ pub mod config_host;
 pub mod connection_host;
 pub mod cpu_share;
 pub mod engine;
+pub mod idle_pool;
 pub mod limits;
 pub mod log_stream;
 pub mod peers_host;
@@ -18,8 +19,8 @@ pub mod shared;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use wasmtime::component::{Func, HasSelf, InstancePre, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, Store, UpdateDeadline};
@@ -361,6 +362,8 @@ impl Plugin {
             cpu: limits.cpu,
             cpu_used: Duration::ZERO,
             running_since: Arc::new(AtomicU64::new(0)),
+            movable: false,
+            moved: Arc::new(AtomicBool::new(false)),
             share: self.spec.cpu_share.clone(),
             conns,
             current: conn_id,
@@ -383,8 +386,19 @@ impl Plugin {
             }
             // Give the worker thread back between ticks, so a plugin that
             // spins cannot starve other connections' I/O; a tenant over its
-            // CPU share sleeps for about what it ran over.
+            // CPU share sleeps for about what it ran over, or, if the call
+            // can move, goes on on the idle pool.
             let resumed = state.running_since.clone();
+            if state.movable && state.share.penalized() && !idle_pool::on_idle_thread() {
+                state.moved.store(true, Ordering::Relaxed);
+                return Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(async move {
+                        tokio::task::yield_now().await;
+                        resumed.store(idle_pool::slice_clock_micros(), Ordering::Relaxed);
+                    }),
+                ));
+            }
             let pause = state.share.wait().min(MAX_THROTTLE);
             Ok(UpdateDeadline::YieldCustom(
                 1,
@@ -394,7 +408,7 @@ impl Plugin {
                     } else {
                         tokio::time::sleep(pause).await;
                     }
-                    resumed.store(monotonic_micros(), Ordering::Relaxed);
+                    resumed.store(idle_pool::slice_clock_micros(), Ordering::Relaxed);
                 }),
             ))
         });
@@ -402,7 +416,7 @@ impl Plugin {
         store
             .data()
             .running_since
-            .store(monotonic_micros(), Ordering::Relaxed);
+            .store(idle_pool::slice_clock_micros(), Ordering::Relaxed);
         let instance =
             tokio::time::timeout(limits.cpu.wall, self.pre.instantiate_async(&mut store))
                 .await
@@ -435,13 +449,6 @@ const DEFAULT_LOG_LINES_PER_SECOND: u32 = 1000;
 /// Host resources (connection, streams, pollables) one instance may hold.
 pub const MAX_HOST_RESOURCES: usize = 1024;
 
-/// Microseconds on a monotonic clock, as an atomic can hold them.
-fn monotonic_micros() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let start = *START.get_or_init(Instant::now);
-    u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
-}
-
 /// Everything a plugin instance's store holds.
 pub struct HostState {
     wasi: WasiCtx,
@@ -457,9 +464,15 @@ pub struct HostState {
     cpu: CpuBudget,
     /// CPU time the current call has used, as of its last epoch check.
     cpu_used: Duration,
-    /// When the current call last started running ([`monotonic_micros`]);
+    /// When the current call last started running
+    /// ([`idle_pool::slice_clock_micros`]);
     /// shared with the yield future, which resets it on resuming.
     running_since: Arc<AtomicU64>,
+    /// Whether the current call may move to the idle pool (see
+    /// [`PluginInstance::movable`]).
+    movable: bool,
+    /// Set at the tick where a movable call should move.
+    moved: Arc<AtomicBool>,
     /// The tenant's CPU share, charged with what the calls run.
     share: Arc<CpuShare>,
     /// The connections this instance serves (one, unless it is shared):
@@ -474,7 +487,7 @@ impl HostState {
     /// Adds the time run since the call started or resumed to the call's
     /// CPU time and to the tenant's share.
     fn settle(&mut self) {
-        let now = monotonic_micros();
+        let now = idle_pool::slice_clock_micros();
         let since = self.running_since.swap(now, Ordering::Relaxed);
         let ran = Duration::from_micros(now.saturating_sub(since));
         self.cpu_used += ran;
@@ -571,12 +584,23 @@ impl PluginInstance {
             .expect("connection entry lives as long as its store")
     }
 
+    /// Lets the next call move to the [idle pool](idle_pool) at a tick
+    /// where its tenant is over its CPU share: the caller owns the call's
+    /// future and runs it with [`idle_pool::run_movable`] and the flag
+    /// returned.
+    pub fn movable(&mut self) -> Arc<AtomicBool> {
+        let state = self.store.data_mut();
+        state.movable = true;
+        state.moved.store(false, Ordering::Relaxed);
+        state.moved.clone()
+    }
+
     fn arm(&mut self) -> Resource<ConnectionEntry> {
         let state = self.store.data_mut();
         state.cpu_used = Duration::ZERO;
         state
             .running_since
-            .store(monotonic_micros(), Ordering::Relaxed);
+            .store(idle_pool::slice_clock_micros(), Ordering::Relaxed);
         self.store.set_epoch_deadline(1);
         Resource::new_borrow(self.conn.rep())
     }
@@ -592,7 +616,9 @@ impl PluginInstance {
         match result {
             Ok(r) => {
                 // The time since the last tick, for the tenant's CPU share.
-                self.store.data_mut().settle();
+                let state = self.store.data_mut();
+                state.settle();
+                state.movable = false;
                 self.finish(r)
             }
             // Abandoned: it was waiting (a blocked wasi:io/poll), since a

@@ -25,6 +25,7 @@ use crate::metrics::Tally;
 use crate::runtime::batch_handler::Message;
 use crate::runtime::bindings::{Header, UpgradeRequest, UpgradeResponse};
 use crate::runtime::cpu_share::CpuShare;
+use crate::runtime::idle_pool;
 use crate::runtime::pubsub_host::Mailbox;
 use crate::runtime::{Plugin, PluginError, PluginInstance};
 use crate::tenancy::Tenant;
@@ -1082,6 +1083,23 @@ async fn call_with(
     if !wait.is_zero() {
         tokio::time::sleep(wait).await;
     }
+    // A tenant with a CPU share (a server with several) runs its calls so
+    // that they can leave the workers; a message too large to copy cheaply
+    // stays (its tenant's share still throttles it).
+    if slots.share.is_limited()
+        && slots.handler.is_own()
+        && last.is_none_or(|m| m.len() <= MOVABLE_MAX)
+    {
+        let mut instance = match slots.handler.acquire(slots.plugin, slots.id).await {
+            Err(err) => return Some(Err(err)),
+            Ok(None) => return None,
+            Ok(Some(instance)) => instance,
+        };
+        Conn::sync_outbox(&mut instance, backlog, state);
+        drop(instance);
+        let penalized = slots.share.penalized();
+        return Some(call_movable(slots.handler, inbox, last, penalized).await);
+    }
     match slots.handler.acquire(slots.plugin, slots.id).await {
         Err(err) => Some(Err(err)),
         Ok(None) => None,
@@ -1096,6 +1114,58 @@ async fn call_with(
             }
             Some(r)
         }
+    }
+}
+
+/// Largest message copied for a call that may move off the workers.
+const MOVABLE_MAX: usize = 64 * 1024;
+
+/// A call that may leave the workers for the
+/// [idle pool](crate::runtime::idle_pool): the connection's own instance
+/// and a copy of the messages go with it, and come back when it is done.
+/// A tenant over its share of late (`penalized`) starts there; any other
+/// starts here and moves at the first tick where its tenant is over.
+async fn call_movable(
+    handler: &mut Handler,
+    inbox: &Inbox,
+    last: Option<Message<'_>>,
+    penalized: bool,
+) -> Result<(), PluginError> {
+    let Some(mut instance) = handler.lend() else {
+        return Ok(());
+    };
+    let mut owned = Inbox::default();
+    for message in inbox.messages(last) {
+        owned.push(message);
+    }
+    let moved = instance.movable();
+    let call = async move {
+        let messages = owned.messages(None);
+        let r = match messages.as_slice() {
+            [one] => instance.on_message(*one).await,
+            all => instance.on_messages(all).await,
+        };
+        // A failed instance is dropped where it ran: freeing what a hostile
+        // one grew (its memory slot's reset, a large attachment) is work
+        // the workers should not do for it.
+        (r.is_ok().then_some(instance), r)
+    };
+    let done = if penalized {
+        idle_pool::run(call).await
+    } else {
+        idle_pool::run_movable(call, &moved).await
+    };
+    match done {
+        Ok((instance, r)) => {
+            if let Some(instance) = instance {
+                handler.restore(instance);
+            }
+            r
+        }
+        // It panicked: the instance went with it.
+        Err(err) => Err(PluginError::Trap(anyhow::anyhow!(
+            "call on the idle pool failed: {err}"
+        ))),
     }
 }
 

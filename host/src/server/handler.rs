@@ -107,6 +107,27 @@ impl Handler {
         }
     }
 
+    /// Per-connection mode.
+    pub fn is_own(&self) -> bool {
+        matches!(self, Handler::Own { .. })
+    }
+
+    /// The connection's own live instance, taken out for a call that runs
+    /// on another runtime (the idle pool); [`Handler::restore`] puts it
+    /// back. `None` in shared mode, or with no live instance.
+    pub fn lend(&mut self) -> Option<PluginInstance> {
+        match self {
+            Handler::Own { instance, .. } => instance.take(),
+            Handler::Shared(_) => None,
+        }
+    }
+
+    pub fn restore(&mut self, lent: PluginInstance) {
+        if let Handler::Own { instance, .. } = self {
+            *instance = Some(lent);
+        }
+    }
+
     /// After a failed call: a connection's own instance is dropped (a
     /// shared one was dropped while held, see [`Acquired::fail`]).
     pub fn bury(&mut self) {
