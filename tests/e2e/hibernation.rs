@@ -50,3 +50,99 @@ async fn hibernated_connection_resumes_with_its_state_ws() {
 async fn hibernated_connection_resumes_with_its_state_wss() {
     resumes_with_its_state(true).await;
 }
+
+/// A hibernated connection that cannot wake because every instance slot is
+/// taken is closed with 1013 (Try Again Later), counted as a `pool`
+/// failure; the connection holding the slot is not disturbed. The server
+/// runs in this process with a pool of one slot for two connections (in a
+/// served configuration the pool follows `server.max_connections`, and
+/// components with many core instances or memories exhaust it first).
+#[tokio::test]
+async fn a_hibernated_connection_that_cannot_wake_gets_1013() {
+    use std::sync::Arc;
+
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use wharf::config::Config;
+    use wharf::metrics::Metrics;
+    use wharf::runtime::{Runtime, RuntimeConfig};
+    use wharf::tenancy::{self, Tenants};
+
+    use crate::support::{cache_dir, plugin_path};
+
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n\
+         [server]\nmax_connections = 2\n\
+         [plugin]\npath = {echo:?}\ncache_dir = {cache:?}\nhibernate_after = \"100ms\"\n",
+        echo = plugin_path("echo").display().to_string(),
+        cache = cache_dir().display().to_string(),
+    );
+    let config: Config = toml::from_str(&text).unwrap();
+    config.validate().unwrap();
+    let runtime = Runtime::new(RuntimeConfig {
+        max_instances: 1,
+        limits: tenancy::runtime_limits(&config),
+        cache_dir: Some(cache_dir()),
+        concurrency_support: false,
+        keep_resident: 64 << 10,
+    })
+    .unwrap();
+    let metrics = Metrics::new();
+    let tenants = Arc::new(Tenants::load(&config, Arc::new(runtime), metrics.clone()).unwrap());
+    let server = wharf::server::Server::start(&config, tenants, metrics.clone())
+        .await
+        .unwrap();
+    let addr = server.bound()[0].address;
+    let connect = || async move {
+        let req = format!("ws://127.0.0.1:{}/", addr.port())
+            .into_client_request()
+            .unwrap();
+        crate::support::connect(addr, None, req).await.unwrap().0
+    };
+
+    let mut sleeper = connect().await;
+    send_text(&mut sleeper, "before").await;
+    assert_eq!(recv_text(&mut sleeper).await, "before");
+    // Past hibernate_after its slot is free, and the busy one takes it,
+    // keeping it by never idling that long.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut busy = connect().await;
+    let keep_busy = tokio::spawn(async move {
+        for i in 0..40 {
+            let text = format!("busy {i}");
+            send_text(&mut busy, &text).await;
+            assert_eq!(recv_text(&mut busy).await, text);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        busy
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sleeper.send(Message::text("wake up")).await.unwrap();
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), sleeper.next())
+            .await
+            .expect("an answer within 5 s")
+        {
+            Some(Ok(Message::Close(frame))) => break frame.expect("a close code"),
+            Some(Ok(Message::Text(t))) => panic!("woke without a slot: {t}"),
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close.code, CloseCode::Again, "{close:?}");
+    // The connection with the slot kept being served throughout.
+    let mut busy = keep_busy.await.unwrap();
+    send_text(&mut busy, "after").await;
+    assert_eq!(recv_text(&mut busy).await, "after");
+    let text = metrics.render();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("wharf_plugin_failures_total{")
+                && l.contains("kind=\"pool\"")
+                && l.ends_with(" 1")),
+        "{text}"
+    );
+    server.shutdown().await;
+}
