@@ -70,9 +70,10 @@ pub struct TenantConfig {
     pub watch: bool,
 }
 
-/// WASI capabilities a tenant's plugin is granted. By default none: no
-/// environment variables, no files (clocks and random are always there).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+/// WASI capabilities a tenant's plugin is granted. By default no
+/// environment variables and no files; the clocks and random (capped) are
+/// there, since every language runtime reads them as it starts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WasiGrants {
     /// Environment variables the plugin sees, by name, with the server's
@@ -80,6 +81,20 @@ pub struct WasiGrants {
     pub env: Vec<String>,
     /// A directory the plugin may read (not write), as `/data`.
     pub dir: Option<PathBuf>,
+    /// `false`: the wall clock reads the Unix epoch, always (the monotonic
+    /// clock, which timeouts need, still runs), so a plugin cannot learn
+    /// the date or stamp anything with it.
+    pub wall_clock: bool,
+}
+
+impl Default for WasiGrants {
+    fn default() -> Self {
+        Self {
+            env: Vec::new(),
+            dir: None,
+            wall_clock: true,
+        }
+    }
 }
 
 /// How a tenant's connections map onto plugin instances.

@@ -366,7 +366,7 @@ async fn wasi_grants_are_per_tenant_and_read_only() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("hello.txt"), "hi from the host").unwrap();
     let granted = format!(
-        "[tenant.wasi]\nenv = [\"RUST_LOG\", \"WHARF_NOT_SET_ANYWHERE\"]\ndir = {:?}\n",
+        "[tenant.wasi]\nenv = [\"RUST_LOG\", \"WHARF_NOT_SET_ANYWHERE\"]\ndir = {:?}\nwall_clock = false\n",
         dir.path().display().to_string()
     );
     let server = start(&[
@@ -388,6 +388,10 @@ async fn wasi_grants_are_per_tenant_and_read_only() {
     assert_eq!(ask(&mut g, "read /etc/passwd").await, "err");
     assert_eq!(ask(&mut p, "env RUST_LOG").await, "none");
     assert_eq!(ask(&mut p, "read /data/hello.txt").await, "err");
+    // The wall clock: withheld (the epoch) and granted (today).
+    assert_eq!(ask(&mut g, "now").await, "0");
+    let now: u64 = ask(&mut p, "now").await.parse().unwrap();
+    assert!(now > 1_700_000_000, "{now}");
 }
 
 #[tokio::test]

@@ -60,13 +60,39 @@ pub struct PluginSpec {
     pub wasi: Arc<WasiGrants>,
 }
 
-/// WASI capabilities an instance is granted beyond clocks and random.
-#[derive(Debug, Clone, Default)]
+/// WASI capabilities an instance is granted beyond the monotonic clock and
+/// random.
+#[derive(Debug, Clone)]
 pub struct WasiGrants {
     /// Environment variables, names and values.
     pub env: Vec<(String, String)>,
     /// A directory readable (only) at [`WASI_DIR`].
     pub dir: Option<std::path::PathBuf>,
+    /// `false`: the wall clock is frozen at the Unix epoch.
+    pub wall_clock: bool,
+}
+
+impl Default for WasiGrants {
+    fn default() -> Self {
+        Self {
+            env: Vec::new(),
+            dir: None,
+            wall_clock: true,
+        }
+    }
+}
+
+/// The wall clock of a plugin not granted one: always the Unix epoch.
+struct Epoch;
+
+impl wasmtime_wasi::HostWallClock for Epoch {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// Where a granted directory appears to the plugin.
@@ -337,6 +363,9 @@ impl Plugin {
             // call that copies megabytes.
             .max_random_size(MAX_RANDOM_BYTES)
             .envs(&self.spec.wasi.env);
+        if !self.spec.wasi.wall_clock {
+            wasi.wall_clock(Epoch);
+        }
         if let Some(dir) = &self.spec.wasi.dir {
             wasi.preopened_dir(dir, WASI_DIR, wasmtime_wasi::FsPerms::ReadOnly)
                 .map_err(|e| PluginError::Instantiate(e.into()))?;

@@ -169,6 +169,7 @@ impl Tenants {
                         .filter_map(|name| Some((name.clone(), std::env::var(name).ok()?)))
                         .collect(),
                     dir: tenant.wasi.dir.clone(),
+                    wall_clock: tenant.wasi.wall_clock,
                 }),
             };
             let plugin = match &tenant.plugin {

@@ -14,7 +14,8 @@
 //!   or "none"; "settings": every "key=value", joined by ";".
 //! - "env NAME": answers the environment variable NAME, or "none"; "read
 //!   PATH": the file's text, or "err"; "write PATH": "ok" or "err" (what
-//!   the tenant's WASI grants allow).
+//!   the tenant's WASI grants allow); "now": the wall clock's seconds
+//!   since the Unix epoch.
 //! - "id": answers the connection's id; "peer ID TEXT": sends TEXT to
 //!   connection ID (`wharf:websocket/peers`), answering "peer ok" or
 //!   "peer err=<error>".
@@ -114,6 +115,12 @@ impl Guest for Chaos {
         if let Some(path) = text.strip_prefix("write ") {
             let done = std::fs::write(path, b"x").map_or("err", |()| "ok");
             return log_err(conn, conn.send_text(done));
+        }
+        if text == "now" {
+            let now = std::time::SystemTime::UNIX_EPOCH
+                .elapsed()
+                .map_or(0, |d| d.as_secs());
+            return log_err(conn, conn.send_text(&now.to_string()));
         }
         if text == "id" {
             return log_err(conn, conn.send_text(&conn.id().to_string()));
