@@ -1,6 +1,9 @@
 //! Cost of the sandbox itself: instantiating a plugin for a connection, and
 //! one event call into it, with and without wasmtime's component-model-async
-//! bookkeeping (`Config::concurrency_support`), in the same run.
+//! bookkeeping (`Config::concurrency_support`), in the same run; then the
+//! cost of resetting a freed slot for the next instance (maybe another
+//! tenant's) by `plugin.keep_resident`: that many bytes are zeroed with a
+//! memset, the rest returned to the OS (madvise) and faulted in again.
 //!
 //! `cargo bench --bench runtime` (add `-- --quick` for a shorter run).
 //! Under `cargo test` (no `--bench` argument) it is a smoke run of a few
@@ -19,7 +22,7 @@ struct Figures {
     call_1k_ns: f64,
 }
 
-fn runtime(concurrency_support: bool) -> Runtime {
+fn runtime(concurrency_support: bool, keep_resident: usize) -> Runtime {
     Runtime::new(RuntimeConfig {
         max_instances: 64,
         limits: InstanceLimits {
@@ -36,7 +39,7 @@ fn runtime(concurrency_support: bool) -> Runtime {
         },
         cache_dir: None,
         concurrency_support,
-        keep_resident: 64 << 10,
+        keep_resident,
     })
     .expect("runtime")
 }
@@ -115,7 +118,7 @@ fn main() {
         .expect("tokio");
     let mut results = Vec::new();
     for concurrency in [false, true] {
-        let runtime = runtime(concurrency);
+        let runtime = runtime(concurrency, 64 << 10);
         let plugin = runtime
             .load("echo", wharf::bundled::ECHO)
             .expect("load echo");
@@ -140,6 +143,23 @@ fn main() {
         off.call_32_ns / on.call_32_ns,
         off.call_1k_ns / on.call_1k_ns
     );
+    println!();
+    println!(
+        "{:<28} {:>14}",
+        "keep_resident (slot reset)", "instantiate µs"
+    );
+    for keep in [0usize, 64 << 10, 1 << 20] {
+        let runtime = runtime(false, keep);
+        let plugin = runtime
+            .load("echo", wharf::bundled::ECHO)
+            .expect("load echo");
+        let f = rt.block_on(measure(&plugin, instances, 1, smoke));
+        println!(
+            "{:<28} {:>14.2}",
+            format!("{} KiB", keep >> 10),
+            f.instantiate_us
+        );
+    }
     if smoke {
         println!(
             "runtime smoke run passed in {:.1?} (cargo bench --bench runtime for figures)",
