@@ -50,10 +50,13 @@ enum Command {
     /// Serve WebSocket connections (with no options: the bundled echo handler
     /// on ws://127.0.0.1:8080).
     Serve(ServeArgs),
-    /// Find what `serve` would refuse at start-up, without serving: load the
-    /// configuration and every tenant's plugin, the certificates, the static
-    /// directory and the admin token, and bind (then release) every
-    /// listening address; print the route table, exit 0 if all is well.
+    /// Find what `serve` would refuse at start-up, without serving.
+    ///
+    /// Loads the configuration and every tenant's plugin, the certificates,
+    /// the static directory and the admin token, and binds (then releases)
+    /// every address `serve` would listen on; prints the route table and
+    /// exits 0 if all is well. A port in use fails it: run it with the
+    /// server stopped, or with --listen 127.0.0.1:0 to check the rest.
     Check(CheckArgs),
     /// Create a plugin project (an echo handler, the WIT and a build script)
     /// in Rust, Python, JavaScript, C or Go.
