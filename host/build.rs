@@ -26,6 +26,7 @@ fn main() {
     }
 
     ensure_wasm_target();
+    emit_versions(root, &wit);
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -103,4 +104,31 @@ fn ensure_wasm_target() {
     if !ok {
         panic!("the {WASM_TARGET} target is missing and `rustup target add {WASM_TARGET}` failed");
     }
+}
+
+/// `wharf --version` names the contract and the engine a plugin meets:
+/// the WIT package (`package wharf:websocket@X.Y.Z;` in `wit/`) and the
+/// wasmtime release that Cargo.lock resolved, read here so that neither is
+/// written down a second time.
+fn emit_versions(root: &Path, wit: &Path) {
+    let wit_file = wit.join("websocket.wit");
+    let text = std::fs::read_to_string(&wit_file).expect("read wit/websocket.wit");
+    let package = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("package ")?.strip_suffix(';'))
+        .expect("wit/websocket.wit declares its package");
+    println!("cargo:rustc-env=WHARF_WIT_PACKAGE={package}");
+
+    let lock_file = root.join("Cargo.lock");
+    println!("cargo:rerun-if-changed={}", lock_file.display());
+    let lock = std::fs::read_to_string(&lock_file).expect("read Cargo.lock");
+    let wasmtime = lock
+        .split("[[package]]")
+        .find_map(|entry| {
+            let mut lines = entry.lines().map(str::trim);
+            lines.find(|l| *l == "name = \"wasmtime\"")?;
+            lines.find_map(|l| l.strip_prefix("version = \"")?.strip_suffix('"'))
+        })
+        .expect("Cargo.lock has wasmtime");
+    println!("cargo:rustc-env=WHARF_WASMTIME_VERSION={wasmtime}");
 }

@@ -144,6 +144,7 @@ pub struct TenantLimits {
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// `ip:port` to bind, e.g. `"127.0.0.1:8080"` or `"[::]:443"`.
+    #[serde(deserialize_with = "socket_addr::deserialize")]
     pub address: SocketAddr,
     /// Serve `wss://` with this certificate and key; plain `ws://` if absent.
     pub tls: Option<TlsConfig>,
@@ -352,6 +353,7 @@ impl Default for PluginConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// `ip:port` to serve it on. Unset: no admin endpoint.
+    #[serde(deserialize_with = "socket_addr::deserialize_option")]
     pub listen: Option<SocketAddr>,
     /// A file whose content (trimmed) is the bearer token the API asks for;
     /// the environment variable `WHARF_ADMIN_TOKEN` overrides it. With
@@ -431,19 +433,168 @@ pub enum ConfigError {
     Invalid { key: String, problem: String },
 }
 
+/// The file `serve`, `check` and the admin commands read when neither
+/// `--config` nor `WHARF_CONFIG` names one, if it exists in the working
+/// directory.
+pub const DEFAULT_FILE: &str = "wharf.toml";
+
+/// The configuration file to read: the one named (`--config`, else
+/// `WHARF_CONFIG`: clap folds the two), else `./wharf.toml` if there is
+/// one, else none (the built-in defaults).
+pub fn locate(named: Option<&Path>) -> Option<PathBuf> {
+    if let Some(path) = named {
+        return Some(path.to_owned());
+    }
+    let default = Path::new(DEFAULT_FILE);
+    default.is_file().then(|| default.to_owned())
+}
+
+/// `ip:port` (`127.0.0.1:8080`, `[::1]:8080`, `0.0.0.0:443`), for the
+/// listeners and the admin API, in the file and on the command line alike.
+/// Host names are refused rather than resolved: `localhost` may resolve to
+/// `::1` and `127.0.0.1` both, and binding only one of them would surprise
+/// whoever connects to the other.
+pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "{text:?} is not an IP:PORT address (host names such as localhost are \
+             not resolved): write e.g. 127.0.0.1:8080, [::1]:8080 or 0.0.0.0:8080"
+        )
+    })
+}
+
+/// serde glue for [`parse_socket_addr`].
+mod socket_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        super::parse_socket_addr(&String::deserialize(d)?).map_err(D::Error::custom)
+    }
+
+    pub fn deserialize_option<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<SocketAddr>, D::Error> {
+        deserialize(d).map(Some)
+    }
+}
+
 impl Config {
-    /// Reads and validates a TOML file.
+    /// Reads and validates a TOML file. Relative paths in it are taken
+    /// relative to the file's directory (see [`resolve_paths`](Self::resolve_paths)).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(source),
         })?;
+        // `absolute` first, so that `wharf.toml`'s directory is the working
+        // directory's full path rather than "" (and errors name a full path).
+        let dir = std::path::absolute(path)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_owned))
+            .unwrap_or_default();
+        config.resolve_paths(&dir);
         config.validate()?;
         Ok(config)
+    }
+
+    /// Makes every relative path of the file relative to `dir`, the file's
+    /// directory, as most servers do: the same file means the same files
+    /// whatever directory the server starts in. Paths given on the command
+    /// line are not passed through here: they stay relative to the working
+    /// directory, like any command's arguments.
+    ///
+    /// The destructuring names every field, so that a new field fails to
+    /// compile here until someone decides whether it is a path.
+    pub fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = dir.join(&*path);
+            }
+        };
+        let fix_some = |path: &mut Option<PathBuf>| {
+            if let Some(path) = path {
+                fix(path);
+            }
+        };
+        let fix_wasi = |wasi: &mut WasiGrants| {
+            let WasiGrants { env: _, dir } = wasi;
+            fix_some(dir);
+        };
+        let Config {
+            listeners,
+            server: _,
+            websocket: _,
+            plugin,
+            admin,
+            static_files,
+            tenants,
+        } = self;
+        for tls in listeners.iter_mut().filter_map(|l| l.tls.as_mut()) {
+            let TlsConfig { cert, key, sni } = tls;
+            fix(cert);
+            fix(key);
+            for SniCertificate {
+                names: _,
+                cert,
+                key,
+            } in sni
+            {
+                fix(cert);
+                fix(key);
+            }
+        }
+        let PluginConfig {
+            path,
+            memory_limit: _,
+            cpu_time_per_event: _,
+            wall_time_per_event: _,
+            cpu_share: _,
+            log_lines_per_second: _,
+            allowed_origins: _,
+            settings: _,
+            wasi,
+            hibernate_after: _,
+            keep_resident: _,
+            cache_dir,
+        } = plugin;
+        fix_some(path);
+        fix_some(cache_dir);
+        fix_wasi(wasi);
+        let AdminConfig {
+            listen: _,
+            token_file,
+            max_upload_size: _,
+        } = admin;
+        fix_some(token_file);
+        let StaticFilesConfig {
+            dir: static_dir,
+            index: _,
+            max_file_size: _,
+        } = static_files;
+        fix_some(static_dir);
+        for tenant in tenants {
+            let TenantConfig {
+                name: _,
+                plugin,
+                routes: _,
+                instance: _,
+                allowed_origins: _,
+                limits: _,
+                settings: _,
+                wasi,
+                watch: _,
+            } = tenant;
+            fix(plugin);
+            if let Some(wasi) = wasi {
+                fix_wasi(wasi);
+            }
+        }
     }
 
     /// Checks the relations between keys that serde cannot see.
@@ -792,5 +943,81 @@ mod tests {
         let c: Config = toml::from_str("[plugin]\nmemory_limit = \"1KiB\"\n").unwrap();
         let err = c.validate().unwrap_err();
         assert!(err.to_string().contains("plugin.memory_limit"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let file = dir.path().join("wharf.toml");
+        std::fs::write(
+            &file,
+            r#"
+            [[listener]]
+            address = "127.0.0.1:0"
+            tls = { cert = "c.pem", key = "/abs/k.pem", sni = [{ names = ["a.test"], cert = "s.pem", key = "s-key.pem" }] }
+            [plugin]
+            path = "plugins/app.wasm"
+            cache_dir = "cache"
+            wasi = { dir = "data" }
+            [admin]
+            token_file = "secret/token"
+            [static_files]
+            dir = "static"
+            "#,
+        )
+        .unwrap();
+        let c = Config::load(&file).unwrap();
+        let d = dir.path();
+        let tls = c.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.cert, d.join("c.pem"));
+        assert_eq!(tls.key, Path::new("/abs/k.pem"), "absolute paths stay");
+        assert_eq!(tls.sni[0].cert, d.join("s.pem"));
+        assert_eq!(tls.sni[0].key, d.join("s-key.pem"));
+        assert_eq!(c.plugin.path.as_deref(), Some(&*d.join("plugins/app.wasm")));
+        assert_eq!(c.plugin.cache_dir.as_deref(), Some(&*d.join("cache")));
+        assert_eq!(c.plugin.wasi.dir.as_deref(), Some(&*data));
+        assert_eq!(
+            c.admin.token_file.as_deref(),
+            Some(&*d.join("secret/token"))
+        );
+        assert_eq!(c.static_files.dir.as_deref(), Some(&*d.join("static")));
+
+        let mut c: Config = toml::from_str(
+            "[[tenant]]\nname = \"a\"\nplugin = \"a.wasm\"\nroutes = [\"/\"]\nwasi = { dir = \"w\" }\n",
+        )
+        .unwrap();
+        c.resolve_paths(Path::new("/etc/wharf"));
+        assert_eq!(c.tenants[0].plugin, Path::new("/etc/wharf/a.wasm"));
+        let wasi = c.tenants[0].wasi.as_ref().unwrap();
+        assert_eq!(wasi.dir.as_deref(), Some(Path::new("/etc/wharf/w")));
+    }
+
+    #[test]
+    fn errors_name_the_resolved_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("wharf.toml");
+        std::fs::write(&file, "[plugin.wasi]\ndir = \"missing\"\n").unwrap();
+        let err = Config::load(&file).unwrap_err().to_string();
+        let resolved = dir.path().join("missing").display().to_string();
+        assert!(err.contains(&resolved), "{err}");
+    }
+
+    #[test]
+    fn host_names_are_refused_with_a_hint() {
+        let err = toml::from_str::<Config>("[[listener]]\naddress = \"localhost:8080\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("IP:PORT") && err.contains("127.0.0.1:8080"),
+            "{err}"
+        );
+        let err = toml::from_str::<Config>("[admin]\nlisten = \"localhost:9090\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("IP:PORT"), "{err}");
+        let c: Config = toml::from_str("[admin]\nlisten = \"[::1]:9090\"\n").unwrap();
+        assert_eq!(c.admin.listen, Some("[::1]:9090".parse().unwrap()));
     }
 }

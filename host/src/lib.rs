@@ -8,6 +8,17 @@
 //! - [`tenancy`] is the control plane's tenants: routes, origins, limits.
 //! - [`config`] is `wharf.toml`; [`metrics`] and [`admin`] make it observable.
 
+/// `wharf --version`: the host's version, the WIT package its plugins are
+/// built against and the wasmtime that runs them (both read by `build.rs`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (WIT ",
+    env!("WHARF_WIT_PACKAGE"),
+    ", wasmtime ",
+    env!("WHARF_WASMTIME_VERSION"),
+    ")"
+);
+
 pub mod admin;
 pub mod bundled;
 pub mod config;

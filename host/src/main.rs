@@ -1,7 +1,9 @@
 //! The `wharf` command line.
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -18,12 +20,29 @@ use wharf::tenancy::{self, Tenants};
 ///
 /// The host does TLS, the HTTP/1.1 upgrade and all of RFC 6455; each
 /// connection gets its own instance of the handler component, with its own
-/// memory and CPU limits. Logging is controlled with RUST_LOG (default "info").
+/// memory and CPU limits. Logging is controlled with RUST_LOG (default
+/// "info") and --log-format.
 #[derive(Parser)]
-#[command(version, about, long_about)]
+#[command(version = wharf::VERSION, about, long_about)]
 struct Cli {
+    /// Log lines on stderr as text (coloured only on a terminal, unless
+    /// NO_COLOR is set) or as JSON objects, one a line.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        env = "WHARF_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -31,8 +50,14 @@ enum Command {
     /// Serve WebSocket connections (with no options: the bundled echo handler
     /// on ws://127.0.0.1:8080).
     Serve(ServeArgs),
-    /// Load a configuration and its plugin, report problems, and exit.
-    Check(ServeArgs),
+    /// Find what `serve` would refuse at start-up, without serving.
+    ///
+    /// Loads the configuration and every tenant's plugin, the certificates,
+    /// the static directory and the admin token, and binds (then releases)
+    /// every address `serve` would listen on; prints the route table and
+    /// exits 0 if all is well. A port in use fails it: run it with the
+    /// server stopped, or with --listen 127.0.0.1:0 to check the rest.
+    Check(CheckArgs),
     /// Create a plugin project (an echo handler, the WIT and a build script)
     /// in Rust, Python, JavaScript, C or Go.
     New(wharf::scaffold::NewArgs),
@@ -44,21 +69,29 @@ enum Command {
     Rollback(wharf::admin::client::RollbackArgs),
 }
 
+/// Where `serve` and `check` get their addresses from: `IP:PORT` only
+/// (see [`config::parse_socket_addr`]).
+fn socket_addr(text: &str) -> Result<SocketAddr, String> {
+    config::parse_socket_addr(text)
+}
+
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Configuration file (TOML); see the README for every key.
+    /// Configuration file (TOML; see the README for every key). Default:
+    /// $WHARF_CONFIG, else ./wharf.toml if it exists, else built-in
+    /// defaults. Relative paths in it are relative to its directory.
     #[arg(short, long, value_name = "FILE", env = "WHARF_CONFIG")]
     config: Option<PathBuf>,
-    /// Listen on this address with plain ws:// instead of the configured
+    /// Listen on this IP:PORT with plain ws:// instead of the configured
     /// listeners (repeatable). Port 0 picks a free port; the bound address is
     /// printed on stdout as "listening on ws://ADDR".
-    #[arg(short, long, value_name = "ADDR")]
+    #[arg(short, long, value_name = "ADDR", value_parser = socket_addr)]
     listen: Vec<SocketAddr>,
     /// Handler component (.wasm) to serve instead of the configured one.
     #[arg(short, long, value_name = "PATH")]
     plugin: Option<PathBuf>,
-    /// Serve the admin API (health, metrics, tenants, hot swap) on this address.
-    #[arg(long, value_name = "ADDR")]
+    /// Serve the admin API (health, metrics, tenants, hot swap) on this IP:PORT.
+    #[arg(long, value_name = "ADDR", value_parser = socket_addr)]
     admin: Option<SocketAddr>,
     /// Answer plain HTTP GETs (not upgrades) with files from this directory,
     /// e.g. the page that opens the WebSocket.
@@ -69,28 +102,128 @@ struct ServeArgs {
     watch: bool,
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,cranelift=warn,wasmtime=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// Configuration file (TOML; see the README for every key). Default:
+    /// $WHARF_CONFIG, else ./wharf.toml if it exists, else built-in
+    /// defaults. Relative paths in it are relative to its directory.
+    #[arg(short, long, value_name = "FILE", env = "WHARF_CONFIG")]
+    config: Option<PathBuf>,
+    /// Check this IP:PORT (plain ws://) instead of the configured listeners
+    /// (repeatable): it must be free to bind.
+    #[arg(short, long, value_name = "ADDR", value_parser = socket_addr)]
+    listen: Vec<SocketAddr>,
+    /// Handler component (.wasm) to check instead of the configured one.
+    #[arg(short, long, value_name = "PATH")]
+    plugin: Option<PathBuf>,
+    /// Check that the admin API could listen on this IP:PORT (it must be
+    /// free to bind), instead of the configured [admin] listen.
+    #[arg(long, value_name = "ADDR", value_parser = socket_addr)]
+    admin: Option<SocketAddr>,
+    /// Check this static-files directory instead of the configured one.
+    #[arg(long = "static", value_name = "DIR")]
+    static_dir: Option<PathBuf>,
+}
+
+/// What `serve` and `check` take from the command line over the file.
+struct Overrides<'a> {
+    config: Option<&'a Path>,
+    listen: &'a [SocketAddr],
+    plugin: Option<&'a Path>,
+    admin: Option<SocketAddr>,
+    static_dir: Option<&'a Path>,
+}
+
+impl ServeArgs {
+    fn overrides(&self) -> Overrides<'_> {
+        Overrides {
+            config: self.config.as_deref(),
+            listen: &self.listen,
+            plugin: self.plugin.as_deref(),
+            admin: self.admin,
+            static_dir: self.static_dir.as_deref(),
+        }
+    }
+}
+
+impl CheckArgs {
+    fn overrides(&self) -> Overrides<'_> {
+        Overrides {
+            config: self.config.as_deref(),
+            listen: &self.listen,
+            plugin: self.plugin.as_deref(),
+            admin: self.admin,
+            static_dir: self.static_dir.as_deref(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    // Usage errors exit 2 here (clap); everything after is a runtime error: 1.
     let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // Not `main() -> Result`: that prints the chain twice (Display,
+            // then "Caused by:") and, with RUST_BACKTRACE=1, a host backtrace
+            // that says nothing about a user's mistake.
+            eprintln!("error: {}", report(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, each said once: many errors
+/// already include their source's text in their own (`cannot read X: No
+/// such file`), so a cause whose text is already there is left out.
+fn report(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,cranelift=warn,wasmtime=warn"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => {
+            // Escapes only for a person at a terminal: log files and the
+            // journal get plain text. NO_COLOR (no-color.org) turns them off there too.
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            logs.with_ansi(std::io::stderr().is_terminal() && !no_color)
+                .init()
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
     // Each connection is a socket: allow as many as the hard limit permits.
     if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(%err, "cannot raise the open-files limit");
     }
-    let (args, check_only) = match cli.command {
-        Command::Serve(a) => (a, false),
-        Command::Check(a) => (a, true),
-        Command::New(a) => return wharf::scaffold::run(&a),
-        Command::Status(a) => return wharf::admin::client::status(&a),
-        Command::Deploy(a) => return wharf::admin::client::deploy(&a),
-        Command::Rollback(a) => return wharf::admin::client::rollback(&a),
+    let (overrides, watch, check_only) = match &command {
+        Command::Serve(a) => (a.overrides(), a.watch, false),
+        Command::Check(a) => (a.overrides(), false, true),
+        Command::New(a) => return wharf::scaffold::run(a),
+        Command::Status(a) => return wharf::admin::client::status(a),
+        Command::Deploy(a) => return wharf::admin::client::deploy(a),
+        Command::Rollback(a) => return wharf::admin::client::rollback(a),
     };
-    let config = load_config(&args)?;
+    let config = load_config(&overrides)?;
     let runtime =
         Runtime::new(runtime_config(&config)).context("cannot start the plugin runtime")?;
     let metrics = Metrics::new();
@@ -99,13 +232,7 @@ fn main() -> anyhow::Result<()> {
     broker.set_counters(|reason| metrics.sends_refused_counter(reason));
     let tenants = Arc::new(Tenants::load(&config, Arc::new(runtime), metrics.clone())?);
     if check_only {
-        // What `serve` would refuse at start-up: the certificates too.
-        for listener in &config.listeners {
-            if let Some(tls) = &listener.tls {
-                wharf::server::tls::acceptor(tls)
-                    .with_context(|| format!("listener {}", listener.address))?;
-            }
-        }
+        check_startup(&config)?;
         let count = tenants.iter().count();
         println!("ok: configuration valid, {count} tenant(s), every plugin loads");
         print!("{}", tenants.describe());
@@ -115,12 +242,43 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .thread_name("wharf-worker")
         .build()?
-        .block_on(serve(config, tenants, metrics, args.watch))
+        .block_on(serve(config, tenants, metrics, watch))
 }
 
-fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
-    let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
+/// What `serve` would refuse at start-up beyond the configuration and the
+/// plugins (which `run` has loaded): each certificate, the static
+/// directory, the admin token, and every address it binds, all bound at
+/// once (so two listeners on one port are found too) and released.
+fn check_startup(config: &Config) -> anyhow::Result<()> {
+    for listener in &config.listeners {
+        if let Some(tls) = &listener.tls {
+            wharf::server::tls::acceptor(tls)
+                .with_context(|| format!("listener {}", listener.address))?;
+        }
+    }
+    wharf::server::static_files::StaticFiles::new(&config.static_files)?;
+    let mut held = Vec::new();
+    for listener in &config.listeners {
+        let socket = wharf::server::bind_std(listener.address)
+            .with_context(|| format!("cannot listen on {}", listener.address))?;
+        held.push(socket);
+    }
+    if let Some(addr) = config.admin.listen {
+        wharf::admin::AdminToken::load(&config.admin)?;
+        let socket = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen on {addr} (admin)"))?;
+        held.push(socket);
+    }
+    drop(held);
+    Ok(())
+}
+
+fn load_config(args: &Overrides<'_>) -> anyhow::Result<Config> {
+    let mut config = match config::locate(args.config) {
+        Some(path) => {
+            tracing::info!(path = %path.display(), "reading the configuration");
+            Config::load(&path)?
+        }
         None => Config::default(),
     };
     if !args.listen.is_empty() {
@@ -130,11 +288,11 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
             .map(|&address| ListenerConfig { address, tls: None })
             .collect();
     }
-    if let Some(path) = &args.plugin {
-        config.plugin.path = Some(path.clone());
+    if let Some(path) = args.plugin {
+        config.plugin.path = Some(path.to_owned());
     }
-    if let Some(dir) = &args.static_dir {
-        config.static_files.dir = Some(dir.clone());
+    if let Some(dir) = args.static_dir {
+        config.static_files.dir = Some(dir.to_owned());
     }
     if let Some(addr) = args.admin {
         config.admin.listen = Some(addr);
@@ -168,6 +326,16 @@ async fn serve(
         Some(_) => wharf::admin::AdminToken::load(&config.admin)?,
         None => None,
     };
+    // Bound before the listeners, so that a busy admin port stops start-up
+    // before anything says "listening on".
+    let admin_listener = match config.admin.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (admin)"))?,
+        ),
+        None => None,
+    };
     // GET /readyz: 503 until the listeners serve, and again once shutdown begins.
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let server = Server::start(&config, tenants.clone(), metrics.clone()).await?;
@@ -184,10 +352,7 @@ async fn serve(
     }
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
     let admin_stop = tokio_util::sync::CancellationToken::new();
-    if let Some(addr) = config.admin.listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} (admin)"))?;
+    if let Some(listener) = admin_listener {
         println!("admin on http://{}", listener.local_addr()?);
         if admin_token.is_none() {
             tracing::info!("no admin token: deploys and rollbacks are off");
@@ -230,4 +395,27 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read plugin x.wasm: {source}")]
+    struct Read {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn report_says_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let err = anyhow::Error::from(Read { source: io }).context("tenant default");
+        assert_eq!(
+            report(&err),
+            "tenant default: cannot read plugin x.wasm: No such file"
+        );
+        let err = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(report(&err), "outer: inner");
+    }
 }

@@ -107,18 +107,44 @@ pub fn run(args: &NewArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(&args.name));
     create(args.language, &args.name, &dir)?;
-    let shown = dir.display();
     println!(
-        "created {} plugin {:?} in {shown}",
-        args.language, args.name
+        "created {} plugin {:?} in {}",
+        args.language,
+        args.name,
+        dir.display()
     );
-    println!("  build:  cd {shown} && {}", args.language.build_command());
+    // Each line runs as written, one after the other: the paths after `cd`
+    // are the project's own.
+    println!("next:");
+    println!("  cd {}", dir.display());
+    println!("  {}", args.language.build_command());
     println!(
-        "  run:    wharf serve --plugin {}",
-        dir.join(args.language.wasm_path(&args.name)).display()
+        "  {} serve --plugin {}",
+        wharf_command(),
+        args.language.wasm_path(&args.name).display()
     );
-    println!("  (see {} for more)", dir.join("README.md").display());
+    println!("(see {} for more)", dir.join("README.md").display());
     Ok(())
+}
+
+/// How to run this binary again: `wharf` if that is what `PATH` finds,
+/// else its own path (run through `cargo run` or from `target/release`,
+/// `wharf` alone would be "command not found" or another version).
+fn wharf_command() -> String {
+    let Ok(me) = std::env::current_exe().and_then(|p| p.canonicalize()) else {
+        return "wharf".to_owned();
+    };
+    let on_path = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path)
+            .filter_map(|dir| dir.join("wharf").canonicalize().ok())
+            .next()
+            .is_some_and(|found| found == me)
+    });
+    if on_path {
+        "wharf".to_owned()
+    } else {
+        me.display().to_string()
+    }
 }
 
 /// One file of a scaffold.

@@ -8,8 +8,7 @@ use crate::support::*;
 #[tokio::test]
 async fn check_refuses_incomplete_plugin() {
     let out = wharf_cmd()
-        .arg("check")
-        .arg("--plugin")
+        .args(["check", "--listen", "127.0.0.1:0", "--plugin"])
         .arg(plugin_path("incomplete"))
         .output()
         .expect("run wharf check");
@@ -25,8 +24,7 @@ async fn check_refuses_incomplete_plugin() {
 
     // And the same command accepts a complete one.
     let out = wharf_cmd()
-        .arg("check")
-        .arg("--plugin")
+        .args(["check", "--listen", "127.0.0.1:0", "--plugin"])
         .arg(plugin_path("echo"))
         .output()
         .expect("run wharf check");

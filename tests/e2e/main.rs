@@ -11,6 +11,7 @@ mod batch;
 mod browser;
 mod capacity;
 mod chaos;
+mod cli;
 mod close;
 mod echo;
 mod handshake;

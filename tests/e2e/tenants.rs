@@ -140,7 +140,8 @@ fn conflicting_routes_are_a_config_error_naming_both() {
         + &tenant("two", "echo", &["ACME.test/chat"], "");
     std::fs::write(&config, text).unwrap();
     let out = wharf_cmd()
-        .args(["check", "--config"])
+        // Port 0: `check` binds the listeners (the default 8080 may be taken).
+        .args(["check", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config)
         .output()
         .unwrap();
@@ -158,7 +159,8 @@ fn check_prints_the_route_table() {
     let config = dir.path().join("wharf.toml");
     std::fs::write(&config, routing_tenants().concat()).unwrap();
     let out = wharf_cmd()
-        .args(["check", "--config"])
+        // Port 0: `check` binds the listeners (the default 8080 may be taken).
+        .args(["check", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config)
         .output()
         .unwrap();

@@ -94,8 +94,10 @@ pub fn wharf_cmd() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wharf"));
     cmd.env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
-        // The tests' own admin tokens, never the developer's.
+        // The tests' own admin tokens and configuration, never the developer's.
         .env_remove("WHARF_ADMIN_TOKEN")
+        .env_remove("WHARF_CONFIG")
+        .env_remove("WHARF_LOG_FORMAT")
         // `wharf check` has no cache_dir flag: keep its default cache out of $HOME.
         .env("XDG_CACHE_HOME", cache_dir());
     cmd

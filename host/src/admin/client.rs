@@ -45,7 +45,8 @@ pub struct Connection {
     /// config's [admin] token_file).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
-    /// The server's configuration file, for its [admin] listen and token_file.
+    /// The server's configuration file, for its [admin] listen and token_file
+    /// (default: $WHARF_CONFIG, else ./wharf.toml if it exists).
     #[arg(short, long, value_name = "FILE", env = "WHARF_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -143,8 +144,7 @@ struct Target {
 
 impl Target {
     fn resolve(args: &Connection) -> anyhow::Result<Target> {
-        let config = args
-            .config
+        let config = crate::config::locate(args.config.as_deref())
             .as_deref()
             .map(Config::load)
             .transpose()

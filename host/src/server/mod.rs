@@ -173,6 +173,13 @@ impl Shared {
 }
 
 fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(address)?)
+}
+
+/// A listener's socket bound as [`Server::start`] binds it, without the
+/// runtime: `wharf check` binds (and releases) them to find a port in use
+/// before `serve` meets it.
+pub fn bind_std(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(address),
         socket2::Type::STREAM,
@@ -185,7 +192,7 @@ fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&address.into())?;
     socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 async fn accept_loop(
