@@ -523,7 +523,11 @@ impl Config {
             }
         };
         let fix_wasi = |wasi: &mut WasiGrants| {
-            let WasiGrants { env: _, dir } = wasi;
+            let WasiGrants {
+                env: _,
+                dir,
+                wall_clock: _,
+            } = wasi;
             fix_some(dir);
         };
         let Config {
