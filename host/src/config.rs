@@ -186,9 +186,14 @@ pub struct ServerConfig {
     /// Connections served at once (each holds one plugin instance); further
     /// upgrade requests are answered 503.
     pub max_connections: u32,
-    /// Time a client has to send a complete upgrade request.
+    /// Time a connection has from its accept to being open: the TLS
+    /// handshake, the upgrade request, the plugin's upgrade and the 101.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Connections in their handshake at once; past it the oldest is
+    /// dropped, so sockets that never speak cannot take every file
+    /// descriptor. Keep it well under the process's descriptor limit.
+    pub max_pending_handshakes: usize,
     /// Largest upgrade request (request line and headers) accepted; larger is 431.
     pub max_request_size: ByteSize,
     /// Most header lines in an upgrade request; more is 431.
@@ -209,6 +214,7 @@ impl Default for ServerConfig {
         Self {
             max_connections: 10_000,
             handshake_timeout: Duration::from_secs(10),
+            max_pending_handshakes: 1024,
             max_request_size: ByteSize::kib(16),
             max_request_headers: 64,
             shutdown_timeout: Duration::from_secs(10),
@@ -627,7 +633,52 @@ impl Config {
         if self.server.handshake_timeout.is_zero() {
             return invalid("server.handshake_timeout", "must be more than 0s");
         }
+        if self.server.max_pending_handshakes == 0 {
+            return invalid("server.max_pending_handshakes", "must be at least 1");
+        }
+        // A deadline is now plus a duration: one too large to add to the
+        // clock would panic the connection that computes it.
+        let day = Duration::from_secs(24 * 3600);
         let ws = &self.websocket;
+        for (key, duration) in [
+            (
+                "server.handshake_timeout",
+                Some(self.server.handshake_timeout),
+            ),
+            (
+                "server.shutdown_timeout",
+                Some(self.server.shutdown_timeout),
+            ),
+            ("websocket.ping_interval", Some(ws.ping_interval)),
+            ("websocket.idle_timeout", Some(ws.idle_timeout)),
+            ("websocket.close_timeout", Some(ws.close_timeout)),
+            ("plugin.hibernate_after", Some(self.plugin.hibernate_after)),
+            (
+                "plugin.cpu_time_per_event",
+                Some(self.plugin.cpu_time_per_event),
+            ),
+            (
+                "plugin.wall_time_per_event",
+                self.plugin.wall_time_per_event,
+            ),
+        ]
+        .into_iter()
+        .chain(self.tenants.iter().flat_map(|t| {
+            [
+                (
+                    "tenant.limits.cpu_time_per_event",
+                    t.limits.cpu_time_per_event,
+                ),
+                (
+                    "tenant.limits.wall_time_per_event",
+                    t.limits.wall_time_per_event,
+                ),
+            ]
+        })) {
+            if duration.is_some_and(|d| d > day) {
+                return invalid(key, "must be at most 24h");
+            }
+        }
         if ws.fragment_size.is_some_and(|f| f.as_u64() == 0) {
             return invalid("websocket.fragment_size", "must be more than 0 when set");
         }

@@ -51,6 +51,8 @@ pub struct ServerOpts {
     pub plugin_limits: &'static str,
     /// Further tables, appended to the config as they are.
     pub extra: String,
+    /// The server process's file descriptor limit (`RLIMIT_NOFILE`).
+    pub max_open_files: Option<u64>,
 }
 
 impl ServerOpts {
@@ -62,6 +64,7 @@ impl ServerOpts {
             websocket: "",
             plugin_limits: "",
             extra: String::new(),
+            max_open_files: None,
         }
     }
 }
@@ -140,7 +143,25 @@ impl Server {
         let config_path = dir.path().join("wharf.toml");
         std::fs::write(&config_path, &config).unwrap();
 
-        let mut child = wharf_cmd()
+        let mut cmd = wharf_cmd();
+        if let Some(limit) = opts.max_open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit between fork and exec, which is
+            // async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rlim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .arg("serve")
             .arg("--config")
             .arg(&config_path)

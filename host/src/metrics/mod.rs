@@ -16,6 +16,7 @@
 //! |---|---|---|
 //! | `wharf_connections_accepted_total` | counter | `transport` = `ws` \| `wss` |
 //! | `wharf_connections_open` | gauge | |
+//! | `wharf_handshakes_pending` | gauge | |
 //! | `wharf_websocket_opened_total` | counter | |
 //! | `wharf_websocket_closed_total` | counter | `code`, `clean` = `true` \| `false` |
 //! | `wharf_handshake_failures_total` | counter | `status`, `reason` |
@@ -204,6 +205,7 @@ pub struct Metrics {
     accepted_ws: Counter,
     accepted_wss: Counter,
     open: Gauge,
+    pending: Gauge,
     opened: Counter,
     closed: Family<ClosedLabels, Counter>,
     handshake_failures: Family<HandshakeLabels, Counter>,
@@ -242,6 +244,12 @@ impl Metrics {
         );
 
         let open = Gauge::default();
+        let pending = Gauge::default();
+        registry.register(
+            "wharf_handshakes_pending",
+            "Connections accepted whose handshake (TLS, upgrade request, on-open) is not done",
+            pending.clone(),
+        );
         registry.register(
             "wharf_connections_open",
             "WebSocket connections currently open",
@@ -390,6 +398,7 @@ impl Metrics {
             accepted_ws,
             accepted_wss,
             open,
+            pending,
             opened,
             closed,
             handshake_failures,
@@ -423,6 +432,11 @@ impl Metrics {
     }
 
     /// The opening handshake succeeded: the connection is now a WebSocket.
+    /// Handshakes in progress now.
+    pub fn handshakes_pending(&self, n: usize) {
+        self.pending.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
     pub fn connection_opened(&self) {
         self.open.inc();
         self.opened.inc();

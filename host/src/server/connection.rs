@@ -21,6 +21,7 @@ use wharf_protocol::{CloseCode, CloseInfo, Event, HandshakeError, Request, State
 use super::Shared;
 use super::handler::Handler;
 use super::inbox::{self, Inbox};
+use super::pending::Handshake;
 use crate::metrics::Tally;
 use crate::runtime::batch_handler::Message;
 use crate::runtime::bindings::{Header, UpgradeRequest, UpgradeResponse};
@@ -48,15 +49,42 @@ const WRITE_SLICES: usize = 16;
 /// is in the host's log, not for the peer).
 const PLUGIN_FAILED: &str = "handler failed";
 
-pub(crate) async fn run<S>(stream: S, peer: SocketAddr, tls: bool, id: u64, shared: Arc<Shared>)
-where
+pub(crate) async fn run<S>(
+    stream: S,
+    peer: SocketAddr,
+    tls: bool,
+    id: u64,
+    shared: Arc<Shared>,
+    handshake: Handshake,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     // The upgrade's futures (request parsing, instantiation, on-upgrade) are
     // large and finished with once the connection is open: boxed, an open
     // connection's task does not carry their space for its whole life.
-    let opened = Box::pin(open(&mut reader, &mut writer, peer, tls, id, &shared)).await;
+    let open = Box::pin(open(
+        &mut reader,
+        &mut writer,
+        peer,
+        tls,
+        id,
+        &shared,
+        handshake.deadline,
+    ));
+    // One deadline for all of it (the request has its own 408 at the same
+    // moment; this one also bounds the plugin's upgrade and the 101).
+    let opened = tokio::select! {
+        biased;
+        opened = open => opened,
+        _ = shared.shutdown.cancelled() => None,
+        _ = handshake.evicted.cancelled() => None,
+        _ = tokio::time::sleep_until(handshake.deadline) => {
+            shared.metrics.handshake_failed(0, "timeout");
+            None
+        }
+    };
+    drop(handshake);
     let Some((mut conn, buf, permits)) = opened else {
         return;
     };
@@ -77,13 +105,14 @@ async fn open<R, W>(
     tls: bool,
     id: u64,
     shared: &Arc<Shared>,
+    deadline: tokio::time::Instant,
 ) -> Option<(Conn, BytesMut, Permits)>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(4096);
-    let (mut request, consumed) = read_request(reader, writer, &mut buf, shared).await?;
+    let (mut request, consumed) = read_request(reader, writer, &mut buf, shared, deadline).await?;
     buf.advance(consumed);
     let host = request.header("host");
     let Some(tenant) = shared.tenants.route(host, &request.path).cloned() else {
@@ -258,12 +287,12 @@ async fn read_request<R, W>(
     writer: &mut W,
     buf: &mut BytesMut,
     shared: &Shared,
+    deadline: tokio::time::Instant,
 ) -> Option<(Request, usize)>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let deadline = tokio::time::Instant::now() + shared.handshake_timeout;
     loop {
         match wharf_protocol::parse_request(buf, &shared.handshake) {
             Ok(Some(done)) => return Some(done),

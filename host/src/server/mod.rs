@@ -5,6 +5,7 @@ mod conn_id;
 mod connection;
 mod handler;
 mod inbox;
+mod pending;
 pub mod static_files;
 pub mod tls;
 pub mod tls_reload;
@@ -30,6 +31,8 @@ use crate::tenancy::Tenants;
 pub(crate) struct Shared {
     pub handshake: wharf_protocol::HandshakeLimits,
     pub handshake_timeout: Duration,
+    /// Connections in their handshake: capped, oldest evicted.
+    pub pending: Arc<pending::Pending>,
     /// Over how long `restart` swaps spread their 1012 closes.
     pub restart_window: Duration,
     /// How long a connection's send queue may stay full before 1008.
@@ -82,6 +85,7 @@ impl Server {
                 max_headers: config.server.max_request_headers,
             },
             handshake_timeout: config.server.handshake_timeout,
+            pending: pending::Pending::new(config.server.max_pending_handshakes, metrics.clone()),
             restart_window: config.server.restart_window,
             send_queue_grace: config.websocket.send_queue_grace,
             hibernate_after: config::nonzero(config.plugin.hibernate_after),
@@ -216,6 +220,9 @@ async fn accept_loop(
             }
         };
         shared.metrics.connection_accepted(tls.is_some());
+        // Taken before the task exists: past the cap the oldest pending
+        // handshake makes room.
+        let handshake = shared.pending.admit(shared.handshake_timeout);
         let shared = shared.clone();
         let tls = tls.clone();
         // Two task types, not one future for both: an async fn's state is
@@ -228,10 +235,10 @@ async fn accept_loop(
         // machine (kilobytes) several times while spawning it.
         match tls {
             None => tracker.spawn(Box::pin(
-                connection::run(stream, peer, false, id, shared).instrument(span),
+                connection::run(stream, peer, false, id, shared, handshake).instrument(span),
             )),
             Some(acceptor) => tracker.spawn(Box::pin(
-                serve_tls(stream, peer, acceptor, id, shared).instrument(span),
+                serve_tls(stream, peer, acceptor, id, shared, handshake).instrument(span),
             )),
         };
     }
@@ -244,25 +251,25 @@ async fn serve_tls(
     acceptor: TlsAcceptor,
     id: u64,
     shared: Arc<Shared>,
+    handshake: pending::Handshake,
 ) {
     // Boxed: the TLS handshake's future is large and short-lived.
-    let handshake = Box::pin(tokio::time::timeout(
-        shared.handshake_timeout,
-        acceptor.accept(stream),
-    ));
+    let accept = Box::pin(acceptor.accept(stream));
     let stream = tokio::select! {
         _ = shared.shutdown.cancelled() => return,
-        r = handshake => r,
-    };
-    match stream {
-        Ok(Ok(stream)) => connection::run(stream, peer, true, id, shared).await,
-        Ok(Err(err)) => {
-            tracing::debug!(id, %peer, %err, "TLS handshake failed");
-            shared.metrics.handshake_failed(0, "tls");
-        }
-        Err(_) => {
+        _ = handshake.evicted.cancelled() => return,
+        _ = tokio::time::sleep_until(handshake.deadline) => {
             tracing::debug!(id, %peer, "TLS handshake timed out");
             shared.metrics.handshake_failed(0, "timeout");
+            return;
+        }
+        r = accept => r,
+    };
+    match stream {
+        Ok(stream) => connection::run(stream, peer, true, id, shared, handshake).await,
+        Err(err) => {
+            tracing::debug!(id, %peer, %err, "TLS handshake failed");
+            shared.metrics.handshake_failed(0, "tls");
         }
     }
 }
