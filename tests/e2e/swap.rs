@@ -3,7 +3,10 @@
 //! chosen moment while hundreds of connections, over ws and wss, echo and
 //! verify every message with the `swap-v1`/`swap-v2` test plugins (whose
 //! replies name their version). `tests/e2e/admin.rs` covers the same
-//! through the HTTP API and the CLI.
+//! through the HTTP API and the CLI. Shared-mode migrations use the
+//! `swap-shared-v1`/`swap-shared-v2` test plugins, whose one instance keeps
+//! every connection's message count in memory and hands it over through
+//! `wharf:websocket/snapshot`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +28,7 @@ use crate::support::{self, Ws, cache_dir, plugin_path, self_signed};
 struct Running {
     server: Option<Server>,
     tenants: Arc<Tenants>,
+    metrics: Arc<Metrics>,
     ws: SocketAddr,
     wss: SocketAddr,
     client_tls: Arc<rustls::ClientConfig>,
@@ -32,6 +36,11 @@ struct Running {
 }
 
 async fn start(mode: &str) -> Running {
+    start_with(mode, "swap_v1").await
+}
+
+/// A server whose tenant "t" (`instance = mode`) runs `plugin` first.
+async fn start_with(mode: &str, plugin: &str) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let cert = self_signed();
     let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
@@ -46,7 +55,7 @@ async fn start(mode: &str) -> Running {
         cert = cert_path.display().to_string(),
         key = key_path.display().to_string(),
         cache = cache_dir().display().to_string(),
-        v1 = plugin_path("swap_v1").display().to_string(),
+        v1 = plugin_path(plugin).display().to_string(),
     );
     let config: Config = toml::from_str(&text).unwrap();
     config.validate().unwrap();
@@ -60,13 +69,14 @@ async fn start(mode: &str) -> Running {
     .unwrap();
     let metrics = Metrics::new();
     let tenants = Arc::new(Tenants::load(&config, Arc::new(runtime), metrics.clone()).unwrap());
-    let server = Server::start(&config, tenants.clone(), metrics)
+    let server = Server::start(&config, tenants.clone(), metrics.clone())
         .await
         .unwrap();
     let (ws, wss) = (server.bound()[0].address, server.bound()[1].address);
     Running {
         server: Some(server),
         tenants,
+        metrics,
         ws,
         wss,
         client_tls: cert.client,
@@ -76,13 +86,17 @@ async fn start(mode: &str) -> Running {
 
 impl Running {
     async fn connect(&self, tls: bool) -> Ws {
+        self.connect_path(tls, "/").await
+    }
+
+    async fn connect_path(&self, tls: bool, path: &str) -> Ws {
         let (addr, config) = if tls {
             (self.wss, Some(&self.client_tls))
         } else {
             (self.ws, None)
         };
         let scheme = if tls { "wss" } else { "ws" };
-        let req = format!("{scheme}://localhost:{}/", addr.port())
+        let req = format!("{scheme}://localhost:{}{path}", addr.port())
             .into_client_request()
             .unwrap();
         support::connect(addr, config, req).await.unwrap().0
@@ -99,6 +113,25 @@ impl Running {
                 .unwrap()
                 .unwrap();
         assert_eq!(outcome.policy, policy, "{outcome:?}");
+    }
+
+    /// Deploys plugin `name` with `policy` and returns the answer.
+    async fn deploy(&self, name: &'static str, policy: Policy) -> tenancy::DeployOutcome {
+        let tenants = self.tenants.clone();
+        let bytes = std::fs::read(plugin_path(name)).unwrap();
+        tokio::task::spawn_blocking(move || tenants.deploy("t", name, &bytes, policy))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    /// The value of one metric series (0 if absent).
+    fn metric(&self, series: &str) -> f64 {
+        self.metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
     }
 
     async fn stop(mut self) {
@@ -255,24 +288,210 @@ async fn restart_closes_with_1012_spread_and_clients_come_back_to_v2() {
     running.stop().await;
 }
 
+/// Echoes numbered messages until `stop` through the shared-mode test
+/// plugin, checking each reply: the text sent, behind the version that
+/// answered, and the count of this connection's messages the instance
+/// holds, which must go on from v1 to v2 without a gap or a repeat.
+async fn load_shared(mut ws: Ws, conn: usize, stop: Arc<AtomicBool>) -> Seen {
+    let mut seen = Seen::default();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let text = format!("c{conn}-{n}");
+        if ws.send(Message::text(text.clone())).await.is_err() {
+            break;
+        }
+        let reply = match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => t.to_string(),
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                seen.close = Some(frame.map_or(1005, |f| u16::from(f.code)));
+                break;
+            }
+            other => panic!("connection {conn}, message {n}: {other:?}"),
+        };
+        let expected = format!("{text} n={n}");
+        match reply.split_once(':') {
+            Some(("v1", t)) if t == expected => {
+                seen.regressed |= seen.v2 > 0;
+                seen.v1 += 1;
+            }
+            Some(("v2", t)) if t == expected => seen.v2 += 1,
+            _ => panic!("connection {conn}: sent {text:?} (its message {n}), got {reply:?}"),
+        }
+    }
+    seen
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_falls_back_to_drain_for_a_shared_instance() {
-    let running = start("shared").await;
-    let mut old = running.connect(false).await;
-    assert_eq!(ask(&mut old, "a").await, "v1:a");
+async fn migrate_moves_a_shared_instance_with_its_state_under_load() {
+    let running = start_with("shared", "swap_shared_v1").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for conn in 0..60 {
+        let ws = running.connect(conn % 4 == 3).await;
+        tasks.push(tokio::spawn(load_shared(ws, conn, stop.clone())));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let swapped = Instant::now();
+    let outcome = running.deploy("swap_shared_v2", Policy::Migrate).await;
+    eprintln!(
+        "shared migrate: deploy returned after {:?}",
+        swapped.elapsed()
+    );
+    assert_eq!(outcome.policy, Policy::Migrate, "{outcome:?}");
+    assert_eq!(outcome.note, None, "{outcome:?}");
+    // New connections get v2, with the one instance's memory: the total
+    // counts v1's messages too.
+    let mut fresh = running.connect(false).await;
+    assert_eq!(ask(&mut fresh, "hi").await, "v2:hi n=1");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        let s = t.await.expect("a load task panicked");
+        assert!(
+            s.v1 > 0 && s.v2 > 0 && !s.regressed && s.close.is_none(),
+            "connection {i}: {s:?}"
+        );
+        sent += s.v1 + s.v2;
+    }
+    // Every message counted once, across both versions.
+    assert_eq!(
+        ask(&mut fresh, "total").await,
+        format!("v2 total={}", sent + 1)
+    );
+    assert_eq!(
+        running.metric("wharf_migrations_total{tenant=\"t\"}"),
+        60.0,
+        "every member counted once"
+    );
+    // The load connections are closing; the fresh one stays, on v2, and
+    // v1 is left as the rollback target.
+    wait_versions(&running, &[("active", 1), ("standby", 0)]).await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_falls_back_to_drain_for_a_shared_instance_without_snapshot() {
+    // Neither version exports it, then only the running one does, then
+    // only the new one.
+    for (v1, v2, why) in [
+        ("swap_v1", "swap_v2", "neither version exports it"),
+        ("swap_shared_v1", "swap_v2", "the new version does not"),
+        ("swap_v1", "swap_shared_v2", "the running version does not"),
+    ] {
+        let running = start_with("shared", v1).await;
+        let mut old = running.connect(false).await;
+        assert!(ask(&mut old, "a").await.starts_with("v1:a"));
+        let outcome = running.deploy(v2, Policy::Migrate).await;
+        assert_eq!(outcome.policy, Policy::Drain, "{v1} -> {v2}: {outcome:?}");
+        let note = outcome.note.unwrap_or_default();
+        assert!(
+            note.contains("wharf:websocket/snapshot") && note.contains(why),
+            "{v1} -> {v2}: {note}"
+        );
+        assert!(ask(&mut old, "b").await.starts_with("v1:b"));
+        let mut new = running.connect(false).await;
+        assert!(ask(&mut new, "c").await.starts_with("v2:c"));
+        running.stop().await;
+    }
+}
+
+/// Connections on swap-shared-v1, each having said one thing; then
+/// `poison` sent by the first, and a migrate to v2.
+async fn migrate_poisoned(poison: &str) -> (Running, Vec<Ws>, tenancy::DeployOutcome) {
+    let running = start_with("shared", "swap_shared_v1").await;
+    let mut conns = Vec::new();
+    for i in 0..5 {
+        let mut ws = running.connect(i % 2 == 1).await;
+        assert_eq!(ask(&mut ws, "x").await, "v1:x n=1");
+        conns.push(ws);
+    }
+    assert_eq!(ask(&mut conns[0], poison).await, "v1 poisoned");
+    let outcome = running.deploy("swap_shared_v2", Policy::Migrate).await;
+    (running, conns, outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_restore_closes_the_moved_connections_with_1011() {
+    let (running, mut conns, outcome) = migrate_poisoned("poison-restore").await;
+    assert_eq!(outcome.policy, Policy::Migrate, "{outcome:?}");
+    let note = outcome.note.unwrap_or_default();
+    assert!(
+        note.contains("restore failed") && note.contains("poisoned") && note.contains("1011"),
+        "{note}"
+    );
+    for (i, ws) in conns.iter_mut().enumerate() {
+        let (code, _) = support::recv_close_timeout(ws, Duration::from_secs(3)).await;
+        assert_eq!(code, 1011, "connection {i}");
+    }
+    // The next connection starts a fresh instance of v2.
+    let mut fresh = running.connect(false).await;
+    assert_eq!(ask(&mut fresh, "y").await, "v2:y n=1");
+    assert_eq!(ask(&mut fresh, "total").await, "v2 total=1");
+    assert_eq!(
+        running.metric("wharf_plugin_failures_total{tenant=\"t\",kind=\"restore\"}"),
+        1.0
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_save_closes_the_old_instance_and_the_deploy_goes_on() {
+    let (running, mut conns, outcome) = migrate_poisoned("poison-save").await;
+    assert_eq!(outcome.policy, Policy::Migrate, "{outcome:?}");
+    let note = outcome.note.unwrap_or_default();
+    assert!(
+        note.contains("save failed") && note.contains("1011"),
+        "{note}"
+    );
+    for (i, ws) in conns.iter_mut().enumerate() {
+        let (code, _) = support::recv_close_timeout(ws, Duration::from_secs(3)).await;
+        assert_eq!(code, 1011, "connection {i}");
+    }
+    let mut fresh = running.connect(false).await;
+    assert_eq!(ask(&mut fresh, "y").await, "v2:y n=1");
+    assert_eq!(
+        running.metric("wharf_plugin_failures_total{tenant=\"t\",kind=\"trap\"}"),
+        1.0
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_chat_rooms_survive_a_migrate_deploy_and_a_rollback() {
+    let running = start_with("shared", "shared_chat").await;
+    let mut ann = running.connect_path(false, "/chat/lobby?nick=ann").await;
+    assert_eq!(support::recv_text(&mut ann).await, "* ann joined lobby");
+    let mut bob = running.connect_path(true, "/chat/lobby?nick=bob").await;
+    assert_eq!(support::recv_text(&mut ann).await, "* bob joined lobby");
+    assert_eq!(support::recv_text(&mut bob).await, "* bob joined lobby");
+    let mut cy = running.connect_path(false, "/chat/attic?nick=cy").await;
+    assert_eq!(support::recv_text(&mut cy).await, "* cy joined attic");
+    let version = |r: &Running| r.tenants.status()[0].versions[0].sha256.clone();
+    let first = version(&running);
+
+    // A new version of the same plugin (what a rebuilt chat would be).
+    let outcome = running.deploy("shared_chat", Policy::Migrate).await;
+    assert_eq!((outcome.policy, outcome.note), (Policy::Migrate, None));
+    assert_eq!(ask(&mut bob, "/who").await, "* in lobby: ann, bob");
+    support::send_text(&mut ann, "still here").await;
+    assert_eq!(support::recv_text(&mut ann).await, "ann: still here");
+    assert_eq!(support::recv_text(&mut bob).await, "ann: still here");
+    let mut dee = running.connect_path(false, "/chat/attic?nick=dee").await;
+    assert_eq!(support::recv_text(&mut cy).await, "* dee joined attic");
+    assert_eq!(support::recv_text(&mut dee).await, "* dee joined attic");
+
+    // And back: a rollback migrates too, into a new instance of v1.
     let tenants = running.tenants.clone();
-    let bytes = std::fs::read(plugin_path("swap_v2")).unwrap();
-    let outcome = tokio::task::spawn_blocking(move || {
-        tenants.deploy("t", "swap_v2", &bytes, Policy::Migrate)
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert_eq!(outcome.policy, Policy::Drain);
-    assert!(outcome.note.is_some());
-    assert_eq!(ask(&mut old, "b").await, "v1:b");
-    let mut new = running.connect(false).await;
-    assert_eq!(ask(&mut new, "c").await, "v2:c");
+    let back = tokio::task::spawn_blocking(move || tenants.rollback("t", Policy::Migrate))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((back.policy, back.note), (Policy::Migrate, None));
+    assert_eq!(version(&running), first);
+    assert_eq!(ask(&mut cy, "/who").await, "* in attic: cy, dee");
+    assert_eq!(ask(&mut ann, "/who").await, "* in lobby: ann, bob");
     running.stop().await;
 }
 

@@ -506,7 +506,8 @@ impl Metrics {
     }
 
     /// A plugin instance failed. `kind` is one of `instantiate`, `trap`,
-    /// `cpu`, `wall-time`, `memory`, `table`. `tenant` is a configured name.
+    /// `cpu`, `wall-time`, `memory`, `table`, `pool`, `restore`. `tenant`
+    /// is a configured name.
     pub fn plugin_failure(&self, tenant: &str, kind: &'static str) {
         self.plugin_failures
             .get_or_create(&PluginLabels {

@@ -16,7 +16,7 @@ use super::HostState;
 use super::connection_host::ConnectionEntry;
 
 /// The interface's name; wasmtime matches later 0.1.x exports to it.
-pub const INTERFACE: &str = "wharf:websocket/batch-handler@0.1.4";
+pub const INTERFACE: &str = "wharf:websocket/batch-handler@0.1.5";
 const FUNCTION: &str = "on-messages";
 
 /// One message of a batch, borrowed from the host's buffers.

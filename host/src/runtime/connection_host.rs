@@ -27,7 +27,7 @@ pub const MAX_CLOSE_REASON: usize = 123;
 
 /// The interface these functions implement (older 0.1.x plugins are matched
 /// to it by semver).
-const INTERFACE: &str = "wharf:websocket/connection@0.1.4";
+const INTERFACE: &str = "wharf:websocket/connection@0.1.5";
 
 /// The limits the host checks a send against, fixed per connection.
 #[derive(Debug, Clone, Copy, Default)]

@@ -15,6 +15,7 @@ pub mod log_stream;
 pub mod peers_host;
 pub mod pubsub_host;
 pub mod shared;
+pub mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -34,6 +35,7 @@ use self::engine::{EpochClock, PoolSizing};
 use self::limits::{CpuBudget, LimitExceeded, LimitHit, SandboxLimiter};
 use self::log_stream::{LogBudget, LogStream};
 use self::pubsub_host::{Broker, Subscriptions};
+use self::snapshot::{SnapshotExport, SnapshotFuncs};
 
 /// What every plugin instance is limited to.
 #[derive(Debug, Clone, Copy)]
@@ -154,6 +156,9 @@ pub enum PluginError {
     MemoryLimit,
     #[error("exceeded its table limit")]
     TableLimit,
+    /// `snapshot#restore` refused the state it was given.
+    #[error("refused the state to restore: {0}")]
+    Restore(String),
 }
 
 impl PluginError {
@@ -167,6 +172,7 @@ impl PluginError {
             PluginError::PoolExhausted => "pool",
             PluginError::MemoryLimit => "memory",
             PluginError::TableLimit => "table",
+            PluginError::Restore(_) => "restore",
         }
     }
 }
@@ -260,12 +266,14 @@ impl Runtime {
             .map_err(world_error)?;
         let indices = HandlerWorldIndices::new(&pre).map_err(world_error)?;
         let batch = BatchExport::find(&pre).map_err(|e| world_error(e.into()))?;
+        let snapshot = SnapshotExport::find(&pre).map_err(|e| world_error(e.into()))?;
         tracing::info!(
             tenant = %spec.tenant,
             plugin = name,
             sha256 = &hash[..16],
             ?origin,
             batched = batch.is_some(),
+            snapshots = snapshot.is_some(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "plugin loaded"
         );
@@ -275,6 +283,7 @@ impl Runtime {
             pre,
             indices,
             batch,
+            snapshot,
             spec,
             broker: self.broker.clone(),
         })
@@ -302,6 +311,8 @@ pub struct Plugin {
     indices: HandlerWorldIndices,
     /// Set if the plugin takes its messages in batches.
     batch: Option<BatchExport>,
+    /// Set if its shared instance's state can move to another version.
+    snapshot: Option<SnapshotExport>,
     spec: PluginSpec,
     broker: Arc<Broker>,
 }
@@ -329,6 +340,12 @@ impl Plugin {
     /// [`PluginInstance::on_messages`]).
     pub fn batched(&self) -> bool {
         self.batch.is_some()
+    }
+
+    /// Whether the plugin exports `snapshot` (see
+    /// [`PluginInstance::save`]).
+    pub fn snapshots(&self) -> bool {
+        self.snapshot.is_some()
     }
 
     /// What the host keeps for a new connection, outside any instance.
@@ -459,10 +476,15 @@ impl Plugin {
             .batch
             .as_ref()
             .and_then(|b| b.resolve(&mut store, &instance));
+        let snapshot = self
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.resolve(&mut store, &instance));
         Ok(PluginInstance {
             store,
             bindings,
             on_messages,
+            snapshot,
             conn,
         })
     }
@@ -555,6 +577,8 @@ pub struct PluginInstance {
     bindings: HandlerWorld,
     /// `batch-handler#on-messages`, if the plugin exports it.
     on_messages: Option<Func>,
+    /// `snapshot#save` and `#restore`, if the plugin exports them.
+    snapshot: Option<SnapshotFuncs>,
     conn: Resource<ConnectionEntry>,
 }
 

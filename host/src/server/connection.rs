@@ -572,6 +572,23 @@ impl Conn {
         let Some(current) = self.swaps.as_mut().map(|s| s.borrow_and_update().clone()) else {
             return;
         };
+        // A shared member whose instance a migrate swap moved (which the
+        // deploy did before publishing the version) now belongs to the
+        // version that instance is; its next call goes there anyway.
+        if let Some(instance) = self.handler.follow()
+            && !self.serving.version().owns(instance)
+            && let Some(version) =
+                (self.tenant.plugin.versions().into_iter()).find(|v| v.owns(instance))
+        {
+            tracing::debug!(
+                conn = self.id,
+                sha256 = &version.plugin.hash()[..16],
+                "migrated with its shared instance"
+            );
+            self.plugin = version.plugin.clone();
+            self.serving = version.serve();
+            self.shared.metrics.migrated(&self.tenant.name);
+        }
         if Arc::ptr_eq(&current.version, self.serving.version()) {
             return;
         }
@@ -594,7 +611,8 @@ impl Conn {
                         self.serving = current.version.serve();
                         self.shared.metrics.migrated(&self.tenant.name);
                     }
-                    // A shared instance stays (the deploy fell back to drain).
+                    // A shared member: its instance moved as a whole (above),
+                    // or stays (the deploy fell back to drain).
                     Ok(false) => {}
                     Err(err) => self.after_call(Err(err)).await,
                 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use crate::runtime::connection_host::ConnectionEntry;
-use crate::runtime::shared::{Held, SharedInstance};
+use crate::runtime::shared::{self, Held, SharedInstance};
 use crate::runtime::{Plugin, PluginError, PluginInstance};
 
 // The per-connection variant is the large one and the common one: boxing
@@ -31,7 +31,8 @@ pub(super) enum Handler {
 pub(super) struct Member {
     shared: Arc<SharedInstance>,
     id: u64,
-    /// The instance it joined; a later one is not its.
+    /// The instance it joined (or followed a migration to); a later one
+    /// is not its.
     generation: u64,
     /// Notified when another connection's call queued sends for this one,
     /// or when the instance failed.
@@ -42,7 +43,7 @@ pub(super) struct Member {
 /// An instance ready for a call.
 pub(super) enum Acquired<'a> {
     Own(&'a mut PluginInstance),
-    Shared(Held<'a>),
+    Shared(Held),
 }
 
 impl Handler {
@@ -56,9 +57,9 @@ impl Handler {
     /// Joins `shared` for connection `id`.
     pub async fn join(shared: &Arc<SharedInstance>, id: u64) -> Result<Self, PluginError> {
         let wake = Arc::new(Notify::new());
-        let generation = shared.join(id, wake.clone()).await?;
+        let (shared, generation) = shared.join(id, wake.clone()).await?;
         Ok(Handler::Shared(Member {
-            shared: shared.clone(),
+            shared,
             id,
             generation,
             wake,
@@ -86,11 +87,7 @@ impl Handler {
                 }
                 Ok(instance.as_mut().map(Acquired::Own))
             }
-            Handler::Shared(m) => Ok(m
-                .shared
-                .lock(m.id, m.generation)
-                .await
-                .map(Acquired::Shared)),
+            Handler::Shared(m) => Ok(m.lock().await.map(Acquired::Shared)),
         }
     }
 
@@ -99,11 +96,7 @@ impl Handler {
     pub async fn current(&mut self) -> Option<Acquired<'_>> {
         match self {
             Handler::Own { instance, .. } => instance.as_mut().map(Acquired::Own),
-            Handler::Shared(m) => m
-                .shared
-                .lock(m.id, m.generation)
-                .await
-                .map(Acquired::Shared),
+            Handler::Shared(m) => m.lock().await.map(Acquired::Shared),
         }
     }
 
@@ -164,7 +157,9 @@ impl Handler {
             Handler::Own { instance, .. } => *instance = None,
             Handler::Shared(m) => {
                 m.left = true;
-                m.shared.leave(m.id, m.generation).await;
+                if let Some(mut held) = m.lock().await {
+                    held.leave(m.id);
+                }
             }
         }
     }
@@ -172,7 +167,8 @@ impl Handler {
     /// Moves a connection's own instance to `plugin` (between two events):
     /// a live one is replaced by a new instance given its entry, as waking
     /// from hibernation is; a hibernated one will wake on `plugin`.
-    /// `false`: a shared member, which stays.
+    /// `false`: a shared member, whose instance moves as a whole (see
+    /// [`Handler::follow`]).
     pub async fn migrate(&mut self, plugin: &Plugin, id: u64) -> Result<bool, PluginError> {
         let Handler::Own { instance, .. } = self else {
             return Ok(false);
@@ -185,6 +181,19 @@ impl Handler {
         Ok(true)
     }
 
+    /// A shared member's instance after a migrate swap moved it to
+    /// another version (the connection's entry went with it); `None` in
+    /// per-connection mode.
+    pub fn follow(&mut self) -> Option<&Arc<SharedInstance>> {
+        match self {
+            Handler::Shared(m) => {
+                shared::forward(&mut m.shared, &mut m.generation);
+                Some(&m.shared)
+            }
+            Handler::Own { .. } => None,
+        }
+    }
+
     /// The shared member's waker, if any.
     pub fn wake(&self) -> Option<&Arc<Notify>> {
         match self {
@@ -194,13 +203,21 @@ impl Handler {
     }
 }
 
+impl Member {
+    /// Its instance, locked and selected for it, wherever a migration
+    /// moved it.
+    async fn lock(&mut self) -> Option<Held> {
+        shared::follow(&mut self.shared, &mut self.generation, self.id).await
+    }
+}
+
 impl Drop for Member {
     fn drop(&mut self) {
         if !self.left {
             // A task that ended without `release` (its transport failed
             // mid-upgrade, say): leave from a task of its own.
             let (shared, id, generation) = (self.shared.clone(), self.id, self.generation);
-            tokio::spawn(async move { shared.leave(id, generation).await });
+            tokio::spawn(shared::leave(shared, id, generation));
         }
     }
 }

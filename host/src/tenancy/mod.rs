@@ -26,6 +26,8 @@ use crate::runtime::connection_host::SendLimits;
 use crate::runtime::cpu_share::CpuShare;
 use crate::runtime::limits::CpuBudget;
 use crate::runtime::log_stream::LogBudget;
+use crate::runtime::shared::Migration;
+use crate::runtime::snapshot;
 use crate::runtime::{InstanceLimits, LoadError, Plugin, PluginSpec, Runtime, WasiGrants};
 
 /// One tenant as the server runs it.
@@ -52,6 +54,9 @@ pub struct Tenant {
     pub routes: Vec<String>,
     pub max_connections: u32,
     connections: Arc<Semaphore>,
+    /// Held through a swap: one at a time per tenant (the admin API
+    /// serializes its own, but a file watch may deploy meanwhile).
+    swapping: std::sync::Mutex<()>,
 }
 
 impl Tenant {
@@ -270,6 +275,16 @@ impl Tenants {
             .plugin
             .previous()
             .ok_or_else(|| DeployError::NoPrevious(tenant.to_owned()))?;
+        // A shared instance that moved away never serves again, and the
+        // one a migrate moves the current state into must be new: such a
+        // rollback gets a new instance of the previous plugin.
+        let previous = if t.instance == InstanceMode::Shared
+            && (policy == Policy::Migrate || previous.retired())
+        {
+            previous.fresh()
+        } else {
+            previous
+        };
         Ok(self.install(t, previous, policy, Instant::now()))
     }
 
@@ -280,13 +295,12 @@ impl Tenants {
         asked: Policy,
         started: Instant,
     ) -> DeployOutcome {
-        // A shared instance's state is in its memory; nothing hands it
-        // over to another version yet.
+        let _swapping = t.swapping.lock().unwrap_or_else(|p| p.into_inner());
+        // A shared instance's state is in its memory: it moves before the
+        // new version is published, so that no connection reaches the new
+        // version's instance before the state is in it.
         let (policy, note) = if asked == Policy::Migrate && t.instance == InstanceMode::Shared {
-            (
-                Policy::Drain,
-                Some("migrate needs per-connection instances; a shared instance's state cannot move yet, so drain was applied".to_owned()),
-            )
+            self.migrate_shared(t, &version)
         } else {
             (asked, None)
         };
@@ -310,6 +324,56 @@ impl Tenants {
             open_connections,
             compile_ms: started.elapsed().as_millis() as u64,
         }
+    }
+
+    /// Moves a shared tenant's running instance, state and connections, to
+    /// `version`'s (see [`SharedInstance::migrate_to`]). Returns the policy
+    /// applied, and what the deploy's answer says about it: `drain` unless
+    /// both versions export `wharf:websocket/snapshot`. A failed `save` or
+    /// `restore` closes the instance's connections with 1011 (counted as
+    /// plugin failures); the swap still happens.
+    ///
+    /// [`SharedInstance::migrate_to`]: crate::runtime::shared::SharedInstance::migrate_to
+    fn migrate_shared(&self, t: &Tenant, version: &Version) -> (Policy, Option<String>) {
+        let old = t.plugin.current();
+        let lacking = match (old.plugin.snapshots(), version.plugin.snapshots()) {
+            (true, true) => None,
+            (false, true) => Some("the running version does not export it"),
+            (true, false) => Some("the new version does not export it"),
+            (false, false) => Some("neither version exports it"),
+        };
+        let drain = |why: String| (Policy::Drain, Some(why));
+        if let Some(lacking) = lacking {
+            return drain(format!(
+                "migrate moves a shared instance's state through {}, and {lacking}; drain was applied",
+                snapshot::INTERFACE
+            ));
+        }
+        let (Some(from), Some(to)) = (old.shared.clone(), version.shared.clone()) else {
+            return drain("the versions have no shared instance; drain was applied".to_owned());
+        };
+        let Some(migration) = run_on_runtime(async move { from.migrate_to(&to).await }) else {
+            return drain(
+                "no async runtime to move the shared instance on; drain was applied".to_owned(),
+            );
+        };
+        tracing::info!(tenant = %t.name, ?migration, "shared instance migration");
+        let note = match migration {
+            Migration::Idle | Migration::Moved { .. } => None,
+            Migration::SaveFailed { error, connections } => {
+                self.metrics.plugin_failure(&t.name, error.kind());
+                Some(format!(
+                    "the running version's snapshot save failed ({error}): its shared instance was dropped and its {connections} connection(s) closed with 1011; new connections get the new version"
+                ))
+            }
+            Migration::RestoreFailed { error, connections } => {
+                self.metrics.plugin_failure(&t.name, error.kind());
+                Some(format!(
+                    "the new version's snapshot restore failed ({error}): the state was lost and the {connections} connection(s) moved closed with 1011; new connections get a new instance of the new version"
+                ))
+            }
+        };
+        (Policy::Migrate, note)
     }
 
     /// Every tenant, with its loaded versions.
@@ -421,6 +485,7 @@ impl Tenant {
             routes: tenant.routes.clone(),
             max_connections: limits.max_connections,
             connections: Arc::new(Semaphore::new(limits.max_connections as usize)),
+            swapping: std::sync::Mutex::new(()),
         })
     }
 }
@@ -453,4 +518,20 @@ pub fn runtime_limits(config: &Config) -> InstanceLimits {
         .max()
         .unwrap_or(limits.memory);
     limits
+}
+
+/// Runs `work` on the runtime of the calling thread (a blocking one, as
+/// `deploy`'s callers use) and waits for it. `None` outside a runtime, or
+/// if the work panicked.
+fn run_on_runtime<F>(work: F) -> Option<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    let (done, result) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let _ = done.send(work.await);
+    });
+    result.recv().ok()
 }

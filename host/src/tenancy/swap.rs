@@ -12,8 +12,14 @@
 //!   the connection's entry (attachment, topics) as waking from
 //!   hibernation is: no `on-upgrade` or `on-open` again. A hibernated
 //!   connection simply wakes on the new version. A shared instance's state
-//!   lives in its memory, which no export hands over yet: a shared tenant
-//!   falls back to `drain`, and the deploy's answer says so.
+//!   lives in its memory: when both versions export
+//!   `wharf:websocket/snapshot`, the deploy moves the running version's
+//!   shared instance as a whole, between two events (see
+//!   [`SharedInstance::migrate_to`]): `save` on the old one, every
+//!   connection's entry into a new one, `restore` there; each member
+//!   follows on its next event. Otherwise a shared tenant falls back to
+//!   `drain`, and the deploy's answer says so. Members of versions older
+//!   than the running one stay where they are (drained).
 //! - `restart`: it is closed with 1012 (Service Restart) at a moment spread
 //!   over `server.restart_window`, so clients do not all reconnect at once.
 
@@ -74,13 +80,35 @@ pub struct Version {
 
 impl Version {
     pub fn new(plugin: Plugin, shared_mode: bool) -> Arc<Self> {
-        let plugin = Arc::new(plugin);
+        Self::of(Arc::new(plugin), shared_mode)
+    }
+
+    fn of(plugin: Arc<Plugin>, shared_mode: bool) -> Arc<Self> {
         Arc::new(Self {
             shared: shared_mode.then(|| Arc::new(SharedInstance::new(plugin.clone()))),
             plugin,
             loaded_at: SystemTime::now(),
             connections: AtomicUsize::new(0),
         })
+    }
+
+    /// A new version of the same plugin, with a shared instance of its
+    /// own (not started): what a rollback installs when this one's shared
+    /// instance cannot serve the tenant's connections again (it moved
+    /// away, or the rollback moves the current state into it).
+    pub fn fresh(&self) -> Arc<Self> {
+        Self::of(self.plugin.clone(), self.shared.is_some())
+    }
+
+    /// Whether its shared instance moved to another version (a migrate
+    /// swap): it will not serve again.
+    pub fn retired(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| s.is_retired())
+    }
+
+    /// Whether `shared` is this version's shared instance.
+    pub fn owns(&self, shared: &Arc<SharedInstance>) -> bool {
+        self.shared.as_ref().is_some_and(|s| Arc::ptr_eq(s, shared))
     }
 
     pub fn connections(&self) -> usize {

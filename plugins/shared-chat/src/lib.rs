@@ -14,16 +14,25 @@
 //! Served per connection, each instance would see only its own connection:
 //! the rooms would be empty. If the shared instance fails, the host closes
 //! every connection with 1011 and the next ones start a new, empty one.
+//!
+//! The rooms survive a redeploy: the handler exports
+//! `wharf:websocket/snapshot` (it targets `snapshot-handler-world`), so a
+//! `migrate` deploy (`wharf deploy chat NEW.wasm --policy migrate`) hands
+//! them to the new version with `save` and `restore` (below), between two
+//! events, and every connection stays in its room. Keep the format
+//! readable by the next version you deploy: its first byte here is a
+//! format number, which `restore` checks.
 
 wit_bindgen::generate!({
     path: "../../wit",
-    world: "handler-world",
+    world: "snapshot-handler-world",
 });
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
 use exports::wharf::websocket::handler::Guest;
+use exports::wharf::websocket::snapshot::Guest as Snapshot;
 use wharf::websocket::connection::Connection;
 use wharf::websocket::peers;
 use wharf::websocket::types::{Accept, CloseCode, Header, Reject, UpgradeRequest, UpgradeResponse};
@@ -181,6 +190,87 @@ impl Guest for SharedChat {
                 r.say(&m.room, &format!("* {} left", m.nick), None);
             }
         });
+    }
+}
+
+/// The snapshot's format: this byte, then one line per room,
+/// "<room> <id>:<nick> <id>:<nick>...\n" (members in joining order), then
+/// one line "- <id>:<room>:<nick>" per connection that has not joined its
+/// room yet (between `on-upgrade` and `on-open`). Names never hold a space,
+/// a colon or a newline (see `valid_name`).
+const FORMAT: u8 = 1;
+
+impl Snapshot for SharedChat {
+    fn save() -> Vec<u8> {
+        use std::fmt::Write as _;
+        ROOMS.with_borrow(|r| {
+            let mut text = String::new();
+            let mut joined = std::collections::HashSet::new();
+            for (room, ids) in &r.rooms {
+                text.push_str(room);
+                for id in ids {
+                    if let Some(m) = r.members.get(id) {
+                        let _ = write!(text, " {id}:{}", m.nick);
+                        joined.insert(*id);
+                    }
+                }
+                text.push('\n');
+            }
+            for (id, m) in &r.members {
+                if !joined.contains(id) {
+                    let _ = writeln!(text, "- {id}:{}:{}", m.room, m.nick);
+                }
+            }
+            let mut out = vec![FORMAT];
+            out.extend(text.into_bytes());
+            out
+        })
+    }
+
+    fn restore(state: Vec<u8>) -> Result<(), String> {
+        let (&format, text) = state.split_first().ok_or("empty state")?;
+        if format != FORMAT {
+            return Err(format!("unknown snapshot format {format}"));
+        }
+        let text = std::str::from_utf8(text).map_err(|e| e.to_string())?;
+        let bad = |line: &str| format!("bad snapshot line {line:?}");
+        let mut rooms = Rooms::default();
+        for line in text.lines() {
+            let mut words = line.split(' ');
+            let head = words.next().unwrap_or_default();
+            if head == "-" {
+                let entry = words.next().ok_or_else(|| bad(line))?;
+                let mut parts = entry.splitn(3, ':');
+                let (Some(id), Some(room), Some(nick)) = (parts.next(), parts.next(), parts.next())
+                else {
+                    return Err(bad(line));
+                };
+                let id = id.parse().map_err(|_| bad(line))?;
+                rooms.members.insert(
+                    id,
+                    Member {
+                        room: room.to_owned(),
+                        nick: nick.to_owned(),
+                    },
+                );
+                continue;
+            }
+            let ids = rooms.rooms.entry(head.to_owned()).or_default();
+            for entry in words {
+                let (id, nick) = entry.split_once(':').ok_or_else(|| bad(line))?;
+                let id = id.parse().map_err(|_| bad(line))?;
+                ids.push(id);
+                rooms.members.insert(
+                    id,
+                    Member {
+                        room: head.to_owned(),
+                        nick: nick.to_owned(),
+                    },
+                );
+            }
+        }
+        ROOMS.set(rooms);
+        Ok(())
     }
 }
 

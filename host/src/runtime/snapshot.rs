@@ -1,0 +1,140 @@
+//! `wharf:websocket/snapshot`: the optional export through which a shared
+//! instance hands its in-memory state to the next version of its handler
+//! (a `migrate` deploy, see [`crate::tenancy::swap`]).
+//!
+//! Wired by hand, as `batch_handler` is: the exports are looked up and
+//! type-checked once per plugin ([`SnapshotExport::find`]) and resolved
+//! once per instance; the calls have the limits of one event.
+
+use wasmtime::component::{ComponentExportIndex, Func, Instance, InstancePre, TypedFunc};
+use wasmtime::{AsContextMut, Store};
+
+use super::{HostState, PluginError, PluginInstance};
+
+/// The interface's name; wasmtime matches later 0.1.x exports to it.
+pub const INTERFACE: &str = "wharf:websocket/snapshot@0.1.5";
+const SAVE: &str = "save";
+const RESTORE: &str = "restore";
+
+type SaveParams = ();
+type SaveResults = (Vec<u8>,);
+type RestoreParams<'a> = (&'a [u8],);
+type RestoreResults = (Result<(), String>,);
+
+/// Where a plugin exports `save` and `restore`, once checked to have
+/// their types.
+#[derive(Clone, Debug)]
+pub struct SnapshotExport {
+    save: ComponentExportIndex,
+    restore: ComponentExportIndex,
+}
+
+/// Why a plugin's `snapshot` export cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotExportError {
+    #[error("{INTERFACE} has no function {0}")]
+    Missing(&'static str),
+    #[error("{INTERFACE}#{0} is not a function")]
+    NotAFunction(&'static str),
+    #[error("{INTERFACE}#{0} has the wrong type: {1:#}")]
+    WrongType(&'static str, wasmtime::Error),
+}
+
+/// `save` and `restore` in one instance.
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotFuncs {
+    save: Func,
+    restore: Func,
+}
+
+impl SnapshotExport {
+    /// `None` if the plugin does not export the interface (its shared
+    /// instance's state cannot move: a `migrate` deploy drains instead);
+    /// an error if it exports it wrongly.
+    pub fn find(pre: &InstancePre<HostState>) -> Result<Option<Self>, SnapshotExportError> {
+        let component = pre.component();
+        let Some(interface) = component.get_export_index(None, INTERFACE) else {
+            return Ok(None);
+        };
+        let func = |name: &'static str| {
+            let (item, index) = component
+                .get_export(Some(&interface), name)
+                .ok_or(SnapshotExportError::Missing(name))?;
+            match item {
+                wasmtime::component::types::ComponentItem::ComponentFunc(func) => Ok((func, index)),
+                _ => Err(SnapshotExportError::NotAFunction(name)),
+            }
+        };
+        let (save, save_index) = func(SAVE)?;
+        let (restore, restore_index) = func(RESTORE)?;
+        // The checks `bindgen!`'s generated code makes once per plugin, so
+        // that each call can skip them.
+        let ty = pre.instance_type();
+        save.typecheck::<SaveParams, SaveResults>(&ty)
+            .map_err(|e| SnapshotExportError::WrongType(SAVE, e))?;
+        restore
+            .typecheck::<RestoreParams<'_>, RestoreResults>(&ty)
+            .map_err(|e| SnapshotExportError::WrongType(RESTORE, e))?;
+        Ok(Some(Self {
+            save: save_index,
+            restore: restore_index,
+        }))
+    }
+
+    /// The functions in a fresh instance of the plugin `find` checked.
+    pub fn resolve(
+        &self,
+        store: &mut Store<HostState>,
+        instance: &Instance,
+    ) -> Option<SnapshotFuncs> {
+        Some(SnapshotFuncs {
+            save: instance.get_func(store.as_context_mut(), self.save)?,
+            restore: instance.get_func(store.as_context_mut(), self.restore)?,
+        })
+    }
+}
+
+impl PluginInstance {
+    /// Whether the instance exports `snapshot`.
+    pub fn snapshots(&self) -> bool {
+        self.snapshot.is_some()
+    }
+
+    /// Calls `save`: the instance's state, under the limits of one event.
+    pub async fn save(&mut self) -> Result<Vec<u8>, PluginError> {
+        let Some(funcs) = self.snapshot else {
+            return Err(PluginError::Trap(anyhow::anyhow!(
+                "{INTERFACE} is not exported"
+            )));
+        };
+        // SAFETY: `funcs.save` is the export `SnapshotExport::find`
+        // type-checked against exactly these types, resolved in an
+        // instance of that same component.
+        let typed = unsafe { TypedFunc::<SaveParams, SaveResults>::new_unchecked(funcs.save) };
+        self.arm();
+        let wall = self.wall();
+        let r = tokio::time::timeout(wall, typed.call_async(&mut self.store, ())).await;
+        self.finish_within(r).map(|(state,)| state)
+    }
+
+    /// Calls `restore` with what the previous version's `save` returned,
+    /// under the limits of one event. An error it returns is
+    /// [`PluginError::Restore`].
+    pub async fn restore(&mut self, state: &[u8]) -> Result<(), PluginError> {
+        let Some(funcs) = self.snapshot else {
+            return Err(PluginError::Trap(anyhow::anyhow!(
+                "{INTERFACE} is not exported"
+            )));
+        };
+        // SAFETY: as in `save`.
+        let typed =
+            unsafe { TypedFunc::<RestoreParams<'_>, RestoreResults>::new_unchecked(funcs.restore) };
+        self.arm();
+        let wall = self.wall();
+        let r = tokio::time::timeout(wall, typed.call_async(&mut self.store, (state,))).await;
+        match self.finish_within(r)? {
+            (Ok(()),) => Ok(()),
+            (Err(why),) => Err(PluginError::Restore(why)),
+        }
+    }
+}
