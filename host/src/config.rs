@@ -332,6 +332,10 @@ pub struct PluginConfig {
     /// else `$HOME/.cache/wharf`, else no cache. Only the server may write here:
     /// a cached artifact is trusted native code.
     pub cache_dir: Option<PathBuf>,
+    /// Most the cache directory may hold: after each compile, the least
+    /// recently used plugins are removed until the rest fit. `"0B"`: no
+    /// cache (every start compiles).
+    pub cache_max_size: ByteSize,
 }
 
 impl Default for PluginConfig {
@@ -349,6 +353,7 @@ impl Default for PluginConfig {
             hibernate_after: Duration::ZERO,
             keep_resident: ByteSize::kib(64),
             cache_dir: None,
+            cache_max_size: ByteSize::gib(1),
         }
     }
 }
@@ -572,6 +577,7 @@ impl Config {
             hibernate_after: _,
             keep_resident: _,
             cache_dir,
+            cache_max_size: _,
         } = plugin;
         fix_some(path);
         fix_some(cache_dir);

@@ -67,6 +67,27 @@ enum Command {
     Deploy(wharf::admin::client::DeployArgs),
     /// Put a tenant's previous plugin version back (admin API).
     Rollback(wharf::admin::client::RollbackArgs),
+    /// Show where compiled plugins are cached and how much they take;
+    /// `wharf cache clear` removes them.
+    Cache(CacheArgs),
+}
+
+#[derive(clap::Args)]
+struct CacheArgs {
+    /// Configuration file whose [plugin] cache_dir and cache_max_size to
+    /// use. Default: $WHARF_CONFIG, else ./wharf.toml if it exists, else
+    /// built-in defaults.
+    #[arg(short, long, value_name = "FILE", env = "WHARF_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    action: Option<CacheAction>,
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Remove every compiled plugin from the cache (each is compiled again
+    /// when next loaded). Safe while a server runs.
+    Clear,
 }
 
 /// Where `serve` and `check` get their addresses from: `IP:PORT` only
@@ -222,17 +243,22 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Status(a) => return wharf::admin::client::status(a),
         Command::Deploy(a) => return wharf::admin::client::deploy(a),
         Command::Rollback(a) => return wharf::admin::client::rollback(a),
+        Command::Cache(a) => return cache(a),
     };
     let config = load_config(&overrides)?;
-    let runtime =
+    // Everything start-up could refuse that costs no compile, first: a
+    // port in use should not wait behind a plugin's first compile.
+    let preflight = preflight(&config)?;
+    let mut runtime =
         Runtime::new(runtime_config(&config)).context("cannot start the plugin runtime")?;
+    runtime.set_cache_max_size(config.plugin.cache_max_size.as_u64());
     let metrics = Metrics::new();
     // Pub/sub's missed deliveries and refused publishes: wharf_sends_refused_total.
     let broker = runtime.broker();
     broker.set_counters(|reason| metrics.sends_refused_counter(reason));
     let tenants = Arc::new(Tenants::load(&config, Arc::new(runtime), metrics.clone())?);
     if check_only {
-        check_startup(&config)?;
+        drop(preflight);
         let count = tenants.iter().count();
         println!("ok: configuration valid, {count} tenant(s), every plugin loads");
         print!("{}", tenants.describe());
@@ -242,14 +268,23 @@ fn run(command: Command) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("wharf-worker")
         .build()?
-        .block_on(serve(config, tenants, metrics, watch))
+        .block_on(serve(config, tenants, metrics, watch, preflight))
 }
 
-/// What `serve` would refuse at start-up beyond the configuration and the
-/// plugins (which `run` has loaded): each certificate, the static
-/// directory, the admin token, and every address it binds, all bound at
-/// once (so two listeners on one port are found too) and released.
-fn check_startup(config: &Config) -> anyhow::Result<()> {
+/// What start-up checks and holds before the plugins are compiled.
+struct Preflight {
+    /// Every listener's socket, bound, in `config.listeners`' order.
+    listeners: Vec<std::net::TcpListener>,
+    admin: Option<std::net::TcpListener>,
+    admin_token: Option<wharf::admin::AdminToken>,
+}
+
+/// What `serve` would refuse at start-up beyond the configuration, before
+/// the plugins (which may take a first compile): each certificate, the
+/// static directory, the admin token, and every address, all bound at
+/// once (so two listeners on one port are found too). `serve` serves on
+/// the sockets; `check` releases them.
+fn preflight(config: &Config) -> anyhow::Result<Preflight> {
     for listener in &config.listeners {
         if let Some(tls) = &listener.tls {
             wharf::server::tls::acceptor(tls)
@@ -257,20 +292,77 @@ fn check_startup(config: &Config) -> anyhow::Result<()> {
         }
     }
     wharf::server::static_files::StaticFiles::new(&config.static_files)?;
-    let mut held = Vec::new();
-    for listener in &config.listeners {
-        let socket = wharf::server::bind_std(listener.address)
-            .with_context(|| format!("cannot listen on {}", listener.address))?;
-        held.push(socket);
+    let admin_token = match config.admin.listen {
+        Some(_) => wharf::admin::AdminToken::load(&config.admin)?,
+        None => None,
+    };
+    let listeners = wharf::server::bind_all(config)?;
+    let admin = match config.admin.listen {
+        Some(addr) => {
+            let socket = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr} (admin)"))?;
+            socket.set_nonblocking(true)?;
+            Some(socket)
+        }
+        None => None,
+    };
+    Ok(Preflight {
+        listeners,
+        admin,
+        admin_token,
+    })
+}
+
+/// `wharf cache [clear]`.
+fn cache(args: &CacheArgs) -> anyhow::Result<()> {
+    let config = match config::locate(args.config.as_deref()) {
+        Some(path) => Config::load(&path)?,
+        None => Config::default(),
+    };
+    let Some(dir) = cache_dir(&config) else {
+        println!("no cache directory: neither plugin.cache_dir, XDG_CACHE_HOME nor HOME is set");
+        return Ok(());
+    };
+    let size = |bytes: u64| bytesize::ByteSize(bytes).display().iec().to_string();
+    let plugins = |n: usize| format!("{n} compiled plugin{}", if n == 1 { "" } else { "s" });
+    match args.action {
+        Some(CacheAction::Clear) => {
+            let removed = wharf::runtime::cache::clear(&dir).map_err(|why| {
+                anyhow::anyhow!("cannot clear the plugin cache {}: {why}", dir.display())
+            })?;
+            println!(
+                "removed {} ({}) from {}",
+                plugins(removed.files),
+                size(removed.bytes),
+                dir.display()
+            );
+        }
+        None => {
+            println!("compiled-plugin cache: {}", dir.display());
+            let cap = config.plugin.cache_max_size.as_u64();
+            match wharf::runtime::cache::usage(&dir) {
+                _ if cap == 0 => println!("off (plugin.cache_max_size = 0)"),
+                Ok(None) => println!("empty (nothing compiled yet)"),
+                Ok(Some(usage)) => println!(
+                    "{}, {} (cap {}: plugin.cache_max_size)",
+                    plugins(usage.files),
+                    size(usage.bytes),
+                    size(cap)
+                ),
+                Err(why) => println!("not used: {why}"),
+            }
+        }
     }
-    if let Some(addr) = config.admin.listen {
-        wharf::admin::AdminToken::load(&config.admin)?;
-        let socket = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("cannot listen on {addr} (admin)"))?;
-        held.push(socket);
-    }
-    drop(held);
     Ok(())
+}
+
+/// Where compiled plugins are cached: `plugin.cache_dir`, else the default.
+fn cache_dir(config: &Config) -> Option<PathBuf> {
+    config
+        .plugin
+        .cache_dir
+        .clone()
+        .or_else(wharf::runtime::cache::default_dir)
 }
 
 fn load_config(args: &Overrides<'_>) -> anyhow::Result<Config> {
@@ -305,11 +397,7 @@ fn runtime_config(config: &Config) -> RuntimeConfig {
     RuntimeConfig {
         max_instances: config.server.max_connections,
         limits: tenancy::runtime_limits(config),
-        cache_dir: config
-            .plugin
-            .cache_dir
-            .clone()
-            .or_else(wharf::runtime::cache::default_dir),
+        cache_dir: cache_dir(config),
         concurrency_support: false,
         keep_resident: config::bytes(config.plugin.keep_resident),
     }
@@ -320,25 +408,17 @@ async fn serve(
     tenants: Arc<Tenants>,
     metrics: Arc<Metrics>,
     watch: bool,
+    preflight: Preflight,
 ) -> anyhow::Result<()> {
-    // An admin token that cannot be read stops start-up before anything listens.
-    let admin_token = match config.admin.listen {
-        Some(_) => wharf::admin::AdminToken::load(&config.admin)?,
-        None => None,
-    };
-    // Bound before the listeners, so that a busy admin port stops start-up
-    // before anything says "listening on".
-    let admin_listener = match config.admin.listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} (admin)"))?,
-        ),
-        None => None,
-    };
+    let Preflight {
+        listeners,
+        admin,
+        admin_token,
+    } = preflight;
+    let admin_listener = admin.map(tokio::net::TcpListener::from_std).transpose()?;
     // GET /readyz: 503 until the listeners serve, and again once shutdown begins.
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let server = Server::start(&config, tenants.clone(), metrics.clone()).await?;
+    let server = Server::start_on(&config, tenants.clone(), metrics.clone(), listeners).await?;
     let watch_stop = tokio_util::sync::CancellationToken::new();
     wharf::tenancy::watch::spawn(
         tenants.clone(),

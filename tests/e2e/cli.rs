@@ -1,6 +1,8 @@
 //! The command line as a newcomer meets it: errors said once and without a
 //! backtrace, `check` finding what `serve` would refuse, relative paths
-//! and `./wharf.toml`, and the log formats.
+//! and `./wharf.toml`, the log formats, wrong kinds of Wasm, what start-up
+//! says while it compiles, and the compiled-plugin cache (its cap and
+//! `wharf cache`).
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -66,8 +68,9 @@ fn user_errors_are_printed_once_without_a_backtrace() {
         ),
         1,
     );
+    assert!(line.contains("(README.md)"), "{line}");
     assert!(
-        line.contains("README.md is not a valid component: it is not WebAssembly"),
+        line.contains("is not a valid component: it is not WebAssembly"),
         "{line}"
     );
 
@@ -257,7 +260,7 @@ fn json_logs_are_json() {
         .collect();
     let loaded = lines
         .iter()
-        .find(|l| l["fields"]["message"] == "plugin loaded")
+        .find(|l| l["fields"]["plugin"] == "echo" && l["fields"]["origin"].is_string())
         .unwrap_or_else(|| panic!("no plugin loaded line:\n{stderr}"));
     assert_eq!(loaded["level"], "INFO");
     assert_eq!(loaded["fields"]["tenant"], "default");
@@ -305,4 +308,213 @@ fn new_prints_runnable_hints() {
         wharf == "wharf" || (binary.is_absolute() && binary.is_file()),
         "{stdout}"
     );
+}
+
+/// A directory with a `wharf.toml` that caches compiled plugins in its own
+/// `cache/` (`extra` is added to `[plugin]`), so that what is cached, and
+/// whether a start compiles, is this test's alone.
+fn own_cache(extra: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("wharf.toml"),
+        format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[plugin]\ncache_dir = \"cache\"\n{extra}"
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+/// The compiled plugins in `dir`'s `cache/`.
+fn cached(dir: &Path) -> Vec<String> {
+    match std::fs::read_dir(dir.join("cache")) {
+        Ok(entries) => entries
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".cwasm"))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn wrong_kinds_of_wasm_are_told_before_compiling_and_never_cached() {
+    let dir = own_cache("");
+    let d = dir.path();
+    let wat = |name: &str, text: &str| {
+        std::fs::write(d.join(name), wat::parse_str(text).unwrap()).unwrap();
+    };
+    wat("core.wasm", r#"(module (func (export "on-text")))"#);
+    wat(
+        "http.wasm",
+        r#"(component
+            (import "wasi:http/outgoing-handler@0.2.0" (instance))
+            (import "wharf:websocket/connection@0.2.0" (instance))
+            (import "wasi:io/streams@0.2.3" (instance))
+        )"#,
+    );
+    let run = |plugin: &str| {
+        let out = wharf_in(d, &["check", "--plugin", plugin]);
+        let line = error_line(&out, 1);
+        (line, text(&out.stderr))
+    };
+
+    let (line, stderr) = run("core.wasm");
+    assert!(
+        line.contains(
+            "this is a core WebAssembly module, not a component; build for wasm32-wasip2 \
+             or componentize it"
+        ),
+        "{line}"
+    );
+    assert!(!stderr.contains("compiling"), "{stderr}");
+
+    let (line, stderr) = run("http.wasm");
+    assert!(
+        line.contains(
+            "imports wasi:http/outgoing-handler@0.2.0, wharf:websocket/connection@0.2.0, \
+             which this host does not provide"
+        ),
+        "{line}"
+    );
+    // Served, by semver: not listed.
+    assert!(!line.contains("wasi:io/streams"), "{line}");
+    assert!(
+        line.contains("built against wharf:websocket@0.2.0"),
+        "{line}"
+    );
+    let package = env!("WHARF_WIT_PACKAGE");
+    assert!(
+        line.contains(&format!("this host serves {package}")),
+        "{line}"
+    );
+    for wasi in ["wasi:cli", "wasi:io", "wasi:sockets"] {
+        assert!(line.contains(wasi), "{wasi}: {line}");
+    }
+    assert!(!stderr.contains("compiling"), "{stderr}");
+
+    // What only the compile finds (a missing export function) is refused
+    // after it, and not cached either.
+    let (line, stderr) = run(plugin_path("incomplete").to_str().unwrap());
+    assert!(line.contains("on-close"), "{line}");
+    assert!(stderr.contains("compiling plugin incomplete"), "{stderr}");
+
+    assert!(cached(d).is_empty(), "{:?}", cached(d));
+}
+
+/// Start-up says it compiles and how long it took, then that it loads
+/// from the cache; a new memory limit keeps the cached code.
+#[test]
+fn compiling_is_announced_and_cached_code_survives_a_memory_limit_change() {
+    let dir = own_cache("memory_limit = \"64MiB\"\n");
+    let d = dir.path();
+    let out = wharf_in(d, &["check"]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let compiling = stderr
+        .find("compiling plugin echo (first time; cached afterwards)")
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let compiled = stderr
+        .find("plugin echo compiled in ")
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(compiling < compiled, "{stderr}");
+    assert_eq!(cached(d).len(), 1);
+
+    for limit in ["64MiB", "128MiB", "16MiB"] {
+        std::fs::write(
+            d.join("wharf.toml"),
+            format!(
+                "[[listener]]\naddress = \"127.0.0.1:0\"\n[plugin]\ncache_dir = \"cache\"\n\
+                 memory_limit = \"{limit}\"\n"
+            ),
+        )
+        .unwrap();
+        let out = wharf_in(d, &["check"]);
+        let stderr = text(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("plugin echo loaded from the cache in "),
+            "{limit}: {stderr}"
+        );
+        assert!(!stderr.contains("compiling"), "{limit}: {stderr}");
+    }
+    assert_eq!(cached(d).len(), 1);
+}
+
+/// A port in use is told before anything is compiled, by serve as by check.
+#[test]
+fn a_busy_port_is_told_before_compiling() {
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().to_string();
+    let dir = own_cache("");
+    for command in ["serve", "check"] {
+        let out = wharf_in(dir.path(), &[command, "--listen", &port]);
+        let line = error_line(&out, 1);
+        assert!(line.contains(&format!("cannot listen on {port}")), "{line}");
+        let stderr = text(&out.stderr);
+        assert!(!stderr.contains("compiling"), "{command}: {stderr}");
+    }
+    assert!(cached(dir.path()).is_empty());
+}
+
+#[test]
+fn the_cache_is_capped_shown_and_cleared() {
+    // Room for one of these plugins, not two.
+    let dir = own_cache("cache_max_size = \"100KiB\"\n");
+    let d = dir.path();
+    let cache = d.join("cache");
+    let show = || {
+        let out = wharf_in(d, &["cache"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let shown = show();
+    assert!(
+        shown.contains(&format!("compiled-plugin cache: {}", cache.display())),
+        "{shown}"
+    );
+    assert!(shown.contains("empty"), "{shown}");
+
+    let out = wharf_in(
+        d,
+        &["check", "--plugin", plugin_path("echo").to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(show().contains("1 compiled plugin, "), "{}", show());
+    let out = wharf_in(
+        d,
+        &["check", "--plugin", plugin_path("chaos").to_str().unwrap()],
+    );
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("least recently used plugins removed"),
+        "{stderr}"
+    );
+    assert_eq!(cached(d).len(), 1, "{:?}", cached(d));
+    let shown = show();
+    assert!(shown.contains("1 compiled plugin, "), "{shown}");
+    assert!(shown.contains("cap 100.0 KiB"), "{shown}");
+
+    let out = wharf_in(d, &["cache", "clear"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        stdout.starts_with("removed 1 compiled plugin ("),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&cache.display().to_string()), "{stdout}");
+    assert!(cached(d).is_empty());
+    assert!(show().contains("0 compiled plugins, 0 B"), "{}", show());
+
+    // Without a configuration: the default place, under XDG_CACHE_HOME.
+    let empty = tempfile::tempdir().unwrap();
+    let out = wharf_cmd()
+        .arg("cache")
+        .current_dir(empty.path())
+        .env("XDG_CACHE_HOME", empty.path())
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    let default = empty.path().join("wharf");
+    assert!(stdout.contains(&default.display().to_string()), "{stdout}");
 }

@@ -20,7 +20,9 @@
 //!
 //! `<sha256>` is the component's SHA-256 and `<compat>` a hash of the
 //! engine's compatibility hash (wasmtime version and every setting that
-//! affects code generation). The tag is HMAC-SHA256, keyed with `key`, of
+//! affects code generation, among them the memory reservation, which
+//! [`engine::reservation`](super::engine::reservation) rounds so that it
+//! does not follow every `memory_limit`). The tag is HMAC-SHA256, keyed with `key`, of
 //! the magic, the file name, a NUL and the artifact: an artifact cannot be
 //! forged without the key, nor moved to another plugin's name.
 //!
@@ -31,13 +33,23 @@
 //! verified, and those same bytes deserialised. Anything missing, refused or
 //! rejected by wasmtime is recompiled and overwritten. Writes go to a fresh
 //! `O_CREAT|O_EXCL|O_NOFOLLOW` file, mode 0600, renamed over the final name.
+//!
+//! Only plugins the runtime accepted are written (a refused component is
+//! not cached). The directory is bounded (`plugin.cache_max_size`): each
+//! read of an artifact sets its mtime, and after each write the least
+//! recently used artifacts are removed until the rest fit (the one just
+//! written always stays), with temporary files an hour old (a crash's).
+//! `wharf cache` shows the directory and its size, `wharf cache clear`
+//! empties it ([`usage`], [`clear`]).
 
 use std::collections::BTreeSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
+use bytesize::ByteSize;
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
@@ -56,80 +68,238 @@ pub fn content_hash(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// How a plugin's compiled code was obtained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    Compiled,
-    Cached,
-}
-
 /// First bytes of a cache file (format version 1).
 const MAGIC: &[u8; 8] = b"WHARFC01";
 const TAG_LEN: usize = 32;
 const HEADER_LEN: usize = MAGIC.len() + TAG_LEN;
 const KEY_LEN: usize = 32;
 
-/// Loads `bytes` as a component, from the cache in `dir` if it holds an
-/// artifact this server wrote; otherwise compiles it (and caches it if the
-/// directory is safe to use).
-pub fn load(
-    engine: &Engine,
-    dir: Option<&Path>,
-    hash: &str,
-    bytes: &[u8],
-) -> anyhow::Result<(Component, Origin)> {
-    // The hash names a file in the directory: hex only, nothing else.
-    let hex = !hash.is_empty() && hash.bytes().all(|b| b.is_ascii_hexdigit());
-    let cache = dir.filter(|_| hex).and_then(|dir| match Cache::open(dir) {
-        Ok(cache) => Some(cache),
-        Err(why) => {
-            refuse(dir, &why);
-            None
-        }
-    });
-    let Some(cache) = cache else {
-        return Ok((Component::new(engine, bytes)?, Origin::Compiled));
-    };
-    let name = artifact_name(engine, hash);
-    let path = cache.path(&name);
-    match cache.read_verified(&name) {
-        Ok(Some(artifact)) => {
-            // SAFETY: `artifact` is exactly the bytes whose HMAC was just
-            // verified with this cache's key, which only this server's uid
-            // (and root) can read or replace: the directory and the key file
-            // were checked, on their open descriptors, to be owned by the
-            // euid, the directory not group- or world-writable, the key with
-            // no group or other bits. A valid tag for this file name means the
-            // server itself wrote them, from `Engine::precompile_component`
-            // of this plugin's bytes (the name binds the content hash and the
-            // engine's compatibility hash). wasmtime also checks the header
-            // and refuses artifacts from a different engine configuration.
-            match unsafe { Component::deserialize(engine, &artifact) } {
-                Ok(component) => return Ok((component, Origin::Cached)),
-                Err(err) => {
-                    tracing::warn!(path = %path.display(), %err, "cached plugin unusable; recompiling")
-                }
+/// The default cap on a cache directory's compiled plugins
+/// (`plugin.cache_max_size`).
+pub const DEFAULT_MAX_SIZE: u64 = 1 << 30;
+
+/// Temporary files older than this are left from a write that never
+/// finished (a crash): eviction removes them.
+const STALE_TEMP: Duration = Duration::from_secs(3600);
+
+/// A cache directory, opened and checked, and the cap on its size.
+pub struct PluginCache {
+    cache: Cache,
+    max_size: u64,
+}
+
+impl PluginCache {
+    /// Opens (creating it) `dir` to cache compiled plugins, at most
+    /// `max_size` bytes of them; `None`, with a warning once per directory
+    /// and reason, if it must not be used.
+    pub fn open(dir: &Path, max_size: u64) -> Option<PluginCache> {
+        match Cache::open(dir) {
+            Ok(cache) => Some(PluginCache { cache, max_size }),
+            Err(why) => {
+                refuse(dir, &why);
+                None
             }
         }
-        Ok(None) => tracing::debug!(path = %path.display(), "plugin not cached; compiling"),
-        Err(err) => {
-            tracing::warn!(path = %path.display(), %err, "cached plugin rejected; recompiling")
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.cache.dir_path
+    }
+
+    /// The plugin of content hash `hash`, compiled for `engine`, if this
+    /// server cached it; a use counts for eviction (its file's mtime).
+    pub fn get(&self, engine: &Engine, hash: &str) -> Option<Component> {
+        let name = artifact_name(engine, hash)?;
+        let path = self.cache.path(&name);
+        match self.cache.read_verified(&name) {
+            Ok(Some(artifact)) => {
+                // SAFETY: `artifact` is exactly the bytes whose HMAC was just
+                // verified with this cache's key, which only this server's uid
+                // (and root) can read or replace: the directory and the key file
+                // were checked, on their open descriptors, to be owned by the
+                // euid, the directory not group- or world-writable, the key with
+                // no group or other bits. A valid tag for this file name means the
+                // server itself wrote them, from `Engine::precompile_component`
+                // of this plugin's bytes (the name binds the content hash and the
+                // engine's compatibility hash). wasmtime also checks the header
+                // and refuses artifacts from a different engine configuration.
+                match unsafe { Component::deserialize(engine, &artifact) } {
+                    Ok(component) => return Some(component),
+                    Err(err) => {
+                        tracing::warn!(path = %path.display(), %err, "cached plugin unusable; recompiling")
+                    }
+                }
+            }
+            Ok(None) => tracing::debug!(path = %path.display(), "plugin not cached; compiling"),
+            Err(err) => {
+                tracing::warn!(path = %path.display(), %err, "cached plugin rejected; recompiling")
+            }
+        }
+        None
+    }
+
+    /// Caches `artifact`, compiled for `engine` from the plugin of content
+    /// hash `hash`, then evicts the least recently used others while the
+    /// directory holds more than its cap (the new one stays, even alone
+    /// over the cap).
+    pub fn put(&self, engine: &Engine, hash: &str, artifact: &[u8]) {
+        let Some(name) = artifact_name(engine, hash) else {
+            return;
+        };
+        if let Err(err) = self.cache.write(&name, artifact) {
+            let path = self.cache.path(&name);
+            tracing::warn!(path = %path.display(), %err, "cannot cache compiled plugin");
+            return;
+        }
+        match self.evict(&name) {
+            Ok(evicted) if evicted.files > 0 => tracing::info!(
+                dir = %self.dir().display(),
+                evicted = evicted.files,
+                freed = %ByteSize(evicted.bytes).display().iec(),
+                cap = %ByteSize(self.max_size).display().iec(),
+                "compiled-plugin cache over its cap: least recently used plugins removed"
+            ),
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(dir = %self.dir().display(), %err, "cannot evict from the plugin cache")
+            }
         }
     }
+
+    /// Removes the least recently used artifacts but `keep` while the
+    /// artifacts add up to more than the cap, and temporary files left by
+    /// a crash: what was removed.
+    fn evict(&self, keep: &str) -> io::Result<Usage> {
+        let mut entries = self.cache.list()?;
+        let mut removed = Usage::default();
+        let now = SystemTime::now();
+        entries.retain(|e| {
+            let stale = !e.artifact
+                && now
+                    .duration_since(e.modified)
+                    .is_ok_and(|age| age > STALE_TEMP);
+            if stale && self.cache.remove(&e.name).is_ok() {
+                removed.add(e.len);
+            }
+            e.artifact
+        });
+        let mut total: u64 = entries.iter().map(|e| e.len).sum();
+        // Oldest use first.
+        entries.sort_by_key(|e| e.modified);
+        for e in &entries {
+            if total <= self.max_size {
+                break;
+            }
+            if e.name == keep {
+                continue;
+            }
+            match self.cache.remove(&e.name) {
+                Ok(()) => {
+                    total -= e.len;
+                    removed.add(e.len);
+                }
+                // Another server evicted it first.
+                Err(err) if err.kind() == io::ErrorKind::NotFound => total -= e.len,
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Compiles `bytes` for `engine`: the artifact to cache, and the component
+/// loaded from it.
+pub fn compile(engine: &Engine, bytes: &[u8]) -> anyhow::Result<(Vec<u8>, Component)> {
     let artifact = engine.precompile_component(bytes)?;
     // SAFETY: the artifact was produced just above by this engine.
     let component = unsafe { Component::deserialize(engine, &artifact)? };
-    if let Err(err) = cache.write(&name, &artifact) {
-        tracing::warn!(path = %path.display(), %err, "cannot cache compiled plugin");
-    }
-    Ok((component, Origin::Compiled))
+    Ok((artifact, component))
 }
 
-/// The file `load` reads and writes for a plugin of content hash `hash`.
-fn artifact_name(engine: &Engine, hash: &str) -> String {
+/// A file of the cache directory.
+#[cfg_attr(not(unix), allow(dead_code))]
+struct Entry {
+    name: String,
+    len: u64,
+    /// Written or last used.
+    modified: SystemTime,
+    /// An artifact; else a temporary file.
+    artifact: bool,
+}
+
+/// Compiled plugins in a cache directory, counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub files: usize,
+    pub bytes: u64,
+}
+
+impl Usage {
+    fn add(&mut self, len: u64) {
+        self.files += 1;
+        self.bytes += len;
+    }
+}
+
+/// What the cache in `dir` holds (`wharf cache`); `None` if there is no
+/// such directory yet. An error says why the directory is not used.
+pub fn usage(dir: &Path) -> Result<Option<Usage>, String> {
+    let Some(cache) = Cache::open_existing(dir)? else {
+        return Ok(None);
+    };
+    let mut usage = Usage::default();
+    for e in cache.list().map_err(|err| err.to_string())? {
+        if e.artifact {
+            usage.add(e.len);
+        }
+    }
+    Ok(Some(usage))
+}
+
+/// Removes every compiled plugin (and unfinished write) from the cache in
+/// `dir` (`wharf cache clear`): what was removed. The key stays, so that a
+/// server running on it goes on caching.
+pub fn clear(dir: &Path) -> Result<Usage, String> {
+    let Some(cache) = Cache::open_existing(dir)? else {
+        return Ok(Usage::default());
+    };
+    let mut removed = Usage::default();
+    for e in cache.list().map_err(|err| err.to_string())? {
+        match cache.remove(&e.name) {
+            Ok(()) => {
+                if e.artifact {
+                    removed.add(e.len);
+                }
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(format!("cannot remove {}: {err}", e.name)),
+        }
+    }
+    Ok(removed)
+}
+
+/// The cache file of the plugin of content hash `hash` compiled for
+/// `engine`; `None` if `hash` is not hex (it names a file: nothing else).
+fn artifact_name(engine: &Engine, hash: &str) -> Option<String> {
+    if hash.is_empty() || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
     let mut h = DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut h);
-    format!("{hash}-{:016x}.cwasm", h.finish())
+    Some(format!("{hash}-{:016x}.cwasm", h.finish()))
+}
+
+/// Whether `name` is one `artifact_name` returns.
+fn is_artifact(name: &str) -> bool {
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    name.strip_suffix(".cwasm")
+        .and_then(|stem| stem.split_once('-'))
+        .is_some_and(|(hash, compat)| hex(hash) && hex(compat))
+}
+
+/// Whether `name` is a write in flight (or left by a crash).
+fn is_temp(name: &str) -> bool {
+    name.starts_with(".tmp-")
 }
 
 /// Warns that `dir` is not used, once per directory and reason (a server
@@ -221,12 +391,13 @@ mod unix {
     use std::ffi::{CStr, CString, OsStr};
     use std::fs::{DirBuilder, File, OpenOptions};
     use std::io::{self, Read, Write};
-    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
     use std::path::{Path, PathBuf};
+    use std::time::SystemTime;
 
-    use super::{KEY_LEN, invalid};
+    use super::{Entry, KEY_LEN, invalid, is_artifact, is_temp};
 
     /// An open cache directory, checked, and its key.
     pub(super) struct Cache {
@@ -278,9 +449,19 @@ mod unix {
             })
         }
 
-        /// Cache file `name`, whole; `None` if there is none.
+        /// [`open`](Self::open) for a directory that exists: `None` if
+        /// there is nothing at `dir_path` (nothing is created then).
+        pub(super) fn open_existing(dir_path: &Path) -> Result<Option<Cache>, String> {
+            match std::fs::symlink_metadata(dir_path) {
+                Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+                _ => Cache::open(dir_path).map(Some),
+            }
+        }
+
+        /// Cache file `name`, whole; `None` if there is none. Reading it
+        /// is a use: its mtime becomes now, for eviction.
         pub(super) fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
-            let mut file = match self.open_existing(name) {
+            let mut file = match self.open_file(name) {
                 Ok(file) => file,
                 Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(err) => return Err(err),
@@ -289,7 +470,77 @@ mod unix {
             check_file(&meta, 0o022)?;
             let mut bytes = Vec::with_capacity(meta.len().try_into().unwrap_or(0));
             file.read_to_end(&mut bytes)?;
+            // Owner may set the times on a read-only descriptor (futimens).
+            let _ = file.set_modified(SystemTime::now());
             Ok(Some(bytes))
+        }
+
+        /// The artifacts and temporary files in the directory: regular
+        /// files owned by the euid, with a name this cache gives.
+        pub(super) fn list(&self) -> io::Result<Vec<Entry>> {
+            let mut entries = Vec::new();
+            for name in self.names()? {
+                let Ok(name) = name.to_str() else { continue };
+                let artifact = is_artifact(name);
+                if !artifact && !is_temp(name) {
+                    continue;
+                }
+                let meta = match self.open_file(name).and_then(|f| f.metadata()) {
+                    Ok(meta) => meta,
+                    // Removed meanwhile, a symlink, not ours: not listed.
+                    Err(_) => continue,
+                };
+                if check_file(&meta, 0).is_err() {
+                    continue;
+                }
+                entries.push(Entry {
+                    name: name.to_owned(),
+                    len: meta.len(),
+                    modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    artifact,
+                });
+            }
+            Ok(entries)
+        }
+
+        /// Removes file `name` from the directory (not following a symlink:
+        /// `unlinkat` never does).
+        pub(super) fn remove(&self, name: &str) -> io::Result<()> {
+            unlinkat(&self.dir, &cstring(name)?)
+        }
+
+        /// Every name in the directory, read through its descriptor.
+        fn names(&self) -> io::Result<Vec<CString>> {
+            // A new open file description of the same directory, so that
+            // reading it moves no offset of `self.dir`.
+            let fd = open_at(&self.dir, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+            let fd = fd.into_raw_fd();
+            // SAFETY: `fd` is an open directory descriptor owned by nobody
+            // else; on success the stream owns it (closedir closes it).
+            let stream = unsafe { libc::fdopendir(fd) };
+            if stream.is_null() {
+                let err = io::Error::last_os_error();
+                // SAFETY: `fd` is still ours: fdopendir failed.
+                unsafe { libc::close(fd) };
+                return Err(err);
+            }
+            let mut names = Vec::new();
+            loop {
+                // SAFETY: `stream` is a valid, open directory stream used by
+                // this thread only; a non-null entry is valid until the
+                // next readdir on it, and its `d_name` is NUL-terminated.
+                // A null at the end or on an error alike ends the listing
+                // (one left out is evicted or cleared the next time).
+                let entry = unsafe { libc::readdir(stream) };
+                if entry.is_null() {
+                    break;
+                }
+                let name = unsafe { CStr::from_ptr((*entry).d_name.as_ptr()) };
+                names.push(name.to_owned());
+            }
+            // SAFETY: `stream` is open and not used after this.
+            unsafe { libc::closedir(stream) };
+            Ok(names)
         }
 
         /// Writes `artifact` (sealed) as cache file `name`, atomically: a
@@ -307,7 +558,7 @@ mod unix {
 
         /// Opens `name` in the directory for reading, not following a
         /// symlink, not blocking on a FIFO.
-        fn open_existing(&self, name: &str) -> io::Result<File> {
+        fn open_file(&self, name: &str) -> io::Result<File> {
             open_at(
                 &self.dir,
                 &cstring(name)?,
@@ -490,7 +741,7 @@ mod other {
     use std::io;
     use std::path::{Path, PathBuf};
 
-    use super::KEY_LEN;
+    use super::{Entry, KEY_LEN};
 
     pub(super) struct Cache {
         pub(super) dir_path: PathBuf,
@@ -507,7 +758,19 @@ mod other {
             match self.never {}
         }
 
+        pub(super) fn open_existing(_: &Path) -> Result<Option<Cache>, String> {
+            Err("the compiled-plugin cache is only supported on Unix".into())
+        }
+
         pub(super) fn write(&self, _: &str, _: &[u8]) -> io::Result<()> {
+            match self.never {}
+        }
+
+        pub(super) fn list(&self) -> io::Result<Vec<Entry>> {
+            match self.never {}
+        }
+
+        pub(super) fn remove(&self, _: &str) -> io::Result<()> {
             match self.never {}
         }
     }
@@ -519,6 +782,41 @@ mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     use super::*;
+
+    /// How a plugin's compiled code was obtained.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Origin {
+        Compiled,
+        Cached,
+    }
+
+    /// From the cache in `dir` if it has it, else compiled (and cached).
+    fn load(
+        engine: &Engine,
+        dir: Option<&Path>,
+        hash: &str,
+        bytes: &[u8],
+    ) -> anyhow::Result<(Component, Origin)> {
+        load_capped(engine, dir, DEFAULT_MAX_SIZE, hash, bytes)
+    }
+
+    fn load_capped(
+        engine: &Engine,
+        dir: Option<&Path>,
+        max_size: u64,
+        hash: &str,
+        bytes: &[u8],
+    ) -> anyhow::Result<(Component, Origin)> {
+        let cache = dir.and_then(|dir| PluginCache::open(dir, max_size));
+        if let Some(component) = cache.as_ref().and_then(|c| c.get(engine, hash)) {
+            return Ok((component, Origin::Cached));
+        }
+        let (artifact, component) = compile(engine, bytes)?;
+        if let Some(cache) = &cache {
+            cache.put(engine, hash, &artifact);
+        }
+        Ok((component, Origin::Compiled))
+    }
 
     fn engine() -> Engine {
         let mut config = wasmtime::Config::new();
@@ -536,7 +834,7 @@ mod tests {
     }
 
     fn echo_path(engine: &Engine, dir: &Path) -> PathBuf {
-        dir.join(artifact_name(engine, &content_hash(crate::bundled::ECHO)))
+        dir.join(artifact_name(engine, &content_hash(crate::bundled::ECHO)).unwrap())
     }
 
     /// The names of a component's exports.
@@ -616,7 +914,7 @@ mod tests {
         let (_, origin) = load(&engine, Some(&dir), &content_hash(&chaos), &chaos).unwrap();
         assert_eq!(origin, Origin::Compiled);
         let sealed_chaos =
-            fs::read(dir.join(artifact_name(&engine, &content_hash(&chaos)))).unwrap();
+            fs::read(dir.join(artifact_name(&engine, &content_hash(&chaos)).unwrap())).unwrap();
 
         let mut forged_tag = MAGIC.to_vec();
         forged_tag.extend_from_slice(&[0; TAG_LEN]);
@@ -776,5 +1074,132 @@ mod tests {
         let echo = crate::bundled::ECHO;
         let (_, origin) = load(&engine, None, &content_hash(echo), echo).unwrap();
         assert_eq!(origin, Origin::Compiled);
+    }
+
+    fn plugin(name: &str) -> Vec<u8> {
+        fs::read(Path::new(crate::bundled::PLUGIN_DIR).join(format!("{name}.wasm"))).unwrap()
+    }
+
+    /// The size of `bytes`' cache file.
+    fn cached_size(engine: &Engine, bytes: &[u8]) -> u64 {
+        (HEADER_LEN + engine.precompile_component(bytes).unwrap().len()) as u64
+    }
+
+    fn set_age(path: &Path, seconds_ago: u64) {
+        let file = fs::File::open(path).unwrap();
+        file.set_modified(SystemTime::now() - Duration::from_secs(seconds_ago))
+            .unwrap();
+    }
+
+    fn artifacts(dir: &Path) -> Vec<String> {
+        entries(dir)
+            .into_iter()
+            .filter(|n| is_artifact(n))
+            .collect()
+    }
+
+    #[test]
+    fn least_recently_used_plugins_are_evicted_beyond_the_cap() {
+        let engine = engine();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("wharf");
+        let [a, b, c] = ["echo", "chaos", "close_codes"].map(plugin);
+        let path = |bytes: &[u8]| dir.join(artifact_name(&engine, &content_hash(bytes)).unwrap());
+        // Room for any two of the three, not for all three.
+        let cap = [&a, &b, &c]
+            .map(|p| cached_size(&engine, p))
+            .iter()
+            .sum::<u64>()
+            - 1;
+        let load =
+            |bytes: &[u8]| load_capped(&engine, Some(&dir), cap, &content_hash(bytes), bytes);
+
+        assert_eq!(load(&a).unwrap().1, Origin::Compiled);
+        assert_eq!(load(&b).unwrap().1, Origin::Compiled);
+        // `a` written first but used last: `b` is the least recently used.
+        set_age(&path(&a), 100);
+        set_age(&path(&b), 50);
+        assert_eq!(load(&a).unwrap().1, Origin::Cached);
+        let used = fs::metadata(path(&a)).unwrap().modified().unwrap();
+        assert!(
+            SystemTime::now().duration_since(used).unwrap() < Duration::from_secs(10),
+            "a use sets the mtime"
+        );
+        assert_eq!(load(&c).unwrap().1, Origin::Compiled);
+        let mut expected = vec![
+            path(&a).file_name().unwrap().to_string_lossy().into_owned(),
+            path(&c).file_name().unwrap().to_string_lossy().into_owned(),
+        ];
+        expected.sort();
+        assert_eq!(artifacts(&dir), expected);
+        assert_eq!(load(&a).unwrap().1, Origin::Cached);
+        assert_eq!(load(&b).unwrap().1, Origin::Compiled);
+        let usage = usage(&dir).unwrap().unwrap();
+        assert!(usage.bytes <= cap, "{usage:?} over {cap}");
+    }
+
+    #[test]
+    fn a_plugin_larger_than_the_cap_is_cached_alone() {
+        let engine = engine();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("wharf");
+        for name in ["echo", "chaos"] {
+            let bytes = plugin(name);
+            load_capped(&engine, Some(&dir), 1, &content_hash(&bytes), &bytes).unwrap();
+        }
+        let chaos = plugin("chaos");
+        let name = artifact_name(&engine, &content_hash(&chaos)).unwrap();
+        assert_eq!(artifacts(&dir), vec![name]);
+    }
+
+    #[test]
+    fn stale_temporary_files_are_removed_fresh_ones_kept() {
+        let engine = engine();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("wharf");
+        load_echo(&engine, &dir);
+        for (name, age) in [(".tmp-old", 7200), (".tmp-new", 0)] {
+            fs::write(dir.join(name), b"half").unwrap();
+            set_age(&dir.join(name), age);
+        }
+        let chaos = plugin("chaos");
+        load(&engine, Some(&dir), &content_hash(&chaos), &chaos).unwrap();
+        let names = entries(&dir);
+        assert!(!names.contains(&".tmp-old".to_owned()), "{names:?}");
+        assert!(names.contains(&".tmp-new".to_owned()), "{names:?}");
+    }
+
+    #[test]
+    fn usage_and_clear() {
+        let engine = engine();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("wharf");
+        assert_eq!(usage(&dir).unwrap(), None);
+        assert_eq!(clear(&dir).unwrap(), Usage::default());
+        assert!(!dir.exists(), "neither creates the directory");
+
+        load_echo(&engine, &dir);
+        let chaos = plugin("chaos");
+        load(&engine, Some(&dir), &content_hash(&chaos), &chaos).unwrap();
+        fs::write(dir.join("notes.txt"), b"mine").unwrap();
+        let expected = Usage {
+            files: 2,
+            bytes: cached_size(&engine, crate::bundled::ECHO) + cached_size(&engine, &chaos),
+        };
+        assert_eq!(usage(&dir).unwrap(), Some(expected));
+        assert_eq!(clear(&dir).unwrap(), expected);
+        assert_eq!(usage(&dir).unwrap(), Some(Usage::default()));
+        // What is not the cache's stays, and so does the key.
+        assert_eq!(
+            entries(&dir),
+            vec!["key".to_owned(), "notes.txt".to_owned()]
+        );
+        assert_eq!(load_echo(&engine, &dir).1, Origin::Compiled);
+        assert_eq!(load_echo(&engine, &dir).1, Origin::Cached);
+
+        // A directory others may write is neither counted nor cleared.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(usage(&dir).unwrap_err().contains("writable"));
+        assert!(clear(&dir).is_err());
     }
 }

@@ -10,6 +10,7 @@ pub mod connection_host;
 pub mod cpu_share;
 pub mod engine;
 pub mod idle_pool;
+pub mod inspect;
 pub mod limits;
 pub mod log_stream;
 pub mod peers_host;
@@ -21,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{Func, HasSelf, InstancePre, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, Store, UpdateDeadline};
@@ -121,10 +122,13 @@ pub struct Runtime {
     broker: Arc<Broker>,
     linker: Linker<HostState>,
     config: RuntimeConfig,
+    /// The cap on `config.cache_dir`'s compiled plugins (0: no cache).
+    cache_max_size: u64,
     _clock: EpochClock,
 }
 
-/// Why a plugin could not be loaded.
+/// Why a plugin could not be loaded. Each is told before the plugin is
+/// compiled if its outline shows it (see [`inspect`]); none is cached.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read plugin {path}: {source}")]
@@ -132,10 +136,53 @@ pub enum LoadError {
         path: String,
         source: std::io::Error,
     },
+    /// A README, an `app.py`, an HTML error page saved as `.wasm`: said in
+    /// words before wasmtime's parser would print its first bytes.
+    #[error(
+        "plugin {name} is not a valid component: it is not WebAssembly at all (a .wasm \
+         file starts with \"\\0asm\"); give the file the plugin's build wrote"
+    )]
+    NotWasm { name: String },
+    #[error(
+        "plugin {name} is not a valid component: this is a core WebAssembly module, not a \
+         component; build for wasm32-wasip2 or componentize it (e.g. `wasm-tools component \
+         new`; see docs/plugins)"
+    )]
+    CoreModule { name: String },
+    #[error(
+        "plugin {name} imports {}, which this host does not provide{}; this host serves {}",
+        .missing.join(", "),
+        wit_hint(.missing),
+        inspect::served()
+    )]
+    MissingImports { name: String, missing: Vec<String> },
+    #[error(
+        "plugin {name} is not a Wharf handler: it does not export {}/handler (its exports: {}); \
+         build it against the handler-world of wit/websocket.wit",
+        inspect::WIT_PACKAGE.split('@').next().unwrap_or_default(),
+        if .exports.is_empty() { "none".to_owned() } else { .exports.join(", ") }
+    )]
+    NoHandler { name: String, exports: Vec<String> },
     #[error("plugin {name} is not a valid component: {source:#}")]
     Compile { name: String, source: anyhow::Error },
     #[error("plugin {name} does not implement the wharf:websocket/handler-world world: {source:#}")]
     World { name: String, source: anyhow::Error },
+}
+
+/// For an unserved import of this host's own package (another minor
+/// version): what to do about it.
+fn wit_hint(missing: &[String]) -> String {
+    let package = inspect::WIT_PACKAGE.split('@').next().unwrap_or_default();
+    match missing
+        .iter()
+        .find_map(|m| m.strip_prefix(package)?.split_once('@'))
+    {
+        Some((_, version)) => format!(
+            " (the plugin was built against {package}@{version}; rebuild it with the WIT \
+             this host serves, wit/websocket.wit, or run a Wharf that serves {version})"
+        ),
+        None => String::new(),
+    }
 }
 
 /// Why a call into a plugin instance failed. Every variant kills the instance:
@@ -205,8 +252,15 @@ impl Runtime {
             broker: Broker::new(),
             linker,
             config,
+            cache_max_size: cache::DEFAULT_MAX_SIZE,
             _clock: clock,
         })
+    }
+
+    /// Caps the compiled-plugin cache at `bytes` (`plugin.cache_max_size`;
+    /// default [`cache::DEFAULT_MAX_SIZE`]); 0: no cache at all.
+    pub fn set_cache_max_size(&mut self, bytes: u64) {
+        self.cache_max_size = bytes;
     }
 
     pub fn engine(&self) -> &Engine {
@@ -247,15 +301,25 @@ impl Runtime {
         bytes: &[u8],
     ) -> Result<Plugin, LoadError> {
         spec.limits.memory = spec.limits.memory.min(self.config.limits.memory);
+        let started = Instant::now();
+        // What the outline shows is refused before any compile, and so
+        // never cached.
+        inspect::check(&self.linker, name, bytes)?;
         let hash = cache::content_hash(bytes);
-        let started = std::time::Instant::now();
-        let (component, origin) =
-            cache::load(&self.engine, self.config.cache_dir.as_deref(), &hash, bytes).map_err(
-                |source| LoadError::Compile {
-                    name: name.into(),
-                    source,
-                },
-            )?;
+        let cache = match &self.config.cache_dir {
+            Some(dir) if self.cache_max_size > 0 => {
+                cache::PluginCache::open(dir, self.cache_max_size)
+            }
+            _ => None,
+        };
+        let (component, artifact) = match cache.as_ref().and_then(|c| c.get(&self.engine, &hash)) {
+            Some(component) => (component, None),
+            None => {
+                let (artifact, component) =
+                    self.compile(&spec.tenant, name, &hash, bytes, cache.is_some())?;
+                (component, Some(artifact))
+            }
+        };
         let world_error = |source: wasmtime::Error| LoadError::World {
             name: name.into(),
             source: source.into(),
@@ -267,15 +331,25 @@ impl Runtime {
         let indices = HandlerWorldIndices::new(&pre).map_err(world_error)?;
         let batch = BatchExport::find(&pre).map_err(|e| world_error(e.into()))?;
         let snapshot = SnapshotExport::find(&pre).map_err(|e| world_error(e.into()))?;
+        // Accepted: only now is it worth caching.
+        if let (Some(cache), Some(artifact)) = (&cache, &artifact) {
+            cache.put(&self.engine, &hash, artifact);
+        }
+        let elapsed = started.elapsed();
+        let (origin, message) = match artifact {
+            Some(_) => ("compiled", "compiled"),
+            None => ("cache", "loaded from the cache"),
+        };
         tracing::info!(
             tenant = %spec.tenant,
             plugin = name,
             sha256 = &hash[..16],
-            ?origin,
+            origin,
             batched = batch.is_some(),
             snapshots = snapshot.is_some(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "plugin loaded"
+            elapsed_ms = elapsed.as_millis() as u64,
+            "plugin {name} {message} in {:.1?}",
+            elapsed
         );
         Ok(Plugin {
             name: name.into(),
@@ -289,6 +363,59 @@ impl Runtime {
         })
     }
 }
+
+impl Runtime {
+    /// Compiles plugin `name` (the caller checked the cache), saying so
+    /// first and every [`COMPILE_PROGRESS`] until done: an interpreter
+    /// component takes 15-20 s on 2 cores, which is not a hang.
+    fn compile(
+        &self,
+        tenant: &str,
+        name: &str,
+        hash: &str,
+        bytes: &[u8],
+        cached_afterwards: bool,
+    ) -> Result<(Vec<u8>, wasmtime::component::Component), LoadError> {
+        let note = if cached_afterwards {
+            "first time; cached afterwards"
+        } else {
+            "no cache: compiled at every start"
+        };
+        tracing::info!(
+            tenant,
+            plugin = name,
+            sha256 = &hash[..16],
+            size = bytes.len(),
+            "compiling plugin {name} ({note})"
+        );
+        let started = Instant::now();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    wait.recv_timeout(COMPILE_PROGRESS)
+                {
+                    tracing::info!(
+                        tenant,
+                        plugin = name,
+                        "still compiling plugin {name} ({} s so far)",
+                        started.elapsed().as_secs()
+                    );
+                }
+            });
+            let compiled = cache::compile(&self.engine, bytes);
+            drop(done);
+            compiled
+        })
+        .map_err(|source| LoadError::Compile {
+            name: name.into(),
+            source,
+        })
+    }
+}
+
+/// How often a long compile says it is still at it.
+const COMPILE_PROGRESS: Duration = Duration::from_secs(5);
 
 /// A plugin file's bytes and its name (the file stem).
 pub fn read_plugin(path: &Path) -> Result<(String, Vec<u8>), LoadError> {

@@ -79,6 +79,25 @@ impl Server {
         tenants: Arc<Tenants>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
+        let sockets = bind_all(config)?;
+        Self::start_on(config, tenants, metrics, sockets).await
+    }
+
+    /// [`start`](Self::start) on sockets [`bind_all`] bound already (`wharf
+    /// serve` binds them before it compiles the plugins, so that a port in
+    /// use is told at once, not after a first compile).
+    pub async fn start_on(
+        config: &Config,
+        tenants: Arc<Tenants>,
+        metrics: Arc<Metrics>,
+        sockets: Vec<std::net::TcpListener>,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            sockets.len() == config.listeners.len(),
+            "{} sockets for {} listeners",
+            sockets.len(),
+            config.listeners.len()
+        );
         let shared = Arc::new(Shared {
             handshake: wharf_protocol::HandshakeLimits {
                 max_request_bytes: config::bytes(config.server.max_request_size),
@@ -108,7 +127,7 @@ impl Server {
         }
         let mut bound = Vec::new();
         let mut tls_reloaders = Vec::new();
-        for listener in &config.listeners {
+        for (listener, socket) in config.listeners.iter().zip(sockets) {
             let acceptor = match &listener.tls {
                 Some(tls) => {
                     let (acceptor, reloader) = tls::reloadable_acceptor(tls)?;
@@ -117,8 +136,7 @@ impl Server {
                 }
                 None => None,
             };
-            let socket = bind(listener.address)
-                .with_context(|| format!("cannot listen on {}", listener.address))?;
+            let socket = TcpListener::from_std(socket)?;
             let address = socket.local_addr()?;
             bound.push(Bound {
                 address,
@@ -176,8 +194,14 @@ impl Shared {
     }
 }
 
-fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::from_std(bind_std(address)?)
+/// Every configured listener's socket, bound and listening, in the
+/// order of `config.listeners` (for [`Server::start_on`]).
+pub fn bind_all(config: &Config) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    config
+        .listeners
+        .iter()
+        .map(|l| bind_std(l.address).with_context(|| format!("cannot listen on {}", l.address)))
+        .collect()
 }
 
 /// A listener's socket bound as [`Server::start`] binds it, without the

@@ -90,30 +90,6 @@ pub enum DeployError {
     Invalid(#[from] LoadError),
     #[error("tenant {0} has no previous version to roll back to")]
     NoPrevious(String),
-    #[error(transparent)]
-    NotWasm(#[from] NotWasm),
-}
-
-/// A plugin that is not WebAssembly at all (a README, an `app.py`, an
-/// HTML error page saved as `.wasm`), told in words before wasmtime's
-/// parser would answer with its magic-number bytes printed as arrays.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "{what} is not a valid component: it is not WebAssembly at all (a .wasm \
-     file starts with \"\\0asm\"); give the file the plugin's build wrote"
-)]
-pub struct NotWasm {
-    what: String,
-}
-
-/// Refuses bytes without the WebAssembly magic number; `what` names them
-/// (a path, or the uploaded version's name).
-pub fn ensure_wasm(what: &str, bytes: &[u8]) -> Result<(), NotWasm> {
-    if bytes.starts_with(b"\0asm") {
-        Ok(())
-    } else {
-        Err(NotWasm { what: what.into() })
-    }
 }
 
 impl DeployError {
@@ -123,7 +99,6 @@ impl DeployError {
             DeployError::UnknownTenant(_) => 404,
             DeployError::Invalid(_) => 422,
             DeployError::NoPrevious(_) => 409,
-            DeployError::NotWasm(_) => 422,
         }
     }
 }
@@ -204,14 +179,12 @@ impl Tenants {
             };
             let plugin = match &tenant.plugin {
                 Some(path) => crate::runtime::read_plugin(path)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|(name, bytes)| {
-                        ensure_wasm(&path.display().to_string(), &bytes)?;
-                        Ok(runtime.load_for(spec.clone(), &name, &bytes)?)
-                    }),
-                None => Ok(runtime.load_for(spec.clone(), "echo", crate::bundled::ECHO)?),
-            }
-            .with_context(|| format!("tenant {}", tenant.name))?;
+                    .and_then(|(name, bytes)| runtime.load_for(spec.clone(), &name, &bytes))
+                    .with_context(|| format!("tenant {} ({})", tenant.name, path.display())),
+                None => runtime
+                    .load_for(spec.clone(), "echo", crate::bundled::ECHO)
+                    .with_context(|| format!("tenant {}", tenant.name)),
+            }?;
             let counters = metrics.tenant_counters(&tenant.name);
             list.push(Arc::new(Tenant::new(
                 config, tenant, spec, plugin, counters,
@@ -255,9 +228,10 @@ impl Tenants {
             .get(tenant)
             .ok_or_else(|| DeployError::UnknownTenant(tenant.to_owned()))?;
         let started = Instant::now();
-        let plugin = ensure_wasm(name, bytes)
+        let plugin = self
+            .runtime
+            .load_for(t.spec.clone(), name, bytes)
             .map_err(DeployError::from)
-            .and_then(|()| Ok(self.runtime.load_for(t.spec.clone(), name, bytes)?))
             .inspect_err(|err| {
                 tracing::warn!(tenant, %err, "deploy refused");
                 self.metrics.deploy_failed(tenant);
