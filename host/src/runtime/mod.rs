@@ -237,14 +237,15 @@ impl Runtime {
         // (which import clocks, random, stdio, ...) instantiate; the context
         // each store gets grants no files, sockets, environment or arguments.
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        // The world's interfaces one by one: `connection` and `attachment`
-        // are this crate's own (see their modules), the others `bindgen!`'s.
-        use self::bindings::wharf::websocket::{config, peers, pubsub, types};
+        // The world's interfaces one by one: `connection`, `attachment` and
+        // `pubsub` are this crate's own (see their modules), the others
+        // `bindgen!`'s.
+        use self::bindings::wharf::websocket::{config, peers, types};
         types::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
         config::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
         peers::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
         connection_host::add_to_linker(&mut linker)?;
-        pubsub::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
+        pubsub_host::add_to_linker(&mut linker)?;
         attachment_host::add_to_linker(&mut linker)?;
         let clock = EpochClock::start(&engine);
         Ok(Self {

@@ -32,12 +32,12 @@ use tokio::sync::mpsc::{
     self,
     error::{TryRecvError, TrySendError},
 };
-use wasmtime::component::Resource;
+use wasmtime::StoreContextMut;
+use wasmtime::component::{Linker, Resource, WasmList, WasmStr};
 use wharf_protocol::Framed;
 
 use super::HostState;
 use super::bindings::ErrorCode;
-use super::bindings::wharf::websocket::pubsub::Host;
 use super::connection_host::ConnectionEntry;
 
 /// Longest topic name, in bytes.
@@ -289,7 +289,7 @@ impl Broker {
     }
 
     /// Whether `key` has a subscriber besides `exclude`.
-    fn has_audience(&self, key: &TopicKey, exclude: Option<u64>) -> bool {
+    pub fn has_audience(&self, key: &TopicKey, exclude: Option<u64>) -> bool {
         self.lock()
             .get(key)
             .is_some_and(|topic| topic.subscribers.keys().any(|&c| Some(c) != exclude))
@@ -517,23 +517,19 @@ impl HostState {
             .ok()
     }
 
-    /// Publishes a message of `len` payload bytes that `frame` makes: the
-    /// cheap refusals first (topic, size, rate), then only if the topic
-    /// has a subscriber besides `exclude` is the payload framed.
-    fn publish(
+    /// The cheap refusals of a publish of `len` payload bytes to `topic`
+    /// (size, rate), before its payload is read: where it goes, or `None`
+    /// when the topic has no subscriber besides `exclude` (nothing to do).
+    fn admit_publish(
         &mut self,
         topic: String,
         len: usize,
-        frame: impl FnOnce() -> Framed,
         exclude: Option<Resource<ConnectionEntry>>,
-    ) -> wasmtime::Result<Result<u32, ErrorCode>> {
+    ) -> wasmtime::Result<Result<Option<Publish>, ErrorCode>> {
         let exclude = match exclude {
             Some(conn) => Some(self.table.get(&conn)?.id()),
             None => None,
         };
-        if let Err(code) = check_topic(&topic) {
-            return Ok(Err(code));
-        }
         if len > self.max_message_size {
             return Ok(Err(ErrorCode::MessageTooBig));
         }
@@ -546,49 +542,117 @@ impl HostState {
             return Ok(Err(ErrorCode::QueueFull));
         }
         let key = (self.tenant.clone(), topic);
-        Ok(Ok(self.broker.publish_with(&key, exclude, frame).queued))
+        if !self.broker.has_audience(&key, exclude) {
+            return Ok(Ok(None));
+        }
+        Ok(Ok(Some(Publish {
+            broker: self.broker.clone(),
+            key,
+            exclude,
+        })))
     }
 }
 
-impl Host for HostState {
-    fn subscribe(
-        &mut self,
-        conn: Resource<ConnectionEntry>,
-        topic: String,
-    ) -> wasmtime::Result<Result<(), ErrorCode>> {
-        let entry = self.table.get_mut(&conn)?;
-        if entry.outbox.is_closed() {
-            return Ok(Err(ErrorCode::Closed));
-        }
-        Ok(entry.subscriptions.subscribe(topic))
-    }
+/// An admitted publish with an audience, waiting for its frame.
+struct Publish {
+    broker: Arc<Broker>,
+    key: TopicKey,
+    exclude: Option<u64>,
+}
 
-    fn unsubscribe(
-        &mut self,
-        conn: Resource<ConnectionEntry>,
-        topic: String,
-    ) -> wasmtime::Result<()> {
-        self.table.get_mut(&conn)?.subscriptions.unsubscribe(&topic);
-        Ok(())
-    }
+const INTERFACE: &str = "wharf:websocket/pubsub@0.1.5";
 
-    fn publish_text(
-        &mut self,
-        topic: String,
-        text: String,
-        exclude: Option<Resource<ConnectionEntry>>,
-    ) -> wasmtime::Result<Result<u32, ErrorCode>> {
-        self.publish(topic, text.len(), || Framed::text(&text), exclude)
-    }
+/// A topic read from the plugin's memory (in place for a UTF-8 plugin),
+/// copied only once its length is checked.
+fn topic_of(
+    store: &StoreContextMut<'_, HostState>,
+    topic: &WasmStr,
+) -> wasmtime::Result<Result<String, ErrorCode>> {
+    let topic = topic.to_str(store)?;
+    Ok(check_topic(&topic).map(|()| topic.into_owned()))
+}
 
-    fn publish_binary(
-        &mut self,
-        topic: String,
-        data: Vec<u8>,
-        exclude: Option<Resource<ConnectionEntry>>,
-    ) -> wasmtime::Result<Result<u32, ErrorCode>> {
-        self.publish(topic, data.len(), || Framed::binary(&data), exclude)
-    }
+/// Adds `wharf:websocket/pubsub` to the linker. Wired by hand rather than
+/// by `bindgen!`, which copies every argument out of the plugin's memory
+/// before the host sees it: a 16 MiB publish over the rate, or to a topic
+/// nobody reads, cost a 16 MiB copy (milliseconds with no epoch check).
+/// Here the payload is copied only once the publish is admitted and has an
+/// audience, framed straight from the plugin's memory (a text is validated
+/// in place first, for its length).
+pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    let mut inst = linker.instance(INTERFACE)?;
+    inst.func_wrap(
+        "subscribe",
+        |mut store: StoreContextMut<'_, HostState>,
+         (conn, topic): (Resource<ConnectionEntry>, WasmStr)| {
+            let topic = match topic_of(&store, &topic)? {
+                Ok(topic) => topic,
+                Err(code) => return Ok((Err(code),)),
+            };
+            let entry = store.data_mut().table.get_mut(&conn)?;
+            if entry.outbox.is_closed() {
+                return Ok((Err(ErrorCode::Closed),));
+            }
+            Ok((entry.subscriptions.subscribe(topic),))
+        },
+    )?;
+    inst.func_wrap(
+        "unsubscribe",
+        |mut store: StoreContextMut<'_, HostState>,
+         (conn, topic): (Resource<ConnectionEntry>, WasmStr)| {
+            if let Ok(topic) = topic_of(&store, &topic)? {
+                store
+                    .data_mut()
+                    .table
+                    .get_mut(&conn)?
+                    .subscriptions
+                    .unsubscribe(&topic);
+            }
+            Ok(())
+        },
+    )?;
+    inst.func_wrap(
+        "publish-text",
+        |mut store: StoreContextMut<'_, HostState>,
+         (topic, text, exclude): (WasmStr, WasmStr, Option<Resource<ConnectionEntry>>)| {
+            let topic = match topic_of(&store, &topic)? {
+                Ok(topic) => topic,
+                Err(code) => return Ok((Err(code),)),
+            };
+            // Validated in place (transcoded, for a UTF-16 plugin); read
+            // again below only if it is to be framed.
+            let len = text.to_str(&store)?.len();
+            let admitted = store.data_mut().admit_publish(topic, len, exclude)?;
+            Ok((match admitted {
+                Err(code) => Err(code),
+                Ok(None) => Ok(0),
+                Ok(Some(p)) => {
+                    let framed = Framed::text(&text.to_str(&store)?);
+                    Ok(p.broker.publish(&p.key, &framed, p.exclude).queued)
+                }
+            },))
+        },
+    )?;
+    inst.func_wrap(
+        "publish-binary",
+        |mut store: StoreContextMut<'_, HostState>,
+         (topic, data, exclude): (WasmStr, WasmList<u8>, Option<Resource<ConnectionEntry>>)| {
+            let topic = match topic_of(&store, &topic)? {
+                Ok(topic) => topic,
+                Err(code) => return Ok((Err(code),)),
+            };
+            let admitted = store.data_mut().admit_publish(topic, data.len(), exclude)?;
+            Ok((match admitted {
+                Err(code) => Err(code),
+                Ok(None) => Ok(0),
+                Ok(Some(p)) => {
+                    let framed = Framed::binary(data.as_le_slice(&store));
+                    Ok(p.broker.publish(&p.key, &framed, p.exclude).queued)
+                }
+            },))
+        },
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
