@@ -29,6 +29,9 @@ use tokio::process::{Child, Command};
 /// sends after its upgrade (each connection is cut by the host, then
 /// reconnects and attacks again).
 const ATTACKS: &[(&str, &[&str])] = &[
+    // The control: connections of the hostile tenant that say nothing. Its
+    // ratios are the noise floor of the machine the bench runs on.
+    ("none (idle connections)", &[]),
     ("infinite loop", &["loop"]),
     ("memory bomb", &["alloc"]),
     ("trap on the third message", &["trap-third", "x", "x"]),

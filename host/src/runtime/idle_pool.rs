@@ -1,6 +1,9 @@
-//! Where the message calls of a tenant over its CPU share run: one thread
-//! at the kernel's idle priority (`SCHED_IDLE` on Linux), so that they
-//! use only CPU nobody else wants.
+//! Where message calls run when they should not hold a worker: those of a
+//! tenant over its CPU share on one thread at the kernel's idle priority
+//! (`SCHED_IDLE` on Linux), so that they use only CPU nobody else wants;
+//! a call that simply runs long (past [`LONG_CALL`] on a worker) on one
+//! thread at a low priority (nice [`LONG_NICE`]), where the kernel
+//! preempts it for the workers but still gives it a fair part of a core.
 //!
 //! The CPU share alone caps how much a tenant runs, not where: a tenant
 //! that spins within its share still runs its slices on the workers that
@@ -11,36 +14,76 @@
 //! their share keep their latency.
 //!
 //! A call here is charged the CPU time its thread used, not the wall time
-//! it took: at idle priority on a busy machine most of that is waiting.
-//! The pool has one thread, so a call never moves between threads and its
+//! it took: at a low priority on a busy machine most of that is waiting.
+//! Each pool has one thread, so a call never moves between threads and its
 //! thread's CPU clock measures it.
 
 use std::cell::Cell;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::Poll;
+use std::time::Duration;
 use std::time::Instant;
 
 use tokio::runtime::{Builder, Handle, Runtime};
 use tokio::task::JoinError;
 
 thread_local! {
-    static ON_IDLE_THREAD: Cell<bool> = const { Cell::new(false) };
+    /// The [`Lane::flag`] of the lane this thread serves; 0 on a worker.
+    static LANE: Cell<u8> = const { Cell::new(0) };
 }
 
-/// The pool's runtime, started on first use and kept for the process's
+/// How long a call may run on a worker before it moves to the long lane.
+pub const LONG_CALL: Duration = Duration::from_millis(2);
+/// The long lane's priority: about a tenth of a normal thread's weight.
+pub const LONG_NICE: i32 = 10;
+
+/// Where a moved call goes; a call moves only to a lower priority (from a
+/// worker to `Long`, from either to `Idle`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Lane {
+    /// It ran long: low priority.
+    Long = 1,
+    /// Its tenant is over its CPU share: idle priority.
+    Idle = 2,
+}
+
+impl Lane {
+    /// The value a [`run_movable`] flag holds for it (0: a worker).
+    pub fn flag(self) -> u8 {
+        self as u8
+    }
+
+    fn of(flag: u8) -> Option<Lane> {
+        match flag {
+            1 => Some(Lane::Long),
+            2 => Some(Lane::Idle),
+            _ => None,
+        }
+    }
+}
+
+/// The lane's runtime, started on first use and kept for the process's
 /// life (like the epoch clock, it serves every plugin).
-pub fn handle() -> &'static Handle {
-    static POOL: OnceLock<Runtime> = OnceLock::new();
-    POOL.get_or_init(|| {
+pub fn handle(lane: Lane) -> &'static Handle {
+    static IDLE: OnceLock<Runtime> = OnceLock::new();
+    static LONG: OnceLock<Runtime> = OnceLock::new();
+    let (pool, name) = match lane {
+        Lane::Idle => (&IDLE, "wharf-idle"),
+        Lane::Long => (&LONG, "wharf-long"),
+    };
+    pool.get_or_init(|| {
         Builder::new_multi_thread()
             .worker_threads(1)
-            .thread_name("wharf-idle")
+            .thread_name(name)
             .enable_all()
-            .on_thread_start(|| {
-                lower_priority();
-                ON_IDLE_THREAD.with(|on| on.set(true));
+            .on_thread_start(move || {
+                lower_priority(lane);
+                LANE.with(|l| l.set(lane.flag()));
             })
             .build()
             .expect("a one-thread tokio runtime builds")
@@ -48,37 +91,65 @@ pub fn handle() -> &'static Handle {
     .handle()
 }
 
-/// Runs `call` on the pool.
+/// Runs `call` on `lane`.
 pub async fn run<T: Send + 'static>(
+    lane: Lane,
     call: impl Future<Output = T> + Send + 'static,
 ) -> Result<T, JoinError> {
-    handle().spawn(call).await
+    handle(lane).spawn(call).await
 }
 
-/// Runs `call` here until it returns pending with `moved` set, then
-/// finishes it on the pool: a call that starts on a worker and turns out
-/// to be long moves at its next yield (a suspended fiber may be resumed
-/// on any thread).
+/// Runs `call` here until it returns pending with `moved` set to a lane
+/// below the one it runs on ([`Lane::flag`]), then goes on on that lane
+/// (and from `Long` to `Idle` the same way): a call that starts on a
+/// worker and turns out long, or whose tenant goes over its share, moves
+/// at its next yield (a suspended fiber may be resumed on any thread).
 pub async fn run_movable<T: Send + 'static>(
     call: impl Future<Output = T> + Send + 'static,
-    moved: &AtomicBool,
+    moved: Arc<AtomicU8>,
 ) -> Result<T, JoinError> {
-    let mut call = Box::pin(call);
-    let here = std::future::poll_fn(|cx| match call.as_mut().poll(cx) {
-        Poll::Ready(done) => Poll::Ready(Some(done)),
-        Poll::Pending if moved.load(Ordering::Relaxed) => Poll::Ready(None),
-        Poll::Pending => Poll::Pending,
-    })
-    .await;
-    match here {
-        Some(done) => Ok(done),
-        None => run(call).await,
+    let call = Box::pin(call);
+    match poll_until_moved(call, &moved, 0).await {
+        Ok(done) => Ok(done),
+        Err((Lane::Idle, call)) => run(Lane::Idle, call).await,
+        Err((Lane::Long, call)) => {
+            run(Lane::Long, async move {
+                match poll_until_moved(call, &moved, Lane::Long.flag()).await {
+                    Ok(done) => Ok(done),
+                    Err((lane, call)) => run(lane, call).await,
+                }
+            })
+            .await?
+        }
     }
 }
 
-/// Whether the calling thread is the pool's.
+/// Polls `call` on this thread until it is done, or pending with `moved`
+/// naming a lane below `here`.
+async fn poll_until_moved<F: Future + Unpin>(
+    mut call: F,
+    moved: &AtomicU8,
+    here: u8,
+) -> Result<F::Output, (Lane, F)> {
+    let polled = std::future::poll_fn(|cx| match Pin::new(&mut call).poll(cx) {
+        Poll::Ready(done) => Poll::Ready(Ok(done)),
+        Poll::Pending => match Lane::of(moved.load(Ordering::Relaxed)) {
+            Some(to) if to.flag() > here => Poll::Ready(Err(to)),
+            _ => Poll::Pending,
+        },
+    })
+    .await;
+    polled.map_err(|to| (to, call))
+}
+
+/// The lane the calling thread serves; `None` on a worker.
+pub fn current_lane() -> Option<Lane> {
+    Lane::of(LANE.with(Cell::get))
+}
+
+/// Whether the calling thread serves a lane (not a worker).
 pub fn on_idle_thread() -> bool {
-    ON_IDLE_THREAD.with(Cell::get)
+    current_lane().is_some()
 }
 
 /// The clock a call's slices are measured with, in microseconds: the
@@ -118,21 +189,30 @@ fn thread_cpu_micros() -> u64 {
     monotonic_micros()
 }
 
-/// Puts the calling thread in the idle scheduling class; lowering one's
-/// own priority needs no privilege. Where that fails (or off Linux) the
-/// pool still takes the slices off the workers, at normal priority.
-fn lower_priority() {
+/// Lowers the calling thread's priority for `lane` (lowering one's own
+/// needs no privilege). Where that fails (or off Linux) the lane still
+/// takes the calls off the workers, at normal priority.
+fn lower_priority(lane: Lane) {
     #[cfg(target_os = "linux")]
     {
-        let param = libc::sched_param { sched_priority: 0 };
         // SAFETY: 0 is the calling thread; `param` is valid for the call.
-        if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        let failed = match lane {
+            Lane::Idle => {
+                let param = libc::sched_param { sched_priority: 0 };
+                unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 }
+            }
+            Lane::Long => unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, LONG_NICE) != 0 },
+        };
+        if failed {
             tracing::warn!(
                 err = %std::io::Error::last_os_error(),
-                "could not lower the idle pool's priority; tenants over their CPU share run at normal priority"
+                ?lane,
+                "could not lower a plugin lane's priority; its calls run at normal priority"
             );
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = lane;
 }
 
 #[cfg(test)]
@@ -141,8 +221,8 @@ mod tests {
 
     #[test]
     fn the_pool_thread_is_idle_class_and_measures_cpu() {
-        let (policy, on_idle) = handle().block_on(async {
-            handle()
+        let (policy, on_idle) = handle(Lane::Idle).block_on(async {
+            handle(Lane::Idle)
                 .spawn(async {
                     // SAFETY: querying the calling thread's policy.
                     let policy = unsafe { libc::sched_getscheduler(0) };
@@ -163,27 +243,30 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_moves_at_its_first_pending_once_flagged() {
-        let moved = std::sync::Arc::new(AtomicBool::new(false));
+        let moved = Arc::new(AtomicU8::new(0));
         let flag = moved.clone();
-        let threads = run_movable(
+        let lanes = run_movable(
             async move {
-                let first = on_idle_thread();
-                flag.store(true, Ordering::Relaxed);
+                let first = current_lane();
+                flag.store(Lane::Long.flag(), Ordering::Relaxed);
                 tokio::task::yield_now().await;
-                (first, on_idle_thread())
+                let second = current_lane();
+                flag.store(Lane::Idle.flag(), Ordering::Relaxed);
+                tokio::task::yield_now().await;
+                (first, second, current_lane())
             },
-            &moved,
+            moved,
         )
         .await
         .expect("the call finishes");
-        assert_eq!(threads, (false, true));
+        assert_eq!(lanes, (None, Some(Lane::Long), Some(Lane::Idle)));
         // Unflagged, it stays.
         let stays = run_movable(
             async {
                 tokio::task::yield_now().await;
                 on_idle_thread()
             },
-            &AtomicBool::new(false),
+            Arc::new(AtomicU8::new(0)),
         )
         .await
         .expect("the call finishes");

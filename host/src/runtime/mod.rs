@@ -21,7 +21,7 @@ pub mod snapshot;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Func, HasSelf, InstancePre, Linker, Resource, ResourceTable};
@@ -537,7 +537,7 @@ impl Plugin {
             cpu_used: Duration::ZERO,
             running_since: Arc::new(AtomicU64::new(0)),
             movable: false,
-            moved: Arc::new(AtomicBool::new(false)),
+            moved: Arc::new(AtomicU8::new(0)),
             share: self.spec.cpu_share.clone(),
             conns,
             current: conn_id,
@@ -563,8 +563,18 @@ impl Plugin {
             // CPU share sleeps for about what it ran over, or, if the call
             // can move, goes on on the idle pool.
             let resumed = state.running_since.clone();
-            if state.movable && state.share.penalized() && !idle_pool::on_idle_thread() {
-                state.moved.store(true, Ordering::Relaxed);
+            let here = idle_pool::current_lane();
+            let lane = if !state.movable || here == Some(idle_pool::Lane::Idle) {
+                None
+            } else if state.share.penalized() {
+                Some(idle_pool::Lane::Idle)
+            } else if here.is_none() && state.cpu_used >= idle_pool::LONG_CALL {
+                Some(idle_pool::Lane::Long)
+            } else {
+                None
+            };
+            if let Some(lane) = lane {
+                state.moved.store(lane.flag(), Ordering::Relaxed);
                 return Ok(UpdateDeadline::YieldCustom(
                     1,
                     Box::pin(async move {
@@ -650,8 +660,9 @@ pub struct HostState {
     /// Whether the current call may move to the idle pool (see
     /// [`PluginInstance::movable`]).
     movable: bool,
-    /// Set at the tick where a movable call should move.
-    moved: Arc<AtomicBool>,
+    /// Set at the tick where a movable call should move: the
+    /// [`idle_pool::Lane::flag`] of where to.
+    moved: Arc<AtomicU8>,
     /// The tenant's CPU share, charged with what the calls run.
     share: Arc<CpuShare>,
     /// The connections this instance serves (one, unless it is shared):
@@ -765,14 +776,15 @@ impl PluginInstance {
             .expect("connection entry lives as long as its store")
     }
 
-    /// Lets the next call move to the [idle pool](idle_pool) at a tick
-    /// where its tenant is over its CPU share: the caller owns the call's
-    /// future and runs it with [`idle_pool::run_movable`] and the flag
-    /// returned.
-    pub fn movable(&mut self) -> Arc<AtomicBool> {
+    /// Lets the next call move off the workers at a tick (see
+    /// [`idle_pool`]): to the idle lane once its tenant is over its CPU
+    /// share, to the long lane once it has run [`idle_pool::LONG_CALL`].
+    /// The caller owns the call's future and runs it with
+    /// [`idle_pool::run_movable`] and the flag returned.
+    pub fn movable(&mut self) -> Arc<AtomicU8> {
         let state = self.store.data_mut();
         state.movable = true;
-        state.moved.store(false, Ordering::Relaxed);
+        state.moved.store(0, Ordering::Relaxed);
         state.moved.clone()
     }
 

@@ -1167,11 +1167,12 @@ async fn call_with(
 /// Largest message copied for a call that may move off the workers.
 const MOVABLE_MAX: usize = 64 * 1024;
 
-/// A call that may leave the workers for the
-/// [idle pool](crate::runtime::idle_pool): the connection's own instance
-/// and a copy of the messages go with it, and come back when it is done.
-/// A tenant over its share of late (`penalized`) starts there; any other
-/// starts here and moves at the first tick where its tenant is over.
+/// A call that may leave the workers for a
+/// [lane](crate::runtime::idle_pool) of its own: the connection's own
+/// instance and a copy of the messages go with it, and come back when it
+/// is done. A tenant over its share of late (`penalized`) starts on the
+/// idle lane; any other call starts here and moves at the first tick where
+/// it has run long (to the long lane) or its tenant is over (idle lane).
 async fn call_movable(
     handler: &mut Handler,
     inbox: &Inbox,
@@ -1198,9 +1199,9 @@ async fn call_movable(
         (r.is_ok().then_some(instance), r)
     };
     let done = if penalized {
-        idle_pool::run(call).await
+        idle_pool::run(idle_pool::Lane::Idle, call).await
     } else {
-        idle_pool::run_movable(call, &moved).await
+        idle_pool::run_movable(call, moved).await
     };
     match done {
         Ok((instance, r)) => {
