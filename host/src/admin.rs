@@ -457,7 +457,18 @@ async fn not_found() -> Response {
 }
 
 async fn metrics(State(state): State<Shared>) -> Response {
-    let body = state.admin.metrics.render();
+    let status = state.admin.tenants.status();
+    let body = crate::metrics::version_series(
+        state.admin.metrics.render(),
+        status.iter().flat_map(|t| {
+            t.versions.iter().map(|v| crate::metrics::LoadedVersion {
+                tenant: &t.name,
+                sha256: &v.sha256,
+                state: v.state,
+                connections: v.connections,
+            })
+        }),
+    );
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],

@@ -325,6 +325,15 @@ async fn deploy_drains_old_connections_and_serves_new_ones_on_the_new_version() 
     assert_eq!(versions[1]["plugin"], "echo");
     assert_eq!(versions[1]["state"], "draining");
     assert_eq!(versions[1]["connections"], 1);
+    // The same, per version, in /metrics.
+    let scrape = get(&server, "/metrics", Some(TOKEN)).await.body;
+    for (plugin, state) in [("chaos", "active"), ("echo", "draining")] {
+        let series = format!(
+            "wharf_version_connections_open{{tenant=\"default\",version=\"{}\",state=\"{state}\"}} 1",
+            &sha256_of(plugin)[..16]
+        );
+        assert!(scrape.contains(&series), "{series} not in\n{scrape}");
+    }
 
     // Once the old connection closes, only chaos serves (echo is kept,
     // without connections, for a rollback).

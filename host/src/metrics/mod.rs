@@ -29,6 +29,7 @@
 //! | `wharf_sends_refused_total` | counter | `reason` |
 //! | `wharf_received_dropped_total` | counter | `reason` |
 //! | `wharf_tenant_connections_open` | gauge | `tenant` |
+//! | `wharf_version_connections_open` | gauge | `tenant`, `version` (the plugin's SHA-256, 16 hex digits), `state` (`active`, `draining`, `standby`); one series per loaded version, gone with it (see [`version_series`]) |
 //! | `wharf_tenant_refusals_total` | counter | `tenant`, `reason` |
 //! | `wharf_plugin_log_dropped_total` | counter | `tenant` |
 //! | `wharf_swaps_total` | counter | `tenant`, `policy` |
@@ -617,6 +618,41 @@ impl Metrics {
         }
         out
     }
+}
+
+/// One loaded plugin version, for [`version_series`].
+pub struct LoadedVersion<'a> {
+    pub tenant: &'a str,
+    pub sha256: &'a str,
+    pub state: &'a str,
+    pub connections: usize,
+}
+
+/// `wharf_version_connections_open`, rendered from the versions loaded
+/// now (not kept in the registry, so an unloaded version's series goes
+/// with it and deploys do not grow the output), inserted before `# EOF`
+/// of `rendered`. Tenant names and hashes need no escaping.
+pub fn version_series<'a>(
+    mut rendered: String,
+    versions: impl IntoIterator<Item = LoadedVersion<'a>>,
+) -> String {
+    let mut out = String::from(
+        "# HELP wharf_version_connections_open WebSocket connections open on each loaded plugin version.\n\
+         # TYPE wharf_version_connections_open gauge\n",
+    );
+    for v in versions {
+        let short = v.sha256.get(..16).unwrap_or(v.sha256);
+        let _ = writeln!(
+            out,
+            "wharf_version_connections_open{{tenant=\"{}\",version=\"{short}\",state=\"{}\"}} {}",
+            v.tenant, v.state, v.connections
+        );
+    }
+    match rendered.rfind("# EOF") {
+        Some(at) => rendered.insert_str(at, &out),
+        None => rendered.push_str(&out),
+    }
+    rendered
 }
 
 #[cfg(test)]
