@@ -164,19 +164,21 @@ async fn over_capacity_is_503() {
 
 /// Sockets that connect and never speak cannot take every file descriptor:
 /// past `server.max_pending_handshakes` the oldest is dropped, so with a
-/// descriptor limit of 256 and 600 silent sockets a real client still gets
+/// descriptor limit of 128 and 300 silent sockets a real client still gets
 /// its 101 within a second (before the cap, `accept` failed with EMFILE
 /// and the client waited in the backlog until a silent socket timed out).
 #[tokio::test]
 async fn silent_sockets_cannot_starve_a_real_client() {
     let server = Server::start(ServerOpts {
-        server: "max_pending_handshakes = 100\nhandshake_timeout = \"30s\"",
+        server: "max_pending_handshakes = 50\nhandshake_timeout = \"30s\"",
         extra: "[admin]\nlisten = \"127.0.0.1:0\"\n".into(),
-        max_open_files: Some(256),
+        max_open_files: Some(128),
         ..ServerOpts::new("echo")
     });
     let mut silent = Vec::new();
-    for _ in 0..600 {
+    // 300: within the test process's own descriptor limit (1024 on many
+    // machines) alongside the tests running beside it.
+    for _ in 0..300 {
         if let Ok(s) = tokio::net::TcpStream::connect(server.ws_addr).await {
             silent.push(s);
         }
@@ -196,12 +198,12 @@ async fn silent_sockets_cannot_starve_a_real_client() {
         .find_map(|l| l.strip_prefix("wharf_handshakes_pending "))
         .and_then(|v| v.parse().ok())
         .expect("the pending gauge");
-    assert!(pending <= 100.0, "{pending} pending");
+    assert!(pending <= 50.0, "{pending} pending");
     let evicted: f64 = metrics
         .lines()
         .find(|l| l.starts_with("wharf_handshake_failures_total{") && l.contains("evicted"))
         .and_then(|l| l.rsplit_once(' ')?.1.parse().ok())
         .unwrap_or(0.0);
-    assert!(evicted >= 400.0, "{evicted} evicted\n{metrics}");
+    assert!(evicted >= 200.0, "{evicted} evicted\n{metrics}");
     drop(silent);
 }
