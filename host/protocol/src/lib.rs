@@ -51,8 +51,8 @@ pub mod handshake;
 pub mod protocol;
 
 pub use handshake::{
-    HandshakeError, HandshakeLimits, InvalidHeader, Request, accept_key, accept_response,
-    parse_request, reject_response, validate_header,
+    HandshakeError, HandshakeLimits, HeadScanner, InvalidHeader, Request, accept_key,
+    accept_response, parse_request, reject_response, validate_header,
 };
 pub use protocol::{
     CloseInfo, Config, Event, FrameBatch, Framed, ProtocolError, SendError, State, Tally,

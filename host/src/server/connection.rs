@@ -293,11 +293,14 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    // Parsed once the head is complete (or too large), not per read.
+    let mut head = wharf_protocol::HeadScanner::default();
     loop {
-        match wharf_protocol::parse_request(buf, &shared.handshake) {
-            Ok(Some(done)) => return Some(done),
-            Ok(None) => {}
-            Err(err) => {
+        let ready = head.complete(buf) || buf.len() > shared.handshake.max_request_bytes;
+        match ready.then(|| wharf_protocol::parse_request(buf, &shared.handshake)) {
+            None | Some(Ok(None)) => {}
+            Some(Ok(Some(done))) => return Some(done),
+            Some(Err(err)) => {
                 // A plain GET/HEAD (a browser asking for the page) may be
                 // answered from static_files.dir: the complete head is in `buf`.
                 let not_upgrade = matches!(

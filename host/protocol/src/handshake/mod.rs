@@ -11,5 +11,5 @@ mod response;
 
 pub use accept_key::accept_key;
 pub use error::HandshakeError;
-pub use request::{HandshakeLimits, Request, parse_request};
+pub use request::{HandshakeLimits, HeadScanner, Request, parse_request};
 pub use response::{InvalidHeader, accept_response, reject_response, validate_header};

@@ -67,10 +67,38 @@ impl Request {
     }
 }
 
+/// Finds the end of a request head as bytes arrive, looking at each byte
+/// about once: a driver parses ([`parse_request`]) only once the head is
+/// complete or too large, not after every read (re-parsing from byte 0 on
+/// each of a slow client's one-byte segments is quadratic in the head).
+#[derive(Debug, Default, Clone)]
+pub struct HeadScanner {
+    /// Bytes of the buffer already looked at.
+    scanned: usize,
+}
+
+impl HeadScanner {
+    /// Whether `buf` (the bytes so far, from the start of the request)
+    /// holds a blank line, the end of a head (`\n\n`, or `\n\r\n` as CRLF
+    /// ends it; httparse accepts both).
+    pub fn complete(&mut self, buf: &[u8]) -> bool {
+        // Back up over a line ending that may have been cut by a read.
+        let from = self.scanned.saturating_sub(2);
+        self.scanned = buf.len();
+        let Some(tail) = buf.get(from..) else {
+            return false;
+        };
+        tail.windows(2)
+            .enumerate()
+            .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && tail.get(i + 2) == Some(&b'\n')))
+    }
+}
+
 /// Parses the opening handshake from the start of `buf`.
 ///
 /// `Ok(None)` means the head is not complete yet: read more and call again
-/// with the whole buffer. `Ok(Some((req, n)))` means the request occupied
+/// with the whole buffer (a driver reading in pieces asks [`HeadScanner`]
+/// first). `Ok(Some((req, n)))` means the request occupied
 /// `buf[..n]`; bytes after `n` are WebSocket frames the client pipelined and
 /// must be fed to the [`WebSocket`](crate::WebSocket).
 pub fn parse_request(
@@ -194,4 +222,39 @@ fn has_token(value: &str, token: &str) -> bool {
     value
         .split(',')
         .any(|t| t.trim_matches(is_ows).eq_ignore_ascii_case(token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_sent_byte_by_byte_is_parsed_once() {
+        let head = format!(
+            "GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             X-Pad: {}\r\n\r\n",
+            "p".repeat(2000)
+        );
+        let limits = HandshakeLimits::default();
+        let (mut scanner, mut buf, mut parses) = (HeadScanner::default(), Vec::new(), 0);
+        let mut done = None;
+        for &b in head.as_bytes() {
+            buf.push(b);
+            if scanner.complete(&buf) || buf.len() > limits.max_request_bytes {
+                parses += 1;
+                done = parse_request(&buf, &limits).unwrap();
+            }
+        }
+        assert_eq!(parses, 1);
+        assert_eq!(done.expect("parsed").1, head.len());
+        // Bare LF line endings end a head too; a CRLF cut between reads is
+        // still found.
+        let mut lf = HeadScanner::default();
+        assert!(!lf.complete(b"GET / HTTP/1.1\nHost: x\n"));
+        assert!(lf.complete(b"GET / HTTP/1.1\nHost: x\n\n"));
+        let mut cut = HeadScanner::default();
+        assert!(!cut.complete(b"GET / HTTP/1.1\r\nHost: x\r\n\r"));
+        assert!(cut.complete(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+    }
 }
