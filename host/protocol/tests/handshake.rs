@@ -428,3 +428,31 @@ fn httparse_error() -> httparse::Error {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn plugin_chosen_headers_and_bodies_are_bounded() {
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let header = |i: usize| (format!("X-H{i}"), "v".repeat(1000));
+    let fits: Vec<_> = (0..15).map(header).collect();
+    assert!(wharf_protocol::accept_response(key, None, &fits).is_ok());
+    let over: Vec<_> = (0..17).map(header).collect();
+    assert!(matches!(
+        wharf_protocol::accept_response(key, None, &over),
+        Err(wharf_protocol::InvalidHeader::TooLarge {
+            what: "headers",
+            ..
+        })
+    ));
+    assert!(matches!(
+        wharf_protocol::reject_response(403, &over, "no"),
+        Err(wharf_protocol::InvalidHeader::TooLarge {
+            what: "headers",
+            ..
+        })
+    ));
+    assert!(wharf_protocol::reject_response(403, &[], &"b".repeat(64 * 1024)).is_ok());
+    assert!(matches!(
+        wharf_protocol::reject_response(403, &[], &"b".repeat(64 * 1024 + 1)),
+        Err(wharf_protocol::InvalidHeader::TooLarge { what: "body", .. })
+    ));
+}

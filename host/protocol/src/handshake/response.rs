@@ -24,6 +24,41 @@ pub enum InvalidHeader {
     /// and never 101, which would mean the upgrade happened).
     #[error("invalid status code {0}")]
     InvalidStatus(u16),
+    /// The headers (or a refusal's body) are larger than
+    /// [`MAX_EXTRA_HEADER_BYTES`] ([`MAX_REJECT_BODY_BYTES`]): a response
+    /// is written in one piece, before any limit on the connection applies.
+    #[error("{what} of {size} bytes is over the limit of {limit}")]
+    TooLarge {
+        /// `"headers"` or `"body"`.
+        what: &'static str,
+        /// Its size, in bytes.
+        size: usize,
+        /// The limit it is over, in bytes.
+        limit: usize,
+    },
+}
+
+/// Largest total of the extra headers (names, values, `: ` and CRLF) a
+/// handshake response may carry: as much as a client may send us.
+pub const MAX_EXTRA_HEADER_BYTES: usize = 16 * 1024;
+/// Largest body of a refusal.
+pub const MAX_REJECT_BODY_BYTES: usize = 64 * 1024;
+
+/// Validates every header in `extra` and bounds their total size.
+fn validate_extra(extra: &[(String, String)]) -> Result<(), InvalidHeader> {
+    let mut size = 0usize;
+    for (n, v) in extra {
+        validate_header(n, v)?;
+        size = size.saturating_add(n.len() + v.len() + 4);
+    }
+    if size > MAX_EXTRA_HEADER_BYTES {
+        return Err(InvalidHeader::TooLarge {
+            what: "headers",
+            size,
+            limit: MAX_EXTRA_HEADER_BYTES,
+        });
+    }
+    Ok(())
 }
 
 /// Checks that `name: value` can be written into a response safely.
@@ -62,9 +97,7 @@ pub fn accept_response(
     subprotocol: Option<&str>,
     extra: &[(String, String)],
 ) -> Result<Vec<u8>, InvalidHeader> {
-    for (n, v) in extra {
-        validate_header(n, v)?;
-    }
+    validate_extra(extra)?;
     if let Some(p) = subprotocol
         && (p.is_empty() || !p.bytes().all(is_tchar))
     {
@@ -100,8 +133,13 @@ pub fn reject_response(
     if !(200..=599).contains(&status) {
         return Err(InvalidHeader::InvalidStatus(status));
     }
-    for (n, v) in extra {
-        validate_header(n, v)?;
+    validate_extra(extra)?;
+    if body.len() > MAX_REJECT_BODY_BYTES {
+        return Err(InvalidHeader::TooLarge {
+            what: "body",
+            size: body.len(),
+            limit: MAX_REJECT_BODY_BYTES,
+        });
     }
     Ok(write_response(
         status,
