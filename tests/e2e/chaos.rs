@@ -168,3 +168,30 @@ async fn flood_is_bounded_by_the_send_queue() {
         "the plugin was told {ok} sends succeeded but {received} arrived"
     );
 }
+
+/// Messages that arrive after the connection's instance failed (here in
+/// the same read as the one that trapped it) are dropped and counted, not
+/// lost silently.
+#[tokio::test]
+async fn messages_after_a_trap_are_counted() {
+    let server = Server::start(ServerOpts {
+        extra: "[admin]\nlisten = \"127.0.0.1:0\"\n".into(),
+        ..ServerOpts::new("chaos")
+    });
+    let mut raw = server.raw_upgraded(false, "/").await;
+    let mut wire = masked(0x1, b"trap");
+    wire.extend(masked(0x1, b"after 1"));
+    wire.extend(masked(0x1, b"after 2"));
+    raw.send(&wire).await;
+    assert_eq!(raw.read_close().await.0, 1011);
+    let series = "wharf_received_dropped_total{reason=\"instance-gone\"} 2";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = server.metrics().await;
+        if metrics.contains(series) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{series} not in\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -736,6 +736,7 @@ impl Conn {
             } else {
                 Some(message)
             };
+            let count = self.inbox.len() + usize::from(last.is_some());
             let r = call_with(
                 Woken::of(&mut self.handler, &self.plugin, &self.tenant.cpu, self.id),
                 &self.inbox,
@@ -745,13 +746,24 @@ impl Conn {
             )
             .await;
             self.inbox.clear();
-            if let Some(r) = r {
-                now = self.record_call(started);
-                self.after_call(r).await;
+            match r {
+                Some(r) => {
+                    now = self.record_call(started);
+                    self.after_call(r).await;
+                }
+                None => self.instance_gone(count),
             }
         }
         // The input ended inside a frame: what is held goes now.
         self.deliver_inbox(now).await;
+    }
+
+    /// Messages that arrived after the connection's instance failed (its
+    /// Close is on the way): dropped, and counted.
+    fn instance_gone(&self, count: usize) {
+        self.shared
+            .metrics
+            .received_dropped("instance-gone", count as u64);
     }
 
     /// A message the peer sent went over the tenant's rates. The first one
@@ -782,6 +794,7 @@ impl Conn {
         // The plugin sees the connection as it was when the messages came:
         // a Close read after them does not refuse their replies.
         let backlog = self.ws.output_len();
+        let count = self.inbox.len();
         let r = call_with(
             Woken::of(&mut self.handler, &self.plugin, &self.tenant.cpu, self.id),
             &self.inbox,
@@ -797,7 +810,10 @@ impl Conn {
                 self.after_call(r).await;
                 end
             }
-            None => now,
+            None => {
+                self.instance_gone(count);
+                now
+            }
         }
     }
 

@@ -30,6 +30,11 @@ impl Inbox {
         self.order.is_empty()
     }
 
+    /// Messages held.
+    pub(super) fn len(&self) -> usize {
+        self.order.len()
+    }
+
     /// Holds a copy of `message` (at most [`MESSAGE_MAX`] bytes); `true`
     /// once the batch should be delivered.
     pub(super) fn push(&mut self, message: Message<'_>) -> bool {
