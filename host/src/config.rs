@@ -415,6 +415,9 @@ pub struct StaticFilesConfig {
     pub index: String,
     /// Largest file served; larger ones are answered 403.
     pub max_file_size: ByteSize,
+    /// Files being sent at once; more requests are answered 503. Each one
+    /// holds an open file and a connection until its client has read it.
+    pub max_concurrent: usize,
 }
 
 impl Default for StaticFilesConfig {
@@ -423,6 +426,7 @@ impl Default for StaticFilesConfig {
             dir: None,
             index: "index.html".to_owned(),
             max_file_size: ByteSize::mib(1),
+            max_concurrent: 256,
         }
     }
 }
@@ -592,6 +596,7 @@ impl Config {
             dir: static_dir,
             index: _,
             max_file_size: _,
+            max_concurrent: _,
         } = static_files;
         fix_some(static_dir);
         for tenant in tenants {

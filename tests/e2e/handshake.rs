@@ -207,3 +207,60 @@ async fn silent_sockets_cannot_starve_a_real_client() {
     assert!(evicted >= 200.0, "{evicted} evicted\n{metrics}");
     drop(silent);
 }
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Static files are streamed, and at most `max_concurrent` are in flight:
+/// 300 clients ask for an 8 MiB file and never read it; those over the cap
+/// get 503 and the server's memory does not grow with them (read whole,
+/// the files in flight alone would hold 400 MiB).
+#[tokio::test]
+async fn static_files_are_capped_and_streamed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("big.bin"), vec![7u8; 8 << 20]).unwrap();
+    let server = Server::start(ServerOpts {
+        extra: format!(
+            "[static_files]\ndir = {:?}\nmax_file_size = \"16MiB\"\nmax_concurrent = 50\n",
+            dir.path().display().to_string()
+        ),
+        ..ServerOpts::new("echo")
+    });
+    let before = rss_kib(server.pid());
+    let mut clients = Vec::new();
+    for _ in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(server.ws_addr)
+            .await
+            .unwrap();
+        s.write_all(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        clients.push(s);
+    }
+    let (mut ok, mut busy) = (0, 0);
+    for s in &mut clients {
+        let mut head = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
+            .await
+            .expect("a status line within 5 s")
+            .unwrap();
+        match &head[9..12] {
+            b"200" => ok += 1,
+            b"503" => busy += 1,
+            other => panic!("status {}", String::from_utf8_lossy(other)),
+        }
+    }
+    let grown = rss_kib(server.pid()).saturating_sub(before);
+    assert_eq!((ok, busy), (50, 250));
+    assert!(grown < 64 * 1024, "RSS grew {grown} KiB");
+    drop(clients);
+}

@@ -312,7 +312,10 @@ where
                     && let Some(resp) = files.respond(buf).await
                 {
                     shared.metrics.static_response(resp.status);
-                    let _ = write_and_close(writer, &resp.bytes).await;
+                    // Streamed; bounded by the handshake's deadline (see `run`).
+                    if resp.write_to(writer).await.is_ok() {
+                        let _ = writer.shutdown().await;
+                    }
                 } else {
                     handshake_refused(writer, &err, shared).await;
                 }

@@ -6,8 +6,18 @@
 //! connection (`Connection: close`), no ranges, no directory listings, no
 //! symlinks out of the directory. Anything richer belongs in a real web
 //! server in front of Wharf.
+//!
+//! Bounded like the rest of the edge: at most `max_concurrent` files are
+//! being sent at once (503 beyond), each is streamed from its open file
+//! rather than read into memory, the whole exchange is under the
+//! connection's handshake deadline, and the file checked is the file
+//! sent (opened once, not following a symlink, then checked by its handle).
 
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::StaticFilesConfig;
 
@@ -18,12 +28,38 @@ pub struct StaticFiles {
     root: PathBuf,
     index: String,
     max_file_size: u64,
+    /// Places for files being sent.
+    sending: Arc<Semaphore>,
 }
 
-/// A response to write before closing the connection.
+/// A response to write before closing the connection: its head (and, for
+/// a small answer, its body), then the file's bytes if it has one.
 pub struct Response {
     pub status: u16,
     pub bytes: Vec<u8>,
+    body: Option<Body>,
+}
+
+/// A file being sent, with its place among those in flight.
+struct Body {
+    file: tokio::fs::File,
+    len: u64,
+    _place: OwnedSemaphorePermit,
+}
+
+impl Response {
+    /// Writes the response; the file (if any) is streamed, never held whole.
+    pub async fn write_to<W: AsyncWrite + Unpin>(self, writer: &mut W) -> std::io::Result<()> {
+        writer.write_all(&self.bytes).await?;
+        if let Some(body) = self.body {
+            let copied = tokio::io::copy(&mut body.file.take(body.len), writer).await?;
+            if copied != body.len {
+                // Shrunk while being sent: the promised length cannot be met.
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        writer.flush().await
+    }
 }
 
 impl StaticFiles {
@@ -44,6 +80,7 @@ impl StaticFiles {
             root,
             index: config.index.clone(),
             max_file_size: config.max_file_size.as_u64(),
+            sending: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
         }))
     }
 
@@ -100,7 +137,20 @@ impl StaticFiles {
             Ok(p) if p.starts_with(&self.root) => p,
             _ => return text_response(404, "not found\n", head_only),
         };
-        let meta = match tokio::fs::metadata(&path).await {
+        let Ok(place) = self.sending.clone().try_acquire_owned() else {
+            return text_response(503, "busy, try again later\n", head_only);
+        };
+        // Opened once, without following a symlink put there since; what
+        // is checked and sent is this handle's file.
+        let mut options = tokio::fs::OpenOptions::new();
+        options.read(true);
+        #[cfg(unix)]
+        options.custom_flags(libc::O_NOFOLLOW);
+        let file = match options.open(&path).await {
+            Ok(f) => f,
+            Err(_) => return text_response(404, "not found\n", head_only),
+        };
+        let meta = match file.metadata().await {
             Ok(m) if m.is_file() => m,
             _ => return text_response(404, "not found\n", head_only),
         };
@@ -108,15 +158,15 @@ impl StaticFiles {
             tracing::warn!(path = %path.display(), size = meta.len(), "static file over static_files.max_file_size");
             return text_response(403, "file too large to serve\n", head_only);
         }
-        let body = match tokio::fs::read(&path).await {
-            Ok(b) if b.len() as u64 <= self.max_file_size => b,
-            Ok(_) => return text_response(403, "file too large to serve\n", head_only),
-            Err(err) => {
-                tracing::warn!(path = %path.display(), %err, "cannot read static file");
-                return text_response(404, "not found\n", head_only);
-            }
-        };
-        response(200, content_type(&path), &body, head_only)
+        let mut response = head(200, content_type(&path), meta.len());
+        if !head_only {
+            response.body = Some(Body {
+                file,
+                len: meta.len(),
+                _place: place,
+            });
+        }
+        response
     }
 }
 
@@ -130,25 +180,35 @@ fn text_response(status: u16, body: &str, head_only: bool) -> Response {
 }
 
 fn response(status: u16, content_type: &str, body: &[u8], head_only: bool) -> Response {
+    let mut response = head(status, content_type, body.len() as u64);
+    if !head_only {
+        response.bytes.extend_from_slice(body);
+    }
+    response
+}
+
+/// A response's head, for a body of `len` bytes.
+fn head(status: u16, content_type: &str, len: u64) -> Response {
     let reason = match status {
         200 => "OK",
         403 => "Forbidden",
+        503 => "Service Unavailable",
         _ => "Not Found",
     };
-    let mut bytes = format!(
+    let bytes = format!(
         "HTTP/1.1 {status} {reason}\r\n\
          Content-Type: {content_type}\r\n\
-         Content-Length: {}\r\n\
+         Content-Length: {len}\r\n\
          Cache-Control: no-cache\r\n\
          X-Content-Type-Options: nosniff\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
+         Connection: close\r\n\r\n"
     )
     .into_bytes();
-    if !head_only {
-        bytes.extend_from_slice(body);
+    Response {
+        status,
+        bytes,
+        body: None,
     }
-    Response { status, bytes }
 }
 
 fn content_type(path: &Path) -> &'static str {
@@ -201,7 +261,10 @@ mod tests {
     async fn get(files: &StaticFiles, target: &str) -> (u16, String) {
         let head = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
         let r = files.respond(head.as_bytes()).await.unwrap();
-        (r.status, String::from_utf8_lossy(&r.bytes).into_owned())
+        let status = r.status;
+        let mut out = Vec::new();
+        r.write_to(&mut out).await.unwrap();
+        (status, String::from_utf8_lossy(&out).into_owned())
     }
 
     #[tokio::test]
@@ -268,5 +331,29 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(get(&f, "/big.bin").await.0, 403);
+    }
+
+    #[tokio::test]
+    async fn files_in_flight_are_capped() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("a.txt"), "abc").unwrap();
+        let f = StaticFiles::new(&StaticFilesConfig {
+            dir: Some(tmp.path().to_owned()),
+            max_concurrent: 2,
+            ..StaticFilesConfig::default()
+        })
+        .unwrap()
+        .unwrap();
+        let request = b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n";
+        // Two held (their clients not reading yet), the third refused...
+        let first = f.respond(request).await.unwrap();
+        let second = f.respond(request).await.unwrap();
+        assert_eq!((first.status, second.status), (200, 200));
+        assert_eq!(f.respond(request).await.unwrap().status, 503);
+        // ...until one is sent.
+        let mut out = Vec::new();
+        first.write_to(&mut out).await.unwrap();
+        assert!(out.ends_with(b"\r\n\r\nabc"));
+        assert_eq!(f.respond(request).await.unwrap().status, 200);
     }
 }
