@@ -59,16 +59,11 @@ async fn hibernated_connection_resumes_with_its_state_wss() {
 /// components with many core instances or memories exhaust it first).
 #[tokio::test]
 async fn a_hibernated_connection_that_cannot_wake_gets_1013() {
-    use std::sync::Arc;
-
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     use wharf::config::Config;
-    use wharf::metrics::Metrics;
-    use wharf::runtime::{Runtime, RuntimeConfig};
-    use wharf::tenancy::{self, Tenants};
 
     use crate::support::{cache_dir, plugin_path};
 
@@ -80,20 +75,7 @@ async fn a_hibernated_connection_that_cannot_wake_gets_1013() {
         cache = cache_dir().display().to_string(),
     );
     let config: Config = toml::from_str(&text).unwrap();
-    config.validate().unwrap();
-    let runtime = Runtime::new(RuntimeConfig {
-        max_instances: 1,
-        limits: tenancy::runtime_limits(&config),
-        cache_dir: Some(cache_dir()),
-        concurrency_support: false,
-        keep_resident: 64 << 10,
-    })
-    .unwrap();
-    let metrics = Metrics::new();
-    let tenants = Arc::new(Tenants::load(&config, Arc::new(runtime), metrics.clone()).unwrap());
-    let server = wharf::server::Server::start(&config, tenants, metrics.clone())
-        .await
-        .unwrap();
+    let (server, _tenants, metrics) = crate::support::in_process(&config, 1).await;
     let addr = server.bound()[0].address;
     let connect = || async move {
         let req = format!("ws://127.0.0.1:{}/", addr.port())

@@ -18,7 +18,6 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use wharf::config::Config;
 use wharf::metrics::Metrics;
-use wharf::runtime::{Runtime, RuntimeConfig};
 use wharf::server::Server;
 use wharf::tenancy::swap::Policy;
 use wharf::tenancy::{self, Tenants};
@@ -58,20 +57,8 @@ async fn start_with(mode: &str, plugin: &str) -> Running {
         v1 = plugin_path(plugin).display().to_string(),
     );
     let config: Config = toml::from_str(&text).unwrap();
-    config.validate().unwrap();
-    let runtime = Runtime::new(RuntimeConfig {
-        max_instances: config.server.max_connections,
-        limits: tenancy::runtime_limits(&config),
-        cache_dir: Some(cache_dir()),
-        concurrency_support: false,
-        keep_resident: 64 << 10,
-    })
-    .unwrap();
-    let metrics = Metrics::new();
-    let tenants = Arc::new(Tenants::load(&config, Arc::new(runtime), metrics.clone()).unwrap());
-    let server = Server::start(&config, tenants.clone(), metrics.clone())
-        .await
-        .unwrap();
+    let (server, tenants, metrics) =
+        support::in_process(&config, config.server.max_connections).await;
     let (ws, wss) = (server.bound()[0].address, server.bound()[1].address);
     Running {
         server: Some(server),

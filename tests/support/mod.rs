@@ -92,6 +92,38 @@ pub fn cache_dir() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-plugin-cache")
 }
 
+/// A server in this process, so a test can call its control plane
+/// (`Tenants::deploy`, what the admin API calls) and read its metrics
+/// directly: `config` served with a pool of `max_instances` slots (a
+/// served configuration sizes it by `server.max_connections`).
+pub async fn in_process(
+    config: &wharf::config::Config,
+    max_instances: u32,
+) -> (
+    wharf::server::Server,
+    Arc<wharf::tenancy::Tenants>,
+    Arc<wharf::metrics::Metrics>,
+) {
+    config.validate().expect("a valid configuration");
+    let runtime = wharf::runtime::Runtime::new(wharf::runtime::RuntimeConfig {
+        max_instances,
+        limits: wharf::tenancy::runtime_limits(config),
+        cache_dir: Some(cache_dir()),
+        concurrency_support: false,
+        keep_resident: 64 << 10,
+    })
+    .expect("a runtime");
+    let metrics = wharf::metrics::Metrics::new();
+    let tenants = Arc::new(
+        wharf::tenancy::Tenants::load(config, Arc::new(runtime), metrics.clone())
+            .expect("the tenants load"),
+    );
+    let server = wharf::server::Server::start(config, tenants.clone(), metrics.clone())
+        .await
+        .expect("the server starts");
+    (server, tenants, metrics)
+}
+
 /// The `wharf` binary, with the environment every test child gets.
 pub fn wharf_cmd() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wharf"));
