@@ -147,16 +147,11 @@ pub fn current_lane() -> Option<Lane> {
     Lane::of(LANE.with(Cell::get))
 }
 
-/// Whether the calling thread serves a lane (not a worker).
-pub fn on_idle_thread() -> bool {
-    current_lane().is_some()
-}
-
 /// The clock a call's slices are measured with, in microseconds: the
-/// thread's CPU time on the idle thread, monotonic wall time elsewhere
+/// thread's CPU time on a lane's thread, monotonic wall time elsewhere
 /// (on the workers a call that runs is a call that has the core).
 pub fn slice_clock_micros() -> u64 {
-    if on_idle_thread() {
+    if current_lane().is_some() {
         thread_cpu_micros()
     } else {
         monotonic_micros()
@@ -221,17 +216,17 @@ mod tests {
 
     #[test]
     fn the_pool_thread_is_idle_class_and_measures_cpu() {
-        let (policy, on_idle) = handle(Lane::Idle).block_on(async {
+        let (policy, lane) = handle(Lane::Idle).block_on(async {
             handle(Lane::Idle)
                 .spawn(async {
                     // SAFETY: querying the calling thread's policy.
                     let policy = unsafe { libc::sched_getscheduler(0) };
-                    (policy, on_idle_thread())
+                    (policy, current_lane())
                 })
                 .await
                 .expect("the task runs")
         });
-        assert!(on_idle);
+        assert_eq!(lane, Some(Lane::Idle));
         #[cfg(target_os = "linux")]
         assert_eq!(policy, libc::SCHED_IDLE);
         let _ = policy;
@@ -264,12 +259,12 @@ mod tests {
         let stays = run_movable(
             async {
                 tokio::task::yield_now().await;
-                on_idle_thread()
+                current_lane()
             },
             Arc::new(AtomicU8::new(0)),
         )
         .await
         .expect("the call finishes");
-        assert!(!stays);
+        assert_eq!(stays, None);
     }
 }

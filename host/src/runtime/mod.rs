@@ -559,10 +559,9 @@ impl Plugin {
                 .into());
             }
             // Give the worker thread back between ticks, so a plugin that
-            // spins cannot starve other connections' I/O; a tenant over its
-            // CPU share sleeps for about what it ran over, or, if the call
-            // can move, goes on on the idle pool.
-            let resumed = state.running_since.clone();
+            // spins cannot starve other connections' I/O. A call that can
+            // move leaves for its lane (see `idle_pool`) at once; otherwise
+            // a tenant over its CPU share sleeps for about what it ran over.
             let here = idle_pool::current_lane();
             let lane = if !state.movable || here == Some(idle_pool::Lane::Idle) {
                 None
@@ -573,17 +572,14 @@ impl Plugin {
             } else {
                 None
             };
-            if let Some(lane) = lane {
-                state.moved.store(lane.flag(), Ordering::Relaxed);
-                return Ok(UpdateDeadline::YieldCustom(
-                    1,
-                    Box::pin(async move {
-                        tokio::task::yield_now().await;
-                        resumed.store(idle_pool::slice_clock_micros(), Ordering::Relaxed);
-                    }),
-                ));
-            }
-            let pause = state.share.wait().min(MAX_THROTTLE);
+            let pause = match lane {
+                Some(lane) => {
+                    state.moved.store(lane.flag(), Ordering::Relaxed);
+                    Duration::ZERO
+                }
+                None => state.share.wait().min(MAX_THROTTLE),
+            };
+            let resumed = state.running_since.clone();
             Ok(UpdateDeadline::YieldCustom(
                 1,
                 Box::pin(async move {

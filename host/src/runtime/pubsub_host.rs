@@ -572,6 +572,33 @@ fn topic_of(
     Ok(check_topic(&topic).map(|()| topic.into_owned()))
 }
 
+/// A publish to `topic` of a payload `len` measures: the cheap refusals
+/// and the audience first, then `frame` (which reads the payload from the
+/// plugin's memory) only for a message that will be delivered.
+fn publish(
+    mut store: StoreContextMut<'_, HostState>,
+    topic: &WasmStr,
+    len: impl FnOnce(&StoreContextMut<'_, HostState>) -> wasmtime::Result<usize>,
+    exclude: Option<Resource<ConnectionEntry>>,
+    frame: impl FnOnce(&StoreContextMut<'_, HostState>) -> wasmtime::Result<Framed>,
+) -> wasmtime::Result<(Result<u32, ErrorCode>,)> {
+    let topic = match topic_of(&store, topic)? {
+        Ok(topic) => topic,
+        Err(code) => return Ok((Err(code),)),
+    };
+    let len = len(&store)?;
+    Ok(
+        (match store.data_mut().admit_publish(topic, len, exclude)? {
+            Err(code) => Err(code),
+            Ok(None) => Ok(0),
+            Ok(Some(p)) => {
+                let framed = frame(&store)?;
+                Ok(p.broker.publish(&p.key, &framed, p.exclude).queued)
+            }
+        },),
+    )
+}
+
 /// Adds `wharf:websocket/pubsub` to the linker. Wired by hand rather than
 /// by `bindgen!`, which copies every argument out of the plugin's memory
 /// before the host sees it: a 16 MiB publish over the rate, or to a topic
@@ -613,43 +640,24 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     )?;
     inst.func_wrap(
         "publish-text",
-        |mut store: StoreContextMut<'_, HostState>,
+        |store: StoreContextMut<'_, HostState>,
          (topic, text, exclude): (WasmStr, WasmStr, Option<Resource<ConnectionEntry>>)| {
-            let topic = match topic_of(&store, &topic)? {
-                Ok(topic) => topic,
-                Err(code) => return Ok((Err(code),)),
-            };
-            // Validated in place (transcoded, for a UTF-16 plugin); read
-            // again below only if it is to be framed.
-            let len = text.to_str(&store)?.len();
-            let admitted = store.data_mut().admit_publish(topic, len, exclude)?;
-            Ok((match admitted {
-                Err(code) => Err(code),
-                Ok(None) => Ok(0),
-                Ok(Some(p)) => {
-                    let framed = Framed::text(&text.to_str(&store)?);
-                    Ok(p.broker.publish(&p.key, &framed, p.exclude).queued)
-                }
-            },))
+            // Validated in place (transcoded, for a UTF-16 plugin) for its
+            // length; read again only if it is to be framed.
+            let len = |store: &StoreContextMut<'_, HostState>| Ok(text.to_str(store)?.len());
+            publish(store, &topic, len, exclude, |store| {
+                Ok(Framed::text(&text.to_str(store)?))
+            })
         },
     )?;
     inst.func_wrap(
         "publish-binary",
-        |mut store: StoreContextMut<'_, HostState>,
+        |store: StoreContextMut<'_, HostState>,
          (topic, data, exclude): (WasmStr, WasmList<u8>, Option<Resource<ConnectionEntry>>)| {
-            let topic = match topic_of(&store, &topic)? {
-                Ok(topic) => topic,
-                Err(code) => return Ok((Err(code),)),
-            };
-            let admitted = store.data_mut().admit_publish(topic, data.len(), exclude)?;
-            Ok((match admitted {
-                Err(code) => Err(code),
-                Ok(None) => Ok(0),
-                Ok(Some(p)) => {
-                    let framed = Framed::binary(data.as_le_slice(&store));
-                    Ok(p.broker.publish(&p.key, &framed, p.exclude).queued)
-                }
-            },))
+            let len = data.len();
+            publish(store, &topic, |_| Ok(len), exclude, |store| {
+                Ok(Framed::binary(data.as_le_slice(store)))
+            })
         },
     )?;
     Ok(())

@@ -1155,35 +1155,28 @@ async fn call_with(
     // A tenant with a CPU share (a server with several) runs its calls so
     // that they can leave the workers; a message too large to copy cheaply
     // stays (its tenant's share still throttles it).
-    if slots.share.is_limited()
+    let movable = slots.share.is_limited()
         && slots.handler.is_own()
-        && last.is_none_or(|m| m.len() <= MOVABLE_MAX)
-    {
-        let mut instance = match slots.handler.acquire(slots.plugin, slots.id).await {
-            Err(err) => return Some(Err(err)),
-            Ok(None) => return None,
-            Ok(Some(instance)) => instance,
-        };
-        Conn::sync_outbox(&mut instance, backlog, state);
+        && last.is_none_or(|m| m.len() <= MOVABLE_MAX);
+    let mut instance = match slots.handler.acquire(slots.plugin, slots.id).await {
+        Err(err) => return Some(Err(err)),
+        Ok(None) => return None,
+        Ok(Some(instance)) => instance,
+    };
+    Conn::sync_outbox(&mut instance, backlog, state);
+    if movable {
         drop(instance);
         let penalized = slots.share.penalized();
         return Some(call_movable(slots.handler, inbox, last, penalized).await);
     }
-    match slots.handler.acquire(slots.plugin, slots.id).await {
-        Err(err) => Some(Err(err)),
-        Ok(None) => None,
-        Ok(Some(mut instance)) => {
-            Conn::sync_outbox(&mut instance, backlog, state);
-            let r = match last {
-                Some(one) if inbox.is_empty() => instance.on_message(one).await,
-                _ => instance.on_messages(&inbox.messages(last)).await,
-            };
-            if r.is_err() {
-                instance.fail();
-            }
-            Some(r)
-        }
+    let r = match last {
+        Some(one) if inbox.is_empty() => instance.on_message(one).await,
+        _ => instance.on_messages(&inbox.messages(last)).await,
+    };
+    if r.is_err() {
+        instance.fail();
     }
+    Some(r)
 }
 
 /// Largest message copied for a call that may move off the workers.
