@@ -16,14 +16,11 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use wasmtime::StoreContextMut;
 use wasmtime::component::{Linker, Resource, ResourceType, WasmList, WasmStr};
-use wharf_protocol::FrameBatch;
+use wharf_protocol::{CloseCode as Code, FrameBatch, MAX_CLOSE_REASON};
 
 use super::HostState;
 use super::bindings::{CloseCode, ErrorCode};
 use super::pubsub_host::Subscriptions;
-
-/// RFC 6455 5.5: 125 bytes of control payload, 2 of them the code.
-pub const MAX_CLOSE_REASON: usize = 123;
 
 /// The interface these functions implement (older 0.1.x plugins are matched
 /// to it by semver).
@@ -65,9 +62,10 @@ impl Outbox {
             Err(ErrorCode::Closed)
         } else if len > self.limits.max_message_size {
             Err(ErrorCode::MessageTooBig)
-        } else if self.backlog + self.frames.len() >= self.limits.send_queue {
-            // The same high-water rule the protocol applies to its output, so a
-            // message accepted here is never refused when it is handed over.
+        } else if wharf_protocol::queue_full(
+            self.backlog + self.frames.len(),
+            self.limits.send_queue,
+        ) {
             Err(ErrorCode::QueueFull)
         } else {
             Ok(())
@@ -159,14 +157,14 @@ impl ConnectionEntry {
 /// Maps a plugin's close code to its number, refusing what a plugin may not send.
 pub fn close_code_number(code: CloseCode) -> Result<u16, ErrorCode> {
     Ok(match code {
-        CloseCode::Normal => 1000,
-        CloseCode::GoingAway => 1001,
-        CloseCode::ProtocolError => 1002,
-        CloseCode::UnsupportedData => 1003,
-        CloseCode::InvalidPayload => 1007,
-        CloseCode::PolicyViolation => 1008,
-        CloseCode::MessageTooBig => 1009,
-        CloseCode::InternalError => 1011,
+        CloseCode::Normal => Code::NORMAL,
+        CloseCode::GoingAway => Code::GOING_AWAY,
+        CloseCode::ProtocolError => Code::PROTOCOL_ERROR,
+        CloseCode::UnsupportedData => Code::UNSUPPORTED_DATA,
+        CloseCode::InvalidPayload => Code::INVALID_PAYLOAD,
+        CloseCode::PolicyViolation => Code::POLICY_VIOLATION,
+        CloseCode::MessageTooBig => Code::MESSAGE_TOO_BIG,
+        CloseCode::InternalError => Code::INTERNAL_ERROR,
         CloseCode::Application(n @ 3000..=4999) => n,
         CloseCode::Application(_) => return Err(ErrorCode::InvalidCode),
     })

@@ -98,25 +98,7 @@ impl Server {
             sockets.len(),
             config.listeners.len()
         );
-        let shared = Arc::new(Shared {
-            handshake: wharf_protocol::HandshakeLimits {
-                max_request_bytes: config::bytes(config.server.max_request_size),
-                max_headers: config.server.max_request_headers,
-            },
-            handshake_timeout: config.server.handshake_timeout,
-            pending: pending::Pending::new(config.server.max_pending_handshakes, metrics.clone()),
-            restart_window: config.server.restart_window,
-            send_queue_grace: config.websocket.send_queue_grace,
-            hibernate_after: config::nonzero(config.plugin.hibernate_after),
-            released: Arc::default(),
-            tenants,
-            metrics,
-            shutdown: CancellationToken::new(),
-            capacity: Arc::new(Semaphore::new(config.server.max_connections as usize)),
-            static_files: static_files::StaticFiles::new(&config.static_files)?,
-            max_connections: config.server.max_connections as usize,
-            ids: conn_id::ConnIds::new(),
-        });
+        let shared = Shared::new(config, tenants, metrics)?;
         let tracker = TaskTracker::new();
         if shared.hibernate_after.is_some() {
             tokio::spawn(trim::run(
@@ -188,6 +170,33 @@ impl Server {
 }
 
 impl Shared {
+    /// What every connection task of a server with `config` reads.
+    pub(crate) fn new(
+        config: &Config,
+        tenants: Arc<Tenants>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Shared {
+            handshake: wharf_protocol::HandshakeLimits {
+                max_request_bytes: config::bytes(config.server.max_request_size),
+                max_headers: config.server.max_request_headers,
+            },
+            handshake_timeout: config.server.handshake_timeout,
+            pending: pending::Pending::new(config.server.max_pending_handshakes, metrics.clone()),
+            restart_window: config.server.restart_window,
+            send_queue_grace: config.websocket.send_queue_grace,
+            hibernate_after: config::nonzero(config.plugin.hibernate_after),
+            released: Arc::default(),
+            tenants,
+            metrics,
+            shutdown: CancellationToken::new(),
+            capacity: Arc::new(Semaphore::new(config.server.max_connections as usize)),
+            static_files: static_files::StaticFiles::new(&config.static_files)?,
+            max_connections: config.server.max_connections as usize,
+            ids: conn_id::ConnIds::new(),
+        }))
+    }
+
     fn capacity_in_use(&self) -> usize {
         self.max_connections
             .saturating_sub(self.capacity.available_permits())

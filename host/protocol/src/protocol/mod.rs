@@ -34,7 +34,19 @@ use output::Output;
 const MSG_BUF_KEEP: usize = 64 * 1024;
 
 /// Longest reason that fits in a Close frame next to its 2-byte code.
-const MAX_CLOSE_REASON: usize = MAX_CONTROL_PAYLOAD - 2;
+/// The longest close reason, in bytes: a Close frame's payload is a
+/// control frame's (125) less the two-byte code.
+pub const MAX_CLOSE_REASON: usize = MAX_CONTROL_PAYLOAD - 2;
+
+/// The send queue's high-water rule, the one definition of it: with
+/// `queued` bytes waiting and a bound of `send_queue_bytes`, a new data
+/// message is refused. Only a send made below the mark is taken (whole), so
+/// the queue holds at most `send_queue_bytes` plus one message. Whoever
+/// admits sends ahead of the protocol (the plugin's outbox) applies this
+/// same rule, so what it admitted is never refused when handed over.
+pub fn queue_full(queued: usize, send_queue_bytes: usize) -> bool {
+    queued >= send_queue_bytes
+}
 
 /// Where the connection is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,6 +315,13 @@ impl WebSocket {
         self.core.out.len()
     }
 
+    /// Whether the output queue is at its high-water mark: data sends are
+    /// refused with [`SendError::QueueFull`] until the transport takes some
+    /// (a driver stops reading then, so the peer cannot grow it).
+    pub fn is_backed_up(&self) -> bool {
+        queue_full(self.core.out.len(), self.core.config.send_queue_bytes)
+    }
+
     /// Whether anything is queued for the transport.
     pub fn has_output(&self) -> bool {
         self.core.out.len() > 0
@@ -492,7 +511,7 @@ impl Core {
             OpCode::Ping => {
                 // A peer that pings without reading our output must not grow
                 // the queue: RFC 6455 lets us answer only the latest ping.
-                if !self.close_sent && self.out.len() < self.config.send_queue_bytes {
+                if !self.close_sent && !queue_full(self.out.len(), self.config.send_queue_bytes) {
                     self.out.push_frame(true, OpCode::Pong, payload);
                 }
                 None
@@ -585,7 +604,7 @@ impl Core {
     }
 
     fn check_queue(&self) -> Result<(), SendError> {
-        if self.out.len() >= self.config.send_queue_bytes {
+        if queue_full(self.out.len(), self.config.send_queue_bytes) {
             Err(SendError::QueueFull)
         } else {
             Ok(())

@@ -1,0 +1,131 @@
+//! Calls into the plugin for messages: on the worker, or movable to a
+//! [lane](crate::runtime::idle_pool) when the tenant shares the server.
+
+use wharf_protocol::State;
+
+use super::conn::Conn;
+use crate::runtime::batch_handler::Message;
+use crate::runtime::cpu_share::CpuShare;
+use crate::runtime::idle_pool;
+use crate::runtime::{Plugin, PluginError};
+use crate::server::handler::Handler;
+use crate::server::inbox::Inbox;
+
+/// What a call needs: the connection's handler, its plugin, and its
+/// tenant's CPU share, which a message event waits for.
+pub(super) struct Woken<'a> {
+    handler: &'a mut Handler,
+    plugin: &'a Plugin,
+    share: &'a CpuShare,
+    id: u64,
+}
+
+impl<'a> Woken<'a> {
+    pub(super) fn of(
+        handler: &'a mut Handler,
+        plugin: &'a Plugin,
+        share: &'a CpuShare,
+        id: u64,
+    ) -> Self {
+        Self {
+            handler,
+            plugin,
+            share,
+            id,
+        }
+    }
+}
+
+/// One call with what `inbox` holds, then `last`: `on-messages`, or for a
+/// message on its own `on-text`/`on-binary`. `None`: the instance is gone
+/// (it failed before), the messages are dropped.
+pub(super) async fn call_with(
+    slots: Woken<'_>,
+    inbox: &Inbox,
+    last: Option<Message<'_>>,
+    backlog: usize,
+    state: State,
+) -> Option<Result<(), PluginError>> {
+    let wait = slots.share.wait();
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    // A tenant with a CPU share (a server with several) runs its calls so
+    // that they can leave the workers; a message too large to copy cheaply
+    // stays (its tenant's share still throttles it).
+    let movable = slots.share.is_limited()
+        && slots.handler.is_own()
+        && last.is_none_or(|m| m.len() <= MOVABLE_MAX);
+    let mut instance = match slots.handler.acquire(slots.plugin, slots.id).await {
+        Err(err) => return Some(Err(err)),
+        Ok(None) => return None,
+        Ok(Some(instance)) => instance,
+    };
+    Conn::sync_outbox(&mut instance, backlog, state);
+    if movable {
+        drop(instance);
+        let penalized = slots.share.penalized();
+        return Some(call_movable(slots.handler, inbox, last, penalized).await);
+    }
+    let r = match last {
+        Some(one) if inbox.is_empty() => instance.on_message(one).await,
+        _ => instance.on_messages(&inbox.messages(last)).await,
+    };
+    if r.is_err() {
+        instance.fail();
+    }
+    Some(r)
+}
+
+/// Largest message copied for a call that may move off the workers.
+const MOVABLE_MAX: usize = 64 * 1024;
+
+/// A call that may leave the workers for a
+/// [lane](crate::runtime::idle_pool) of its own: the connection's own
+/// instance and a copy of the messages go with it, and come back when it
+/// is done. A tenant over its share of late (`penalized`) starts on the
+/// idle lane; any other call starts here and moves at the first tick where
+/// it has run long (to the long lane) or its tenant is over (idle lane).
+async fn call_movable(
+    handler: &mut Handler,
+    inbox: &Inbox,
+    last: Option<Message<'_>>,
+    penalized: bool,
+) -> Result<(), PluginError> {
+    let Some(mut instance) = handler.lend() else {
+        return Ok(());
+    };
+    let mut owned = Inbox::default();
+    for message in inbox.messages(last) {
+        owned.push(message);
+    }
+    let moved = instance.movable();
+    let call = async move {
+        let messages = owned.messages(None);
+        let r = match messages.as_slice() {
+            [one] => instance.on_message(*one).await,
+            all => instance.on_messages(all).await,
+        };
+        // A failed instance is dropped where it ran: freeing what a hostile
+        // one grew (its memory slot's reset, a large attachment) is work
+        // the workers should not do for it.
+        (r.is_ok().then_some(instance), r)
+    };
+    let done = if penalized {
+        idle_pool::run(idle_pool::Lane::Idle, call).await
+    } else {
+        idle_pool::run_movable(call, moved).await
+    };
+    match done {
+        Ok((instance, r)) => {
+            if let Some(instance) = instance {
+                handler.restore(instance);
+            }
+            r
+        }
+        // It panicked: the instance went with it.
+        Err(err) => Err(PluginError::Trap(anyhow::anyhow!(
+            "call on the idle pool failed: {err}"
+        ))),
+    }
+}

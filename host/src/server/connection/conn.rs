@@ -1,0 +1,499 @@
+//! An open connection and what each of its events does: a message read
+//! (to the plugin, under the tenant's rates), the plugin's sends (to the
+//! protocol), a publish, a swap, hibernation, the close.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::watch;
+use wharf_protocol::{CloseCode, CloseInfo, Event, State, WebSocket};
+
+use super::Shared;
+use super::calls::{Woken, call_with};
+use crate::metrics::Tally;
+use crate::runtime::batch_handler::Message;
+use crate::runtime::pubsub_host::Mailbox;
+use crate::runtime::{Plugin, PluginError, PluginInstance};
+use crate::server::handler::Handler;
+use crate::server::inbox::{self, Inbox};
+use crate::tenancy::Tenant;
+use crate::tenancy::rate::Bucket;
+use crate::tenancy::swap::{Current, Policy, Serving};
+
+/// 1011 reason sent when a plugin dies: says what happened, not why (the why
+/// is in the host's log, not for the peer).
+const PLUGIN_FAILED: &str = "handler failed";
+
+/// An open connection: protocol state and, while it is alive, its plugin instance.
+pub(super) struct Conn {
+    pub(super) id: u64,
+    pub(super) tenant: Arc<Tenant>,
+    pub(super) plugin: Arc<Plugin>,
+    pub(super) ws: WebSocket,
+    /// The tenant's per-connection message and byte rates.
+    pub(super) rate: Bucket,
+    /// Closed with 1008 for going over them: later messages are dropped.
+    pub(super) rate_limited: bool,
+    /// Its instance, or its place in the tenant's shared one.
+    pub(super) handler: Handler,
+    /// The version of the tenant's plugin it is served by.
+    pub(super) serving: Serving,
+    /// The tenant's swaps; `None` once the tenant is gone.
+    pub(super) swaps: Option<watch::Receiver<Current>>,
+    /// When to close with 1012 for a swap with the `restart` policy.
+    pub(super) restart_at: Option<Instant>,
+    /// When the plugin last handled an event (for hibernation).
+    pub(super) last_event: Instant,
+    pub(super) shared: Arc<Shared>,
+    /// How the connection ended, once it has.
+    pub(super) closed: Option<CloseInfo>,
+    /// Published messages for this connection (pub/sub), delivered by the
+    /// host without waking the plugin; there once the plugin subscribed.
+    pub(super) mailbox: Option<Mailbox>,
+    /// Counts not yet added to the shared metrics: they go there when the
+    /// connection next waits (and when it ends), not per message.
+    pub(super) tally: Tally,
+    /// Messages waiting for one `on-messages` call (batched plugins only).
+    pub(super) inbox: Inbox,
+    /// The protocol state when the inbox's first message was read.
+    pub(super) inbox_state: State,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.shared
+            .metrics
+            .absorb(&mut self.tally, &self.tenant.counters);
+        self.shared.metrics.tenant_connection(&self.tenant.name, -1);
+    }
+}
+
+impl Conn {
+    pub(super) fn new(
+        id: u64,
+        tenant: Arc<Tenant>,
+        plugin: Arc<Plugin>,
+        handler: Handler,
+        serving: Serving,
+        swaps: watch::Receiver<Current>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            id,
+            ws: WebSocket::new(tenant.ws.clone(), now),
+            rate: Bucket::new(tenant.rate, now),
+            rate_limited: false,
+            tenant,
+            plugin,
+            handler,
+            serving,
+            swaps: Some(swaps),
+            restart_at: None,
+            last_event: now,
+            shared,
+            closed: None,
+            mailbox: None,
+            tally: Tally::default(),
+            inbox: Inbox::default(),
+            inbox_state: State::Open,
+        }
+    }
+
+    /// Brings the plugin's view of the connection up to date before a call.
+    pub(super) fn sync_outbox(instance: &mut PluginInstance, backlog: usize, state: State) {
+        instance
+            .connection()
+            .outbox
+            .sync(backlog, state != State::Open);
+    }
+
+    /// Records a call's duration; its end is the connection's last event.
+    fn record_call(&mut self, started: Instant) -> Instant {
+        let now = Instant::now();
+        self.tally.plugin_call(now - started);
+        self.last_event = now;
+        now
+    }
+
+    pub(super) async fn on_open(&mut self) {
+        let (backlog, state) = (self.ws.output_len(), self.ws.state());
+        let started = Instant::now();
+        let r = match self.handler.acquire(&self.plugin, self.id).await {
+            Ok(Some(mut instance)) => {
+                Self::sync_outbox(&mut instance, backlog, state);
+                let r = instance.on_open().await;
+                if r.is_err() {
+                    instance.fail();
+                }
+                r
+            }
+            Ok(None) => return,
+            Err(err) => Err(err),
+        };
+        self.record_call(started);
+        self.after_call(r).await;
+    }
+
+    /// Hands the plugin's sends to the protocol, or buries a failed instance.
+    pub(super) async fn after_call(&mut self, result: Result<(), PluginError>) {
+        match result {
+            Ok(()) => self.flush_outbox().await,
+            Err(err) => {
+                // A hibernated connection that cannot wake for want of a
+                // slot may retry later; anything else is the plugin's fault.
+                let (code, reason) = match err {
+                    PluginError::PoolExhausted => (CloseCode::TRY_AGAIN_LATER, "server busy"),
+                    _ => (CloseCode::INTERNAL_ERROR, PLUGIN_FAILED),
+                };
+                tracing::error!(tenant = %self.tenant.name, conn = self.id, %err, code, "plugin failed; closing its connection");
+                self.shared
+                    .metrics
+                    .plugin_failure(&self.tenant.name, err.kind());
+                self.handler.bury();
+                if self.ws.state() == State::Open {
+                    let _ = self.ws.close(code, reason);
+                }
+            }
+        }
+    }
+
+    /// Another connection's call queued sends for this one (a shared
+    /// instance), or the shared instance failed.
+    pub(super) async fn peer_woke(&mut self) {
+        if self.handler.current().await.is_some() {
+            self.flush_outbox().await;
+        } else if self.ws.state() == State::Open {
+            tracing::debug!(conn = self.id, "shared instance failed; closing with 1011");
+            let _ = self.ws.close(CloseCode::INTERNAL_ERROR, PLUGIN_FAILED);
+        }
+    }
+
+    async fn flush_outbox(&mut self) {
+        let Some(mut instance) = self.handler.current().await else {
+            return;
+        };
+        let entry = instance.connection();
+        if self.mailbox.is_none() {
+            self.mailbox = entry.subscriptions.take_mailbox();
+        }
+        let outbox = &mut entry.outbox;
+        if outbox.is_empty() {
+            return;
+        }
+        if !outbox.frames.is_empty() {
+            // Framed during the call straight from the plugin's memory; the
+            // protocol takes the whole batch (exchanging buffers when its
+            // queue is empty). Replies to messages read before a Close came
+            // in go ahead of the answer to it: the outbox admitted them by
+            // the state the messages were read in.
+            let (text, binary) = outbox.frames.take_tally();
+            match self.ws.send_batch_before_close(&mut outbox.frames) {
+                Ok(()) => {
+                    self.tally.messages_sent(false, text.messages, text.bytes);
+                    self.tally
+                        .messages_sent(true, binary.messages, binary.bytes);
+                }
+                Err(err) => {
+                    // The outbox applies the protocol's own rules, so this is
+                    // a race with a close; still, nothing is dropped unseen.
+                    let dropped = text.messages + binary.messages;
+                    tracing::warn!(conn = self.id, %err, dropped, "plugin sends dropped");
+                    self.shared
+                        .metrics
+                        .sends_refused(send_error_label(&err), dropped);
+                }
+            }
+        }
+        if let Some((code, reason)) = outbox.close.take()
+            && let Err(err) = self.ws.close(code, &reason)
+        {
+            tracing::warn!(conn = self.id, %err, "plugin close dropped");
+            self.shared.metrics.sends_refused(send_error_label(&err), 1);
+        }
+    }
+
+    /// When the idle instance is to be released, if hibernation is on.
+    pub(super) fn hibernate_at(&self) -> Option<Instant> {
+        let after = self.shared.hibernate_after?;
+        (self.handler.can_hibernate() && self.ws.state() == State::Open)
+            .then(|| self.last_event + after)
+    }
+
+    /// Releases the instance, keeping what the next one resumes from.
+    pub(super) fn hibernate(&mut self) {
+        if self.handler.can_hibernate() {
+            if let Some(entry) = self.handler.hibernate() {
+                entry.outbox.frames.release();
+            }
+            self.inbox.release();
+            self.shared.released.add();
+            tracing::debug!(conn = self.id, "hibernated");
+        }
+    }
+
+    /// The tenant's plugin changed version: move by the swap's policy.
+    pub(super) async fn on_swap(&mut self) {
+        let Some(current) = self.swaps.as_mut().map(|s| s.borrow_and_update().clone()) else {
+            return;
+        };
+        // A shared member whose instance a migrate swap moved (which the
+        // deploy did before publishing the version) now belongs to the
+        // version that instance is; its next call goes there anyway.
+        if let Some(instance) = self.handler.follow()
+            && !self.serving.version().owns(instance)
+            && let Some(version) =
+                (self.tenant.plugin.versions().into_iter()).find(|v| v.owns(instance))
+        {
+            tracing::debug!(
+                conn = self.id,
+                sha256 = &version.plugin.hash()[..16],
+                "migrated with its shared instance"
+            );
+            self.plugin = version.plugin.clone();
+            self.serving = version.serve();
+            self.shared.metrics.migrated(&self.tenant.name);
+        }
+        if Arc::ptr_eq(&current.version, self.serving.version()) {
+            return;
+        }
+        match current.policy {
+            Policy::Drain => {}
+            Policy::Restart => {
+                if self.restart_at.is_none() {
+                    // Ids are a keyed permutation: spread evenly.
+                    let at = (self.id % 1024) as f64 / 1024.0;
+                    let delay = self.shared.restart_window.mul_f64(at);
+                    self.restart_at = Some(Instant::now() + delay);
+                }
+            }
+            Policy::Migrate => {
+                let plugin = &current.version.plugin;
+                match self.handler.migrate(plugin, self.id).await {
+                    Ok(true) => {
+                        tracing::debug!(conn = self.id, sha256 = &plugin.hash()[..16], "migrated");
+                        self.plugin = plugin.clone();
+                        self.serving = current.version.serve();
+                        self.shared.metrics.migrated(&self.tenant.name);
+                    }
+                    // A shared member: its instance moved as a whole (above),
+                    // or stays (the deploy fell back to drain).
+                    Ok(false) => {}
+                    Err(err) => self.after_call(Err(err)).await,
+                }
+            }
+        }
+    }
+
+    /// Queues a message published to one of the connection's topics.
+    pub(super) fn deliver_published(&mut self, message: &wharf_protocol::Framed) {
+        match self.ws.send_framed(message) {
+            Ok(()) => {
+                self.tally
+                    .messages_sent(message.is_binary(), 1, message.payload_len() as u64)
+            }
+            Err(err) => {
+                tracing::debug!(conn = self.id, %err, "published message dropped");
+                self.shared.metrics.send_refused(send_error_label(&err));
+            }
+        }
+    }
+
+    /// The connection ended: tell the plugin (its last call) and release it.
+    pub(super) async fn finish(&mut self, info: CloseInfo) {
+        if self.closed.is_some() {
+            return;
+        }
+        tracing::debug!(conn = self.id, code = info.code, clean = info.clean, reason = %info.reason, "closed");
+        self.shared.metrics.connection_closed(info.code, info.clean);
+        let closed = self.closed.insert(info);
+        let started = Instant::now();
+        let r = match self.handler.acquire(&self.plugin, self.id).await {
+            Ok(Some(mut instance)) => {
+                Self::sync_outbox(&mut instance, 0, State::Closed);
+                let r = instance
+                    .on_close(closed.code, &closed.reason, closed.clean)
+                    .await;
+                if r.is_err() {
+                    instance.fail();
+                }
+                Some(r)
+            }
+            Ok(None) => None,
+            Err(err) => {
+                tracing::error!(tenant = %self.tenant.name, conn = self.id, %err, "cannot resume plugin for on-close");
+                self.shared
+                    .metrics
+                    .plugin_failure(&self.tenant.name, err.kind());
+                None
+            }
+        };
+        if let Some(r) = r {
+            self.record_call(started);
+            if let Err(err) = r {
+                tracing::error!(tenant = %self.tenant.name, conn = self.id, %err, "plugin failed in on-close");
+                self.shared
+                    .metrics
+                    .plugin_failure(&self.tenant.name, err.kind());
+            }
+        }
+        // Free the pool slot (or the shared instance's entry) now rather
+        // than after the lingering close.
+        self.handler.release().await;
+    }
+
+    /// Feeds buffered input to the protocol and its events to the plugin:
+    /// one call per message, or, for a plugin that takes batches, one call
+    /// for the messages of a read (see [`Inbox`]).
+    pub(super) async fn process_input(&mut self, input: &[u8]) {
+        let mut input = input;
+        let batched = self.plugin.batched();
+        // One clock read per event: the end of each call is the next one's now.
+        let mut now = Instant::now();
+        loop {
+            // Read before the event borrows the protocol state; the pongs
+            // `read` may queue are too small to matter to the send bound.
+            let backlog = self.ws.output_len();
+            let state = self.ws.state();
+            let Some(event) = self.ws.read(&mut input, now) else {
+                break;
+            };
+            let message = match event {
+                Event::Text(text) => {
+                    self.tally.message_received(false, text.len());
+                    Message::Text(text)
+                }
+                Event::Binary(data) => {
+                    self.tally.message_received(true, data.len());
+                    Message::Binary(data)
+                }
+                Event::Closed(info) => {
+                    if !info.clean
+                        && matches!(
+                            info.code,
+                            CloseCode::PROTOCOL_ERROR
+                                | CloseCode::INVALID_PAYLOAD
+                                | CloseCode::MESSAGE_TOO_BIG
+                        )
+                    {
+                        self.shared.metrics.protocol_violation(info.code);
+                    }
+                    // The messages read before the Close (or the violation)
+                    // still get their replies, ahead of our Close frame.
+                    now = self.deliver_inbox(now).await;
+                    self.finish(info).await;
+                    continue;
+                }
+            };
+            if self.rate_limited || !self.rate.admit(now, message.len()) {
+                self.over_rate();
+                continue;
+            }
+            let started = now;
+            // Small messages with more input behind them wait in the inbox
+            // (batched plugins); the last one, or a large one, goes with
+            // what waits, uncopied. A message on its own is a plain call.
+            let hold = batched && !input.is_empty() && message.len() <= inbox::MESSAGE_MAX;
+            if self.inbox.is_empty() {
+                self.inbox_state = state;
+            }
+            let last = if hold {
+                if !self.inbox.push(message) {
+                    continue;
+                }
+                None
+            } else {
+                Some(message)
+            };
+            let count = self.inbox.len() + usize::from(last.is_some());
+            let r = call_with(
+                Woken::of(&mut self.handler, &self.plugin, &self.tenant.cpu, self.id),
+                &self.inbox,
+                last,
+                backlog,
+                self.inbox_state,
+            )
+            .await;
+            self.inbox.clear();
+            match r {
+                Some(r) => {
+                    now = self.record_call(started);
+                    self.after_call(r).await;
+                }
+                None => self.instance_gone(count),
+            }
+        }
+        // The input ended inside a frame: what is held goes now.
+        self.deliver_inbox(now).await;
+    }
+
+    /// Messages that arrived after the connection's instance failed (its
+    /// Close is on the way): dropped, and counted.
+    fn instance_gone(&self, count: usize) {
+        self.shared
+            .metrics
+            .received_dropped("instance-gone", count as u64);
+    }
+
+    /// A message the peer sent went over the tenant's rates. The first one
+    /// closes the connection with 1008; it and every later one are dropped,
+    /// and counted.
+    fn over_rate(&mut self) {
+        if !self.rate_limited {
+            self.rate_limited = true;
+            tracing::info!(conn = self.id, tenant = %self.tenant.name, "message rate limit exceeded; closing with 1008");
+            self.shared
+                .metrics
+                .tenant_refused(&self.tenant.name, "rate-limit");
+            if self.ws.state() == State::Open {
+                let _ = self
+                    .ws
+                    .close(CloseCode::POLICY_VIOLATION, "rate limit exceeded");
+            }
+        }
+        self.shared.metrics.received_dropped("rate-limit", 1);
+    }
+
+    /// Delivers what the inbox holds, if anything, in one call. Returns the
+    /// clock at its end.
+    async fn deliver_inbox(&mut self, now: Instant) -> Instant {
+        if self.inbox.is_empty() {
+            return now;
+        }
+        // The plugin sees the connection as it was when the messages came:
+        // a Close read after them does not refuse their replies.
+        let backlog = self.ws.output_len();
+        let count = self.inbox.len();
+        let r = call_with(
+            Woken::of(&mut self.handler, &self.plugin, &self.tenant.cpu, self.id),
+            &self.inbox,
+            None,
+            backlog,
+            self.inbox_state,
+        )
+        .await;
+        self.inbox.clear();
+        match r {
+            Some(r) => {
+                let end = self.record_call(now);
+                self.after_call(r).await;
+                end
+            }
+            None => {
+                self.instance_gone(count);
+                now
+            }
+        }
+    }
+}
+
+fn send_error_label(err: &wharf_protocol::SendError) -> &'static str {
+    use wharf_protocol::SendError::*;
+    match err {
+        Closed => "closed",
+        MessageTooBig => "too-big",
+        QueueFull => "queue-full",
+        ReasonTooLong => "reason-too-long",
+        InvalidCode => "invalid-code",
+    }
+}

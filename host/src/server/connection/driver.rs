@@ -1,0 +1,465 @@
+//! The open connection's loop, driven the way quinn drives a connection:
+//! each pass is a few named steps (input to the plugin, counts to the
+//! metrics, output to the socket, the deadlines), then one wait for
+//! whatever comes next (a read, a write, a publish, a swap, a timer,
+//! shutdown), which the pass hands to the step that deals with it.
+
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::Notify;
+use tokio::time::Sleep;
+use wharf_protocol::{CloseCode, Framed, State};
+
+use super::conn::Conn;
+use super::io::{
+    WRITE_SLICES, next_published, next_swap, peer_woke, poll_write_or_flush, read_ready, reuse,
+    write_now, wrote,
+};
+
+/// The most read from the socket at a time.
+const READ_CHUNK: usize = 64 * 1024;
+/// What an open connection reads at a time until a read fills it: most
+/// connections carry small messages, and a 64 KiB buffer for each would be
+/// a large allocation (and free, with glibc's consolidation) per connection.
+const FIRST_READ_CHUNK: usize = 4096;
+/// The read buffer of a hibernated connection until bytes arrive again: ten
+/// thousand idle 64 KiB buffers would be most of an idle server's memory.
+const IDLE_READ_CHUNK: usize = 256;
+
+/// What the loop carries from one pass to the next.
+struct Driver {
+    read: ReadBuffer,
+    /// The peer closed its side (or the read failed): nothing more to read.
+    eof: bool,
+    /// Written since the last flush (a TLS stream buffers what it encrypts).
+    needs_flush: bool,
+    /// Shutdown was seen (and the connection told, with 1001).
+    shutting_down: bool,
+    /// Once closed, until when what is left may still be written.
+    flush_deadline: Option<Instant>,
+    /// Since when the send queue has been at its high-water mark.
+    backed_up_since: Option<Instant>,
+    /// The deadline the timer is set to, if it is.
+    armed: Option<Instant>,
+    tls: bool,
+}
+
+/// The read buffer, sized to what the connection is doing.
+struct ReadBuffer {
+    bytes: BytesMut,
+    /// The small buffer of a hibernated connection.
+    idle: bool,
+    /// [`FIRST_READ_CHUNK`] until a read fills the buffer, then [`READ_CHUNK`].
+    chunk: usize,
+}
+
+/// This pass's deadlines, besides the protocol's own.
+#[derive(Clone, Copy, Default)]
+struct Deadlines {
+    /// The send queue has stayed full for the grace period: 1008.
+    slow_consumer: Option<Instant>,
+    /// The instance has been idle long enough to release.
+    hibernate: Option<Instant>,
+}
+
+/// What ended a wait.
+enum Wake {
+    Shutdown,
+    Written(std::io::Result<Option<usize>>),
+    /// `false`: the tenant is gone.
+    Swapped(bool),
+    /// A shared instance queued sends for this connection, or failed.
+    PeerWoke,
+    /// `None`: the mailbox is closed.
+    Published(Option<Framed>),
+    /// With the room the buffer had before the read.
+    Read(std::io::Result<usize>, usize),
+    Timer,
+}
+
+/// Whether the loop goes on after a step.
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    /// The transport is gone, or gave up on: no lingering close.
+    Drop,
+}
+
+impl ReadBuffer {
+    fn new(bytes: BytesMut) -> Self {
+        Self {
+            bytes,
+            idle: false,
+            chunk: FIRST_READ_CHUNK,
+        }
+    }
+
+    /// Room for the next read: a hibernated connection reads into its small
+    /// buffer; once anything arrives it gets a regular one again (a message
+    /// may be starting, and need not wake the plugin yet).
+    fn make_room(&mut self) -> usize {
+        let low_water = if self.idle { 1 } else { self.chunk / 4 };
+        if self.bytes.capacity() - self.bytes.len() < low_water {
+            self.bytes.reserve(self.chunk);
+        }
+        self.bytes.capacity() - self.bytes.len()
+    }
+
+    /// A read of `n` bytes into `spare` bytes of room; `more`: others were
+    /// already waiting. A read that filled the buffer means large messages
+    /// (or a burst): they are read in full-sized chunks from now on.
+    fn filled(&mut self, n: usize, spare: usize, more: bool) {
+        if n == spare || more {
+            self.chunk = READ_CHUNK;
+        }
+        self.idle = false;
+    }
+
+    /// The connection hibernated: an empty buffer shrinks to the idle size.
+    fn shrink(&mut self) {
+        if self.bytes.is_empty() {
+            self.bytes = BytesMut::with_capacity(IDLE_READ_CHUNK);
+            self.idle = true;
+            self.chunk = FIRST_READ_CHUNK;
+        }
+    }
+}
+
+impl Driver {
+    fn new(rbuf: BytesMut, tls: bool) -> Self {
+        Self {
+            read: ReadBuffer::new(rbuf),
+            eof: false,
+            needs_flush: false,
+            shutting_down: false,
+            flush_deadline: None,
+            backed_up_since: None,
+            armed: None,
+            tls,
+        }
+    }
+
+    /// Sets the timer to `deadline` if it is earlier than the armed one.
+    /// Activity only ever moves the deadlines later, so a timer that fires
+    /// early is harmless (each deadline is checked against the clock) and
+    /// saves a timer-wheel insert and removal per message.
+    fn arm(&mut self, timer: Pin<&mut Sleep>, deadline: Option<Instant>) {
+        match (deadline, self.armed) {
+            (Some(d), Some(a)) if d >= a => {}
+            (Some(d), _) => {
+                timer.reset(d.into());
+                self.armed = Some(d);
+            }
+            (None, _) => self.armed = None,
+        }
+    }
+}
+
+impl Conn {
+    /// The connection's main loop, until the close handshake is over and the
+    /// output flushed (or the transport is gone).
+    pub(super) async fn drive<R, W>(
+        &mut self,
+        reader: &mut ReadHalf<R>,
+        writer: &mut WriteHalf<W>,
+        rbuf: BytesMut,
+        tls: bool,
+    ) where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut d = Driver::new(rbuf, tls);
+        // Registered with the token once, not re-armed on every pass.
+        let shutdown = self.shared.shutdown.clone().cancelled_owned();
+        tokio::pin!(shutdown);
+        // A shared instance's member is woken by other connections' calls.
+        let peer_wake = self.handler.wake().cloned();
+        // One timer for the connection's life (see `Driver::arm`).
+        let timer = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(timer);
+        loop {
+            self.take_input(&mut d.read).await;
+            self.publish_counts();
+            if self.write_ready(writer, &mut d).await == Flow::Drop {
+                return;
+            }
+            if self.ws.is_closed() && !self.ws.has_output() && !d.needs_flush {
+                break;
+            }
+            let deadlines = self.deadlines(&mut d);
+            let next = [
+                self.ws.poll_timeout(),
+                d.flush_deadline,
+                deadlines.hibernate,
+                self.restart_at,
+                deadlines.slow_consumer,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            d.arm(timer.as_mut(), next);
+            let wake = self
+                .wait(
+                    &mut d,
+                    reader,
+                    writer,
+                    shutdown.as_mut(),
+                    timer.as_mut(),
+                    peer_wake.as_deref(),
+                )
+                .await;
+            let flow = match wake {
+                Wake::Shutdown => self.on_shutdown(&mut d),
+                Wake::Written(written) => self.on_written(&mut d, written).await,
+                Wake::Swapped(true) => {
+                    self.on_swap().await;
+                    Flow::Continue
+                }
+                Wake::Swapped(false) => {
+                    self.swaps = None;
+                    Flow::Continue
+                }
+                Wake::PeerWoke => {
+                    self.peer_woke().await;
+                    Flow::Continue
+                }
+                Wake::Published(message) => self.on_published(message),
+                Wake::Read(read, spare) => self.on_read(&mut d, reader, read, spare).await,
+                Wake::Timer => self.on_timer(&mut d, deadlines).await,
+            };
+            if flow == Flow::Drop {
+                return;
+            }
+        }
+        self.linger(reader, writer, &mut d.read.bytes).await;
+    }
+
+    /// Step: what was read goes through the protocol to the plugin.
+    async fn take_input(&mut self, read: &mut ReadBuffer) {
+        if !read.bytes.is_empty() {
+            let input = read.bytes.split();
+            self.process_input(&input).await;
+            read.bytes = reuse(std::mem::take(&mut read.bytes), input);
+        }
+    }
+
+    /// Step: the counts go to the shared metrics before the replies go out,
+    /// so that whoever sees a reply also sees it counted.
+    fn publish_counts(&mut self) {
+        self.shared
+            .metrics
+            .absorb(&mut self.tally, &self.tenant.counters);
+    }
+
+    /// Step: what the input produced goes out now if the socket takes it,
+    /// without a round through the wait.
+    async fn write_ready<W: AsyncWrite + Unpin>(&mut self, writer: &mut W, d: &mut Driver) -> Flow {
+        if (self.ws.has_output() || d.needs_flush)
+            && write_now(writer, &mut self.ws, &mut d.needs_flush).is_err()
+        {
+            self.transport_gone().await;
+            return Flow::Drop;
+        }
+        Flow::Continue
+    }
+
+    /// Whether the loop reads: not after EOF or the close, and not while
+    /// the peer is not taking what it is sent.
+    fn wants_read(&self, d: &Driver) -> bool {
+        !d.eof && !self.ws.is_closed() && !self.ws.is_backed_up()
+    }
+
+    /// Step: this pass's deadlines. A peer that keeps the send queue full
+    /// (it reads slower than the plugin writes) has the grace period to
+    /// catch up; once closed, what is left to write gets the close timeout,
+    /// no more: a peer that stopped reading must not pin the connection.
+    fn deadlines(&self, d: &mut Driver) -> Deadlines {
+        let slow_consumer = if self.ws.is_backed_up() && !self.ws.is_closed() {
+            let since = *d.backed_up_since.get_or_insert_with(Instant::now);
+            Some(since + self.shared.send_queue_grace)
+        } else {
+            d.backed_up_since = None;
+            None
+        };
+        if self.ws.is_closed() && d.flush_deadline.is_none() {
+            d.flush_deadline = Some(Instant::now() + self.tenant.ws.close_timeout);
+        }
+        Deadlines {
+            slow_consumer,
+            hibernate: self.hibernate_at(),
+        }
+    }
+
+    /// Waits for the next thing to do. Shutdown comes first, then writes
+    /// (output drains before more input is taken).
+    async fn wait<R, W>(
+        &mut self,
+        d: &mut Driver,
+        reader: &mut R,
+        writer: &mut W,
+        shutdown: Pin<&mut tokio_util::sync::WaitForCancellationFutureOwned>,
+        timer: Pin<&mut Sleep>,
+        peer_wake: Option<&Notify>,
+    ) -> Wake
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let want_read = self.wants_read(d);
+        let spare = if want_read { d.read.make_room() } else { 0 };
+        let open = !self.ws.is_closed();
+        let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
+        let filled = self.ws.output_slices(&mut slices);
+        let needs_flush = d.needs_flush;
+        tokio::select! {
+            biased;
+            _ = shutdown, if !d.shutting_down => Wake::Shutdown,
+            written = std::future::poll_fn(|cx| poll_write_or_flush(Pin::new(&mut *writer), cx, &slices[..filled])), if filled > 0 || needs_flush => Wake::Written(written),
+            swapped = next_swap(&mut self.swaps), if self.swaps.is_some() && open => Wake::Swapped(swapped),
+            _ = peer_woke(peer_wake), if peer_wake.is_some() && open => Wake::PeerWoke,
+            published = next_published(&mut self.mailbox), if self.mailbox.is_some() && open => Wake::Published(published),
+            read = reader.read_buf(&mut d.read.bytes), if want_read => Wake::Read(read, spare),
+            _ = timer, if d.armed.is_some() => Wake::Timer,
+        }
+    }
+
+    /// Shutdown: the peer is told with 1001; the close handshake and what
+    /// is queued still finish (within the server's shutdown timeout).
+    fn on_shutdown(&mut self, d: &mut Driver) -> Flow {
+        d.shutting_down = true;
+        if self.ws.state() == State::Open {
+            let _ = self.ws.close(CloseCode::GOING_AWAY, "server shutting down");
+        }
+        Flow::Continue
+    }
+
+    async fn on_written(
+        &mut self,
+        d: &mut Driver,
+        written: std::io::Result<Option<usize>>,
+    ) -> Flow {
+        if wrote(&mut self.ws, &mut d.needs_flush, written).is_err() {
+            self.transport_gone().await;
+            return Flow::Drop;
+        }
+        Flow::Continue
+    }
+
+    /// A message published to one of the connection's topics, and whatever
+    /// else is waiting: queued together, for one write.
+    fn on_published(&mut self, message: Option<Framed>) -> Flow {
+        match message {
+            Some(message) => {
+                self.deliver_published(&message);
+                while let Some(Ok(message)) = self.mailbox.as_mut().map(|m| m.try_recv()) {
+                    self.deliver_published(&message);
+                }
+            }
+            None => self.mailbox = None,
+        }
+        Flow::Continue
+    }
+
+    async fn on_read<R: AsyncRead + Unpin>(
+        &mut self,
+        d: &mut Driver,
+        reader: &mut R,
+        read: std::io::Result<usize>,
+        spare: usize,
+    ) -> Flow {
+        match read {
+            Ok(0) | Err(_) => {
+                d.eof = true;
+                self.transport_gone().await;
+                if self.ws.is_closed() && !self.ws.has_output() {
+                    return Flow::Drop;
+                }
+                // The peer half-closed; whatever we still owe it is
+                // written, then the socket is dropped.
+            }
+            Ok(n) => {
+                // TLS hands out a record per read: take the others already
+                // there too (plain TCP after a short read has nothing more).
+                let more = d.tls && !d.read.idle && read_ready(reader, &mut d.read.bytes);
+                d.read.filled(n, spare, more);
+            }
+        }
+        Flow::Continue
+    }
+
+    /// The timer fired: every deadline that has passed is acted on.
+    async fn on_timer(&mut self, d: &mut Driver, deadlines: Deadlines) -> Flow {
+        d.armed = None;
+        let now = Instant::now();
+        if deadlines.slow_consumer.is_some_and(|t| t <= now) && self.ws.state() == State::Open {
+            tracing::info!(conn = self.id, tenant = %self.tenant.name, unsent = self.ws.output_len(), "peer not reading its messages; closing with 1008");
+            self.shared
+                .metrics
+                .tenant_refused(&self.tenant.name, "slow-consumer");
+            let _ = self.ws.close(CloseCode::POLICY_VIOLATION, "too slow");
+        }
+        if self.restart_at.is_some_and(|t| t <= now) {
+            self.restart_at = None;
+            if self.ws.state() == State::Open {
+                let _ = self.ws.close(CloseCode::SERVICE_RESTART, "new version");
+                self.shared.metrics.restart_closed(&self.tenant.name);
+            }
+        }
+        if deadlines.hibernate.is_some_and(|t| t <= now) {
+            self.hibernate();
+            d.read.shrink();
+        }
+        if d.flush_deadline.is_some_and(|t| t <= now) {
+            tracing::debug!(
+                conn = self.id,
+                unsent = self.ws.output_len(),
+                "peer not reading; dropping connection"
+            );
+            return Flow::Drop;
+        }
+        if let Some(info) = self.ws.handle_timeout(now) {
+            self.finish(info).await;
+        }
+        Flow::Continue
+    }
+
+    /// The transport is gone (EOF or error) before the close handshake ended.
+    pub(super) async fn transport_gone(&mut self) {
+        if let Some(info) = self.ws.transport_closed() {
+            self.finish(info).await;
+        }
+    }
+
+    /// After our last byte: half-close (TLS close_notify, TCP FIN) and read
+    /// until the peer closes too, so the kernel does not answer its in-flight
+    /// data with a reset that could destroy our Close frame.
+    async fn linger<R, W>(
+        &mut self,
+        reader: &mut ReadHalf<R>,
+        writer: &mut WriteHalf<W>,
+        rbuf: &mut BytesMut,
+    ) where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let timeout = self.tenant.ws.close_timeout;
+        let _ = tokio::time::timeout(timeout, async {
+            let _ = writer.shutdown().await;
+            // What the peer still sends is discarded, into the read buffer
+            // (not a stack array, which every task would carry).
+            loop {
+                rbuf.clear();
+                rbuf.reserve(4096);
+                match reader.read_buf(rbuf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,314 @@
+//! The driver in process: the real protocol, a real plugin in wasmtime, and
+//! a `tokio::io::duplex` pipe where the socket would be, so that orderings
+//! can be set up exactly (a peer that stops reading is a pipe left full).
+//! The plugin is `plugins/chaos` (test-only, see its commands there).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::server::Shared;
+use crate::tenancy::Tenants;
+
+/// Longest any single step of a test may take before it fails.
+const STEP: Duration = Duration::from_secs(10);
+
+const TEXT: u8 = 0x1;
+const CLOSE: u8 = 0x8;
+
+/// A server's shared state for one connection task, serving the chaos
+/// plugin: `plugin` is more of the `[plugin]` section, `rest` other
+/// sections.
+fn shared(plugin: &str, rest: &str) -> Arc<Shared> {
+    let path = Path::new(crate::bundled::PLUGIN_DIR).join("chaos.wasm");
+    let text = format!(
+        "[plugin]\npath = {:?}\ncpu_time_per_event = \"2s\"\n{plugin}\n{rest}",
+        path.display().to_string()
+    );
+    let config: Config = toml::from_str(&text).expect("a test config");
+    config.validate().expect("a valid test config");
+    let runtime = Runtime::new(RuntimeConfig {
+        max_instances: 4,
+        limits: crate::tenancy::runtime_limits(&config),
+        cache_dir: None,
+        concurrency_support: false,
+        keep_resident: 0,
+    })
+    .expect("a runtime");
+    let metrics = Metrics::new();
+    let tenants = Tenants::load(&config, Arc::new(runtime), metrics.clone()).expect("tenants");
+    Shared::new(&config, Arc::new(tenants), metrics).expect("shared")
+}
+
+/// The client's end of a connection whose server end a task drives.
+struct Peer {
+    io: DuplexStream,
+    task: JoinHandle<()>,
+    /// Bytes read past the last frame returned.
+    buf: Vec<u8>,
+}
+
+impl Peer {
+    /// Starts the connection's task on a pipe of `pipe` bytes each way,
+    /// and upgrades.
+    async fn connect(shared: &Arc<Shared>, pipe: usize) -> Self {
+        let (client, server) = tokio::io::duplex(pipe);
+        let handshake = shared.pending.admit(shared.handshake_timeout);
+        let task = tokio::spawn(super::run(
+            server,
+            "127.0.0.1:40000".parse().unwrap(),
+            false,
+            1,
+            shared.clone(),
+            handshake,
+        ));
+        let mut peer = Peer {
+            io: client,
+            task,
+            buf: Vec::new(),
+        };
+        peer.io
+            .write_all(
+                b"GET / HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let end = loop {
+            if let Some(i) = peer.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            peer.fill().await;
+        };
+        assert!(
+            peer.buf.starts_with(b"HTTP/1.1 101"),
+            "{:?}",
+            String::from_utf8_lossy(&peer.buf)
+        );
+        peer.buf.drain(..end);
+        peer
+    }
+
+    async fn fill(&mut self) {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(STEP, self.io.read(&mut chunk))
+            .await
+            .expect("the server answers in time")
+            .unwrap();
+        assert!(n > 0, "the server closed the pipe");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    /// One masked frame, as a client sends it.
+    fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x11, 0x22, 0x33, 0x44];
+        let mut out = vec![0x80 | opcode];
+        match payload.len() {
+            n @ 0..=125 => out.push(0x80 | n as u8),
+            n @ 126..=0xffff => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    async fn send(&mut self, opcode: u8, payload: &[u8]) {
+        self.io
+            .write_all(&Self::frame(opcode, payload))
+            .await
+            .unwrap();
+    }
+
+    async fn send_text(&mut self, text: &str) {
+        self.send(TEXT, text.as_bytes()).await;
+    }
+
+    /// The next frame from the server (unmasked, unfragmented here).
+    async fn recv(&mut self) -> (u8, Vec<u8>) {
+        loop {
+            if let Some((frame, used)) = parse(&self.buf) {
+                self.buf.drain(..used);
+                return frame;
+            }
+            self.fill().await;
+        }
+    }
+
+    async fn recv_text(&mut self) -> String {
+        let (opcode, payload) = self.recv().await;
+        assert_eq!(
+            opcode,
+            TEXT,
+            "payload {:?}",
+            String::from_utf8_lossy(&payload)
+        );
+        String::from_utf8(payload).unwrap()
+    }
+
+    async fn recv_close(&mut self) -> u16 {
+        let (opcode, payload) = self.recv().await;
+        assert_eq!(
+            opcode,
+            CLOSE,
+            "payload {:?}",
+            String::from_utf8_lossy(&payload)
+        );
+        u16::from_be_bytes([payload[0], payload[1]])
+    }
+
+    /// Waits for the connection's task to end.
+    async fn ended(self) {
+        tokio::time::timeout(STEP, self.task)
+            .await
+            .expect("the connection's task ends")
+            .unwrap();
+    }
+}
+
+/// A server frame at the start of `buf`, and its length.
+fn parse(buf: &[u8]) -> Option<((u8, Vec<u8>), usize)> {
+    let (&b0, rest) = buf.split_first()?;
+    let (&b1, rest) = rest.split_first()?;
+    assert_eq!(b1 & 0x80, 0, "server frames are not masked");
+    let (len, head) = match b1 & 0x7f {
+        126 => (
+            u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(rest.get(..8)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let payload = buf.get(head..head + len)?;
+    Some(((b0 & 0x0f, payload.to_vec()), head + len))
+}
+
+fn metric(shared: &Shared, line: &str) -> bool {
+    shared.metrics.render().lines().any(|l| l == line)
+}
+
+#[tokio::test]
+async fn replies_to_messages_read_before_a_close_go_ahead_of_ours() {
+    let shared = shared("", "");
+    let mut peer = Peer::connect(&shared, 64 << 10).await;
+    // One write: two messages and the Close, so they are read together.
+    let mut bytes = Peer::frame(TEXT, b"a");
+    bytes.extend(Peer::frame(TEXT, b"b"));
+    bytes.extend(Peer::frame(CLOSE, &1000u16.to_be_bytes()));
+    peer.io.write_all(&bytes).await.unwrap();
+    assert_eq!(peer.recv_text().await, "a");
+    assert_eq!(peer.recv_text().await, "b");
+    assert_eq!(peer.recv_close().await, 1000);
+    drop(peer.io);
+    tokio::time::timeout(STEP, peer.task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(metric(
+        &shared,
+        "wharf_websocket_closed_total{code=\"1000\",clean=\"true\"} 1"
+    ));
+}
+
+#[tokio::test]
+async fn queue_full_reaches_the_plugin_while_the_peer_does_not_read() {
+    // A 16 KiB send queue behind a 4 KiB pipe nobody reads yet: the plugin's
+    // flood meets queue-full (its report does too), and the connection stays
+    // open (the grace period is 30 s).
+    let shared = shared("", "[websocket]\nsend_queue = \"16KiB\"\n");
+    let mut peer = Peer::connect(&shared, 4 << 10).await;
+    peer.send_text("flood 20000").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Read only after the host stopped reading: "after" is taken once the
+    // queue is below its mark again, and answered after what was queued.
+    peer.send_text("after").await;
+    let mut sent = 0;
+    loop {
+        let text = peer.recv_text().await;
+        if text == "after" {
+            break;
+        }
+        assert_eq!(text, format!("m{sent}"), "in order, none skipped");
+        sent += 1;
+    }
+    assert!(sent > 0 && sent < 20_000, "{sent} of the flood queued");
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_is_closed_and_dropped() {
+    let shared = shared(
+        "",
+        "[websocket]\nsend_queue = \"16KiB\"\nsend_queue_grace = \"100ms\"\nclose_timeout = \"200ms\"\n",
+    );
+    let mut peer = Peer::connect(&shared, 4 << 10).await;
+    // Two floods, read apart: the first leaves the queue below its mark
+    // once the pipe took its share, the second fills it.
+    peer.send_text("flood 20000").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    peer.send_text("flood 20000").await;
+    // Never read: the grace period passes (1008), then the close timeout
+    // (the Close cannot be written either), and the task lets go.
+    let task = peer.task;
+    tokio::time::timeout(STEP, task).await.unwrap().unwrap();
+    assert!(metric(
+        &shared,
+        "wharf_tenant_refusals_total{tenant=\"default\",reason=\"slow-consumer\"} 1"
+    ));
+}
+
+#[tokio::test]
+async fn a_hibernated_connection_resumes_with_its_attachment() {
+    let shared = shared("hibernate_after = \"50ms\"", "");
+    let mut peer = Peer::connect(&shared, 64 << 10).await;
+    peer.send_text("count").await;
+    assert_eq!(peer.recv_text().await, "count=1 instance=1");
+    peer.send_text("count").await;
+    assert_eq!(peer.recv_text().await, "count=2 instance=2");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A new instance (its memory starts over), the same attachment.
+    peer.send_text("count").await;
+    assert_eq!(peer.recv_text().await, "count=3 instance=1");
+}
+
+#[tokio::test]
+async fn shutdown_during_a_call_answers_it_then_closes_with_1001() {
+    let shared = shared("", "");
+    let mut peer = Peer::connect(&shared, 64 << 10).await;
+    peer.send_text("sleep 300").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    shared.shutdown.cancel();
+    assert_eq!(peer.recv_text().await, "slept");
+    assert_eq!(peer.recv_close().await, 1001);
+    peer.send(CLOSE, &1001u16.to_be_bytes()).await;
+    peer.ended().await;
+}
+
+#[tokio::test]
+async fn a_peer_gone_during_a_call_ends_the_task_with_1006() {
+    let shared = shared("", "");
+    let mut peer = Peer::connect(&shared, 64 << 10).await;
+    peer.send_text("sleep 200").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let task = peer.task;
+    drop(peer.io);
+    tokio::time::timeout(STEP, task).await.unwrap().unwrap();
+    assert!(metric(
+        &shared,
+        "wharf_websocket_closed_total{code=\"1006\",clean=\"false\"} 1"
+    ));
+}
