@@ -194,6 +194,14 @@ pub struct ServerConfig {
     /// dropped, so sockets that never speak cannot take every file
     /// descriptor. Keep it well under the process's descriptor limit.
     pub max_pending_handshakes: usize,
+    /// Handshakes at once from one client address (an IPv6 client by its
+    /// /64); past it a new connection from that address is closed at once.
+    /// `0`: no cap.
+    pub max_pending_per_address: usize,
+    /// Open connections from one client address (an IPv6 client by its
+    /// /64); past it the upgrade gets 503. `0` (the default): no cap, as
+    /// many clients can share one address behind a NAT.
+    pub max_connections_per_address: usize,
     /// Largest upgrade request (request line and headers) accepted; larger is 431.
     pub max_request_size: ByteSize,
     /// Most header lines in an upgrade request; more is 431.
@@ -215,6 +223,8 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             handshake_timeout: Duration::from_secs(10),
             max_pending_handshakes: 1024,
+            max_pending_per_address: 256,
+            max_connections_per_address: 0,
             max_request_size: ByteSize::kib(16),
             max_request_headers: 64,
             shutdown_timeout: Duration::from_secs(10),

@@ -233,10 +233,13 @@ async fn static_files_are_capped_and_streamed() {
             "[static_files]\ndir = {:?}\nmax_file_size = \"16MiB\"\nmax_concurrent = 50\n",
             dir.path().display().to_string()
         ),
+        server: "max_pending_per_address = 0",
         ..ServerOpts::new("echo")
     });
     let before = rss_kib(server.pid());
     let mut clients = Vec::new();
+    // 300 from one address: past the default per-address cap on pending
+    // handshakes (256), which this test is not about.
     for _ in 0..300 {
         let mut s = tokio::net::TcpStream::connect(server.ws_addr)
             .await
@@ -263,4 +266,92 @@ async fn static_files_are_capped_and_streamed() {
     assert_eq!((ok, busy), (50, 250));
     assert!(grown < 64 * 1024, "RSS grew {grown} KiB");
     drop(clients);
+}
+
+/// Status of an upgrade request sent from `source` (another loopback
+/// address than the tests' 127.0.0.1), and the socket, kept open.
+async fn upgrade_from(server: &Server, source: &str) -> (u16, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(server.ws_addr).await.unwrap();
+    stream
+        .write_all(upgrade_request("/", &[]).as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .expect("answered in time")
+            .unwrap();
+        assert_eq!(n, 1, "closed before a response");
+        head.push(byte[0]);
+    }
+    let status = std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap();
+    (status, stream)
+}
+
+/// One client address cannot hold every handshake place or every
+/// connection: past `max_pending_per_address` its new sockets are closed at
+/// once, past `max_connections_per_address` its upgrades get 503, and
+/// another address is served meanwhile.
+#[tokio::test]
+async fn one_address_is_capped_and_the_others_are_served() {
+    use tokio::io::AsyncReadExt;
+    let server = Server::start(ServerOpts {
+        server: "max_pending_per_address = 5\nmax_connections_per_address = 2\n\
+                 handshake_timeout = \"30s\"",
+        extra: "[admin]\nlisten = \"127.0.0.1:0\"\n".into(),
+        ..ServerOpts::new("echo")
+    });
+    let mut silent = Vec::new();
+    for _ in 0..5 {
+        silent.push(
+            tokio::net::TcpStream::connect(server.ws_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut sixth = tokio::net::TcpStream::connect(server.ws_addr)
+        .await
+        .unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(2), sixth.read(&mut [0u8; 16]))
+        .await
+        .expect("the sixth silent socket is closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let (status, _other) = upgrade_from(&server, "127.0.0.2").await;
+    assert_eq!(status, 101, "another address is served");
+
+    drop(silent);
+    // The silent sockets' places come back once the server sees them go.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let first = loop {
+        let (status, stream) = upgrade_from(&server, "127.0.0.1").await;
+        if status == 101 {
+            break stream;
+        }
+        assert!(Instant::now() < deadline, "places never released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (status, _second) = upgrade_from(&server, "127.0.0.1").await;
+    assert_eq!(status, 101);
+    let (status, _) = upgrade_from(&server, "127.0.0.1").await;
+    assert_eq!(status, 503, "a third open connection from one address");
+    let (status, _) = upgrade_from(&server, "127.0.0.2").await;
+    assert_eq!(status, 101, "another address is still served");
+    drop(first);
+    let metrics = server.metrics().await;
+    for reason in ["address-pending", "address-capacity"] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("wharf_handshake_failures_total{")
+                    && l.contains(reason)
+                    && !l.ends_with(" 0")),
+            "{reason} counted\n{metrics}"
+        );
+    }
 }

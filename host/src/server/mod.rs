@@ -6,6 +6,7 @@ mod connection;
 mod handler;
 mod inbox;
 mod pending;
+mod per_address;
 pub mod static_files;
 pub mod tls;
 pub mod tls_reload;
@@ -33,6 +34,8 @@ pub(crate) struct Shared {
     pub handshake_timeout: Duration,
     /// Connections in their handshake: capped, oldest evicted.
     pub pending: Arc<pending::Pending>,
+    /// Handshakes and connections per client address, capped.
+    pub per_address: Arc<per_address::PerAddress>,
     /// Over how long `restart` swaps spread their 1012 closes.
     pub restart_window: Duration,
     /// How long a connection's send queue may stay full before 1008.
@@ -183,6 +186,10 @@ impl Shared {
             },
             handshake_timeout: config.server.handshake_timeout,
             pending: pending::Pending::new(config.server.max_pending_handshakes, metrics.clone()),
+            per_address: per_address::PerAddress::new(
+                config.server.max_pending_per_address,
+                config.server.max_connections_per_address,
+            ),
             restart_window: config.server.restart_window,
             send_queue_grace: config.websocket.send_queue_grace,
             hibernate_after: config::nonzero(config.plugin.hibernate_after),
@@ -253,9 +260,18 @@ async fn accept_loop(
             }
         };
         shared.metrics.connection_accepted(tls.is_some());
+        // One address may not hold every handshake place: past its cap its
+        // new sockets are closed at once, before they cost a task.
+        let Some(address) = shared.per_address.admit(peer.ip()) else {
+            tracing::debug!(%peer, "too many handshakes from this address; closed");
+            shared.metrics.handshake_failed(0, "address-pending");
+            continue;
+        };
         // Taken before the task exists: past the cap the oldest pending
         // handshake makes room.
-        let handshake = shared.pending.admit(shared.handshake_timeout);
+        let handshake = shared
+            .pending
+            .admit(shared.handshake_timeout, Some(address));
         let shared = shared.clone();
         let tls = tls.clone();
         // Two task types, not one future for both: an async fn's state is

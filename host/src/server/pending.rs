@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::per_address::AddressPlace;
 use crate::metrics::Metrics;
 
 /// The handshakes in progress.
@@ -41,6 +42,9 @@ pub(crate) struct Handshake {
     /// When the whole handshake must be done by: TLS, the request, the
     /// plugin's upgrade and the 101.
     pub deadline: Instant,
+    /// Its place among its client address's connections (taken by the
+    /// connection when it opens).
+    pub address: Option<AddressPlace>,
     pending: Arc<Pending>,
 }
 
@@ -55,7 +59,11 @@ impl Pending {
 
     /// A newly accepted connection's place, evicting the oldest one if all
     /// are taken. `timeout` is the handshake's whole budget.
-    pub fn admit(self: &Arc<Self>, timeout: std::time::Duration) -> Handshake {
+    pub fn admit(
+        self: &Arc<Self>,
+        timeout: std::time::Duration,
+        address: Option<AddressPlace>,
+    ) -> Handshake {
         let evicted = CancellationToken::new();
         let mut entries = self.lock();
         if entries.by_age.len() >= self.max
@@ -75,6 +83,7 @@ impl Pending {
             deadline: Instant::now()
                 .checked_add(timeout)
                 .unwrap_or_else(far_future),
+            address,
             pending: self.clone(),
         }
     }
@@ -109,10 +118,10 @@ mod tests {
         let metrics = Metrics::new();
         let pending = Pending::new(2, metrics.clone());
         let minute = std::time::Duration::from_secs(60);
-        let first = pending.admit(minute);
-        let second = pending.admit(minute);
+        let first = pending.admit(minute, None);
+        let second = pending.admit(minute, None);
         assert!(!first.evicted.is_cancelled());
-        let third = pending.admit(minute);
+        let third = pending.admit(minute, None);
         assert!(first.evicted.is_cancelled());
         assert!(!second.evicted.is_cancelled());
         assert!(metrics.render().contains("wharf_handshakes_pending 2"));
@@ -121,10 +130,10 @@ mod tests {
         assert!(metrics.render().contains("wharf_handshakes_pending 0"));
         // Dropping an evicted one frees nothing twice.
         drop(first);
-        let fourth = pending.admit(minute);
+        let fourth = pending.admit(minute, None);
         assert!(!fourth.evicted.is_cancelled());
         // A timeout that cannot be added to now does not panic.
-        let far = pending.admit(std::time::Duration::MAX);
+        let far = pending.admit(std::time::Duration::MAX, None);
         assert!(far.deadline > Instant::now() + minute);
     }
 }

@@ -29,23 +29,22 @@ pub(crate) async fn run<S>(
     tls: bool,
     id: u64,
     shared: Arc<Shared>,
-    handshake: Handshake,
+    mut handshake: Handshake,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
-    // The upgrade's futures (request parsing, instantiation, on-upgrade) are
-    // large and finished with once the connection is open: boxed, an open
-    // connection's task does not carry their space for its whole life.
-    let open = Box::pin(upgrade::open(
-        &mut reader,
-        &mut writer,
+    let accepted = upgrade::Accepted {
         peer,
         tls,
         id,
-        &shared,
-        handshake.deadline,
-    ));
+        deadline: handshake.deadline,
+        address: handshake.address.take(),
+    };
+    // The upgrade's futures (request parsing, instantiation, on-upgrade) are
+    // large and finished with once the connection is open: boxed, an open
+    // connection's task does not carry their space for its whole life.
+    let open = Box::pin(upgrade::open(&mut reader, &mut writer, accepted, &shared));
     // One deadline for all of it (the request has its own 408 at the same
     // moment; this one also bounds the plugin's upgrade and the 101).
     let opened = tokio::select! {

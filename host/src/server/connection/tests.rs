@@ -59,7 +59,7 @@ impl Peer {
     /// and upgrades.
     async fn connect(shared: &Arc<Shared>, pipe: usize) -> Self {
         let (client, server) = tokio::io::duplex(pipe);
-        let handshake = shared.pending.admit(shared.handshake_timeout);
+        let handshake = shared.pending.admit(shared.handshake_timeout, None);
         let task = tokio::spawn(super::run(
             server,
             "127.0.0.1:40000".parse().unwrap(),

@@ -16,8 +16,26 @@ use super::conn::Conn;
 use crate::runtime::PluginError;
 use crate::runtime::bindings::{Header, UpgradeRequest, UpgradeResponse};
 use crate::server::handler::Handler;
+use crate::server::per_address::AddressPlace;
 
-pub(super) type Permits = [OwnedSemaphorePermit; 2];
+/// An open connection's places: among the tenant's, the server's and its
+/// client address's connections. Held for its life.
+pub(super) struct Permits {
+    _tenant: OwnedSemaphorePermit,
+    _server: OwnedSemaphorePermit,
+    _address: Option<AddressPlace>,
+}
+
+/// What is known of a connection when its request is read.
+pub(super) struct Accepted {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    pub id: u64,
+    /// The handshake's whole deadline (see [`Handshake`](crate::server::pending::Handshake)).
+    pub deadline: tokio::time::Instant,
+    /// Its place among its address's connections.
+    pub address: Option<AddressPlace>,
+}
 
 /// The opening handshake, up to `on-open`: the open connection, the bytes
 /// read past the request, and the capacity it holds. The tenant is chosen,
@@ -25,16 +43,20 @@ pub(super) type Permits = [OwnedSemaphorePermit; 2];
 pub(super) async fn open<R, W>(
     reader: &mut R,
     writer: &mut W,
-    peer: SocketAddr,
-    tls: bool,
-    id: u64,
+    accepted: Accepted,
     shared: &Arc<Shared>,
-    deadline: tokio::time::Instant,
 ) -> Option<(Conn, BytesMut, Permits)>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let Accepted {
+        peer,
+        tls,
+        id,
+        deadline,
+        mut address,
+    } = accepted;
     let mut buf = BytesMut::with_capacity(4096);
     let (mut request, consumed) = read_request(reader, writer, &mut buf, shared, deadline).await?;
     buf.advance(consumed);
@@ -72,6 +94,12 @@ where
         respond_error(writer, 503, "server at capacity, try again later").await;
         return None;
     };
+    if address.as_mut().is_some_and(|a| !a.open()) {
+        tracing::debug!(conn = id, %peer, "too many connections from this address; 503");
+        shared.metrics.handshake_failed(503, "address-capacity");
+        respond_error(writer, 503, "too many connections from your address").await;
+        return None;
+    }
 
     // Subscribed before the version is read: a swap made in between is
     // seen as one.
@@ -190,7 +218,12 @@ where
     // Messages the plugin sent from on-upgrade follow the 101.
     conn.after_call(Ok(())).await;
     conn.on_open().await;
-    Some((conn, buf, [tenant_permit, permit]))
+    let permits = Permits {
+        _tenant: tenant_permit,
+        _server: permit,
+        _address: address,
+    };
+    Some((conn, buf, permits))
 }
 
 /// Reads until a complete upgrade request; answers and drops the connection
