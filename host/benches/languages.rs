@@ -3,7 +3,7 @@
 //! one's ratio to the Rust handler's.
 //!
 //! ```text
-//! cargo bench -p wharf --bench languages -- [--quick] [--lang rust,c,go,python,js]
+//! cargo bench -p wharf --bench languages -- [--quick] [--lang rust,c,go,python,js|none]
 //!     [--mode per-connection|shared|both] [--load echo|connect|both]
 //!     [--size BYTES] [--binary] [--connections N] [--in-flight N]
 //!     [--duration SECS] [--warmup SECS] [--rounds N]
@@ -281,7 +281,12 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--pause-before-measure" => o.pause = true,
             "--lang" => {
                 let v = it.next().context("--lang needs names")?;
-                o.langs = v.split(',').map(str::to_owned).collect();
+                // `none`: only the `--plugin` components.
+                o.langs = v
+                    .split(',')
+                    .filter(|l| *l != "none")
+                    .map(str::to_owned)
+                    .collect();
                 for l in &o.langs {
                     ensure!(
                         LANGS.iter().any(|k| k.name == l),
