@@ -28,7 +28,8 @@ if [ ! -x "$tools/venv/bin/componentize-py" ] ||
 fi
 flock -u 9
 
-# componentize-py generates the `wit_world` bindings package from the WIT,
+# componentize-py generates the `wit_world` bindings package from the WIT
+# (world `batch-handler-world`: app.py also implements `BatchHandler`),
 # bundles CPython + app.py into one component and snapshots it after
 # `import app` (so per-connection instantiation skips interpreter start-up).
 # Built from a copy, so that no __pycache__ lands in the source tree.
@@ -37,7 +38,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cp "$here/app.py" "$work/"
 cd "$work"
-"$tools/venv/bin/componentize-py" -d "$repo/wit" -w handler-world \
+"$tools/venv/bin/componentize-py" -d "$repo/wit" -w batch-handler-world \
     componentize app -o "$out/python_echo.wasm.tmp" >&2
 mv "$out/python_echo.wasm.tmp" "$out/python_echo.wasm"
 echo "build.sh: built $out/python_echo.wasm" >&2

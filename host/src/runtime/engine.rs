@@ -52,6 +52,12 @@ pub fn build(pool: PoolSizing) -> anyhow::Result<Engine> {
     config.epoch_interruption(true);
     config.concurrency_support(pool.concurrency_support);
     config.memory_init_cow(true);
+    // `WHARF_PERF_MAP=1`: write /tmp/perf-PID.map, so that `perf report`
+    // names the plugins' compiled functions (profiling only; it costs a
+    // few writes per compiled or loaded plugin).
+    if std::env::var_os("WHARF_PERF_MAP").is_some_and(|v| v == "1") {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     // Slots far smaller than 4 GiB: 10,000 slots of 4 GiB each would
     // exhaust the address space. Bounds checks become explicit, which costs
     // little for handler code.
