@@ -202,6 +202,15 @@ pub struct ServerConfig {
     /// /64); past it the upgrade gets 503. `0` (the default): no cap, as
     /// many clients can share one address behind a NAT.
     pub max_connections_per_address: usize,
+    /// Bytes all connections together may hold for their peers: read
+    /// buffers, messages being assembled, send queues. Past it, a
+    /// connection holding more than 128 KiB stops reading until it falls
+    /// below again (backpressure); one that waits longer than
+    /// `buffered_wait` is closed with 1013. `"0B"`: no budget.
+    pub max_buffered: ByteSize,
+    /// How long a connection may wait for the `max_buffered` budget.
+    #[serde(with = "humantime_serde")]
+    pub buffered_wait: Duration,
     /// Largest upgrade request (request line and headers) accepted; larger is 431.
     pub max_request_size: ByteSize,
     /// Most header lines in an upgrade request; more is 431.
@@ -225,6 +234,8 @@ impl Default for ServerConfig {
             max_pending_handshakes: 1024,
             max_pending_per_address: 256,
             max_connections_per_address: 0,
+            max_buffered: ByteSize::gib(1),
+            buffered_wait: Duration::from_secs(10),
             max_request_size: ByteSize::kib(16),
             max_request_headers: 64,
             shutdown_timeout: Duration::from_secs(10),
@@ -657,6 +668,9 @@ impl Config {
         if self.server.max_pending_handshakes == 0 {
             return invalid("server.max_pending_handshakes", "must be at least 1");
         }
+        if self.server.buffered_wait.is_zero() {
+            return invalid("server.buffered_wait", "must be more than 0s");
+        }
         // A deadline is now plus a duration: one too large to add to the
         // clock would panic the connection that computes it.
         let day = Duration::from_secs(24 * 3600);
@@ -670,6 +684,7 @@ impl Config {
                 "server.shutdown_timeout",
                 Some(self.server.shutdown_timeout),
             ),
+            ("server.buffered_wait", Some(self.server.buffered_wait)),
             ("websocket.ping_interval", Some(ws.ping_interval)),
             ("websocket.idle_timeout", Some(ws.idle_timeout)),
             ("websocket.close_timeout", Some(ws.close_timeout)),

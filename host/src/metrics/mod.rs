@@ -17,6 +17,7 @@
 //! | `wharf_connections_accepted_total` | counter | `transport` = `ws` \| `wss` |
 //! | `wharf_connections_open` | gauge | |
 //! | `wharf_handshakes_pending` | gauge | |
+//! | `wharf_buffered_bytes` | gauge | |
 //! | `wharf_websocket_opened_total` | counter | |
 //! | `wharf_websocket_closed_total` | counter | `code`, `clean` = `true` \| `false` |
 //! | `wharf_handshake_failures_total` | counter | `status`, `reason` |
@@ -207,6 +208,7 @@ pub struct Metrics {
     accepted_wss: Counter,
     open: Gauge,
     pending: Gauge,
+    buffered: Gauge,
     opened: Counter,
     closed: Family<ClosedLabels, Counter>,
     handshake_failures: Family<HandshakeLabels, Counter>,
@@ -250,6 +252,12 @@ impl Metrics {
             "wharf_handshakes_pending",
             "Connections accepted whose handshake (TLS, upgrade request, on-open) is not done",
             pending.clone(),
+        );
+        let buffered = Gauge::default();
+        registry.register(
+            "wharf_buffered_bytes",
+            "Bytes connections hold for their peers (read buffers, messages being assembled, send queues), against server.max_buffered",
+            buffered.clone(),
         );
         registry.register(
             "wharf_connections_open",
@@ -400,6 +408,7 @@ impl Metrics {
             accepted_wss,
             open,
             pending,
+            buffered,
             opened,
             closed,
             handshake_failures,
@@ -432,12 +441,17 @@ impl Metrics {
         }
     }
 
-    /// The opening handshake succeeded: the connection is now a WebSocket.
     /// Handshakes in progress now.
     pub fn handshakes_pending(&self, n: usize) {
         self.pending.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
+    /// Bytes held for peers across connections now (see `server::budget`).
+    pub fn buffered_bytes(&self, n: usize) {
+        self.buffered.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The opening handshake succeeded: the connection is now a WebSocket.
     pub fn connection_opened(&self) {
         self.open.inc();
         self.opened.inc();

@@ -1,6 +1,7 @@
 //! The network driver: listeners, TLS, and one task per connection that moves
 //! bytes between the socket, the protocol core and the plugin instance.
 
+mod budget;
 mod conn_id;
 mod connection;
 mod handler;
@@ -34,6 +35,10 @@ pub(crate) struct Shared {
     pub handshake_timeout: Duration,
     /// Connections in their handshake: capped, oldest evicted.
     pub pending: Arc<pending::Pending>,
+    /// Bytes all connections hold for their peers, budgeted.
+    pub budget: Arc<budget::Budget>,
+    /// How long a connection waits for the budget before 1013.
+    pub buffered_wait: Duration,
     /// Handshakes and connections per client address, capped.
     pub per_address: Arc<per_address::PerAddress>,
     /// Over how long `restart` swaps spread their 1012 closes.
@@ -186,6 +191,8 @@ impl Shared {
             },
             handshake_timeout: config.server.handshake_timeout,
             pending: pending::Pending::new(config.server.max_pending_handshakes, metrics.clone()),
+            budget: budget::Budget::new(config::bytes(config.server.max_buffered), metrics.clone()),
+            buffered_wait: config.server.buffered_wait,
             per_address: per_address::PerAddress::new(
                 config.server.max_pending_per_address,
                 config.server.max_connections_per_address,

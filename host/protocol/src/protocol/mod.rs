@@ -315,6 +315,14 @@ impl WebSocket {
         self.core.out.len()
     }
 
+    /// Bytes of memory held for the message being assembled (its buffer's
+    /// capacity, kept between messages up to a small size): with
+    /// [`output_len`](Self::output_len), what the connection holds for the
+    /// peer, for a driver that budgets memory across connections.
+    pub fn input_held(&self) -> usize {
+        self.msg.capacity()
+    }
+
     /// Whether the output queue is at its high-water mark: data sends are
     /// refused with [`SendError::QueueFull`] until the transport takes some
     /// (a driver stops reading then, so the peer cannot grow it).

@@ -14,6 +14,7 @@ use crate::metrics::Tally;
 use crate::runtime::batch_handler::Message;
 use crate::runtime::pubsub_host::Mailbox;
 use crate::runtime::{Plugin, PluginError, PluginInstance};
+use crate::server::budget::Held;
 use crate::server::handler::Handler;
 use crate::server::inbox::{self, Inbox};
 use crate::tenancy::Tenant;
@@ -57,6 +58,8 @@ pub(super) struct Conn {
     pub(super) inbox: Inbox,
     /// The protocol state when the inbox's first message was read.
     pub(super) inbox_state: State,
+    /// Its part of the server's budget of bytes held for peers.
+    pub(super) held: Held,
 }
 
 impl Drop for Conn {
@@ -79,8 +82,10 @@ impl Conn {
         shared: Arc<Shared>,
     ) -> Self {
         let now = Instant::now();
+        let held = shared.budget.held();
         Self {
             id,
+            held,
             ws: WebSocket::new(tenant.ws.clone(), now),
             rate: Bucket::new(tenant.rate, now),
             rate_limited: false,

@@ -43,6 +43,8 @@ struct Driver {
     flush_deadline: Option<Instant>,
     /// Since when the send queue has been at its high-water mark.
     backed_up_since: Option<Instant>,
+    /// Since when the connection has not read for the server's budget.
+    budget_since: Option<Instant>,
     /// The deadline the timer is set to, if it is.
     armed: Option<Instant>,
     tls: bool,
@@ -64,6 +66,8 @@ struct Deadlines {
     slow_consumer: Option<Instant>,
     /// The instance has been idle long enough to release.
     hibernate: Option<Instant>,
+    /// The connection has waited for the server's budget long enough: 1013.
+    budget: Option<Instant>,
 }
 
 /// What ended a wait.
@@ -78,6 +82,8 @@ enum Wake {
     Published(Option<Framed>),
     /// With the room the buffer had before the read.
     Read(std::io::Result<usize>, usize),
+    /// Connections gave bytes back to the server's budget.
+    BudgetFreed,
     Timer,
 }
 
@@ -138,6 +144,7 @@ impl Driver {
             shutting_down: false,
             flush_deadline: None,
             backed_up_since: None,
+            budget_since: None,
             armed: None,
             tls,
         }
@@ -190,6 +197,7 @@ impl Conn {
             if self.ws.is_closed() && !self.ws.has_output() && !d.needs_flush {
                 break;
             }
+            self.account(&mut d);
             let deadlines = self.deadlines(&mut d);
             let next = [
                 self.ws.poll_timeout(),
@@ -197,6 +205,7 @@ impl Conn {
                 deadlines.hibernate,
                 self.restart_at,
                 deadlines.slow_consumer,
+                deadlines.budget,
             ]
             .into_iter()
             .flatten()
@@ -229,6 +238,7 @@ impl Conn {
                 }
                 Wake::Published(message) => self.on_published(message),
                 Wake::Read(read, spare) => self.on_read(&mut d, reader, read, spare).await,
+                Wake::BudgetFreed => Flow::Continue,
                 Wake::Timer => self.on_timer(&mut d, deadlines).await,
             };
             if flow == Flow::Drop {
@@ -267,10 +277,23 @@ impl Conn {
         Flow::Continue
     }
 
-    /// Whether the loop reads: not after EOF or the close, and not while
-    /// the peer is not taking what it is sent.
+    /// Step: what the connection holds for its peer goes to the server's
+    /// budget; past it, a large holder stops reading (see `server::budget`).
+    fn account(&mut self, d: &mut Driver) {
+        let holding = self.ws.output_len() + self.ws.input_held() + d.read.bytes.capacity();
+        self.held.set(holding);
+        if self.ws.state() == State::Open && self.held.must_wait(holding) {
+            d.budget_since.get_or_insert_with(Instant::now);
+        } else {
+            d.budget_since = None;
+        }
+    }
+
+    /// Whether the loop reads: not after EOF or the close, not while the
+    /// peer is not taking what it is sent, not while the server's budget
+    /// is spent.
     fn wants_read(&self, d: &Driver) -> bool {
-        !d.eof && !self.ws.is_closed() && !self.ws.is_backed_up()
+        !d.eof && !self.ws.is_closed() && !self.ws.is_backed_up() && d.budget_since.is_none()
     }
 
     /// Step: this pass's deadlines. A peer that keeps the send queue full
@@ -291,6 +314,7 @@ impl Conn {
         Deadlines {
             slow_consumer,
             hibernate: self.hibernate_at(),
+            budget: d.budget_since.map(|t| t + self.shared.buffered_wait),
         }
     }
 
@@ -323,6 +347,7 @@ impl Conn {
             _ = peer_woke(peer_wake), if peer_wake.is_some() && open => Wake::PeerWoke,
             published = next_published(&mut self.mailbox), if self.mailbox.is_some() && open => Wake::Published(published),
             read = reader.read_buf(&mut d.read.bytes), if want_read => Wake::Read(read, spare),
+            _ = self.shared.budget.freed(), if d.budget_since.is_some() => Wake::BudgetFreed,
             _ = timer, if d.armed.is_some() => Wake::Timer,
         }
     }
@@ -401,6 +426,13 @@ impl Conn {
                 .metrics
                 .tenant_refused(&self.tenant.name, "slow-consumer");
             let _ = self.ws.close(CloseCode::POLICY_VIOLATION, "too slow");
+        }
+        if deadlines.budget.is_some_and(|t| t <= now) && self.ws.state() == State::Open {
+            tracing::info!(conn = self.id, tenant = %self.tenant.name, held = self.ws.input_held() + self.ws.output_len(), "server's buffer budget spent for too long; closing with 1013");
+            self.shared
+                .metrics
+                .tenant_refused(&self.tenant.name, "buffered");
+            let _ = self.ws.close(CloseCode::TRY_AGAIN_LATER, "server busy");
         }
         if self.restart_at.is_some_and(|t| t <= now) {
             self.restart_at = None;

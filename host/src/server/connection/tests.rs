@@ -60,11 +60,12 @@ impl Peer {
     async fn connect(shared: &Arc<Shared>, pipe: usize) -> Self {
         let (client, server) = tokio::io::duplex(pipe);
         let handshake = shared.pending.admit(shared.handshake_timeout, None);
+        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let task = tokio::spawn(super::run(
             server,
             "127.0.0.1:40000".parse().unwrap(),
             false,
-            1,
+            IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             shared.clone(),
             handshake,
         ));
@@ -311,4 +312,44 @@ async fn a_peer_gone_during_a_call_ends_the_task_with_1006() {
         &shared,
         "wharf_websocket_closed_total{code=\"1006\",clean=\"false\"} 1"
     ));
+}
+
+#[tokio::test]
+async fn past_the_buffer_budget_a_large_holder_waits_then_gets_1013() {
+    let shared = shared(
+        "",
+        "[server]\nmax_buffered = \"256KiB\"\nbuffered_wait = \"300ms\"\n",
+    );
+    let mut large = Peer::connect(&shared, 64 << 10).await;
+    // 600 KiB of a 1 MiB message: the server stops reading it once the
+    // budget is spent, so the write may not finish.
+    let frame = Peer::frame(0x2, &vec![7u8; 1 << 20]);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        large.io.write_all(&frame[..600 << 10]),
+    )
+    .await;
+    assert!(shared.budget.used() > 256 << 10, "{}", shared.budget.used());
+    // A small exchange is not held up meanwhile.
+    let mut small = Peer::connect(&shared, 64 << 10).await;
+    small.send_text("hi").await;
+    assert_eq!(small.recv_text().await, "hi");
+    assert_eq!(large.recv_close().await, 1013);
+    assert!(metric(
+        &shared,
+        "wharf_tenant_refusals_total{tenant=\"default\",reason=\"buffered\"} 1"
+    ));
+    drop(large);
+    // Its bytes go back with it.
+    let deadline = std::time::Instant::now() + STEP;
+    while shared.budget.used() > 128 << 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            shared.budget.used()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    small.send_text("still").await;
+    assert_eq!(small.recv_text().await, "still");
 }
