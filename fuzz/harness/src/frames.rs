@@ -2,7 +2,9 @@
 //!
 //! Input: `max_frame_size` (u16 BE), `max_message_size` (u16 BE), a byte for
 //! `send_queue_bytes` (x2), a byte for `fragment_size` (0 = none), a byte
-//! whose low 3 bits are `k` and next 2 bits the [`Echo`] mode, `k` chunk
+//! whose low 3 bits are `k`, next 2 bits the [`Echo`] mode and top 3 bits
+//! how many times the echo repeats the message (1, or 7, 64 or 400 times,
+//! so that big payloads take the output queue's own-chunk path), `k` chunk
 //! lengths, then the client's wire bytes.
 //!
 //! The wire bytes are fed in one piece, in the chunk lengths given, and one
@@ -70,6 +72,8 @@ pub struct Input<'a> {
     pub config: Config,
     /// How messages are echoed.
     pub echo: Echo,
+    /// How many copies of a message its echo holds.
+    pub repeat: usize,
     /// Chunk lengths for the split feeding.
     pub lens: &'a [u8],
     /// The client's bytes.
@@ -82,6 +86,12 @@ pub fn parse(data: &[u8]) -> Option<Input<'_>> {
     let k = usize::from(head[6] & 7);
     let echo =
         [Echo::Send, Echo::Batch, Echo::Framed, Echo::Deferred][usize::from(head[6] >> 3 & 3)];
+    let repeat = match head[6] >> 5 {
+        5 => 7,
+        6 => 64,
+        7 => 400,
+        _ => 1,
+    };
     if rest.len() < k {
         return None;
     }
@@ -96,6 +106,7 @@ pub fn parse(data: &[u8]) -> Option<Input<'_>> {
     Some(Input {
         config,
         echo,
+        repeat,
         lens,
         wire,
     })
@@ -106,20 +117,21 @@ pub fn check(data: &[u8]) {
     let Some(input) = parse(data) else {
         return;
     };
-    let (config, echo) = (&input.config, input.echo);
+    let (config, echo, repeat) = (&input.config, input.echo, input.repeat);
     let step = input.lens.first().map_or(64, |&l| usize::from(l) + 1);
-    let whole = run(config, echo, &[input.wire], step);
+    let whole = run(config, echo, repeat, &[input.wire], step);
     let mut runs = vec![run(
         config,
         echo,
+        repeat,
         &crate::chunks(input.wire, input.lens),
         step + 7,
     )];
     if input.wire.len() <= 4096 {
         let bytes: Vec<&[u8]> = input.wire.chunks(1).collect();
-        runs.push(run(config, echo, &bytes, 1));
+        runs.push(run(config, echo, repeat, &bytes, 1));
     }
-    let expect = reference(config, echo, input.wire);
+    let expect = reference(config, echo, repeat, input.wire);
     // Framed messages are never fragmented.
     let fragment_size = config.fragment_size.filter(|_| echo != Echo::Framed);
     for (i, r) in std::iter::once(&whole).chain(&runs).enumerate() {
@@ -195,7 +207,7 @@ fn normalize(out: &[OutMsg]) -> Vec<OutMsg> {
         .collect()
 }
 
-fn run(config: &Config, echo: Echo, pieces: &[&[u8]], step: usize) -> Run {
+fn run(config: &Config, echo: Echo, repeat: usize, pieces: &[&[u8]], step: usize) -> Run {
     let now = Instant::now();
     let mut ws = WebSocket::new(config.clone(), now);
     let mut r = Run {
@@ -240,6 +252,8 @@ fn run(config: &Config, echo: Echo, pieces: &[&[u8]], step: usize) -> Run {
                 }
             };
             assert!(bytes.len() <= config.max_message_size);
+            let copies = bytes.repeat(repeat);
+            let bytes = copies.as_slice();
             let as_text = || std::str::from_utf8(bytes).expect("text is UTF-8");
             match echo {
                 Echo::Send if text => r.echoes.push(ws.send_text(as_text())),
@@ -321,14 +335,18 @@ pub struct Expect {
 
 /// An independent reader of the client's bytes, straight from RFC 6455
 /// sections 5 and 7, for the same server: what it must deliver and send.
-pub fn reference(config: &Config, echo: Echo, wire: &[u8]) -> Expect {
+pub fn reference(config: &Config, echo: Echo, repeat: usize, wire: &[u8]) -> Expect {
     let mut e = Expect {
         events: Vec::new(),
         out: Vec::new(),
         pings: Vec::new(),
     };
-    // A batch is not held to the queue's mark (its host admits it).
-    let echoed = config.send_queue_bytes > 0 || matches!(echo, Echo::Batch | Echo::Deferred);
+    // A batch is not held to the queue's mark nor to max_message_size (its
+    // host admits it).
+    let echoed = |len: usize| {
+        matches!(echo, Echo::Batch | Echo::Deferred)
+            || (config.send_queue_bytes > 0 && len * repeat <= config.max_message_size)
+    };
     // Output queued since the last drain (the harness drains after events).
     let mut queued = 0usize;
     let mut msg: Option<(u8, Vec<u8>)> = None;
@@ -417,10 +435,15 @@ pub fn reference(config: &Config, echo: Echo, wire: &[u8]) -> Expect {
                     Ev::Binary(buf)
                 };
                 // Drained, echoed, drained.
-                if echoed {
+                let len = match &ev {
+                    Ev::Text(t) => t.len(),
+                    Ev::Binary(b) => b.len(),
+                    Ev::Closed(_) => unreachable!(),
+                };
+                if echoed(len) {
                     e.out.push(match &ev {
-                        Ev::Text(t) => OutMsg::Text(t.clone()),
-                        Ev::Binary(b) => OutMsg::Binary(b.clone()),
+                        Ev::Text(t) => OutMsg::Text(t.repeat(repeat)),
+                        Ev::Binary(b) => OutMsg::Binary(b.repeat(repeat)),
                         Ev::Closed(_) => unreachable!(),
                     });
                 }
