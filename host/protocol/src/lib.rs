@@ -50,6 +50,14 @@
 pub mod handshake;
 pub mod protocol;
 
+/// Internals the fuzz targets (`fuzz/`) and their corpus replay drive
+/// directly; not part of the API, no stability promised.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::protocol::Buffered;
+    pub use crate::protocol::frame::utf8::{InvalidUtf8, Utf8Validator};
+}
+
 pub use handshake::{
     HandshakeError, HandshakeLimits, HeadScanner, InvalidHeader, Request, accept_key,
     accept_response, parse_request, reject_response, validate_header,

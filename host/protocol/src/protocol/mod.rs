@@ -372,6 +372,29 @@ impl WebSocket {
     pub fn is_closed(&self) -> bool {
         self.core.state == State::Closed
     }
+
+    /// What the connection holds of the peer's input right now, for the
+    /// fuzz targets' limit checks; not part of the API.
+    #[doc(hidden)]
+    pub fn buffered(&self) -> Buffered {
+        Buffered {
+            message: self.msg.len(),
+            header: self.core.hdr_len,
+            control: self.core.ctrl_len,
+        }
+    }
+}
+
+/// Received bytes a [`WebSocket`] holds (see [`WebSocket::buffered`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buffered {
+    /// The message being assembled (or just delivered).
+    pub message: usize,
+    /// Bytes of a frame header still incomplete.
+    pub header: usize,
+    /// The control frame payload being collected.
+    pub control: usize,
 }
 
 impl Core {

@@ -9,14 +9,14 @@
 /// Validates a byte stream fed in pieces; rejects as soon as a byte makes
 /// the stream invalid, not only at the end.
 #[derive(Debug, Default, Clone)]
-pub(crate) struct Utf8Validator {
+pub struct Utf8Validator {
     partial: [u8; 4],
     partial_len: usize,
 }
 
 /// The stream is not UTF-8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct InvalidUtf8;
+pub struct InvalidUtf8;
 
 /// Width of a code point from its lead byte (0 for bytes that can't lead);
 /// only called on the first byte of a carried partial, which std already
@@ -32,12 +32,12 @@ fn width(lead: u8) -> usize {
 
 impl Utf8Validator {
     /// Forgets any carried partial code point, for the next message.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.partial_len = 0;
     }
 
     /// Feeds the next piece of the stream.
-    pub(crate) fn feed(&mut self, mut bytes: &[u8]) -> Result<(), InvalidUtf8> {
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), InvalidUtf8> {
         if self.partial_len > 0 {
             let need = width(self.partial[0]).saturating_sub(self.partial_len);
             let take = need.min(bytes.len());
@@ -71,7 +71,7 @@ impl Utf8Validator {
     }
 
     /// Ends the stream: an unfinished code point is an error.
-    pub(crate) fn finish(&mut self) -> Result<(), InvalidUtf8> {
+    pub fn finish(&mut self) -> Result<(), InvalidUtf8> {
         let pending = self.partial_len;
         self.partial_len = 0;
         if pending == 0 {
