@@ -20,6 +20,7 @@ pub const VERSION: &str = concat!(
 );
 
 pub mod admin;
+pub mod beacon;
 pub mod bundled;
 pub mod config;
 pub mod metrics;

@@ -51,6 +51,9 @@ pub(crate) struct Shared {
     pub tenants: Arc<Tenants>,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
+    /// Fired with `shutdown`, for the open connections' loops (cheaper to
+    /// wait on every pass than the token).
+    pub stop: Arc<crate::beacon::Beacon>,
     pub capacity: Arc<Semaphore>,
     pub static_files: Option<static_files::StaticFiles>,
     max_connections: usize,
@@ -163,7 +166,7 @@ impl Server {
     pub async fn shutdown(self) {
         let open = self.shared.capacity_in_use();
         tracing::info!(open, "shutting down: closing connections with 1001");
-        self.shared.shutdown.cancel();
+        self.shared.begin_shutdown();
         self.tracker.close();
         if tokio::time::timeout(self.shutdown_timeout, self.tracker.wait())
             .await
@@ -204,11 +207,18 @@ impl Shared {
             tenants,
             metrics,
             shutdown: CancellationToken::new(),
+            stop: crate::beacon::Beacon::new(),
             capacity: Arc::new(Semaphore::new(config.server.max_connections as usize)),
             static_files: static_files::StaticFiles::new(&config.static_files)?,
             max_connections: config.server.max_connections as usize,
             ids: conn_id::ConnIds::new(),
         }))
+    }
+
+    /// Stops accepting and handshaking, and tells open connections (1001).
+    pub(crate) fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+        self.stop.fire();
     }
 
     fn capacity_in_use(&self) -> usize {

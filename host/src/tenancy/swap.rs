@@ -30,6 +30,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::beacon::{Beacon, Watcher};
 use crate::runtime::Plugin;
 use crate::runtime::shared::SharedInstance;
 
@@ -144,10 +145,46 @@ pub struct Current {
     pub policy: Policy,
 }
 
+/// A connection's view of its tenant's swaps.
+pub struct Swaps {
+    watcher: Watcher,
+    current: watch::Receiver<Current>,
+}
+
+impl Swaps {
+    /// The current version and policy, marked seen.
+    pub fn borrow_and_update(&mut self) -> watch::Ref<'_, Current> {
+        self.current.borrow_and_update()
+    }
+
+    /// Resolves at the next swap: `true`, or `false` if the tenant is gone.
+    pub async fn changed(&mut self) -> bool {
+        loop {
+            if self.watcher.is_closed() {
+                return false;
+            }
+            match self.current.has_changed() {
+                Ok(true) => return true,
+                Err(_) => return false,
+                Ok(false) => self.watcher.fired().await,
+            }
+        }
+    }
+}
+
+impl Drop for PluginSlot {
+    fn drop(&mut self) {
+        // Its connections' `changed` sees the tenant gone.
+        self.swapped.close();
+    }
+}
+
 /// The version a tenant's new connections get, the one before it (for
 /// rollback), and every version still serving connections.
 pub struct PluginSlot {
     current: watch::Sender<Current>,
+    /// Fired at every swap, and when the slot goes (its tenant was removed).
+    swapped: Arc<Beacon>,
     previous: Mutex<Option<Arc<Version>>>,
     /// Versions loaded so far that may still serve connections.
     loaded: Mutex<Vec<std::sync::Weak<Version>>>,
@@ -162,6 +199,7 @@ impl PluginSlot {
         });
         Self {
             current,
+            swapped: Beacon::new(),
             previous: Mutex::new(None),
             loaded,
         }
@@ -172,8 +210,11 @@ impl PluginSlot {
     }
 
     /// A receiver of swaps, for a connection.
-    pub fn subscribe(&self) -> watch::Receiver<Current> {
-        self.current.subscribe()
+    pub fn subscribe(&self) -> Swaps {
+        Swaps {
+            watcher: self.swapped.watch(),
+            current: self.current.subscribe(),
+        }
     }
 
     /// Makes `version` the current one; the one it replaces becomes the
@@ -181,6 +222,7 @@ impl PluginSlot {
     pub fn swap(&self, version: Arc<Version>, policy: Policy) -> Arc<Version> {
         lock(&self.loaded).push(Arc::downgrade(&version));
         let old = self.current.send_replace(Current { version, policy });
+        self.swapped.fire();
         *lock(&self.previous) = Some(old.version.clone());
         old.version
     }

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::watch;
 use wharf_protocol::{CloseCode, CloseInfo, Event, State, WebSocket};
 
 use super::Shared;
@@ -19,7 +18,7 @@ use crate::server::handler::Handler;
 use crate::server::inbox::{self, Inbox};
 use crate::tenancy::Tenant;
 use crate::tenancy::rate::Bucket;
-use crate::tenancy::swap::{Current, Policy, Serving};
+use crate::tenancy::swap::{Policy, Serving, Swaps};
 
 /// 1011 reason sent when a plugin dies: says what happened, not why (the why
 /// is in the host's log, not for the peer).
@@ -40,7 +39,7 @@ pub(super) struct Conn {
     /// The version of the tenant's plugin it is served by.
     pub(super) serving: Serving,
     /// The tenant's swaps; `None` once the tenant is gone.
-    pub(super) swaps: Option<watch::Receiver<Current>>,
+    pub(super) swaps: Option<Swaps>,
     /// When to close with 1012 for a swap with the `restart` policy.
     pub(super) restart_at: Option<Instant>,
     /// When the plugin last handled an event (for hibernation).
@@ -78,7 +77,7 @@ impl Conn {
         plugin: Arc<Plugin>,
         handler: Handler,
         serving: Serving,
-        swaps: watch::Receiver<Current>,
+        swaps: Swaps,
         shared: Arc<Shared>,
     ) -> Self {
         let now = Instant::now();

@@ -19,6 +19,7 @@ use super::io::{
     WRITE_SLICES, next_published, next_swap, peer_woke, poll_write_or_flush, read_ready, reuse,
     write_now, wrote,
 };
+use crate::beacon::Watcher;
 
 /// The most read from the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
@@ -180,9 +181,12 @@ impl Conn {
         W: AsyncWrite + Unpin,
     {
         let mut d = Driver::new(rbuf, tls);
-        // Registered with the token once, not re-armed on every pass.
-        let shutdown = self.shared.shutdown.clone().cancelled_owned();
-        tokio::pin!(shutdown);
+        // Registered once, not on every pass (see `crate::beacon`).
+        let mut shutdown = self.shared.stop.watch();
+        // A shutdown that began before the watch was made fired already.
+        if self.shared.shutdown.is_cancelled() {
+            let _ = self.on_shutdown(&mut d);
+        }
         // A shared instance's member is woken by other connections' calls.
         let peer_wake = self.handler.wake().cloned();
         // One timer for the connection's life (see `Driver::arm`).
@@ -216,7 +220,7 @@ impl Conn {
                     &mut d,
                     reader,
                     writer,
-                    shutdown.as_mut(),
+                    &mut shutdown,
                     timer.as_mut(),
                     peer_wake.as_deref(),
                 )
@@ -325,7 +329,7 @@ impl Conn {
         d: &mut Driver,
         reader: &mut R,
         writer: &mut W,
-        shutdown: Pin<&mut tokio_util::sync::WaitForCancellationFutureOwned>,
+        shutdown: &mut Watcher,
         timer: Pin<&mut Sleep>,
         peer_wake: Option<&Notify>,
     ) -> Wake
@@ -341,7 +345,7 @@ impl Conn {
         let needs_flush = d.needs_flush;
         tokio::select! {
             biased;
-            _ = shutdown, if !d.shutting_down => Wake::Shutdown,
+            _ = shutdown.fired(), if !d.shutting_down => Wake::Shutdown,
             written = std::future::poll_fn(|cx| poll_write_or_flush(Pin::new(&mut *writer), cx, &slices[..filled])), if filled > 0 || needs_flush => Wake::Written(written),
             swapped = next_swap(&mut self.swaps), if self.swaps.is_some() && open => Wake::Swapped(swapped),
             _ = peer_woke(peer_wake), if peer_wake.is_some() && open => Wake::PeerWoke,

@@ -7,11 +7,11 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use wharf_protocol::WebSocket;
 
 use crate::runtime::pubsub_host::Mailbox;
-use crate::tenancy::swap::Current;
+use crate::tenancy::swap::Swaps;
 
 /// Slices handed to one vectored write: the queue is a few chunks of at least
 /// 16 KiB and a tail, so 16 carry plenty per call (and are cheap to set up).
@@ -62,9 +62,9 @@ pub(super) fn wrote(
 }
 
 /// `true` when the tenant's version changed; `false` if the tenant is gone.
-pub(super) async fn next_swap(swaps: &mut Option<watch::Receiver<Current>>) -> bool {
+pub(super) async fn next_swap(swaps: &mut Option<Swaps>) -> bool {
     match swaps {
-        Some(s) => s.changed().await.is_ok(),
+        Some(s) => s.changed().await,
         None => std::future::pending().await,
     }
 }

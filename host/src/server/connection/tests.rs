@@ -292,7 +292,7 @@ async fn shutdown_during_a_call_answers_it_then_closes_with_1001() {
     let mut peer = Peer::connect(&shared, 64 << 10).await;
     peer.send_text("sleep 300").await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    shared.shutdown.cancel();
+    shared.begin_shutdown();
     assert_eq!(peer.recv_text().await, "slept");
     assert_eq!(peer.recv_close().await, 1001);
     peer.send(CLOSE, &1001u16.to_be_bytes()).await;
