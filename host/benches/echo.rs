@@ -43,51 +43,37 @@
 //! machine, `--rounds N` measures each server N times (rotating) and keeps
 //! each one's best run. Every figure is also printed as a `RESULT` line.
 
+#[path = "common/loadgen.rs"]
+mod loadgen;
+
 use std::cell::Cell;
-use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use rustls::pki_types::ServerName;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use loadgen::*;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::process::Command;
 
 // ---------------------------------------------------------------------------
 // Scenarios
 // ---------------------------------------------------------------------------
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Kind {
-    /// Long-lived connections echoing messages in a closed loop.
-    Echo {
-        text: bool,
-        size: usize,
-        connections: usize,
-        in_flight: usize,
-    },
-    /// Short-lived connections: connect, upgrade, one echo, close.
-    Connect { connectors: usize, size: usize },
-}
-
 #[derive(Clone, Copy, Debug)]
 struct Scenario {
     name: &'static str,
     tls: bool,
-    kind: Kind,
+    kind: Load,
 }
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "small",
         tls: false,
-        kind: Kind::Echo {
+        kind: Load::Echo {
             text: true,
             size: 32,
             connections: 100,
@@ -97,7 +83,7 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "pipelined",
         tls: false,
-        kind: Kind::Echo {
+        kind: Load::Echo {
             text: false,
             size: 1024,
             connections: 100,
@@ -107,7 +93,7 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "large",
         tls: false,
-        kind: Kind::Echo {
+        kind: Load::Echo {
             text: false,
             size: 64 * 1024,
             connections: 10,
@@ -117,7 +103,7 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "small-tls",
         tls: true,
-        kind: Kind::Echo {
+        kind: Load::Echo {
             text: true,
             size: 32,
             connections: 100,
@@ -127,7 +113,7 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "pipelined-tls",
         tls: true,
-        kind: Kind::Echo {
+        kind: Load::Echo {
             text: false,
             size: 1024,
             connections: 100,
@@ -137,7 +123,7 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "large-tls",
         tls: true,
-        kind: Kind::Echo {
+        kind: Load::Echo {
             text: false,
             size: 64 * 1024,
             connections: 10,
@@ -147,7 +133,7 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "connect",
         tls: false,
-        kind: Kind::Connect {
+        kind: Load::Connect {
             connectors: 50,
             size: 32,
         },
@@ -158,7 +144,7 @@ impl Scenario {
     fn describe(&self) -> String {
         let proto = if self.tls { "wss" } else { "ws" };
         match self.kind {
-            Kind::Echo {
+            Load::Echo {
                 text,
                 size,
                 connections,
@@ -168,7 +154,7 @@ impl Scenario {
                 size,
                 if text { "text" } else { "binary" }
             ),
-            Kind::Connect { connectors, size } => format!(
+            Load::Connect { connectors, size } => format!(
                 "{proto}, {connectors} concurrent connectors: connect + upgrade + {size} B echo + close"
             ),
         }
@@ -347,12 +333,8 @@ fn main() -> Result<()> {
         Options::smoke()
     };
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let unpinned = Pinning {
-        server: None,
-        loadgen: None,
-    };
     let pinning = if options.smoke || options.instructions.is_some() {
-        unpinned
+        Pinning::NONE
     } else {
         Pinning::choose()?
     };
@@ -377,156 +359,6 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------
-// Core pinning
-// ---------------------------------------------------------------------------
-
-#[derive(Clone, Copy)]
-struct Pinning {
-    server: Option<usize>,
-    loadgen: Option<usize>,
-}
-
-impl Pinning {
-    fn choose() -> Result<Self> {
-        let cpus = allowed_cpus()?;
-        if cpus.len() < 2 {
-            eprintln!("warning: only {cpus:?} allowed; running without core pinning");
-            return Ok(Pinning {
-                server: None,
-                loadgen: None,
-            });
-        }
-        Ok(Pinning {
-            server: Some(cpus[0]),
-            loadgen: Some(cpus[1]),
-        })
-    }
-}
-
-fn allowed_cpus() -> Result<Vec<usize>> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
-        }
-        Ok((0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect())
-    }
-}
-
-fn cpu_set(core: usize) -> libc::cpu_set_t {
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(core, &mut set);
-        set
-    }
-}
-
-/// Pins the calling thread (and the threads it creates later).
-fn pin_current_thread(core: usize) -> std::io::Result<()> {
-    let set = cpu_set(core);
-    // SAFETY: a valid cpu_set_t of the size passed.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// `Cpus_allowed_list` of a process, as the kernel sees it.
-fn cpus_allowed_list(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .map(|v| v.trim().to_owned())
-        .unwrap_or_else(|| "?".into())
-}
-
-// ---------------------------------------------------------------------------
-// CPU accounting
-// ---------------------------------------------------------------------------
-
-/// This process's user + system CPU time.
-fn self_cpu() -> Duration {
-    // SAFETY: rusage is plain data; getrusage fills it.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
-        ru
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
-/// Busy (non-idle, non-iowait) and total jiffies per CPU, from /proc/stat.
-fn core_busy() -> Vec<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let mut cores = Vec::new();
-    for line in stat.lines() {
-        let Some(rest) = line.strip_prefix("cpu") else {
-            continue;
-        };
-        let mut fields = rest.split_whitespace();
-        let Some(Ok(n)) = fields.next().map(str::parse::<usize>) else {
-            continue; // the "cpu" total line
-        };
-        let v: Vec<u64> = fields.map(|f| f.parse().unwrap_or(0)).collect();
-        // user nice system idle iowait irq softirq steal ...
-        let total: u64 = v.iter().take(8).sum();
-        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-        if cores.len() <= n {
-            cores.resize(n + 1, (0, 0));
-        }
-        cores[n] = (total - idle, total);
-    }
-    cores
-}
-
-/// Share of a core's time used by processes other than `ours` between two
-/// /proc/stat samples.
-fn others(core: &Option<usize>, a: &[(u64, u64)], b: &[(u64, u64)], ours: Duration) -> f64 {
-    let Some(c) = *core else { return f64::NAN };
-    let (Some(&(busy0, total0)), Some(&(busy1, total1))) = (a.get(c), b.get(c)) else {
-        return f64::NAN;
-    };
-    let total = total1.saturating_sub(total0) as f64;
-    if total == 0.0 {
-        return f64::NAN;
-    }
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let busy = busy1.saturating_sub(busy0) as f64;
-    ((busy - ours.as_secs_f64() * hz) / total).clamp(0.0, 1.0)
-}
-
-/// A child's user + system CPU time (all its threads), from /proc/PID/stat:
-/// (user + system, system).
-fn process_cpu(pid: u32) -> (Duration, Duration) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return (Duration::ZERO, Duration::ZERO);
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let (user, sys) = (ticks(11), ticks(12)); // utime, stime (fields 14 and 15)
-    let time = |t: u64| Duration::from_nanos(t * 1_000_000_000 / hz);
-    (time(user + sys), time(sys))
 }
 
 // ---------------------------------------------------------------------------
@@ -664,637 +496,7 @@ impl Setup {
             None => Command::new(program),
         };
         cmd.args(args);
-        cmd.env("RUST_LOG", "warn")
-            .env("NO_COLOR", "1")
-            .env("TOKIO_WORKER_THREADS", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).context("server log file")?)
-            .kill_on_drop(true);
-        let core = self.pinning.server;
-        // SAFETY: only async-signal-safe syscalls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Die with the bench, even if it is killed without unwinding.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                if let Some(core) = core {
-                    let set = cpu_set(core);
-                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("spawn {} server", target.name()))?;
-        let pid = child.id().context("server pid")?;
-        let mut lines = BufReader::new(child.stdout.take().context("server stdout")?).lines();
-        let (mut ws, mut wss) = (None, None);
-        // Generous: the first wharf start compiles the plugin on one core.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-        while ws.is_none() || wss.is_none() {
-            let line = tokio::time::timeout_at(deadline, lines.next_line())
-                .await
-                .map_err(|_| anyhow!("{} did not print its listeners", target.name()))?
-                .context("read server stdout")?;
-            let Some(line) = line else {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                bail!(
-                    "{} server exited before listening; its log:\n{text}",
-                    target.name()
-                );
-            };
-            if let Some(a) = line.strip_prefix("listening on wss://") {
-                wss = Some(a.trim().parse::<SocketAddr>().context("wss address")?);
-            } else if let Some(a) = line.strip_prefix("listening on ws://") {
-                ws = Some(a.trim().parse::<SocketAddr>().context("ws address")?);
-            }
-        }
-        // Keep draining stdout so the server never blocks on a full pipe.
-        tokio::task::spawn_local(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(ServerProc {
-            target,
-            child,
-            pid,
-            ws: ws.unwrap_or_else(|| unreachable!()),
-            wss: wss.unwrap_or_else(|| unreachable!()),
-            log,
-        })
-    }
-}
-
-struct ServerProc {
-    target: Target,
-    child: Child,
-    pid: u32,
-    ws: SocketAddr,
-    wss: SocketAddr,
-    log: PathBuf,
-}
-
-impl ServerProc {
-    /// Fails, with the server's log, if it exited before we stopped it.
-    fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            bail!(
-                "{} server died during the run ({status}); its log:\n{text}",
-                self.target.name()
-            );
-        }
-        Ok(())
-    }
-
-    async fn stop(mut self) -> Result<()> {
-        self.check_alive()?;
-        self.child.kill().await.context("kill server")?;
-        Ok(())
-    }
-
-    /// Stops the server with SIGTERM (so valgrind writes its output) and
-    /// waits for it to exit.
-    async fn terminate(mut self) -> Result<()> {
-        self.check_alive()?;
-        // SAFETY: kill has no memory-safety preconditions; pid is our child's.
-        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
-        tokio::time::timeout(Duration::from_secs(300), self.child.wait())
-            .await
-            .map_err(|_| anyhow!("{} did not exit on SIGTERM", self.target.name()))?
-            .context("wait for server")?;
-        Ok(())
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-}
-
-// ---------------------------------------------------------------------------
-// RFC 6455 client side: encoding, parsing, handshake
-// ---------------------------------------------------------------------------
-
-const OP_CONT: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
-
-const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-
-/// A client frame (FIN set, masked with `mask`).
-fn encode_frame(opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(payload.len() + 14);
-    f.push(0x80 | opcode);
-    let len = payload.len();
-    if len < 126 {
-        f.push(0x80 | len as u8);
-    } else if len <= 0xFFFF {
-        f.push(0x80 | 126);
-        f.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        f.push(0x80 | 127);
-        f.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
-    f
-}
-
-fn close_frame(mask: [u8; 4]) -> Vec<u8> {
-    encode_frame(OP_CLOSE, &1000u16.to_be_bytes(), mask)
-}
-
-/// One message a connection sends, encoded once.
-struct Msg {
-    opcode: u8,
-    payload: Vec<u8>,
-    frame: Vec<u8>,
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
-/// Distinct messages for connection `conn`: text is printable ASCII naming
-/// the connection and variant; binary is pseudo-random bytes.
-fn messages(conn: usize, text: bool, size: usize, variants: usize) -> Vec<Msg> {
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((conn as u64 + 1) << 20));
-    (0..variants)
-        .map(|v| {
-            let payload: Vec<u8> = if text {
-                let mut s = format!("c{conn}v{v}:");
-                while s.len() < size {
-                    s.push((b'a' + (rng.next() % 26) as u8) as char);
-                }
-                s.truncate(size);
-                s.into_bytes()
-            } else {
-                (0..size).map(|_| rng.next() as u8).collect()
-            };
-            let m = rng.next().to_le_bytes();
-            let mask = [m[0], m[1], m[2], m[3] | 1];
-            let opcode = if text { OP_TEXT } else { OP_BINARY };
-            Msg {
-                opcode,
-                frame: encode_frame(opcode, &payload, mask),
-                payload,
-            }
-        })
-        .collect()
-}
-
-/// A frame header parsed from the receive buffer; the payload is
-/// `buf[payload_start..payload_start + payload_len]`.
-struct FrameHead {
-    fin: bool,
-    opcode: u8,
-    payload_start: usize,
-    payload_len: usize,
-}
-
-/// Parses a server frame at the start of `buf`: `Ok(None)` if more bytes
-/// are needed (`need` says how many in total, when known).
-fn parse_head(buf: &[u8], need: &mut usize) -> Result<Option<FrameHead>> {
-    if buf.len() < 2 {
-        *need = 2;
-        return Ok(None);
-    }
-    let (b0, b1) = (buf[0], buf[1]);
-    ensure!(b0 & 0x70 == 0, "server frame with RSV bits set: {b0:#04x}");
-    ensure!(b1 & 0x80 == 0, "server frame is masked");
-    let (len, head) = match b1 & 0x7F {
-        126 => {
-            if buf.len() < 4 {
-                *need = 4;
-                return Ok(None);
-            }
-            (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4)
-        }
-        127 => {
-            if buf.len() < 10 {
-                *need = 10;
-                return Ok(None);
-            }
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&buf[2..10]);
-            let len = u64::from_be_bytes(b);
-            ensure!(len < 1 << 32, "server frame length {len} is absurd");
-            (len as usize, 10)
-        }
-        n => (n as usize, 2),
-    };
-    if buf.len() < head + len {
-        *need = head + len;
-        return Ok(None);
-    }
-    Ok(Some(FrameHead {
-        fin: b0 & 0x80 != 0,
-        opcode: b0 & 0x0F,
-        payload_start: head,
-        payload_len: len,
-    }))
-}
-
-/// A stream with a receive buffer.
-struct Conn<S> {
-    s: S,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
-    fn new(s: S, capacity: usize) -> Self {
-        Conn {
-            s,
-            buf: vec![0; capacity],
-            start: 0,
-            end: 0,
-        }
-    }
-
-    fn data(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
-    }
-
-    /// Reads more bytes, making room for at least `want` buffered bytes.
-    async fn fill(&mut self, want: usize) -> Result<()> {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-        let free = self.buf.len() - self.end;
-        if free < 4096 || self.start + want > self.buf.len() {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        if want > self.buf.len() {
-            self.buf.resize(want.next_power_of_two(), 0);
-        }
-        let n = self
-            .s
-            .read(&mut self.buf[self.end..])
-            .await
-            .context("read from server")?;
-        ensure!(n > 0, "server closed the connection (EOF)");
-        self.end += n;
-        Ok(())
-    }
-
-    /// Next complete frame (reading as needed); its payload is in
-    /// `self.buf[payload]` until the next call.
-    async fn next_frame(&mut self) -> Result<(bool, u8, std::ops::Range<usize>)> {
-        loop {
-            if let Some(f) = self.try_frame()? {
-                return Ok(f);
-            }
-            let mut need = 0;
-            parse_head(self.data(), &mut need)?;
-            self.fill(need).await?;
-        }
-    }
-
-    /// A complete buffered frame, if any.
-    fn try_frame(&mut self) -> Result<Option<(bool, u8, std::ops::Range<usize>)>> {
-        let mut need = 0;
-        match parse_head(self.data(), &mut need)? {
-            Some(h) => {
-                let p = self.start + h.payload_start;
-                self.start = p + h.payload_len;
-                Ok(Some((h.fin, h.opcode, p..p + h.payload_len)))
-            }
-            None => Ok(None),
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) -> Result<()> {
-        self.s.write_all(bytes).await.context("write to server")?;
-        self.s.flush().await.context("flush to server")?;
-        Ok(())
-    }
-
-    /// HTTP/1.1 upgrade; checks the 101 and the accept key.
-    async fn handshake(&mut self, accept: &str) -> Result<()> {
-        let request = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
-        self.send(request.as_bytes()).await?;
-        let head_len = loop {
-            if let Some(i) = self.data().windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            ensure!(self.end - self.start < 16384, "upgrade response too long");
-            self.fill(self.end - self.start + 1)
-                .await
-                .context("read upgrade response")?;
-        };
-        let head = String::from_utf8_lossy(&self.data()[..head_len]).into_owned();
-        self.start += head_len;
-        ensure!(
-            head.starts_with("HTTP/1.1 101"),
-            "upgrade refused: {}",
-            head.lines().next().unwrap_or("")
-        );
-        let ok = head.lines().any(|l| {
-            l.split_once(':').is_some_and(|(name, value)| {
-                name.trim().eq_ignore_ascii_case("sec-websocket-accept") && value.trim() == accept
-            })
-        });
-        ensure!(
-            ok,
-            "upgrade response without the right Sec-WebSocket-Accept:\n{head}"
-        );
-        Ok(())
-    }
-
-    /// Sends Close 1000 and reads until the server's Close, which must
-    /// carry 1000 (or no code).
-    async fn close(&mut self, mask: [u8; 4]) -> Result<()> {
-        self.send(&close_frame(mask)).await?;
-        loop {
-            let (_, op, p) = self.next_frame().await.context("waiting for Close")?;
-            match op {
-                OP_CLOSE => {
-                    let body = &self.buf[p];
-                    if body.len() >= 2 {
-                        let code = u16::from_be_bytes([body[0], body[1]]);
-                        ensure!(
-                            code == 1000,
-                            "server answered Close 1000 with {code} {:?}",
-                            String::from_utf8_lossy(&body[2..])
-                        );
-                    }
-                    return Ok(());
-                }
-                OP_PING | OP_PONG => {}
-                op => bail!("data frame (opcode {op}) after our Close"),
-            }
-        }
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
-    /// Waits for the server to close the connection (after the closing
-    /// handshake), so its side of the connection is finished.
-    async fn expect_eof(&mut self) -> Result<()> {
-        let mut byte = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(60), self.s.read(&mut byte))
-            .await
-            .map_err(|_| anyhow!("server did not close the connection after Close"))?
-            .context("read after Close")?;
-        ensure!(n == 0, "data after the closing handshake");
-        Ok(())
-    }
-}
-
-async fn tcp(addr: SocketAddr) -> Result<TcpStream> {
-    let s = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connect to {addr}"))?;
-    s.set_nodelay(true)?;
-    Ok(s)
-}
-
-async fn tls(
-    addr: SocketAddr,
-    config: &Arc<rustls::ClientConfig>,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let s = tcp(addr).await?;
-    let name = ServerName::try_from("localhost").context("server name")?;
-    tokio_rustls::TlsConnector::from(config.clone())
-        .connect(name, s)
-        .await
-        .with_context(|| format!("TLS handshake with {addr}"))
-}
-
-// ---------------------------------------------------------------------------
-// Load generation
-// ---------------------------------------------------------------------------
-
-/// Shared by the load tasks (one thread: plain cells).
-#[derive(Default)]
-struct Phase {
-    measuring: Cell<bool>,
-    stop: Cell<bool>,
-}
-
-/// What one task measured.
-#[derive(Default)]
-struct Tally {
-    /// Echoes completed (and checked) at any time, warm-up and stop included.
-    completed: u64,
-    messages: u64,
-    bytes: u64,
-    /// Round-trip times in nanoseconds, of messages completed while measuring.
-    latencies: Vec<u64>,
-}
-
-/// One echo connection: keeps `in_flight` messages outstanding, checks every
-/// echo byte for byte, in order.
-async fn echo_conn<S: AsyncRead + AsyncWrite + Unpin>(
-    mut c: Conn<S>,
-    msgs: Vec<Msg>,
-    in_flight: usize,
-    phase: Rc<Phase>,
-    id: usize,
-) -> Result<Tally> {
-    let mut tally = Tally::default();
-    // (variant, sent at) of each outstanding message, oldest first.
-    let mut pending: VecDeque<(usize, Instant)> = VecDeque::with_capacity(in_flight);
-    let mut next_variant = 0usize;
-    let mut out: Vec<u8> = Vec::with_capacity(in_flight * msgs[0].frame.len() + 256);
-    // Offset into the expected payload of the message being received.
-    let mut offset: Option<usize> = None;
-
-    let now = Instant::now();
-    for _ in 0..in_flight {
-        out.extend_from_slice(&msgs[next_variant].frame);
-        pending.push_back((next_variant, now));
-        next_variant = (next_variant + 1) % msgs.len();
-    }
-    c.send(&out).await?;
-    out.clear();
-
-    while !pending.is_empty() {
-        let mut completed = 0usize;
-        // Everything buffered, then read more only if nothing completed.
-        loop {
-            let frame = if completed == 0 {
-                Some(c.next_frame().await?)
-            } else {
-                c.try_frame()?
-            };
-            let Some((fin, op, p)) = frame else { break };
-            match op {
-                OP_TEXT | OP_BINARY | OP_CONT => {
-                    let &(variant, sent) = pending.front().with_context(|| {
-                        format!("connection {id}: echo of a message never sent")
-                    })?;
-                    let want = &msgs[variant];
-                    let off = match (op, offset) {
-                        (OP_CONT, Some(off)) => off,
-                        (OP_CONT, None) => {
-                            bail!("connection {id}: continuation frame outside a message")
-                        }
-                        (_, Some(_)) => {
-                            bail!("connection {id}: new message inside a fragmented one")
-                        }
-                        (op, None) => {
-                            ensure!(
-                                op == want.opcode,
-                                "connection {id}: echo has opcode {op}, sent {}",
-                                want.opcode
-                            );
-                            0
-                        }
-                    };
-                    let got = &c.buf[p];
-                    let end = off + got.len();
-                    if end > want.payload.len() || got != &want.payload[off..end] {
-                        let at = got
-                            .iter()
-                            .zip(&want.payload[off.min(want.payload.len())..])
-                            .position(|(a, b)| a != b)
-                            .map_or(String::from("length"), |i| format!("byte {}", off + i));
-                        bail!(
-                            "connection {id}: ECHO MISMATCH at {at} of a {}-byte message (frame covers bytes {off}..{end})",
-                            want.payload.len()
-                        );
-                    }
-                    if !fin {
-                        offset = Some(end);
-                        continue;
-                    }
-                    ensure!(
-                        end == want.payload.len(),
-                        "connection {id}: echo is {end} bytes, sent {}",
-                        want.payload.len()
-                    );
-                    offset = None;
-                    pending.pop_front();
-                    completed += 1;
-                    tally.completed += 1;
-                    if phase.measuring.get() {
-                        tally.messages += 1;
-                        tally.bytes += end as u64;
-                        tally.latencies.push(sent.elapsed().as_nanos() as u64);
-                    }
-                }
-                OP_PING => {
-                    let body = c.buf[p].to_vec();
-                    out.extend_from_slice(&encode_frame(OP_PONG, &body, [1, 2, 3, 4]));
-                }
-                OP_PONG => {}
-                OP_CLOSE => {
-                    let body = &c.buf[p];
-                    let code = (body.len() >= 2).then(|| u16::from_be_bytes([body[0], body[1]]));
-                    bail!(
-                        "connection {id}: server closed unexpectedly: code {code:?} reason {:?}",
-                        String::from_utf8_lossy(body.get(2..).unwrap_or_default())
-                    );
-                }
-                op => bail!("connection {id}: unknown opcode {op}"),
-            }
-        }
-        if !phase.stop.get() {
-            let now = Instant::now();
-            for _ in 0..completed {
-                out.extend_from_slice(&msgs[next_variant].frame);
-                pending.push_back((next_variant, now));
-                next_variant = (next_variant + 1) % msgs.len();
-            }
-        }
-        if !out.is_empty() {
-            c.send(&out).await?;
-            out.clear();
-        }
-    }
-    c.close([9, 8, 7, 6])
-        .await
-        .with_context(|| format!("connection {id}: closing handshake"))?;
-    Ok(tally)
-}
-
-/// One connector: connect, upgrade, one echo, closing handshake, repeat.
-async fn connector(
-    addr: SocketAddr,
-    msg: Rc<Msg>,
-    accept: Rc<str>,
-    phase: Rc<Phase>,
-    id: usize,
-) -> Result<Tally> {
-    let mut tally = Tally::default();
-    let mut cycle = 0u64;
-    while !phase.stop.get() {
-        let started = Instant::now();
-        let mut c = Conn::new(tcp(addr).await?, 1024);
-        let what = || format!("connector {id}, connection {cycle}");
-        c.handshake(&accept).await.with_context(what)?;
-        c.send(&msg.frame).await.with_context(what)?;
-        let (fin, op, p) = c.next_frame().await.with_context(what)?;
-        let got = &c.buf[p];
-        ensure!(
-            fin && op == msg.opcode && got == &msg.payload[..],
-            "{}: ECHO MISMATCH: sent {:?}, got opcode {op} fin {fin} payload {:?}",
-            what(),
-            String::from_utf8_lossy(&msg.payload),
-            String::from_utf8_lossy(got)
-        );
-        c.close([4, 3, 2, 1]).await.with_context(what)?;
-        drop(c);
-        cycle += 1;
-        tally.completed += 1;
-        if phase.measuring.get() {
-            tally.messages += 1;
-            tally.bytes += msg.payload.len() as u64;
-            tally.latencies.push(started.elapsed().as_nanos() as u64);
-        }
-    }
-    Ok(tally)
-}
-
-/// What one scenario measured against one server.
-#[derive(Clone, Debug, Default)]
-struct Measurement {
-    per_s: f64,
-    mb_per_s: f64,
-    p50_us: f64,
-    p99_us: f64,
-    loadgen_cpu: f64,
-    server_cpu: f64,
-    /// The part of `server_cpu` spent in the kernel (system time).
-    server_sys: f64,
-    /// CPU time of everything else on the server's / load generator's core,
-    /// as a fraction of the wall time (other builds on a busy machine).
-    others_server_core: f64,
-    others_loadgen_core: f64,
-    count: u64,
-}
-
-impl Measurement {
-    /// Server CPU time per echo (or per connection), in µs.
-    fn server_us_per_op(&self) -> f64 {
-        self.server_cpu / self.per_s * 1e6
-    }
-
-    /// The kernel's part of [`server_us_per_op`](Self::server_us_per_op).
-    fn server_sys_us_per_op(&self) -> f64 {
-        self.server_sys / self.per_s * 1e6
+        ServerProc::spawn(cmd, target.name(), self.pinning.server, &log, true).await
     }
 }
 
@@ -1303,160 +505,6 @@ impl Measurement {
 /// time wharf spends per op.
 fn kernel_ceiling(w: &Measurement, b: &Measurement) -> f64 {
     b.server_us_per_op() / w.server_sys_us_per_op()
-}
-
-fn percentile(sorted: &[u64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i] as f64 / 1000.0
-}
-
-async fn run_scenario(
-    sc: &Scenario,
-    server: &ServerProc,
-    setup: &Setup,
-    opts: &Options,
-) -> Result<Measurement> {
-    let phase = Rc::new(Phase::default());
-    let addr = if sc.tls { server.wss } else { server.ws };
-    let accept: Rc<str> =
-        tokio_tungstenite::tungstenite::handshake::derive_accept_key(WS_KEY.as_bytes()).into();
-    let mut tasks = Vec::new();
-    match sc.kind {
-        Kind::Echo {
-            text,
-            size,
-            connections,
-            in_flight,
-        } => {
-            // Open every connection before the clock starts.
-            enum Opened {
-                Plain(Conn<TcpStream>),
-                Tls(Box<Conn<tokio_rustls::client::TlsStream<TcpStream>>>),
-            }
-            let mut opening = Vec::new();
-            for _ in 0..connections {
-                let accept = accept.clone();
-                let tls_config = setup.client_tls.clone();
-                let capacity = (size + 14) * in_flight.max(2) + 16384;
-                let want_tls = sc.tls;
-                opening.push(tokio::task::spawn_local(async move {
-                    if want_tls {
-                        let mut c = Conn::new(tls(addr, &tls_config).await?, capacity);
-                        c.handshake(&accept).await?;
-                        Ok::<_, anyhow::Error>(Opened::Tls(Box::new(c)))
-                    } else {
-                        let mut c = Conn::new(tcp(addr).await?, capacity);
-                        c.handshake(&accept).await?;
-                        Ok(Opened::Plain(c))
-                    }
-                }));
-            }
-            let deadline = Instant::now() + Duration::from_secs(30);
-            for (id, handle) in opening.into_iter().enumerate() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let conn = tokio::time::timeout(left, handle)
-                    .await
-                    .map_err(|_| anyhow!("opening {connections} connections took over 30 s"))?
-                    .context("opening task panicked")?
-                    .with_context(|| format!("open connection {id} to {addr}"))?;
-                let msgs = messages(id, text, size, in_flight + 1);
-                let phase = phase.clone();
-                tasks.push(match conn {
-                    Opened::Plain(c) => {
-                        tokio::task::spawn_local(echo_conn(c, msgs, in_flight, phase, id))
-                    }
-                    Opened::Tls(c) => {
-                        tokio::task::spawn_local(echo_conn(*c, msgs, in_flight, phase, id))
-                    }
-                });
-            }
-        }
-        Kind::Connect { connectors, size } => {
-            let msg = Rc::new(messages(0, true, size, 1).remove(0));
-            for id in 0..connectors {
-                tasks.push(tokio::task::spawn_local(connector(
-                    addr,
-                    msg.clone(),
-                    accept.clone(),
-                    phase.clone(),
-                    id,
-                )));
-            }
-        }
-    }
-
-    // Load tasks only end early on error; then stop sleeping and report it.
-    sleep_checking(opts.warmup, &tasks).await;
-    let cores0 = core_busy();
-    let (cpu0, (srv0, sys0), t0) = (self_cpu(), process_cpu(server.pid), Instant::now());
-    phase.measuring.set(true);
-    sleep_checking(opts.duration, &tasks).await;
-    phase.measuring.set(false);
-    let (cpu1, (srv1, sys1), t1) = (self_cpu(), process_cpu(server.pid), Instant::now());
-    let cores1 = core_busy();
-    phase.stop.set(true);
-
-    let mut total = Tally::default();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for (id, t) in tasks.into_iter().enumerate() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let tally = tokio::time::timeout(left, t)
-            .await
-            .map_err(|_| {
-                anyhow!("task {id} did not finish within 30 s of the stop (server stalled?)")
-            })?
-            .context("load task panicked")?
-            .with_context(|| format!("{} against {}", sc.name, server.target.name()))?;
-        total.completed += tally.completed;
-        total.messages += tally.messages;
-        total.bytes += tally.bytes;
-        total.latencies.extend(tally.latencies);
-    }
-    // The smoke run's measuring window is short enough for a loaded
-    // machine to complete nothing in it; every echo was still checked.
-    let done = if opts.smoke {
-        total.completed
-    } else {
-        total.messages
-    };
-    ensure!(
-        done > 0,
-        "{}: nothing completed while measuring against {}",
-        sc.name,
-        server.target.name()
-    );
-    let wall = (t1 - t0).as_secs_f64();
-    total.latencies.sort_unstable();
-    Ok(Measurement {
-        per_s: total.messages as f64 / wall,
-        mb_per_s: total.bytes as f64 / wall / 1e6,
-        p50_us: percentile(&total.latencies, 0.50),
-        p99_us: percentile(&total.latencies, 0.99),
-        loadgen_cpu: (cpu1 - cpu0).as_secs_f64() / wall,
-        server_cpu: srv1.saturating_sub(srv0).as_secs_f64() / wall,
-        server_sys: sys1.saturating_sub(sys0).as_secs_f64() / wall,
-        others_server_core: others(&setup.pinning.server, &cores0, &cores1, srv1 - srv0),
-        others_loadgen_core: others(&setup.pinning.loadgen, &cores0, &cores1, cpu1 - cpu0),
-        count: total.messages,
-    })
-}
-
-/// Sleeps `d`, but returns early with the error of any load task that ends
-/// (they only end on error before the stop).
-async fn sleep_checking(d: Duration, tasks: &[tokio::task::JoinHandle<Result<Tally>>]) {
-    let deadline = tokio::time::Instant::now() + d;
-    while tokio::time::Instant::now() < deadline {
-        if tasks.iter().any(|t| t.is_finished()) {
-            return;
-        }
-        tokio::time::sleep_until(
-            deadline.min(tokio::time::Instant::now() + Duration::from_millis(100)),
-        )
-        .await;
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1514,7 +562,7 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
         cpus_allowed_list(first.pid),
         thread_count(first.pid)
     );
-    first.stop().await?;
+    first.kill().await?;
 
     let mut rows = Vec::new();
     for (i, sc) in opts.scenarios.iter().enumerate() {
@@ -1529,12 +577,18 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
         for target in order {
             let server = setup.start(target).await?;
             let pinned = cpus_allowed_list(server.pid);
-            let result = run_scenario(sc, &server, &setup, &opts).await;
+            let tls = sc.tls.then_some(&setup.client_tls);
+            let window = Window {
+                warmup: opts.warmup,
+                duration: opts.duration,
+                smoke: opts.smoke,
+            };
+            let result = measure(sc.kind, &server, tls, pinning, window).await;
             let m = match result {
                 Ok(m) => m,
                 Err(e) => {
                     let tail = server.log_tail();
-                    let _ = server.stop().await;
+                    let _ = server.kill().await;
                     let log = if tail.is_empty() {
                         "the server logged nothing".to_owned()
                     } else {
@@ -1549,7 +603,7 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
             };
             let threads = thread_count(server.pid);
             let tail = server.log_tail();
-            server.stop().await?;
+            server.kill().await?;
             if !tail.is_empty() {
                 println!("  note: {} logged (RUST_LOG=warn):\n{tail}", target.name());
             }
@@ -1620,7 +674,7 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
         let [w, tu, fa] = &r.m;
         let large = is_large(&r.scenario);
         let metric = match r.scenario.kind {
-            Kind::Connect { .. } => "conns/s",
+            Load::Connect { .. } => "conns/s",
             _ if large => "MB/s",
             _ => "msgs/s",
         };
@@ -1704,7 +758,7 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
     for r in rows {
         let name = r.scenario.name;
         let per = match r.scenario.kind {
-            Kind::Connect { .. } => "conns_per_s",
+            Load::Connect { .. } => "conns_per_s",
             _ => "msgs_per_s",
         };
         let line = |metric: &str, f: &dyn Fn(&Measurement) -> f64| {
@@ -1746,7 +800,7 @@ fn loadgen(cpu: f64) -> String {
 }
 
 fn is_large(sc: &Scenario) -> bool {
-    matches!(sc.kind, Kind::Echo { size, .. } if size >= 64 * 1024)
+    matches!(sc.kind, Load::Echo { size, .. } if size >= 64 * 1024)
 }
 
 // ---------------------------------------------------------------------------
@@ -1878,7 +932,7 @@ mod instructions {
         let warm = setup
             .start_with(Target::Wharf, &valgrind(opts, "none", None))
             .await?;
-        warm.terminate().await?;
+        warm.terminate(VALGRIND_EXIT).await?;
         println!(
             "wharf compiled the plugin under valgrind in {:.1?}",
             started.elapsed()
@@ -2004,12 +1058,12 @@ mod instructions {
             .await?;
         if let Err(e) = drive(case.load, server.ws, n).await {
             let tail = server.log_tail();
-            let _ = server.terminate().await;
+            let _ = server.terminate(VALGRIND_EXIT).await;
             return Err(e.context(format!("server log tail:\n{tail}")));
         }
         // Let the server finish with the last connection.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        server.terminate().await?;
+        server.terminate(VALGRIND_EXIT).await?;
         let wall = started.elapsed();
         let mut counts = Counts {
             wall,
@@ -2036,6 +1090,10 @@ mod instructions {
         }
         Ok(counts)
     }
+
+    /// How long a server under valgrind may take to write its output and
+    /// exit on SIGTERM.
+    const VALGRIND_EXIT: Duration = Duration::from_secs(300);
 
     /// Callgrind's files for `file`: `file` itself and, with
     /// `--separate-threads=yes` or dumps, `file-01`, `file-02`, ...

@@ -55,7 +55,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use loadgen::{Load, Measurement, Pinning, WharfServer};
+use loadgen::{Load, Measurement, Pinning, ServerProc, Window};
 
 /// An echo example of `plugins/`.
 struct Lang {
@@ -489,7 +489,7 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
                 }
                 for _ in 0..opts.rounds {
                     let t = Instant::now();
-                    let mut server = WharfServer::start(&config, pinning.server, &log, env)
+                    let mut server = ServerProc::wharf(&config, pinning.server, &log, env)
                         .await
                         .with_context(|| format!("{name} ({})", mode.name()))?;
                     let ready = t.elapsed();
@@ -497,20 +497,17 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
                         println!("  server pid {} ready; measuring in 5 s", server.pid);
                         tokio::time::sleep(Duration::from_secs(5)).await;
                     }
-                    let result = loadgen::measure(
-                        load,
-                        server.ws,
-                        server.pid,
-                        opts.warmup,
-                        opts.duration,
-                        opts.smoke,
-                    )
-                    .await;
+                    let window = Window {
+                        warmup: opts.warmup,
+                        duration: opts.duration,
+                        smoke: opts.smoke,
+                    };
+                    let result = loadgen::measure(load, &server, None, pinning, window).await;
                     let m = match result.and_then(|m| server.check_alive().map(|()| m)) {
                         Ok(m) => m,
                         Err(e) => {
                             let tail = server.log_tail();
-                            let _ = server.stop().await;
+                            let _ = server.terminate(Duration::from_secs(30)).await;
                             return Err(e.context(format!(
                                 "{name} ({}), {load:?}; server log tail:\n{tail}",
                                 mode.name()
@@ -518,7 +515,7 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
                         }
                     };
                     let tail = server.log_tail();
-                    server.stop().await?;
+                    server.terminate(Duration::from_secs(30)).await?;
                     if !tail.is_empty() && !opts.smoke {
                         println!("  note: the server logged:\n{tail}");
                     }

@@ -504,7 +504,7 @@ pub fn files(language: Language, name: &str) -> anyhow::Result<Vec<File>> {
                     "js_echo",
                     name,
                     src::JS_BUILD,
-                    &[("\"$here/echo.js\"", "\"$here/handler.js\"")],
+                    &[("echo.js", "handler.js")],
                 ),
             ));
             files.push(file(
@@ -666,6 +666,13 @@ mod tests {
                         .contains("${WHARF_TOOLCHAINS:-$HOME/.cache/wharf/toolchains}")
                 );
                 assert!(build.contents.contains("\"$here/wit\""));
+            }
+            if lang == Language::Javascript {
+                // The example's build, bindings patch included, on handler.js.
+                let build = &get("build.sh").contents;
+                assert!(!build.contains("echo.js"), "{build}");
+                assert!(build.contains("\"$here/handler.js\""));
+                assert!(build.contains("_utf8AllocateAndEncode"));
             }
         }
         let rust = files(Language::Rust, "my-plugin").unwrap();

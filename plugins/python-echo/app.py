@@ -4,7 +4,7 @@ Every text and binary message is sent straight back; the text "goodbye"
 closes the connection with code 1000 instead.
 
 componentize-py generates the `wit_world` package from ../../wit at build
-time (run `componentize-py -d ../../wit -w handler-world bindings gen` to
+time (run `componentize-py -d ../../wit -w batch-handler-world bindings gen` to
 read it). The exported `handler` interface is implemented by a class named
 `Handler` in this module, one method per event. The host creates one
 instance of the component per connection, so module globals would be

@@ -3,6 +3,8 @@
 //! own build command builds it (toolchains from the package registries, as a
 //! plugin author would get them), and `wharf serve --plugin` serves the
 //! result: a text and a binary message come back, "goodbye" closes with 1000.
+//! The Rust, Python and JavaScript scaffolds, like their examples, export
+//! `batch-handler`.
 //!
 //! Toolchains go to `$WHARF_TOOLCHAINS` (default `<repo>/target/toolchains`,
 //! the directory the `languages` tests install into, so both share one
@@ -26,6 +28,7 @@ use std::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use support::*;
+use wharf::runtime::inspect::{self, Kind};
 use wharf::scaffold::Language;
 
 /// Servers one at a time: the first start of a Python or JavaScript
@@ -172,11 +175,34 @@ fn serve_and_echo(lang: Language, wasm: &Path) {
     );
 }
 
+/// The scaffolds of the languages whose examples export `batch-handler`
+/// (one call per read instead of one per message) export it too.
+fn check_exports(lang: Language, wasm: &Path) {
+    let bytes = std::fs::read(wasm).unwrap();
+    let Kind::Component(Some(outline)) = inspect::read(&bytes) else {
+        panic!("the {lang} build is not a readable component");
+    };
+    let batch = outline
+        .exports
+        .iter()
+        .any(|e| e.starts_with("wharf:websocket/batch-handler@"));
+    let expected = matches!(
+        lang,
+        Language::Rust | Language::Python | Language::Javascript
+    );
+    assert_eq!(
+        batch, expected,
+        "{lang}: batch-handler export; exports: {:?}",
+        outline.exports
+    );
+}
+
 fn end_to_end(lang: Language, arg: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let name = format!("hello-{}", lang.title().to_lowercase());
     let dir = scaffold(arg, &name, tmp.path());
     let wasm = build(lang, &name, &dir);
+    check_exports(lang, &wasm);
     serve_and_echo(lang, &wasm);
 }
 

@@ -1,9 +1,9 @@
-//! Shared by the benches that drive a `wharf serve` process: core pinning,
-//! CPU accounting, the server start, and the load generator (raw RFC 6455
-//! over TCP, pre-encoded masked frames, every echoed byte checked).
+//! Shared by the benches that drive a server process (`wharf serve` or a
+//! baseline): core pinning, CPU accounting, the server start, and the load
+//! generator (raw RFC 6455 over TCP or TLS, pre-encoded masked frames, every
+//! echoed byte checked) with its measurement.
 //!
-//! Taken from `echo.rs` (which still has its own copy, with TLS and the
-//! baseline servers); new benches include this one:
+//! The echo and languages benches include it:
 //!
 //! ```ignore
 //! #[path = "common/loadgen.rs"]
@@ -19,9 +19,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -117,6 +119,47 @@ pub fn self_cpu() -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// Busy (non-idle, non-iowait) and total jiffies per CPU, from /proc/stat.
+pub fn core_busy() -> Vec<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let mut cores = Vec::new();
+    for line in stat.lines() {
+        let Some(rest) = line.strip_prefix("cpu") else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let Some(Ok(n)) = fields.next().map(str::parse::<usize>) else {
+            continue; // the "cpu" total line
+        };
+        let v: Vec<u64> = fields.map(|f| f.parse().unwrap_or(0)).collect();
+        // user nice system idle iowait irq softirq steal ...
+        let total: u64 = v.iter().take(8).sum();
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        if cores.len() <= n {
+            cores.resize(n + 1, (0, 0));
+        }
+        cores[n] = (total - idle, total);
+    }
+    cores
+}
+
+/// Share of a core's time used by processes other than `ours` between two
+/// /proc/stat samples.
+pub fn others(core: &Option<usize>, a: &[(u64, u64)], b: &[(u64, u64)], ours: Duration) -> f64 {
+    let Some(c) = *core else { return f64::NAN };
+    let (Some(&(busy0, total0)), Some(&(busy1, total1))) = (a.get(c), b.get(c)) else {
+        return f64::NAN;
+    };
+    let total = total1.saturating_sub(total0) as f64;
+    if total == 0.0 {
+        return f64::NAN;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let busy = busy1.saturating_sub(busy0) as f64;
+    ((busy - ours.as_secs_f64() * hz) / total).clamp(0.0, 1.0)
+}
+
 /// A child's user + system CPU time (all its threads), from /proc/PID/stat:
 /// (user + system, system).
 pub fn process_cpu(pid: u32) -> (Duration, Duration) {
@@ -140,24 +183,27 @@ pub fn process_cpu(pid: u32) -> (Duration, Duration) {
 }
 
 // ---------------------------------------------------------------------------
-// The server
+// The servers
 // ---------------------------------------------------------------------------
 
-/// A `wharf serve --config FILE` process, pinned to `core` if given, with
-/// one tokio worker (`TOKIO_WORKER_THREADS=1`), logging to `log`. Its
-/// configuration must have a listener on `127.0.0.1:0`.
-pub struct WharfServer {
+/// A server process under test: `wharf serve`, or a baseline server, pinned
+/// to one core if given, logging to a file.
+pub struct ServerProc {
+    /// For messages: "wharf", "tokio-tungstenite", ...
+    name: String,
     child: Child,
     pub pid: u32,
     pub ws: SocketAddr,
+    /// Its `wss://` listener, if it was asked to wait for one.
+    pub wss: Option<SocketAddr>,
     log: PathBuf,
 }
 
-impl WharfServer {
-    /// Starts it and waits (up to 5 minutes: the first start of a
-    /// JavaScript or Python plugin compiles it on one core) for its
-    /// `listening on ws://` line. `env` is added to its environment.
-    pub async fn start(
+impl ServerProc {
+    /// `wharf serve --config FILE` with one tokio worker; its configuration
+    /// must have a listener on `127.0.0.1:0`. `env` is added to its
+    /// environment.
+    pub async fn wharf(
         config: &Path,
         core: Option<usize>,
         log: &Path,
@@ -165,10 +211,25 @@ impl WharfServer {
     ) -> Result<Self> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wharf"));
         cmd.arg("serve").arg("--config").arg(config);
+        cmd.envs(env.iter().copied());
+        Self::spawn(cmd, "wharf", core, log, false).await
+    }
+
+    /// Starts `cmd` (with `TOKIO_WORKER_THREADS=1`, `RUST_LOG=warn`, stderr
+    /// to `log`, killed if the bench dies) and waits (up to 5 minutes: the
+    /// first start of a JavaScript or Python plugin compiles it on one
+    /// core) for its `listening on ws://` line and, if `want_wss`, its
+    /// `listening on wss://` line.
+    pub async fn spawn(
+        mut cmd: Command,
+        name: &str,
+        core: Option<usize>,
+        log: &Path,
+        want_wss: bool,
+    ) -> Result<Self> {
         cmd.env("RUST_LOG", "warn")
             .env("NO_COLOR", "1")
             .env("TOKIO_WORKER_THREADS", "1")
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log).context("server log file")?)
@@ -188,29 +249,36 @@ impl WharfServer {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().context("spawn wharf serve")?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {name} server"))?;
         let pid = child.id().context("server pid")?;
         let mut lines = BufReader::new(child.stdout.take().context("server stdout")?).lines();
+        let (mut ws, mut wss) = (None, None);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-        let ws = loop {
+        while ws.is_none() || (want_wss && wss.is_none()) {
             let line = tokio::time::timeout_at(deadline, lines.next_line())
                 .await
-                .map_err(|_| anyhow!("wharf did not print its listener within 5 minutes"))?
+                .map_err(|_| anyhow!("{name} did not print its listeners within 5 minutes"))?
                 .context("read server stdout")?;
             let Some(line) = line else {
                 let text = std::fs::read_to_string(log).unwrap_or_default();
-                bail!("wharf exited before listening; its log:\n{text}");
+                bail!("{name} server exited before listening; its log:\n{text}");
             };
-            if let Some(a) = line.strip_prefix("listening on ws://") {
-                break a.trim().parse::<SocketAddr>().context("ws address")?;
+            if let Some(a) = line.strip_prefix("listening on wss://") {
+                wss = Some(a.trim().parse::<SocketAddr>().context("wss address")?);
+            } else if let Some(a) = line.strip_prefix("listening on ws://") {
+                ws = Some(a.trim().parse::<SocketAddr>().context("ws address")?);
             }
-        };
+        }
         // Keep draining stdout so the server never blocks on a full pipe.
         tokio::task::spawn_local(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(WharfServer {
+        Ok(ServerProc {
+            name: name.to_owned(),
             child,
             pid,
-            ws,
+            ws: ws.unwrap_or_else(|| unreachable!()),
+            wss,
             log: log.to_owned(),
         })
     }
@@ -219,22 +287,34 @@ impl WharfServer {
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            bail!("wharf died during the run ({status}); its log:\n{text}");
+            bail!(
+                "{} server died during the run ({status}); its log:\n{text}",
+                self.name
+            );
         }
         Ok(())
     }
 
-    /// Stops it with SIGTERM (so a profiler or the perf map it writes is
-    /// complete) and waits for it to exit.
-    pub async fn stop(mut self) -> Result<()> {
+    /// Stops it with SIGKILL.
+    pub async fn kill(mut self) -> Result<()> {
+        self.check_alive()?;
+        self.child.kill().await.context("kill server")?;
+        Ok(())
+    }
+
+    /// Stops it with SIGTERM (so a profiler, the perf map it writes or
+    /// valgrind's output is complete) and waits up to `within` for it to
+    /// exit; then kills it and fails.
+    pub async fn terminate(mut self, within: Duration) -> Result<()> {
         self.check_alive()?;
         // SAFETY: kill has no memory-safety preconditions; pid is our child's.
         unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
-        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+        if tokio::time::timeout(within, self.child.wait())
             .await
             .is_err()
         {
             self.child.kill().await.context("kill server")?;
+            bail!("{} did not exit within {within:?} of SIGTERM", self.name);
         }
         Ok(())
     }
@@ -543,6 +623,20 @@ pub async fn tcp(addr: SocketAddr) -> Result<TcpStream> {
     Ok(s)
 }
 
+/// A TLS connection, trusting what `config` trusts, to a server whose
+/// certificate names `localhost`.
+pub async fn tls(
+    addr: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let s = tcp(addr).await?;
+    let name = ServerName::try_from("localhost").context("server name")?;
+    tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, s)
+        .await
+        .with_context(|| format!("TLS handshake with {addr}"))
+}
+
 // ---------------------------------------------------------------------------
 // Load generation
 // ---------------------------------------------------------------------------
@@ -761,11 +855,20 @@ pub async fn sleep_checking(d: Duration, tasks: &[tokio::task::JoinHandle<Result
 pub struct Measurement {
     /// Echoes (or connections) per second.
     pub per_s: f64,
+    /// Echoed payload, one way, in 10^6 B per second.
+    pub mb_per_s: f64,
     pub p50_us: f64,
     pub p99_us: f64,
     /// CPU use, in cores, of the load generator and of the server.
     pub loadgen_cpu: f64,
     pub server_cpu: f64,
+    /// The part of `server_cpu` spent in the kernel (system time).
+    pub server_sys: f64,
+    /// CPU time of everything else on the server's / load generator's core,
+    /// as a fraction of the wall time (other builds on a busy machine); NaN
+    /// unpinned.
+    pub others_server_core: f64,
+    pub others_loadgen_core: f64,
     /// Echoes (or connections) completed while measuring.
     pub count: u64,
 }
@@ -775,37 +878,56 @@ impl Measurement {
     pub fn server_us_per_op(&self) -> f64 {
         self.server_cpu / self.per_s * 1e6
     }
+
+    /// The kernel's part of [`server_us_per_op`](Self::server_us_per_op).
+    pub fn server_sys_us_per_op(&self) -> f64 {
+        self.server_sys / self.per_s * 1e6
+    }
 }
 
 /// The load: `Echo` keeps `in_flight` messages of `size` bytes outstanding
 /// on each of `connections` (opened before the clock starts); `Connect` runs
 /// `connectors` loops of connect, upgrade, one echo, closing handshake.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Load {
+    /// Long-lived connections echoing messages in a closed loop.
     Echo {
         text: bool,
         size: usize,
         connections: usize,
         in_flight: usize,
     },
-    Connect {
-        connectors: usize,
-        size: usize,
-    },
+    /// Short-lived connections: connect, upgrade, one echo, close.
+    Connect { connectors: usize, size: usize },
 }
 
-/// Runs `load` against the server at `addr` (process `pid`): `warmup`, then
-/// `duration` measured. `smoke`: only checks that echoes completed at all
-/// (a loaded machine may complete none in a very short window).
+/// How long to load a server, and whether it is `cargo test`'s smoke run.
+#[derive(Clone, Copy, Debug)]
+pub struct Window {
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// Only check that echoes completed at all: a loaded machine may
+    /// complete none in a smoke run's very short window (every echo is
+    /// still checked).
+    pub smoke: bool,
+}
+
+/// Runs `load` against `server`: `window.warmup`, then `window.duration`
+/// measured. With `tls`, over its `wss://` listener (`Echo` only: the
+/// connectors use `ws://`). `pinning` is where the server and this process
+/// run, for the CPU share other processes took on those cores.
 pub async fn measure(
     load: Load,
-    addr: SocketAddr,
-    pid: u32,
-    warmup: Duration,
-    duration: Duration,
-    smoke: bool,
+    server: &ServerProc,
+    tls_config: Option<&Arc<rustls::ClientConfig>>,
+    pinning: Pinning,
+    window: Window,
 ) -> Result<Measurement> {
     let phase = Rc::new(Phase::default());
+    let addr = match tls_config {
+        Some(_) => server.wss.context("the server has no wss:// listener")?,
+        None => server.ws,
+    };
     let accept: Rc<str> =
         tokio_tungstenite::tungstenite::handshake::derive_accept_key(WS_KEY.as_bytes()).into();
     let mut tasks = Vec::new();
@@ -816,32 +938,46 @@ pub async fn measure(
             connections,
             in_flight,
         } => {
+            // Open every connection before the clock starts.
+            enum Opened {
+                Plain(Conn<TcpStream>),
+                Tls(Box<Conn<tokio_rustls::client::TlsStream<TcpStream>>>),
+            }
             let mut opening = Vec::new();
             for _ in 0..connections {
                 let accept = accept.clone();
+                let tls_config = tls_config.cloned();
                 let capacity = (size + 14) * in_flight.max(2) + 16384;
                 opening.push(tokio::task::spawn_local(async move {
-                    let mut c = Conn::new(tcp(addr).await?, capacity);
-                    c.handshake(&accept).await?;
-                    Ok::<_, anyhow::Error>(c)
+                    if let Some(config) = tls_config {
+                        let mut c = Conn::new(tls(addr, &config).await?, capacity);
+                        c.handshake(&accept).await?;
+                        Ok::<_, anyhow::Error>(Opened::Tls(Box::new(c)))
+                    } else {
+                        let mut c = Conn::new(tcp(addr).await?, capacity);
+                        c.handshake(&accept).await?;
+                        Ok(Opened::Plain(c))
+                    }
                 }));
             }
             let deadline = Instant::now() + Duration::from_secs(60);
             for (id, handle) in opening.into_iter().enumerate() {
                 let left = deadline.saturating_duration_since(Instant::now());
-                let c = tokio::time::timeout(left, handle)
+                let conn = tokio::time::timeout(left, handle)
                     .await
                     .map_err(|_| anyhow!("opening {connections} connections took over 60 s"))?
                     .context("opening task panicked")?
                     .with_context(|| format!("open connection {id} to {addr}"))?;
                 let msgs = messages(id, text, size, in_flight + 1);
-                tasks.push(tokio::task::spawn_local(echo_conn(
-                    c,
-                    msgs,
-                    in_flight,
-                    phase.clone(),
-                    id,
-                )));
+                let phase = phase.clone();
+                tasks.push(match conn {
+                    Opened::Plain(c) => {
+                        tokio::task::spawn_local(echo_conn(c, msgs, in_flight, phase, id))
+                    }
+                    Opened::Tls(c) => {
+                        tokio::task::spawn_local(echo_conn(*c, msgs, in_flight, phase, id))
+                    }
+                });
             }
         }
         Load::Connect { connectors, size } => {
@@ -859,12 +995,14 @@ pub async fn measure(
     }
 
     // Load tasks only end early on error; then stop sleeping and report it.
-    sleep_checking(warmup, &tasks).await;
-    let (cpu0, (srv0, _), t0) = (self_cpu(), process_cpu(pid), Instant::now());
+    sleep_checking(window.warmup, &tasks).await;
+    let cores0 = core_busy();
+    let (cpu0, (srv0, sys0), t0) = (self_cpu(), process_cpu(server.pid), Instant::now());
     phase.measuring.set(true);
-    sleep_checking(duration, &tasks).await;
+    sleep_checking(window.duration, &tasks).await;
     phase.measuring.set(false);
-    let (cpu1, (srv1, _), t1) = (self_cpu(), process_cpu(pid), Instant::now());
+    let (cpu1, (srv1, sys1), t1) = (self_cpu(), process_cpu(server.pid), Instant::now());
+    let cores1 = core_busy();
     phase.stop.set(true);
 
     let mut total = Tally::default();
@@ -879,9 +1017,10 @@ pub async fn measure(
             .context("load task panicked")??;
         total.completed += tally.completed;
         total.messages += tally.messages;
+        total.bytes += tally.bytes;
         total.latencies.extend(tally.latencies);
     }
-    let done = if smoke {
+    let done = if window.smoke {
         total.completed
     } else {
         total.messages
@@ -891,10 +1030,14 @@ pub async fn measure(
     total.latencies.sort_unstable();
     Ok(Measurement {
         per_s: total.messages as f64 / wall,
+        mb_per_s: total.bytes as f64 / wall / 1e6,
         p50_us: percentile(&total.latencies, 0.50),
         p99_us: percentile(&total.latencies, 0.99),
         loadgen_cpu: (cpu1 - cpu0).as_secs_f64() / wall,
         server_cpu: srv1.saturating_sub(srv0).as_secs_f64() / wall,
+        server_sys: sys1.saturating_sub(sys0).as_secs_f64() / wall,
+        others_server_core: others(&pinning.server, &cores0, &cores1, srv1 - srv0),
+        others_loadgen_core: others(&pinning.loadgen, &cores0, &cores1, cpu1 - cpu0),
         count: total.messages,
     })
 }
