@@ -113,13 +113,10 @@ async fn trap_in_on_upgrade_is_500() {
 
 /// The plugin sends far more than the send queue holds: the overflow is
 /// refused (`queue-full`) instead of buffered, and every send the plugin was
-/// told succeeded arrives, complete and in order.
-///
-/// KNOWN SERVER BUG (fails): the outbox counts payload bytes
-/// (host/src/runtime/connection_host.rs:53) while the protocol's queue counts
-/// framed bytes (host/protocol/src/protocol/mod.rs `check_queue`), so sends the
-/// plugin got `Ok` for are later refused and dropped in
-/// host/src/server/connection.rs `flush_outbox` ("plugin send dropped").
+/// told succeeded arrives, complete and in order. (The plugin's outbox and
+/// the protocol's queue apply one high-water rule, `wharf_protocol::queue_full`,
+/// to the same framed bytes, so a send admitted by one is never refused by
+/// the other.)
 #[tokio::test]
 async fn flood_is_bounded_by_the_send_queue() {
     const N: usize = 100_000;
