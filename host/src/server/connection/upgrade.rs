@@ -18,6 +18,11 @@ use crate::runtime::bindings::{Header, UpgradeRequest, UpgradeResponse};
 use crate::server::handler::Handler;
 use crate::server::per_address::AddressPlace;
 
+/// 503 body when the server or the instance pool is full.
+const BUSY: &str = "server at capacity, try again later";
+/// 500 body when the plugin failed or answered what cannot be sent.
+const HANDLER_ERROR: &str = "handler error";
+
 /// An open connection's places: among the tenant's, the server's and its
 /// client address's connections. Held for its life.
 pub(super) struct Permits {
@@ -63,42 +68,45 @@ where
     let host = request.header("host");
     let Some(tenant) = shared.tenants.route(host, &request.path).cloned() else {
         tracing::debug!(conn = id, host, path = %request.path, "no route");
-        shared.metrics.handshake_failed(404, "no-route");
-        respond_error(writer, 404, "no WebSocket endpoint here").await;
-        return None;
+        return refuse(
+            writer,
+            shared,
+            404,
+            "no-route",
+            "no WebSocket endpoint here",
+        )
+        .await;
     };
     if !tenant.origins.allows(request.header("origin"), host) {
         tracing::debug!(conn = id, tenant = %tenant.name, origin = request.header("origin"), "origin not allowed");
         shared.metrics.tenant_refused(&tenant.name, "origin");
-        shared.metrics.handshake_failed(403, "origin");
-        respond_error(writer, 403, "origin not allowed").await;
-        return None;
+        return refuse(writer, shared, 403, "origin", "origin not allowed").await;
     }
     // Capacity is taken once the request is in: answering earlier would
     // close the socket with the request unread, which the kernel turns into
     // a reset that can destroy the 503 before the client reads it.
     if tenant.cpu.exhausted() {
         shared.metrics.tenant_refused(&tenant.name, "cpu-share");
-        shared.metrics.handshake_failed(503, "tenant-cpu");
-        respond_error(writer, 503, "busy, try again later").await;
-        return None;
+        return refuse(writer, shared, 503, "tenant-cpu", "busy, try again later").await;
     }
     let Some(tenant_permit) = tenant.admit() else {
         shared.metrics.tenant_refused(&tenant.name, "capacity");
-        shared.metrics.handshake_failed(503, "tenant-capacity");
-        respond_error(writer, 503, "at capacity, try again later").await;
-        return None;
+        return refuse(
+            writer,
+            shared,
+            503,
+            "tenant-capacity",
+            "at capacity, try again later",
+        )
+        .await;
     };
     let Some(permit) = shared.capacity.clone().try_acquire_owned().ok() else {
-        shared.metrics.handshake_failed(503, "capacity");
-        respond_error(writer, 503, "server at capacity, try again later").await;
-        return None;
+        return refuse(writer, shared, 503, "capacity", BUSY).await;
     };
     if address.as_mut().is_some_and(|a| !a.open()) {
         tracing::debug!(conn = id, %peer, "too many connections from this address; 503");
-        shared.metrics.handshake_failed(503, "address-capacity");
-        respond_error(writer, 503, "too many connections from your address").await;
-        return None;
+        let body = "too many connections from your address";
+        return refuse(writer, shared, 503, "address-capacity", body).await;
     }
 
     // Subscribed before the version is read: a swap made in between is
@@ -115,16 +123,12 @@ where
         Ok(h) => h,
         Err(PluginError::PoolExhausted) => {
             tracing::warn!(tenant = %tenant.name, conn = id, "no instance slot free; 503");
-            shared.metrics.handshake_failed(503, "pool");
-            respond_error(writer, 503, "server at capacity, try again later").await;
-            return None;
+            return refuse(writer, shared, 503, "pool", BUSY).await;
         }
         Err(err) => {
             tracing::error!(tenant = %tenant.name, conn = id, %err, "cannot instantiate plugin");
             shared.metrics.plugin_failure(&tenant.name, err.kind());
-            shared.metrics.handshake_failed(500, "plugin-error");
-            respond_error(writer, 500, "handler unavailable").await;
-            return None;
+            return refuse(writer, shared, 500, "plugin-error", "handler unavailable").await;
         }
     };
     let upgrade = upgrade_request(&mut request, peer, tls);
@@ -142,60 +146,29 @@ where
         Err(err) => Err(err),
     };
     shared.metrics.plugin_call(started.elapsed());
-    let reply = match response {
-        Ok(UpgradeResponse::Accept(accept)) => {
-            if let Some(p) = &accept.subprotocol
-                && !request.subprotocols.contains(p)
-            {
-                tracing::error!(tenant = %tenant.name, conn = id, subprotocol = %p, "plugin chose a subprotocol the client did not offer");
-                shared.metrics.handshake_failed(500, "plugin-error");
-                respond_error(writer, 500, "handler error").await;
-                return None;
+    let reply = match response.map(|r| decide(&request, r)) {
+        Ok(Decision::Accept(reply)) => reply,
+        Ok(Decision::Reject {
+            status,
+            response,
+            complaint,
+        }) => {
+            if let Some(complaint) = complaint {
+                tracing::error!(tenant = %tenant.name, conn = id, "{complaint}");
             }
-            match wharf_protocol::accept_response(
-                &request.key,
-                accept.subprotocol.as_deref(),
-                &headers(accept.headers),
-            ) {
-                Ok(r) => r,
-                Err(err) => {
-                    tracing::error!(tenant = %tenant.name, conn = id, %err, "plugin's 101 headers refused");
-                    shared.metrics.handshake_failed(500, "plugin-error");
-                    respond_error(writer, 500, "handler error").await;
-                    return None;
-                }
-            }
-        }
-        Ok(UpgradeResponse::Reject(reject)) => {
-            let status = if (400..=599).contains(&reject.status) {
-                reject.status
-            } else {
-                tracing::error!(
-                    tenant = %tenant.name,
-                    conn = id,
-                    status = reject.status,
-                    "plugin rejected with a status outside 400-599"
-                );
-                500
-            };
-            let resp =
-                wharf_protocol::reject_response(status, &headers(reject.headers), &reject.body)
-                    .unwrap_or_else(|err| {
-                        tracing::error!(tenant = %tenant.name, conn = id, %err, "plugin's reject headers refused");
-                        wharf_protocol::reject_response(500, &[], "handler error\n")
-                            .unwrap_or_default()
-                    });
             shared.metrics.handshake_failed(status, "plugin-reject");
             tracing::debug!(conn = id, status, path = %request.path, "upgrade rejected by plugin");
-            let _ = write_and_close(writer, &resp).await;
+            let _ = write_and_close(writer, &response).await;
             return None;
+        }
+        Ok(Decision::Invalid(complaint)) => {
+            tracing::error!(tenant = %tenant.name, conn = id, "{complaint}");
+            return refuse(writer, shared, 500, "plugin-error", HANDLER_ERROR).await;
         }
         Err(err) => {
             tracing::error!(tenant = %tenant.name, conn = id, %err, "plugin failed in on-upgrade");
             shared.metrics.plugin_failure(&tenant.name, err.kind());
-            shared.metrics.handshake_failed(500, "plugin-error");
-            respond_error(writer, 500, "handler error").await;
-            return None;
+            return refuse(writer, shared, 500, "plugin-error", HANDLER_ERROR).await;
         }
     };
     if writer.write_all(&reply).await.is_err() {
@@ -224,6 +197,89 @@ where
         _address: address,
     };
     Some((conn, buf, permits))
+}
+
+/// What the plugin's answer to an upgrade means for the client.
+#[derive(Debug)]
+enum Decision {
+    /// The 101, to write.
+    Accept(Vec<u8>),
+    /// The plugin's refusal, to write; `complaint`: what was wrong with it
+    /// (a status outside 400-599 or headers that cannot be sent, answered
+    /// with a plain 500 instead).
+    Reject {
+        status: u16,
+        response: Vec<u8>,
+        complaint: Option<String>,
+    },
+    /// The plugin accepted in a way that cannot be sent (a subprotocol the
+    /// client did not offer, invalid headers): 500.
+    Invalid(String),
+}
+
+/// Checks the plugin's answer against the request and builds the response.
+fn decide(request: &Request, response: UpgradeResponse) -> Decision {
+    match response {
+        UpgradeResponse::Accept(accept) => {
+            if let Some(p) = &accept.subprotocol
+                && !request.subprotocols.contains(p)
+            {
+                return Decision::Invalid(format!(
+                    "plugin chose a subprotocol the client did not offer: {p:?}"
+                ));
+            }
+            match wharf_protocol::accept_response(
+                &request.key,
+                accept.subprotocol.as_deref(),
+                &headers(accept.headers),
+            ) {
+                Ok(reply) => Decision::Accept(reply),
+                Err(err) => Decision::Invalid(format!("plugin's 101 headers refused: {err}")),
+            }
+        }
+        UpgradeResponse::Reject(reject) => {
+            let mut complaint = None;
+            let status = if (400..=599).contains(&reject.status) {
+                reject.status
+            } else {
+                complaint = Some(format!(
+                    "plugin rejected with status {}, outside 400-599",
+                    reject.status
+                ));
+                500
+            };
+            let (status, response) = match wharf_protocol::reject_response(
+                status,
+                &headers(reject.headers),
+                &reject.body,
+            ) {
+                Ok(response) => (status, response),
+                Err(err) => {
+                    complaint = Some(format!("plugin's reject headers refused: {err}"));
+                    let plain = wharf_protocol::reject_response(500, &[], "handler error\n");
+                    (500, plain.unwrap_or_default())
+                }
+            };
+            Decision::Reject {
+                status,
+                response,
+                complaint,
+            }
+        }
+    }
+}
+
+/// Refuses the upgrade with `status` (counted as `reason`) and `body`.
+async fn refuse<W: AsyncWrite + Unpin, T>(
+    writer: &mut W,
+    shared: &Shared,
+    status: u16,
+    reason: &'static str,
+    body: &str,
+) -> Option<T> {
+    shared.metrics.handshake_failed(status, reason);
+    respond_error(writer, status, body).await;
+    None
 }
 
 /// Reads until a complete upgrade request; answers and drops the connection
@@ -340,4 +396,107 @@ fn upgrade_request(request: &mut Request, peer: SocketAddr, tls: bool) -> Upgrad
 
 fn headers(list: Vec<Header>) -> Vec<(String, String)> {
     list.into_iter().map(|h| (h.name, h.value)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::bindings::{Accept, Reject};
+
+    fn request(subprotocols: &[&str]) -> Request {
+        let head = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{}\r\n",
+            if subprotocols.is_empty() {
+                String::new()
+            } else {
+                format!("Sec-WebSocket-Protocol: {}\r\n", subprotocols.join(", "))
+            }
+        );
+        let limits = wharf_protocol::HandshakeLimits::default();
+        wharf_protocol::parse_request(head.as_bytes(), &limits)
+            .unwrap()
+            .unwrap()
+            .0
+    }
+
+    fn accept(subprotocol: Option<&str>, headers: &[(&str, &str)]) -> UpgradeResponse {
+        UpgradeResponse::Accept(Accept {
+            subprotocol: subprotocol.map(str::to_owned),
+            headers: headers
+                .iter()
+                .map(|(n, v)| Header {
+                    name: n.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn an_accept_becomes_the_101_unless_it_cannot_be_sent() {
+        let req = request(&["chat"]);
+        let Decision::Accept(reply) = decide(&req, accept(Some("chat"), &[("X-A", "1")])) else {
+            panic!("accepted");
+        };
+        let text = String::from_utf8(reply).unwrap();
+        assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+        assert!(text.contains("Sec-WebSocket-Protocol: chat\r\n"), "{text}");
+        assert!(matches!(
+            decide(&req, accept(Some("other"), &[])),
+            Decision::Invalid(_)
+        ));
+        assert!(matches!(
+            decide(&req, accept(None, &[("Upgrade", "x")])),
+            Decision::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn a_reject_keeps_its_status_within_400_599_and_is_500_otherwise() {
+        let req = request(&[]);
+        let reject = |status, headers: Vec<Header>| {
+            decide(
+                &req,
+                UpgradeResponse::Reject(Reject {
+                    status,
+                    headers,
+                    body: "no".into(),
+                }),
+            )
+        };
+        let Decision::Reject {
+            status, complaint, ..
+        } = reject(401, vec![])
+        else {
+            panic!("rejected");
+        };
+        assert_eq!((status, complaint), (401, None));
+        let Decision::Reject {
+            status,
+            response,
+            complaint,
+        } = reject(200, vec![])
+        else {
+            panic!("rejected");
+        };
+        assert_eq!(status, 500);
+        assert!(response.starts_with(b"HTTP/1.1 500"));
+        assert!(complaint.is_some());
+        let bad = Header {
+            name: "Bad Name".into(),
+            value: "x".into(),
+        };
+        let Decision::Reject {
+            status,
+            response,
+            complaint,
+        } = reject(403, vec![bad])
+        else {
+            panic!("rejected");
+        };
+        assert_eq!(status, 500, "counted as what was sent");
+        assert!(response.starts_with(b"HTTP/1.1 500"), "the plain 500");
+        assert!(complaint.is_some());
+    }
 }
