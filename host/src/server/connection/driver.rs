@@ -60,9 +60,15 @@ struct ReadBuffer {
     chunk: usize,
 }
 
-/// This pass's deadlines, besides the protocol's own.
+/// This pass's deadlines.
 #[derive(Clone, Copy, Default)]
 struct Deadlines {
+    /// The protocol's timers (ping, idle, close handshake).
+    protocol: Option<Instant>,
+    /// Once closed, the end of the time left to write what is queued.
+    flush: Option<Instant>,
+    /// A `restart` swap's 1012 for this connection.
+    restart: Option<Instant>,
     /// The send queue has stayed full for the grace period: 1008.
     slow_consumer: Option<Instant>,
     /// The instance has been idle long enough to release.
@@ -94,6 +100,22 @@ enum Flow {
     Continue,
     /// The transport is gone, or gave up on: no lingering close.
     Drop,
+}
+
+impl Deadlines {
+    fn earliest(&self) -> Option<Instant> {
+        [
+            self.protocol,
+            self.flush,
+            self.restart,
+            self.slow_consumer,
+            self.hibernate,
+            self.budget,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
 }
 
 impl ReadBuffer {
@@ -203,18 +225,7 @@ impl Conn {
             }
             self.account(&mut d);
             let deadlines = self.deadlines(&mut d);
-            let next = [
-                self.ws.poll_timeout(),
-                d.flush_deadline,
-                deadlines.hibernate,
-                self.restart_at,
-                deadlines.slow_consumer,
-                deadlines.budget,
-            ]
-            .into_iter()
-            .flatten()
-            .min();
-            d.arm(timer.as_mut(), next);
+            d.arm(timer.as_mut(), deadlines.earliest());
             let wake = self
                 .wait(
                     &mut d,
@@ -225,31 +236,42 @@ impl Conn {
                     peer_wake.as_deref(),
                 )
                 .await;
-            let flow = match wake {
-                Wake::Shutdown => self.on_shutdown(&mut d),
-                Wake::Written(written) => self.on_written(&mut d, written).await,
-                Wake::Swapped(true) => {
-                    self.on_swap().await;
-                    Flow::Continue
-                }
-                Wake::Swapped(false) => {
-                    self.swaps = None;
-                    Flow::Continue
-                }
-                Wake::PeerWoke => {
-                    self.peer_woke().await;
-                    Flow::Continue
-                }
-                Wake::Published(message) => self.on_published(message),
-                Wake::Read(read, spare) => self.on_read(&mut d, reader, read, spare).await,
-                Wake::BudgetFreed => Flow::Continue,
-                Wake::Timer => self.on_timer(&mut d, deadlines).await,
-            };
+            let flow = self.on_wake(wake, &mut d, reader, deadlines).await;
             if flow == Flow::Drop {
                 return;
             }
         }
         self.linger(reader, writer, &mut d.read.bytes).await;
+    }
+
+    /// Hands what ended the wait to the step for it.
+    async fn on_wake<R: AsyncRead + Unpin>(
+        &mut self,
+        wake: Wake,
+        d: &mut Driver,
+        reader: &mut R,
+        deadlines: Deadlines,
+    ) -> Flow {
+        match wake {
+            Wake::Shutdown => self.on_shutdown(d),
+            Wake::Written(written) => self.on_written(d, written).await,
+            Wake::Swapped(true) => {
+                self.on_swap().await;
+                Flow::Continue
+            }
+            Wake::Swapped(false) => {
+                self.swaps = None;
+                Flow::Continue
+            }
+            Wake::PeerWoke => {
+                self.peer_woke().await;
+                Flow::Continue
+            }
+            Wake::Published(message) => self.on_published(message),
+            Wake::Read(read, spare) => self.on_read(d, reader, read, spare).await,
+            Wake::BudgetFreed => Flow::Continue,
+            Wake::Timer => self.on_timer(d, deadlines).await,
+        }
     }
 
     /// Step: what was read goes through the protocol to the plugin.
@@ -316,6 +338,9 @@ impl Conn {
             d.flush_deadline = Some(Instant::now() + self.tenant.ws.close_timeout);
         }
         Deadlines {
+            protocol: self.ws.poll_timeout(),
+            flush: d.flush_deadline,
+            restart: self.restart_at,
             slow_consumer,
             hibernate: self.hibernate_at(),
             budget: d.budget_since.map(|t| t + self.shared.buffered_wait),
