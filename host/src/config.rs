@@ -261,7 +261,8 @@ pub struct WebSocketConfig {
     pub send_queue: ByteSize,
     /// How long a connection's send queue may stay full (the peer reads
     /// slower than the plugin writes; the plugin's sends get `queue-full`
-    /// meanwhile) before the connection is closed with 1008.
+    /// meanwhile), or its queued output wait with none of it written (the
+    /// peer reads nothing), before the connection is closed with 1008.
     #[serde(with = "humantime_serde")]
     pub send_queue_grace: Duration,
     /// Send a Ping after this long without hearing from the peer. `"0s"`: never.

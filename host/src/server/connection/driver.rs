@@ -44,6 +44,9 @@ struct Driver {
     flush_deadline: Option<Instant>,
     /// Since when the send queue has been at its high-water mark.
     backed_up_since: Option<Instant>,
+    /// Since when queued output has waited with nothing of it written (a
+    /// peer that reads nothing at all, below the queue's mark too).
+    unwritten_since: Option<Instant>,
     /// Since when the connection has not read for the server's budget.
     budget_since: Option<Instant>,
     /// The deadline the timer is set to, if it is.
@@ -167,6 +170,7 @@ impl Driver {
             shutting_down: false,
             flush_deadline: None,
             backed_up_since: None,
+            unwritten_since: None,
             budget_since: None,
             armed: None,
             tls,
@@ -294,11 +298,15 @@ impl Conn {
     /// Step: what the input produced goes out now if the socket takes it,
     /// without a round through the wait.
     async fn write_ready<W: AsyncWrite + Unpin>(&mut self, writer: &mut W, d: &mut Driver) -> Flow {
+        let before = self.ws.output_len();
         if (self.ws.has_output() || d.needs_flush)
             && write_now(writer, &mut self.ws, &mut d.needs_flush).is_err()
         {
             self.transport_gone().await;
             return Flow::Drop;
+        }
+        if self.ws.output_len() < before {
+            d.unwritten_since = None;
         }
         Flow::Continue
     }
@@ -323,17 +331,27 @@ impl Conn {
     }
 
     /// Step: this pass's deadlines. A peer that keeps the send queue full
-    /// (it reads slower than the plugin writes) has the grace period to
-    /// catch up; once closed, what is left to write gets the close timeout,
-    /// no more: a peer that stopped reading must not pin the connection.
+    /// (it reads slower than the plugin writes), or that takes none of what
+    /// is queued for it, has the grace period to catch up; once closed,
+    /// what is left to write gets the close timeout, no more: a peer that
+    /// stopped reading must not pin the connection.
     fn deadlines(&self, d: &mut Driver) -> Deadlines {
-        let slow_consumer = if self.ws.is_backed_up() && !self.ws.is_closed() {
-            let since = *d.backed_up_since.get_or_insert_with(Instant::now);
-            Some(since + self.shared.send_queue_grace)
-        } else {
+        let open = !self.ws.is_closed();
+        if !(open && self.ws.is_backed_up()) {
             d.backed_up_since = None;
-            None
-        };
+        } else if d.backed_up_since.is_none() {
+            d.backed_up_since = Some(Instant::now());
+        }
+        if !(open && self.ws.has_output()) {
+            d.unwritten_since = None;
+        } else if d.unwritten_since.is_none() {
+            d.unwritten_since = Some(Instant::now());
+        }
+        let slow_consumer = [d.backed_up_since, d.unwritten_since]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|since| since + self.shared.send_queue_grace);
         if self.ws.is_closed() && d.flush_deadline.is_none() {
             d.flush_deadline = Some(Instant::now() + self.tenant.ws.close_timeout);
         }
@@ -396,6 +414,9 @@ impl Conn {
         d: &mut Driver,
         written: std::io::Result<Option<usize>>,
     ) -> Flow {
+        if matches!(written, Ok(Some(n)) if n > 0) {
+            d.unwritten_since = None;
+        }
         if wrote(&mut self.ws, &mut d.needs_flush, written).is_err() {
             self.transport_gone().await;
             return Flow::Drop;

@@ -257,10 +257,9 @@ async fn a_peer_that_stops_reading_is_closed_and_dropped() {
         "[websocket]\nsend_queue = \"16KiB\"\nsend_queue_grace = \"100ms\"\nclose_timeout = \"200ms\"\n",
     );
     let mut peer = Peer::connect(&shared, 4 << 10).await;
-    // Two floods, read apart: the first leaves the queue below its mark
-    // once the pipe took its share, the second fills it.
-    peer.send_text("flood 20000").await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Once the pipe took its share the queue is below its mark (12 of 16
+    // KiB): nothing written for the grace period is enough. (It used to
+    // wait for the idle timeout, 120 s by default.)
     peer.send_text("flood 20000").await;
     // Never read: the grace period passes (1008), then the close timeout
     // (the Close cannot be written either), and the task lets go.
@@ -270,6 +269,41 @@ async fn a_peer_that_stops_reading_is_closed_and_dropped() {
         &shared,
         "wharf_tenant_refusals_total{tenant=\"default\",reason=\"slow-consumer\"} 1"
     ));
+}
+
+#[tokio::test]
+async fn a_peer_that_reads_slowly_but_steadily_is_not_closed() {
+    // The queue stays below its mark, and the peer takes 1 KiB every
+    // 200 ms: within the 500 ms grace period, which starts over at each
+    // write that makes progress, though the whole takes about 2 s.
+    let shared = shared(
+        "",
+        "[websocket]\nsend_queue = \"16KiB\"\nsend_queue_grace = \"500ms\"\n",
+    );
+    let mut peer = Peer::connect(&shared, 4 << 10).await;
+    // About 10 KiB of frames: under the mark, more than the pipe holds.
+    peer.send_text("flood 1500").await;
+    let started = std::time::Instant::now();
+    while !peer.buf.windows(7).any(|w| w == b"flooded") {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(STEP, peer.io.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed");
+        peer.buf.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(1),
+        "longer than the grace"
+    );
+    for sent in 0..1500 {
+        assert_eq!(peer.recv_text().await, format!("m{sent}"));
+    }
+    assert!(peer.recv_text().await.starts_with("flooded"));
+    peer.send_text("after").await;
+    assert_eq!(peer.recv_text().await, "after");
 }
 
 #[tokio::test]
