@@ -64,7 +64,7 @@ struct ReadBuffer {
 }
 
 /// This pass's deadlines.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Deadlines {
     /// The protocol's timers (ping, idle, close handshake).
     protocol: Option<Instant>,
@@ -72,7 +72,8 @@ struct Deadlines {
     flush: Option<Instant>,
     /// A `restart` swap's 1012 for this connection.
     restart: Option<Instant>,
-    /// The send queue has stayed full for the grace period: 1008.
+    /// The send queue has stayed full, or its output unwritten, for the
+    /// grace period: 1008.
     slow_consumer: Option<Instant>,
     /// The instance has been idle long enough to release.
     hibernate: Option<Instant>,
@@ -103,6 +104,17 @@ enum Flow {
     Continue,
     /// The transport is gone, or gave up on: no lingering close.
     Drop,
+}
+
+/// Since when `holds` has been true, kept in `at` from one pass to the
+/// next; `None` (and `at` cleared) when it is not.
+fn since(at: &mut Option<Instant>, holds: bool) -> Option<Instant> {
+    if holds {
+        Some(*at.get_or_insert_with(Instant::now))
+    } else {
+        *at = None;
+        None
+    }
 }
 
 impl Deadlines {
@@ -316,11 +328,8 @@ impl Conn {
     fn account(&mut self, d: &mut Driver) {
         let holding = self.ws.output_len() + self.ws.input_held() + d.read.bytes.capacity();
         self.held.set(holding);
-        if self.ws.state() == State::Open && self.held.must_wait(holding) {
-            d.budget_since.get_or_insert_with(Instant::now);
-        } else {
-            d.budget_since = None;
-        }
+        let waits = self.ws.state() == State::Open && self.held.must_wait(holding);
+        since(&mut d.budget_since, waits);
     }
 
     /// Whether the loop reads: not after EOF or the close, not while the
@@ -337,21 +346,13 @@ impl Conn {
     /// stopped reading must not pin the connection.
     fn deadlines(&self, d: &mut Driver) -> Deadlines {
         let open = !self.ws.is_closed();
-        if !(open && self.ws.is_backed_up()) {
-            d.backed_up_since = None;
-        } else if d.backed_up_since.is_none() {
-            d.backed_up_since = Some(Instant::now());
-        }
-        if !(open && self.ws.has_output()) {
-            d.unwritten_since = None;
-        } else if d.unwritten_since.is_none() {
-            d.unwritten_since = Some(Instant::now());
-        }
-        let slow_consumer = [d.backed_up_since, d.unwritten_since]
+        let backed_up = since(&mut d.backed_up_since, open && self.ws.is_backed_up());
+        let unwritten = since(&mut d.unwritten_since, open && self.ws.has_output());
+        let slow_consumer = [backed_up, unwritten]
             .into_iter()
             .flatten()
             .min()
-            .map(|since| since + self.shared.send_queue_grace);
+            .map(|at| at + self.shared.send_queue_grace);
         if self.ws.is_closed() && d.flush_deadline.is_none() {
             d.flush_deadline = Some(Instant::now() + self.tenant.ws.close_timeout);
         }
