@@ -119,22 +119,38 @@ impl Version {
     /// A connection is now served by this version, until the guard drops.
     pub fn serve(self: &Arc<Self>) -> Serving {
         self.connections.fetch_add(1, Ordering::Relaxed);
-        Serving(self.clone())
+        Serving {
+            version: self.clone(),
+            counted: true,
+        }
     }
 }
 
 /// A connection's hold on its version: counted, and kept loaded.
-pub struct Serving(Arc<Version>);
+pub struct Serving {
+    version: Arc<Version>,
+    /// Still in the version's count of connections.
+    counted: bool,
+}
 
 impl Serving {
     pub fn version(&self) -> &Arc<Version> {
-        &self.0
+        &self.version
+    }
+
+    /// The connection's WebSocket has closed: it no longer counts as served
+    /// by the version (a draining version is done with it), though its
+    /// socket may linger for the peer's half of the TCP close.
+    pub fn release(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            self.version.connections.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
 impl Drop for Serving {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.release();
     }
 }
 

@@ -257,6 +257,9 @@ impl Conn {
                 return;
             }
         }
+        // The WebSocket is done: its version no longer serves it (a drain
+        // deploy sees it gone now, not after the peer's TCP close).
+        self.serving.release();
         self.linger(reader, writer, &mut d.read.bytes).await;
     }
 
