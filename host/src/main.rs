@@ -264,11 +264,30 @@ fn run(command: Command) -> anyhow::Result<()> {
         print!("{}", tenants.describe());
         return Ok(());
     }
-    tokio::runtime::Builder::new_multi_thread()
+    worker_runtime()
         .enable_all()
         .thread_name("wharf-worker")
         .build()?
         .block_on(serve(config, tenants, metrics, watch, preflight))
+}
+
+/// The connections' runtime: tokio's multi-thread one with a worker per
+/// core (`TOKIO_WORKER_THREADS`, tokio's own setting, overrides the count),
+/// or with one worker a current-thread runtime. With one worker the
+/// multi-thread runtime only adds cost: the task runs on a worker thread
+/// apart from the one blocked in `block_on`, and each pass through the
+/// scheduler updates its work-stealing statistics (3.8% of the
+/// instructions of a 32 B echo, by callgrind).
+fn worker_runtime() -> tokio::runtime::Builder {
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .or_else(|| std::thread::available_parallelism().ok().map(usize::from));
+    if workers == Some(1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
 }
 
 /// What start-up checks and holds before the plugins are compiled.

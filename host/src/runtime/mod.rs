@@ -17,6 +17,7 @@ pub mod peers_host;
 pub mod pubsub_host;
 pub mod shared;
 pub mod snapshot;
+pub mod wall;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -597,11 +598,10 @@ impl Plugin {
             .data()
             .running_since
             .store(idle_pool::slice_clock_micros(), Ordering::Relaxed);
-        let instance =
-            tokio::time::timeout(limits.cpu.wall, self.pre.instantiate_async(&mut store))
-                .await
-                .map_err(|_| PluginError::WallTime)?
-                .map_err(|e| classify(&store, e, PluginError::Instantiate))?;
+        let instance = wall::within(limits.cpu.wall, || self.pre.instantiate_async(&mut store))
+            .await
+            .map_err(|_| PluginError::WallTime)?
+            .map_err(|e| classify(&store, e, PluginError::Instantiate))?;
         let bindings = self
             .indices
             .load(&mut store, &instance)
@@ -800,7 +800,7 @@ impl PluginInstance {
 
     fn finish_within<R>(
         &mut self,
-        result: Result<wasmtime::Result<R>, tokio::time::error::Elapsed>,
+        result: Result<wasmtime::Result<R>, wall::Elapsed>,
     ) -> Result<R, PluginError> {
         match result {
             Ok(r) => {
@@ -828,12 +828,11 @@ impl PluginInstance {
     ) -> Result<UpgradeResponse, PluginError> {
         let conn = self.arm();
         let wall = self.wall();
-        let r = tokio::time::timeout(
-            wall,
+        let r = wall::within(wall, || {
             self.bindings
                 .wharf_websocket_handler()
-                .call_on_upgrade(&mut self.store, conn, request),
-        )
+                .call_on_upgrade(&mut self.store, conn, request)
+        })
         .await;
         self.finish_within(r)
     }
@@ -841,12 +840,11 @@ impl PluginInstance {
     pub async fn on_open(&mut self) -> Result<(), PluginError> {
         let conn = self.arm();
         let wall = self.wall();
-        let r = tokio::time::timeout(
-            wall,
+        let r = wall::within(wall, || {
             self.bindings
                 .wharf_websocket_handler()
-                .call_on_open(&mut self.store, conn),
-        )
+                .call_on_open(&mut self.store, conn)
+        })
         .await;
         self.finish_within(r)
     }
@@ -854,12 +852,11 @@ impl PluginInstance {
     pub async fn on_text(&mut self, text: &str) -> Result<(), PluginError> {
         let conn = self.arm();
         let wall = self.wall();
-        let r = tokio::time::timeout(
-            wall,
+        let r = wall::within(wall, || {
             self.bindings
                 .wharf_websocket_handler()
-                .call_on_text(&mut self.store, conn, text),
-        )
+                .call_on_text(&mut self.store, conn, text)
+        })
         .await;
         self.finish_within(r)
     }
@@ -867,12 +864,11 @@ impl PluginInstance {
     pub async fn on_binary(&mut self, data: &[u8]) -> Result<(), PluginError> {
         let conn = self.arm();
         let wall = self.wall();
-        let r = tokio::time::timeout(
-            wall,
+        let r = wall::within(wall, || {
             self.bindings
                 .wharf_websocket_handler()
-                .call_on_binary(&mut self.store, conn, data),
-        )
+                .call_on_binary(&mut self.store, conn, data)
+        })
         .await;
         self.finish_within(r)
     }
@@ -896,10 +892,9 @@ impl PluginInstance {
         };
         let conn = self.arm();
         let wall = self.wall();
-        let r = tokio::time::timeout(
-            wall,
-            batch_handler::call(&mut self.store, func, conn, messages),
-        )
+        let r = wall::within(wall, || {
+            batch_handler::call(&mut self.store, func, conn, messages)
+        })
         .await;
         self.finish_within(r)
     }
@@ -912,16 +907,15 @@ impl PluginInstance {
     ) -> Result<(), PluginError> {
         let conn = self.arm();
         let wall = self.wall();
-        let r = tokio::time::timeout(
-            wall,
+        let r = wall::within(wall, || {
             self.bindings.wharf_websocket_handler().call_on_close(
                 &mut self.store,
                 conn,
                 code,
                 reason,
                 clean,
-            ),
-        )
+            )
+        })
         .await;
         self.finish_within(r)
     }

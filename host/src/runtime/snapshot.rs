@@ -113,7 +113,7 @@ impl PluginInstance {
         let typed = unsafe { TypedFunc::<SaveParams, SaveResults>::new_unchecked(funcs.save) };
         self.arm();
         let wall = self.wall();
-        let r = tokio::time::timeout(wall, typed.call_async(&mut self.store, ())).await;
+        let r = super::wall::within(wall, || typed.call_async(&mut self.store, ())).await;
         self.finish_within(r).map(|(state,)| state)
     }
 
@@ -131,7 +131,7 @@ impl PluginInstance {
             unsafe { TypedFunc::<RestoreParams<'_>, RestoreResults>::new_unchecked(funcs.restore) };
         self.arm();
         let wall = self.wall();
-        let r = tokio::time::timeout(wall, typed.call_async(&mut self.store, (state,))).await;
+        let r = super::wall::within(wall, || typed.call_async(&mut self.store, (state,))).await;
         match self.finish_within(r)? {
             (Ok(()),) => Ok(()),
             (Err(why),) => Err(PluginError::Restore(why)),
