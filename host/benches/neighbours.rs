@@ -3,8 +3,9 @@
 //! at a time (`plugins/hostile`), as ratios to the quiet run.
 //!
 //! `cargo bench --bench neighbours -- [--seconds S] [--connections N]
-//! [--attackers N] [--attack NAME] [--cpu-share CORES]` (default 4 s per
-//! phase, 50 echo connections with one 32 B message in flight each, 4
+//! [--attackers N] [--attack NAME] [--cpu-share CORES] [--rounds N]`
+//! (default 4 s per phase, 3 rounds of a quiet and an attacked phase per
+//! attack, the median of each figure reported, 50 echo connections with one 32 B message in flight each, 4
 //! attacking connections that reconnect whenever they are cut, and the
 //! hostile tenant's `cpu_share` left at its default: half the cores).
 //!
@@ -52,6 +53,9 @@ struct Options {
     only: Option<String>,
     /// The hostile tenant's `limits.cpu_share`; `None`: the default.
     cpu_share: Option<f64>,
+    /// Quiet and attacked phases per attack; the medians are reported
+    /// (one 3 s phase's p99 moves by ±30% on a quiet machine).
+    rounds: usize,
     smoke: bool,
 }
 
@@ -77,6 +81,9 @@ fn main() -> Result<()> {
         attackers: option(&args, "--attackers").unwrap_or(if smoke { 1 } else { 4 }),
         only: option(&args, "--attack"),
         cpu_share: option(&args, "--cpu-share"),
+        rounds: option(&args, "--rounds")
+            .unwrap_or(if smoke { 1 } else { 3 })
+            .max(1),
         smoke,
     };
     let _ = rlimit::increase_nofile_limit(u64::MAX);
@@ -340,7 +347,8 @@ async fn bench(opts: Options) -> Result<()> {
             )),
     );
     println!(
-        "each attack is compared with a quiet phase run just before it, so that drift in the machine's speed does not count as harm"
+        "each attack is compared with a quiet phase run just before it, so that drift in the machine's speed does not count as harm; {} round(s) per attack, medians shown (the ratios are the medians of each round's ratio)",
+        opts.rounds
     );
     println!();
     println!(
@@ -351,23 +359,33 @@ async fn bench(opts: Options) -> Result<()> {
         if opts.only.as_deref().is_some_and(|o| !name.contains(o)) {
             continue;
         }
-        let quiet = figures(
-            good_load(&server.addr, opts.connections, opts.phase).await?,
-            opts.phase,
-        );
         let before = server.breaches().await?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let attackers = attack(&server.addr, opts.attackers, messages, stop.clone());
-        // Let the attack get going before measuring.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let loud = figures(
-            good_load(&server.addr, opts.connections, opts.phase).await?,
-            opts.phase,
-        );
-        stop.store(true, Ordering::Relaxed);
+        let mut rounds = Vec::new();
         let mut attacks = 0;
-        for a in attackers {
-            attacks += a.await?;
+        for _ in 0..opts.rounds {
+            let quiet = figures(
+                good_load(&server.addr, opts.connections, opts.phase).await?,
+                opts.phase,
+            );
+            let stop = Arc::new(AtomicBool::new(false));
+            let attackers = attack(&server.addr, opts.attackers, messages, stop.clone());
+            // Let the attack get going before measuring.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let loud = figures(
+                good_load(&server.addr, opts.connections, opts.phase).await?,
+                opts.phase,
+            );
+            stop.store(true, Ordering::Relaxed);
+            for a in attackers {
+                attacks += a.await?;
+            }
+            if opts.smoke && loud.rate == 0.0 {
+                bail!("the good tenant was not served during {name}");
+            }
+            // The attack's calls still running (until their limits cut
+            // them) must not weigh on the next quiet phase.
+            server.drained().await?;
+            rounds.push((quiet, loud));
         }
         let after = server.breaches().await?;
         let breaches: Vec<String> = after
@@ -386,22 +404,21 @@ async fn bench(opts: Options) -> Result<()> {
                     .then(|| format!("{} {label}", v - was))
             })
             .collect();
+        let median = |f: &dyn Fn(&(Figures, Figures)) -> f64| {
+            let mut v: Vec<f64> = rounds.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
         println!(
-            "| {name} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {attacks} | {} |",
-            quiet.rate,
-            loud.rate,
-            quiet.p99,
-            loud.p99,
-            loud.rate / quiet.rate.max(1.0),
-            f64::from(loud.p99) / f64::from(quiet.p99.max(1)),
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {attacks} | {} |",
+            median(&|(q, _)| q.rate),
+            median(&|(_, l)| l.rate),
+            median(&|(q, _)| f64::from(q.p99)),
+            median(&|(_, l)| f64::from(l.p99)),
+            median(&|(q, l)| l.rate / q.rate.max(1.0)),
+            median(&|(q, l)| f64::from(l.p99) / f64::from(q.p99.max(1))),
             breaches.join(", ")
         );
-        if opts.smoke && loud.rate == 0.0 {
-            bail!("the good tenant was not served during {name}");
-        }
-        // The attack's calls still running (until their limits cut them)
-        // must not weigh on the next quiet phase.
-        server.drained().await?;
     }
     drop(server.child);
     if opts.smoke {

@@ -2,8 +2,9 @@
 //! tenant over its CPU share on one thread at the kernel's idle priority
 //! (`SCHED_IDLE` on Linux), so that they use only CPU nobody else wants;
 //! a call that simply runs long (past [`LONG_CALL`] on a worker) on one
-//! thread at a low priority (nice [`LONG_NICE`]), where the kernel
-//! preempts it for the workers but still gives it a fair part of a core.
+//! thread at a low priority (nice [`LONG_NICE`]) and with a short time
+//! slice, where the kernel preempts it for the workers as soon as they
+//! wake but still gives it a fair part of a core.
 //!
 //! The CPU share alone caps how much a tenant runs, not where: a tenant
 //! that spins within its share still runs its slices on the workers that
@@ -198,6 +199,9 @@ fn lower_priority(lane: Lane) {
             }
             Lane::Long => unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, LONG_NICE) != 0 },
         };
+        if !failed && lane == Lane::Long {
+            shorten_slice();
+        }
         if failed {
             tracing::warn!(
                 err = %std::io::Error::last_os_error(),
@@ -208,6 +212,45 @@ fn lower_priority(lane: Lane) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = lane;
+}
+
+/// The long lane's time slice: the shortest the kernel takes.
+#[cfg(target_os = "linux")]
+const LONG_SLICE_NANOS: u64 = 100_000;
+
+/// Asks for a short time slice (Linux 6.12 and later; older kernels ignore
+/// `sched_runtime` for normal threads): a low weight alone lets the lane
+/// keep a core for a whole default slice (about 3 ms here) before a woken
+/// worker gets it, which every connection waiting on that worker sees as
+/// latency; with a short slice a waking worker preempts it at once.
+#[cfg(target_os = "linux")]
+fn shorten_slice() {
+    /// `struct sched_attr` (include/uapi/linux/sched/types.h), first version.
+    #[repr(C)]
+    struct SchedAttr {
+        size: u32,
+        policy: u32,
+        flags: u64,
+        nice: i32,
+        priority: u32,
+        runtime: u64,
+        deadline: u64,
+        period: u64,
+    }
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        policy: libc::SCHED_OTHER as u32,
+        flags: 0,
+        nice: LONG_NICE,
+        priority: 0,
+        runtime: LONG_SLICE_NANOS,
+        deadline: 0,
+        period: 0,
+    };
+    // SAFETY: 0 is the calling thread; `attr` is a valid, sized sched_attr.
+    if unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr, 0) } != 0 {
+        tracing::debug!(err = %std::io::Error::last_os_error(), "no short slice for the long lane");
+    }
 }
 
 #[cfg(test)]
@@ -234,6 +277,37 @@ mod tests {
         let before = slice_clock_micros();
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert!(slice_clock_micros() - before >= 5000);
+    }
+
+    /// The calling thread's (nice, slice in ns), by `sched_getattr`.
+    #[cfg(target_os = "linux")]
+    fn nice_and_slice() -> (i32, u64) {
+        let mut attr = [0u64; 7];
+        // SAFETY: 56 writable bytes, the size of the first sched_attr.
+        let r = unsafe { libc::syscall(libc::SYS_sched_getattr, 0, attr.as_mut_ptr(), 56, 0) };
+        assert_eq!(r, 0, "sched_getattr: {}", std::io::Error::last_os_error());
+        // size, policy | flags | nice, priority | runtime (the slice) | ...
+        ((attr[2] & 0xffff_ffff) as u32 as i32, attr[3])
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_long_lane_is_niced_with_a_short_slice() {
+        let (nice, slice) = handle(Lane::Long).block_on(async {
+            handle(Lane::Long)
+                .spawn(async { nice_and_slice() })
+                .await
+                .expect("the task runs")
+        });
+        assert_eq!(nice, LONG_NICE);
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut version = release.split(|c: char| !c.is_ascii_digit());
+        let major: u32 = version.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let minor: u32 = version.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        // Custom slices for normal threads came with Linux 6.12.
+        if (major, minor) >= (6, 12) {
+            assert_eq!(slice, LONG_SLICE_NANOS);
+        }
     }
 
     #[tokio::test]
