@@ -23,9 +23,9 @@
 //!
 //! Modes: `per-connection` (an instance per connection, the default of a
 //! tenant) for every language, and `shared` (one instance for all of a
-//! tenant's connections) for those whose example supports it (Python and
-//! JavaScript: no per-connection state in globals; not Go, see `LANGS`)
-//! and for Rust, the reference. Ratios are to Rust per-connection in the same run.
+//! tenant's connections) for those marked `shared` in `LANGS` (Go, Python
+//! and JavaScript: no per-connection state in globals) and for Rust, the
+//! reference. Ratios are to Rust per-connection in the same run.
 //!
 //! The components are the ones `tests/languages` builds: Rust's is the
 //! bundled echo (`target/plugins`); the others are built by
@@ -82,15 +82,11 @@ const LANGS: &[Lang] = &[
         file: "c_echo",
         shared: false,
     },
-    // Not shared: the Go runtime's garbage collector, run inside an
-    // `on-upgrade` once the shared instance has served a few dozen
-    // connections, calls the clock through the WASI adapter, which traps
-    // (`assert_fail` in `clock_time_get`); see docs/plugins/go.md.
     Lang {
         name: "go",
         dir: Some("go-echo"),
         file: "go_echo",
-        shared: false,
+        shared: true,
     },
     Lang {
         name: "python",

@@ -14,6 +14,9 @@
 //   - The host functions are plain wasm imports (//go:wasmimport); results
 //     that do not fit in one value are written to a return area we pass.
 //   - The borrowed `conn` handle must be dropped before each call returns.
+//   - The WASI preview1 adapter (which turns the Go runtime's wasip1 calls
+//     into WASI preview2) gets its state and stack from cabi_realloc_adapter,
+//     in a static block: memory the Go runtime never hands out.
 package main
 
 import "unsafe"
@@ -268,6 +271,35 @@ func cabiRealloc(oldPtr, oldSize, align, newSize uint32) uint32 {
 		copy(unsafe.Slice((*byte)(unsafe.Pointer(start)), oldSize),
 			unsafe.Slice((*byte)(addr(oldPtr)), oldSize))
 	}
+	return uint32(start)
+}
+
+// The WASI adapter's memory: its state and its shadow stack, 64 KiB each,
+// asked for once per instance (the first WASI call, during the Go runtime's
+// start) and kept. Not from memory.grow: the Go runtime assumes it alone
+// grows linear memory (runtime/mem_wasm.go sbrk: it counts from its own
+// idea of the end and ignores what memory.grow returns), so pages grown by
+// anyone else end up inside its heap and are overwritten once the heap has
+// grown over them; a long-lived (shared) instance then traps in the
+// adapter's next call ("assertion failed": its state's canary is gone).
+var (
+	adapterMemory [2<<16 + 64]byte
+	adapterUsed   uintptr
+)
+
+// cabiReallocAdapter is the adapter's allocator. It runs inside a WASI call
+// of the runtime (re-entered from the adapter, before the runtime is fully
+// up): no allocation, no stack growth, nothing but arithmetic.
+//
+//go:wasmexport cabi_realloc_adapter
+//go:nosplit
+func cabiReallocAdapter(oldPtr, oldSize, align, newSize uint32) uint32 {
+	base := uintptr(unsafe.Pointer(&adapterMemory[0]))
+	start := (base + adapterUsed + uintptr(align) - 1) &^ (uintptr(align) - 1)
+	if oldPtr != 0 || start+uintptr(newSize) > base+uintptr(len(adapterMemory)) {
+		panic("cabi_realloc_adapter: adapter memory exhausted")
+	}
+	adapterUsed = start + uintptr(newSize) - base
 	return uint32(start)
 }
 

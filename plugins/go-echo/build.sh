@@ -52,9 +52,9 @@ trap 'rm -rf "$work"' EXIT
         "$go" build -buildmode=c-shared -trimpath -ldflags="-s -w" -o "$work/core.wasm" .
 )
 # 2. The component: embed the world's types, adapt the wasip1 imports to WASI
-#    preview2. --realloc-via-memory-grow: the WASI adapter gets its memory by
-#    growing linear memory instead of calling our cabi_realloc (which only
-#    serves call arguments).
+#    preview2. The WASI adapter gets its memory from our cabi_realloc_adapter
+#    (a static block; see bindings.go), not by growing linear memory
+#    (--realloc-via-memory-grow): the Go heap would grow over those pages.
 "$componentize" new "$work/core.wasm" "$out/go_echo.wasm" \
-    --wit "$repo/wit" handler-world --realloc-via-memory-grow
+    --wit "$repo/wit" handler-world
 echo "build.sh: built $out/go_echo.wasm" >&2

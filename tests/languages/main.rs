@@ -12,7 +12,9 @@
 //!   µs per echoed message (32 B and 1 KiB text, 1 KiB binary), printed to
 //!   stderr (`cargo test --release --test languages -- --nocapture`);
 //! - a long connection: one instance echoes twice its memory limit, which
-//!   a per-message leak does not survive.
+//!   a per-message leak does not survive;
+//! - Go in `shared` instance mode (`go_echo_shared`): 3,000 connections, 20 at
+//!   a time, served by one instance without a trap.
 //!
 //! One test per language; the builds run in parallel, everything timed or
 //! load-sensitive (measurements, servers, Autobahn) one language at a time.
@@ -170,6 +172,25 @@ fn start_server(lang: &Lang, wasm: &Path) -> Server {
 // End-to-end echo
 // ---------------------------------------------------------------------------
 
+/// Sends a Close 1000 with `reason` and returns what comes back first
+/// (the server's Close reply, if all is well).
+async fn close_1000(
+    ws: &mut Ws,
+    reason: &str,
+) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
+    within(
+        IO_TIMEOUT,
+        "close",
+        ws.close(Some(CloseFrame {
+            code: 1000.into(),
+            reason: reason.into(),
+        })),
+    )
+    .await
+    .expect("send close");
+    within(IO_TIMEOUT, "the close reply", ws.next()).await
+}
+
 async fn expect_binary(ws: &mut Ws, want: &[u8], timeout: Duration) {
     match recv_timeout(ws, timeout).await {
         Message::Binary(b) => {
@@ -232,17 +253,7 @@ async fn echo_checks(server: &Server) {
     let mut ws = server.connect(false).await;
     send_text(&mut ws, "still here").await;
     assert_eq!(recv_text(&mut ws).await, "still here");
-    within(
-        IO_TIMEOUT,
-        "close",
-        ws.close(Some(CloseFrame {
-            code: 1000.into(),
-            reason: "client done".into(),
-        })),
-    )
-    .await
-    .expect("send close");
-    match within(IO_TIMEOUT, "the close reply", ws.next()).await {
+    match close_1000(&mut ws, "client done").await {
         Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 1000),
         other => panic!("expected the server's close frame, got {other:?}"),
     }
@@ -806,6 +817,78 @@ fn js_echo() {
 fn go_echo() {
     language(&GO);
 }
+
+/// `plugins/go-echo` in `shared` instance mode: one instance serves
+/// [`SHARED_CONNECTIONS`] connections, [`SHARED_CONNECTORS`] at a time
+/// (connect, upgrade, a text and a binary echo, closing handshake), without
+/// a trap, and it is the same instance throughout (generation 1). Before
+/// the WASI adapter's memory moved into a static block of the bindings
+/// (`cabi_realloc_adapter` in `bindings.go`), the Go heap grew over the
+/// adapter's state within the first hundred or so connections and the
+/// adapter's next call trapped (`assertion failed`, then `unreachable`).
+#[test]
+fn go_echo_shared() {
+    let wasm = build(&GO);
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut opts = ServerOpts::new("");
+    opts.plugin_limits = GO.plugin_limits;
+    opts.extra = format!(
+        "[[tenant]]\nname = \"go\"\nplugin = {:?}\nroutes = [\"/\"]\ninstance = \"shared\"\n",
+        wasm.display().to_string()
+    );
+    let server = Server::start(opts);
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    tokio.block_on(async {
+        let server = &server;
+        let connectors = (0..SHARED_CONNECTORS).map(|c| async move {
+            for i in 0..SHARED_CONNECTIONS / SHARED_CONNECTORS {
+                let mut ws = server.connect(false).await;
+                let text = format!("connector {c}, connection {i} ✓");
+                send_text(&mut ws, &text).await;
+                assert_eq!(recv_text(&mut ws).await, text, "text echo");
+                let binary = text.clone().into_bytes();
+                send(&mut ws, Message::binary(binary.clone())).await;
+                expect_binary(&mut ws, &binary, IO_TIMEOUT).await;
+                match close_1000(&mut ws, "done").await {
+                    Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 1000),
+                    other => panic!(
+                        "connector {c}, connection {i}: expected the server's close frame, \
+                         got {other:?}; log:\n{}",
+                        server.log_text()
+                    ),
+                }
+            }
+        });
+        futures_util::future::join_all(connectors).await;
+    });
+    let log = server.log_text();
+    assert!(
+        !log.contains("trapped") && !log.contains("exceeded") && !log.contains("plugin failed"),
+        "the shared Go instance failed; log:\n{log}"
+    );
+    let instances: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("shared instance started"))
+        .collect();
+    assert!(
+        instances.len() == 1 && instances[0].contains("generation=1"),
+        "one shared instance for every connection, got {instances:?}"
+    );
+    eprintln!(
+        "[go_echo] shared instance mode: {SHARED_CONNECTIONS} connections ({SHARED_CONNECTORS} at a time) \
+         in one instance, {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// The connections of [`go_echo_shared`], and how many at a time.
+const SHARED_CONNECTIONS: usize = 3_000;
+const SHARED_CONNECTORS: usize = 20;
 
 /// The Rust chat (`plugins/chat`, built by host/build.rs): the reference
 /// the other languages' chats are held to.
