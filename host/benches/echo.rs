@@ -851,6 +851,10 @@ mod instructions {
     enum Load {
         /// Echoes over one connection, one in flight.
         Messages { text: bool, size: usize },
+        /// Echoes over one connection, `depth` sent in one write, then
+        /// all their echoes read (the pipelined scenario's per-message
+        /// path: a read of several frames, one batched plugin call).
+        Pipelined { size: usize, depth: usize },
         /// Sequential connections: connect, upgrade, one echo, close.
         Connections { size: usize },
     }
@@ -884,6 +888,14 @@ mod instructions {
             load: Load::Messages {
                 text: true,
                 size: 1024,
+            },
+        },
+        Case {
+            slug: "pipelined1k",
+            name: "echo, 1 KiB binary, 16 pipelined",
+            load: Load::Pipelined {
+                size: 1024,
+                depth: 16,
             },
         },
         Case {
@@ -941,7 +953,7 @@ mod instructions {
         let mut rows = Vec::new();
         for case in CASES {
             let (n1, n2) = match case.load {
-                Load::Messages { .. } => opts.messages,
+                Load::Messages { .. } | Load::Pipelined { .. } => opts.messages,
                 Load::Connections { .. } => opts.connections,
             };
             let mut per_op = [0.0f64; 3];
@@ -1132,6 +1144,25 @@ mod instructions {
                     echo(&mut c, m)
                         .await
                         .with_context(|| format!("message {i}"))?;
+                }
+                c.close([9, 8, 7, 6]).await?;
+                c.expect_eof().await?;
+            }
+            Load::Pipelined { size, depth } => {
+                let msgs = messages(0, false, size, depth);
+                let batch: Vec<u8> = msgs.iter().flat_map(|m| m.frame.clone()).collect();
+                let mut c = Conn::new(tcp(addr).await?, 2 * batch.len() + 16384);
+                c.handshake(&accept).await?;
+                // n messages in batches of depth: the runs' difference
+                // stays a multiple of depth (1000 and 5000 messages: 62
+                // and 312 batches, 4000 messages apart).
+                for b in 0..n / depth as u64 {
+                    c.send(&batch).await?;
+                    for m in &msgs {
+                        echo(&mut c, m)
+                            .await
+                            .with_context(|| format!("batch {b}"))?;
+                    }
                 }
                 c.close([9, 8, 7, 6]).await?;
                 c.expect_eof().await?;

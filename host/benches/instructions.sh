@@ -93,6 +93,7 @@ diff_profile() {
 for target in wharf tokio-tungstenite fastwebsockets; do
     diff_profile "32 B text echo" "$target" text32
     diff_profile "1 KiB binary echo" "$target" binary1k
+    diff_profile "1 KiB binary echo, 16 pipelined" "$target" pipelined1k
     diff_profile "connection" "$target" connection
 done
 echo
