@@ -34,6 +34,9 @@ const ATTACKS: &[(&str, &[&str])] = &[
     // ratios are the noise floor of the machine the bench runs on.
     ("none (idle connections)", &[]),
     ("infinite loop", &["loop"]),
+    // Calls that each run 10 ms, within every limit, back to back: never
+    // cut, so only where the host runs them protects the good tenant.
+    ("10 ms calls", &["spin 10"; 400]),
     ("memory bomb", &["alloc"]),
     ("trap on the third message", &["trap-third", "x", "x"]),
     ("blocking sleep", &["nap 60000"]),

@@ -9,6 +9,11 @@
 //! others. A tenant that went over its share within the last
 //! [`PENALTY`] is *penalized*: its message calls run on the
 //! [idle pool](super::idle_pool), off the workers everyone else needs.
+//! A tenant one of whose calls ran long within the last [`PENALTY`] (past
+//! [`LONG_TENANT`](super::idle_pool::LONG_TENANT)) *runs long*: its message
+//! calls start on the long lane instead of first running that long on a
+//! worker, which a tenant whose every call spins (and reconnects when it is
+//! cut) would otherwise do every time.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -38,6 +43,8 @@ pub struct CpuShare {
     refilled: AtomicU64,
     /// Until when the tenant is penalized, in microseconds since `start`.
     penalized_until: AtomicU64,
+    /// Until when the tenant runs long, in microseconds since `start`.
+    long_until: AtomicU64,
     start: Instant,
 }
 
@@ -52,6 +59,7 @@ impl CpuShare {
             level: AtomicI64::new(capacity),
             refilled: AtomicU64::new(0),
             penalized_until: AtomicU64::new(0),
+            long_until: AtomicU64::new(0),
             start: Instant::now(),
         }
     }
@@ -75,6 +83,18 @@ impl CpuShare {
     /// Whether the tenant went over its share within the last [`PENALTY`].
     pub fn penalized(&self) -> bool {
         self.is_limited() && self.now() < self.penalized_until.load(Ordering::Relaxed)
+    }
+
+    /// One of the tenant's calls has run long.
+    pub fn ran_long(&self) {
+        let until = self.now().saturating_add(PENALTY.as_micros() as u64);
+        self.long_until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Whether one of the tenant's calls ran long within the last
+    /// [`PENALTY`]: its calls should start on the long lane.
+    pub fn runs_long(&self) -> bool {
+        self.is_limited() && self.now() < self.long_until.load(Ordering::Relaxed)
     }
 
     /// Microseconds since `start`.
@@ -149,10 +169,15 @@ mod tests {
         assert!(!share.exhausted());
         // Repaid, but still within the penalty.
         assert!(share.penalized());
+        assert!(!share.runs_long());
+        share.ran_long();
+        assert!(share.runs_long());
         let unlimited = CpuShare::new(0.0);
         unlimited.charge(Duration::from_secs(100));
         assert!(!unlimited.exhausted());
         assert!(!unlimited.penalized());
+        unlimited.ran_long();
+        assert!(!unlimited.runs_long());
         assert_eq!(unlimited.wait(), Duration::ZERO);
     }
 }

@@ -39,6 +39,14 @@ thread_local! {
 
 /// How long a call may run on a worker before it moves to the long lane.
 pub const LONG_CALL: Duration = Duration::from_millis(2);
+/// CPU time after which a call on the long lane marks its tenant as
+/// running long (its next calls start on the long lane, see
+/// [`CpuShare::runs_long`](super::cpu_share::CpuShare::runs_long)). Only
+/// on the long lane, where the clock is the thread's CPU time: on a worker
+/// a short call preempted by the kernel can look long by the wall clock,
+/// and a well-behaved tenant must not be sent off the workers for that.
+/// Past `LONG_CALL` on a worker plus at least 2 ms measured here.
+pub const LONG_TENANT: Duration = Duration::from_millis(5);
 /// The long lane's priority: about a tenth of a normal thread's weight.
 pub const LONG_NICE: i32 = 10;
 
@@ -100,28 +108,41 @@ pub async fn run<T: Send + 'static>(
     handle(lane).spawn(call).await
 }
 
-/// Runs `call` here until it returns pending with `moved` set to a lane
-/// below the one it runs on ([`Lane::flag`]), then goes on on that lane
-/// (and from `Long` to `Idle` the same way): a call that starts on a
-/// worker and turns out long, or whose tenant goes over its share, moves
-/// at its next yield (a suspended fiber may be resumed on any thread).
+/// Runs `call` from `from` (`None`: here, on the calling worker) until it
+/// returns pending with `moved` set to a lane below the one it runs on
+/// ([`Lane::flag`]), then goes on on that lane (and from `Long` to `Idle`
+/// the same way): a call that starts on a worker and turns out long, or
+/// whose tenant goes over its share, moves at its next yield (a suspended
+/// fiber may be resumed on any thread).
 pub async fn run_movable<T: Send + 'static>(
     call: impl Future<Output = T> + Send + 'static,
     moved: Arc<AtomicU8>,
+    from: Option<Lane>,
 ) -> Result<T, JoinError> {
     let call = Box::pin(call);
-    match poll_until_moved(call, &moved, 0).await {
+    match from {
+        Some(Lane::Idle) => run(Lane::Idle, call).await,
+        Some(Lane::Long) => run(Lane::Long, on_long_lane(call, moved)).await?,
+        None => match poll_until_moved(call, &moved, 0).await {
+            Ok(done) => Ok(done),
+            Err((Lane::Idle, call)) => run(Lane::Idle, call).await,
+            Err((Lane::Long, call)) => run(Lane::Long, on_long_lane(call, moved)).await?,
+        },
+    }
+}
+
+/// The part of a movable call that runs on the long lane: until it is done
+/// or flagged for the idle lane.
+async fn on_long_lane<F: Future + Unpin + Send + 'static>(
+    call: F,
+    moved: Arc<AtomicU8>,
+) -> Result<F::Output, JoinError>
+where
+    F::Output: Send + 'static,
+{
+    match poll_until_moved(call, &moved, Lane::Long.flag()).await {
         Ok(done) => Ok(done),
-        Err((Lane::Idle, call)) => run(Lane::Idle, call).await,
-        Err((Lane::Long, call)) => {
-            run(Lane::Long, async move {
-                match poll_until_moved(call, &moved, Lane::Long.flag()).await {
-                    Ok(done) => Ok(done),
-                    Err((lane, call)) => run(lane, call).await,
-                }
-            })
-            .await?
-        }
+        Err((lane, call)) => run(lane, call).await,
     }
 }
 
@@ -325,6 +346,7 @@ mod tests {
                 (first, second, current_lane())
             },
             moved,
+            None,
         )
         .await
         .expect("the call finishes");
@@ -336,9 +358,19 @@ mod tests {
                 current_lane()
             },
             Arc::new(AtomicU8::new(0)),
+            None,
         )
         .await
         .expect("the call finishes");
         assert_eq!(stays, None);
+        // Started on the long lane, it runs there from its first poll.
+        let long = run_movable(
+            async { current_lane() },
+            Arc::new(AtomicU8::new(0)),
+            Some(Lane::Long),
+        )
+        .await
+        .expect("the call finishes");
+        assert_eq!(long, Some(Lane::Long));
     }
 }

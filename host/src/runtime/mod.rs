@@ -564,6 +564,9 @@ impl Plugin {
             // move leaves for its lane (see `idle_pool`) at once; otherwise
             // a tenant over its CPU share sleeps for about what it ran over.
             let here = idle_pool::current_lane();
+            if here == Some(idle_pool::Lane::Long) && state.cpu_used >= idle_pool::LONG_TENANT {
+                state.share.ran_long();
+            }
             let lane = if !state.movable || here == Some(idle_pool::Lane::Idle) {
                 None
             } else if state.share.penalized() {

@@ -11,6 +11,9 @@
 //! including a command with a missing, extra or non-numeric ARG, is echoed;
 //! "sub" and "pub" take the arguments shown, TOPIC being one word):
 //! - "loop": spins forever (CPU: fuel or epochs must interrupt it).
+//! - "spin MS": spins for MS milliseconds (the monotonic clock), then
+//!   answers "spun": a call that runs long but within its limits, which
+//!   a tenant can send back to back without ever being cut.
 //! - "alloc": leaks and touches 1 MiB blocks until `memory.grow` fails, which
 //!   traps (memory bomb: the memory cap must hold).
 //! - "trap-third": arms a trap. Every message the instance gets (text or
@@ -75,7 +78,7 @@
 use std::hint::black_box;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 wit_bindgen::generate!({
     path: "../../wit",
@@ -384,6 +387,13 @@ impl Guest for Hostile {
                 log_err(conn, conn.send_text(&format!("armed n={n}")));
             }
             ("loop", None) => spin_forever(),
+            ("spin", Some(ms)) => {
+                let until = Instant::now() + Duration::from_millis(ms);
+                while Instant::now() < until {
+                    black_box(());
+                }
+                log_err(conn, conn.send_text("spun"));
+            }
             ("alloc", None) => exhaust_memory(),
             ("nap", Some(ms)) => {
                 std::thread::sleep(Duration::from_millis(ms));

@@ -64,8 +64,16 @@ pub(super) async fn call_with(
     Conn::sync_outbox(&mut instance, backlog, state);
     if movable {
         drop(instance);
-        let penalized = slots.share.penalized();
-        return Some(call_movable(slots.handler, inbox, last, penalized).await);
+        // Where it starts: a tenant over its share of late on the idle
+        // lane, one whose calls ran long of late on the long lane.
+        let from = if slots.share.penalized() {
+            Some(idle_pool::Lane::Idle)
+        } else if slots.share.runs_long() {
+            Some(idle_pool::Lane::Long)
+        } else {
+            None
+        };
+        return Some(call_movable(slots.handler, inbox, last, from).await);
     }
     let r = match last {
         Some(one) if inbox.is_empty() => instance.on_message(one).await,
@@ -83,14 +91,14 @@ const MOVABLE_MAX: usize = 64 * 1024;
 /// A call that may leave the workers for a
 /// [lane](crate::runtime::idle_pool) of its own: the connection's own
 /// instance and a copy of the messages go with it, and come back when it
-/// is done. A tenant over its share of late (`penalized`) starts on the
-/// idle lane; any other call starts here and moves at the first tick where
-/// it has run long (to the long lane) or its tenant is over (idle lane).
+/// is done. It starts on `from` (`None`: here) and moves at the first tick
+/// where it has run long (to the long lane) or its tenant is over (idle
+/// lane).
 async fn call_movable(
     handler: &mut Handler,
     inbox: &Inbox,
     last: Option<Message<'_>>,
-    penalized: bool,
+    from: Option<idle_pool::Lane>,
 ) -> Result<(), PluginError> {
     let Some(mut instance) = handler.lend() else {
         return Ok(());
@@ -111,11 +119,7 @@ async fn call_movable(
         // the workers should not do for it.
         (r.is_ok().then_some(instance), r)
     };
-    let done = if penalized {
-        idle_pool::run(idle_pool::Lane::Idle, call).await
-    } else {
-        idle_pool::run_movable(call, moved).await
-    };
+    let done = idle_pool::run_movable(call, moved, from).await;
     match done {
         Ok((instance, r)) => {
             if let Some(instance) = instance {

@@ -387,3 +387,23 @@ async fn past_the_buffer_budget_a_large_holder_waits_then_gets_1013() {
     small.send_text("still").await;
     assert_eq!(small.recv_text().await, "still");
 }
+
+#[tokio::test]
+async fn a_tenant_whose_call_ran_long_starts_its_next_calls_off_the_workers() {
+    // A CPU share makes the tenant's message calls movable, as on a server
+    // with several tenants.
+    let shared = shared("cpu_share = 1.0", "");
+    let share = shared.tenants.get("default").expect("a tenant").cpu.clone();
+    let mut peer = Peer::connect(&shared, 64 << 10).await;
+    peer.send_text("quick").await;
+    assert_eq!(peer.recv_text().await, "quick");
+    assert!(!share.runs_long());
+    // Past LONG_CALL on this worker it moves to the long lane, where past
+    // LONG_TENANT (its CPU clock) it marks the tenant.
+    peer.send_text("sleep 30").await;
+    assert_eq!(peer.recv_text().await, "slept");
+    assert!(share.runs_long());
+    // Its next call runs there from the start, and still answers.
+    peer.send_text("after").await;
+    assert_eq!(peer.recv_text().await, "after");
+}
