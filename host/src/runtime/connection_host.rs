@@ -165,7 +165,7 @@ pub fn close_code_number(code: CloseCode) -> Result<u16, ErrorCode> {
         CloseCode::PolicyViolation => Code::POLICY_VIOLATION,
         CloseCode::MessageTooBig => Code::MESSAGE_TOO_BIG,
         CloseCode::InternalError => Code::INTERNAL_ERROR,
-        CloseCode::Application(n @ 3000..=4999) => n,
+        CloseCode::Application(n) if Code::is_application(n) => n,
         CloseCode::Application(_) => return Err(ErrorCode::InvalidCode),
     })
 }

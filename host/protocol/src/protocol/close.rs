@@ -32,6 +32,12 @@ impl CloseCode {
     pub const TRY_AGAIN_LATER: u16 = 1013;
     /// A gateway got a bad response upstream.
     pub const BAD_GATEWAY: u16 = 1014;
+
+    /// Whether `code` is in the range left to applications: 3000-3999
+    /// registered with IANA, 4000-4999 private use (section 7.4.2).
+    pub fn is_application(code: u16) -> bool {
+        matches!(code, 3000..=4999)
+    }
 }
 
 /// Whether `code` may appear in a Close frame on the wire (received or
@@ -41,7 +47,7 @@ impl CloseCode {
 /// 0-999 and 5000+ are undefined, so a frame carrying them is a protocol
 /// error.
 pub fn is_valid(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+    matches!(code, 1000..=1003 | 1007..=1014) || CloseCode::is_application(code)
 }
 
 #[cfg(test)]
