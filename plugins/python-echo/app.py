@@ -21,6 +21,7 @@ import sys
 from componentize_py_types import Err
 from wit_world import exports
 from wit_world.exports.batch_handler import Message, Message_Text
+from wit_world.imports import latin1
 from wit_world.imports.connection import Connection
 from wit_world.imports.types import (
     Accept,
@@ -46,12 +47,13 @@ def echo_text(conn: Connection, text: str) -> None:
 
 
 def echo_binary(conn: Connection, data: bytes) -> None:
-    # Note: componentize-py 0.25.1 does not free the buffer it copies a
-    # `bytes` argument into for the host, so every send_binary leaks its
-    # size until the instance (the connection) ends; size
-    # `plugin.memory_limit` for the binary traffic of one connection.
+    # Sent as a latin-1 string (`wharf:websocket/latin1`): componentize-py
+    # 0.25.1 never frees the buffer it lowers a `bytes` argument into, so
+    # `conn.send_binary(data)` would leak its size in every call until the
+    # instance ends; a `str` argument is freed. The host turns each code
+    # point (U+0000-U+00FF) back into its byte.
     try:
-        conn.send_binary(data)
+        latin1.send_binary(conn, data.decode("latin-1"))
     except Err as e:
         print(f"echo: connection {conn.id()}: {e.value}", file=sys.stderr)
 

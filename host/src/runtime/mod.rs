@@ -11,6 +11,7 @@ pub mod cpu_share;
 pub mod engine;
 pub mod idle_pool;
 pub mod inspect;
+pub mod latin1_host;
 pub mod limits;
 pub mod log_stream;
 pub mod peers_host;
@@ -241,10 +242,11 @@ impl Runtime {
         // The world's interfaces one by one: `connection`, `attachment` and
         // `pubsub` are this crate's own (see their modules), the others
         // `bindgen!`'s.
-        use self::bindings::wharf::websocket::{config, peers, types};
+        use self::bindings::wharf::websocket::{config, latin1, peers, types};
         types::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
         config::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
         peers::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
+        latin1::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
         connection_host::add_to_linker(&mut linker)?;
         pubsub_host::add_to_linker(&mut linker)?;
         attachment_host::add_to_linker(&mut linker)?;
