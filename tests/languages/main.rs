@@ -744,14 +744,19 @@ fn chat_library(lang: &Lang, wasm: &Path) {
     );
 }
 
-/// The chat checks against `server`, then [`chat_library`].
-fn chat(lang: &Lang, wasm: &Path, server: Server) {
-    let name = lang.file;
-    let tokio = tokio::runtime::Builder::new_multi_thread()
+/// A runtime for a test's clients: two workers, like the CI machine's cores.
+fn two_workers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
+        .expect("a tokio runtime")
+}
+
+/// The chat checks against `server`, then [`chat_library`].
+fn chat(lang: &Lang, wasm: &Path, server: Server) {
+    let name = lang.file;
+    let tokio = two_workers();
     let started = Instant::now();
     tokio.block_on(chat_checks(&server));
     eprintln!(
@@ -769,11 +774,7 @@ fn language(lang: &Lang) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     measure(lang, &wasm);
     let server = start_server(lang, &wasm);
-    let tokio = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let tokio = two_workers();
     tokio.block_on(echo_checks(&server));
     eprintln!("[{}] end-to-end echo checks passed", lang.file);
     autobahn(lang.file, &server);
@@ -818,11 +819,7 @@ fn go_echo_shared() {
         wasm.display().to_string()
     );
     let server = Server::start(opts);
-    let tokio = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let tokio = two_workers();
     let started = Instant::now();
     tokio.block_on(async {
         let server = &server;
