@@ -5,9 +5,10 @@
 //! `cargo bench --bench neighbours -- [--seconds S] [--connections N]
 //! [--attackers N] [--attack NAME] [--cpu-share CORES] [--rounds N]`
 //! (default 4 s per phase, 3 rounds of a quiet and an attacked phase per
-//! attack, the median of each figure reported, 50 echo connections with one 32 B message in flight each, 4
-//! attacking connections that reconnect whenever they are cut, and the
-//! hostile tenant's `cpu_share` left at its default: half the cores).
+//! attack, the median of each figure reported, 50 echo connections with
+//! one 32 B message in flight each, 4 attacking connections that reconnect
+//! whenever they are cut, and the hostile tenant's `cpu_share` left at its
+//! default: half the cores).
 //!
 //! The server runs with two tokio workers (`TOKIO_WORKER_THREADS=2`) and is
 //! not pinned: the question is whether one tenant's plugin can take the

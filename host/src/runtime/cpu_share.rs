@@ -74,27 +74,36 @@ impl CpuShare {
             let used = i64::try_from(used.as_micros()).unwrap_or(i64::MAX);
             let before = self.level.fetch_sub(used, Ordering::Relaxed);
             if before.saturating_sub(used) < 0 {
-                let until = self.now().saturating_add(PENALTY.as_micros() as u64);
-                self.penalized_until.fetch_max(until, Ordering::Relaxed);
+                self.mark(&self.penalized_until);
             }
         }
     }
 
     /// Whether the tenant went over its share within the last [`PENALTY`].
     pub fn penalized(&self) -> bool {
-        self.is_limited() && self.now() < self.penalized_until.load(Ordering::Relaxed)
+        self.marked(&self.penalized_until)
     }
 
     /// One of the tenant's calls has run long.
     pub fn ran_long(&self) {
-        let until = self.now().saturating_add(PENALTY.as_micros() as u64);
-        self.long_until.fetch_max(until, Ordering::Relaxed);
+        self.mark(&self.long_until);
     }
 
     /// Whether one of the tenant's calls ran long within the last
     /// [`PENALTY`]: its calls should start on the long lane.
     pub fn runs_long(&self) -> bool {
-        self.is_limited() && self.now() < self.long_until.load(Ordering::Relaxed)
+        self.marked(&self.long_until)
+    }
+
+    /// Sets `until` to [`PENALTY`] from now (never earlier than it was).
+    fn mark(&self, until: &AtomicU64) {
+        let end = self.now().saturating_add(PENALTY.as_micros() as u64);
+        until.fetch_max(end, Ordering::Relaxed);
+    }
+
+    /// Whether a limited tenant's `until` is still ahead.
+    fn marked(&self, until: &AtomicU64) -> bool {
+        self.is_limited() && self.now() < until.load(Ordering::Relaxed)
     }
 
     /// Microseconds since `start`.

@@ -120,14 +120,16 @@ pub async fn run_movable<T: Send + 'static>(
     from: Option<Lane>,
 ) -> Result<T, JoinError> {
     let call = Box::pin(call);
-    match from {
-        Some(Lane::Idle) => run(Lane::Idle, call).await,
-        Some(Lane::Long) => run(Lane::Long, on_long_lane(call, moved)).await?,
+    let (lane, call) = match from {
+        Some(lane) => (lane, call),
         None => match poll_until_moved(call, &moved, 0).await {
-            Ok(done) => Ok(done),
-            Err((Lane::Idle, call)) => run(Lane::Idle, call).await,
-            Err((Lane::Long, call)) => run(Lane::Long, on_long_lane(call, moved)).await?,
+            Ok(done) => return Ok(done),
+            Err(moved_to) => moved_to,
         },
+    };
+    match lane {
+        Lane::Idle => run(Lane::Idle, call).await,
+        Lane::Long => run(Lane::Long, on_long_lane(call, moved)).await?,
     }
 }
 
