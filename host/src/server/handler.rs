@@ -20,8 +20,9 @@ pub(super) enum Handler {
     Own {
         /// `None` once it failed, or while the connection hibernates.
         instance: Option<PluginInstance>,
-        /// While hibernating: what the next instance resumes from.
-        parked: Option<ConnectionEntry>,
+        /// While hibernating: what the next instance resumes from (boxed:
+        /// every connection would carry its room inline, live ones too).
+        parked: Option<Box<ConnectionEntry>>,
     },
     /// Shared mode.
     Shared(Member),
@@ -82,7 +83,7 @@ impl Handler {
                     // Boxed: resuming is rare, and its state (a store being
                     // built) would otherwise add ~320 bytes to every
                     // connection's task.
-                    *instance = Some(Box::pin(plugin.instantiate_with(id, Some(entry))).await?);
+                    *instance = Some(Box::pin(plugin.instantiate_with(id, Some(*entry))).await?);
                     tracing::debug!(conn = id, "resumed from hibernation");
                 }
                 Ok(instance.as_mut().map(Acquired::Own))
@@ -146,8 +147,8 @@ impl Handler {
         let Handler::Own { instance, parked } = self else {
             return None;
         };
-        *parked = instance.take()?.hibernate();
-        parked.as_mut()
+        *parked = instance.take()?.hibernate().map(Box::new);
+        parked.as_deref_mut()
     }
 
     /// The connection ended: its own instance is released, or it leaves

@@ -308,6 +308,14 @@ impl Conn {
         if self.closed.is_some() {
             return;
         }
+        // Boxed: it runs once, and every step that can end the connection
+        // awaits it, so inline its plugin call's state would be carried by
+        // every connection for its whole life (hibernated ones too).
+        Box::pin(self.close_call(info)).await
+    }
+
+    /// `on-close`, and the instance released.
+    async fn close_call(&mut self, info: CloseInfo) {
         tracing::debug!(conn = self.id, code = info.code, clean = info.clean, reason = %info.reason, "closed");
         self.shared.metrics.connection_closed(info.code, info.clean);
         let closed = self.closed.insert(info);

@@ -297,6 +297,9 @@ impl Conn {
     async fn take_input(&mut self, read: &mut ReadBuffer) {
         if !read.bytes.is_empty() {
             let input = read.bytes.split();
+            // Inline, though the plugin calls' state is most of the task's
+            // size (3.4 KiB, idle connections too): boxed per read it cost
+            // 600 instructions an echo (callgrind) for 1.8 KiB less RSS each.
             self.process_input(&input).await;
             read.bytes = reuse(std::mem::take(&mut read.bytes), input);
         }

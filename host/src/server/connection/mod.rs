@@ -58,9 +58,14 @@ pub(crate) async fn run<S>(
         }
     };
     drop(handshake);
-    let Some((mut conn, buf, permits)) = opened else {
+    let Some(opened) = opened else {
         return;
     };
+    let upgrade::Opened {
+        mut conn,
+        buf,
+        permits,
+    } = *opened;
     conn.drive(&mut reader, &mut writer, buf, tls).await;
     drop(permits);
 }

@@ -42,15 +42,23 @@ pub(super) struct Accepted {
     pub address: Option<AddressPlace>,
 }
 
-/// The opening handshake, up to `on-open`: the open connection, the bytes
-/// read past the request, and the capacity it holds. The tenant is chosen,
+/// An opened connection, the bytes read past its request, and the capacity
+/// it holds. Boxed when returned: the task that awaits it keeps its result
+/// slot for life, and would carry the connection there twice.
+pub(super) struct Opened {
+    pub conn: Conn,
+    pub buf: BytesMut,
+    pub permits: Permits,
+}
+
+/// The opening handshake, up to `on-open`. The tenant is chosen,
 /// and its origin rule and connection limit applied, before any plugin runs.
 pub(super) async fn open<R, W>(
     reader: &mut R,
     writer: &mut W,
     accepted: Accepted,
     shared: &Arc<Shared>,
-) -> Option<(Conn, BytesMut, Permits)>
+) -> Option<Box<Opened>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -196,7 +204,7 @@ where
         _server: permit,
         _address: address,
     };
-    Some((conn, buf, permits))
+    Some(Box::new(Opened { conn, buf, permits }))
 }
 
 /// What the plugin's answer to an upgrade means for the client.
