@@ -141,6 +141,18 @@ impl Handler {
         )
     }
 
+    /// Whether the connection is hibernated: its instance released, what
+    /// the next one resumes from kept.
+    pub fn is_parked(&self) -> bool {
+        matches!(
+            self,
+            Handler::Own {
+                parked: Some(_),
+                ..
+            }
+        )
+    }
+
     /// Releases the connection's own instance, keeping what the next one
     /// resumes from. Returns the parked entry.
     pub fn hibernate(&mut self) -> Option<&mut ConnectionEntry> {

@@ -2,7 +2,9 @@
 //! each pass is a few named steps (input to the plugin, counts to the
 //! metrics, output to the socket, the deadlines), then one wait for
 //! whatever comes next (a read, a write, a publish, a swap, a timer,
-//! shutdown), which the pass hands to the step that deals with it.
+//! shutdown), which the pass hands to the step that deals with it. The
+//! passes of an awake connection run in a boxed future; a hibernated one
+//! waits outside it, so an idle server's connections are small.
 
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -64,7 +66,7 @@ struct ReadBuffer {
 }
 
 /// This pass's deadlines.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 struct Deadlines {
     /// The protocol's timers (ping, idle, close handshake).
     protocol: Option<Instant>,
@@ -96,6 +98,26 @@ enum Wake {
     /// Connections gave bytes back to the server's budget.
     BudgetFreed,
     Timer,
+}
+
+/// What wakes a waiting connection besides its socket: kept across its
+/// awake and asleep passes.
+struct Wakers<'a> {
+    shutdown: Watcher,
+    timer: Pin<&'a mut Sleep>,
+    /// A shared instance's member is woken by other connections' calls.
+    peer: Option<&'a Notify>,
+}
+
+/// How the awake passes ended.
+#[derive(PartialEq, Eq)]
+enum Pass {
+    /// Hibernated: the next wait is made asleep, with these deadlines.
+    Asleep(Deadlines),
+    /// The WebSocket is done, its output written.
+    Closed,
+    /// The transport is gone, or given up on: no lingering close.
+    Dropped,
 }
 
 /// Whether the loop goes on after a step.
@@ -220,7 +242,7 @@ impl Conn {
     {
         let mut d = Driver::new(rbuf, tls);
         // Registered once, not on every pass (see `crate::beacon`).
-        let mut shutdown = self.shared.stop.watch();
+        let shutdown = self.shared.stop.watch();
         // A shutdown that began before the watch was made fired already.
         if self.shared.shutdown.is_cancelled() {
             let _ = self.on_shutdown(&mut d);
@@ -230,37 +252,74 @@ impl Conn {
         // One timer for the connection's life (see `Driver::arm`).
         let timer = tokio::time::sleep_until(tokio::time::Instant::now());
         tokio::pin!(timer);
-        loop {
-            self.take_input(&mut d.read).await;
-            self.publish_counts();
-            if self.write_ready(writer, &mut d).await == Flow::Drop {
-                return;
+        let mut wakers = Wakers {
+            shutdown,
+            timer: timer.as_mut(),
+            peer: peer_wake.as_deref(),
+        };
+        let mut woke = None;
+        let end = loop {
+            // Boxed, while awake: its steps' plugin calls are most of the
+            // task's state (3.4 KiB), which a hibernated connection, most
+            // of an idle server's, then does not carry while it sleeps.
+            let awake = self.awake(&mut d, reader, writer, &mut wakers, woke.take());
+            match Box::pin(awake).await {
+                Pass::Asleep(deadlines) => {
+                    let wake = self.wait(&mut d, reader, writer, &mut wakers).await;
+                    woke = Some((wake, deadlines));
+                }
+                end => break end,
             }
-            if self.ws.is_closed() && !self.ws.has_output() && !d.needs_flush {
-                break;
-            }
-            self.account(&mut d);
-            let deadlines = self.deadlines(&mut d);
-            d.arm(timer.as_mut(), deadlines.earliest());
-            let wake = self
-                .wait(
-                    &mut d,
-                    reader,
-                    writer,
-                    &mut shutdown,
-                    timer.as_mut(),
-                    peer_wake.as_deref(),
-                )
-                .await;
-            let flow = self.on_wake(wake, &mut d, reader, deadlines).await;
-            if flow == Flow::Drop {
-                return;
-            }
+        };
+        if end == Pass::Dropped {
+            return;
         }
         // The WebSocket is done: its version no longer serves it (a drain
         // deploy sees it gone now, not after the peer's TCP close).
         self.serving.release();
         self.linger(reader, writer, &mut d.read.bytes).await;
+    }
+
+    /// The loop's passes while the connection is awake (not hibernated),
+    /// starting with the step for `woke` if the wait that ended it was
+    /// made asleep.
+    async fn awake<R, W>(
+        &mut self,
+        d: &mut Driver,
+        reader: &mut R,
+        writer: &mut W,
+        wakers: &mut Wakers<'_>,
+        woke: Option<(Wake, Deadlines)>,
+    ) -> Pass
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if let Some((wake, deadlines)) = woke
+            && self.on_wake(wake, d, reader, deadlines).await == Flow::Drop
+        {
+            return Pass::Dropped;
+        }
+        loop {
+            self.take_input(&mut d.read).await;
+            self.publish_counts();
+            if self.write_ready(writer, d).await == Flow::Drop {
+                return Pass::Dropped;
+            }
+            if self.ws.is_closed() && !self.ws.has_output() && !d.needs_flush {
+                return Pass::Closed;
+            }
+            self.account(d);
+            let deadlines = self.deadlines(d);
+            d.arm(wakers.timer.as_mut(), deadlines.earliest());
+            if self.handler.is_parked() {
+                return Pass::Asleep(deadlines);
+            }
+            let wake = self.wait(d, reader, writer, wakers).await;
+            if self.on_wake(wake, d, reader, deadlines).await == Flow::Drop {
+                return Pass::Dropped;
+            }
+        }
     }
 
     /// Hands what ended the wait to the step for it.
@@ -379,9 +438,7 @@ impl Conn {
         d: &mut Driver,
         reader: &mut R,
         writer: &mut W,
-        shutdown: &mut Watcher,
-        timer: Pin<&mut Sleep>,
-        peer_wake: Option<&Notify>,
+        wakers: &mut Wakers<'_>,
     ) -> Wake
     where
         R: AsyncRead + Unpin,
@@ -393,6 +450,12 @@ impl Conn {
         let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
         let filled = self.ws.output_slices(&mut slices);
         let needs_flush = d.needs_flush;
+        let Wakers {
+            shutdown,
+            timer,
+            peer: peer_wake,
+        } = wakers;
+        let peer_wake = *peer_wake;
         tokio::select! {
             biased;
             _ = shutdown.fired(), if !d.shutting_down => Wake::Shutdown,
@@ -402,7 +465,7 @@ impl Conn {
             published = next_published(&mut self.mailbox), if self.mailbox.is_some() && open => Wake::Published(published),
             read = reader.read_buf(&mut d.read.bytes), if want_read => Wake::Read(read, spare),
             _ = self.shared.budget.freed(), if d.budget_since.is_some() => Wake::BudgetFreed,
-            _ = timer, if d.armed.is_some() => Wake::Timer,
+            _ = timer.as_mut(), if d.armed.is_some() => Wake::Timer,
         }
     }
 
