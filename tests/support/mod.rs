@@ -382,10 +382,6 @@ impl Server {
             .cloned()
     }
 
-    pub fn log_contains(&self, needle: &str) -> bool {
-        self.log_line(&[needle]).is_some()
-    }
-
     /// Waits (up to `timeout`) for a log line containing every one of `needles`.
     pub async fn wait_log(&self, needles: &[&str], timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
