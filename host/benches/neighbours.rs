@@ -4,8 +4,9 @@
 //!
 //! `cargo bench --bench neighbours -- [--seconds S] [--connections N]
 //! [--attackers N] [--attack NAME] [--cpu-share CORES] [--rounds N]`
-//! (default 4 s per phase, 3 rounds of a quiet and an attacked phase per
-//! attack, the median of each figure reported, 50 echo connections with
+//! (default 2 s per phase, 5 rounds of a quiet and an attacked phase per
+//! attack; rates are the rounds' medians, p99s are taken over all the
+//! rounds' echoes of a kind together; 50 echo connections with
 //! one 32 B message in flight each, 4 attacking connections that reconnect
 //! whenever they are cut, and the hostile tenant's `cpu_share` left at its
 //! default: half the cores).
@@ -17,9 +18,10 @@
 //! Every echo is checked. Under `cargo test` (no `--bench`) it is a smoke
 //! run: half a second per phase, figures not meaningful.
 
+use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -57,8 +59,8 @@ struct Options {
     only: Option<String>,
     /// The hostile tenant's `limits.cpu_share`; `None`: the default.
     cpu_share: Option<f64>,
-    /// Quiet and attacked phases per attack; the medians are reported
-    /// (one 3 s phase's p99 moves by ±30% on a quiet machine).
+    /// Quiet and attacked phases per attack (one 3 s phase's p99 moves by
+    /// ±30% on a quiet machine, so p99s are pooled over the rounds).
     rounds: usize,
     smoke: bool,
 }
@@ -79,14 +81,14 @@ fn main() -> Result<()> {
         phase: if smoke {
             Duration::from_millis(500)
         } else {
-            Duration::from_secs_f64(option(&args, "--seconds").unwrap_or(4.0))
+            Duration::from_secs_f64(option(&args, "--seconds").unwrap_or(2.0))
         },
         connections: option(&args, "--connections").unwrap_or(if smoke { 10 } else { 50 }),
         attackers: option(&args, "--attackers").unwrap_or(if smoke { 1 } else { 4 }),
         only: option(&args, "--attack"),
         cpu_share: option(&args, "--cpu-share"),
         rounds: option(&args, "--rounds")
-            .unwrap_or(if smoke { 1 } else { 3 })
+            .unwrap_or(if smoke { 1 } else { 5 })
             .max(1),
         smoke,
     };
@@ -276,66 +278,172 @@ async fn good_load(addr: &str, connections: usize, phase: Duration) -> Result<Ve
 }
 
 /// Attacking connections: each upgrades, sends its messages, waits to be
-/// cut (or for 2 s), and starts again, until `stop`. Returns how many
-/// attacks were made.
+/// cut (or for 2 s), and starts again, until `stop`. They run on a thread
+/// of their own (named `attackers`, its CPU is reported), so that
+/// absorbing a flood does not queue the good tenant's load generator
+/// behind it: the harm measured is the server's, not the bench's own.
+/// Returns how many attacks were made.
 fn attack(
     addr: &str,
     attackers: usize,
     messages: &'static [&'static str],
     stop: Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<u64>> {
-    (0..attackers)
-        .map(|_| {
-            let addr = addr.to_owned();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let attacks = AtomicU64::new(0);
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok(mut s) = upgrade(&addr, "/bad").await else {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    };
-                    attacks.fetch_add(1, Ordering::Relaxed);
-                    for m in messages {
-                        if s.write_all(&text_frame(m.as_bytes())).await.is_err() {
-                            break;
+) -> std::thread::JoinHandle<u64> {
+    let addr = addr.to_owned();
+    std::thread::Builder::new()
+        .name("attackers".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("attackers' runtime");
+            runtime.block_on(async move {
+                let one = |addr: String, stop: Arc<AtomicBool>| async move {
+                    let mut attacks = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok(mut s) = upgrade(&addr, "/bad").await else {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        };
+                        attacks += 1;
+                        for m in messages {
+                            if s.write_all(&text_frame(m.as_bytes())).await.is_err() {
+                                break;
+                            }
                         }
-                    }
-                    // Read (and discard) until the host cuts us off.
-                    let mut sink = vec![0u8; 64 * 1024];
-                    let until = Instant::now() + Duration::from_secs(2);
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < until {
-                        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut sink))
+                        // Read (and discard) until the host cuts us off.
+                        let mut sink = vec![0u8; 64 * 1024];
+                        let until = Instant::now() + Duration::from_secs(2);
+                        while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                            match tokio::time::timeout(
+                                Duration::from_millis(100),
+                                s.read(&mut sink),
+                            )
                             .await
-                        {
-                            Ok(Ok(0)) | Ok(Err(_)) => break,
-                            _ => {}
+                            {
+                                Ok(Ok(0)) | Ok(Err(_)) => break,
+                                _ => {}
+                            }
                         }
                     }
-                }
-                attacks.load(Ordering::Relaxed)
+                    attacks
+                };
+                let all = (0..attackers).map(|_| one(addr.clone(), stop.clone()));
+                futures_util::future::join_all(all).await.into_iter().sum()
             })
         })
-        .collect()
+        .expect("spawn the attackers' thread")
 }
 
-struct Figures {
-    rate: f64,
-    p99: u32,
-}
-
-fn figures(mut latencies: Vec<u32>, phase: Duration) -> Figures {
-    latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
+/// CPU time used so far by each thread of process `pid`, summed by thread
+/// name (`wharf-worker` for wharf's workers, `wharf-long` and
+/// `wharf-idle` for its lanes).
+fn thread_cpu(pid: &str) -> HashMap<String, Duration> {
+    let tick = Duration::from_secs(1) / (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u32);
+    let mut by_name = HashMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
     };
-    Figures {
-        rate: latencies.len() as f64 / phase.as_secs_f64(),
-        p99: pct(0.99),
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // "tid (comm) state ppid ...": utime and stime are the 12th and
+        // 13th fields after the comm, which may itself hold spaces.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_owned();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks: u32 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i)?.parse::<u32>().ok())
+            .sum();
+        *by_name.entry(name).or_default() += tick * ticks;
     }
+    by_name
+}
+
+/// Cores used per thread group between two `thread_cpu` readings.
+struct Cpu {
+    workers: f64,
+    lanes: f64,
+    attackers: f64,
+}
+
+impl Cpu {
+    fn between(
+        server: (&HashMap<String, Duration>, &HashMap<String, Duration>),
+        bench: (&HashMap<String, Duration>, &HashMap<String, Duration>),
+        phase: Duration,
+    ) -> Cpu {
+        let used = |(a, b): (&HashMap<String, Duration>, &HashMap<String, Duration>),
+                    names: &[&str]| {
+            let sum = |m: &HashMap<String, Duration>| {
+                names
+                    .iter()
+                    .filter_map(|n| m.get(*n))
+                    .sum::<Duration>()
+                    .as_secs_f64()
+            };
+            (sum(b) - sum(a)).max(0.0) / phase.as_secs_f64()
+        };
+        Cpu {
+            workers: used(server, &["wharf-worker"]),
+            lanes: used(server, &["wharf-long", "wharf-idle"]),
+            attackers: used(bench, &["attackers"]),
+        }
+    }
+}
+
+/// One phase: its echoes' latencies (µs), sorted, and its rate.
+struct Phase {
+    latencies: Vec<u32>,
+    rate: f64,
+    cpu: Cpu,
+}
+
+impl Phase {
+    /// Runs the good tenant's load for one phase, and reads the CPU each
+    /// group of threads used meanwhile.
+    async fn run(server: &Server, opts: &Options) -> Result<Phase> {
+        let pid = server
+            .child
+            .id()
+            .map_or_else(String::new, |p| p.to_string());
+        let before = (thread_cpu(&pid), thread_cpu("self"));
+        let start = Instant::now();
+        let mut latencies = good_load(&server.addr, opts.connections, opts.phase).await?;
+        let elapsed = start.elapsed();
+        let after = (thread_cpu(&pid), thread_cpu("self"));
+        latencies.sort_unstable();
+        Ok(Phase {
+            rate: latencies.len() as f64 / opts.phase.as_secs_f64(),
+            latencies,
+            cpu: Cpu::between((&before.0, &after.0), (&before.1, &after.1), elapsed),
+        })
+    }
+
+    fn p99(&self) -> u32 {
+        p99(&self.latencies)
+    }
+}
+
+/// The 99th percentile of sorted latencies.
+fn p99(sorted: &[u32]) -> u32 {
+    let i = (sorted.len() as f64 * 0.99) as usize;
+    sorted
+        .get(i.min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// The p99 of every echo of the given phases together: a tail from all the
+/// rounds' samples, steadier than any one phase's (which moves by ±30%).
+fn pooled_p99<'a>(phases: impl Iterator<Item = &'a Phase>) -> u32 {
+    let mut all: Vec<u32> = phases.flat_map(|p| p.latencies.iter().copied()).collect();
+    all.sort_unstable();
+    p99(&all)
 }
 
 async fn bench(opts: Options) -> Result<()> {
@@ -351,14 +459,14 @@ async fn bench(opts: Options) -> Result<()> {
             )),
     );
     println!(
-        "each attack is compared with a quiet phase run just before it, so that drift in the machine's speed does not count as harm; {} round(s) per attack, medians shown (the ratios are the medians of each round's ratio)",
+        "each attack is compared with a quiet phase run just before it, so that drift in the machine's speed does not count as harm; {} round(s) per attack; rates and the throughput ratio are medians of the rounds, p99s are of all the rounds' echoes of a kind pooled, and the range is the rounds' own p99 ratios; cores are the CPU each group of threads used, medians of the rounds",
         opts.rounds
     );
     println!();
     println!(
-        "| attack | quiet msgs/s | msgs/s | quiet p99 µs | p99 µs | throughput ratio | p99 ratio | attacks | bad tenant's breaches (metrics) |"
+        "| attack | quiet msgs/s | throughput ratio | p99 µs, quiet → attacked | p99 ratio | rounds' p99 ratios | server cores: workers, lanes (quiet → attacked) | attackers' client cores | attacks | bad tenant's breaches (metrics) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (name, messages) in ATTACKS {
         if opts.only.as_deref().is_some_and(|o| !name.contains(o)) {
             continue;
@@ -367,22 +475,16 @@ async fn bench(opts: Options) -> Result<()> {
         let mut rounds = Vec::new();
         let mut attacks = 0;
         for _ in 0..opts.rounds {
-            let quiet = figures(
-                good_load(&server.addr, opts.connections, opts.phase).await?,
-                opts.phase,
-            );
+            let quiet = Phase::run(&server, &opts).await?;
             let stop = Arc::new(AtomicBool::new(false));
             let attackers = attack(&server.addr, opts.attackers, messages, stop.clone());
             // Let the attack get going before measuring.
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let loud = figures(
-                good_load(&server.addr, opts.connections, opts.phase).await?,
-                opts.phase,
-            );
+            let loud = Phase::run(&server, &opts).await?;
             stop.store(true, Ordering::Relaxed);
-            for a in attackers {
-                attacks += a.await?;
-            }
+            attacks += tokio::task::spawn_blocking(move || attackers.join())
+                .await?
+                .map_err(|_| anyhow::anyhow!("the attackers' thread panicked"))?;
             if opts.smoke && loud.rate == 0.0 {
                 bail!("the good tenant was not served during {name}");
             }
@@ -408,19 +510,27 @@ async fn bench(opts: Options) -> Result<()> {
                     .then(|| format!("{} {label}", v - was))
             })
             .collect();
-        let median = |f: &dyn Fn(&(Figures, Figures)) -> f64| {
+        let sorted = |f: &dyn Fn(&(Phase, Phase)) -> f64| {
             let mut v: Vec<f64> = rounds.iter().map(f).collect();
             v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
+            v
         };
+        let median = |f: &dyn Fn(&(Phase, Phase)) -> f64| sorted(f)[rounds.len() / 2];
+        let quiet_p99 = pooled_p99(rounds.iter().map(|(q, _)| q));
+        let loud_p99 = pooled_p99(rounds.iter().map(|(_, l)| l));
+        let spread = sorted(&|(q, l)| f64::from(l.p99()) / f64::from(q.p99().max(1)));
         println!(
-            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {attacks} | {} |",
+            "| {name} | {:.0} | {:.2} | {quiet_p99} → {loud_p99} | {:.2} | {:.2}–{:.2} | {:.2}, {:.2} → {:.2}, {:.2} | {:.2} | {attacks} | {} |",
             median(&|(q, _)| q.rate),
-            median(&|(_, l)| l.rate),
-            median(&|(q, _)| f64::from(q.p99)),
-            median(&|(_, l)| f64::from(l.p99)),
             median(&|(q, l)| l.rate / q.rate.max(1.0)),
-            median(&|(q, l)| f64::from(l.p99) / f64::from(q.p99.max(1))),
+            f64::from(loud_p99) / f64::from(quiet_p99.max(1)),
+            spread[0],
+            spread[spread.len() - 1],
+            median(&|(q, _)| q.cpu.workers),
+            median(&|(q, _)| q.cpu.lanes),
+            median(&|(_, l)| l.cpu.workers),
+            median(&|(_, l)| l.cpu.lanes),
+            median(&|(_, l)| l.cpu.attackers),
             breaches.join(", ")
         );
     }
