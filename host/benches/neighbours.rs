@@ -29,6 +29,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
+#[path = "common/loadgen.rs"]
+mod loadgen;
+
 /// The attacks: a name and the text messages one attacking connection
 /// sends after its upgrade (each connection is cut by the host, then
 /// reconnects and attacks again).
@@ -229,19 +232,9 @@ async fn upgrade(addr: &str, path: &str) -> Result<TcpStream> {
     Ok(s)
 }
 
-/// A masked (mask 0) text frame.
+/// A client's text frame (mask 0).
 fn text_frame(payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x81];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&[0, 0, 0, 0]);
-    f.extend_from_slice(payload);
-    f
+    loadgen::encode_frame(0x1, payload, [0; 4])
 }
 
 /// Latencies (µs) of every echo the good tenant's connections completed.
