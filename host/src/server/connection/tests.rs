@@ -227,6 +227,24 @@ async fn replies_to_messages_read_before_a_close_go_ahead_of_ours() {
 }
 
 #[tokio::test]
+async fn after_a_clean_close_over_tcp_the_server_hangs_up_first() {
+    // A close timeout far longer than the test: the task may end only by
+    // not waiting for the peer's FIN.
+    let shared = shared("", "[websocket]\nclose_timeout = \"60s\"");
+    let mut peer = Peer::connect(&shared, 64 << 10).await;
+    peer.send(CLOSE, &1000u16.to_be_bytes()).await;
+    assert_eq!(peer.recv_close().await, 1000);
+    // The peer keeps its end open; the server's end closes anyway.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(STEP, peer.io.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+    tokio::time::timeout(STEP, peer.task)
+        .await
+        .expect("the connection's task ends before the peer hangs up")
+        .unwrap();
+}
+
+#[tokio::test]
 async fn queue_full_reaches_the_plugin_while_the_peer_does_not_read() {
     // A 16 KiB send queue behind a 4 KiB pipe nobody reads yet: the plugin's
     // flood meets queue-full (its report does too), and the connection stays
