@@ -18,7 +18,6 @@
 //! Every echo is checked. Under `cargo test` (no `--bench`) it is a smoke
 //! run: half a second per phase, figures not meaningful.
 
-use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -328,36 +327,34 @@ fn attack(
         .expect("spawn the attackers' thread")
 }
 
-/// CPU time used so far by each thread of process `pid`, summed by thread
-/// name (`wharf-worker` for wharf's workers, `wharf-long` and
-/// `wharf-idle` for its lanes).
-fn thread_cpu(pid: &str) -> HashMap<String, Duration> {
-    let tick = Duration::from_secs(1) / (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u32);
-    let mut by_name = HashMap::new();
+/// CPU time used so far by the threads of process `pid` (or `self`) whose
+/// name is one of `names` (`wharf-worker` for wharf's workers, `wharf-long`
+/// and `wharf-idle` for its lanes).
+fn threads_cpu(pid: &str, names: &[&str]) -> Duration {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return by_name;
+        return Duration::ZERO;
     };
-    for task in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        // "tid (comm) state ppid ...": utime and stime are the 12th and
-        // 13th fields after the comm, which may itself hold spaces.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let name = stat[open + 1..close].to_owned();
-        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        let ticks: u32 = [11, 12]
-            .iter()
-            .filter_map(|&i| fields.get(i)?.parse::<u32>().ok())
-            .sum();
-        *by_name.entry(name).or_default() += tick * ticks;
-    }
-    by_name
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|name| names.contains(&name.trim_end()))
+        })
+        .map(|task| loadgen::stat_cpu(&task.path().join("stat")).0)
+        .sum()
 }
 
-/// Cores used per thread group between two `thread_cpu` readings.
+/// CPU used so far by each group of threads: wharf's workers, its lanes,
+/// and this bench's attackers.
+fn cpu_times(server: &str) -> [Duration; 3] {
+    [
+        threads_cpu(server, &["wharf-worker"]),
+        threads_cpu(server, &["wharf-long", "wharf-idle"]),
+        threads_cpu("self", &["attackers"]),
+    ]
+}
+
+/// Cores each group of threads used during a phase.
 struct Cpu {
     workers: f64,
     lanes: f64,
@@ -365,26 +362,13 @@ struct Cpu {
 }
 
 impl Cpu {
-    fn between(
-        server: (&HashMap<String, Duration>, &HashMap<String, Duration>),
-        bench: (&HashMap<String, Duration>, &HashMap<String, Duration>),
-        phase: Duration,
-    ) -> Cpu {
-        let used = |(a, b): (&HashMap<String, Duration>, &HashMap<String, Duration>),
-                    names: &[&str]| {
-            let sum = |m: &HashMap<String, Duration>| {
-                names
-                    .iter()
-                    .filter_map(|n| m.get(*n))
-                    .sum::<Duration>()
-                    .as_secs_f64()
-            };
-            (sum(b) - sum(a)).max(0.0) / phase.as_secs_f64()
-        };
+    fn between(before: [Duration; 3], after: [Duration; 3], phase: Duration) -> Cpu {
+        let cores =
+            |i: usize| after[i].saturating_sub(before[i]).as_secs_f64() / phase.as_secs_f64();
         Cpu {
-            workers: used(server, &["wharf-worker"]),
-            lanes: used(server, &["wharf-long", "wharf-idle"]),
-            attackers: used(bench, &["attackers"]),
+            workers: cores(0),
+            lanes: cores(1),
+            attackers: cores(2),
         }
     }
 }
@@ -404,16 +388,16 @@ impl Phase {
             .child
             .id()
             .map_or_else(String::new, |p| p.to_string());
-        let before = (thread_cpu(&pid), thread_cpu("self"));
+        let before = cpu_times(&pid);
         let start = Instant::now();
         let mut latencies = good_load(&server.addr, opts.connections, opts.phase).await?;
         let elapsed = start.elapsed();
-        let after = (thread_cpu(&pid), thread_cpu("self"));
+        let after = cpu_times(&pid);
         latencies.sort_unstable();
         Ok(Phase {
             rate: latencies.len() as f64 / opts.phase.as_secs_f64(),
             latencies,
-            cpu: Cpu::between((&before.0, &after.0), (&before.1, &after.1), elapsed),
+            cpu: Cpu::between(before, after, elapsed),
         })
     }
 

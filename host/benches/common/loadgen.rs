@@ -163,7 +163,13 @@ pub fn others(core: &Option<usize>, a: &[(u64, u64)], b: &[(u64, u64)], ours: Du
 /// A child's user + system CPU time (all its threads), from /proc/PID/stat:
 /// (user + system, system).
 pub fn process_cpu(pid: u32) -> (Duration, Duration) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu(Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// The CPU time in a `/proc` stat file, a process's or (under `task/`) one
+/// thread's: (user + system, system).
+pub fn stat_cpu(path: &Path) -> (Duration, Duration) {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
     let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
         return (Duration::ZERO, Duration::ZERO);
