@@ -3,7 +3,7 @@
 //! one's ratio to the Rust handler's.
 //!
 //! ```text
-//! cargo bench -p wharf --bench languages -- [--quick] [--lang rust,c,go,python,js|none]
+//! cargo bench -p wharf --bench languages -- [--quick] [--lang rust,c,go,python,js,quickjs|none]
 //!     [--mode per-connection|shared|both] [--load echo|connect|both]
 //!     [--size BYTES] [--binary] [--connections N] [--in-flight N]
 //!     [--duration SECS] [--warmup SECS] [--rounds N]
@@ -100,6 +100,12 @@ const LANGS: &[Lang] = &[
         file: "js_echo",
         shared: true,
     },
+    Lang {
+        name: "quickjs",
+        dir: Some("quickjs-echo"),
+        file: "quickjs_echo",
+        shared: true,
+    },
 ];
 
 fn repo() -> PathBuf {
@@ -124,6 +130,9 @@ fn toolchain_installed(dir: &str) -> bool {
         "python-echo" => t.join("python/venv/bin/componentize-py").is_file(),
         "js-echo" => t.join("js/node_modules/.bin/componentize-js").exists(),
         "go-echo" => t.join("go/venv/bin/go").is_file(),
+        "quickjs-echo" => {
+            t.join("quickjs/rquickjs-sys-0.14.0/.built").is_file() && toolchain_installed("c-echo")
+        }
         "c-echo" => [
             "clang-19",
             "lld-19",
@@ -146,15 +155,22 @@ fn mtime(p: &Path) -> Option<std::time::SystemTime> {
 }
 
 /// The newest modification time of the files `dir`'s build reads: its own
-/// files and the WIT.
-fn sources_mtime(dir: &Path) -> Result<std::time::SystemTime> {
+/// files, the WIT and, for the QuickJS echo, the runtime and the echo.js it
+/// embeds.
+fn sources_mtime(dir: &str) -> Result<std::time::SystemTime> {
     let mut newest = mtime(&repo().join("wit/websocket.wit")).context("wit/websocket.wit")?;
-    for e in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
-        let p = e?.path();
-        if p.is_file()
-            && let Some(t) = mtime(&p)
-        {
-            newest = newest.max(t);
+    let mut dirs = vec![repo().join("plugins").join(dir)];
+    if dir == "quickjs-echo" {
+        dirs.extend([repo().join("tools/quickjs"), repo().join("plugins/js-echo")]);
+    }
+    for d in dirs {
+        for e in std::fs::read_dir(&d).with_context(|| format!("read {}", d.display()))? {
+            let p = e?.path();
+            if p.is_file()
+                && let Some(t) = mtime(&p)
+            {
+                newest = newest.max(t);
+            }
         }
     }
     Ok(newest)
@@ -174,7 +190,7 @@ fn component(lang: &Lang) -> Result<Option<PathBuf>> {
     let out = work_dir().join("plugins");
     let wasm = out.join(format!("{}.wasm", lang.file));
     let src = repo().join("plugins").join(dir);
-    if mtime(&wasm).is_some_and(|t| t >= sources_mtime(&src).unwrap_or(t)) {
+    if mtime(&wasm).is_some_and(|t| t >= sources_mtime(dir).unwrap_or(t)) {
         return Ok(Some(wasm));
     }
     let started = Instant::now();

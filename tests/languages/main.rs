@@ -93,6 +93,18 @@ const JS: Lang = Lang {
     cpu: Duration::from_secs(30),
 };
 
+/// The same echo.js on Wharf's QuickJS runtime (`tools/quickjs`): a 16 MiB
+/// text message is the host's UTF-8, QuickJS's string and the UTF-8 copy
+/// handed back at once (~50 MiB), over the default 64 MiB; converting it
+/// each way takes tens of ms, near the default 200 ms on a loaded machine.
+const QUICKJS: Lang = Lang {
+    dir: "quickjs-echo",
+    file: "quickjs_echo",
+    plugin_limits: "memory_limit = \"128MiB\"\ncpu_time_per_event = \"2s\"",
+    memory: 128 << 20,
+    cpu: Duration::from_secs(2),
+};
+
 /// Compiled C needs no more than the host's defaults.
 const C: Lang = Lang {
     dir: "c-echo",
@@ -793,6 +805,11 @@ fn c_echo() {
 #[test]
 fn js_echo() {
     language(&JS);
+}
+
+#[test]
+fn quickjs_echo() {
+    language(&QUICKJS);
 }
 
 #[test]

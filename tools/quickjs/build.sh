@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Builds a JavaScript handler (one ES module) into a Wharf component running
+# on QuickJS (quickjs-ng), bridged to the WIT by wharf_js.c.
+#
+#   tools/quickjs/build.sh HANDLER.js OUT.wasm
+#
+# Toolchain: Debian's clang-19, lld-19 and wasi-libc (installed with apt-get
+# if missing, as for C), tools/componentize, and the quickjs-ng sources
+# vendored in the crates.io package rquickjs-sys (pinned by version and
+# SHA-256), compiled once into $WHARF_TOOLCHAINS/quickjs (default
+# <repo>/target/toolchains).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+js="${1:?usage: build.sh HANDLER.js OUT.wasm}"
+out="${2:?usage: build.sh HANDLER.js OUT.wasm}"
+[ -f "$js" ] || { echo "build.sh: $js: no such file" >&2; exit 1; }
+toolchains="${WHARF_TOOLCHAINS:-$repo/target/toolchains}"
+mkdir -p "$toolchains" "$(dirname "$out")"
+
+# quickjs-ng 0.16.2, as vendored by rquickjs-sys 0.14.0.
+crate=rquickjs-sys-0.14.0
+crate_sha256=cee271d0eeba64f0915b846cb7ae02e16faf3dfdffdca91731101d9d30fe3423
+qjs="$toolchains/quickjs/$crate"
+# -O2 as quickjs-ng's own release build; unsigned char as it requires.
+qjs_cflags=(--target=wasm32-wasi -O2 -D_GNU_SOURCE -funsigned-char -w)
+qjs_objects=(dtoa libregexp libunicode quickjs)
+
+# --- toolchain (one installer at a time) --------------------------------
+apt_packages=(clang-19 lld-19 wasi-libc libclang-rt-19-dev-wasm32)
+(
+    flock 9
+    missing=()
+    for p in "${apt_packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "build.sh: apt-get install ${missing[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+) 9>"$toolchains/.apt.lock"
+(
+    flock 9
+    cargo build --quiet --release --locked \
+        --manifest-path "$repo/tools/componentize/Cargo.toml" \
+        --target-dir "$toolchains/componentize"
+) 9>"$toolchains/.componentize.lock"
+componentize="$toolchains/componentize/release/componentize"
+(
+    flock 9
+    if [ ! -f "$qjs/.built" ]; then
+        echo "build.sh: fetching and compiling quickjs-ng ($crate from crates.io)" >&2
+        rm -rf "$qjs" && mkdir -p "$qjs"
+        curl -sSfL --retry 3 -o "$qjs.crate" "https://static.crates.io/crates/rquickjs-sys/$crate.crate"
+        echo "$crate_sha256  $qjs.crate" | sha256sum -c --quiet -
+        tar xzf "$qjs.crate" -C "$qjs" --strip-components=1 "$crate/quickjs"
+        rm "$qjs.crate"
+        for o in "${qjs_objects[@]}"; do
+            clang-19 "${qjs_cflags[@]}" -c "$qjs/quickjs/$o.c" -o "$qjs/$o.o" &
+        done
+        wait
+        touch "$qjs/.built"
+    fi
+) 9>"$toolchains/.quickjs.lock"
+
+# --- build ------------------------------------------------------------------
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+# 1. C bindings for batch-handler-world (handler-world plus the optional
+#    batch export: the runtime routes a read's messages to onText/onBinary
+#    when the module has no batchHandler).
+"$componentize" c-bindings "$repo/wit" batch-handler-world "$work"
+# 2. The runtime with the handler's source embedded (#embed "handler.js"),
+#    linked with QuickJS into a wasip1 reactor. A 1 MiB stack placed first:
+#    QuickJS raises RangeError before 768 KiB (JS_STACK_LIMIT), and an
+#    overflow past the stack would trap instead of overwriting data.
+cp "$js" "$work/handler.js"
+objects=()
+for o in "${qjs_objects[@]}"; do objects+=("$qjs/$o.o"); done
+clang-19 --target=wasm32-wasi -mexec-model=reactor -std=gnu23 -O2 -Wall -Wextra -Werror \
+    -I "$work" --embed-dir="$work" -I "$qjs/quickjs" "$here/wharf_js.c" "$work/batch_handler_world.c" \
+    "$work/batch_handler_world_component_type.o" "${objects[@]}" \
+    -Wl,-z,stack-size=1048576 -Wl,--stack-first -Wl,--strip-debug -lm -o "$work/core.wasm"
+# 3. The component: wasip1 imports adapted to WASI preview2.
+"$componentize" new "$work/core.wasm" "$out.tmp"
+mv "$out.tmp" "$out"
+echo "build.sh: built $out" >&2

@@ -1,0 +1,888 @@
+// Wharf's JavaScript runtime: QuickJS (quickjs-ng) bridged to the world
+// `batch-handler-world` of wit/websocket.wit.
+//
+// build.sh compiles this file with the handler's ES module embedded and
+// the C bindings `componentize c-bindings` generates. The module sees the WIT the way componentize-js/jco map it, so one handler
+// source runs on either engine:
+//
+// - `export const handler = { onUpgrade, onOpen, onText, onBinary, onClose }`
+//   (every method optional: a missing `onUpgrade` accepts) and optionally
+//   `export const batchHandler = { onMessages(conn, messages) }`; without it
+//   the messages of one read go to onText/onBinary one by one, still in one
+//   call into the component;
+// - `conn`: `id()` (a BigInt), `sendText(string)`, `sendBinary(Uint8Array)`,
+//   `close(code, reason)`; valid during the call that passed it;
+// - variants are `{ tag, val }`, enums strings, options a value or
+//   `undefined`, a `result` error is thrown as an Error whose `payload` is
+//   the error code ("queue-full", ...);
+// - the other interfaces are modules named `wharf:websocket/<name>` (with or
+//   without `@<version>`): pubsub, attachment, config, peers, latin1.
+//
+// Why hand-written rather than generated: the call path is the product. A
+// message costs one C-to-JS call and, per send, one JS-to-C call with a
+// UTF-8 copy; no generated JavaScript runs per message.
+//
+// An uncaught exception (or a rejected promise) is printed to stderr (the
+// host's log) and traps: the host closes that connection with 1011.
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "batch_handler_world.h"
+#include "quickjs.h"
+
+typedef batch_handler_world_string_t string_t;
+typedef batch_handler_world_list_u8_t bytes_t;
+typedef wharf_websocket_connection_borrow_connection_t borrow_t;
+typedef wharf_websocket_types_error_code_t error_code_t;
+typedef wharf_websocket_types_close_code_t close_code_t;
+
+// The handler's source, embedded by the compiler: build.sh copies it to
+// handler.js in the build directory, its --embed-dir.
+static const char handler_source[] = {
+#embed "handler.js"
+    , 0};
+
+// QuickJS stops recursion with a RangeError before this much of the
+// component's 1 MiB shadow stack is used (build.sh links with
+// `-z stack-size` and `--stack-first`, so an overflow past it would trap
+// rather than write over data).
+#define JS_STACK_LIMIT (768 * 1024)
+
+static JSRuntime *rt;
+static JSContext *ctx;
+static JSClassID conn_class;
+static JSValue handler_obj = JS_UNDEFINED, batch_obj = JS_UNDEFINED;
+static JSValue str_text, str_binary;  // the message variant's tags
+static JSAtom atom_tag, atom_val, atom_payload, atom_on_upgrade, atom_on_open, atom_on_text,
+    atom_on_binary, atom_on_close, atom_on_messages;
+
+// ---------------------------------------------------------------------------
+// Failure: print and trap.
+
+static void print_value(FILE *f, JSValueConst v) {
+    const char *s = JS_ToCString(ctx, v);
+    fputs(s ? s : "[value that cannot be printed]", f);
+    JS_FreeCString(ctx, s);
+}
+
+// An exception escaped the handler: the connection cannot continue.
+static _Noreturn void die(const char *during) {
+    JSValue e = JS_GetException(ctx);
+    fprintf(stderr, "wharf-js: uncaught exception in %s: ", during);
+    print_value(stderr, e);
+    fputc('\n', stderr);
+    if (JS_IsError(e)) {
+        JSValue stack = JS_GetPropertyStr(ctx, e, "stack");
+        if (JS_IsString(stack)) print_value(stderr, stack);
+        JS_FreeValue(ctx, stack);
+    }
+    fflush(stderr);
+    abort();
+}
+
+// ---------------------------------------------------------------------------
+// Values from the host to JavaScript.
+
+static JSValue new_string(const string_t *s) { return JS_NewStringLen(ctx, (const char *)s->ptr, s->len); }
+
+static void free_host_buffer(JSRuntime *r, void *opaque, void *ptr, size_t size) {
+    (void)r, (void)opaque, (void)size;
+    free(ptr);
+}
+
+static void *realloc_host_buffer(JSRuntime *r, void *opaque, void *ptr, size_t size) {
+    if (size == 0) {
+        free_host_buffer(r, opaque, ptr, size);
+        return NULL;
+    }
+    return realloc(ptr, size);
+}
+
+// Takes ownership of the host's buffer: no copy. (An empty list's pointer
+// was never allocated: the canonical ABI passes a dangling one.)
+static JSValue adopt_bytes(bytes_t *b) {
+    if (b->len == 0) return JS_NewUint8ArrayCopy(ctx, NULL, 0);
+    return JS_NewUint8Array(ctx, b->ptr, b->len, realloc_host_buffer, NULL, false);
+}
+
+// A connection object for one call; `expire_conn` ends it with the call, as
+// the WIT's `borrow` does.
+static JSValue new_conn(borrow_t b) {
+    JSValue obj = JS_NewObjectClass(ctx, conn_class);
+    if (JS_IsException(obj)) die("creating a connection object");
+    // Stored as handle + 1: an expired object holds NULL.
+    JS_SetOpaque(obj, (void *)(uintptr_t)((uint32_t)b.__handle + 1));
+    return obj;
+}
+
+static void expire_conn(JSValue obj) {
+    JS_SetOpaque(obj, NULL);
+    JS_FreeValue(ctx, obj);
+}
+
+// ---------------------------------------------------------------------------
+// Values from JavaScript to the host.
+
+// A JS string as UTF-8 the host accepts: QuickJS writes an unpaired UTF-16
+// surrogate as its 3-byte (WTF-8) form, which is not UTF-8 and which the
+// component model refuses (a trap); it becomes U+FFFD, as TextEncoder does.
+// Both are 3 bytes, so this is done in place.
+static const char *to_utf8(JSValueConst v, size_t *len) {
+    const char *s = JS_ToCStringLen(ctx, len, v);
+    if (!s) return NULL;
+    unsigned char *p = (unsigned char *)s, *end = p + *len;
+    while ((p = memchr(p, 0xED, (size_t)(end - p))) != NULL) {
+        if (end - p >= 3 && p[1] >= 0xA0) {
+            p[0] = 0xEF, p[1] = 0xBF, p[2] = 0xBD;
+        }
+        p += 1;
+    }
+    return s;
+}
+
+// A JS string argument as the host's string, borrowed from `*owned` (free
+// with JS_FreeCString).
+static bool arg_string(JSValueConst v, const char *what, string_t *out, const char **owned) {
+    if (!JS_IsString(v)) {
+        JS_ThrowTypeError(ctx, "%s: expected a string", what);
+        return false;
+    }
+    size_t len;
+    *owned = to_utf8(v, &len);
+    if (!*owned) return false;
+    out->ptr = (uint8_t *)*owned;
+    out->len = len;
+    return true;
+}
+
+// Bytes from a Uint8Array (or any typed array or ArrayBuffer), borrowed from
+// JS memory for the duration of the host call.
+static bool arg_bytes(JSValueConst v, const char *what, bytes_t *out) {
+    size_t len;
+    uint8_t *p = JS_GetUint8Array(ctx, &len, v);
+    if (!p) {
+        JS_FreeValue(ctx, JS_GetException(ctx));
+        size_t offset, bytes_per_element;
+        JSValue buf = JS_GetTypedArrayBuffer(ctx, v, &offset, &len, &bytes_per_element);
+        if (!JS_IsException(buf)) {
+            size_t size;
+            uint8_t *base = JS_GetArrayBuffer(ctx, &size, buf);
+            JS_FreeValue(ctx, buf);
+            p = base ? base + offset : NULL;
+        } else {
+            JS_FreeValue(ctx, JS_GetException(ctx));
+            p = JS_GetArrayBuffer(ctx, &len, v);
+        }
+        if (!p) {
+            JS_FreeValue(ctx, JS_GetException(ctx));
+            JS_ThrowTypeError(ctx, "%s: expected a Uint8Array", what);
+            return false;
+        }
+    }
+    out->ptr = len ? p : (uint8_t *)1;  // a non-null pointer for an empty list
+    out->len = len;
+    return true;
+}
+
+static bool arg_conn(JSValueConst v, const char *what, borrow_t *out) {
+    void *h = JS_GetOpaque(v, conn_class);
+    if (!h) {
+        JS_ThrowTypeError(ctx, "%s: expected the connection of the current call", what);
+        return false;
+    }
+    out->__handle = (int32_t)((uintptr_t)h - 1);
+    return true;
+}
+
+static bool arg_u64(JSValueConst v, const char *what, uint64_t *out) {
+    if (JS_IsBigInt(v)) return JS_ToBigUint64(ctx, out, v) == 0;
+    if (JS_ToIndex(ctx, out, v) == 0) return true;
+    JS_FreeValue(ctx, JS_GetException(ctx));
+    JS_ThrowTypeError(ctx, "%s: expected a connection id (BigInt)", what);
+    return false;
+}
+
+static const char *const close_code_tags[] = {
+    "normal",         "going-away",       "protocol-error", "unsupported-data", "invalid-payload",
+    "policy-violation", "message-too-big", "internal-error", "application",
+};
+
+// `{ tag: "normal" }`, ..., `{ tag: "application", val: 4000 }`.
+static bool arg_close_code(JSValueConst v, close_code_t *out) {
+    if (!JS_IsObject(v)) {
+        JS_ThrowTypeError(ctx, "close code: expected { tag, val }");
+        return false;
+    }
+    JSValue tag = JS_GetProperty(ctx, v, atom_tag);
+    const char *t = JS_IsString(tag) ? JS_ToCString(ctx, tag) : NULL;
+    JS_FreeValue(ctx, tag);
+    int found = -1;
+    for (size_t i = 0; t && i < sizeof close_code_tags / sizeof *close_code_tags; i++)
+        if (strcmp(t, close_code_tags[i]) == 0) found = (int)i;
+    JS_FreeCString(ctx, t);
+    if (found < 0) {
+        JS_ThrowTypeError(ctx, "close code: unknown tag");
+        return false;
+    }
+    out->tag = (uint8_t)found;
+    if (found == WHARF_WEBSOCKET_TYPES_CLOSE_CODE_APPLICATION) {
+        JSValue val = JS_GetProperty(ctx, v, atom_val);
+        int32_t n;
+        int r = JS_ToInt32(ctx, &n, val);
+        JS_FreeValue(ctx, val);
+        if (r < 0) return false;
+        if (n < 0 || n > 0xFFFF) {
+            JS_ThrowRangeError(ctx, "close code: application code out of range");
+            return false;
+        }
+        out->val.application = (uint16_t)n;
+    }
+    return true;
+}
+
+static const char *const error_code_names[] = {
+    "closed", "reason-too-long", "message-too-big", "queue-full", "invalid-code",
+};
+
+// A `result` error, thrown as jco does: an Error whose `payload` is the code.
+static JSValue throw_error_code(error_code_t code) {
+    const char *name = code < sizeof error_code_names / sizeof *error_code_names
+                           ? error_code_names[code]
+                           : "unknown";
+    JSValue e = JS_NewError(ctx);
+    JS_DefinePropertyValueStr(ctx, e, "message", JS_NewString(ctx, name),
+                              JS_PROP_WRITABLE | JS_PROP_CONFIGURABLE);
+    JS_DefinePropertyValue(ctx, e, atom_payload, JS_NewString(ctx, name), JS_PROP_C_W_E);
+    return JS_Throw(ctx, e);
+}
+
+static JSValue result(bool ok, error_code_t err) { return ok ? JS_UNDEFINED : throw_error_code(err); }
+
+// ---------------------------------------------------------------------------
+// The connection resource's methods.
+
+static JSValue conn_id(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c, (void)argc, (void)argv;
+    borrow_t b;
+    if (!arg_conn(this_val, "id", &b)) return JS_EXCEPTION;
+    return JS_NewBigUint64(ctx, wharf_websocket_connection_method_connection_id(b));
+}
+
+static JSValue conn_send_text(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c;
+    borrow_t b;
+    string_t text;
+    const char *owned;
+    if (!arg_conn(this_val, "sendText", &b)) return JS_EXCEPTION;
+    if (!arg_string(argc > 0 ? argv[0] : JS_UNDEFINED, "sendText", &text, &owned)) return JS_EXCEPTION;
+    error_code_t err;
+    bool ok = wharf_websocket_connection_method_connection_send_text(b, &text, &err);
+    JS_FreeCString(ctx, owned);
+    return result(ok, err);
+}
+
+static JSValue conn_send_binary(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c;
+    borrow_t b;
+    bytes_t data;
+    if (!arg_conn(this_val, "sendBinary", &b)) return JS_EXCEPTION;
+    if (!arg_bytes(argc > 0 ? argv[0] : JS_UNDEFINED, "sendBinary", &data)) return JS_EXCEPTION;
+    error_code_t err;
+    return result(wharf_websocket_connection_method_connection_send_binary(b, &data, &err), err);
+}
+
+static JSValue conn_close(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c;
+    borrow_t b;
+    close_code_t code;
+    string_t reason;
+    const char *owned;
+    if (!arg_conn(this_val, "close", &b)) return JS_EXCEPTION;
+    if (!arg_close_code(argc > 0 ? argv[0] : JS_UNDEFINED, &code)) return JS_EXCEPTION;
+    if (!arg_string(argc > 1 ? argv[1] : JS_UNDEFINED, "close", &reason, &owned)) return JS_EXCEPTION;
+    error_code_t err;
+    bool ok = wharf_websocket_connection_method_connection_close(b, &code, &reason, &err);
+    JS_FreeCString(ctx, owned);
+    return result(ok, err);
+}
+
+static const JSCFunctionListEntry conn_methods[] = {
+    JS_CFUNC_DEF("id", 0, conn_id),
+    JS_CFUNC_DEF("sendText", 1, conn_send_text),
+    JS_CFUNC_DEF("sendBinary", 1, conn_send_binary),
+    JS_CFUNC_DEF("close", 2, conn_close),
+};
+
+// ---------------------------------------------------------------------------
+// wharf:websocket/pubsub
+
+static JSValue pubsub_subscribe(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c, (void)this_val;
+    borrow_t b;
+    string_t topic;
+    const char *owned;
+    if (!arg_conn(argc > 0 ? argv[0] : JS_UNDEFINED, "subscribe", &b)) return JS_EXCEPTION;
+    if (!arg_string(argc > 1 ? argv[1] : JS_UNDEFINED, "subscribe", &topic, &owned)) return JS_EXCEPTION;
+    error_code_t err;
+    bool ok = wharf_websocket_pubsub_subscribe(b, &topic, &err);
+    JS_FreeCString(ctx, owned);
+    return result(ok, err);
+}
+
+static JSValue pubsub_unsubscribe(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c, (void)this_val;
+    borrow_t b;
+    string_t topic;
+    const char *owned;
+    if (!arg_conn(argc > 0 ? argv[0] : JS_UNDEFINED, "unsubscribe", &b)) return JS_EXCEPTION;
+    if (!arg_string(argc > 1 ? argv[1] : JS_UNDEFINED, "unsubscribe", &topic, &owned)) return JS_EXCEPTION;
+    wharf_websocket_pubsub_unsubscribe(b, &topic);
+    JS_FreeCString(ctx, owned);
+    return JS_UNDEFINED;
+}
+
+// publishText(topic, text, exclude?) and publishBinary(topic, data,
+// exclude?): the number of subscribers reached.
+static JSValue pubsub_publish(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv, int binary) {
+    (void)c, (void)this_val;
+    const char *what = binary ? "publishBinary" : "publishText";
+    string_t topic, text;
+    bytes_t data;
+    const char *owned_topic, *owned_text = NULL;
+    borrow_t exclude;
+    JSValueConst ex = argc > 2 ? argv[2] : JS_UNDEFINED;
+    bool has_exclude = !JS_IsUndefined(ex) && !JS_IsNull(ex);
+    if (has_exclude && !arg_conn(ex, what, &exclude)) return JS_EXCEPTION;
+    if (!arg_string(argc > 0 ? argv[0] : JS_UNDEFINED, what, &topic, &owned_topic)) return JS_EXCEPTION;
+    bool ok = binary ? arg_bytes(argc > 1 ? argv[1] : JS_UNDEFINED, what, &data)
+                     : arg_string(argc > 1 ? argv[1] : JS_UNDEFINED, what, &text, &owned_text);
+    if (!ok) {
+        JS_FreeCString(ctx, owned_topic);
+        return JS_EXCEPTION;
+    }
+    uint32_t reached = 0;
+    error_code_t err;
+    ok = binary ? wharf_websocket_pubsub_publish_binary(&topic, &data, has_exclude ? &exclude : NULL,
+                                                        &reached, &err)
+                : wharf_websocket_pubsub_publish_text(&topic, &text, has_exclude ? &exclude : NULL,
+                                                      &reached, &err);
+    JS_FreeCString(ctx, owned_topic);
+    JS_FreeCString(ctx, owned_text);
+    return ok ? JS_NewUint32(ctx, reached) : throw_error_code(err);
+}
+
+static const JSCFunctionListEntry pubsub_funcs[] = {
+    JS_CFUNC_DEF("subscribe", 2, pubsub_subscribe),
+    JS_CFUNC_DEF("unsubscribe", 2, pubsub_unsubscribe),
+    JS_CFUNC_MAGIC_DEF("publishText", 3, pubsub_publish, 0),
+    JS_CFUNC_MAGIC_DEF("publishBinary", 3, pubsub_publish, 1),
+};
+
+// ---------------------------------------------------------------------------
+// wharf:websocket/attachment
+
+static JSValue attachment_set(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c, (void)this_val;
+    borrow_t b;
+    bytes_t data;
+    if (!arg_conn(argc > 0 ? argv[0] : JS_UNDEFINED, "set", &b)) return JS_EXCEPTION;
+    if (!arg_bytes(argc > 1 ? argv[1] : JS_UNDEFINED, "set", &data)) return JS_EXCEPTION;
+    error_code_t err;
+    return result(wharf_websocket_attachment_set(b, &data, &err), err);
+}
+
+static JSValue attachment_get(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c, (void)this_val;
+    borrow_t b;
+    if (!arg_conn(argc > 0 ? argv[0] : JS_UNDEFINED, "get", &b)) return JS_EXCEPTION;
+    bytes_t data;
+    wharf_websocket_attachment_get(b, &data);
+    return adopt_bytes(&data);
+}
+
+static const JSCFunctionListEntry attachment_funcs[] = {
+    JS_CFUNC_DEF("set", 2, attachment_set),
+    JS_CFUNC_DEF("get", 1, attachment_get),
+};
+
+// ---------------------------------------------------------------------------
+// wharf:websocket/config
+
+static JSValue config_get(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c, (void)this_val;
+    string_t key, value;
+    const char *owned;
+    if (!arg_string(argc > 0 ? argv[0] : JS_UNDEFINED, "get", &key, &owned)) return JS_EXCEPTION;
+    bool some = wharf_websocket_config_get(&key, &value);
+    JS_FreeCString(ctx, owned);
+    if (!some) return JS_UNDEFINED;
+    JSValue v = new_string(&value);
+    batch_handler_world_string_free(&value);
+    return v;
+}
+
+// [[key, value], ...], in the order of the tenant's settings.
+static JSValue config_get_all(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c, (void)this_val, (void)argc, (void)argv;
+    batch_handler_world_list_tuple2_string_string_t all;
+    wharf_websocket_config_get_all(&all);
+    JSValue arr = JS_NewArray(ctx);
+    for (size_t i = 0; i < all.len; i++) {
+        JSValue pair = JS_NewArray(ctx);
+        JS_SetPropertyUint32(ctx, pair, 0, new_string(&all.ptr[i].f0));
+        JS_SetPropertyUint32(ctx, pair, 1, new_string(&all.ptr[i].f1));
+        JS_SetPropertyUint32(ctx, arr, (uint32_t)i, pair);
+    }
+    batch_handler_world_list_tuple2_string_string_free(&all);
+    return arr;
+}
+
+static const JSCFunctionListEntry config_funcs[] = {
+    JS_CFUNC_DEF("get", 1, config_get),
+    JS_CFUNC_DEF("getAll", 0, config_get_all),
+};
+
+// ---------------------------------------------------------------------------
+// wharf:websocket/peers: the tenant's other connections, by id.
+
+static JSValue peers_send_text(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c, (void)this_val;
+    uint64_t id;
+    string_t text;
+    const char *owned;
+    if (!arg_u64(argc > 0 ? argv[0] : JS_UNDEFINED, "sendText", &id)) return JS_EXCEPTION;
+    if (!arg_string(argc > 1 ? argv[1] : JS_UNDEFINED, "sendText", &text, &owned)) return JS_EXCEPTION;
+    error_code_t err;
+    bool ok = wharf_websocket_peers_send_text(id, &text, &err);
+    JS_FreeCString(ctx, owned);
+    return result(ok, err);
+}
+
+static JSValue peers_send_binary(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c, (void)this_val;
+    uint64_t id;
+    bytes_t data;
+    if (!arg_u64(argc > 0 ? argv[0] : JS_UNDEFINED, "sendBinary", &id)) return JS_EXCEPTION;
+    if (!arg_bytes(argc > 1 ? argv[1] : JS_UNDEFINED, "sendBinary", &data)) return JS_EXCEPTION;
+    error_code_t err;
+    return result(wharf_websocket_peers_send_binary(id, &data, &err), err);
+}
+
+static JSValue peers_close(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c, (void)this_val;
+    uint64_t id;
+    close_code_t code;
+    string_t reason;
+    const char *owned;
+    if (!arg_u64(argc > 0 ? argv[0] : JS_UNDEFINED, "close", &id)) return JS_EXCEPTION;
+    if (!arg_close_code(argc > 1 ? argv[1] : JS_UNDEFINED, &code)) return JS_EXCEPTION;
+    if (!arg_string(argc > 2 ? argv[2] : JS_UNDEFINED, "close", &reason, &owned)) return JS_EXCEPTION;
+    error_code_t err;
+    bool ok = wharf_websocket_peers_close(id, &code, &reason, &err);
+    JS_FreeCString(ctx, owned);
+    return result(ok, err);
+}
+
+static const JSCFunctionListEntry peers_funcs[] = {
+    JS_CFUNC_DEF("sendText", 2, peers_send_text),
+    JS_CFUNC_DEF("sendBinary", 2, peers_send_binary),
+    JS_CFUNC_DEF("close", 3, peers_close),
+};
+
+// ---------------------------------------------------------------------------
+// wharf:websocket/latin1
+
+static JSValue latin1_send_binary(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c, (void)this_val;
+    borrow_t b;
+    string_t data;
+    const char *owned;
+    if (!arg_conn(argc > 0 ? argv[0] : JS_UNDEFINED, "sendBinary", &b)) return JS_EXCEPTION;
+    if (!arg_string(argc > 1 ? argv[1] : JS_UNDEFINED, "sendBinary", &data, &owned)) return JS_EXCEPTION;
+    error_code_t err;
+    bool ok = wharf_websocket_latin1_send_binary(b, &data, &err);
+    JS_FreeCString(ctx, owned);
+    return result(ok, err);
+}
+
+static const JSCFunctionListEntry latin1_funcs[] = {
+    JS_CFUNC_DEF("sendBinary", 2, latin1_send_binary),
+};
+
+// ---------------------------------------------------------------------------
+// Modules: `import { publishText } from "wharf:websocket/pubsub@0.1.6"`.
+
+struct native_module {
+    const char *name;  // the interface, without package or version
+    const JSCFunctionListEntry *funcs;
+    int count;
+};
+
+#define MODULE(n, f) {n, f, (int)(sizeof f / sizeof *f)}
+static const struct native_module native_modules[] = {
+    MODULE("pubsub", pubsub_funcs),   MODULE("attachment", attachment_funcs),
+    MODULE("config", config_funcs),   MODULE("peers", peers_funcs),
+    MODULE("latin1", latin1_funcs),   {"connection", NULL, 0},
+    {"types", NULL, 0},
+};
+
+static int module_init(JSContext *c, JSModuleDef *m) {
+    JSAtom name_atom = JS_GetModuleName(c, m);
+    const char *name = JS_AtomToCString(c, name_atom);
+    JS_FreeAtom(c, name_atom);
+    int r = 0;
+    for (size_t i = 0; name && i < sizeof native_modules / sizeof *native_modules; i++)
+        if (strcmp(name, native_modules[i].name) == 0 && native_modules[i].count)
+            r = JS_SetModuleExportList(c, m, native_modules[i].funcs, native_modules[i].count);
+    JS_FreeCString(c, name);
+    return r;
+}
+
+// "wharf:websocket/pubsub@0.1.6" (or without the version) names the module
+// "pubsub"; anything else is not there: one source file per handler.
+static char *normalize_module(JSContext *c, const char *base, const char *name, void *opaque) {
+    (void)base, (void)opaque;
+    static const char prefix[] = "wharf:websocket/";
+    if (strncmp(name, prefix, sizeof prefix - 1) != 0) {
+        JS_ThrowReferenceError(c, "module '%s' is not available: bundle the handler into one file", name);
+        return NULL;
+    }
+    const char *iface = name + sizeof prefix - 1;
+    size_t len = strcspn(iface, "@");
+    char *out = js_malloc(c, len + 1);
+    if (!out) return NULL;
+    memcpy(out, iface, len);
+    out[len] = 0;
+    return out;
+}
+
+static JSModuleDef *load_module(JSContext *c, const char *name, void *opaque) {
+    (void)opaque;
+    for (size_t i = 0; i < sizeof native_modules / sizeof *native_modules; i++) {
+        const struct native_module *nm = &native_modules[i];
+        if (strcmp(name, nm->name) != 0) continue;
+        JSModuleDef *m = JS_NewCModule(c, name, module_init);
+        if (m && nm->count) JS_AddModuleExportList(c, m, nm->funcs, nm->count);
+        return m;
+    }
+    JS_ThrowReferenceError(c, "wharf:websocket/%s: no such interface", name);
+    return NULL;
+}
+
+// ---------------------------------------------------------------------------
+// console: the host's log (stdout for log/info/debug, stderr for warn/error).
+
+static JSValue console_print(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv, int to_stderr) {
+    (void)c, (void)this_val;
+    FILE *f = to_stderr ? stderr : stdout;
+    for (int i = 0; i < argc; i++) {
+        if (i) fputc(' ', f);
+        print_value(f, argv[i]);
+    }
+    fputc('\n', f);
+    fflush(f);
+    return JS_UNDEFINED;
+}
+
+static const JSCFunctionListEntry console_funcs[] = {
+    JS_CFUNC_MAGIC_DEF("log", 1, console_print, 0),   JS_CFUNC_MAGIC_DEF("info", 1, console_print, 0),
+    JS_CFUNC_MAGIC_DEF("debug", 1, console_print, 0), JS_CFUNC_MAGIC_DEF("warn", 1, console_print, 1),
+    JS_CFUNC_MAGIC_DEF("error", 1, console_print, 1),
+};
+
+// ---------------------------------------------------------------------------
+// Start-up: on the first call into this instance.
+
+static void run_jobs(const char *during) {
+    JSContext *c;
+    while (JS_IsJobPending(rt))
+        if (JS_ExecutePendingJob(rt, &c) < 0) die(during);
+}
+
+// A handler method's value: an exception (or a rejected promise) is fatal.
+static JSValue settle(JSValue v, const char *during) {
+    if (JS_IsException(v)) die(during);
+    run_jobs(during);
+    if (JS_IsPromise(v) && JS_PromiseState(ctx, v) == JS_PROMISE_REJECTED) {
+        JS_Throw(ctx, JS_PromiseResult(ctx, v));
+        JS_FreeValue(ctx, v);
+        die(during);
+    }
+    return v;
+}
+
+static void start(void) {
+    rt = JS_NewRuntime();
+    if (!rt) abort();
+    JS_SetMaxStackSize(rt, JS_STACK_LIMIT);
+    ctx = JS_NewContext(rt);
+    if (!ctx) abort();
+    JS_SetModuleLoaderFunc(rt, normalize_module, load_module, NULL);
+
+    JSClassDef def = {.class_name = "Connection"};
+    JS_NewClassID(rt, &conn_class);
+    JS_NewClass(rt, conn_class, &def);
+    JSValue proto = JS_NewObject(ctx);
+    JS_SetPropertyFunctionList(ctx, proto, conn_methods, sizeof conn_methods / sizeof *conn_methods);
+    JS_SetClassProto(ctx, conn_class, proto);
+
+    JSValue global = JS_GetGlobalObject(ctx);
+    JSValue console = JS_NewObject(ctx);
+    JS_SetPropertyFunctionList(ctx, console, console_funcs, sizeof console_funcs / sizeof *console_funcs);
+    JS_SetPropertyStr(ctx, global, "console", console);
+    JS_FreeValue(ctx, global);
+
+    atom_tag = JS_NewAtom(ctx, "tag");
+    atom_val = JS_NewAtom(ctx, "val");
+    atom_payload = JS_NewAtom(ctx, "payload");
+    atom_on_upgrade = JS_NewAtom(ctx, "onUpgrade");
+    atom_on_open = JS_NewAtom(ctx, "onOpen");
+    atom_on_text = JS_NewAtom(ctx, "onText");
+    atom_on_binary = JS_NewAtom(ctx, "onBinary");
+    atom_on_close = JS_NewAtom(ctx, "onClose");
+    atom_on_messages = JS_NewAtom(ctx, "onMessages");
+    str_text = JS_NewString(ctx, "text");
+    str_binary = JS_NewString(ctx, "binary");
+
+    JSValue fn = JS_Eval(ctx, handler_source, sizeof handler_source - 1, "handler.js",
+                         JS_EVAL_TYPE_MODULE | JS_EVAL_FLAG_COMPILE_ONLY);
+    if (JS_IsException(fn)) die("compiling handler.js");
+    JSModuleDef *m = JS_VALUE_GET_PTR(fn);
+    JS_FreeValue(ctx, settle(JS_EvalFunction(ctx, fn), "evaluating handler.js"));
+    JSValue ns = JS_GetModuleNamespace(ctx, m);
+    handler_obj = JS_GetPropertyStr(ctx, ns, "handler");
+    batch_obj = JS_GetPropertyStr(ctx, ns, "batchHandler");
+    JS_FreeValue(ctx, ns);
+    if (!JS_IsObject(handler_obj)) {
+        fputs("wharf-js: handler.js does not export a `handler` object\n", stderr);
+        abort();
+    }
+}
+
+static inline void enter(void) {
+    if (!ctx) start();
+    else JS_UpdateStackTop(rt);
+}
+
+// Calls `obj[method](args...)` if the method exists; false if it does not.
+static bool call(JSValueConst obj, JSAtom method, int argc, JSValueConst *argv, const char *during,
+                 JSValue *ret) {
+    JSValue f = JS_GetProperty(ctx, obj, method);
+    if (JS_IsException(f)) die(during);
+    if (JS_IsUndefined(f) || JS_IsNull(f)) return false;
+    JSValue v = settle(JS_Call(ctx, f, obj, argc, argv), during);
+    JS_FreeValue(ctx, f);
+    if (ret) *ret = v;
+    else JS_FreeValue(ctx, v);
+    return true;
+}
+
+// ---------------------------------------------------------------------------
+// The exports.
+
+static JSValue header_list(const wharf_websocket_types_list_header_t *h) {
+    JSValue arr = JS_NewArray(ctx);
+    for (size_t i = 0; i < h->len; i++) {
+        JSValue o = JS_NewObject(ctx);
+        JS_SetPropertyStr(ctx, o, "name", new_string(&h->ptr[i].name));
+        JS_SetPropertyStr(ctx, o, "value", new_string(&h->ptr[i].value));
+        JS_SetPropertyUint32(ctx, arr, (uint32_t)i, o);
+    }
+    return arr;
+}
+
+static JSValue upgrade_request(const wharf_websocket_types_upgrade_request_t *r) {
+    JSValue o = JS_NewObject(ctx);
+    JS_SetPropertyStr(ctx, o, "method", new_string(&r->method));
+    JS_SetPropertyStr(ctx, o, "path", new_string(&r->path));
+    JS_SetPropertyStr(ctx, o, "query", r->query.is_some ? new_string(&r->query.val) : JS_UNDEFINED);
+    JS_SetPropertyStr(ctx, o, "headers", header_list(&r->headers));
+    JSValue protos = JS_NewArray(ctx);
+    for (size_t i = 0; i < r->subprotocols.len; i++)
+        JS_SetPropertyUint32(ctx, protos, (uint32_t)i, new_string(&r->subprotocols.ptr[i]));
+    JS_SetPropertyStr(ctx, o, "subprotocols", protos);
+    JS_SetPropertyStr(ctx, o, "remoteAddress", new_string(&r->remote_address));
+    JS_SetPropertyStr(ctx, o, "tls", JS_NewBool(ctx, r->tls));
+    return o;
+}
+
+// A string property as a malloc'd host string (the bindings free it after
+// the call returns); `optional`: undefined/null gives is_some = false.
+static bool prop_string(JSValueConst obj, const char *name, string_t *out, bool *is_some) {
+    JSValue v = JS_GetPropertyStr(ctx, obj, name);
+    if (is_some && (JS_IsUndefined(v) || JS_IsNull(v))) {
+        *is_some = false;
+        return true;
+    }
+    if (!JS_IsString(v)) {
+        JS_FreeValue(ctx, v);
+        JS_ThrowTypeError(ctx, "upgrade response: `%s` must be a string", name);
+        return false;
+    }
+    size_t len;
+    const char *s = to_utf8(v, &len);
+    JS_FreeValue(ctx, v);
+    if (!s) return false;
+    batch_handler_world_string_dup_n(out, s, len);
+    JS_FreeCString(ctx, s);
+    if (is_some) *is_some = true;
+    return true;
+}
+
+static bool prop_headers(JSValueConst obj, wharf_websocket_types_list_header_t *out) {
+    out->ptr = NULL;
+    out->len = 0;
+    JSValue arr = JS_GetPropertyStr(ctx, obj, "headers");
+    bool ok = true;
+    if (!JS_IsUndefined(arr)) {
+        int64_t n;
+        if (!JS_IsArray(arr) || JS_GetLength(ctx, arr, &n) < 0) {
+            JS_FreeValue(ctx, arr);
+            JS_ThrowTypeError(ctx, "upgrade response: `headers` must be an array of { name, value }");
+            return false;
+        }
+        out->ptr = calloc((size_t)n ? (size_t)n : 1, sizeof *out->ptr);
+        for (int64_t i = 0; ok && i < n; i++) {
+            JSValue h = JS_GetPropertyUint32(ctx, arr, (uint32_t)i);
+            ok = prop_string(h, "name", &out->ptr[i].name, NULL) &&
+                 prop_string(h, "value", &out->ptr[i].value, NULL);
+            JS_FreeValue(ctx, h);
+            out->len = (size_t)i + 1;
+        }
+    }
+    JS_FreeValue(ctx, arr);
+    return ok;
+}
+
+static bool upgrade_response(JSValueConst v, wharf_websocket_types_upgrade_response_t *ret) {
+    memset(ret, 0, sizeof *ret);
+    if (!JS_IsObject(v)) {
+        JS_ThrowTypeError(ctx, "onUpgrade: expected { tag: \"accept\" | \"reject\", val }");
+        return false;
+    }
+    JSValue tag = JS_GetProperty(ctx, v, atom_tag);
+    const char *t = JS_IsString(tag) ? JS_ToCString(ctx, tag) : NULL;
+    JS_FreeValue(ctx, tag);
+    bool accept = t && strcmp(t, "accept") == 0, reject = t && strcmp(t, "reject") == 0;
+    JS_FreeCString(ctx, t);
+    if (!accept && !reject) {
+        JS_ThrowTypeError(ctx, "onUpgrade: expected { tag: \"accept\" | \"reject\", val }");
+        return false;
+    }
+    JSValue val = JS_GetProperty(ctx, v, atom_val);
+    bool ok;
+    if (accept) {
+        ret->tag = WHARF_WEBSOCKET_TYPES_UPGRADE_RESPONSE_ACCEPT;
+        wharf_websocket_types_accept_t *a = &ret->val.accept;
+        ok = JS_IsUndefined(val) ||
+             (prop_string(val, "subprotocol", &a->subprotocol.val, &a->subprotocol.is_some) &&
+              prop_headers(val, &a->headers));
+    } else {
+        ret->tag = WHARF_WEBSOCKET_TYPES_UPGRADE_RESPONSE_REJECT;
+        wharf_websocket_types_reject_t *r = &ret->val.reject;
+        JSValue status = JS_GetPropertyStr(ctx, val, "status");
+        int32_t s = 0;
+        ok = JS_ToInt32(ctx, &s, status) == 0;
+        JS_FreeValue(ctx, status);
+        r->status = (uint16_t)(s < 0 || s > 0xFFFF ? 500 : s);
+        bool body_given = false;
+        ok = ok && prop_headers(val, &r->headers) && prop_string(val, "body", &r->body, &body_given);
+    }
+    JS_FreeValue(ctx, val);
+    return ok;
+}
+
+void exports_wharf_websocket_handler_on_upgrade(borrow_t conn,
+                                                wharf_websocket_types_upgrade_request_t *request,
+                                                wharf_websocket_types_upgrade_response_t *ret) {
+    enter();
+    JSValue args[2] = {new_conn(conn), upgrade_request(request)};
+    wharf_websocket_types_upgrade_request_free(request);
+    JSValue v;
+    if (call(handler_obj, atom_on_upgrade, 2, args, "onUpgrade", &v)) {
+        if (!upgrade_response(v, ret)) die("onUpgrade's answer");
+        JS_FreeValue(ctx, v);
+    } else {
+        memset(ret, 0, sizeof *ret);  // accept: no subprotocol, no headers
+    }
+    JS_FreeValue(ctx, args[1]);
+    expire_conn(args[0]);
+}
+
+void exports_wharf_websocket_handler_on_open(borrow_t conn) {
+    enter();
+    JSValue c = new_conn(conn);
+    call(handler_obj, atom_on_open, 1, &c, "onOpen", NULL);
+    expire_conn(c);
+}
+
+void exports_wharf_websocket_handler_on_text(borrow_t conn, string_t *text) {
+    enter();
+    JSValue args[2] = {new_conn(conn), new_string(text)};
+    batch_handler_world_string_free(text);
+    call(handler_obj, atom_on_text, 2, args, "onText", NULL);
+    JS_FreeValue(ctx, args[1]);
+    expire_conn(args[0]);
+}
+
+void exports_wharf_websocket_handler_on_binary(borrow_t conn, bytes_t *data) {
+    enter();
+    JSValue args[2] = {new_conn(conn), adopt_bytes(data)};
+    call(handler_obj, atom_on_binary, 2, args, "onBinary", NULL);
+    JS_FreeValue(ctx, args[1]);
+    expire_conn(args[0]);
+}
+
+void exports_wharf_websocket_handler_on_close(borrow_t conn, uint16_t code, string_t *reason, bool clean) {
+    enter();
+    JSValue args[4] = {new_conn(conn), JS_NewInt32(ctx, code), new_string(reason), JS_NewBool(ctx, clean)};
+    batch_handler_world_string_free(reason);
+    call(handler_obj, atom_on_close, 4, args, "onClose", NULL);
+    JS_FreeValue(ctx, args[2]);
+    expire_conn(args[0]);
+}
+
+static JSValue message_value(exports_wharf_websocket_batch_handler_message_t *m) {
+    return m->tag == EXPORTS_WHARF_WEBSOCKET_BATCH_HANDLER_MESSAGE_TEXT ? new_string(&m->val.text)
+                                                                        : adopt_bytes(&m->val.binary);
+}
+
+void exports_wharf_websocket_batch_handler_on_messages(
+    borrow_t conn, exports_wharf_websocket_batch_handler_list_message_t *messages) {
+    enter();
+    JSValue c = new_conn(conn);
+    JSValue f = JS_IsObject(batch_obj) ? JS_GetProperty(ctx, batch_obj, atom_on_messages) : JS_UNDEFINED;
+    if (JS_IsFunction(ctx, f)) {
+        // batchHandler.onMessages(conn, [{ tag, val }, ...])
+        JSValue arr = JS_NewArray(ctx);
+        for (size_t i = 0; i < messages->len; i++) {
+            exports_wharf_websocket_batch_handler_message_t *m = &messages->ptr[i];
+            JSValue o = JS_NewObject(ctx);
+            bool text = m->tag == EXPORTS_WHARF_WEBSOCKET_BATCH_HANDLER_MESSAGE_TEXT;
+            JS_DefinePropertyValue(ctx, o, atom_tag, JS_DupValue(ctx, text ? str_text : str_binary),
+                                   JS_PROP_C_W_E);
+            JS_DefinePropertyValue(ctx, o, atom_val, message_value(m), JS_PROP_C_W_E);
+            if (text) batch_handler_world_string_free(&m->val.text);
+            JS_SetPropertyUint32(ctx, arr, (uint32_t)i, o);
+        }
+        JSValue args[2] = {c, arr};
+        JS_FreeValue(ctx, settle(JS_Call(ctx, f, batch_obj, 2, args), "onMessages"));
+        JS_FreeValue(ctx, arr);
+    } else {
+        // No batchHandler: onText/onBinary per message, in this one call.
+        for (size_t i = 0; i < messages->len; i++) {
+            exports_wharf_websocket_batch_handler_message_t *m = &messages->ptr[i];
+            bool text = m->tag == EXPORTS_WHARF_WEBSOCKET_BATCH_HANDLER_MESSAGE_TEXT;
+            JSValue args[2] = {c, message_value(m)};
+            if (text) batch_handler_world_string_free(&m->val.text);
+            call(handler_obj, text ? atom_on_text : atom_on_binary, 2, args, text ? "onText" : "onBinary",
+                 NULL);
+            JS_FreeValue(ctx, args[1]);
+        }
+    }
+    JS_FreeValue(ctx, f);
+    if (messages->len) free(messages->ptr);
+    expire_conn(c);
+}
