@@ -903,3 +903,98 @@ fn python_chat() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     chat(&PYTHON_CHAT, &wasm, start_server(&PYTHON_CHAT, &wasm));
 }
+
+/// The QuickJS runtime's bridge (`tools/quickjs/wharf_js.c`), through the
+/// test-only `plugins/quickjs-api/handler.js` on a real server, as a
+/// `shared` tenant (so that `peers` reaches the other connections): the upgrade
+/// answer (reject with status, headers and body; accept with a subprotocol
+/// and a header), `conn.id()` as a BigInt, `Math.random` seeded, the
+/// tenant's settings through `wharf:websocket/config`, an unpaired surrogate
+/// sent as U+FFFD, binary from a Uint8Array and an ArrayBuffer, the
+/// attachment, pub/sub and peers modules, a `result` error thrown with its
+/// `payload`, a connection object used after its call refused, an
+/// application close code, a promise job run within the call, and an
+/// uncaught exception and runaway recursion each closing their connection
+/// with 1011.
+#[test]
+fn quickjs_api() {
+    let api = Lang {
+        dir: "quickjs-api",
+        file: "quickjs_api",
+        ..QUICKJS
+    };
+    let wasm = build(&api);
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut opts = ServerOpts::new("");
+    opts.extra = format!(
+        "[[tenant]]\nname = \"js\"\nplugin = {:?}\nroutes = [\"/\"]\n\
+         instance = \"shared\"\nsettings = {{ greeting = \"hi\" }}\n",
+        wasm.display().to_string()
+    );
+    let server = Server::start(opts);
+    let tokio = two_workers();
+    tokio.block_on(async {
+        let mut raw = server.raw(false).await;
+        raw.send(upgrade_request("/reject", &[]).as_bytes()).await;
+        let r = raw.read_response().await;
+        assert_eq!(
+            (r.status, r.header("x-why"), r.body.as_str()),
+            (403, Some("test"), "no")
+        );
+
+        let mut req = server.url(false).into_client_request().unwrap();
+        req.headers_mut()
+            .insert("sec-websocket-protocol", "other, chat.v1".parse().unwrap());
+        let (mut ws, resp) = server.connect_request(false, req).await.expect("upgrade");
+        let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok());
+        assert_eq!(header("sec-websocket-protocol"), Some("chat.v1"));
+        assert_eq!(header("x-engine"), Some("quickjs"));
+
+        let ask = async |ws: &mut Ws, cmd: &str| {
+            send_text(ws, cmd).await;
+            recv_text(ws).await
+        };
+        assert!(ask(&mut ws, "random").await.starts_with("true 0."));
+        assert_eq!(ask(&mut ws, "id").await, "bigint true");
+        assert_eq!(
+            ask(&mut ws, "config greeting").await,
+            r#"hi undefined [["greeting","hi"]]"#
+        );
+        assert_eq!(ask(&mut ws, "surrogate").await, "\u{FFFD}x");
+        send_text(&mut ws, "binary").await;
+        expect_binary(&mut ws, &[1, 2, 3], IO_TIMEOUT).await;
+        expect_binary(&mut ws, &[1, 2], IO_TIMEOUT).await;
+        assert_eq!(ask(&mut ws, "attach hello").await, "hello");
+        assert_eq!(ask(&mut ws, "keep").await, "kept");
+        let stale = ask(&mut ws, "stale").await;
+        assert!(stale.starts_with("TypeError: "), "{stale}");
+        assert_eq!(ask(&mut ws, "async").await, "from a job");
+
+        let mut other = server.connect(false).await;
+        let other_id = ask(&mut other, "myid").await;
+        assert_eq!(ask(&mut other, "subscribe room").await, "subscribed");
+        assert_eq!(ask(&mut ws, "publish room").await, "reached 1");
+        assert_eq!(recv_text(&mut other).await, "news");
+        send_text(&mut ws, &format!("peer {other_id}")).await;
+        assert_eq!(recv_text(&mut other).await, "from a peer");
+
+        let mut closing = server.connect(false).await;
+        send_text(&mut closing, &format!("error-code {other_id}")).await;
+        assert_eq!(recv_close(&mut closing).await, (1000, "bye".into()));
+        assert_eq!(recv_text(&mut other).await, "true payload closed");
+
+        send_text(&mut other, "close 2").await;
+        assert_eq!(recv_close(&mut other).await, (4002, "app".into()));
+        send_text(&mut ws, "throw").await;
+        assert_eq!(recv_close(&mut ws).await.0, 1011);
+        // Runaway recursion: no RangeError on WASI, the call stack's limit.
+        let mut deep = server.connect(false).await;
+        send_text(&mut deep, "deep").await;
+        assert_eq!(recv_close(&mut deep).await.0, 1011);
+    });
+    let log = server.log_text();
+    assert!(
+        log.contains("uncaught exception in onText: Error: as asked"),
+        "the exception reaches the log:\n{log}"
+    );
+}

@@ -139,7 +139,6 @@ fn serve_and_echo(lang: Language, wasm: &Path) {
     // The limits the languages tests use for these toolchains.
     let plugin_limits = match lang {
         Language::Python => "memory_limit = \"128MiB\"",
-        Language::Javascript => "memory_limit = \"128MiB\"\ncpu_time_per_event = \"30s\"",
         _ => "",
     };
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());

@@ -5,9 +5,10 @@
 #   tools/quickjs/build.sh HANDLER.js OUT.wasm
 #
 # Toolchain: Debian's clang-19, lld-19 and wasi-libc (installed with apt-get
-# if missing, as for C), tools/componentize, and the quickjs-ng sources
-# vendored in the crates.io package rquickjs-sys (pinned by version and
-# SHA-256), compiled once into $WHARF_TOOLCHAINS/quickjs (default
+# if missing, as for C), tools/componentize, tools/wizer (Wasmtime's
+# pre-initializer; its first build takes a few minutes), and the quickjs-ng
+# sources vendored in the crates.io package rquickjs-sys (pinned by version
+# and SHA-256), compiled once into $WHARF_TOOLCHAINS/quickjs (default
 # <repo>/target/toolchains).
 set -euo pipefail
 
@@ -51,6 +52,13 @@ apt_packages=(clang-19 lld-19 wasi-libc libclang-rt-19-dev-wasm32)
 componentize="$toolchains/componentize/release/componentize"
 (
     flock 9
+    cargo build --quiet --release --locked \
+        --manifest-path "$repo/tools/wizer/Cargo.toml" \
+        --target-dir "$toolchains/wizer"
+) 9>"$toolchains/.wizer.lock"
+wizer="$toolchains/wizer/release/wizer"
+(
+    flock 9
     if [ ! -f "$qjs/.built" ]; then
         echo "build.sh: fetching and compiling quickjs-ng ($crate from crates.io)" >&2
         rm -rf "$qjs" && mkdir -p "$qjs"
@@ -74,9 +82,10 @@ trap 'rm -rf "$work"' EXIT
 #    when the module has no batchHandler).
 "$componentize" c-bindings "$repo/wit" batch-handler-world "$work"
 # 2. The runtime with the handler's source embedded (#embed "handler.js"),
-#    linked with QuickJS into a wasip1 reactor. A 1 MiB stack placed first:
-#    QuickJS raises RangeError before 768 KiB (JS_STACK_LIMIT), and an
-#    overflow past the stack would trap instead of overwriting data.
+#    linked with QuickJS into a wasip1 reactor. A 1 MiB stack placed first,
+#    so that overflowing it traps instead of overwriting data (QuickJS has
+#    no recursion limit on WASI: runaway recursion traps, on Wasmtime's
+#    call-stack limit first).
 cp "$js" "$work/handler.js"
 objects=()
 for o in "${qjs_objects[@]}"; do objects+=("$qjs/$o.o"); done
@@ -84,7 +93,10 @@ clang-19 --target=wasm32-wasi -mexec-model=reactor -std=gnu23 -O2 -Wall -Wextra 
     -I "$work" --embed-dir="$work" -I "$qjs/quickjs" "$here/wharf_js.c" "$work/batch_handler_world.c" \
     "$work/batch_handler_world_component_type.o" "${objects[@]}" \
     -Wl,-z,stack-size=1048576 -Wl,--stack-first -Wl,--strip-debug -lm -o "$work/core.wasm"
-# 3. The component: wasip1 imports adapted to WASI preview2.
-"$componentize" new "$work/core.wasm" "$out.tmp"
+# 3. Pre-initialized: the engine started and handler.js evaluated once, here
+#    (wharf_js_initialize), instead of on every instance's first call.
+"$wizer" "$work/core.wasm" "$work/core.init.wasm"
+# 4. The component: wasip1 imports adapted to WASI preview2.
+"$componentize" new "$work/core.init.wasm" "$out.tmp"
 mv "$out.tmp" "$out"
 echo "build.sh: built $out" >&2

@@ -28,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "batch_handler_world.h"
 #include "quickjs.h"
@@ -43,12 +44,6 @@ typedef wharf_websocket_types_close_code_t close_code_t;
 static const char handler_source[] = {
 #embed "handler.js"
     , 0};
-
-// QuickJS stops recursion with a RangeError before this much of the
-// component's 1 MiB shadow stack is used (build.sh links with
-// `-z stack-size` and `--stack-first`, so an overflow past it would trap
-// rather than write over data).
-#define JS_STACK_LIMIT (768 * 1024)
 
 static JSRuntime *rt;
 static JSContext *ctx;
@@ -593,7 +588,27 @@ static const JSCFunctionListEntry console_funcs[] = {
 };
 
 // ---------------------------------------------------------------------------
-// Start-up: on the first call into this instance.
+// Math.random: QuickJS seeds its generator from the clock; this one is
+// seeded from WASI random on first use (xorshift128+, as V8 and
+// SpiderMonkey use), so instances started in the same microsecond differ.
+
+static uint64_t rng[2];
+
+static JSValue math_random(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c, (void)this_val, (void)argc, (void)argv;
+    if ((rng[0] | rng[1]) == 0 && (getentropy(rng, sizeof rng) != 0 || (rng[0] | rng[1]) == 0))
+        rng[0] = 0x9E3779B97F4A7C15u;  // no entropy: still a valid state
+    uint64_t s1 = rng[0];
+    const uint64_t s0 = rng[1];
+    rng[0] = s0;
+    s1 ^= s1 << 23;
+    rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
+    return JS_NewFloat64(ctx, (double)((rng[1] + s0) >> 11) * 0x1.0p-53);
+}
+
+// ---------------------------------------------------------------------------
+// Start-up: at build time (wharf_js_initialize), or on the first call into
+// an instance built without it.
 
 static void run_jobs(const char *during) {
     JSContext *c;
@@ -616,7 +631,6 @@ static JSValue settle(JSValue v, const char *during) {
 static void start(void) {
     rt = JS_NewRuntime();
     if (!rt) abort();
-    JS_SetMaxStackSize(rt, JS_STACK_LIMIT);
     ctx = JS_NewContext(rt);
     if (!ctx) abort();
     JS_SetModuleLoaderFunc(rt, normalize_module, load_module, NULL);
@@ -632,6 +646,9 @@ static void start(void) {
     JSValue console = JS_NewObject(ctx);
     JS_SetPropertyFunctionList(ctx, console, console_funcs, sizeof console_funcs / sizeof *console_funcs);
     JS_SetPropertyStr(ctx, global, "console", console);
+    JSValue math = JS_GetPropertyStr(ctx, global, "Math");
+    JS_SetPropertyStr(ctx, math, "random", JS_NewCFunction(ctx, math_random, "random", 0));
+    JS_FreeValue(ctx, math);
     JS_FreeValue(ctx, global);
 
     atom_tag = JS_NewAtom(ctx, "tag");
@@ -661,9 +678,17 @@ static void start(void) {
     }
 }
 
+// Run once at build time by Wizer (tools/wizer): the engine is started and
+// the module evaluated there, and every instance starts from the memory
+// this leaves. Math.random's state is cleared so that each instance seeds
+// its own.
+__attribute__((export_name("wizer-initialize"))) void wharf_js_initialize(void) {
+    start();
+    rng[0] = rng[1] = 0;
+}
+
 static inline void enter(void) {
     if (!ctx) start();
-    else JS_UpdateStackTop(rt);
 }
 
 // Calls `obj[method](args...)` if the method exists; false if it does not.
