@@ -24,8 +24,12 @@ mkdir -p "$toolchains" "$(dirname "$out")"
 crate=rquickjs-sys-0.14.0
 crate_sha256=cee271d0eeba64f0915b846cb7ae02e16faf3dfdffdca91731101d9d30fe3423
 qjs="$toolchains/quickjs/$crate"
-# -O2 as quickjs-ng's own release build; unsigned char as it requires.
-qjs_cflags=(--target=wasm32-wasi -O2 -D_GNU_SOURCE -funsigned-char -w)
+# -O2 as quickjs-ng's own release build; unsigned char as it requires;
+# Wasm SIMD, which Wasmtime runs natively, so that the compiler vectorizes
+# the byte loops of string conversion (JS_NewStringLen's share of a 1 KiB
+# text echo's profile fell from 11.5% to 4.4%).
+simd=(-msimd128)
+qjs_cflags=(--target=wasm32-wasi -O2 "${simd[@]}" -D_GNU_SOURCE -funsigned-char -w)
 qjs_objects=(dtoa libregexp libunicode quickjs)
 
 # --- toolchain (one installer at a time) --------------------------------
@@ -59,7 +63,7 @@ componentize="$toolchains/componentize/release/componentize"
 wizer="$toolchains/wizer/release/wizer"
 (
     flock 9
-    if [ ! -f "$qjs/.built" ]; then
+    if [ "$(cat "$qjs/.built" 2>/dev/null)" != "${qjs_cflags[*]}" ]; then
         echo "build.sh: fetching and compiling quickjs-ng ($crate from crates.io)" >&2
         rm -rf "$qjs" && mkdir -p "$qjs"
         curl -sSfL --retry 3 -o "$qjs.crate" "https://static.crates.io/crates/rquickjs-sys/$crate.crate"
@@ -70,7 +74,7 @@ wizer="$toolchains/wizer/release/wizer"
             clang-19 "${qjs_cflags[@]}" -c "$qjs/quickjs/$o.c" -o "$qjs/$o.o" &
         done
         wait
-        touch "$qjs/.built"
+        echo "${qjs_cflags[*]}" > "$qjs/.built"
     fi
 ) 9>"$toolchains/.quickjs.lock"
 
@@ -89,7 +93,7 @@ trap 'rm -rf "$work"' EXIT
 cp "$js" "$work/handler.js"
 objects=()
 for o in "${qjs_objects[@]}"; do objects+=("$qjs/$o.o"); done
-clang-19 --target=wasm32-wasi -mexec-model=reactor -std=gnu23 -O2 -Wall -Wextra -Werror \
+clang-19 --target=wasm32-wasi -mexec-model=reactor -std=gnu23 -O2 "${simd[@]}" -Wall -Wextra -Werror \
     -I "$work" --embed-dir="$work" -I "$qjs/quickjs" "$here/wharf_js.c" "$work/batch_handler_world.c" \
     "$work/batch_handler_world_component_type.o" "${objects[@]}" \
     -Wl,-z,stack-size=1048576 -Wl,--stack-first -Wl,--strip-debug -lm -o "$work/core.wasm"

@@ -124,15 +124,21 @@ static void expire_conn(JSValue obj) {
 // surrogate as its 3-byte (WTF-8) form, which is not UTF-8 and which the
 // component model refuses (a trap); it becomes U+FFFD, as TextEncoder does.
 // Both are 3 bytes, so this is done in place.
+// ASCII, the common case, is recognized by one pass the compiler
+// vectorizes (for pure ASCII QuickJS hands out its own buffer: nothing to
+// replace in it then).
 static const char *to_utf8(JSValueConst v, size_t *len) {
     const char *s = JS_ToCStringLen(ctx, len, v);
     if (!s) return NULL;
-    unsigned char *p = (unsigned char *)s, *end = p + *len;
-    while ((p = memchr(p, 0xED, (size_t)(end - p))) != NULL) {
-        if (end - p >= 3 && p[1] >= 0xA0) {
-            p[0] = 0xEF, p[1] = 0xBF, p[2] = 0xBD;
+    unsigned char *p = (unsigned char *)s, high = 0;
+    size_t n = *len;
+    for (size_t i = 0; i < n; i++) high |= p[i];
+    if (high < 0x80) return s;
+    for (size_t i = 0; i + 2 < n; i++) {
+        if (p[i] == 0xED && p[i + 1] >= 0xA0) {
+            p[i] = 0xEF, p[i + 1] = 0xBF, p[i + 2] = 0xBD;
+            i += 2;
         }
-        p += 1;
     }
     return s;
 }
