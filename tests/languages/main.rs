@@ -15,6 +15,9 @@
 //!   a per-message leak does not survive;
 //! - Go in `shared` instance mode (`go_echo_shared`): 3,000 connections, 20 at
 //!   a time, served by one instance without a trap.
+//! - the JavaScript echo twice: on componentize-js (`js_echo`) and on
+//!   Wharf's QuickJS runtime (`quickjs_echo`, `tools/quickjs`), whose bridge
+//!   `quickjs_api` also checks call by call (`plugins/quickjs-api`).
 //!
 //! One test per language; the builds run in parallel, everything timed or
 //! load-sensitive (measurements, servers, Autobahn) one language at a time.
