@@ -1,5 +1,5 @@
 // Hand-written component-model bindings for wharf:websocket@0.1.6
-// (world handler-world): what a bindings generator would produce, kept
+// (world batch-handler-world): what a bindings generator would produce, kept
 // small. echo.go only uses the Go API at the top of this file.
 //
 // How it works (the "canonical ABI"):
@@ -234,6 +234,32 @@ func exportOnBinary(conn int32, ptr, len uint32) {
 //go:wasmexport wharf:websocket/handler@0.1.6#on-close
 func exportOnClose(conn int32, code uint32, ptr, len uint32, clean uint32) {
 	Handler.OnClose(Connection(conn), uint16(code), liftString(ptr, len), clean != 0)
+	done(conn)
+}
+
+// ---------------------------------------------------------------------------
+// Exports: the batch-handler interface (world batch-handler-world)
+// ---------------------------------------------------------------------------
+
+// exportOnMessages takes the messages the host read at once, in order, in
+// one call instead of one call each: a list<message> of 12-byte elements (the
+// variant's tag at 0, 0 for text; the string's or list's pointer and length
+// at 4 and 8). Each goes to the Handler as on-text/on-binary would give it.
+// The host bounds a batch (64 KiB of small messages, or one large one), so
+// it fits the argument arena as a single message does.
+//
+//go:wasmexport wharf:websocket/batch-handler@0.1.6#on-messages
+func exportOnMessages(conn int32, ptr, n uint32) {
+	c := Connection(conn)
+	for i := uint32(0); i < n; i++ {
+		m := ptr + 12*i
+		p, l := load32(m+4), load32(m+8)
+		if *(*uint8)(addr(m)) == 0 {
+			Handler.OnText(c, liftString(p, l))
+		} else {
+			Handler.OnBinary(c, unsafe.Slice((*byte)(addr(p)), l))
+		}
+	}
 	done(conn)
 }
 
