@@ -412,12 +412,8 @@ fn quickjs_build_sh(name: &str) -> String {
             ),
             ("<repo>/target/toolchains", DEFAULT_TOOLCHAINS),
             (
-                "\"$repo/tools/componentize/Cargo.toml\"",
-                "\"$here/tools/componentize/Cargo.toml\"",
-            ),
-            (
-                "\"$repo/tools/wizer/Cargo.toml\"",
-                "\"$here/tools/wizer/Cargo.toml\"",
+                "\"$repo/tools/$1/Cargo.toml\"",
+                "\"$here/tools/$1/Cargo.toml\"",
             ),
             ("\"$repo/wit\"", "\"$here/wit\""),
             ("\"$here/wharf_js.c\"", "\"$here/tools/quickjs/wharf_js.c\""),

@@ -47,19 +47,18 @@ apt_packages=(clang-19 lld-19 wasi-libc libclang-rt-19-dev-wasm32)
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
 ) 9>"$toolchains/.apt.lock"
-(
-    flock 9
-    cargo build --quiet --release --locked \
-        --manifest-path "$repo/tools/componentize/Cargo.toml" \
-        --target-dir "$toolchains/componentize"
-) 9>"$toolchains/.componentize.lock"
+# tools/NAME, built with cargo into the toolchains (one build at a time).
+build_tool() {
+    (
+        flock 9
+        cargo build --quiet --release --locked \
+            --manifest-path "$repo/tools/$1/Cargo.toml" \
+            --target-dir "$toolchains/$1"
+    ) 9>"$toolchains/.$1.lock"
+}
+build_tool componentize
 componentize="$toolchains/componentize/release/componentize"
-(
-    flock 9
-    cargo build --quiet --release --locked \
-        --manifest-path "$repo/tools/wizer/Cargo.toml" \
-        --target-dir "$toolchains/wizer"
-) 9>"$toolchains/.wizer.lock"
+build_tool wizer
 wizer="$toolchains/wizer/release/wizer"
 (
     flock 9
