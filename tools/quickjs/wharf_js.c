@@ -774,7 +774,14 @@ static bool prop_headers(JSValueConst obj, wharf_websocket_types_list_header_t *
             JS_ThrowTypeError(ctx, "upgrade response: `headers` must be an array of { name, value }");
             return false;
         }
-        out->ptr = calloc((size_t)n ? (size_t)n : 1, sizeof *out->ptr);
+        // The host refuses more than 16 KiB of headers; this bounds the
+        // allocation (and the cast to 32-bit size_t) well before that.
+        out->ptr = n <= 4096 ? calloc((size_t)n ? (size_t)n : 1, sizeof *out->ptr) : NULL;
+        if (!out->ptr) {
+            JS_FreeValue(ctx, arr);
+            JS_ThrowRangeError(ctx, "upgrade response: too many headers");
+            return false;
+        }
         for (int64_t i = 0; ok && i < n; i++) {
             JSValue h = JS_GetPropertyUint32(ctx, arr, (uint32_t)i);
             ok = prop_string(h, "name", &out->ptr[i].name, NULL) &&
