@@ -82,14 +82,17 @@ static _Noreturn void die(const char *during) {
 
 static JSValue new_string(const string_t *s) { return JS_NewStringLen(ctx, (const char *)s->ptr, s->len); }
 
-static void free_host_buffer(JSRuntime *r, void *opaque, void *ptr, size_t size) {
-    (void)r, (void)opaque, (void)size;
-    free(ptr);
+// Takes the host's string: copied into a JS string, then freed.
+static JSValue take_string(string_t *s) {
+    JSValue v = new_string(s);
+    batch_handler_world_string_free(s);
+    return v;
 }
 
 static void *realloc_host_buffer(JSRuntime *r, void *opaque, void *ptr, size_t size) {
+    (void)r, (void)opaque;
     if (size == 0) {
-        free_host_buffer(r, opaque, ptr, size);
+        free(ptr);
         return NULL;
     }
     return realloc(ptr, size);
@@ -263,6 +266,11 @@ static JSValue result(bool ok, error_code_t err) { return ok ? JS_UNDEFINED : th
 
 // ---------------------------------------------------------------------------
 // The connection resource's methods.
+//
+// Here and in the modules below, a function reads argv[0..length) without
+// checking argc: QuickJS pads a native function's arguments with
+// `undefined` up to the length its JS_CFUNC_DEF declares, and each
+// argument is then checked for its type.
 
 static JSValue conn_id(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
     (void)c, (void)argc, (void)argv;
@@ -272,12 +280,12 @@ static JSValue conn_id(JSContext *c, JSValueConst this_val, int argc, JSValueCon
 }
 
 static JSValue conn_send_text(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
-    (void)c;
+    (void)c, (void)argc;
     borrow_t b;
     string_t text;
     const char *owned;
     if (!arg_conn(this_val, "sendText", &b)) return JS_EXCEPTION;
-    if (!arg_string(argc > 0 ? argv[0] : JS_UNDEFINED, "sendText", &text, &owned)) return JS_EXCEPTION;
+    if (!arg_string(argv[0], "sendText", &text, &owned)) return JS_EXCEPTION;
     error_code_t err;
     bool ok = wharf_websocket_connection_method_connection_send_text(b, &text, &err);
     JS_FreeCString(ctx, owned);
@@ -285,24 +293,24 @@ static JSValue conn_send_text(JSContext *c, JSValueConst this_val, int argc, JSV
 }
 
 static JSValue conn_send_binary(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
-    (void)c;
+    (void)c, (void)argc;
     borrow_t b;
     bytes_t data;
     if (!arg_conn(this_val, "sendBinary", &b)) return JS_EXCEPTION;
-    if (!arg_bytes(argc > 0 ? argv[0] : JS_UNDEFINED, "sendBinary", &data)) return JS_EXCEPTION;
+    if (!arg_bytes(argv[0], "sendBinary", &data)) return JS_EXCEPTION;
     error_code_t err;
     return result(wharf_websocket_connection_method_connection_send_binary(b, &data, &err), err);
 }
 
 static JSValue conn_close(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
-    (void)c;
+    (void)c, (void)argc;
     borrow_t b;
     close_code_t code;
     string_t reason;
     const char *owned;
     if (!arg_conn(this_val, "close", &b)) return JS_EXCEPTION;
-    if (!arg_close_code(argc > 0 ? argv[0] : JS_UNDEFINED, &code)) return JS_EXCEPTION;
-    if (!arg_string(argc > 1 ? argv[1] : JS_UNDEFINED, "close", &reason, &owned)) return JS_EXCEPTION;
+    if (!arg_close_code(argv[0], &code)) return JS_EXCEPTION;
+    if (!arg_string(argv[1], "close", &reason, &owned)) return JS_EXCEPTION;
     error_code_t err;
     bool ok = wharf_websocket_connection_method_connection_close(b, &code, &reason, &err);
     JS_FreeCString(ctx, owned);
@@ -320,12 +328,12 @@ static const JSCFunctionListEntry conn_methods[] = {
 // wharf:websocket/pubsub
 
 static JSValue pubsub_subscribe(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
-    (void)c, (void)this_val;
+    (void)c, (void)this_val, (void)argc;
     borrow_t b;
     string_t topic;
     const char *owned;
-    if (!arg_conn(argc > 0 ? argv[0] : JS_UNDEFINED, "subscribe", &b)) return JS_EXCEPTION;
-    if (!arg_string(argc > 1 ? argv[1] : JS_UNDEFINED, "subscribe", &topic, &owned)) return JS_EXCEPTION;
+    if (!arg_conn(argv[0], "subscribe", &b)) return JS_EXCEPTION;
+    if (!arg_string(argv[1], "subscribe", &topic, &owned)) return JS_EXCEPTION;
     error_code_t err;
     bool ok = wharf_websocket_pubsub_subscribe(b, &topic, &err);
     JS_FreeCString(ctx, owned);
@@ -333,12 +341,12 @@ static JSValue pubsub_subscribe(JSContext *c, JSValueConst this_val, int argc, J
 }
 
 static JSValue pubsub_unsubscribe(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
-    (void)c, (void)this_val;
+    (void)c, (void)this_val, (void)argc;
     borrow_t b;
     string_t topic;
     const char *owned;
-    if (!arg_conn(argc > 0 ? argv[0] : JS_UNDEFINED, "unsubscribe", &b)) return JS_EXCEPTION;
-    if (!arg_string(argc > 1 ? argv[1] : JS_UNDEFINED, "unsubscribe", &topic, &owned)) return JS_EXCEPTION;
+    if (!arg_conn(argv[0], "unsubscribe", &b)) return JS_EXCEPTION;
+    if (!arg_string(argv[1], "unsubscribe", &topic, &owned)) return JS_EXCEPTION;
     wharf_websocket_pubsub_unsubscribe(b, &topic);
     JS_FreeCString(ctx, owned);
     return JS_UNDEFINED;
@@ -347,18 +355,18 @@ static JSValue pubsub_unsubscribe(JSContext *c, JSValueConst this_val, int argc,
 // publishText(topic, text, exclude?) and publishBinary(topic, data,
 // exclude?): the number of subscribers reached.
 static JSValue pubsub_publish(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv, int binary) {
-    (void)c, (void)this_val;
+    (void)c, (void)this_val, (void)argc;
     const char *what = binary ? "publishBinary" : "publishText";
     string_t topic, text;
     bytes_t data;
     const char *owned_topic, *owned_text = NULL;
     borrow_t exclude;
-    JSValueConst ex = argc > 2 ? argv[2] : JS_UNDEFINED;
+    JSValueConst ex = argv[2];
     bool has_exclude = !JS_IsUndefined(ex) && !JS_IsNull(ex);
     if (has_exclude && !arg_conn(ex, what, &exclude)) return JS_EXCEPTION;
-    if (!arg_string(argc > 0 ? argv[0] : JS_UNDEFINED, what, &topic, &owned_topic)) return JS_EXCEPTION;
-    bool ok = binary ? arg_bytes(argc > 1 ? argv[1] : JS_UNDEFINED, what, &data)
-                     : arg_string(argc > 1 ? argv[1] : JS_UNDEFINED, what, &text, &owned_text);
+    if (!arg_string(argv[0], what, &topic, &owned_topic)) return JS_EXCEPTION;
+    bool ok = binary ? arg_bytes(argv[1], what, &data)
+                     : arg_string(argv[1], what, &text, &owned_text);
     if (!ok) {
         JS_FreeCString(ctx, owned_topic);
         return JS_EXCEPTION;
@@ -385,19 +393,19 @@ static const JSCFunctionListEntry pubsub_funcs[] = {
 // wharf:websocket/attachment
 
 static JSValue attachment_set(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
-    (void)c, (void)this_val;
+    (void)c, (void)this_val, (void)argc;
     borrow_t b;
     bytes_t data;
-    if (!arg_conn(argc > 0 ? argv[0] : JS_UNDEFINED, "set", &b)) return JS_EXCEPTION;
-    if (!arg_bytes(argc > 1 ? argv[1] : JS_UNDEFINED, "set", &data)) return JS_EXCEPTION;
+    if (!arg_conn(argv[0], "set", &b)) return JS_EXCEPTION;
+    if (!arg_bytes(argv[1], "set", &data)) return JS_EXCEPTION;
     error_code_t err;
     return result(wharf_websocket_attachment_set(b, &data, &err), err);
 }
 
 static JSValue attachment_get(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
-    (void)c, (void)this_val;
+    (void)c, (void)this_val, (void)argc;
     borrow_t b;
-    if (!arg_conn(argc > 0 ? argv[0] : JS_UNDEFINED, "get", &b)) return JS_EXCEPTION;
+    if (!arg_conn(argv[0], "get", &b)) return JS_EXCEPTION;
     bytes_t data;
     wharf_websocket_attachment_get(b, &data);
     return adopt_bytes(&data);
@@ -412,16 +420,14 @@ static const JSCFunctionListEntry attachment_funcs[] = {
 // wharf:websocket/config
 
 static JSValue config_get(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
-    (void)c, (void)this_val;
+    (void)c, (void)this_val, (void)argc;
     string_t key, value;
     const char *owned;
-    if (!arg_string(argc > 0 ? argv[0] : JS_UNDEFINED, "get", &key, &owned)) return JS_EXCEPTION;
+    if (!arg_string(argv[0], "get", &key, &owned)) return JS_EXCEPTION;
     bool some = wharf_websocket_config_get(&key, &value);
     JS_FreeCString(ctx, owned);
     if (!some) return JS_UNDEFINED;
-    JSValue v = new_string(&value);
-    batch_handler_world_string_free(&value);
-    return v;
+    return take_string(&value);
 }
 
 // [[key, value], ...], in the order of the tenant's settings.
@@ -449,12 +455,12 @@ static const JSCFunctionListEntry config_funcs[] = {
 // wharf:websocket/peers: the tenant's other connections, by id.
 
 static JSValue peers_send_text(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
-    (void)c, (void)this_val;
+    (void)c, (void)this_val, (void)argc;
     uint64_t id;
     string_t text;
     const char *owned;
-    if (!arg_u64(argc > 0 ? argv[0] : JS_UNDEFINED, "sendText", &id)) return JS_EXCEPTION;
-    if (!arg_string(argc > 1 ? argv[1] : JS_UNDEFINED, "sendText", &text, &owned)) return JS_EXCEPTION;
+    if (!arg_u64(argv[0], "sendText", &id)) return JS_EXCEPTION;
+    if (!arg_string(argv[1], "sendText", &text, &owned)) return JS_EXCEPTION;
     error_code_t err;
     bool ok = wharf_websocket_peers_send_text(id, &text, &err);
     JS_FreeCString(ctx, owned);
@@ -462,24 +468,24 @@ static JSValue peers_send_text(JSContext *c, JSValueConst this_val, int argc, JS
 }
 
 static JSValue peers_send_binary(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
-    (void)c, (void)this_val;
+    (void)c, (void)this_val, (void)argc;
     uint64_t id;
     bytes_t data;
-    if (!arg_u64(argc > 0 ? argv[0] : JS_UNDEFINED, "sendBinary", &id)) return JS_EXCEPTION;
-    if (!arg_bytes(argc > 1 ? argv[1] : JS_UNDEFINED, "sendBinary", &data)) return JS_EXCEPTION;
+    if (!arg_u64(argv[0], "sendBinary", &id)) return JS_EXCEPTION;
+    if (!arg_bytes(argv[1], "sendBinary", &data)) return JS_EXCEPTION;
     error_code_t err;
     return result(wharf_websocket_peers_send_binary(id, &data, &err), err);
 }
 
 static JSValue peers_close(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
-    (void)c, (void)this_val;
+    (void)c, (void)this_val, (void)argc;
     uint64_t id;
     close_code_t code;
     string_t reason;
     const char *owned;
-    if (!arg_u64(argc > 0 ? argv[0] : JS_UNDEFINED, "close", &id)) return JS_EXCEPTION;
-    if (!arg_close_code(argc > 1 ? argv[1] : JS_UNDEFINED, &code)) return JS_EXCEPTION;
-    if (!arg_string(argc > 2 ? argv[2] : JS_UNDEFINED, "close", &reason, &owned)) return JS_EXCEPTION;
+    if (!arg_u64(argv[0], "close", &id)) return JS_EXCEPTION;
+    if (!arg_close_code(argv[1], &code)) return JS_EXCEPTION;
+    if (!arg_string(argv[2], "close", &reason, &owned)) return JS_EXCEPTION;
     error_code_t err;
     bool ok = wharf_websocket_peers_close(id, &code, &reason, &err);
     JS_FreeCString(ctx, owned);
@@ -496,12 +502,12 @@ static const JSCFunctionListEntry peers_funcs[] = {
 // wharf:websocket/latin1
 
 static JSValue latin1_send_binary(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
-    (void)c, (void)this_val;
+    (void)c, (void)this_val, (void)argc;
     borrow_t b;
     string_t data;
     const char *owned;
-    if (!arg_conn(argc > 0 ? argv[0] : JS_UNDEFINED, "sendBinary", &b)) return JS_EXCEPTION;
-    if (!arg_string(argc > 1 ? argv[1] : JS_UNDEFINED, "sendBinary", &data, &owned)) return JS_EXCEPTION;
+    if (!arg_conn(argv[0], "sendBinary", &b)) return JS_EXCEPTION;
+    if (!arg_string(argv[1], "sendBinary", &data, &owned)) return JS_EXCEPTION;
     error_code_t err;
     bool ok = wharf_websocket_latin1_send_binary(b, &data, &err);
     JS_FreeCString(ctx, owned);
@@ -576,7 +582,7 @@ static JSModuleDef *load_module(JSContext *c, const char *name, void *opaque) {
 // console: the host's log (stdout for log/info/debug, stderr for warn/error).
 
 static JSValue console_print(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv, int to_stderr) {
-    (void)c, (void)this_val;
+    (void)c, (void)this_val, (void)argc;
     FILE *f = to_stderr ? stderr : stdout;
     for (int i = 0; i < argc; i++) {
         if (i) fputc(' ', f);
@@ -858,8 +864,7 @@ void exports_wharf_websocket_handler_on_open(borrow_t conn) {
 
 void exports_wharf_websocket_handler_on_text(borrow_t conn, string_t *text) {
     enter();
-    JSValue args[2] = {new_conn(conn), new_string(text)};
-    batch_handler_world_string_free(text);
+    JSValue args[2] = {new_conn(conn), take_string(text)};
     call(handler_obj, atom_on_text, 2, args, "onText", NULL);
     JS_FreeValue(ctx, args[1]);
     expire_conn(args[0]);
@@ -875,15 +880,15 @@ void exports_wharf_websocket_handler_on_binary(borrow_t conn, bytes_t *data) {
 
 void exports_wharf_websocket_handler_on_close(borrow_t conn, uint16_t code, string_t *reason, bool clean) {
     enter();
-    JSValue args[4] = {new_conn(conn), JS_NewInt32(ctx, code), new_string(reason), JS_NewBool(ctx, clean)};
-    batch_handler_world_string_free(reason);
+    JSValue args[4] = {new_conn(conn), JS_NewInt32(ctx, code), take_string(reason), JS_NewBool(ctx, clean)};
     call(handler_obj, atom_on_close, 4, args, "onClose", NULL);
     JS_FreeValue(ctx, args[2]);
     expire_conn(args[0]);
 }
 
+// Takes a message's payload, as take_string or adopt_bytes.
 static JSValue message_value(exports_wharf_websocket_batch_handler_message_t *m) {
-    return m->tag == EXPORTS_WHARF_WEBSOCKET_BATCH_HANDLER_MESSAGE_TEXT ? new_string(&m->val.text)
+    return m->tag == EXPORTS_WHARF_WEBSOCKET_BATCH_HANDLER_MESSAGE_TEXT ? take_string(&m->val.text)
                                                                         : adopt_bytes(&m->val.binary);
 }
 
@@ -902,7 +907,6 @@ void exports_wharf_websocket_batch_handler_on_messages(
             JS_DefinePropertyValue(ctx, o, atom_tag, JS_DupValue(ctx, text ? str_text : str_binary),
                                    JS_PROP_C_W_E);
             JS_DefinePropertyValue(ctx, o, atom_val, message_value(m), JS_PROP_C_W_E);
-            if (text) batch_handler_world_string_free(&m->val.text);
             JS_SetPropertyUint32(ctx, arr, (uint32_t)i, o);
         }
         JSValue args[2] = {c, arr};
@@ -914,7 +918,6 @@ void exports_wharf_websocket_batch_handler_on_messages(
             exports_wharf_websocket_batch_handler_message_t *m = &messages->ptr[i];
             bool text = m->tag == EXPORTS_WHARF_WEBSOCKET_BATCH_HANDLER_MESSAGE_TEXT;
             JSValue args[2] = {c, message_value(m)};
-            if (text) batch_handler_world_string_free(&m->val.text);
             call(handler_obj, text ? atom_on_text : atom_on_binary, 2, args, text ? "onText" : "onBinary",
                  NULL);
             JS_FreeValue(ctx, args[1]);
