@@ -130,8 +130,13 @@ fn toolchain_installed(dir: &str) -> bool {
         "python-echo" => t.join("python/venv/bin/componentize-py").is_file(),
         "js-echo" => t.join("js/node_modules/.bin/componentize-js").exists(),
         "go-echo" => t.join("go/venv/bin/go").is_file(),
+        // tools/quickjs/build.sh marks its QuickJS build `.built` (in a
+        // directory named after the pinned crate, which it alone knows)
+        // after building tools/wizer.
         "quickjs-echo" => {
-            t.join("quickjs/rquickjs-sys-0.14.0/.built").is_file() && toolchain_installed("c-echo")
+            std::fs::read_dir(t.join("quickjs"))
+                .is_ok_and(|d| d.flatten().any(|e| e.path().join(".built").is_file()))
+                && toolchain_installed("c-echo")
         }
         "c-echo" => [
             "clang-19",
