@@ -166,6 +166,75 @@ async fn flood_is_bounded_by_the_send_queue() {
     );
 }
 
+/// Message `i` of the chaos plugin's batches: text "b<i>" or binary [1].
+async fn expect_batched(ws: &mut Ws, i: usize) {
+    let want = if i.is_multiple_of(2) {
+        Message::Text(format!("b{i}").into())
+    } else {
+        Message::Binary(vec![1].into())
+    };
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert!(
+        matches!(&got, Ok(Some(Ok(m))) if *m == want),
+        "message {i}: {got:?}"
+    );
+}
+
+/// `batch-send`: one call queues many messages, in order, each framed as
+/// its own send; the call stops at the first message refused and says how
+/// many went, and exactly those arrive (the same queue bound and message
+/// limit as single sends).
+#[tokio::test]
+async fn batch_send_queues_in_order_and_stops_at_a_refusal() {
+    let server = Server::start(ServerOpts {
+        websocket: "send_queue = \"64KiB\"\nmax_message_size = \"1KiB\"",
+        ..ServerOpts::new("chaos")
+    });
+    let mut ws = server.connect(false).await;
+    send_text(&mut ws, "batch 5").await;
+    for i in 0..5 {
+        expect_batched(&mut ws, i).await;
+    }
+    assert_eq!(recv_text(&mut ws).await, "batched all");
+
+    // Message 1 is over max_message_size: message 0 goes, nothing after it.
+    send_text(&mut ws, "batch-big 1025").await;
+    expect_batched(&mut ws, 0).await;
+    assert_eq!(
+        recv_text(&mut ws).await,
+        "batched queued=1 error=message-too-big"
+    );
+
+    // Far more than the send queue holds: the count the plugin is given
+    // is what arrives.
+    send_text(&mut ws, "batch 100000").await;
+    let line = server
+        .wait_log(
+            &["stderr:", "batched queued=", "error=queue-full"],
+            Duration::from_secs(3),
+        )
+        .await;
+    let at = line.find("queued=").unwrap() + "queued=".len();
+    let queued: usize = line[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .unwrap();
+    assert!(queued > 0 && queued < 100_000, "{line}");
+    for i in 0..queued {
+        expect_batched(&mut ws, i).await;
+    }
+    // Then at most the report (if the queue had room for it), and the
+    // connection still works.
+    send_text(&mut ws, "done").await;
+    let mut next = recv_text(&mut ws).await;
+    if next.starts_with("batched queued=") {
+        next = recv_text(&mut ws).await;
+    }
+    assert_eq!(next, "done");
+}
+
 /// Messages that arrive after the connection's instance failed (here in
 /// the same read as the one that trapped it) are dropped and counted, not
 /// lost silently.

@@ -3,6 +3,7 @@
 
 pub mod attachment_host;
 pub mod batch_handler;
+pub mod batch_send_host;
 pub mod bindings;
 pub mod cache;
 pub mod config_host;
@@ -239,9 +240,9 @@ impl Runtime {
         // (which import clocks, random, stdio, ...) instantiate; the context
         // each store gets grants no files, sockets, environment or arguments.
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        // The world's interfaces one by one: `connection`, `attachment` and
-        // `pubsub` are this crate's own (see their modules), the others
-        // `bindgen!`'s.
+        // The world's interfaces one by one: `connection`, `attachment`,
+        // `pubsub` and `batch-send` are this crate's own (see their
+        // modules), the others `bindgen!`'s.
         use self::bindings::wharf::websocket::{config, latin1, peers, types};
         types::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
         config::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
@@ -250,6 +251,7 @@ impl Runtime {
         connection_host::add_to_linker(&mut linker)?;
         pubsub_host::add_to_linker(&mut linker)?;
         attachment_host::add_to_linker(&mut linker)?;
+        batch_send_host::add_to_linker(&mut linker)?;
         let clock = EpochClock::start(&engine);
         Ok(Self {
             engine,

@@ -8,6 +8,10 @@
 //! - "sleep N": busy-waits about N milliseconds, then sends "slept",
 //! - "flood N": sends "m0".."m<N-1>" as fast as it can, then reports
 //!   "flooded ok=<sent> full=<refused with queue-full>".
+//! - "batch N": queues N messages in one `batch-send` call, text "b0" and
+//!   binary [1] alternating; "batch-big N": the same with message 1 a
+//!   binary of N bytes. Reports "batched all" or "batched queued=<count>
+//!   error=<error>", to the log as well.
 //! - "count": counts in the attachment (survives hibernation) and in memory
 //!   (does not), answering "count=<attachment> instance=<memory>".
 //! - "setting KEY": answers the tenant's setting KEY (`wharf:websocket/config`),
@@ -31,6 +35,7 @@ wit_bindgen::generate!({
 });
 
 use exports::wharf::websocket::handler::Guest;
+use wharf::websocket::batch_send::{self, Outgoing};
 use wharf::websocket::connection::Connection;
 use wharf::websocket::types::{Accept, ErrorCode, UpgradeRequest, UpgradeResponse};
 use wharf::websocket::{attachment, config, peers};
@@ -82,6 +87,22 @@ fn flood(conn: &Connection, n: u64) {
     // Sends are only written after this call returns, so once the queue is
     // full this report is refused too; the log line always gets through.
     let report = format!("flooded ok={ok} full={full}");
+    eprintln!("chaos: connection {}: {report}", conn.id());
+    let _ = conn.send_text(&report);
+}
+
+fn batch(conn: &Connection, n: u64, big: Option<u64>) {
+    let messages: Vec<Outgoing> = (0..n)
+        .map(|i| match (i, big) {
+            (1, Some(size)) => Outgoing::Binary(vec![0; size as usize]),
+            _ if i.is_multiple_of(2) => Outgoing::Text(format!("b{i}")),
+            _ => Outgoing::Binary(vec![1]),
+        })
+        .collect();
+    let report = match batch_send::send(conn, &messages) {
+        Ok(()) => "batched all".to_owned(),
+        Err(p) => format!("batched queued={} error={}", p.queued, p.error.name()),
+    };
     eprintln!("chaos: connection {}: {report}", conn.id());
     let _ = conn.send_text(&report);
 }
@@ -157,6 +178,8 @@ impl Guest for Chaos {
                 log_err(conn, conn.send_text("slept"));
             }
             ("flood", Some(n)) => flood(conn, n),
+            ("batch", Some(n)) => batch(conn, n, None),
+            ("batch-big", Some(n)) => batch(conn, 3, Some(n)),
             ("count", None) => count(conn),
             _ => log_err(conn, conn.send_text(&text)),
         }

@@ -6,9 +6,10 @@
 //! - answering through the `conn` handle (`send_text`, `send_binary`, `close`),
 //! - exporting the implementation with `export!`,
 //!
-//! and one optional thing: taking messages in batches (`batch-handler`),
-//! which saves a call into the instance per message when a client sends
-//! many at once.
+//! and one optional thing: taking messages in batches (`batch-handler`) and
+//! answering them in one call (`batch-send`), which saves a call into the
+//! instance and one into the host per message when a client sends many at
+//! once.
 //!
 //! Every text and binary message is sent straight back; the text "goodbye"
 //! closes the connection with code 1000 instead.
@@ -26,6 +27,7 @@ wit_bindgen::generate!({
 
 use exports::wharf::websocket::batch_handler::{Guest as BatchGuest, Message};
 use exports::wharf::websocket::handler::Guest;
+use wharf::websocket::batch_send::{self, Outgoing};
 use wharf::websocket::connection::Connection;
 use wharf::websocket::types::{Accept, CloseCode, UpgradeRequest, UpgradeResponse};
 
@@ -60,12 +62,36 @@ impl Guest for Echo {
 /// calls `on_text`/`on_binary`): all that arrived together, in order.
 impl BatchGuest for Echo {
     fn on_messages(conn: &Connection, messages: Vec<Message>) {
+        // The echoes go back in one `batch-send` call. Moving each payload
+        // into an `Outgoing` copies no bytes.
+        let mut replies = Vec::with_capacity(messages.len());
         for message in messages {
             match message {
-                Message::Text(text) => echo_text(conn, &text),
-                Message::Binary(data) => echo_binary(conn, &data),
+                Message::Text(text) if text == "goodbye" => {
+                    // What came before the goodbye is echoed before the close.
+                    send_all(conn, &std::mem::take(&mut replies));
+                    echo_text(conn, &text);
+                }
+                Message::Text(text) => replies.push(Outgoing::Text(text)),
+                Message::Binary(data) => replies.push(Outgoing::Binary(data)),
             }
         }
+        send_all(conn, &replies);
+    }
+}
+
+fn send_all(conn: &Connection, replies: &[Outgoing]) {
+    if replies.is_empty() {
+        return;
+    }
+    // On an error, the messages before `queued` went out and none after.
+    if let Err(partial) = batch_send::send(conn, replies) {
+        let dropped = replies.len() - partial.queued as usize;
+        eprintln!(
+            "echo: connection {}: {dropped} replies not sent: {}",
+            conn.id(),
+            partial.error
+        );
     }
 }
 
