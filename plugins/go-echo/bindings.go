@@ -126,6 +126,51 @@ func (c Connection) SendBinary(data []byte) error {
 	return result()
 }
 
+// Message is one message of a batch: text (Binary false) or binary. Data
+// passed to OnMessages lives in the per-call buffer, like OnText's text.
+type Message struct {
+	Binary bool
+	Data   []byte
+}
+
+// BatchHandler is optional: a Handler that implements it gets the messages
+// of one read in one OnMessages call; otherwise each goes to OnText or
+// OnBinary.
+type BatchHandler interface {
+	OnMessages(conn Connection, messages []Message)
+}
+
+// SendBatch queues messages in order with one call into the host (WIT
+// `batch-send`), each as SendText or SendBinary would, and stops at the
+// first one refused: it returns how many were queued, and why the next was
+// not.
+func (c Connection) SendBatch(messages []Message) (queued int, err error) {
+	if len(messages) == 0 {
+		return 0, nil
+	}
+	if cap(outgoing) < len(messages) {
+		outgoing = make([][3]uint32, len(messages))
+	}
+	list := outgoing[:len(messages)]
+	for i, m := range messages {
+		// The variant's tag (0 text, 1 binary), then the payload's
+		// pointer and length.
+		tag := uint32(0)
+		if m.Binary {
+			tag = 1
+		}
+		list[i] = [3]uint32{tag, ptrOf(unsafe.SliceData(m.Data)), uint32(len(m.Data))}
+	}
+	batchSend(int32(c), ptrOf(&list[0]), uint32(len(list)), ptrOf(&batchRet[0]))
+	if batchRet[0]&0xff == 0 {
+		return len(messages), nil
+	}
+	return int(batchRet[1]), ErrorCode(batchRet[2])
+}
+
+// outgoing is SendBatch's list<outgoing>, kept between calls.
+var outgoing [][3]uint32
+
 func (c Connection) Close(code CloseCode, reason string) error {
 	connClose(int32(c), uint32(code.tag), uint32(code.app),
 		ptrOf(unsafe.StringData(reason)), uint32(len(reason)), ptrOf(&retArea[0]))
@@ -150,6 +195,13 @@ func connClose(self int32, codeTag, codeApp uint32, ptr, len uint32, ret uint32)
 
 //go:wasmimport wharf:websocket/connection@0.1.7 [resource-drop]connection
 func connDrop(self int32)
+
+//go:wasmimport wharf:websocket/batch-send@0.1.7 send
+func batchSend(conn int32, ptr, n uint32, ret uint32)
+
+// batchRet receives a `result<_, partial>`: the tag in the low byte of word
+// 0, then partial's `queued` and `error`.
+var batchRet [3]uint32
 
 // retArea receives a `result<_, error-code>`: byte 0 is 1 for an error,
 // byte 1 the error code.
@@ -244,13 +296,28 @@ func exportOnClose(conn int32, code uint32, ptr, len uint32, clean uint32) {
 // exportOnMessages takes the messages the host read at once, in order, in
 // one call instead of one call each: a list<message> of 12-byte elements (the
 // variant's tag at 0, 0 for text; the string's or list's pointer and length
-// at 4 and 8). Each goes to the Handler as on-text/on-binary would give it.
+// at 4 and 8). They go to the Handler's OnMessages if it has one, else each
+// to OnText or OnBinary.
 // The host bounds a batch (64 KiB of small messages, or one large one), so
 // it fits the argument arena as a single message does.
 //
 //go:wasmexport wharf:websocket/batch-handler@0.1.7#on-messages
 func exportOnMessages(conn int32, ptr, n uint32) {
 	c := Connection(conn)
+	if h, ok := Handler.(BatchHandler); ok {
+		if uint32(cap(incoming)) < n {
+			incoming = make([]Message, n)
+		}
+		batch := incoming[:n]
+		for i := range batch {
+			m := ptr + 12*uint32(i)
+			p, l := load32(m+4), load32(m+8)
+			batch[i] = Message{*(*uint8)(addr(m)) != 0, unsafe.Slice((*byte)(addr(p)), l)}
+		}
+		h.OnMessages(c, batch)
+		done(conn)
+		return
+	}
 	for i := uint32(0); i < n; i++ {
 		m := ptr + 12*i
 		p, l := load32(m+4), load32(m+8)
@@ -262,6 +329,9 @@ func exportOnMessages(conn int32, ptr, n uint32) {
 	}
 	done(conn)
 }
+
+// incoming is exportOnMessages' batch, kept between calls.
+var incoming []Message
 
 // done ends an export call: drop the borrowed handle, free the arguments.
 func done(conn int32) {

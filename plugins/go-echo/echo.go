@@ -45,6 +45,28 @@ func (echo) OnBinary(conn Connection, data []byte) {
 	}
 }
 
+// OnMessages gets the messages of one read (BatchHandler) and sends them
+// back in one call into the host; a "goodbye" among them closes after the
+// echoes of those before it.
+func (e echo) OnMessages(conn Connection, messages []Message) {
+	start := 0
+	for i, m := range messages {
+		if !m.Binary && string(m.Data) == "goodbye" {
+			sendAll(conn, messages[start:i])
+			e.OnText(conn, "goodbye")
+			start = i + 1
+		}
+	}
+	sendAll(conn, messages[start:])
+}
+
+func sendAll(conn Connection, messages []Message) {
+	if queued, err := conn.SendBatch(messages); err != nil {
+		fmt.Fprintf(os.Stderr, "echo: connection %d: %d replies not sent: %v\n",
+			conn.ID(), len(messages)-queued, err)
+	}
+}
+
 // Nothing to clean up: the host drops this instance after the last call.
 func (echo) OnClose(conn Connection, code uint16, reason string, clean bool) {}
 
