@@ -14,7 +14,7 @@ use wasmtime::component::{ComponentType, Lift, Linker, Resource, WasmList, WasmS
 
 use super::HostState;
 use super::bindings::wharf::websocket::batch_send::Partial;
-use super::connection_host::{ConnectionEntry, Outbox};
+use super::connection_host::{ConnectionEntry, Outbox, with_outbox};
 
 /// The interface this implements (older 0.1.x plugins are matched to it by
 /// semver).
@@ -32,19 +32,6 @@ enum Outgoing {
 
 /// Queues `messages` in order until one is refused. A malformed element
 /// (out of bounds, invalid UTF-8) traps, as it would in `send-text`.
-fn send(
-    mut store: StoreContextMut<'_, HostState>,
-    this: &Resource<ConnectionEntry>,
-    messages: &WasmList<Outgoing>,
-) -> wasmtime::Result<Result<(), Partial>> {
-    // Taken out of the table for the loop, so that payloads can be read in
-    // place while the outbox is written; put back whatever happens.
-    let mut outbox = std::mem::take(&mut store.data_mut().table.get_mut(this)?.outbox);
-    let result = queue_all(&mut store, &mut outbox, messages);
-    store.data_mut().table.get_mut(this)?.outbox = outbox;
-    result
-}
-
 fn queue_all(
     store: &mut StoreContextMut<'_, HostState>,
     outbox: &mut Outbox,
@@ -78,7 +65,9 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "send",
         |store: StoreContextMut<'_, HostState>,
          (this, messages): (Resource<ConnectionEntry>, WasmList<Outgoing>)| {
-            Ok((send(store, &this, &messages)?,))
+            with_outbox(store, &this, |store, outbox| {
+                Ok((queue_all(store, outbox, &messages)?,))
+            })
         },
     )?;
     Ok(())

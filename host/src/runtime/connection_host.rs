@@ -172,19 +172,16 @@ pub fn close_code_number(code: CloseCode) -> Result<u16, ErrorCode> {
 
 /// Runs `send` on the connection's outbox with the plugin's memory readable:
 /// the outbox is taken out of the table for the call, so the payload can be
-/// read in place while it is framed.
-fn with_outbox(
+/// read in place while it is framed, and put back whatever `send` returns.
+pub(super) fn with_outbox<R>(
     mut store: StoreContextMut<'_, HostState>,
     this: &Resource<ConnectionEntry>,
-    send: impl FnOnce(
-        &StoreContextMut<'_, HostState>,
-        &mut Outbox,
-    ) -> wasmtime::Result<Result<(), ErrorCode>>,
-) -> wasmtime::Result<(Result<(), ErrorCode>,)> {
+    send: impl FnOnce(&mut StoreContextMut<'_, HostState>, &mut Outbox) -> wasmtime::Result<R>,
+) -> wasmtime::Result<R> {
     let mut outbox = std::mem::take(&mut store.data_mut().table.get_mut(this)?.outbox);
-    let result = send(&store, &mut outbox);
+    let result = send(&mut store, &mut outbox);
     store.data_mut().table.get_mut(this)?.outbox = outbox;
-    Ok((result?,))
+    result
 }
 
 /// Adds `wharf:websocket/connection` to the linker.
@@ -210,8 +207,8 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             with_outbox(store, &this, |store, outbox| {
                 // Validated (and transcoded, for UTF-16 plugins) here; a
                 // UTF-8 plugin's text is read in place.
-                let text = text.to_str(store)?;
-                Ok(outbox.send_text(&text))
+                let text = text.to_str(&*store)?;
+                Ok((outbox.send_text(&text),))
             })
         },
     )?;
@@ -220,7 +217,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |store: StoreContextMut<'_, HostState>,
          (this, data): (Resource<ConnectionEntry>, WasmList<u8>)| {
             with_outbox(store, &this, |store, outbox| {
-                Ok(outbox.send_binary(data.as_le_slice(store)))
+                Ok((outbox.send_binary(data.as_le_slice(&*store)),))
             })
         },
     )?;
