@@ -16,6 +16,8 @@
 // `onMessages` call instead of one `onText`/`onBinary` call each (a call
 // into the JS engine costs ~10 µs, more than echoing 1 KiB).
 
+import { send } from "wharf:websocket/batch-send@0.1.7";
+
 function echoText(conn, text) {
   try {
     if (text === "goodbye") {
@@ -63,13 +65,30 @@ export const handler = {
 };
 
 // The messages the host read at once, in order: each one `{ tag: "text",
-// val: string }` or `{ tag: "binary", val: Uint8Array }`. Treated exactly
-// as onText/onBinary would.
+// val: string }` or `{ tag: "binary", val: Uint8Array }`, the shape
+// `batch-send` takes too, so the batch goes straight back in one call into
+// the host; a "goodbye" closes after the echoes of those before it.
 export const batchHandler = {
   onMessages(conn, messages) {
-    for (const m of messages) {
-      if (m.tag === "text") echoText(conn, m.val);
-      else echoBinary(conn, m.val);
+    let start = 0;
+    for (let i = 0; i < messages.length; i++) {
+      if (messages[i].tag === "text" && messages[i].val === "goodbye") {
+        sendAll(conn, messages.slice(start, i));
+        echoText(conn, "goodbye");
+        start = i + 1;
+      }
     }
+    sendAll(conn, start === 0 ? messages : messages.slice(start));
   },
 };
+
+function sendAll(conn, messages) {
+  if (messages.length === 0) return;
+  try {
+    send(conn, messages);
+  } catch (e) {
+    // e.payload: { queued, error }; the messages from `queued` on were not sent.
+    const p = e.payload;
+    console.error(`echo: connection ${conn.id()}: ${p ? `${messages.length - p.queued} replies not sent: ${p.error}` : e}`);
+  }
+}

@@ -6,6 +6,7 @@ import { get, getAll } from "wharf:websocket/config@0.1.6";
 import { subscribe, publishText } from "wharf:websocket/pubsub";
 import * as attachment from "wharf:websocket/attachment";
 import { sendText as peerSendText } from "wharf:websocket/peers";
+import { send } from "wharf:websocket/batch-send@0.1.7";
 
 let saved; // a connection object kept past its call
 
@@ -77,6 +78,15 @@ export const handler = {
           conn.sendText("after close");
         } catch (e) {
           peerSendText(BigInt(arg), `${e instanceof Error} payload ${e.payload}`);
+        }
+        break;
+      case "batch": // batch PEER: two messages in one call, then a refusal's payload to PEER
+        send(conn, [{ tag: "text", val: "b0" }, { tag: "binary", val: new Uint8Array([1]) }]);
+        conn.close({ tag: "normal" }, "batched");
+        try {
+          send(conn, [{ tag: "text", val: "late" }]);
+        } catch (e) {
+          peerSendText(BigInt(arg), `${e instanceof Error} ${e.payload.queued} ${e.payload.error}`);
         }
         break;
       case "close":

@@ -986,6 +986,14 @@ fn quickjs_api() {
         assert_eq!(recv_close(&mut closing).await, (1000, "bye".into()));
         assert_eq!(recv_text(&mut other).await, "true payload closed");
 
+        // batch-send: both messages in order, then the refusal's payload.
+        let mut batching = server.connect(false).await;
+        send_text(&mut batching, &format!("batch {other_id}")).await;
+        assert_eq!(recv_text(&mut batching).await, "b0");
+        expect_binary(&mut batching, &[1], IO_TIMEOUT).await;
+        assert_eq!(recv_close(&mut batching).await, (1000, "batched".into()));
+        assert_eq!(recv_text(&mut other).await, "true 0 closed");
+
         send_text(&mut other, "close 2").await;
         assert_eq!(recv_close(&mut other).await, (4002, "app".into()));
         send_text(&mut ws, "throw").await;

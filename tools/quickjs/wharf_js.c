@@ -519,6 +519,88 @@ static const JSCFunctionListEntry latin1_funcs[] = {
 };
 
 // ---------------------------------------------------------------------------
+// wharf:websocket/batch-send
+
+// More messages than a batch ever holds (the host delivers at most 1024).
+#define BATCH_SEND_MAX 65536
+
+typedef wharf_websocket_batch_send_outgoing_t outgoing_t;
+
+// One `{ tag: "text", val: string }` or `{ tag: "binary", val: Uint8Array }`
+// (what onMessages gets) as the host's `outgoing`, borrowed from `*owned`
+// (text) or from the array holding it (binary).
+static bool arg_outgoing(JSValueConst v, outgoing_t *out, const char **owned) {
+    JSValue tag = JS_GetProperty(ctx, v, atom_tag);
+    bool text = JS_IsStrictEqual(ctx, tag, str_text);
+    bool binary = !text && JS_IsStrictEqual(ctx, tag, str_binary);
+    JS_FreeValue(ctx, tag);
+    if (!text && !binary) {
+        JS_ThrowTypeError(ctx, "send: expected { tag: \"text\" | \"binary\", val }");
+        return false;
+    }
+    JSValue val = JS_GetProperty(ctx, v, atom_val);
+    bool ok;
+    if (text) {
+        out->tag = WHARF_WEBSOCKET_BATCH_SEND_OUTGOING_TEXT;
+        ok = arg_string(val, "send", &out->val.text, owned);
+    } else {
+        out->tag = WHARF_WEBSOCKET_BATCH_SEND_OUTGOING_BINARY;
+        ok = arg_bytes(val, "send", &out->val.binary);
+    }
+    JS_FreeValue(ctx, val);
+    return ok;
+}
+
+// send(conn, messages): queues every message in one call into the host, or
+// throws at the first one refused, as jco does: an Error whose `payload` is
+// `{ queued, error }` (how many went, and the error-code of the next).
+static JSValue batch_send(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c, (void)this_val, (void)argc;
+    borrow_t b;
+    int64_t n;
+    if (!arg_conn(argv[0], "send", &b)) return JS_EXCEPTION;
+    if (!JS_IsArray(argv[1])) return JS_ThrowTypeError(ctx, "send: expected an array of messages");
+    if (JS_GetLength(ctx, argv[1], &n) < 0) return JS_EXCEPTION;
+    if (n > BATCH_SEND_MAX) return JS_ThrowRangeError(ctx, "send: more than %d messages", BATCH_SEND_MAX);
+    if (n == 0) return JS_UNDEFINED;
+    outgoing_t *list = malloc((size_t)n * sizeof *list);
+    const char **owned = calloc((size_t)n, sizeof *owned);
+    bool ok = list && owned;
+    if (!ok) JS_ThrowOutOfMemory(ctx);
+    for (int64_t i = 0; ok && i < n; i++) {
+        JSValue m = JS_GetPropertyUint32(ctx, argv[1], (uint32_t)i);
+        ok = arg_outgoing(m, &list[i], &owned[i]);
+        JS_FreeValue(ctx, m);
+    }
+    wharf_websocket_batch_send_partial_t partial;
+    bool sent = ok;
+    if (ok) {
+        wharf_websocket_batch_send_list_outgoing_t l = {.ptr = list, .len = (size_t)n};
+        sent = wharf_websocket_batch_send_send(b, &l, &partial);
+    }
+    for (int64_t i = 0; owned && i < n; i++) JS_FreeCString(ctx, owned[i]);
+    free(owned);
+    free(list);
+    if (!ok) return JS_EXCEPTION;
+    if (sent) return JS_UNDEFINED;
+    const char *name = partial.error < sizeof error_code_names / sizeof *error_code_names
+                           ? error_code_names[partial.error]
+                           : "unknown";
+    JSValue payload = JS_NewObject(ctx);
+    JS_DefinePropertyValueStr(ctx, payload, "queued", JS_NewUint32(ctx, partial.queued), JS_PROP_C_W_E);
+    JS_DefinePropertyValueStr(ctx, payload, "error", JS_NewString(ctx, name), JS_PROP_C_W_E);
+    JSValue e = JS_NewError(ctx);
+    JS_DefinePropertyValueStr(ctx, e, "message", JS_NewString(ctx, name),
+                              JS_PROP_WRITABLE | JS_PROP_CONFIGURABLE);
+    JS_DefinePropertyValue(ctx, e, atom_payload, payload, JS_PROP_C_W_E);
+    return JS_Throw(ctx, e);
+}
+
+static const JSCFunctionListEntry batch_send_funcs[] = {
+    JS_CFUNC_DEF("send", 2, batch_send),
+};
+
+// ---------------------------------------------------------------------------
 // Modules: `import { publishText } from "wharf:websocket/pubsub@0.1.6"`.
 
 struct native_module {
@@ -531,7 +613,8 @@ struct native_module {
 static const struct native_module native_modules[] = {
     MODULE("pubsub", pubsub_funcs),   MODULE("attachment", attachment_funcs),
     MODULE("config", config_funcs),   MODULE("peers", peers_funcs),
-    MODULE("latin1", latin1_funcs),   {"connection", NULL, 0},
+    MODULE("latin1", latin1_funcs),   MODULE("batch-send", batch_send_funcs),
+    {"connection", NULL, 0},
     {"types", NULL, 0},
 };
 
