@@ -11,7 +11,8 @@
 //!   compile time (first load) and cached load time, instantiation µs and
 //!   µs per echoed message (32 B and 1 KiB text, 1 KiB binary), printed to
 //!   stderr (`cargo test --release --test languages -- --nocapture`);
-//! - a long connection: one instance echoes twice its memory limit, which
+//! - a long connection: one instance echoes twice its memory limit (as
+//!   single texts, single binaries, and batches of both), which
 //!   a per-message leak does not survive;
 //! - Go in `shared` instance mode (`go_echo_shared`): 3,000 connections, 20 at
 //!   a time, served by one instance without a trap.
@@ -42,6 +43,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use support::*;
+use wharf::runtime::batch_handler::Message as BatchMessage;
 use wharf::runtime::bindings::{UpgradeRequest, UpgradeResponse};
 use wharf::runtime::connection_host::SendLimits;
 use wharf::runtime::limits::CpuBudget;
@@ -431,15 +433,30 @@ async fn long_connection(lang: &Lang, plugin: &Plugin) -> Result<String, String>
     const SIZE: usize = 16 << 10;
     let calls = 2 * lang.memory / SIZE;
     let mut done = Vec::new();
-    for kind in ["text", "binary"] {
+    // "batch": the same bytes as four messages per `on-messages` call, so
+    // the batch path (and `batch-send`, where the echo uses it) is soaked too.
+    let kinds: &[&str] = if plugin.batched() {
+        &["text", "binary", "batch"]
+    } else {
+        &["text", "binary"]
+    };
+    for &kind in kinds {
         let mut inst = plugin.instantiate(2).await.expect("instantiate");
         let (text, binary) = ("t".repeat(SIZE), vec![0x5A; SIZE]);
+        let (quarter_text, quarter_binary) = (&text[..SIZE / 4], &binary[..SIZE / 4]);
+        let batch = [
+            BatchMessage::Text(quarter_text),
+            BatchMessage::Binary(quarter_binary),
+            BatchMessage::Text(quarter_text),
+            BatchMessage::Binary(quarter_binary),
+        ];
         let started = Instant::now();
         let mut i = 0;
         while i < calls && started.elapsed() < Duration::from_secs(15) {
             let r = match kind {
                 "text" => inst.on_text(&text).await,
-                _ => inst.on_binary(&binary).await,
+                "binary" => inst.on_binary(&binary).await,
+                _ => inst.on_messages(&batch).await,
             };
             if let Err(e) = r {
                 return Err(format!(
