@@ -250,16 +250,24 @@ static const char *const error_code_names[] = {
     "closed", "reason-too-long", "message-too-big", "queue-full", "invalid-code",
 };
 
-// A `result` error, thrown as jco does: an Error whose `payload` is the code.
-static JSValue throw_error_code(error_code_t code) {
-    const char *name = code < sizeof error_code_names / sizeof *error_code_names
-                           ? error_code_names[code]
-                           : "unknown";
+static const char *error_code_name(error_code_t code) {
+    return code < sizeof error_code_names / sizeof *error_code_names ? error_code_names[code]
+                                                                      : "unknown";
+}
+
+// A `result` error, thrown as jco does: an Error whose message is the
+// error-code's name and whose `payload` is the error (taken).
+static JSValue throw_refusal(error_code_t code, JSValue payload) {
     JSValue e = JS_NewError(ctx);
-    JS_DefinePropertyValueStr(ctx, e, "message", JS_NewString(ctx, name),
+    JS_DefinePropertyValueStr(ctx, e, "message", JS_NewString(ctx, error_code_name(code)),
                               JS_PROP_WRITABLE | JS_PROP_CONFIGURABLE);
-    JS_DefinePropertyValue(ctx, e, atom_payload, JS_NewString(ctx, name), JS_PROP_C_W_E);
+    JS_DefinePropertyValue(ctx, e, atom_payload, payload, JS_PROP_C_W_E);
     return JS_Throw(ctx, e);
+}
+
+// A `result<_, error-code>` error: the payload is the code's name.
+static JSValue throw_error_code(error_code_t code) {
+    return throw_refusal(code, JS_NewString(ctx, error_code_name(code)));
 }
 
 static JSValue result(bool ok, error_code_t err) { return ok ? JS_UNDEFINED : throw_error_code(err); }
@@ -583,17 +591,11 @@ static JSValue batch_send(JSContext *c, JSValueConst this_val, int argc, JSValue
     free(list);
     if (!ok) return JS_EXCEPTION;
     if (sent) return JS_UNDEFINED;
-    const char *name = partial.error < sizeof error_code_names / sizeof *error_code_names
-                           ? error_code_names[partial.error]
-                           : "unknown";
     JSValue payload = JS_NewObject(ctx);
     JS_DefinePropertyValueStr(ctx, payload, "queued", JS_NewUint32(ctx, partial.queued), JS_PROP_C_W_E);
-    JS_DefinePropertyValueStr(ctx, payload, "error", JS_NewString(ctx, name), JS_PROP_C_W_E);
-    JSValue e = JS_NewError(ctx);
-    JS_DefinePropertyValueStr(ctx, e, "message", JS_NewString(ctx, name),
-                              JS_PROP_WRITABLE | JS_PROP_CONFIGURABLE);
-    JS_DefinePropertyValue(ctx, e, atom_payload, payload, JS_PROP_C_W_E);
-    return JS_Throw(ctx, e);
+    JS_DefinePropertyValueStr(ctx, payload, "error", JS_NewString(ctx, error_code_name(partial.error)),
+                              JS_PROP_C_W_E);
+    return throw_refusal(partial.error, payload);
 }
 
 static const JSCFunctionListEntry batch_send_funcs[] = {
