@@ -304,27 +304,24 @@ func exportOnClose(conn int32, code uint32, ptr, len uint32, clean uint32) {
 //go:wasmexport wharf:websocket/batch-handler@0.1.7#on-messages
 func exportOnMessages(conn int32, ptr, n uint32) {
 	c := Connection(conn)
-	if h, ok := Handler.(BatchHandler); ok {
-		if uint32(cap(incoming)) < n {
-			incoming = make([]Message, n)
-		}
-		batch := incoming[:n]
-		for i := range batch {
-			m := ptr + 12*uint32(i)
-			p, l := load32(m+4), load32(m+8)
-			batch[i] = Message{*(*uint8)(addr(m)) != 0, unsafe.Slice((*byte)(addr(p)), l)}
-		}
-		h.OnMessages(c, batch)
-		done(conn)
-		return
+	if uint32(cap(incoming)) < n {
+		incoming = make([]Message, n)
 	}
-	for i := uint32(0); i < n; i++ {
-		m := ptr + 12*i
+	batch := incoming[:n]
+	for i := range batch {
+		m := ptr + 12*uint32(i)
 		p, l := load32(m+4), load32(m+8)
-		if *(*uint8)(addr(m)) == 0 {
-			Handler.OnText(c, liftString(p, l))
-		} else {
-			Handler.OnBinary(c, unsafe.Slice((*byte)(addr(p)), l))
+		batch[i] = Message{*(*uint8)(addr(m)) != 0, unsafe.Slice((*byte)(addr(p)), l)}
+	}
+	if h, ok := Handler.(BatchHandler); ok {
+		h.OnMessages(c, batch)
+	} else {
+		for _, m := range batch {
+			if m.Binary {
+				Handler.OnBinary(c, m.Data)
+			} else {
+				Handler.OnText(c, unsafe.String(unsafe.SliceData(m.Data), len(m.Data)))
+			}
 		}
 	}
 	done(conn)
