@@ -111,6 +111,16 @@ async fn trap_in_on_upgrade_is_500() {
         .await;
 }
 
+/// The number right after `name` in a plugin's report (`ok=12 full=3`).
+fn count_after(line: &str, name: &str) -> usize {
+    let at = line.find(name).unwrap() + name.len();
+    let digits: String = line[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().unwrap()
+}
+
 /// The plugin sends far more than the send queue holds: the overflow is
 /// refused (`queue-full`) instead of buffered, and every send the plugin was
 /// told succeeded arrives, complete and in order. (The plugin's outbox and
@@ -132,14 +142,7 @@ async fn flood_is_bounded_by_the_send_queue() {
     let line = server
         .wait_log(&["stderr:", "flooded ok="], Duration::from_secs(3))
         .await;
-    let field = |name: &str| -> usize {
-        let at = line.find(name).unwrap() + name.len();
-        let digits: String = line[at..]
-            .chars()
-            .take_while(|c| c.is_ascii_digit())
-            .collect();
-        digits.parse().unwrap()
-    };
+    let field = |name: &str| count_after(&line, name);
     // Read until the server has nothing more to say (500 ms of silence).
     let mut received = 0;
     while let Ok(next) = tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
@@ -214,13 +217,7 @@ async fn batch_send_queues_in_order_and_stops_at_a_refusal() {
             Duration::from_secs(3),
         )
         .await;
-    let at = line.find("queued=").unwrap() + "queued=".len();
-    let queued: usize = line[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<String>()
-        .parse()
-        .unwrap();
+    let queued = count_after(&line, "queued=");
     assert!(queued > 0 && queued < 100_000, "{line}");
     for i in 0..queued {
         expect_batched(&mut ws, i).await;
