@@ -6,6 +6,15 @@
 //! per message, where [`Message`] lowers straight from the host's buffers.
 //! The export is looked up and type-checked once per plugin
 //! ([`BatchExport::find`]) and resolved once per instance.
+//!
+//! What a batch still costs per message is the canonical ABI's: each
+//! payload is its own allocation in the plugin, so lowering calls the
+//! plugin's `cabi_realloc` once per message, a call into the instance
+//! like any other. Callgrind, pipelined 1 KiB echo (4,319 instructions per
+//! message in all, 2026-12-03): lowering 1,086 per message, of which that
+//! realloc is 680; `batch-send` lifting and framing the replies 684. A
+//! list of payloads packed in one buffer would take both to a few per
+//! batch.
 
 use wasmtime::component::{
     ComponentExportIndex, ComponentType, Func, Instance, InstancePre, Lower, Resource, TypedFunc,
