@@ -12,9 +12,9 @@
 //! plugin's `cabi_realloc` once per message, a call into the instance
 //! like any other. Callgrind, pipelined 1 KiB echo (4,319 instructions per
 //! message in all, 2026-12-03): lowering 1,086 per message, of which that
-//! realloc is 680; `batch-send` lifting and framing the replies 684. A
-//! list of payloads packed in one buffer would take both to a few per
-//! batch.
+//! realloc is 680; `batch-send` lifting and framing the replies 684.
+//! Payloads packed in one buffer would need two reallocs per batch instead
+//! (an estimate, not measured).
 
 use wasmtime::component::{
     ComponentExportIndex, ComponentType, Func, Instance, InstancePre, Lower, Resource, TypedFunc,

@@ -1,10 +1,10 @@
 //! A tenant's share of the machine's CPU across all its connections: a
 //! token bucket of CPU time, refilled at `cores` seconds per second and
-//! holding 1/`BURST_PER_SECOND` (1/50) of a second's worth (short, so
-//! that a spinning tenant is held to its share within a fraction of a
-//! second). The time its plugin calls run is taken from
-//! it at every epoch tick; while it is empty, running calls sleep at their
-//! next tick instead of yielding, the tenant's next events wait for it to
+//! holding 1/`BURST_PER_SECOND` of a second's worth (short, so that a
+//! spinning tenant is held to its share within a fraction of a second).
+//! The time its plugin calls run is taken from it at every epoch tick;
+//! while it is empty, running calls sleep at their next tick instead of
+//! yielding, the tenant's next events wait for it to
 //! refill and its new upgrades get 503, so a tenant whose plugins spin (or
 //! that reconnects each time it is cut) cannot take the cores from the
 //! others. A tenant that went over its share within the last
@@ -142,7 +142,7 @@ impl CpuShare {
     }
 
     /// How long an event should wait before it runs: until the bucket is
-    /// no longer in debt (at most `MAX_WAIT`, a second); zero when it is not.
+    /// no longer in debt (at most `MAX_WAIT`); zero when it is not.
     pub fn wait(&self) -> Duration {
         if !self.is_limited() {
             return Duration::ZERO;

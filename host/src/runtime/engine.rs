@@ -106,7 +106,7 @@ const POOL_ADDRESS_BUDGET: u64 = 32 << 40;
 /// Each of `memories` pool slots' reservation for instances of at most
 /// `memory_limit` bytes of linear memory: the limit rounded up to a power
 /// of two, at least [`MIN_RESERVATION`]; the limit itself if that would
-/// reserve more than `POOL_ADDRESS_BUDGET` (32 TiB) in all.
+/// reserve more than `POOL_ADDRESS_BUDGET` in all.
 ///
 /// Compiled code is tied to the reservation (wasmtime puts it in the
 /// engine's compatibility hash, so in the cache's file names, and refuses
