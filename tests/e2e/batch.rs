@@ -1,7 +1,8 @@
-//! Batched delivery (`batch-handler`, which the Rust echo plugin exports):
-//! messages that arrive together reach the plugin in one call, in order,
-//! whatever their kind or size, and replies still precede the answer to a
-//! Close that followed them.
+//! Batched delivery (`packed-handler`, which the Rust echo plugin exports,
+//! answering through `packed-send`): messages that arrive together reach
+//! the plugin in one call, in order, whatever their kind or size, and
+//! replies still precede the answer to a Close that followed them. The
+//! `batch-handler` list path is the other languages' echoes' (`tests/languages`).
 
 use crate::support::*;
 

@@ -183,25 +183,24 @@ async fn expect_batched(ws: &mut Ws, i: usize) {
     );
 }
 
-/// `batch-send`: one call queues many messages, in order, each framed as
-/// its own send; the call stops at the first message refused and says how
-/// many went, and exactly those arrive (the same queue bound and message
-/// limit as single sends).
-#[tokio::test]
-async fn batch_send_queues_in_order_and_stops_at_a_refusal() {
+/// `batch-send` and `packed-send` (`command` "batch" or "packed"): one call
+/// queues many messages, in order, each framed as its own send; the call
+/// stops at the first message refused and says how many went, and exactly
+/// those arrive (the same queue bound and message limit as single sends).
+async fn batch_queues_in_order_and_stops_at_a_refusal(command: &str) {
     let server = Server::start(ServerOpts {
         websocket: "send_queue = \"64KiB\"\nmax_message_size = \"1KiB\"",
         ..ServerOpts::new("chaos")
     });
     let mut ws = server.connect(false).await;
-    send_text(&mut ws, "batch 5").await;
+    send_text(&mut ws, &format!("{command} 5")).await;
     for i in 0..5 {
         expect_batched(&mut ws, i).await;
     }
     assert_eq!(recv_text(&mut ws).await, "batched all");
 
     // Message 1 is over max_message_size: message 0 goes, nothing after it.
-    send_text(&mut ws, "batch-big 1025").await;
+    send_text(&mut ws, &format!("{command}-big 1025")).await;
     expect_batched(&mut ws, 0).await;
     assert_eq!(
         recv_text(&mut ws).await,
@@ -210,7 +209,7 @@ async fn batch_send_queues_in_order_and_stops_at_a_refusal() {
 
     // Far more than the send queue holds: the count the plugin is given
     // is what arrives.
-    send_text(&mut ws, "batch 100000").await;
+    send_text(&mut ws, &format!("{command} 100000")).await;
     let line = server
         .wait_log(
             &["stderr:", "batched queued=", "error=queue-full"],
@@ -230,6 +229,43 @@ async fn batch_send_queues_in_order_and_stops_at_a_refusal() {
         next = recv_text(&mut ws).await;
     }
     assert_eq!(next, "done");
+}
+
+#[tokio::test]
+async fn batch_send_queues_in_order_and_stops_at_a_refusal() {
+    batch_queues_in_order_and_stops_at_a_refusal("batch").await;
+}
+
+#[tokio::test]
+async fn packed_send_queues_in_order_and_stops_at_a_refusal() {
+    batch_queues_in_order_and_stops_at_a_refusal("packed").await;
+}
+
+/// `packed-send` with spans that do not describe its payloads (past their
+/// end, short of it, text that is not UTF-8): the plugin's bug, a trap, so
+/// its connection closes with 1011 and the failure is logged.
+#[tokio::test]
+async fn malformed_packed_spans_trap() {
+    let server = Server::start(ServerOpts::new("chaos"));
+    for (how, why) in [
+        ("past", "span 1 runs past the end of the payloads"),
+        ("unused", "the spans leave 1 bytes of the payloads unused"),
+        ("utf8", "span 1 is text but not valid UTF-8"),
+    ] {
+        let mut ws = server.connect(false).await;
+        send_text(&mut ws, &format!("packed-bad {how}")).await;
+        // The span before the bad one may have been queued.
+        let mut got = recv(&mut ws).await;
+        if got == Message::Binary(b"ok".to_vec().into()) {
+            got = recv(&mut ws).await;
+        }
+        match got {
+            Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1011, "{how}"),
+            other => panic!("{how}: expected Close 1011, got {other:?}"),
+        }
+        server.wait_log(&[why], Duration::from_secs(5)).await;
+    }
+    assert!(!server.log_text().contains("was not refused"));
 }
 
 /// Messages that arrive after the connection's instance failed (here in

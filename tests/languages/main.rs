@@ -43,6 +43,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use support::*;
+use wharf::runtime::batch::Batch;
 use wharf::runtime::batch_handler::Message as BatchMessage;
 use wharf::runtime::bindings::{UpgradeRequest, UpgradeResponse};
 use wharf::runtime::connection_host::SendLimits;
@@ -433,8 +434,8 @@ async fn long_connection(lang: &Lang, plugin: &Plugin) -> Result<String, String>
     const SIZE: usize = 16 << 10;
     let calls = 2 * lang.memory / SIZE;
     let mut done = Vec::new();
-    // "batch": the same bytes as four messages per `on-messages` call, so
-    // the batch path (and `batch-send`, where the echo uses it) is soaked too.
+    // "batch": the same bytes as four messages per batch call, so the batch
+    // path (and `batch-send`, where the echo uses it) is soaked too.
     let kinds: &[&str] = if plugin.batched() {
         &["text", "binary", "batch"]
     } else {
@@ -444,19 +445,22 @@ async fn long_connection(lang: &Lang, plugin: &Plugin) -> Result<String, String>
         let mut inst = plugin.instantiate(2).await.expect("instantiate");
         let (text, binary) = ("t".repeat(SIZE), vec![0x5A; SIZE]);
         let (quarter_text, quarter_binary) = (&text[..SIZE / 4], &binary[..SIZE / 4]);
-        let batch = [
+        let mut batch = Batch::default();
+        for message in [
             BatchMessage::Text(quarter_text),
             BatchMessage::Binary(quarter_binary),
             BatchMessage::Text(quarter_text),
             BatchMessage::Binary(quarter_binary),
-        ];
+        ] {
+            batch.push(message).expect("16 KiB fit in a batch");
+        }
         let started = Instant::now();
         let mut i = 0;
         while i < calls && started.elapsed() < Duration::from_secs(15) {
             let r = match kind {
                 "text" => inst.on_text(&text).await,
                 "binary" => inst.on_binary(&binary).await,
-                _ => inst.on_messages(&batch).await,
+                _ => inst.on_batch(&batch).await,
             };
             if let Err(e) = r {
                 return Err(format!(

@@ -13,8 +13,8 @@
 //! like any other. Callgrind, pipelined 1 KiB echo (4,319 instructions per
 //! message in all, 2026-12-03): lowering 1,086 per message, of which that
 //! realloc is 680; `batch-send` lifting and framing the replies 684.
-//! Payloads packed in one buffer would need two reallocs per batch instead
-//! (an estimate, not measured).
+//! [`packed_handler`](super::packed_handler) is the same batch for two
+//! reallocs per call.
 
 use wasmtime::component::{
     ComponentExportIndex, ComponentType, Func, Instance, InstancePre, Lower, Resource, TypedFunc,
@@ -23,6 +23,7 @@ use wasmtime::{AsContextMut, Store};
 
 use super::HostState;
 use super::connection_host::ConnectionEntry;
+use super::export::{self, ExportError};
 
 /// The interface's name; wasmtime matches later 0.1.x exports to it.
 pub const INTERFACE: &str = "wharf:websocket/batch-handler@0.1.5";
@@ -60,36 +61,12 @@ pub struct BatchExport {
     index: ComponentExportIndex,
 }
 
-/// Why a plugin's `batch-handler` export cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum BatchExportError {
-    #[error("{INTERFACE} has no function {FUNCTION}")]
-    Missing,
-    #[error("{INTERFACE}#{FUNCTION} is not a function")]
-    NotAFunction,
-    #[error("{INTERFACE}#{FUNCTION} has the wrong type: {0:#}")]
-    WrongType(wasmtime::Error),
-}
-
 impl BatchExport {
     /// `None` if the plugin does not export the interface (it takes its
     /// messages one call each); an error if it exports it wrongly.
-    pub fn find(pre: &InstancePre<HostState>) -> Result<Option<Self>, BatchExportError> {
-        let component = pre.component();
-        let Some(interface) = component.get_export_index(None, INTERFACE) else {
-            return Ok(None);
-        };
-        let (item, index) = component
-            .get_export(Some(&interface), FUNCTION)
-            .ok_or(BatchExportError::Missing)?;
-        let wasmtime::component::types::ComponentItem::ComponentFunc(func) = item else {
-            return Err(BatchExportError::NotAFunction);
-        };
-        // The check `bindgen!`'s generated code makes once per plugin, so
-        // that each call can skip it.
-        func.typecheck::<Params<'_, '_>, ()>(&pre.instance_type())
-            .map_err(BatchExportError::WrongType)?;
-        Ok(Some(Self { index }))
+    pub fn find(pre: &InstancePre<HostState>) -> Result<Option<Self>, ExportError> {
+        let index = export::find::<Params<'_, '_>, ()>(pre, INTERFACE, FUNCTION)?;
+        Ok(index.map(|index| Self { index }))
     }
 
     /// The function in a fresh instance of the plugin `find` checked.

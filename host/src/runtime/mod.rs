@@ -2,6 +2,7 @@
 //! store and instance per connection, each with its own memory and CPU limits.
 
 pub mod attachment_host;
+pub mod batch;
 pub mod batch_handler;
 pub mod batch_send_host;
 pub mod bindings;
@@ -10,11 +11,14 @@ pub mod config_host;
 pub mod connection_host;
 pub mod cpu_share;
 pub mod engine;
+pub mod export;
 pub mod idle_pool;
 pub mod inspect;
 pub mod latin1_host;
 pub mod limits;
 pub mod log_stream;
+pub mod packed_handler;
+pub mod packed_send_host;
 pub mod peers_host;
 pub mod pubsub_host;
 pub mod shared;
@@ -31,6 +35,7 @@ use wasmtime::component::{Func, HasSelf, InstancePre, Linker, Resource, Resource
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use self::batch::Batch;
 use self::batch_handler::{BatchExport, Message};
 use self::bindings::{HandlerWorld, HandlerWorldIndices, UpgradeRequest, UpgradeResponse};
 use self::connection_host::{ConnectionEntry, SendLimits};
@@ -38,6 +43,7 @@ use self::cpu_share::CpuShare;
 use self::engine::{EpochClock, PoolSizing};
 use self::limits::{CpuBudget, LimitExceeded, LimitHit, SandboxLimiter};
 use self::log_stream::{LogBudget, LogStream};
+use self::packed_handler::PackedExport;
 use self::pubsub_host::{Broker, Subscriptions};
 use self::snapshot::{SnapshotExport, SnapshotFuncs};
 
@@ -241,10 +247,11 @@ impl Runtime {
         // each store gets grants no files, sockets, environment or arguments.
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         // The world's interfaces one by one: `connection`, `attachment`,
-        // `pubsub` and `batch-send` are this crate's own (see their
-        // modules), the others `bindgen!`'s.
-        use self::bindings::wharf::websocket::{config, latin1, peers, types};
+        // `pubsub`, `batch-send` and `packed-send` are this crate's own (see
+        // their modules), the others `bindgen!`'s.
+        use self::bindings::wharf::websocket::{config, latin1, packed, peers, types};
         types::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
+        packed::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
         config::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
         peers::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
         latin1::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
@@ -252,6 +259,7 @@ impl Runtime {
         pubsub_host::add_to_linker(&mut linker)?;
         attachment_host::add_to_linker(&mut linker)?;
         batch_send_host::add_to_linker(&mut linker)?;
+        packed_send_host::add_to_linker(&mut linker)?;
         let clock = EpochClock::start(&engine);
         Ok(Self {
             engine,
@@ -336,6 +344,7 @@ impl Runtime {
             .map_err(world_error)?;
         let indices = HandlerWorldIndices::new(&pre).map_err(world_error)?;
         let batch = BatchExport::find(&pre).map_err(|e| world_error(e.into()))?;
+        let packed = PackedExport::find(&pre).map_err(|e| world_error(e.into()))?;
         let snapshot = SnapshotExport::find(&pre).map_err(|e| world_error(e.into()))?;
         // Accepted: only now is it worth caching.
         if let (Some(cache), Some(artifact)) = (&cache, &artifact) {
@@ -351,7 +360,8 @@ impl Runtime {
             plugin = name,
             sha256 = &hash[..16],
             origin,
-            batched = batch.is_some(),
+            batched = batch.is_some() || packed.is_some(),
+            packed = packed.is_some(),
             snapshots = snapshot.is_some(),
             elapsed_ms = elapsed.as_millis() as u64,
             "plugin {name} {message} in {:.1?}",
@@ -363,6 +373,7 @@ impl Runtime {
             pre,
             indices,
             batch,
+            packed,
             snapshot,
             spec,
             broker: self.broker.clone(),
@@ -442,8 +453,10 @@ pub struct Plugin {
     hash: String,
     pre: InstancePre<HostState>,
     indices: HandlerWorldIndices,
-    /// Set if the plugin takes its messages in batches.
+    /// Set if the plugin takes its messages in batches, as a list...
     batch: Option<BatchExport>,
+    /// ...or packed (which it gets if it exports both).
+    packed: Option<PackedExport>,
     /// Set if its shared instance's state can move to another version.
     snapshot: Option<SnapshotExport>,
     spec: PluginSpec,
@@ -469,10 +482,10 @@ impl Plugin {
         &self.hash
     }
 
-    /// Whether the plugin exports `batch-handler` (see
-    /// [`PluginInstance::on_messages`]).
+    /// Whether the plugin exports `batch-handler` or `packed-handler` (see
+    /// [`PluginInstance::on_batch`]).
     pub fn batched(&self) -> bool {
-        self.batch.is_some()
+        self.batch.is_some() || self.packed.is_some()
     }
 
     /// Whether the plugin exports `snapshot` (see
@@ -613,10 +626,11 @@ impl Plugin {
             .indices
             .load(&mut store, &instance)
             .map_err(|e| PluginError::Instantiate(e.into()))?;
-        let on_messages = self
-            .batch
-            .as_ref()
-            .and_then(|b| b.resolve(&mut store, &instance));
+        let on_batch = match (&self.packed, &self.batch) {
+            (Some(packed), _) => packed.resolve(&mut store, &instance).map(BatchFunc::Packed),
+            (None, Some(batch)) => batch.resolve(&mut store, &instance).map(BatchFunc::List),
+            (None, None) => None,
+        };
         let snapshot = self
             .snapshot
             .as_ref()
@@ -624,7 +638,7 @@ impl Plugin {
         Ok(PluginInstance {
             store,
             bindings,
-            on_messages,
+            on_batch,
             snapshot,
             conn,
         })
@@ -712,13 +726,22 @@ fn classify(
     }
 }
 
+/// The export a batch goes to.
+#[derive(Clone, Copy, Debug)]
+enum BatchFunc {
+    /// `batch-handler#on-messages`.
+    List(Func),
+    /// `packed-handler#on-packed`.
+    Packed(Func),
+}
+
 /// One connection's plugin instance: its store, its exports and its
 /// connection handle.
 pub struct PluginInstance {
     store: Store<HostState>,
     bindings: HandlerWorld,
-    /// `batch-handler#on-messages`, if the plugin exports it.
-    on_messages: Option<Func>,
+    /// How the plugin takes a batch, if it takes batches.
+    on_batch: Option<BatchFunc>,
     /// `snapshot#save` and `#restore`, if the plugin exports them.
     snapshot: Option<SnapshotFuncs>,
     conn: Resource<ConnectionEntry>,
@@ -888,21 +911,33 @@ impl PluginInstance {
         }
     }
 
-    /// Messages that arrived together, in one `on-messages` call (a plugin
-    /// without the export gets one `on-text`/`on-binary` call each).
-    pub async fn on_messages(&mut self, messages: &[Message<'_>]) -> Result<(), PluginError> {
-        let Some(func) = self.on_messages else {
-            for &message in messages {
+    /// Messages that arrived together, in one call: `on-packed` or
+    /// `on-messages` (a plugin without either export gets one
+    /// `on-text`/`on-binary` call each).
+    pub async fn on_batch(&mut self, batch: &Batch) -> Result<(), PluginError> {
+        let Some(func) = self.on_batch else {
+            for message in batch.iter() {
                 self.on_message(message).await?;
             }
             return Ok(());
         };
         let conn = self.arm();
         let wall = self.wall();
-        let r = wall::within(wall, || {
-            batch_handler::call(&mut self.store, func, conn, messages)
-        })
-        .await;
+        let r = match func {
+            BatchFunc::Packed(func) => {
+                wall::within(wall, || {
+                    packed_handler::call(&mut self.store, func, conn, batch)
+                })
+                .await
+            }
+            BatchFunc::List(func) => {
+                let messages = batch.messages();
+                wall::within(wall, || {
+                    batch_handler::call(&mut self.store, func, conn, &messages)
+                })
+                .await
+            }
+        };
         self.finish_within(r)
     }
 

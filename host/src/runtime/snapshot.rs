@@ -9,6 +9,7 @@
 use wasmtime::component::{ComponentExportIndex, Func, Instance, InstancePre, TypedFunc};
 use wasmtime::{AsContextMut, Store};
 
+use super::export::{self, ExportError};
 use super::{HostState, PluginError, PluginInstance};
 
 /// The interface's name; wasmtime matches later 0.1.x exports to it.
@@ -29,17 +30,6 @@ pub struct SnapshotExport {
     restore: ComponentExportIndex,
 }
 
-/// Why a plugin's `snapshot` export cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotExportError {
-    #[error("{INTERFACE} has no function {0}")]
-    Missing(&'static str),
-    #[error("{INTERFACE}#{0} is not a function")]
-    NotAFunction(&'static str),
-    #[error("{INTERFACE}#{0} has the wrong type: {1:#}")]
-    WrongType(&'static str, wasmtime::Error),
-}
-
 /// `save` and `restore` in one instance.
 #[derive(Clone, Copy, Debug)]
 pub struct SnapshotFuncs {
@@ -51,34 +41,12 @@ impl SnapshotExport {
     /// `None` if the plugin does not export the interface (its shared
     /// instance's state cannot move: a `migrate` deploy drains instead);
     /// an error if it exports it wrongly.
-    pub fn find(pre: &InstancePre<HostState>) -> Result<Option<Self>, SnapshotExportError> {
-        let component = pre.component();
-        let Some(interface) = component.get_export_index(None, INTERFACE) else {
-            return Ok(None);
-        };
-        let func = |name: &'static str| {
-            let (item, index) = component
-                .get_export(Some(&interface), name)
-                .ok_or(SnapshotExportError::Missing(name))?;
-            match item {
-                wasmtime::component::types::ComponentItem::ComponentFunc(func) => Ok((func, index)),
-                _ => Err(SnapshotExportError::NotAFunction(name)),
-            }
-        };
-        let (save, save_index) = func(SAVE)?;
-        let (restore, restore_index) = func(RESTORE)?;
-        // The checks `bindgen!`'s generated code makes once per plugin, so
-        // that each call can skip them.
-        let ty = pre.instance_type();
-        save.typecheck::<SaveParams, SaveResults>(&ty)
-            .map_err(|e| SnapshotExportError::WrongType(SAVE, e))?;
-        restore
-            .typecheck::<RestoreParams<'_>, RestoreResults>(&ty)
-            .map_err(|e| SnapshotExportError::WrongType(RESTORE, e))?;
-        Ok(Some(Self {
-            save: save_index,
-            restore: restore_index,
-        }))
+    pub fn find(pre: &InstancePre<HostState>) -> Result<Option<Self>, ExportError> {
+        let save = export::find::<SaveParams, SaveResults>(pre, INTERFACE, SAVE)?;
+        let restore = export::find::<RestoreParams<'_>, RestoreResults>(pre, INTERFACE, RESTORE)?;
+        Ok(save
+            .zip(restore)
+            .map(|(save, restore)| Self { save, restore }))
     }
 
     /// The functions in a fresh instance of the plugin `find` checked.

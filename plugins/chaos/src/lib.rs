@@ -11,7 +11,11 @@
 //! - "batch N": queues N messages in one `batch-send` call, text "b0" and
 //!   binary [1] alternating; "batch-big N": the same with message 1 a
 //!   binary of N bytes. Reports "batched all" or "batched queued=<count>
-//!   error=<error>", to the log as well.
+//!   error=<error>", to the log as well. "packed N" and "packed-big N": the
+//!   same messages through one `packed-send` call, with the same reports.
+//! - "packed-bad past", "packed-bad unused", "packed-bad utf8": a
+//!   `packed-send` call whose spans run past the payloads, leave bytes of
+//!   them unused, or mark invalid UTF-8 as text (each traps in the host).
 //! - "count": counts in the attachment (survives hibernation) and in memory
 //!   (does not), answering "count=<attachment> instance=<memory>".
 //! - "setting KEY": answers the tenant's setting KEY (`wharf:websocket/config`),
@@ -37,6 +41,8 @@ wit_bindgen::generate!({
 use exports::wharf::websocket::handler::Guest;
 use wharf::websocket::batch_send::{self, Outgoing};
 use wharf::websocket::connection::Connection;
+use wharf::websocket::packed::{Kind, Span};
+use wharf::websocket::packed_send;
 use wharf::websocket::types::{Accept, ErrorCode, UpgradeRequest, UpgradeResponse};
 use wharf::websocket::{attachment, config, peers};
 
@@ -91,20 +97,68 @@ fn flood(conn: &Connection, n: u64) {
     let _ = conn.send_text(&report);
 }
 
-fn batch(conn: &Connection, n: u64, big: Option<u64>) {
-    let messages: Vec<Outgoing> = (0..n)
-        .map(|i| match (i, big) {
-            (1, Some(size)) => Outgoing::Binary(vec![0; size as usize]),
-            _ if i.is_multiple_of(2) => Outgoing::Text(format!("b{i}")),
-            _ => Outgoing::Binary(vec![1]),
-        })
-        .collect();
-    let report = match batch_send::send(conn, &messages) {
+/// Message `i` of a batch: text "b<i>" or binary [1], except message 1,
+/// binary of `big` bytes if set.
+fn batched(i: u64, big: Option<u64>) -> Outgoing {
+    match (i, big) {
+        (1, Some(size)) => Outgoing::Binary(vec![0; size as usize]),
+        _ if i.is_multiple_of(2) => Outgoing::Text(format!("b{i}")),
+        _ => Outgoing::Binary(vec![1]),
+    }
+}
+
+/// Sends `n` messages in one call: `batch-send`'s, or if `packed`,
+/// `packed-send`'s.
+fn batch(conn: &Connection, n: u64, big: Option<u64>, packed: bool) {
+    let messages = (0..n).map(|i| batched(i, big));
+    let sent = if packed {
+        let (mut payloads, mut spans) = (Vec::new(), Vec::new());
+        for message in messages {
+            let (kind, bytes) = match message {
+                Outgoing::Text(text) => (Kind::Text, text.into_bytes()),
+                Outgoing::Binary(data) => (Kind::Binary, data),
+            };
+            spans.push(Span {
+                kind,
+                len: bytes.len() as u32,
+            });
+            payloads.extend(bytes);
+        }
+        packed_send::send(conn, &payloads, &spans)
+    } else {
+        batch_send::send(conn, &messages.collect::<Vec<_>>())
+    };
+    let report = match sent {
         Ok(()) => "batched all".to_owned(),
         Err(p) => format!("batched queued={} error={}", p.queued, p.error.name()),
     };
     eprintln!("chaos: connection {}: {report}", conn.id());
     let _ = conn.send_text(&report);
+}
+
+/// A `packed-send` call with malformed spans, which traps in the host: a
+/// binary "ok" span first, then the bad one.
+fn packed_bad(conn: &Connection, how: &str) {
+    let binary = |len| Span {
+        kind: Kind::Binary,
+        len,
+    };
+    let (payloads, spans): (&[u8], _) = match how {
+        "past" => (b"ok12", vec![binary(2), binary(3)]),
+        "unused" => (b"ok12", vec![binary(2), binary(1)]),
+        _ => (
+            b"ok\xff",
+            vec![
+                binary(2),
+                Span {
+                    kind: Kind::Text,
+                    len: 1,
+                },
+            ],
+        ),
+    };
+    let sent = packed_send::send(conn, payloads, &spans);
+    eprintln!("chaos: packed-bad {how} was not refused: {sent:?}");
 }
 
 impl Guest for Chaos {
@@ -158,6 +212,9 @@ impl Guest for Chaos {
             };
             return log_err(conn, conn.send_text(&answer));
         }
+        if let Some(how) = text.strip_prefix("packed-bad ") {
+            return packed_bad(conn, how);
+        }
         if text == "settings" {
             let all: Vec<String> = config::get_all()
                 .into_iter()
@@ -178,8 +235,10 @@ impl Guest for Chaos {
                 log_err(conn, conn.send_text("slept"));
             }
             ("flood", Some(n)) => flood(conn, n),
-            ("batch", Some(n)) => batch(conn, n, None),
-            ("batch-big", Some(n)) => batch(conn, 3, Some(n)),
+            ("batch", Some(n)) => batch(conn, n, None, false),
+            ("batch-big", Some(n)) => batch(conn, 3, Some(n), false),
+            ("packed", Some(n)) => batch(conn, n, None, true),
+            ("packed-big", Some(n)) => batch(conn, 3, Some(n), true),
             ("count", None) => count(conn),
             _ => log_err(conn, conn.send_text(&text)),
         }

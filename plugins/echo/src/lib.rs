@@ -6,10 +6,14 @@
 //! - answering through the `conn` handle (`send_text`, `send_binary`, `close`),
 //! - exporting the implementation with `export!`,
 //!
-//! and one optional thing: taking messages in batches (`batch-handler`) and
-//! answering them in one call (`batch-send`), which saves a call into the
-//! instance and one into the host per message when a client sends many at
-//! once.
+//! and one optional thing: taking messages in batches and answering them in
+//! one call, which saves a call into the instance and one into the host per
+//! message when a client sends many at once. This echo takes them packed
+//! (`packed-handler`: one buffer of payloads and one list of spans) and
+//! sends them back the same way (`packed-send`), which also saves an
+//! allocation per message; `batch-handler` and `batch-send` are the same
+//! with a list of messages, simpler to write for a handler that looks at
+//! each one.
 //!
 //! Every text and binary message is sent straight back; the text "goodbye"
 //! closes the connection with code 1000 instead.
@@ -18,17 +22,18 @@
 // - `exports::wharf::websocket::handler::Guest`, the trait we implement,
 // - `wharf::websocket::connection::Connection`, the host's connection resource,
 // - `wharf::websocket::types::*`, the shared records, variants and enums,
-// - `exports::wharf::websocket::batch_handler::Guest`, the optional batch
-//   export (`batch-handler-world` is `handler-world` plus it).
+// - `exports::wharf::websocket::packed_handler::Guest`, the optional batch
+//   export (`packed-handler-world` is `handler-world` plus it).
 wit_bindgen::generate!({
     path: "../../wit",
-    world: "batch-handler-world",
+    world: "packed-handler-world",
 });
 
-use exports::wharf::websocket::batch_handler::{Guest as BatchGuest, Message};
 use exports::wharf::websocket::handler::Guest;
-use wharf::websocket::batch_send::{self, Outgoing};
+use exports::wharf::websocket::packed_handler::Guest as PackedGuest;
 use wharf::websocket::connection::Connection;
+use wharf::websocket::packed::{Kind, Span};
+use wharf::websocket::packed_send;
 use wharf::websocket::types::{Accept, CloseCode, UpgradeRequest, UpgradeResponse};
 
 /// Our handler. It has no state: the host passes the connection to every call.
@@ -58,35 +63,35 @@ impl Guest for Echo {
     fn on_close(_conn: &Connection, _code: u16, _reason: String, _clean: bool) {}
 }
 
-/// With this export, the host delivers every message here (and no longer
-/// calls `on_text`/`on_binary`): all that arrived together, in order.
-impl BatchGuest for Echo {
-    fn on_messages(conn: &Connection, messages: Vec<Message>) {
-        // The echoes go back in one `batch-send` call. Moving each payload
-        // into an `Outgoing` copies no bytes.
-        let mut replies = Vec::with_capacity(messages.len());
-        for message in messages {
-            match message {
-                Message::Text(text) if text == "goodbye" => {
-                    // What came before the goodbye is echoed before the close.
-                    send_all(conn, &std::mem::take(&mut replies));
-                    echo_text(conn, &text);
-                }
-                Message::Text(text) => replies.push(Outgoing::Text(text)),
-                Message::Binary(data) => replies.push(Outgoing::Binary(data)),
+/// With this export, the host delivers the messages that arrive together
+/// here, in order: message `i` is `spans[i]`, its payload the next
+/// `spans[i].len` bytes of `payloads`. (A message that arrives on its own
+/// still goes to `on_text` or `on_binary`.)
+impl PackedGuest for Echo {
+    fn on_packed(conn: &Connection, payloads: Vec<u8>, spans: Vec<Span>) {
+        // Everything goes back as it came, in one `packed-send` call, but
+        // a "goodbye" closes: what came before it is echoed first.
+        let (mut first_span, mut first_byte, mut offset) = (0, 0, 0);
+        for (i, span) in spans.iter().enumerate() {
+            let end = offset + span.len as usize;
+            if matches!(span.kind, Kind::Text) && &payloads[offset..end] == b"goodbye" {
+                send_packed(conn, &payloads[first_byte..offset], &spans[first_span..i]);
+                echo_text(conn, "goodbye");
+                (first_span, first_byte) = (i + 1, end);
             }
+            offset = end;
         }
-        send_all(conn, &replies);
+        send_packed(conn, &payloads[first_byte..], &spans[first_span..]);
     }
 }
 
-fn send_all(conn: &Connection, replies: &[Outgoing]) {
-    if replies.is_empty() {
+fn send_packed(conn: &Connection, payloads: &[u8], spans: &[Span]) {
+    if spans.is_empty() {
         return;
     }
     // On an error, the messages before `queued` went out and none after.
-    if let Err(partial) = batch_send::send(conn, replies) {
-        let dropped = replies.len() - partial.queued as usize;
+    if let Err(partial) = packed_send::send(conn, payloads, spans) {
+        let dropped = spans.len() - partial.queued as usize;
         eprintln!(
             "echo: connection {}: {dropped} replies not sent: {}",
             conn.id(),

@@ -7,9 +7,9 @@ use super::conn::Conn;
 use crate::runtime::batch_handler::Message;
 use crate::runtime::cpu_share::CpuShare;
 use crate::runtime::idle_pool;
-use crate::runtime::{Plugin, PluginError};
+use crate::runtime::{Plugin, PluginError, PluginInstance};
 use crate::server::handler::Handler;
-use crate::server::inbox::Inbox;
+use crate::server::inbox::{self, Inbox};
 
 /// What a call needs: the connection's handler, its plugin, and its
 /// tenant's CPU share, which a message event waits for.
@@ -36,12 +36,12 @@ impl<'a> Woken<'a> {
     }
 }
 
-/// One call with what `inbox` holds, then `last`: `on-messages`, or for a
-/// message on its own `on-text`/`on-binary`. `None`: the instance is gone
-/// (it failed before), the messages are dropped.
+/// What `inbox` holds, then `last`, to the plugin (see [`deliver`]);
+/// `inbox` may be left holding `last` too. `None`: the instance is gone (it
+/// failed before), the messages are dropped.
 pub(super) async fn call_with(
     slots: Woken<'_>,
-    inbox: &Inbox,
+    inbox: &mut Inbox,
     last: Option<Message<'_>>,
     backlog: usize,
     state: State,
@@ -75,14 +75,34 @@ pub(super) async fn call_with(
         };
         return Some(call_movable(slots.handler, inbox, last, from).await);
     }
-    let r = match last {
-        Some(one) if inbox.is_empty() => instance.on_message(one).await,
-        _ => instance.on_messages(&inbox.messages(last)).await,
-    };
+    let r = deliver(&mut instance, inbox, last).await;
     if r.is_err() {
         instance.fail();
     }
     Some(r)
+}
+
+/// A message on its own goes to `on-text` or `on-binary`; several go in one
+/// batch call. `last`, which the inbox does not hold, joins the batch; one
+/// too large to copy follows it in a call of its own.
+async fn deliver(
+    instance: &mut PluginInstance,
+    inbox: &mut Inbox,
+    last: Option<Message<'_>>,
+) -> Result<(), PluginError> {
+    let alone = match last {
+        Some(one) if inbox.is_empty() => return instance.on_message(one).await,
+        Some(one) if one.len() > inbox::MESSAGE_MAX || inbox.push(one).is_err() => Some(one),
+        _ => None,
+    };
+    match inbox.only() {
+        Some(one) => instance.on_message(one).await?,
+        None => instance.on_batch(inbox.batch()).await?,
+    }
+    match alone {
+        Some(one) => instance.on_message(one).await,
+        None => Ok(()),
+    }
 }
 
 /// Largest message copied for a call that may move off the workers.
@@ -100,20 +120,18 @@ async fn call_movable(
     last: Option<Message<'_>>,
     from: Option<idle_pool::Lane>,
 ) -> Result<(), PluginError> {
+    // A copy goes with it, `last` included (at most `MOVABLE_MAX` bytes:
+    // it fits in a batch).
+    let mut owned = inbox.clone();
+    if let Some(one) = last {
+        owned.push(one).map_err(|e| PluginError::Trap(e.into()))?;
+    }
     let Some(mut instance) = handler.lend() else {
         return Ok(());
     };
-    let mut owned = Inbox::default();
-    for message in inbox.messages(last) {
-        owned.push(message);
-    }
     let moved = instance.movable();
     let call = async move {
-        let messages = owned.messages(None);
-        let r = match messages.as_slice() {
-            [one] => instance.on_message(*one).await,
-            all => instance.on_messages(all).await,
-        };
+        let r = deliver(&mut instance, &mut owned, None).await;
         // A failed instance is dropped where it ran: freeing what a hostile
         // one grew (its memory slot's reset, a large attachment) is work
         // the workers should not do for it.

@@ -409,8 +409,8 @@ impl Conn {
             if self.inbox.is_empty() {
                 self.inbox_state = state;
             }
-            let last = if hold {
-                if !self.inbox.push(message) {
+            let last = if hold && self.inbox.push(message).is_ok() {
+                if !self.inbox.is_full() {
                     continue;
                 }
                 None
@@ -420,7 +420,7 @@ impl Conn {
             let count = self.inbox.len() + usize::from(last.is_some());
             let r = call_with(
                 Woken::of(&mut self.handler, &self.plugin, &self.tenant.cpu, self.id),
-                &self.inbox,
+                &mut self.inbox,
                 last,
                 backlog,
                 self.inbox_state,
@@ -478,7 +478,7 @@ impl Conn {
         let count = self.inbox.len();
         let r = call_with(
             Woken::of(&mut self.handler, &self.plugin, &self.tenant.cpu, self.id),
-            &self.inbox,
+            &mut self.inbox,
             None,
             backlog,
             self.inbox_state,

@@ -1,0 +1,126 @@
+//! The host side of `wharf:websocket/packed-send`: the messages of one
+//! buffer queued in one call.
+//!
+//! `batch-send` lifts one `outgoing` per message, each its own string or
+//! list in the plugin's memory. Here the payloads are one list, read in
+//! place, and the spans are lifted [`CHUNK`] at a time into a fixed buffer
+//! (the payloads cannot be read while a lifting iterator holds the store),
+//! so nothing in the host grows with what the plugin passes.
+
+use wasmtime::StoreContextMut;
+use wasmtime::component::{Linker, Resource, WasmList};
+
+use super::HostState;
+use super::bindings::wharf::websocket::batch_send::Partial;
+use super::bindings::wharf::websocket::packed::{Kind, Span};
+use super::connection_host::{ConnectionEntry, Outbox, with_outbox};
+
+/// The interface this implements (older 0.1.x plugins are matched to it by
+/// semver).
+const INTERFACE: &str = "wharf:websocket/packed-send@0.1.8";
+
+/// Spans lifted at once: a batch the host delivered (at most 1024
+/// messages) comes back in a few chunks, on the stack of the plugin's call.
+const CHUNK: usize = 256;
+
+/// A plugin's spans that do not describe its payloads: a trap.
+#[derive(Debug, thiserror::Error)]
+enum Malformed {
+    #[error("span {index} runs past the end of the payloads")]
+    PastTheEnd { index: usize },
+    #[error("the spans leave {left} bytes of the payloads unused")]
+    Unused { left: usize },
+    #[error("span {index} is text but not valid UTF-8")]
+    NotUtf8 { index: usize },
+}
+
+/// Lifts `spans[start..]` into `out`, as many as fit; how many.
+fn lift_chunk(
+    store: &mut StoreContextMut<'_, HostState>,
+    spans: &WasmList<Span>,
+    start: usize,
+    out: &mut [Span; CHUNK],
+) -> wasmtime::Result<usize> {
+    let count = out.len().min(spans.len() - start);
+    if start == 0 {
+        // One lifting context for the chunk. An iterator cannot resume
+        // where a dropped one stopped without lifting what came before,
+        // so the (rare) later chunks are lifted one span at a time.
+        for (slot, span) in out[..count].iter_mut().zip(spans.iter(&mut *store)?) {
+            *slot = span?;
+        }
+    } else {
+        for (offset, slot) in out[..count].iter_mut().enumerate() {
+            let span = spans.get(&mut *store, start + offset);
+            *slot = span.ok_or(Malformed::PastTheEnd {
+                index: start + offset,
+            })??;
+        }
+    }
+    Ok(count)
+}
+
+/// Queues the messages `spans` cuts `payloads` into, in order, until one is
+/// refused. Malformed spans trap, as invalid UTF-8 does in `send-text`.
+fn queue_all(
+    store: &mut StoreContextMut<'_, HostState>,
+    outbox: &mut Outbox,
+    payloads: &WasmList<u8>,
+    spans: &WasmList<Span>,
+) -> wasmtime::Result<Result<(), Partial>> {
+    let mut chunk = [Span {
+        kind: Kind::Binary,
+        len: 0,
+    }; CHUNK];
+    let mut index = 0;
+    let mut offset = 0usize;
+    while index < spans.len() {
+        let count = lift_chunk(store, spans, index, &mut chunk)?;
+        let bytes = payloads.as_le_slice(&*store);
+        for span in &chunk[..count] {
+            let payload = offset
+                .checked_add(span.len as usize)
+                .and_then(|end| bytes.get(offset..end))
+                .ok_or(Malformed::PastTheEnd { index })?;
+            let queued = match span.kind {
+                Kind::Text => match std::str::from_utf8(payload) {
+                    Ok(text) => outbox.send_text(text),
+                    Err(_) => return Err(Malformed::NotUtf8 { index }.into()),
+                },
+                Kind::Binary => outbox.send_binary(payload),
+            };
+            if let Err(error) = queued {
+                return Ok(Err(Partial {
+                    // Below the list's length, which the canonical ABI
+                    // keeps within 32 bits.
+                    queued: u32::try_from(index)?,
+                    error,
+                }));
+            }
+            offset += payload.len();
+            index += 1;
+        }
+    }
+    let left = payloads.len() - offset;
+    if left > 0 {
+        return Err(Malformed::Unused { left }.into());
+    }
+    Ok(Ok(()))
+}
+
+/// `packed` declares types only.
+impl super::bindings::wharf::websocket::packed::Host for HostState {}
+
+/// Adds `wharf:websocket/packed-send` to the linker.
+pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.instance(INTERFACE)?.func_wrap(
+        "send",
+        |store: StoreContextMut<'_, HostState>,
+         (this, payloads, spans): (Resource<ConnectionEntry>, WasmList<u8>, WasmList<Span>)| {
+            with_outbox(store, &this, |store, outbox| {
+                Ok((queue_all(store, outbox, &payloads, &spans)?,))
+            })
+        },
+    )?;
+    Ok(())
+}
