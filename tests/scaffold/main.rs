@@ -3,7 +3,8 @@
 //! own build command builds it (toolchains from the package registries, as a
 //! plugin author would get them), and `wharf serve --plugin` serves the
 //! result: a text and a binary message come back, "goodbye" closes with 1000.
-//! Every scaffold, like its example, exports `batch-handler`.
+//! Every scaffold, like its example, exports a batch interface
+//! (`packed-handler` in Rust, `batch-handler` in the others).
 //!
 //! Toolchains go to `$WHARF_TOOLCHAINS` (default `<repo>/target/toolchains`,
 //! the directory the `languages` tests install into, so both share one
@@ -173,19 +174,23 @@ fn serve_and_echo(lang: Language, wasm: &Path) {
     );
 }
 
-/// Every scaffold exports `batch-handler`, as its example does (one call
-/// per read instead of one per message).
+/// Every scaffold exports a batch interface, as its example does (one
+/// call per read instead of one per message): packed in Rust.
 fn check_exports(lang: Language, wasm: &Path) {
     let bytes = std::fs::read(wasm).unwrap();
     let Kind::Component(Some(outline)) = inspect::read(&bytes) else {
         panic!("the {lang} build is not a readable component");
     };
+    let interface = match lang {
+        Language::Rust => "packed-handler",
+        _ => "batch-handler",
+    };
     assert!(
         outline
             .exports
             .iter()
-            .any(|e| e.starts_with("wharf:websocket/batch-handler@")),
-        "{lang}: no batch-handler export; exports: {:?}",
+            .any(|e| e.starts_with(&format!("wharf:websocket/{interface}@"))),
+        "{lang}: no {interface} export; exports: {:?}",
         outline.exports
     );
 }

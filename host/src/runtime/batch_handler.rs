@@ -5,7 +5,7 @@
 //! `list<message>` from owned `String`s and `Vec`s, one allocation and copy
 //! per message, where [`Message`] lowers straight from the host's buffers.
 //! The export is looked up and type-checked once per plugin
-//! ([`BatchExport::find`]) and resolved once per instance.
+//! ([`find`]) and resolved once per instance.
 //!
 //! What a batch still costs per message is the canonical ABI's: each
 //! payload is its own allocation in the plugin, so lowering calls the
@@ -16,14 +16,12 @@
 //! [`packed_handler`](super::packed_handler) is the same batch for two
 //! reallocs per call.
 
-use wasmtime::component::{
-    ComponentExportIndex, ComponentType, Func, Instance, InstancePre, Lower, Resource, TypedFunc,
-};
-use wasmtime::{AsContextMut, Store};
+use wasmtime::Store;
+use wasmtime::component::{ComponentType, Func, InstancePre, Lower, Resource, TypedFunc};
 
 use super::HostState;
 use super::connection_host::ConnectionEntry;
-use super::export::{self, ExportError};
+use super::export::{ExportError, FuncExport};
 
 /// The interface's name; wasmtime matches later 0.1.x exports to it.
 pub const INTERFACE: &str = "wharf:websocket/batch-handler@0.1.5";
@@ -55,34 +53,20 @@ impl Message<'_> {
 
 type Params<'a, 'b> = (Resource<ConnectionEntry>, &'a [Message<'b>]);
 
-/// Where a plugin exports `on-messages`, once checked to have its type.
-#[derive(Clone, Debug)]
-pub struct BatchExport {
-    index: ComponentExportIndex,
+/// Where the plugin exports `on-messages`, if it does; an error if it
+/// exports the interface wrongly.
+pub fn find(pre: &InstancePre<HostState>) -> Result<Option<FuncExport>, ExportError> {
+    FuncExport::find::<Params<'_, '_>, ()>(pre, INTERFACE, FUNCTION)
 }
 
-impl BatchExport {
-    /// `None` if the plugin does not export the interface (it takes its
-    /// messages one call each); an error if it exports it wrongly.
-    pub fn find(pre: &InstancePre<HostState>) -> Result<Option<Self>, ExportError> {
-        let index = export::find::<Params<'_, '_>, ()>(pre, INTERFACE, FUNCTION)?;
-        Ok(index.map(|index| Self { index }))
-    }
-
-    /// The function in a fresh instance of the plugin `find` checked.
-    pub fn resolve(&self, store: &mut Store<HostState>, instance: &Instance) -> Option<Func> {
-        instance.get_func(store.as_context_mut(), self.index)
-    }
-}
-
-/// Calls `on-messages` (resolved by [`BatchExport::resolve`]).
+/// Calls `on-messages` (resolved from [`find`]'s export).
 pub async fn call(
     store: &mut Store<HostState>,
     func: Func,
     conn: Resource<ConnectionEntry>,
     messages: &[Message<'_>],
 ) -> wasmtime::Result<()> {
-    // SAFETY: `func` is the export `BatchExport::find` type-checked against
+    // SAFETY: `func` is the export `find` type-checked against
     // exactly these parameter and result types, resolved in an instance of
     // that same component.
     let typed = unsafe { TypedFunc::<Params<'_, '_>, ()>::new_unchecked(func) };

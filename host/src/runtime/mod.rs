@@ -36,14 +36,14 @@ use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use self::batch::Batch;
-use self::batch_handler::{BatchExport, Message};
+use self::batch_handler::Message;
 use self::bindings::{HandlerWorld, HandlerWorldIndices, UpgradeRequest, UpgradeResponse};
 use self::connection_host::{ConnectionEntry, SendLimits};
 use self::cpu_share::CpuShare;
 use self::engine::{EpochClock, PoolSizing};
+use self::export::FuncExport;
 use self::limits::{CpuBudget, LimitExceeded, LimitHit, SandboxLimiter};
 use self::log_stream::{LogBudget, LogStream};
-use self::packed_handler::PackedExport;
 use self::pubsub_host::{Broker, Subscriptions};
 use self::snapshot::{SnapshotExport, SnapshotFuncs};
 
@@ -343,8 +343,8 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(world_error)?;
         let indices = HandlerWorldIndices::new(&pre).map_err(world_error)?;
-        let batch = BatchExport::find(&pre).map_err(|e| world_error(e.into()))?;
-        let packed = PackedExport::find(&pre).map_err(|e| world_error(e.into()))?;
+        let batch = batch_handler::find(&pre).map_err(|e| world_error(e.into()))?;
+        let packed = packed_handler::find(&pre).map_err(|e| world_error(e.into()))?;
         let snapshot = SnapshotExport::find(&pre).map_err(|e| world_error(e.into()))?;
         // Accepted: only now is it worth caching.
         if let (Some(cache), Some(artifact)) = (&cache, &artifact) {
@@ -454,9 +454,9 @@ pub struct Plugin {
     pre: InstancePre<HostState>,
     indices: HandlerWorldIndices,
     /// Set if the plugin takes its messages in batches, as a list...
-    batch: Option<BatchExport>,
+    batch: Option<FuncExport>,
     /// ...or packed (which it gets if it exports both).
-    packed: Option<PackedExport>,
+    packed: Option<FuncExport>,
     /// Set if its shared instance's state can move to another version.
     snapshot: Option<SnapshotExport>,
     spec: PluginSpec,

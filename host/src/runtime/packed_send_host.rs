@@ -3,7 +3,7 @@
 //!
 //! `batch-send` lifts one `outgoing` per message, each its own string or
 //! list in the plugin's memory. Here the payloads are one list, read in
-//! place, and the spans are lifted [`CHUNK`] at a time into a fixed buffer
+//! place, and the spans are lifted `CHUNK` at a time into a fixed buffer
 //! (the payloads cannot be read while a lifting iterator holds the store),
 //! so nothing in the host grows with what the plugin passes.
 

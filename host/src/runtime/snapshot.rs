@@ -6,10 +6,10 @@
 //! type-checked once per plugin ([`SnapshotExport::find`]) and resolved
 //! once per instance; the calls have the limits of one event.
 
-use wasmtime::component::{ComponentExportIndex, Func, Instance, InstancePre, TypedFunc};
-use wasmtime::{AsContextMut, Store};
+use wasmtime::Store;
+use wasmtime::component::{Func, Instance, InstancePre, TypedFunc};
 
-use super::export::{self, ExportError};
+use super::export::{ExportError, FuncExport};
 use super::{HostState, PluginError, PluginInstance};
 
 /// The interface's name; wasmtime matches later 0.1.x exports to it.
@@ -26,8 +26,8 @@ type RestoreResults = (Result<(), String>,);
 /// their types.
 #[derive(Clone, Debug)]
 pub struct SnapshotExport {
-    save: ComponentExportIndex,
-    restore: ComponentExportIndex,
+    save: FuncExport,
+    restore: FuncExport,
 }
 
 /// `save` and `restore` in one instance.
@@ -42,8 +42,9 @@ impl SnapshotExport {
     /// instance's state cannot move: a `migrate` deploy drains instead);
     /// an error if it exports it wrongly.
     pub fn find(pre: &InstancePre<HostState>) -> Result<Option<Self>, ExportError> {
-        let save = export::find::<SaveParams, SaveResults>(pre, INTERFACE, SAVE)?;
-        let restore = export::find::<RestoreParams<'_>, RestoreResults>(pre, INTERFACE, RESTORE)?;
+        let save = FuncExport::find::<SaveParams, SaveResults>(pre, INTERFACE, SAVE)?;
+        let restore =
+            FuncExport::find::<RestoreParams<'_>, RestoreResults>(pre, INTERFACE, RESTORE)?;
         Ok(save
             .zip(restore)
             .map(|(save, restore)| Self { save, restore }))
@@ -56,8 +57,8 @@ impl SnapshotExport {
         instance: &Instance,
     ) -> Option<SnapshotFuncs> {
         Some(SnapshotFuncs {
-            save: instance.get_func(store.as_context_mut(), self.save)?,
-            restore: instance.get_func(store.as_context_mut(), self.restore)?,
+            save: self.save.resolve(store, instance)?,
+            restore: self.restore.resolve(store, instance)?,
         })
     }
 }
