@@ -460,7 +460,7 @@ async fn long_connection(lang: &Lang, plugin: &Plugin) -> Result<String, String>
             let r = match kind {
                 "text" => inst.on_text(&text).await,
                 "binary" => inst.on_binary(&binary).await,
-                _ => inst.on_batch(&batch).await,
+                _ => inst.on_batch(batch.as_ref()).await,
             };
             if let Err(e) = r {
                 return Err(format!(

@@ -2,18 +2,18 @@
 //! buffer, in arrival order, and one span (kind, length) per message.
 //!
 //! This is what `packed-handler` takes as it is; for `batch-handler` the
-//! same batch is cut into a `list<message>` that borrows from it.
+//! same batch is cut into a `list<message>` that borrows from it. The
+//! connection driver's batches borrow the protocol's buffer, where the
+//! messages were read ([`BatchRef`]); [`Batch`] owns a copy.
 
 use super::batch_handler::Message;
 use super::bindings::wharf::websocket::packed::{Kind, Span};
 
-/// Messages held for one call.
-#[derive(Clone, Debug, Default)]
-pub struct Batch {
-    payloads: Vec<u8>,
-    /// Invariant: the lengths add up to `payloads.len()`, and a text span's
-    /// bytes are a `&str` that [`Batch::push`] copied in.
-    spans: Vec<Span>,
+/// Messages of one call, borrowed.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchRef<'a> {
+    payloads: &'a [u8],
+    spans: &'a [Span],
 }
 
 /// A batch is lowered into the plugin's 32-bit memory: its payloads add up
@@ -22,73 +22,107 @@ pub struct Batch {
 #[error("a batch holds less than 4 GiB")]
 pub struct TooLarge;
 
-impl Batch {
-    pub fn is_empty(&self) -> bool {
-        self.spans.is_empty()
+/// A text span whose bytes are not UTF-8: the batch was put together
+/// wrongly (the protocol validates every text message).
+#[derive(Debug, thiserror::Error)]
+#[error("text message {0} of a batch is not UTF-8")]
+pub struct NotUtf8(pub usize);
+
+/// The span of `message`, if its length fits one.
+pub fn span_of(message: Message<'_>) -> Result<Span, TooLarge> {
+    let (kind, len) = match message {
+        Message::Text(text) => (Kind::Text, text.len()),
+        Message::Binary(data) => (Kind::Binary, data.len()),
+    };
+    let len = u32::try_from(len).map_err(|_| TooLarge)?;
+    Ok(Span { kind, len })
+}
+
+impl<'a> BatchRef<'a> {
+    /// The messages `spans` cuts `payloads` into. Their lengths must add
+    /// up to `payloads`' and a text span's bytes must be UTF-8: what does
+    /// not is cut off ([`messages`](Self::messages) says so).
+    pub fn new(payloads: &'a [u8], spans: &'a [Span]) -> Self {
+        debug_assert_eq!(
+            spans.iter().map(|s| s.len as usize).sum::<usize>(),
+            payloads.len()
+        );
+        Self { payloads, spans }
     }
 
-    /// Messages held.
+    /// Messages in the batch.
     pub fn len(&self) -> usize {
         self.spans.len()
     }
 
-    /// Payload bytes held.
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Payload bytes in the batch.
     pub fn bytes(&self) -> usize {
         self.payloads.len()
     }
 
+    /// The payloads, back to back, and the spans that cut them into
+    /// messages: what `packed-handler` takes.
+    pub fn packed(&self) -> (&'a [u8], &'a [Span]) {
+        (self.payloads, self.spans)
+    }
+
+    /// The messages, in order: what `batch-handler` takes (each text's
+    /// UTF-8 checked again, a fast pass, rather than trusted unchecked).
+    pub fn messages(&self) -> Result<Vec<Message<'a>>, NotUtf8> {
+        let mut rest = self.payloads;
+        let mut out = Vec::with_capacity(self.spans.len());
+        for (index, span) in self.spans.iter().enumerate() {
+            let (payload, after) = rest
+                .split_at_checked(span.len as usize)
+                .ok_or(NotUtf8(index))?;
+            rest = after;
+            out.push(match span.kind {
+                Kind::Text => {
+                    Message::Text(std::str::from_utf8(payload).map_err(|_| NotUtf8(index))?)
+                }
+                Kind::Binary => Message::Binary(payload),
+            });
+        }
+        Ok(out)
+    }
+
+    /// An owned copy.
+    pub fn to_owned(&self) -> Batch {
+        Batch {
+            payloads: self.payloads.to_vec(),
+            spans: self.spans.to_vec(),
+        }
+    }
+}
+
+/// Messages of one call, owned.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    payloads: Vec<u8>,
+    spans: Vec<Span>,
+}
+
+impl Batch {
     /// Holds a copy of `message`, after the others; the batch is unchanged
     /// if that would make it too large.
     pub fn push(&mut self, message: Message<'_>) -> Result<(), TooLarge> {
-        let (kind, payload) = match message {
-            Message::Text(text) => (Kind::Text, text.as_bytes()),
-            Message::Binary(data) => (Kind::Binary, data),
+        let span = span_of(message)?;
+        let payload = match message {
+            Message::Text(text) => text.as_bytes(),
+            Message::Binary(data) => data,
         };
-        let total = self.payloads.len() + payload.len();
-        let len = u32::try_from(payload.len()).map_err(|_| TooLarge)?;
-        u32::try_from(total).map_err(|_| TooLarge)?;
+        u32::try_from(self.payloads.len() + payload.len()).map_err(|_| TooLarge)?;
         self.payloads.extend_from_slice(payload);
-        self.spans.push(Span { kind, len });
+        self.spans.push(span);
         Ok(())
     }
 
-    /// The payloads, back to back, and the spans that cut them into
-    /// messages: what `packed-handler` takes.
-    pub fn packed(&self) -> (&[u8], &[Span]) {
-        (&self.payloads, &self.spans)
-    }
-
-    /// The messages, in order, borrowed from the batch.
-    pub fn iter(&self) -> impl Iterator<Item = Message<'_>> {
-        let mut rest = self.payloads.as_slice();
-        self.spans.iter().map(move |span| {
-            let (payload, after) = rest.split_at(span.len as usize);
-            rest = after;
-            match span.kind {
-                // SAFETY: a text span's bytes were copied in by `push` from
-                // a `&str`, whole, and nothing else writes them.
-                Kind::Text => Message::Text(unsafe { std::str::from_utf8_unchecked(payload) }),
-                Kind::Binary => Message::Binary(payload),
-            }
-        })
-    }
-
-    /// The messages as a list: what `batch-handler` takes.
-    pub fn messages(&self) -> Vec<Message<'_>> {
-        self.iter().collect()
-    }
-
-    /// Empties the batch, keeping its buffers unless they hold more than
-    /// `keep` bytes of payload or spans for more than `keep_spans`.
-    pub fn clear(&mut self, keep: usize, keep_spans: usize) {
-        self.payloads.clear();
-        self.spans.clear();
-        if self.payloads.capacity() > keep {
-            self.payloads = Vec::new();
-        }
-        if self.spans.capacity() > keep_spans {
-            self.spans = Vec::new();
-        }
+    pub fn as_ref(&self) -> BatchRef<'_> {
+        BatchRef::new(&self.payloads, &self.spans)
     }
 }
 
@@ -111,37 +145,32 @@ mod tests {
         for message in messages {
             batch.push(message).unwrap();
         }
-        assert_eq!(batch.messages(), messages);
-        assert_eq!(batch.len(), messages.len());
-        let (payloads, spans) = batch.packed();
-        assert_eq!(batch.bytes(), payloads.len());
-        assert_eq!(
-            &payloads[..9],
-            "héllo"
-                .as_bytes()
-                .iter()
-                .chain(&[1, 2, 3])
-                .copied()
-                .collect::<Vec<_>>()
-        );
+        let view = batch.as_ref();
+        assert_eq!(view.messages().unwrap(), messages);
+        assert_eq!(view.len(), messages.len());
+        let (payloads, spans) = view.packed();
+        assert_eq!(view.bytes(), payloads.len());
+        assert_eq!(&payloads[..9], "héllo\u{1}\u{2}\u{3}".as_bytes());
         let lens: Vec<u32> = spans.iter().map(|s| s.len).collect();
         assert_eq!(lens, [6, 3, 0, 0, 3, 70_000]);
         assert!(matches!(spans[4].kind, Kind::Text));
         assert!(matches!(spans[5].kind, Kind::Binary));
-        batch.clear(1 << 20, 1024);
-        assert!(batch.is_empty());
-        assert_eq!(batch.bytes(), 0);
-        assert_eq!(batch.messages(), []);
+        assert_eq!(view.to_owned().as_ref().messages().unwrap(), messages);
     }
 
     #[test]
-    fn clear_gives_back_what_a_burst_grew() {
-        let mut batch = Batch::default();
-        batch.push(Message::Binary(&[0; 4096])).unwrap();
-        batch.clear(1024, 1024);
-        assert_eq!(batch.payloads.capacity(), 0);
-        batch.push(Message::Binary(&[0; 512])).unwrap();
-        batch.clear(1024, 1024);
-        assert!(batch.payloads.capacity() >= 512);
+    fn text_that_is_not_utf8_is_refused() {
+        let spans = [
+            Span {
+                kind: Kind::Binary,
+                len: 1,
+            },
+            Span {
+                kind: Kind::Text,
+                len: 1,
+            },
+        ];
+        let batch = BatchRef::new(&[0xff, 0xff], &spans);
+        assert!(matches!(batch.messages(), Err(NotUtf8(1))));
     }
 }

@@ -35,7 +35,7 @@ use wasmtime::component::{Func, HasSelf, InstancePre, Linker, Resource, Resource
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use self::batch::Batch;
+use self::batch::BatchRef;
 use self::batch_handler::Message;
 use self::bindings::{HandlerWorld, HandlerWorldIndices, UpgradeRequest, UpgradeResponse};
 use self::connection_host::{ConnectionEntry, SendLimits};
@@ -912,14 +912,24 @@ impl PluginInstance {
     }
 
     /// Messages that arrived together, in one call: `on-packed` or
-    /// `on-messages` (a plugin without either export gets one
-    /// `on-text`/`on-binary` call each).
-    pub async fn on_batch(&mut self, batch: &Batch) -> Result<(), PluginError> {
-        let Some(func) = self.on_batch else {
-            for message in batch.iter() {
-                self.on_message(message).await?;
+    /// `on-messages`. A plugin without either export, or a batch of one
+    /// message, gets one `on-text`/`on-binary` call each.
+    pub async fn on_batch(&mut self, batch: BatchRef<'_>) -> Result<(), PluginError> {
+        let func = match self.on_batch {
+            Some(func) if batch.len() > 1 => func,
+            _ => {
+                let messages = batch.messages().map_err(|e| PluginError::Trap(e.into()))?;
+                for message in messages {
+                    self.on_message(message).await?;
+                }
+                return Ok(());
             }
-            return Ok(());
+        };
+        // Cut before the call starts: a batch put together wrongly is the
+        // host's failure, not the call's.
+        let messages = match func {
+            BatchFunc::List(_) => batch.messages().map_err(|e| PluginError::Trap(e.into()))?,
+            BatchFunc::Packed(_) => Vec::new(),
         };
         let conn = self.arm();
         let wall = self.wall();
@@ -931,7 +941,6 @@ impl PluginInstance {
                 .await
             }
             BatchFunc::List(func) => {
-                let messages = batch.messages();
                 wall::within(wall, || {
                     batch_handler::call(&mut self.store, func, conn, &messages)
                 })

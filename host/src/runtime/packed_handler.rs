@@ -1,6 +1,6 @@
 //! `wharf:websocket/packed-handler`: the optional export through which a
 //! handler takes a batch as one buffer of payloads and one list of spans
-//! ([`Batch::packed`]).
+//! ([`BatchRef::packed`]).
 //!
 //! Lowering a `list<message>` calls the plugin's `cabi_realloc` once per
 //! message (see [`batch_handler`](super::batch_handler)); lowering a packed
@@ -10,7 +10,7 @@ use wasmtime::Store;
 use wasmtime::component::{Func, InstancePre, Resource, TypedFunc};
 
 use super::HostState;
-use super::batch::Batch;
+use super::batch::BatchRef;
 use super::bindings::wharf::websocket::packed::Span;
 use super::connection_host::ConnectionEntry;
 use super::export::{ExportError, FuncExport};
@@ -32,7 +32,7 @@ pub async fn call(
     store: &mut Store<HostState>,
     func: Func,
     conn: Resource<ConnectionEntry>,
-    batch: &Batch,
+    batch: BatchRef<'_>,
 ) -> wasmtime::Result<()> {
     // SAFETY: `func` is the export `find` type-checked against
     // exactly these parameter and result types, resolved in an instance of

@@ -1,68 +1,64 @@
 //! Messages of one read, held for a single batch call.
 //!
-//! The protocol hands out one message at a time in its own reusable buffer;
-//! for a plugin that takes batches, the small ones are copied here until the
-//! read is used up (or the batch is full) and then delivered together. A
-//! copy of a small message costs far less than a call into the instance.
+//! The protocol hands out one message at a time; for a plugin that takes
+//! batches, the small ones are held where the protocol read them
+//! ([`WebSocket::hold_message`](wharf_protocol::WebSocket::hold_message):
+//! the next message is assembled after them) until the read is used up or
+//! the batch is full, and then delivered together, straight from that
+//! buffer. The inbox keeps what cuts the buffer into messages.
 
-use crate::runtime::batch::{Batch, TooLarge};
+use crate::runtime::batch::{BatchRef, TooLarge, span_of};
 use crate::runtime::batch_handler::Message;
+use crate::runtime::bindings::wharf::websocket::packed::Span;
 
-/// Messages larger than this are not held: one ends the batch and is
-/// delivered after it, straight from the protocol's buffer.
+/// Messages larger than this are not held back: one ends the batch.
 pub(super) const MESSAGE_MAX: usize = 16 * 1024;
 /// A batch is delivered once it holds this many payload bytes...
 const BYTES_MAX: usize = 64 * 1024;
 /// ...or this many messages (each costs the plugin a few bytes of list).
 const MESSAGES_MAX: usize = 1024;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub(super) struct Inbox {
-    batch: Batch,
+    spans: Vec<Span>,
+    bytes: usize,
 }
 
 impl Inbox {
     pub(super) fn is_empty(&self) -> bool {
-        self.batch.is_empty()
+        self.spans.is_empty()
     }
 
     /// Messages held.
     pub(super) fn len(&self) -> usize {
-        self.batch.len()
+        self.spans.len()
     }
 
-    /// Holds a copy of `message` (at most [`MESSAGE_MAX`] bytes, or the
-    /// last of a batch).
+    /// Counts `message` in, which the protocol holds after the others.
     pub(super) fn push(&mut self, message: Message<'_>) -> Result<(), TooLarge> {
-        self.batch.push(message)
+        let span = span_of(message)?;
+        self.bytes += message.len();
+        self.spans.push(span);
+        Ok(())
     }
 
     /// Whether the batch should be delivered now.
     pub(super) fn is_full(&self) -> bool {
-        self.batch.bytes() >= BYTES_MAX || self.batch.len() >= MESSAGES_MAX
+        self.bytes >= BYTES_MAX || self.spans.len() >= MESSAGES_MAX
     }
 
-    /// The messages held, for one call.
-    pub(super) fn batch(&self) -> &Batch {
-        &self.batch
+    /// The messages held, in `held`: the protocol's held bytes.
+    pub(super) fn batch<'a>(&'a self, held: &'a [u8]) -> BatchRef<'a> {
+        BatchRef::new(held, &self.spans)
     }
 
-    /// The only message held, if there is exactly one.
-    pub(super) fn only(&self) -> Option<Message<'_>> {
-        let mut messages = self.batch.iter();
-        match (messages.next(), messages.next()) {
-            (Some(one), None) => Some(one),
-            _ => None,
-        }
-    }
-
-    /// Empties the inbox, keeping its buffers unless a burst grew them.
+    /// Empties the inbox, keeping its list unless a burst grew it.
     pub(super) fn clear(&mut self) {
-        // Called after every message; most of the time nothing was held.
-        if self.batch.is_empty() {
-            return;
+        self.spans.clear();
+        self.bytes = 0;
+        if self.spans.capacity() > MESSAGES_MAX {
+            self.spans = Vec::new();
         }
-        self.batch.clear(BYTES_MAX + MESSAGE_MAX, MESSAGES_MAX);
     }
 
     /// Gives its memory back (the connection is going idle).
@@ -93,15 +89,6 @@ mod tests {
             pushes += 1;
         }
         assert_eq!(pushes, MESSAGES_MAX);
-    }
-
-    #[test]
-    fn only_one() {
-        let mut inbox = Inbox::default();
-        assert_eq!(inbox.only(), None);
-        inbox.push(Message::Text("one")).unwrap();
-        assert_eq!(inbox.only(), Some(Message::Text("one")));
-        inbox.push(Message::Binary(b"two")).unwrap();
-        assert_eq!(inbox.only(), None);
+        assert_eq!(inbox.batch(&[b'x'; MESSAGES_MAX]).len(), MESSAGES_MAX);
     }
 }

@@ -114,8 +114,14 @@ struct InFrame {
 #[derive(Debug)]
 pub struct WebSocket {
     /// Kept apart from `core` so an [`Event`] can borrow it while the core
-    /// is still mutable (e.g. to fail the connection).
+    /// is still mutable (e.g. to fail the connection). The first `held`
+    /// bytes are delivered messages the caller holds (see
+    /// [`hold_message`](Self::hold_message)); the message being assembled
+    /// or just delivered follows them.
     msg: Vec<u8>,
+    held: usize,
+    /// The caller holds the message just delivered.
+    hold_delivered: bool,
     core: Core,
 }
 
@@ -152,6 +158,8 @@ impl WebSocket {
     pub fn new(config: Config, now: Instant) -> Self {
         WebSocket {
             msg: Vec::new(),
+            held: 0,
+            hold_delivered: false,
             core: Core {
                 config,
                 state: State::Open,
@@ -186,26 +194,81 @@ impl WebSocket {
         self.core.observe(now);
         if self.core.msg_delivered {
             self.core.msg_delivered = false;
-            self.msg.clear();
-            if self.msg.capacity() > MSG_BUF_KEEP {
-                self.msg.shrink_to(MSG_BUF_KEEP);
+            if std::mem::take(&mut self.hold_delivered) {
+                self.held = self.msg.len();
+            } else {
+                self.msg.truncate(self.held);
+                if self.held == 0 && self.msg.capacity() > MSG_BUF_KEEP {
+                    self.msg.shrink_to(MSG_BUF_KEEP);
+                }
             }
         }
-        let ready = self.core.read_inner(&mut self.msg, input, now);
-        if self.core.state == State::Closed && self.msg.capacity() > 0 {
+        let ready = self.core.read_inner(&mut self.msg, self.held, input, now);
+        if self.core.state == State::Closed {
             // Nothing more will be delivered; don't hold message memory
-            // while the host flushes the last output.
-            self.msg = Vec::new();
+            // while the host flushes the last output (what the caller
+            // holds stays until it releases it).
+            self.drop_message();
         }
+        let message = self.msg.get(self.held..).unwrap_or_default();
         match ready? {
-            Ready::Message(MsgKind::Binary) => Some(Event::Binary(&self.msg)),
+            Ready::Message(MsgKind::Binary) => Some(Event::Binary(message)),
             // The incremental validator already accepted these bytes; this
             // second, fast pass is the price of staying free of `unsafe`.
-            Ready::Message(MsgKind::Text) => match std::str::from_utf8(&self.msg) {
+            Ready::Message(MsgKind::Text) => match std::str::from_utf8(message) {
                 Ok(text) => Some(Event::Text(text)),
                 Err(_) => Some(Event::Closed(self.core.fail(ProtocolError::InvalidUtf8))),
             },
             Ready::Closed(info) => Some(Event::Closed(info)),
+        }
+    }
+
+    /// Keeps the message [`read`](Self::read) just delivered where it is:
+    /// the next message is assembled after it, and [`held`](Self::held)
+    /// has them back to back, until [`release_held`](Self::release_held).
+    /// This is how a caller collects a batch of messages without copying
+    /// them; it bounds what it holds (every held byte stays in memory).
+    /// Has no effect unless the last event was a message.
+    pub fn hold_message(&mut self) {
+        self.hold_delivered = self.core.msg_delivered;
+    }
+
+    /// The messages held, back to back, the one [`read`](Self::read) just
+    /// delivered included if it is held.
+    pub fn held(&self) -> &[u8] {
+        let end = if self.hold_delivered {
+            self.msg.len()
+        } else {
+            self.held
+        };
+        self.msg.get(..end).unwrap_or_default()
+    }
+
+    /// Forgets the messages held; part of a message still arriving moves
+    /// to the front of the buffer.
+    pub fn release_held(&mut self) {
+        let held = if std::mem::take(&mut self.hold_delivered) {
+            self.core.msg_delivered = false;
+            self.msg.len()
+        } else {
+            self.held
+        };
+        self.held = 0;
+        self.msg.drain(..held);
+        if self.core.state == State::Closed {
+            self.msg = Vec::new();
+        } else if self.msg.capacity() > MSG_BUF_KEEP && self.msg.len() <= MSG_BUF_KEEP {
+            self.msg.shrink_to(MSG_BUF_KEEP);
+        }
+    }
+
+    /// Drops the message being assembled or delivered, and the buffer
+    /// with it unless messages are held.
+    fn drop_message(&mut self) {
+        self.hold_delivered = false;
+        self.msg.truncate(self.held);
+        if self.held == 0 {
+            self.msg = Vec::new();
         }
     }
 
@@ -218,7 +281,7 @@ impl WebSocket {
         self.core.state = State::Closed;
         self.core.closed_reported = true;
         self.core.close_deadline = None;
-        self.msg = Vec::new();
+        self.drop_message();
         Some(CloseInfo {
             code: CloseCode::ABNORMAL,
             reason: String::new(),
@@ -358,7 +421,7 @@ impl WebSocket {
     pub fn handle_timeout(&mut self, now: Instant) -> Option<CloseInfo> {
         let info = self.core.handle_timeout(now);
         if info.is_some() {
-            self.msg = Vec::new();
+            self.drop_message();
         }
         info
     }
@@ -402,7 +465,15 @@ impl Core {
         self.now = self.now.max(now);
     }
 
-    fn read_inner(&mut self, msg: &mut Vec<u8>, input: &mut &[u8], now: Instant) -> Option<Ready> {
+    /// Reads into `msg` after its first `base` bytes (messages the caller
+    /// holds).
+    fn read_inner(
+        &mut self,
+        msg: &mut Vec<u8>,
+        base: usize,
+        input: &mut &[u8],
+        now: Instant,
+    ) -> Option<Ready> {
         if self.state == State::Closed {
             *input = &[];
             return None;
@@ -413,7 +484,7 @@ impl Core {
         }
         loop {
             let Some(mut frame) = self.frame else {
-                match self.read_header(input, msg.len()) {
+                match self.read_header(input, msg.len().saturating_sub(base)) {
                     Ok(true) => continue,
                     Ok(false) => return None,
                     Err(e) => return Some(Ready::Closed(self.fail(e))),
@@ -442,7 +513,7 @@ impl Core {
                 // A message that arrived whole in this input is validated
                 // once, when it is delivered; only one that arrives in parts
                 // is validated as it comes (to fail fast).
-                let whole = start == 0 && header.fin && frame.remaining == 0;
+                let whole = start == base && header.fin && frame.remaining == 0;
                 if self.msg_kind == Some(MsgKind::Text) && !whole && self.utf8.feed(new).is_err() {
                     return Some(Ready::Closed(self.fail(ProtocolError::InvalidUtf8)));
                 }
@@ -794,6 +865,76 @@ mod tests {
         out.extend_from_slice(&mask);
         out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
         out
+    }
+
+    /// A final frame of at most 125 bytes.
+    fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [5, 6, 7, 8];
+        let mut out = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    #[test]
+    fn held_messages_stay_back_to_back_until_released() {
+        let now = Instant::now();
+        let mut ws = WebSocket::new(
+            Config {
+                max_message_size: 8,
+                ..Config::default()
+            },
+            now,
+        );
+        let mut input = masked(2, b"one");
+        input.extend(masked(1, "tw\u{f6}".as_bytes()));
+        // Fragmented, with a ping between: "thr" + "ee".
+        let mut first = masked(1, b"thr");
+        first[0] = 0x01;
+        input.extend(first);
+        input.extend(masked(9, b"p"));
+        input.extend(masked(0, b"ee"));
+        let fourth = masked(2, b"four");
+        input.extend(&fourth[..fourth.len() - 2]);
+        let mut bytes = &input[..];
+        assert_eq!(ws.read(&mut bytes, now), Some(Event::Binary(b"one")));
+        ws.hold_message();
+        assert_eq!(ws.held(), b"one");
+        assert_eq!(ws.read(&mut bytes, now), Some(Event::Text("tw\u{f6}")));
+        ws.hold_message();
+        // Each message's limit is its own: 3 + 4 + 5 held bytes pass 8.
+        assert_eq!(ws.read(&mut bytes, now), Some(Event::Text("three")));
+        ws.hold_message();
+        assert_eq!(ws.held(), "onetw\u{f6}three".as_bytes());
+        assert_eq!(ws.read(&mut bytes, now), None);
+        assert!(bytes.is_empty());
+        assert_eq!(ws.held(), "onetw\u{f6}three".as_bytes());
+        // Released mid-message: the rest of "four" still completes it.
+        ws.release_held();
+        assert_eq!(ws.held(), b"");
+        let mut rest = &fourth[fourth.len() - 2..];
+        assert_eq!(ws.read(&mut rest, now), Some(Event::Binary(b"four")));
+        // Not held: the next read drops it.
+        let five = masked(2, b"five");
+        let mut bytes = &five[..];
+        assert_eq!(ws.read(&mut bytes, now), Some(Event::Binary(b"five")));
+        assert_eq!(ws.held(), b"");
+        assert_eq!(ws.msg, b"five");
+    }
+
+    #[test]
+    fn held_messages_survive_the_close_that_follows_them() {
+        let now = Instant::now();
+        let mut ws = WebSocket::new(Config::default(), now);
+        let mut input = masked(2, b"kept");
+        input.extend(masked(8, &[0x03, 0xE8]));
+        let mut bytes = &input[..];
+        assert_eq!(ws.read(&mut bytes, now), Some(Event::Binary(b"kept")));
+        ws.hold_message();
+        assert!(matches!(ws.read(&mut bytes, now), Some(Event::Closed(_))));
+        assert_eq!(ws.held(), b"kept");
+        ws.release_held();
+        assert_eq!(ws.msg.capacity(), 0);
     }
 
     #[test]

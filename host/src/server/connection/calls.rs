@@ -4,12 +4,12 @@
 use wharf_protocol::State;
 
 use super::conn::Conn;
+use crate::runtime::batch::{Batch, BatchRef};
 use crate::runtime::batch_handler::Message;
 use crate::runtime::cpu_share::CpuShare;
 use crate::runtime::idle_pool;
-use crate::runtime::{Plugin, PluginError, PluginInstance};
+use crate::runtime::{Plugin, PluginError};
 use crate::server::handler::Handler;
-use crate::server::inbox::{self, Inbox};
 
 /// What a call needs: the connection's handler, its plugin, and its
 /// tenant's CPU share, which a message event waits for.
@@ -36,13 +36,29 @@ impl<'a> Woken<'a> {
     }
 }
 
-/// What `inbox` holds, then `last`, to the plugin (see [`deliver`]);
-/// `inbox` may be left holding `last` too. `None`: the instance is gone (it
-/// failed before), the messages are dropped.
+/// What a call delivers: one message, or a batch of them.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Delivery<'a> {
+    One(Message<'a>),
+    Batch(BatchRef<'a>),
+}
+
+impl Delivery<'_> {
+    /// Payload bytes.
+    fn bytes(&self) -> usize {
+        match self {
+            Delivery::One(message) => message.len(),
+            Delivery::Batch(batch) => batch.bytes(),
+        }
+    }
+}
+
+/// `delivery` to the plugin: `on-text`/`on-binary` for one message, a
+/// batch call for several. `None`: the instance is gone (it failed
+/// before), the messages are dropped.
 pub(super) async fn call_with(
     slots: Woken<'_>,
-    inbox: &mut Inbox,
-    last: Option<Message<'_>>,
+    delivery: Delivery<'_>,
     backlog: usize,
     state: State,
 ) -> Option<Result<(), PluginError>> {
@@ -51,11 +67,10 @@ pub(super) async fn call_with(
         tokio::time::sleep(wait).await;
     }
     // A tenant with a CPU share (a server with several) runs its calls so
-    // that they can leave the workers; a message too large to copy cheaply
-    // stays (its tenant's share still throttles it).
-    let movable = slots.share.is_limited()
-        && slots.handler.is_own()
-        && last.is_none_or(|m| m.len() <= MOVABLE_MAX);
+    // that they can leave the workers; messages too large to copy cheaply
+    // stay (its tenant's share still throttles them).
+    let movable =
+        slots.share.is_limited() && slots.handler.is_own() && delivery.bytes() <= MOVABLE_MAX;
     let mut instance = match slots.handler.acquire(slots.plugin, slots.id).await {
         Err(err) => return Some(Err(err)),
         Ok(None) => return None,
@@ -73,40 +88,20 @@ pub(super) async fn call_with(
         } else {
             None
         };
-        return Some(call_movable(slots.handler, inbox, last, from).await);
+        return Some(call_movable(slots.handler, delivery, from).await);
     }
-    let r = deliver(&mut instance, inbox, last).await;
+    let r = match delivery {
+        Delivery::One(message) => instance.on_message(message).await,
+        Delivery::Batch(batch) => instance.on_batch(batch).await,
+    };
     if r.is_err() {
         instance.fail();
     }
     Some(r)
 }
 
-/// A message on its own goes to `on-text` or `on-binary`; several go in one
-/// batch call. `last`, which the inbox does not hold, joins the batch; one
-/// too large to copy follows it in a call of its own.
-async fn deliver(
-    instance: &mut PluginInstance,
-    inbox: &mut Inbox,
-    last: Option<Message<'_>>,
-) -> Result<(), PluginError> {
-    let alone = match last {
-        Some(one) if inbox.is_empty() => return instance.on_message(one).await,
-        Some(one) if one.len() > inbox::MESSAGE_MAX || inbox.push(one).is_err() => Some(one),
-        _ => None,
-    };
-    match inbox.only() {
-        Some(one) => instance.on_message(one).await?,
-        None => instance.on_batch(inbox.batch()).await?,
-    }
-    match alone {
-        Some(one) => instance.on_message(one).await,
-        None => Ok(()),
-    }
-}
-
-/// Largest message copied for a call that may move off the workers.
-const MOVABLE_MAX: usize = 64 * 1024;
+/// Most payload bytes copied for a call that may move off the workers.
+const MOVABLE_MAX: usize = 128 * 1024;
 
 /// A call that may leave the workers for a
 /// [lane](crate::runtime::idle_pool) of its own: the connection's own
@@ -116,22 +111,23 @@ const MOVABLE_MAX: usize = 64 * 1024;
 /// lane).
 async fn call_movable(
     handler: &mut Handler,
-    inbox: &Inbox,
-    last: Option<Message<'_>>,
+    delivery: Delivery<'_>,
     from: Option<idle_pool::Lane>,
 ) -> Result<(), PluginError> {
-    // A copy goes with it, `last` included (at most `MOVABLE_MAX` bytes:
-    // it fits in a batch).
-    let mut owned = inbox.clone();
-    if let Some(one) = last {
-        owned.push(one).map_err(|e| PluginError::Trap(e.into()))?;
-    }
+    let owned = match delivery {
+        Delivery::One(message) => {
+            let mut one = Batch::default();
+            one.push(message).map_err(|e| PluginError::Trap(e.into()))?;
+            one
+        }
+        Delivery::Batch(batch) => batch.to_owned(),
+    };
     let Some(mut instance) = handler.lend() else {
         return Ok(());
     };
     let moved = instance.movable();
     let call = async move {
-        let r = deliver(&mut instance, &mut owned, None).await;
+        let r = instance.on_batch(owned.as_ref()).await;
         // A failed instance is dropped where it ran: freeing what a hostile
         // one grew (its memory slot's reset, a large attachment) is work
         // the workers should not do for it.

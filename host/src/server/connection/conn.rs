@@ -8,7 +8,7 @@ use std::time::Instant;
 use wharf_protocol::{CloseCode, CloseInfo, Event, State, WebSocket};
 
 use super::Shared;
-use super::calls::{Woken, call_with};
+use super::calls::{Delivery, Woken, call_with};
 use crate::metrics::Tally;
 use crate::runtime::batch_handler::Message;
 use crate::runtime::pubsub_host::Mailbox;
@@ -401,39 +401,42 @@ impl Conn {
                 self.over_rate();
                 continue;
             }
-            let started = now;
-            // Small messages with more input behind them wait in the inbox
-            // (batched plugins); the last one, or a large one, goes with
-            // what waits, uncopied. A message on its own is a plain call.
+            // Small messages with more input behind them are held where the
+            // protocol read them (batched plugins); the last one, or a large
+            // one, joins them and the batch goes, uncopied. A message on its
+            // own is a plain call.
             let hold = batched && !input.is_empty() && message.len() <= inbox::MESSAGE_MAX;
+            if !hold && self.inbox.is_empty() {
+                let r = call_with(
+                    Woken::of(&mut self.handler, &self.plugin, &self.tenant.cpu, self.id),
+                    Delivery::One(message),
+                    backlog,
+                    state,
+                )
+                .await;
+                match r {
+                    Some(r) => {
+                        now = self.record_call(now);
+                        self.after_call(r).await;
+                    }
+                    None => self.instance_gone(1),
+                }
+                continue;
+            }
             if self.inbox.is_empty() {
                 self.inbox_state = state;
             }
-            let last = if hold && self.inbox.push(message).is_ok() {
-                if !self.inbox.is_full() {
-                    continue;
-                }
-                None
-            } else {
-                Some(message)
-            };
-            let count = self.inbox.len() + usize::from(last.is_some());
-            let r = call_with(
-                Woken::of(&mut self.handler, &self.plugin, &self.tenant.cpu, self.id),
-                &mut self.inbox,
-                last,
-                backlog,
-                self.inbox_state,
-            )
-            .await;
-            self.inbox.clear();
-            match r {
-                Some(r) => {
-                    now = self.record_call(started);
-                    self.after_call(r).await;
-                }
-                None => self.instance_gone(count),
+            if let Err(err) = self.inbox.push(message) {
+                // Past what a plugin's 32-bit memory could take in any call.
+                tracing::warn!(conn = self.id, "message dropped: {err}");
+                self.shared.metrics.received_dropped("too-large", 1);
+                continue;
             }
+            self.ws.hold_message();
+            if hold && !self.inbox.is_full() {
+                continue;
+            }
+            now = self.deliver_inbox(now).await;
         }
         // The input ended inside a frame: what is held goes now.
         self.deliver_inbox(now).await;
@@ -478,13 +481,13 @@ impl Conn {
         let count = self.inbox.len();
         let r = call_with(
             Woken::of(&mut self.handler, &self.plugin, &self.tenant.cpu, self.id),
-            &mut self.inbox,
-            None,
+            Delivery::Batch(self.inbox.batch(self.ws.held())),
             backlog,
             self.inbox_state,
         )
         .await;
         self.inbox.clear();
+        self.ws.release_held();
         match r {
             Some(r) => {
                 let end = self.record_call(now);
