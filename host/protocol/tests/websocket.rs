@@ -235,6 +235,45 @@ fn split_at_every_two_chunk_boundary() {
     }
 }
 
+/// Messages held and released at the end of each input, as the
+/// connection driver batches them, come out the same at every split, and
+/// a Close after them does not lose them.
+#[test]
+fn held_messages_are_the_messages_at_every_split() {
+    let (input, events, output) = rich_stream();
+    let now = Instant::now();
+    let want: Vec<u8> = events
+        .iter()
+        .flat_map(|e| match e {
+            Ev::Text(t) => t.as_bytes().to_vec(),
+            Ev::Binary(b) => b.clone(),
+            Ev::Closed(_) => Vec::new(),
+        })
+        .collect();
+    for cut in 0..=input.len() {
+        let mut ws = ws();
+        let mut got = Vec::new();
+        let mut close = None;
+        for mut part in [&input[..cut], &input[cut..]] {
+            while let Some(event) = ws.read(&mut part, now) {
+                match event {
+                    Event::Closed(info) => close = Some(info),
+                    _ => ws.hold_message(),
+                }
+            }
+            got.extend_from_slice(ws.held());
+            ws.release_held();
+        }
+        assert_eq!(got, want, "cut at {cut}");
+        assert_eq!(
+            close.map(Ev::Closed).as_ref(),
+            events.last(),
+            "cut at {cut}"
+        );
+        assert_eq!(take_output(&mut ws), output, "cut at {cut}");
+    }
+}
+
 #[test]
 fn unmasked_frame_is_1002_after_two_bytes() {
     // Only the first two bytes: fail without waiting for the rest.
