@@ -1,10 +1,11 @@
 //! The default configuration holds 10,000 concurrent connections, each with
 //! its own plugin instance (the pool and the per-instance memory reservation
-//! are sized for it).
+//! are sized for it); a shared instance holds more connections than the
+//! host resources one instance may make itself.
 
 use std::time::Duration;
 
-use crate::support::{Server, ServerOpts};
+use crate::support::{Server, ServerOpts, plugin_path};
 
 const CONNECTIONS: usize = 10_000;
 
@@ -24,6 +25,51 @@ async fn ten_thousand_concurrent_connections_with_default_config() {
     }
     // All of them are still served, first to last.
     for (i, raw) in clients.iter_mut().enumerate().step_by(997) {
+        raw.send_frame(true, 0x1, b"still here").await;
+        let frame = raw.read_frame_timeout(Duration::from_secs(5)).await;
+        assert_eq!(frame.payload, b"still here", "connection {i}");
+    }
+    assert!(
+        server.log_line(&["ERROR"]).is_none(),
+        "errors in the server log:\n{}",
+        server.log_text()
+    );
+}
+
+/// Each member of a shared instance holds a handle in its store, beyond the
+/// [`wharf::runtime::MAX_HOST_RESOURCES`] the plugin may make itself: the
+/// 1,025th connection was once refused with a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_instance_holds_more_connections_than_its_resource_cap() {
+    rlimit::increase_nofile_limit(u64::MAX).expect("raise the open-files limit");
+    let connections = wharf::runtime::MAX_HOST_RESOURCES + 200;
+    let mut opts = ServerOpts::new("");
+    opts.extra = format!(
+        "[[tenant]]\nname = \"one\"\nplugin = {:?}\nroutes = [\"/\"]\ninstance = \"shared\"\n",
+        plugin_path("echo").display().to_string()
+    );
+    let server = Server::start(opts);
+    let mut clients = Vec::with_capacity(connections);
+    for i in 0..connections {
+        let mut raw = server.raw_upgraded(false, "/").await;
+        raw.send_frame(true, 0x1, format!("c{i}").as_bytes()).await;
+        let frame = raw.read_frame().await;
+        assert_eq!(frame.payload, format!("c{i}").as_bytes(), "connection {i}");
+        clients.push(raw);
+    }
+    // Members leave and others join: the cap follows the members.
+    for raw in clients.drain(..100) {
+        drop(raw);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..150 {
+        let mut raw = server.raw_upgraded(false, "/").await;
+        raw.send_frame(true, 0x1, format!("d{i}").as_bytes()).await;
+        let frame = raw.read_frame().await;
+        assert_eq!(frame.payload, format!("d{i}").as_bytes(), "rejoin {i}");
+        clients.push(raw);
+    }
+    for (i, raw) in clients.iter_mut().enumerate().step_by(97) {
         raw.send_frame(true, 0x1, b"still here").await;
         let frame = raw.read_frame_timeout(Duration::from_secs(5)).await;
         assert_eq!(frame.payload, b"still here", "connection {i}");

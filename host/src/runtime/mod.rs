@@ -652,7 +652,8 @@ const MAX_RANDOM_BYTES: u64 = 64 * 1024;
 const MAX_THROTTLE: Duration = Duration::from_millis(20);
 /// Log lines per second of a plugin loaded with [`Runtime::load`].
 const DEFAULT_LOG_LINES_PER_SECOND: u32 = 1000;
-/// Host resources (connection, streams, pollables) one instance may hold.
+/// Host resources (connection, streams, pollables) one instance may hold,
+/// besides the handles of a shared instance's other connections.
 pub const MAX_HOST_RESOURCES: usize = 1024;
 
 /// Everything a plugin instance's store holds.
@@ -760,6 +761,11 @@ impl PluginInstance {
     pub fn attach(&mut self, entry: ConnectionEntry) -> bool {
         let id = entry.id();
         let state = self.store.data_mut();
+        // Each member brings its own handle: the cap is on what the plugin
+        // makes itself, and the tenant's connection limit bounds members.
+        state
+            .table
+            .set_max_capacity(MAX_HOST_RESOURCES + state.conns.len());
         match state.table.push(entry) {
             Ok(conn) => {
                 state.conns.insert(id, conn.rep());
@@ -788,6 +794,9 @@ impl PluginInstance {
     pub fn detach(&mut self, id: u64) -> Option<ConnectionEntry> {
         let state = self.store.data_mut();
         let rep = state.conns.remove(&id)?;
+        state
+            .table
+            .set_max_capacity(MAX_HOST_RESOURCES + state.conns.len().saturating_sub(1));
         state.table.delete(Resource::new_own(rep)).ok()
     }
 
