@@ -25,13 +25,15 @@ use crate::beacon::Watcher;
 
 /// The most read from the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
-/// What an open connection reads at a time until a read fills it: most
-/// connections carry small messages, and a 64 KiB buffer for each would be
-/// a large allocation (and free, with glibc's consolidation) per connection.
-const FIRST_READ_CHUNK: usize = 4096;
-/// The read buffer of a hibernated connection until bytes arrive again: ten
-/// thousand idle 64 KiB buffers would be most of an idle server's memory.
-const IDLE_READ_CHUNK: usize = 256;
+/// What a connection reads at a time until a read fills its buffer; each
+/// read that does makes the next chunk [`GROWTH`] times larger, up to
+/// [`READ_CHUNK`]. Most connections carry small messages and sit idle most
+/// of the time: ten thousand 4 KiB buffers (the size once used) are 40 MB
+/// of an idle server. A connection starts, and a hibernated one starts
+/// again, at this size.
+const FIRST_READ_CHUNK: usize = 256;
+/// See [`FIRST_READ_CHUNK`]: 256 B, 4 KiB, 64 KiB.
+const GROWTH: usize = 16;
 
 /// What the loop carries from one pass to the next.
 struct Driver {
@@ -59,9 +61,7 @@ struct Driver {
 /// The read buffer, sized to what the connection is doing.
 struct ReadBuffer {
     bytes: BytesMut,
-    /// The small buffer of a hibernated connection.
-    idle: bool,
-    /// [`FIRST_READ_CHUNK`] until a read fills the buffer, then [`READ_CHUNK`].
+    /// What the buffer is grown by when it runs low (see [`FIRST_READ_CHUNK`]).
     chunk: usize,
 }
 
@@ -155,40 +155,42 @@ impl Deadlines {
 }
 
 impl ReadBuffer {
+    /// Takes over what the upgrade read: bytes after the request, if any
+    /// (a client may send its first frame with it), else a small buffer in
+    /// place of the request's.
     fn new(bytes: BytesMut) -> Self {
+        let bytes = if bytes.is_empty() {
+            BytesMut::with_capacity(FIRST_READ_CHUNK)
+        } else {
+            bytes
+        };
         Self {
             bytes,
-            idle: false,
             chunk: FIRST_READ_CHUNK,
         }
     }
 
-    /// Room for the next read: a hibernated connection reads into its small
-    /// buffer; once anything arrives it gets a regular one again (a message
-    /// may be starting, and need not wake the plugin yet).
+    /// Room for the next read.
     fn make_room(&mut self) -> usize {
-        let low_water = if self.idle { 1 } else { self.chunk / 4 };
-        if self.bytes.capacity() - self.bytes.len() < low_water {
+        if self.bytes.capacity() - self.bytes.len() < self.chunk / 4 {
             self.bytes.reserve(self.chunk);
         }
         self.bytes.capacity() - self.bytes.len()
     }
 
     /// A read of `n` bytes into `spare` bytes of room; `more`: others were
-    /// already waiting. A read that filled the buffer means large messages
-    /// (or a burst): they are read in full-sized chunks from now on.
+    /// already waiting. A read that filled the buffer means larger messages
+    /// (or a burst): the next chunk is larger.
     fn filled(&mut self, n: usize, spare: usize, more: bool) {
         if n == spare || more {
-            self.chunk = READ_CHUNK;
+            self.chunk = (self.chunk * GROWTH).min(READ_CHUNK);
         }
-        self.idle = false;
     }
 
-    /// The connection hibernated: an empty buffer shrinks to the idle size.
+    /// The connection hibernated: an empty buffer starts small again.
     fn shrink(&mut self) {
         if self.bytes.is_empty() {
-            self.bytes = BytesMut::with_capacity(IDLE_READ_CHUNK);
-            self.idle = true;
+            self.bytes = BytesMut::with_capacity(FIRST_READ_CHUNK);
             self.chunk = FIRST_READ_CHUNK;
         }
     }
@@ -537,7 +539,7 @@ impl Conn {
             Ok(n) => {
                 // TLS hands out a record per read: take the others already
                 // there too (plain TCP after a short read has nothing more).
-                let more = d.tls && !d.read.idle && read_ready(reader, &mut d.read.bytes);
+                let more = d.tls && read_ready(reader, &mut d.read.bytes);
                 d.read.filled(n, spare, more);
             }
         }
@@ -622,5 +624,40 @@ impl Conn {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod read_buffer_tests {
+    use super::*;
+
+    #[test]
+    fn starts_small_grows_with_full_reads_and_shrinks_when_hibernated() {
+        let mut r = ReadBuffer::new(BytesMut::with_capacity(4096));
+        // The upgrade's empty 4 KiB buffer is not kept.
+        assert!(r.bytes.capacity() < 4096);
+        let spare = r.make_room();
+        assert!((FIRST_READ_CHUNK..4096).contains(&spare), "{spare}");
+        // A short read: no growth.
+        r.bytes.extend_from_slice(&[0; 32]);
+        r.filled(32, spare, false);
+        r.bytes.clear();
+        assert_eq!(r.make_room(), spare);
+        // Reads that fill the room: 4 KiB, then 64 KiB, and no more.
+        for want in [FIRST_READ_CHUNK * GROWTH, READ_CHUNK, READ_CHUNK] {
+            let spare = r.make_room();
+            r.bytes.extend_from_slice(&vec![0; spare]);
+            r.filled(spare, spare, false);
+            assert_eq!(r.chunk, want);
+            r.bytes.clear();
+        }
+        assert!(r.make_room() >= READ_CHUNK / 4);
+        // Bytes after the request are kept as they are.
+        let kept = ReadBuffer::new(BytesMut::from(&b"\x81\x80"[..]));
+        assert_eq!(&kept.bytes[..], b"\x81\x80");
+        // Hibernation: an empty buffer starts small again.
+        r.shrink();
+        assert!(r.bytes.capacity() < 4096);
+        assert_eq!(r.chunk, FIRST_READ_CHUNK);
     }
 }

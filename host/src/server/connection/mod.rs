@@ -61,11 +61,7 @@ pub(crate) async fn run<S>(
     let Some(opened) = opened else {
         return;
     };
-    let upgrade::Opened {
-        mut conn,
-        buf,
-        permits,
-    } = *opened;
+    let (mut conn, buf, permits) = opened.into_parts();
     conn.drive(&mut reader, &mut writer, buf, tls).await;
     drop(permits);
 }

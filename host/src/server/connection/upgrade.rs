@@ -46,9 +46,19 @@ pub(super) struct Accepted {
 /// it holds. Boxed when returned: the task that awaits it keeps its result
 /// slot for life, and would carry the connection there twice.
 pub(super) struct Opened {
-    pub conn: Conn,
-    pub buf: BytesMut,
-    pub permits: Permits,
+    conn: Conn,
+    buf: BytesMut,
+    permits: Permits,
+}
+
+impl Opened {
+    /// The parts, and the box freed now: a box moved out of by
+    /// destructuring is freed only at the end of its scope, which for the
+    /// connection's task is the connection's whole life.
+    pub(super) fn into_parts(self: Box<Self>) -> (Conn, BytesMut, Permits) {
+        let Opened { conn, buf, permits } = *self;
+        (conn, buf, permits)
+    }
 }
 
 /// The opening handshake, up to `on-open`. The tenant is chosen,
