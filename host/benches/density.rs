@@ -1,11 +1,13 @@
 //! Idle-connection density: the server's resident memory with N open
 //! WebSocket connections, measured from /proc as the growth over the idle
 //! server, for `wharf serve` (each connection with its own plugin instance)
-//! without and with hibernation, and for the native tokio-tungstenite echo
-//! server (`common/baseline.rs`, this binary re-executed), in one run.
+//! without and with hibernation, with one `shared` instance for all, and
+//! for the native tokio-tungstenite echo server (`common/baseline.rs`, this
+//! binary re-executed), in one run.
 //!
-//! `cargo bench --bench density -- [--connections N] [--hibernate-after MS]`
-//! (default 10,000 connections, hibernation after 200 ms).
+//! `cargo bench --bench density -- [--connections N] [--hibernate-after MS] [--keep-resident SIZE]`
+//! (default 10,000 connections, hibernation after 200 ms, wharf's default
+//! `plugin.keep_resident`).
 //!
 //! Under `cargo test` (no `--bench` argument) it is a smoke run instead:
 //! 200 connections on each server, each one's echo checked before and after.
@@ -69,6 +71,9 @@ enum Target {
     /// `wharf serve` with the bundled echo plugin; hibernating after this
     /// many ms (0: never).
     Wharf { hibernate_ms: u64 },
+    /// `wharf serve` with the bundled echo plugin as a tenant in `shared`
+    /// instance mode: one instance for all the connections.
+    WharfShared,
     /// The native tokio-tungstenite echo server (`common/baseline.rs`).
     Baseline,
 }
@@ -80,6 +85,7 @@ impl Target {
             Target::Wharf { hibernate_ms } => {
                 format!("wharf (hibernating after {hibernate_ms} ms)")
             }
+            Target::WharfShared => "wharf (shared instance)".to_owned(),
             Target::Baseline => "tokio-tungstenite".to_owned(),
         }
     }
@@ -109,9 +115,10 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
         for target in [
             Target::Wharf { hibernate_ms: 0 },
             Target::Wharf { hibernate_ms: 100 },
+            Target::WharfShared,
             Target::Baseline,
         ] {
-            run(target, 200, true).await?;
+            run(target, 200, true, None).await?;
         }
         println!(
             "density smoke run passed in {:.1?} (cargo bench --bench density for figures)",
@@ -122,14 +129,20 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     let n: usize = option(&args, "--connections").unwrap_or(10_000);
     // `--hibernate-after MS`: release idle instances (plugin.hibernate_after).
     let hibernate_ms: u64 = option(&args, "--hibernate-after").unwrap_or(200);
+    // `--keep-resident SIZE`: wharf's `plugin.keep_resident` (e.g. "0B").
+    let keep_resident: Option<String> = option(&args, "--keep-resident");
     let targets = [
         Target::Wharf { hibernate_ms: 0 },
         Target::Wharf { hibernate_ms },
+        Target::WharfShared,
         Target::Baseline,
     ];
     let mut results = Vec::new();
     for target in targets {
-        results.push((target, run(target, n, false).await?));
+        results.push((
+            target,
+            run(target, n, false, keep_resident.as_deref()).await?,
+        ));
     }
     let baseline = results.last().map_or(0.0, |r| r.1);
     println!("\nRSS per idle connection, {n} connections (growth over the idle server / n):");
@@ -152,20 +165,34 @@ fn option<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
 /// Opens `n` connections and returns the server's RSS growth per
 /// connection (KiB); `check_all`: round-trip on every connection
 /// afterwards, not just three.
-async fn run(target: Target, n: usize, check_all: bool) -> anyhow::Result<f64> {
+async fn run(
+    target: Target,
+    n: usize,
+    check_all: bool,
+    keep_resident: Option<&str>,
+) -> anyhow::Result<f64> {
     let cache = tempfile::tempdir()?;
     let hibernate_ms = match target {
         Target::Wharf { hibernate_ms } => hibernate_ms,
-        Target::Baseline => 0,
+        Target::WharfShared | Target::Baseline => 0,
     };
     let mut cmd = match target {
-        Target::Wharf { .. } => {
+        Target::Wharf { .. } | Target::WharfShared => {
             let config = cache.path().join("wharf.toml");
+            let shared = if matches!(target, Target::WharfShared) {
+                format!(
+                    "[[tenant]]\nname = \"echo\"\nplugin = {:?}\nroutes = [\"/\"]\ninstance = \"shared\"\n",
+                    format!("{}/echo.wasm", wharf::bundled::PLUGIN_DIR)
+                )
+            } else {
+                String::new()
+            };
             std::fs::write(
                 &config,
                 format!(
-                    "[[listener]]\naddress = \"127.0.0.1:0\"\n[plugin]\ncache_dir = \"{}\"\nhibernate_after = \"{hibernate_ms}ms\"\n",
-                    cache.path().display()
+                    "[[listener]]\naddress = \"127.0.0.1:0\"\n[plugin]\ncache_dir = \"{}\"\nhibernate_after = \"{hibernate_ms}ms\"\n{}{shared}",
+                    cache.path().display(),
+                    keep_resident.map_or(String::new(), |k| format!("keep_resident = \"{k}\"\n")),
                 ),
             )?;
             let mut c = Command::new(env!("CARGO_BIN_EXE_wharf"));
