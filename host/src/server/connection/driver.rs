@@ -457,9 +457,8 @@ impl Conn {
         let want_read = self.wants_read(d);
         let spare = if want_read { d.read.make_room() } else { 0 };
         let open = !self.ws.is_closed();
-        let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
-        let filled = self.ws.output_slices(&mut slices);
-        let needs_flush = d.needs_flush;
+        let write = self.ws.has_output() || d.needs_flush;
+        let ws = &self.ws;
         let Wakers {
             shutdown,
             timer,
@@ -469,7 +468,13 @@ impl Conn {
         tokio::select! {
             biased;
             _ = shutdown.fired(), if !d.shutting_down => Wake::Shutdown,
-            written = std::future::poll_fn(|cx| poll_write_or_flush(Pin::new(&mut *writer), cx, &slices[..filled])), if filled > 0 || needs_flush => Wake::Written(written),
+            // The slices are made where they are used: held across the
+            // wait, they would be 256 bytes of every idle connection's task.
+            written = std::future::poll_fn(|cx| {
+                let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
+                let filled = ws.output_slices(&mut slices);
+                poll_write_or_flush(Pin::new(&mut *writer), cx, &slices[..filled])
+            }), if write => Wake::Written(written),
             swapped = next_swap(&mut self.swaps), if self.swaps.is_some() && open => Wake::Swapped(swapped),
             _ = peer_woke(peer_wake), if peer_wake.is_some() && open => Wake::PeerWoke,
             published = next_published(&mut self.mailbox), if self.mailbox.is_some() && open => Wake::Published(published),
