@@ -11,15 +11,13 @@ use crate::runtime::connection_host::ConnectionEntry;
 use crate::runtime::shared::{self, Held, SharedInstance};
 use crate::runtime::{Plugin, PluginError, PluginInstance};
 
-// The per-connection variant is the large one and the common one: boxing
-// it would add an allocation and an indirection to every connection to
-// shrink the rare shared one's.
-#[allow(clippy::large_enum_variant)]
 pub(super) enum Handler {
     /// Per-connection mode.
     Own {
         /// `None` once it failed, or while the connection hibernates.
-        instance: Option<PluginInstance>,
+        /// Boxed: inline, its 224 bytes would stay in a hibernated
+        /// connection's task, most of an idle server's connections.
+        instance: Option<Box<PluginInstance>>,
         /// While hibernating: what the next instance resumes from (boxed:
         /// every connection would carry its room inline, live ones too).
         parked: Option<Box<ConnectionEntry>>,
@@ -50,7 +48,7 @@ pub(super) enum Acquired<'a> {
 impl Handler {
     pub fn own(instance: PluginInstance) -> Self {
         Handler::Own {
-            instance: Some(instance),
+            instance: Some(Box::new(instance)),
             parked: None,
         }
     }
@@ -83,10 +81,12 @@ impl Handler {
                     // Boxed: resuming is rare, and its state (a store being
                     // built) would otherwise add ~320 bytes to every
                     // connection's task.
-                    *instance = Some(Box::pin(plugin.instantiate_with(id, Some(*entry))).await?);
+                    *instance = Some(Box::new(
+                        Box::pin(plugin.instantiate_with(id, Some(*entry))).await?,
+                    ));
                     tracing::debug!(conn = id, "resumed from hibernation");
                 }
-                Ok(instance.as_mut().map(Acquired::Own))
+                Ok(instance.as_deref_mut().map(Acquired::Own))
             }
             Handler::Shared(m) => Ok(m.lock().await.map(Acquired::Shared)),
         }
@@ -96,7 +96,7 @@ impl Handler {
     /// over what a call queued. `None`: there is none.
     pub async fn current(&mut self) -> Option<Acquired<'_>> {
         match self {
-            Handler::Own { instance, .. } => instance.as_mut().map(Acquired::Own),
+            Handler::Own { instance, .. } => instance.as_deref_mut().map(Acquired::Own),
             Handler::Shared(m) => m.lock().await.map(Acquired::Shared),
         }
     }
@@ -109,14 +109,14 @@ impl Handler {
     /// The connection's own live instance, taken out for a call that runs
     /// on another runtime (the idle pool); [`Handler::restore`] puts it
     /// back. `None` in shared mode, or with no live instance.
-    pub fn lend(&mut self) -> Option<PluginInstance> {
+    pub fn lend(&mut self) -> Option<Box<PluginInstance>> {
         match self {
             Handler::Own { instance, .. } => instance.take(),
             Handler::Shared(_) => None,
         }
     }
 
-    pub fn restore(&mut self, lent: PluginInstance) {
+    pub fn restore(&mut self, lent: Box<PluginInstance>) {
         if let Handler::Own { instance, .. } = self {
             *instance = Some(lent);
         }
@@ -159,7 +159,7 @@ impl Handler {
         let Handler::Own { instance, parked } = self else {
             return None;
         };
-        *parked = instance.take()?.hibernate().map(Box::new);
+        *parked = (*instance.take()?).hibernate().map(Box::new);
         parked.as_deref_mut()
     }
 
@@ -189,7 +189,9 @@ impl Handler {
         if let Some(old) = instance.take()
             && let Some(entry) = old.hibernate()
         {
-            *instance = Some(Box::pin(plugin.instantiate_with(id, Some(entry))).await?);
+            *instance = Some(Box::new(
+                Box::pin(plugin.instantiate_with(id, Some(entry))).await?,
+            ));
         }
         Ok(true)
     }
