@@ -5,26 +5,27 @@
 
 use std::time::Duration;
 
-use crate::support::{Server, ServerOpts, plugin_path};
+use crate::support::{RawClient, Server, ServerOpts, plugin_path};
 
 const CONNECTIONS: usize = 10_000;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_concurrent_connections_with_default_config() {
-    // The test process needs a socket per connection too.
-    rlimit::increase_nofile_limit(u64::MAX).expect("raise the open-files limit");
-    let server = Server::start(ServerOpts::new("echo"));
-    let mut clients = Vec::with_capacity(CONNECTIONS);
-    for i in 0..CONNECTIONS {
+/// `n` more connections, each with one round trip (`tag` and its index),
+/// so that its instance has really run.
+async fn open_echoing(server: &Server, clients: &mut Vec<RawClient>, n: usize, tag: &str) {
+    for i in 0..n {
         let mut raw = server.raw_upgraded(false, "/").await;
-        // One round trip each: the instance has really run.
-        raw.send_frame(true, 0x1, format!("c{i}").as_bytes()).await;
+        let text = format!("{tag}{i}");
+        raw.send_frame(true, 0x1, text.as_bytes()).await;
         let frame = raw.read_frame().await;
-        assert_eq!(frame.payload, format!("c{i}").as_bytes(), "connection {i}");
+        assert_eq!(frame.payload, text.as_bytes(), "connection {tag}{i}");
         clients.push(raw);
     }
-    // All of them are still served, first to last.
-    for (i, raw) in clients.iter_mut().enumerate().step_by(997) {
+}
+
+/// Every `step`th connection, first to last, is still served; and the
+/// server logged no error.
+async fn still_served(server: &Server, clients: &mut [RawClient], step: usize) {
+    for (i, raw) in clients.iter_mut().enumerate().step_by(step) {
         raw.send_frame(true, 0x1, b"still here").await;
         let frame = raw.read_frame_timeout(Duration::from_secs(5)).await;
         assert_eq!(frame.payload, b"still here", "connection {i}");
@@ -34,6 +35,16 @@ async fn ten_thousand_concurrent_connections_with_default_config() {
         "errors in the server log:\n{}",
         server.log_text()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_concurrent_connections_with_default_config() {
+    // The test process needs a socket per connection too.
+    rlimit::increase_nofile_limit(u64::MAX).expect("raise the open-files limit");
+    let server = Server::start(ServerOpts::new("echo"));
+    let mut clients = Vec::with_capacity(CONNECTIONS);
+    open_echoing(&server, &mut clients, CONNECTIONS, "c").await;
+    still_served(&server, &mut clients, 997).await;
 }
 
 /// Each member of a shared instance holds a handle in its store, beyond the
@@ -50,33 +61,10 @@ async fn a_shared_instance_holds_more_connections_than_its_resource_cap() {
     );
     let server = Server::start(opts);
     let mut clients = Vec::with_capacity(connections);
-    for i in 0..connections {
-        let mut raw = server.raw_upgraded(false, "/").await;
-        raw.send_frame(true, 0x1, format!("c{i}").as_bytes()).await;
-        let frame = raw.read_frame().await;
-        assert_eq!(frame.payload, format!("c{i}").as_bytes(), "connection {i}");
-        clients.push(raw);
-    }
+    open_echoing(&server, &mut clients, connections, "c").await;
     // Members leave and others join: the cap follows the members.
-    for raw in clients.drain(..100) {
-        drop(raw);
-    }
+    clients.drain(..100);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    for i in 0..150 {
-        let mut raw = server.raw_upgraded(false, "/").await;
-        raw.send_frame(true, 0x1, format!("d{i}").as_bytes()).await;
-        let frame = raw.read_frame().await;
-        assert_eq!(frame.payload, format!("d{i}").as_bytes(), "rejoin {i}");
-        clients.push(raw);
-    }
-    for (i, raw) in clients.iter_mut().enumerate().step_by(97) {
-        raw.send_frame(true, 0x1, b"still here").await;
-        let frame = raw.read_frame_timeout(Duration::from_secs(5)).await;
-        assert_eq!(frame.payload, b"still here", "connection {i}");
-    }
-    assert!(
-        server.log_line(&["ERROR"]).is_none(),
-        "errors in the server log:\n{}",
-        server.log_text()
-    );
+    open_echoing(&server, &mut clients, 150, "d").await;
+    still_served(&server, &mut clients, 97).await;
 }
