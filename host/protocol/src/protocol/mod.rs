@@ -256,7 +256,7 @@ impl WebSocket {
         self.held = 0;
         self.msg.drain(..held);
         if self.core.state == State::Closed {
-            self.msg = Vec::new();
+            self.drop_message();
         } else if self.msg.capacity() > MSG_BUF_KEEP && self.msg.len() <= MSG_BUF_KEEP {
             self.msg.shrink_to(MSG_BUF_KEEP);
         }
@@ -858,22 +858,24 @@ fn fragments(
 mod tests {
     use super::*;
 
-    fn masked_binary(payload: &[u8]) -> Vec<u8> {
+    /// Appends a client's mask and `payload` masked with it to `head`.
+    fn with_masked(mut head: Vec<u8>, payload: &[u8]) -> Vec<u8> {
         let mask = [1, 2, 3, 4];
-        let mut out = vec![0x82, 0x80 | 127];
-        out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
+        head.extend_from_slice(&mask);
+        head.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        head
+    }
+
+    /// A final binary frame with a 64-bit length.
+    fn masked_binary(payload: &[u8]) -> Vec<u8> {
+        let mut head = vec![0x82, 0x80 | 127];
+        head.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+        with_masked(head, payload)
     }
 
     /// A final frame of at most 125 bytes.
     fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [5, 6, 7, 8];
-        let mut out = vec![0x80 | opcode, 0x80 | payload.len() as u8];
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
+        with_masked(vec![0x80 | opcode, 0x80 | payload.len() as u8], payload)
     }
 
     #[test]
