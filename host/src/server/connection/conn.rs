@@ -414,13 +414,7 @@ impl Conn {
                     state,
                 )
                 .await;
-                match r {
-                    Some(r) => {
-                        now = self.record_call(now);
-                        self.after_call(r).await;
-                    }
-                    None => self.instance_gone(1),
-                }
+                now = self.called(r, 1, now).await;
                 continue;
             }
             if self.inbox.is_empty() {
@@ -488,6 +482,18 @@ impl Conn {
         .await;
         self.inbox.clear();
         self.ws.release_held();
+        self.called(r, count, now).await
+    }
+
+    /// After a call that delivered `count` messages (started at `now`):
+    /// its time recorded and its result acted on, or the messages counted
+    /// as lost with the instance. Returns the clock at its end.
+    async fn called(
+        &mut self,
+        r: Option<Result<(), PluginError>>,
+        count: usize,
+        now: Instant,
+    ) -> Instant {
         match r {
             Some(r) => {
                 let end = self.record_call(now);
