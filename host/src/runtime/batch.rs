@@ -30,11 +30,11 @@ pub struct NotUtf8(pub usize);
 
 /// The span of `message`, if its length fits one.
 pub fn span_of(message: Message<'_>) -> Result<Span, TooLarge> {
-    let (kind, len) = match message {
-        Message::Text(text) => (Kind::Text, text.len()),
-        Message::Binary(data) => (Kind::Binary, data.len()),
+    let kind = match message {
+        Message::Text(_) => Kind::Text,
+        Message::Binary(_) => Kind::Binary,
     };
-    let len = u32::try_from(len).map_err(|_| TooLarge)?;
+    let len = u32::try_from(message.len()).map_err(|_| TooLarge)?;
     Ok(Span { kind, len })
 }
 
@@ -111,10 +111,7 @@ impl Batch {
     /// if that would make it too large.
     pub fn push(&mut self, message: Message<'_>) -> Result<(), TooLarge> {
         let span = span_of(message)?;
-        let payload = match message {
-            Message::Text(text) => text.as_bytes(),
-            Message::Binary(data) => data,
-        };
+        let payload = message.bytes();
         u32::try_from(self.payloads.len() + payload.len()).map_err(|_| TooLarge)?;
         self.payloads.extend_from_slice(payload);
         self.spans.push(span);

@@ -37,13 +37,18 @@ pub enum Message<'a> {
     Binary(&'a [u8]),
 }
 
-impl Message<'_> {
+impl<'a> Message<'a> {
+    /// The payload.
+    pub fn bytes(&self) -> &'a [u8] {
+        match *self {
+            Message::Text(text) => text.as_bytes(),
+            Message::Binary(data) => data,
+        }
+    }
+
     /// The payload's length in bytes.
     pub fn len(&self) -> usize {
-        match self {
-            Message::Text(text) => text.len(),
-            Message::Binary(data) => data.len(),
-        }
+        self.bytes().len()
     }
 
     pub fn is_empty(&self) -> bool {

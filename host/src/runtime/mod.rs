@@ -924,21 +924,18 @@ impl PluginInstance {
     /// `on-messages`. A plugin without either export, or a batch of one
     /// message, gets one `on-text`/`on-binary` call each.
     pub async fn on_batch(&mut self, batch: BatchRef<'_>) -> Result<(), PluginError> {
-        let func = match self.on_batch {
-            Some(func) if batch.len() > 1 => func,
-            _ => {
-                let messages = batch.messages().map_err(|e| PluginError::Trap(e.into()))?;
-                for message in messages {
-                    self.on_message(message).await?;
-                }
-                return Ok(());
-            }
-        };
-        // Cut before the call starts: a batch put together wrongly is the
+        let func = self.on_batch.filter(|_| batch.len() > 1);
+        // Cut before any call starts: a batch put together wrongly is the
         // host's failure, not the call's.
         let messages = match func {
-            BatchFunc::List(_) => batch.messages().map_err(|e| PluginError::Trap(e.into()))?,
-            BatchFunc::Packed(_) => Vec::new(),
+            Some(BatchFunc::Packed(_)) => Vec::new(),
+            _ => batch.messages().map_err(|e| PluginError::Trap(e.into()))?,
+        };
+        let Some(func) = func else {
+            for message in messages {
+                self.on_message(message).await?;
+            }
+            return Ok(());
         };
         let conn = self.arm();
         let wall = self.wall();
