@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::support::{RawClient, Server, ServerOpts, plugin_path};
+use crate::support::{RawClient, Server, ServerOpts};
 
 const CONNECTIONS: usize = 10_000;
 
@@ -55,10 +55,7 @@ async fn a_shared_instance_holds_more_connections_than_its_resource_cap() {
     rlimit::increase_nofile_limit(u64::MAX).expect("raise the open-files limit");
     let connections = wharf::runtime::MAX_HOST_RESOURCES + 200;
     let mut opts = ServerOpts::new("");
-    opts.extra = format!(
-        "[[tenant]]\nname = \"one\"\nplugin = {:?}\nroutes = [\"/\"]\ninstance = \"shared\"\n",
-        plugin_path("echo").display().to_string()
-    );
+    opts.extra = crate::shared::tenant("one", "echo", &["/"], "shared");
     let server = Server::start(opts);
     let mut clients = Vec::with_capacity(connections);
     open_echoing(&server, &mut clients, connections, "c").await;

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use crate::support::{OP_TEXT, RawClient, Server, ServerOpts, plugin_path, upgrade_request_to};
 
-fn tenant(name: &str, plugin: &str, routes: &[&str], mode: &str) -> String {
+/// A `[[tenant]]` of `plugin` at `routes`, in instance `mode`.
+pub(crate) fn tenant(name: &str, plugin: &str, routes: &[&str], mode: &str) -> String {
     format!(
         "[[tenant]]\nname = {name:?}\nplugin = {:?}\nroutes = {routes:?}\ninstance = {mode:?}\n",
         plugin_path(plugin).display().to_string()
