@@ -71,12 +71,32 @@ impl Budget {
     }
 
     /// Resolves when some connection gave bytes back with the budget no
-    /// longer spent (or after a while: the caller re-checks either way).
+    /// longer spent. A give-back just before the wait begins can be missed:
+    /// the caller also re-checks every [`RECHECK`] (with its own timer, not
+    /// one here, which every waiting connection's state would carry).
     pub async fn freed(&self) {
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        let _ = tokio::time::timeout(std::time::Duration::from_millis(100), self.freed.notified())
-            .await;
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        let _waiting = Waiting::new(&self.waiting);
+        self.freed.notified().await
+    }
+}
+
+/// How often a connection paused for the budget re-checks it, whether or
+/// not it was told of a give-back.
+pub(crate) const RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Counts a connection among those waiting for the budget while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -301,41 +301,47 @@ async fn accept_loop(
         // machine (kilobytes) several times while spawning it.
         match tls {
             None => tracker.spawn(Box::pin(
-                connection::run(stream, peer, false, id, shared, handshake).instrument(span),
+                connection::run(
+                    std::future::ready(Some(stream)),
+                    peer,
+                    false,
+                    id,
+                    shared,
+                    handshake,
+                )
+                .instrument(span),
             )),
             Some(acceptor) => tracker.spawn(Box::pin(
-                serve_tls(stream, peer, acceptor, id, shared, handshake).instrument(span),
+                connection::run(
+                    accept_tls(stream, acceptor, id, peer, shared.metrics.clone()),
+                    peer,
+                    true,
+                    id,
+                    shared,
+                    handshake,
+                )
+                .instrument(span),
             )),
         };
     }
 }
 
-/// The TLS handshake, then the connection.
-async fn serve_tls(
+/// The TLS handshake, as a connection's transport: `None` if it failed
+/// (its deadline is the connection's, see `connection::run`).
+async fn accept_tls(
     stream: TcpStream,
-    peer: SocketAddr,
     acceptor: TlsAcceptor,
     id: u64,
-    shared: Arc<Shared>,
-    handshake: pending::Handshake,
-) {
+    peer: SocketAddr,
+    metrics: Arc<Metrics>,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     // Boxed: the TLS handshake's future is large and short-lived.
-    let accept = Box::pin(acceptor.accept(stream));
-    let stream = tokio::select! {
-        _ = shared.shutdown.cancelled() => return,
-        _ = handshake.evicted.cancelled() => return,
-        _ = tokio::time::sleep_until(handshake.deadline) => {
-            tracing::debug!(id, %peer, "TLS handshake timed out");
-            shared.metrics.handshake_failed(0, "timeout");
-            return;
-        }
-        r = accept => r,
-    };
-    match stream {
-        Ok(stream) => connection::run(stream, peer, true, id, shared, handshake).await,
+    match Box::pin(acceptor.accept(stream)).await {
+        Ok(stream) => Some(stream),
         Err(err) => {
             tracing::debug!(id, %peer, %err, "TLS handshake failed");
-            shared.metrics.handshake_failed(0, "tls");
+            metrics.handshake_failed(0, "tls");
+            None
         }
     }
 }

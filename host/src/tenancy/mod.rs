@@ -43,8 +43,9 @@ pub struct Tenant {
     /// it redeploys the tenant.
     source: Option<std::path::PathBuf>,
     watch: bool,
-    /// Its connections' protocol limits and timers.
-    pub ws: wharf_protocol::Config,
+    /// Its connections' protocol limits and timers (each connection's
+    /// protocol state shares them).
+    pub ws: Arc<wharf_protocol::Config>,
     pub origins: OriginPolicy,
     pub rate: RateLimit,
     /// Its message and byte counters.
@@ -440,7 +441,7 @@ impl Tenant {
             spec,
             source: tenant.plugin.clone(),
             watch: tenant.watch,
-            ws: wharf_protocol::Config {
+            ws: Arc::new(wharf_protocol::Config {
                 max_frame_size: config::bytes(limits.max_frame_size),
                 max_message_size: config::bytes(limits.max_message_size),
                 fragment_size: ws.fragment_size.map(config::bytes),
@@ -448,7 +449,7 @@ impl Tenant {
                 ping_interval: config::nonzero(ws.ping_interval),
                 idle_timeout: config::nonzero(ws.idle_timeout),
                 close_timeout: ws.close_timeout,
-            },
+            }),
             origins,
             rate: RateLimit {
                 messages_per_second: limits.messages_per_second,

@@ -16,6 +16,7 @@ mod output;
 use std::io::IoSlice;
 
 use bytes::Bytes;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use batch::{FrameBatch, Tally};
@@ -127,7 +128,9 @@ pub struct WebSocket {
 
 #[derive(Debug)]
 struct Core {
-    config: Config,
+    /// Shared: every connection of a tenant has the same (a copy is 88
+    /// bytes of each connection, idle ones too).
+    config: Arc<Config>,
     state: State,
     /// Whether a Closed event/CloseInfo was handed out already.
     closed_reported: bool,
@@ -142,8 +145,11 @@ struct Core {
     msg_kind: Option<MsgKind>,
     msg_delivered: bool,
     utf8: Utf8Validator,
-    ctrl: [u8; MAX_CONTROL_PAYLOAD],
-    ctrl_len: usize,
+    /// The payload of the control frame being read (at most
+    /// [`MAX_CONTROL_PAYLOAD`]): allocated for a frame that has one and
+    /// freed once it is handled, since control frames are rare and every
+    /// connection would carry the room for one.
+    ctrl: Vec<u8>,
 
     /// Latest instant we were told about; `close` has no `now` parameter.
     now: Instant,
@@ -155,13 +161,13 @@ struct Core {
 impl WebSocket {
     /// A connection in the [`State::Open`] state; `now` starts the idle and
     /// ping timers.
-    pub fn new(config: Config, now: Instant) -> Self {
+    pub fn new(config: impl Into<Arc<Config>>, now: Instant) -> Self {
         WebSocket {
             msg: Vec::new(),
             held: 0,
             hold_delivered: false,
             core: Core {
-                config,
+                config: config.into(),
                 state: State::Open,
                 closed_reported: false,
                 close_sent: false,
@@ -173,8 +179,7 @@ impl WebSocket {
                 msg_kind: None,
                 msg_delivered: false,
                 utf8: Utf8Validator::default(),
-                ctrl: [0; MAX_CONTROL_PAYLOAD],
-                ctrl_len: 0,
+                ctrl: Vec::new(),
                 now,
                 last_recv: now,
                 ping_outstanding: false,
@@ -443,7 +448,7 @@ impl WebSocket {
         Buffered {
             message: self.msg.len(),
             header: self.core.hdr_len,
-            control: self.core.ctrl_len,
+            control: self.core.ctrl.len(),
         }
     }
 }
@@ -498,13 +503,13 @@ impl Core {
             frame.remaining -= take as u64;
             let (header, mask) = (frame.header, frame.header.mask);
             if header.opcode.is_control() {
-                let end = self.ctrl_len + take;
-                let Some(dst) = self.ctrl.get_mut(self.ctrl_len..end) else {
+                let start = self.ctrl.len();
+                if start + take > MAX_CONTROL_PAYLOAD {
                     return Some(Ready::Closed(self.fail(ProtocolError::ControlFrameTooLong)));
-                };
-                dst.copy_from_slice(chunk);
+                }
+                self.ctrl.extend_from_slice(chunk);
+                let dst = self.ctrl.get_mut(start..).unwrap_or_default();
                 frame.mask_offset = apply_mask(dst, mask, frame.mask_offset);
-                self.ctrl_len = end;
             } else {
                 let start = msg.len();
                 msg.extend_from_slice(chunk);
@@ -574,7 +579,8 @@ impl Core {
     fn begin_frame(&mut self, header: FrameHeader, msg_len: usize) -> Result<(), ProtocolError> {
         match header.opcode {
             OpCode::Close | OpCode::Ping | OpCode::Pong => {
-                self.ctrl_len = 0;
+                // The header is checked: at most MAX_CONTROL_PAYLOAD.
+                self.ctrl = Vec::with_capacity(usize::try_from(header.len).unwrap_or(0));
             }
             op => {
                 let kind = match (op, self.msg_kind) {
@@ -608,23 +614,22 @@ impl Core {
     }
 
     fn finish_control(&mut self, opcode: OpCode) -> Option<Ready> {
-        let payload = self.ctrl.get(..self.ctrl_len).unwrap_or_default();
+        let payload = std::mem::take(&mut self.ctrl);
         match opcode {
             OpCode::Ping => {
                 // A peer that pings without reading our output must not grow
                 // the queue: RFC 6455 lets us answer only the latest ping.
                 if !self.close_sent && !queue_full(self.out.len(), self.config.send_queue_bytes) {
-                    self.out.push_frame(true, OpCode::Pong, payload);
+                    self.out.push_frame(true, OpCode::Pong, &payload);
                 }
                 None
             }
-            OpCode::Close => Some(Ready::Closed(self.peer_close())),
+            OpCode::Close => Some(Ready::Closed(self.peer_close(&payload))),
             _ => None,
         }
     }
 
-    fn peer_close(&mut self) -> CloseInfo {
-        let payload = self.ctrl.get(..self.ctrl_len).unwrap_or_default();
+    fn peer_close(&mut self, payload: &[u8]) -> CloseInfo {
         let (code, reason) = match payload {
             [] => (None, String::new()),
             [_] => return self.fail(ProtocolError::CloseFrameOneByte),

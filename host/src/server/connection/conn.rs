@@ -51,8 +51,10 @@ pub(super) struct Conn {
     /// host without waking the plugin; there once the plugin subscribed.
     pub(super) mailbox: Option<Mailbox>,
     /// Counts not yet added to the shared metrics: they go there when the
-    /// connection next waits (and when it ends), not per message.
-    pub(super) tally: Tally,
+    /// connection next waits (and when it ends), not per message. Boxed on
+    /// first use and freed when it hibernates: inline, its 176 bytes would
+    /// be part of every idle connection.
+    tally: Option<Box<Tally>>,
     /// Messages waiting for one `on-messages` call (batched plugins only).
     pub(super) inbox: Inbox,
     /// The protocol state when the inbox's first message was read.
@@ -63,9 +65,7 @@ pub(super) struct Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.shared
-            .metrics
-            .absorb(&mut self.tally, &self.tenant.counters);
+        self.publish_counts();
         self.shared.metrics.tenant_connection(&self.tenant.name, -1);
     }
 }
@@ -98,7 +98,7 @@ impl Conn {
             shared,
             closed: None,
             mailbox: None,
-            tally: Tally::default(),
+            tally: None,
             inbox: Inbox::default(),
             inbox_state: State::Open,
         }
@@ -112,10 +112,19 @@ impl Conn {
             .sync(backlog, state != State::Open);
     }
 
+    /// The counts go to the shared metrics.
+    pub(super) fn publish_counts(&mut self) {
+        if let Some(tally) = &mut self.tally {
+            self.shared.metrics.absorb(tally, &self.tenant.counters);
+        }
+    }
+
     /// Records a call's duration; its end is the connection's last event.
     fn record_call(&mut self, started: Instant) -> Instant {
         let now = Instant::now();
-        self.tally.plugin_call(now - started);
+        self.tally
+            .get_or_insert_default()
+            .plugin_call(now - started);
         self.last_event = now;
         now
     }
@@ -194,9 +203,16 @@ impl Conn {
             let (text, binary) = outbox.frames.take_tally();
             match self.ws.send_batch_before_close(&mut outbox.frames) {
                 Ok(()) => {
-                    self.tally.messages_sent(false, text.messages, text.bytes);
-                    self.tally
-                        .messages_sent(true, binary.messages, binary.bytes);
+                    self.tally.get_or_insert_default().messages_sent(
+                        false,
+                        text.messages,
+                        text.bytes,
+                    );
+                    self.tally.get_or_insert_default().messages_sent(
+                        true,
+                        binary.messages,
+                        binary.bytes,
+                    );
                 }
                 Err(err) => {
                     // The outbox applies the protocol's own rules, so this is
@@ -231,6 +247,8 @@ impl Conn {
                 entry.outbox.frames.release();
             }
             self.inbox.release();
+            self.publish_counts();
+            self.tally = None;
             self.shared.released.add();
             tracing::debug!(conn = self.id, "hibernated");
         }
@@ -292,10 +310,11 @@ impl Conn {
     /// Queues a message published to one of the connection's topics.
     pub(super) fn deliver_published(&mut self, message: &wharf_protocol::Framed) {
         match self.ws.send_framed(message) {
-            Ok(()) => {
-                self.tally
-                    .messages_sent(message.is_binary(), 1, message.payload_len() as u64)
-            }
+            Ok(()) => self.tally.get_or_insert_default().messages_sent(
+                message.is_binary(),
+                1,
+                message.payload_len() as u64,
+            ),
             Err(err) => {
                 tracing::debug!(conn = self.id, %err, "published message dropped");
                 self.shared.metrics.send_refused(send_error_label(&err));
@@ -372,11 +391,15 @@ impl Conn {
             };
             let message = match event {
                 Event::Text(text) => {
-                    self.tally.message_received(false, text.len());
+                    self.tally
+                        .get_or_insert_default()
+                        .message_received(false, text.len());
                     Message::Text(text)
                 }
                 Event::Binary(data) => {
-                    self.tally.message_received(true, data.len());
+                    self.tally
+                        .get_or_insert_default()
+                        .message_received(true, data.len());
                     Message::Binary(data)
                 }
                 Event::Closed(info) => {

@@ -22,6 +22,7 @@ use super::io::{
     write_now, wrote,
 };
 use crate::beacon::Watcher;
+use crate::server::budget;
 
 /// The most read from the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
@@ -81,6 +82,9 @@ struct Deadlines {
     hibernate: Option<Instant>,
     /// The connection has waited for the server's budget long enough: 1013.
     budget: Option<Instant>,
+    /// While it waits for the budget: when to look again (see
+    /// [`budget::RECHECK`]).
+    budget_recheck: Option<Instant>,
 }
 
 /// What ended a wait.
@@ -111,8 +115,8 @@ struct Wakers<'a> {
 
 /// How the awake passes ended.
 enum Pass {
-    /// Hibernated: the next wait is made asleep, with these deadlines.
-    Asleep(Deadlines),
+    /// Hibernated: the next wait is made asleep.
+    Asleep,
     /// The WebSocket is done, its output written.
     Closed,
     /// The transport is gone, or given up on: no lingering close.
@@ -147,6 +151,7 @@ impl Deadlines {
             self.slow_consumer,
             self.hibernate,
             self.budget,
+            self.budget_recheck,
         ]
         .into_iter()
         .flatten()
@@ -265,10 +270,7 @@ impl Conn {
             // of an idle server's, then does not carry while it sleeps.
             let awake = self.awake(&mut d, reader, writer, &mut wakers, woke.take());
             match Box::pin(awake).await {
-                Pass::Asleep(deadlines) => {
-                    let wake = self.wait(&mut d, reader, writer, &mut wakers).await;
-                    woke = Some((wake, deadlines));
-                }
+                Pass::Asleep => woke = Some(self.wait(&mut d, reader, writer, &mut wakers).await),
                 end => break end,
             }
         };
@@ -299,19 +301,25 @@ impl Conn {
         reader: &mut R,
         writer: &mut W,
         wakers: &mut Wakers<'_>,
-        woke: Option<(Wake, Deadlines)>,
+        woke: Option<Wake>,
     ) -> Pass
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        if let Some((wake, deadlines)) = woke
-            && self.on_wake(wake, d, reader, deadlines).await == Flow::Drop
-        {
-            return Pass::Dropped;
+        // The deadlines the asleep wait was armed with: nothing has run
+        // since, so they are the same (not carried across the wait, where
+        // every idle connection would hold them).
+        if let Some(wake) = woke {
+            let deadlines = self.deadlines(d);
+            if self.on_wake(wake, d, reader, deadlines).await == Flow::Drop {
+                return Pass::Dropped;
+            }
         }
         loop {
             self.take_input(&mut d.read).await;
+            // The counts go to the shared metrics before the replies go
+            // out, so that whoever sees a reply also sees it counted.
             self.publish_counts();
             if self.write_ready(writer, d).await == Flow::Drop {
                 return Pass::Dropped;
@@ -323,7 +331,7 @@ impl Conn {
             let deadlines = self.deadlines(d);
             d.arm(wakers.timer.as_mut(), deadlines.earliest());
             if self.handler.is_parked() {
-                return Pass::Asleep(deadlines);
+                return Pass::Asleep;
             }
             let wake = self.wait(d, reader, writer, wakers).await;
             if self.on_wake(wake, d, reader, deadlines).await == Flow::Drop {
@@ -372,14 +380,6 @@ impl Conn {
             self.process_input(&input).await;
             read.bytes = reuse(std::mem::take(&mut read.bytes), input);
         }
-    }
-
-    /// Step: the counts go to the shared metrics before the replies go out,
-    /// so that whoever sees a reply also sees it counted.
-    fn publish_counts(&mut self) {
-        self.shared
-            .metrics
-            .absorb(&mut self.tally, &self.tenant.counters);
     }
 
     /// Step: what the input produced goes out now if the socket takes it,
@@ -438,6 +438,7 @@ impl Conn {
             slow_consumer,
             hibernate: self.hibernate_at(),
             budget: d.budget_since.map(|t| t + self.shared.buffered_wait),
+            budget_recheck: d.budget_since.map(|_| Instant::now() + budget::RECHECK),
         }
     }
 

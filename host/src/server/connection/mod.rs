@@ -18,22 +18,58 @@ mod upgrade;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 
 use super::Shared;
 use super::pending::Handshake;
 
-pub(crate) async fn run<S>(
-    stream: S,
+/// A connection's task: the transport (a TCP stream at once, or after its
+/// TLS handshake: `None` if that failed), the upgrade, then the loop.
+///
+/// An async fn keeps its arguments, and the locals its awaits straddle, in
+/// its state for its whole life, moved out or not: the stream (1.2 KiB for
+/// TLS), the handshake's place and the upgrade's futures would stay in every
+/// open connection's task. They live in the upgrade's box instead, freed
+/// once the connection is open; the task carries the connection and its
+/// loop.
+pub(crate) fn run<S, T>(
+    transport: T,
+    peer: SocketAddr,
+    tls: bool,
+    id: u64,
+    shared: Arc<Shared>,
+    handshake: Handshake,
+) -> impl Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    T: Future<Output = Option<S>> + Send,
+{
+    let upgrade = Box::pin(upgrade(transport, peer, tls, id, shared, handshake));
+    async move {
+        let Some((opened, mut reader, mut writer)) = upgrade.await else {
+            return;
+        };
+        let (mut conn, buf, permits) = opened.into_parts();
+        conn.drive(&mut reader, &mut writer, buf, tls).await;
+        drop(permits);
+    }
+}
+
+/// The transport and the opening handshake, under one deadline (the request
+/// has its own 408 at the same moment; this one also bounds the TLS
+/// handshake, the plugin's upgrade and the 101).
+async fn upgrade<S, T>(
+    transport: T,
     peer: SocketAddr,
     tls: bool,
     id: u64,
     shared: Arc<Shared>,
     mut handshake: Handshake,
-) where
+) -> Option<(Box<upgrade::Opened>, ReadHalf<S>, WriteHalf<S>)>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send,
+    T: Future<Output = Option<S>> + Send,
 {
-    let (mut reader, mut writer) = tokio::io::split(stream);
     let accepted = upgrade::Accepted {
         peer,
         tls,
@@ -41,27 +77,20 @@ pub(crate) async fn run<S>(
         deadline: handshake.deadline,
         address: handshake.address.take(),
     };
-    // The upgrade's futures (request parsing, instantiation, on-upgrade) are
-    // large and finished with once the connection is open: boxed, an open
-    // connection's task does not carry their space for its whole life.
-    let open = Box::pin(upgrade::open(&mut reader, &mut writer, accepted, &shared));
-    // One deadline for all of it (the request has its own 408 at the same
-    // moment; this one also bounds the plugin's upgrade and the 101).
-    let opened = tokio::select! {
+    let open = async {
+        let (mut reader, mut writer) = tokio::io::split(transport.await?);
+        let opened = upgrade::open(&mut reader, &mut writer, accepted, &shared).await?;
+        Some((opened, reader, writer))
+    };
+    tokio::select! {
         biased;
         opened = open => opened,
         _ = shared.shutdown.cancelled() => None,
         _ = handshake.evicted.cancelled() => None,
         _ = tokio::time::sleep_until(handshake.deadline) => {
+            tracing::debug!(id, %peer, "opening handshake timed out");
             shared.metrics.handshake_failed(0, "timeout");
             None
         }
-    };
-    drop(handshake);
-    let Some(opened) = opened else {
-        return;
-    };
-    let (mut conn, buf, permits) = opened.into_parts();
-    conn.drive(&mut reader, &mut writer, buf, tls).await;
-    drop(permits);
+    }
 }
