@@ -38,7 +38,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use self::batch::BatchRef;
 use self::batch_handler::Message;
 use self::bindings::{HandlerWorld, HandlerWorldIndices, UpgradeRequest, UpgradeResponse};
-use self::connection_host::{ConnectionEntry, SendLimits};
+use self::connection_host::{ConnectionEntry, Parked, SendLimits};
 use self::cpu_share::CpuShare;
 use self::engine::{EpochClock, PoolSizing};
 use self::export::FuncExport;
@@ -501,6 +501,11 @@ impl Plugin {
             Subscriptions::new(self.broker.clone(), self.spec.tenant.clone(), conn_id)
                 .with_mailbox_budget(self.spec.limits.send.send_queue);
         ConnectionEntry::new(conn_id, self.spec.limits.send, subscriptions)
+    }
+
+    /// The entry a hibernated connection resumes on this plugin with.
+    pub fn unpark(&self, parked: Parked) -> ConnectionEntry {
+        ConnectionEntry::unpark(parked, self.spec.limits.send)
     }
 
     /// Creates the store and instance that will serve connection `conn_id`.

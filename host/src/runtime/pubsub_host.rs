@@ -390,8 +390,16 @@ pub struct Subscriptions {
     conn: u64,
     /// Payload bytes its mailbox may hold.
     budget: usize,
-    /// Made on the first subscription: most connections never subscribe,
-    /// and their tasks then have no mailbox to allocate or to poll.
+    /// Made on the first subscription or publish: most connections do
+    /// neither, and then carry no room for them (120 bytes of every
+    /// connection, hibernated ones too).
+    active: Option<Box<Active>>,
+}
+
+/// What a connection that subscribed or published has.
+struct Active {
+    /// Made on the first subscription: a connection that only publishes
+    /// has no mailbox to allocate or to poll.
     mailbox: Option<Outlet>,
     /// The receiving end, until the connection's task takes it.
     unclaimed: Option<Mailbox>,
@@ -404,7 +412,7 @@ impl std::fmt::Debug for Subscriptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Subscriptions")
             .field("conn", &self.conn)
-            .field("topics", &self.topics)
+            .field("topics", &self.active.as_ref().map(|a| &a.topics))
             .finish()
     }
 }
@@ -418,11 +426,21 @@ impl Subscriptions {
             scope,
             conn,
             budget: DEFAULT_MAILBOX_BYTES,
-            mailbox: None,
-            unclaimed: None,
-            topics: HashSet::new(),
-            rate: PublishRate::new(Instant::now()),
+            active: None,
         }
+    }
+
+    /// What it has once it subscribed or published; `now`: the time of
+    /// that first act, from which its publish rate counts.
+    fn active(&mut self, now: Instant) -> &mut Active {
+        self.active.get_or_insert_with(|| {
+            Box::new(Active {
+                mailbox: None,
+                unclaimed: None,
+                topics: HashSet::new(),
+                rate: PublishRate::new(now),
+            })
+        })
     }
 
     /// Sets its mailbox's byte budget (the connection's `send_queue`); for
@@ -435,7 +453,7 @@ impl Subscriptions {
     /// The mailbox the connection's task reads, once there is one (after
     /// the first subscription); handed out once.
     pub fn take_mailbox(&mut self) -> Option<Mailbox> {
-        self.unclaimed.take()
+        self.active.as_mut()?.unclaimed.take()
     }
 
     fn key(&self, topic: &str) -> TopicKey {
@@ -444,33 +462,32 @@ impl Subscriptions {
 
     fn subscribe(&mut self, topic: String) -> Result<(), ErrorCode> {
         check_topic(&topic)?;
-        if self.topics.contains(&topic) {
+        let key = self.key(&topic);
+        let budget = self.budget;
+        let active = self.active(Instant::now());
+        if active.topics.contains(&topic) {
             return Ok(());
         }
-        if self.topics.len() >= MAX_TOPICS_PER_CONNECTION {
+        if active.topics.len() >= MAX_TOPICS_PER_CONNECTION {
             return Err(ErrorCode::QueueFull);
         }
-        let mailbox = self.mailbox.get_or_insert_with(|| {
+        let mailbox = active.mailbox.get_or_insert_with(|| {
             let (tx, rx) = mpsc::channel(MAILBOX_CAPACITY);
             let queued = Arc::new(AtomicUsize::new(0));
-            self.unclaimed = Some(Mailbox {
+            active.unclaimed = Some(Mailbox {
                 rx,
                 queued: queued.clone(),
             });
-            Outlet {
-                tx,
-                queued,
-                budget: self.budget,
-            }
+            Outlet { tx, queued, budget }
         });
         let mailbox = mailbox.clone();
-        self.broker.subscribe(self.key(&topic), self.conn, mailbox);
-        self.topics.insert(topic);
+        active.topics.insert(topic);
+        self.broker.subscribe(key, self.conn, mailbox);
         Ok(())
     }
 
     fn unsubscribe(&mut self, topic: &str) {
-        if self.topics.remove(topic) {
+        if self.active.as_mut().is_some_and(|a| a.topics.remove(topic)) {
             self.broker.unsubscribe(&self.key(topic), self.conn);
         }
     }
@@ -478,11 +495,13 @@ impl Subscriptions {
     /// Takes one publish of the connection's handler; `false` (counted, and
     /// logged at most once a second) when over [`PUBLISHES_PER_SECOND`].
     fn admit_publish(&mut self, now: Instant) -> bool {
-        if self.rate.take(now) {
+        let rate = &mut self.active(now).rate;
+        if rate.take(now) {
             return true;
         }
+        let refused = rate.note_refused(now);
         self.broker.count(|r| &r.publish_rate, 1);
-        if let Some(refused) = self.rate.note_refused(now) {
+        if let Some(refused) = refused {
             tracing::warn!(tenant = %self.scope, conn = self.conn, refused,
                 limit = PUBLISHES_PER_SECOND,
                 "publishes over the per-connection rate refused with queue-full (since the last such line)");
@@ -493,7 +512,10 @@ impl Subscriptions {
 
 impl Drop for Subscriptions {
     fn drop(&mut self) {
-        for topic in std::mem::take(&mut self.topics) {
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        for topic in active.topics {
             self.broker.unsubscribe(&self.key(&topic), self.conn);
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use crate::runtime::connection_host::ConnectionEntry;
+use crate::runtime::connection_host::{ConnectionEntry, Parked};
 use crate::runtime::shared::{self, Held, SharedInstance};
 use crate::runtime::{Plugin, PluginError, PluginInstance};
 
@@ -18,9 +18,11 @@ pub(super) enum Handler {
         /// Boxed: inline, its 224 bytes would stay in a hibernated
         /// connection's task, most of an idle server's connections.
         instance: Option<Box<PluginInstance>>,
-        /// While hibernating: what the next instance resumes from (boxed:
-        /// every connection would carry its room inline, live ones too).
-        parked: Option<Box<ConnectionEntry>>,
+        /// While hibernating: what the next instance resumes from. Inline
+        /// (200 bytes of every connection): boxed, it was allocated as the
+        /// instance was freed, in the middle of the freed memory, whose
+        /// pages it then kept resident.
+        parked: Option<Parked>,
     },
     /// Shared mode.
     Shared(Member),
@@ -81,8 +83,9 @@ impl Handler {
                     // Boxed: resuming is rare, and its state (a store being
                     // built) would otherwise add ~320 bytes to every
                     // connection's task.
+                    let entry = plugin.unpark(entry);
                     *instance = Some(Box::new(
-                        Box::pin(plugin.instantiate_with(id, Some(*entry))).await?,
+                        Box::pin(plugin.instantiate_with(id, Some(entry))).await?,
                     ));
                     tracing::debug!(conn = id, "resumed from hibernation");
                 }
@@ -154,13 +157,13 @@ impl Handler {
     }
 
     /// Releases the connection's own instance, keeping what the next one
-    /// resumes from. Returns the parked entry.
-    pub fn hibernate(&mut self) -> Option<&mut ConnectionEntry> {
-        let Handler::Own { instance, parked } = self else {
-            return None;
-        };
-        *parked = (*instance.take()?).hibernate().map(Box::new);
-        parked.as_deref_mut()
+    /// resumes from.
+    pub fn hibernate(&mut self) {
+        if let Handler::Own { instance, parked } = self
+            && let Some(live) = instance.take()
+        {
+            *parked = live.hibernate().map(ConnectionEntry::park);
+        }
     }
 
     /// The connection ended: its own instance is released, or it leaves

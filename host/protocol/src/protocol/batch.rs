@@ -79,14 +79,6 @@ impl FrameBatch {
         )
     }
 
-    /// Frees the buffer if the batch is empty: a connection that goes idle
-    /// need not keep the memory of its last burst.
-    pub fn release(&mut self) {
-        if self.bytes.is_empty() {
-            self.bytes = BytesMut::new();
-        }
-    }
-
     /// The encoded bytes, for the output queue to take.
     pub(crate) fn bytes_mut(&mut self) -> &mut BytesMut {
         &mut self.bytes

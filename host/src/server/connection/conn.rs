@@ -243,9 +243,7 @@ impl Conn {
     /// Releases the instance, keeping what the next one resumes from.
     pub(super) fn hibernate(&mut self) {
         if self.handler.can_hibernate() {
-            if let Some(entry) = self.handler.hibernate() {
-                entry.outbox.frames.release();
-            }
+            self.handler.hibernate();
             self.inbox.release();
             self.publish_counts();
             self.tally = None;

@@ -31,9 +31,9 @@ const READ_CHUNK: usize = 64 * 1024;
 /// [`READ_CHUNK`]. Most connections carry small messages and sit idle most
 /// of the time: ten thousand 4 KiB buffers (the size once used) are 40 MB
 /// of an idle server. A connection starts, and a hibernated one starts
-/// again, at this size.
-const FIRST_READ_CHUNK: usize = 256;
-/// See [`FIRST_READ_CHUNK`]: 256 B, 4 KiB, 64 KiB.
+/// again, at this size: a small message's frame fits.
+const FIRST_READ_CHUNK: usize = 64;
+/// See [`FIRST_READ_CHUNK`]: 64 B, 1 KiB, 16 KiB, 64 KiB.
 const GROWTH: usize = 16;
 
 /// What the loop carries from one pass to the next.
@@ -192,11 +192,15 @@ impl ReadBuffer {
         }
     }
 
-    /// The connection hibernated: an empty buffer starts small again.
+    /// The connection hibernated: an empty buffer that grew starts small
+    /// again (one that did not is kept: a new one would be allocated among
+    /// the instance's freed memory, and keep its page resident).
     fn shrink(&mut self) {
         if self.bytes.is_empty() {
-            self.bytes = BytesMut::with_capacity(FIRST_READ_CHUNK);
             self.chunk = FIRST_READ_CHUNK;
+            if self.bytes.capacity() > FIRST_READ_CHUNK {
+                self.bytes = BytesMut::with_capacity(FIRST_READ_CHUNK);
+            }
         }
     }
 }
@@ -649,14 +653,18 @@ mod read_buffer_tests {
         r.filled(32, spare, false);
         r.bytes.clear();
         assert_eq!(r.make_room(), spare);
-        // Reads that fill the room: 4 KiB, then 64 KiB, and no more.
-        for want in [FIRST_READ_CHUNK * GROWTH, READ_CHUNK, READ_CHUNK] {
+        // Reads that fill the room: GROWTH times larger each, up to
+        // READ_CHUNK and no more.
+        let mut want = FIRST_READ_CHUNK;
+        for _ in 0..5 {
+            want = (want * GROWTH).min(READ_CHUNK);
             let spare = r.make_room();
             r.bytes.extend_from_slice(&vec![0; spare]);
             r.filled(spare, spare, false);
             assert_eq!(r.chunk, want);
             r.bytes.clear();
         }
+        assert_eq!(r.chunk, READ_CHUNK);
         assert!(r.make_room() >= READ_CHUNK / 4);
         // Bytes after the request are kept as they are.
         let kept = ReadBuffer::new(BytesMut::from(&b"\x81\x80"[..]));
