@@ -236,7 +236,9 @@ async fn run(
         }
     }
     let elapsed = started.elapsed();
-    tokio::time::sleep(Duration::from_millis(500 + 2 * hibernate_ms)).await;
+    // Idle connections: past a connection's settle time in the driver (1 s,
+    // after which it frees its awake state) and twice the hibernation time.
+    tokio::time::sleep(Duration::from_millis(1_500 + 2 * hibernate_ms)).await;
     let loaded = rss_kib(pid);
     // All still alive (resumed, if hibernating): a round trip on the first,
     // a middle and the last, or on every one.

@@ -8,7 +8,7 @@
 
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -36,6 +36,12 @@ const FIRST_READ_CHUNK: usize = 64;
 /// See [`FIRST_READ_CHUNK`]: 64 B, 1 KiB, 16 KiB, 64 KiB.
 const GROWTH: usize = 16;
 
+/// How long an awake connection goes without an event before it waits
+/// outside the awake passes' box, which it then frees (3.8 KiB, most of it
+/// a plugin call's state). Waking allocates it again: once per message for
+/// a connection that hears from its peer less often than this.
+pub(super) const SETTLE: Duration = Duration::from_secs(1);
+
 /// What the loop carries from one pass to the next.
 struct Driver {
     read: ReadBuffer,
@@ -56,6 +62,10 @@ struct Driver {
     budget_since: Option<Instant>,
     /// The deadline the timer is set to, if it is.
     armed: Option<Instant>,
+    /// Since when the awake passes' box has been there.
+    awake_since: Instant,
+    /// Idle for [`SETTLE`]: the next wait is made outside the box.
+    settled: bool,
     tls: bool,
 }
 
@@ -80,6 +90,8 @@ struct Deadlines {
     slow_consumer: Option<Instant>,
     /// The instance has been idle long enough to release.
     hibernate: Option<Instant>,
+    /// The connection has been idle for [`SETTLE`] (see there).
+    settle: Option<Instant>,
     /// The connection has waited for the server's budget long enough: 1013.
     budget: Option<Instant>,
     /// While it waits for the budget: when to look again (see
@@ -115,7 +127,8 @@ struct Wakers<'a> {
 
 /// How the awake passes ended.
 enum Pass {
-    /// Hibernated: the next wait is made asleep.
+    /// Hibernated, or idle for [`SETTLE`]: the next wait is made outside
+    /// the box.
     Asleep,
     /// The WebSocket is done, its output written.
     Closed,
@@ -150,6 +163,7 @@ impl Deadlines {
             self.restart,
             self.slow_consumer,
             self.hibernate,
+            self.settle,
             self.budget,
             self.budget_recheck,
         ]
@@ -217,6 +231,8 @@ impl Driver {
             unwritten_since: None,
             budget_since: None,
             armed: None,
+            awake_since: Instant::now(),
+            settled: false,
             tls,
         }
     }
@@ -274,7 +290,10 @@ impl Conn {
             // of an idle server's, then does not carry while it sleeps.
             let awake = self.awake(&mut d, reader, writer, &mut wakers, woke.take());
             match Box::pin(awake).await {
-                Pass::Asleep => woke = Some(self.wait(&mut d, reader, writer, &mut wakers).await),
+                Pass::Asleep => {
+                    woke = Some(self.wait(&mut d, reader, writer, &mut wakers).await);
+                    d.awake_since = Instant::now();
+                }
                 end => break end,
             }
         };
@@ -334,7 +353,7 @@ impl Conn {
             self.account(d);
             let deadlines = self.deadlines(d);
             d.arm(wakers.timer.as_mut(), deadlines.earliest());
-            if self.handler.is_parked() {
+            if self.handler.is_parked() || std::mem::take(&mut d.settled) {
                 return Pass::Asleep;
             }
             let wake = self.wait(d, reader, writer, wakers).await;
@@ -441,6 +460,9 @@ impl Conn {
             restart: self.restart_at,
             slow_consumer,
             hibernate: self.hibernate_at(),
+            // None once settled: the wait outside is armed without it.
+            settle: (!d.settled && !self.handler.is_parked())
+                .then(|| self.last_event.max(d.awake_since) + SETTLE),
             budget: d.budget_since.map(|t| t + self.shared.buffered_wait),
             budget_recheck: d.budget_since.map(|_| Instant::now() + budget::RECHECK),
         }
@@ -580,6 +602,9 @@ impl Conn {
                 let _ = self.ws.close(CloseCode::SERVICE_RESTART, "new version");
                 self.shared.metrics.restart_closed(&self.tenant.name);
             }
+        }
+        if deadlines.settle.is_some_and(|t| t <= now) {
+            d.settled = true;
         }
         if deadlines.hibernate.is_some_and(|t| t <= now) {
             self.hibernate();

@@ -338,6 +338,24 @@ async fn a_hibernated_connection_resumes_with_its_attachment() {
     assert_eq!(peer.recv_text().await, "count=3 instance=1");
 }
 
+/// Idle past `SETTLE`, a connection frees its awake state but keeps its
+/// instance: the next message reaches the same one, and the closing
+/// handshake still runs.
+#[tokio::test]
+async fn a_settled_connection_keeps_its_instance() {
+    let shared = shared("", "");
+    let mut peer = Peer::connect(&shared, 64 << 10).await;
+    peer.send_text("count").await;
+    assert_eq!(peer.recv_text().await, "count=1 instance=1");
+    tokio::time::sleep(super::driver::SETTLE + Duration::from_millis(300)).await;
+    peer.send_text("count").await;
+    assert_eq!(peer.recv_text().await, "count=2 instance=2");
+    tokio::time::sleep(super::driver::SETTLE + Duration::from_millis(300)).await;
+    peer.send(CLOSE, &1000u16.to_be_bytes()).await;
+    assert_eq!(peer.recv_close().await, 1000);
+    peer.ended().await;
+}
+
 #[tokio::test]
 async fn shutdown_during_a_call_answers_it_then_closes_with_1001() {
     let shared = shared("", "");
