@@ -43,8 +43,8 @@ pub(super) struct Accepted {
 }
 
 /// An opened connection, the bytes read past its request, and the capacity
-/// it holds. Boxed when returned: the task that awaits it keeps its result
-/// slot for life, and would carry the connection there twice.
+/// it holds. Boxed when returned: the task that takes it keeps a slot of
+/// its size for life, and would carry the connection there twice.
 pub(super) struct Opened {
     conn: Conn,
     buf: BytesMut,
