@@ -3,8 +3,9 @@
 //! metrics, output to the socket, the deadlines), then one wait for
 //! whatever comes next (a read, a write, a publish, a swap, a timer,
 //! shutdown), which the pass hands to the step that deals with it. The
-//! passes of an awake connection run in a boxed future; a hibernated one
-//! waits outside it, so an idle server's connections are small.
+//! passes of an awake connection run in a boxed future; a hibernated one,
+//! or one idle for [`SETTLE`], waits outside it, so an idle server's
+//! connections are small.
 
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -286,8 +287,8 @@ impl Conn {
         let mut woke = None;
         let end = loop {
             // Boxed, while awake: its steps' plugin calls are most of the
-            // task's state (3.4 KiB), which a hibernated connection, most
-            // of an idle server's, then does not carry while it sleeps.
+            // task's state (3.8 KiB), which a hibernated or settled
+            // connection, most of an idle server's, then does not carry.
             let awake = self.awake(&mut d, reader, writer, &mut wakers, woke.take());
             match Box::pin(awake).await {
                 Pass::Asleep => {
@@ -315,9 +316,9 @@ impl Conn {
         }
     }
 
-    /// The loop's passes while the connection is awake (not hibernated),
-    /// starting with the step for `woke` if the wait that ended it was
-    /// made asleep.
+    /// The loop's passes while the connection is awake (neither hibernated
+    /// nor settled), starting with the step for `woke` if the wait that
+    /// ended it was made outside.
     async fn awake<R, W>(
         &mut self,
         d: &mut Driver,
@@ -398,7 +399,7 @@ impl Conn {
         if !read.bytes.is_empty() {
             let input = read.bytes.split();
             // Inline: its plugin calls' state (3.4 KiB) lives in the awake
-            // passes' box, which a hibernated connection does not hold;
+            // passes' box, which an idle connection does not hold;
             // boxed per read it cost 600 instructions an echo (callgrind).
             self.process_input(&input).await;
             read.bytes = reuse(std::mem::take(&mut read.bytes), input);
