@@ -167,11 +167,9 @@ impl ConnectionEntry {
     /// with `limits` (those of the plugin it wakes on).
     pub fn unpark(parked: Parked, limits: SendLimits) -> Self {
         Self {
-            id: parked.id,
-            outbox: Outbox::new(limits),
-            subscriptions: parked.subscriptions,
             attachment: parked.attachment,
             wake: parked.wake,
+            ..Self::new(parked.id, limits, parked.subscriptions)
         }
     }
 }
