@@ -175,14 +175,15 @@ fn serve_and_echo(lang: Language, wasm: &Path) {
 }
 
 /// Every scaffold exports a batch interface, as its example does (one
-/// call per read instead of one per message): packed in Rust.
+/// call per read instead of one per message): packed in Rust and in the
+/// QuickJS runtime.
 fn check_exports(lang: Language, wasm: &Path) {
     let bytes = std::fs::read(wasm).unwrap();
     let Kind::Component(Some(outline)) = inspect::read(&bytes) else {
         panic!("the {lang} build is not a readable component");
     };
     let interface = match lang {
-        Language::Rust => "packed-handler",
+        Language::Rust | Language::Javascript => "packed-handler",
         _ => "batch-handler",
     };
     assert!(

@@ -1,5 +1,5 @@
 // Wharf's JavaScript runtime: QuickJS (quickjs-ng) bridged to the world
-// `batch-handler-world` of wit/websocket.wit.
+// `packed-handler-world` of wit/websocket.wit.
 //
 // build.sh compiles this file with the handler's ES module embedded and
 // the C bindings `componentize c-bindings` generates. The module sees the WIT the way componentize-js/jco map it, so one handler
@@ -7,16 +7,19 @@
 //
 // - `export const handler = { onUpgrade, onOpen, onText, onBinary, onClose }`
 //   (every method optional: a missing `onUpgrade` accepts) and optionally
-//   `export const batchHandler = { onMessages(conn, messages) }`; without it
-//   the messages of one read go to onText/onBinary one by one, still in one
-//   call into the component;
+//   `export const batchHandler = { onMessages(conn, messages) }`, which gets
+//   the messages of one read (the host's `packed-handler` call) as
+//   `{ tag, val }` objects; without it they go to onText/onBinary one by
+//   one, still in one call into the component;
 // - `conn`: `id()` (a BigInt), `sendText(string)`, `sendBinary(Uint8Array)`,
 //   `close(code, reason)`; valid during the call that passed it;
 // - variants are `{ tag, val }`, enums strings, options a value or
 //   `undefined`, a `result` error is thrown as an Error whose `payload` is
 //   the error code ("queue-full", ...);
 // - the other interfaces are modules named `wharf:websocket/<name>` (with or
-//   without `@<version>`): pubsub, attachment, config, peers, latin1.
+//   without `@<version>`): pubsub, attachment, config, peers, latin1, and
+//   batch-send, whose `send(conn, messages)` goes to the host packed
+//   (`packed-send`).
 //
 // Why hand-written rather than generated: the call path is the product. A
 // message costs one C-to-JS call and, per send, one JS-to-C call with a
@@ -30,11 +33,11 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "batch_handler_world.h"
+#include "packed_handler_world.h"
 #include "quickjs.h"
 
-typedef batch_handler_world_string_t string_t;
-typedef batch_handler_world_list_u8_t bytes_t;
+typedef packed_handler_world_string_t string_t;
+typedef packed_handler_world_list_u8_t bytes_t;
 typedef wharf_websocket_connection_borrow_connection_t borrow_t;
 typedef wharf_websocket_types_error_code_t error_code_t;
 typedef wharf_websocket_types_close_code_t close_code_t;
@@ -50,6 +53,14 @@ static JSContext *ctx;
 static JSClassID conn_class;
 static JSValue handler_obj = JS_UNDEFINED, batch_obj = JS_UNDEFINED;
 static JSValue str_text, str_binary;  // the message variant's tags
+// A `{ tag }` and a `{ tag, val }` object held for the runtime's life: their
+// shapes stay in QuickJS's shape table, so each message object onMessages
+// gets finds them there instead of making and freeing its own.
+static JSValue shape_tag, shape_tag_val;
+// How far into a string's allocation its bytes start, for a string
+// JS_ToCStringLen hands out as is (pure ASCII): measured at start, 0 if
+// QuickJS did not (then every string is scanned).
+static ptrdiff_t own_bytes_offset;
 static JSAtom atom_tag, atom_val, atom_payload, atom_on_upgrade, atom_on_open, atom_on_text,
     atom_on_binary, atom_on_close, atom_on_messages;
 
@@ -85,7 +96,7 @@ static JSValue new_string(const string_t *s) { return JS_NewStringLen(ctx, (cons
 // Takes the host's string: copied into a JS string, then freed.
 static JSValue take_string(string_t *s) {
     JSValue v = new_string(s);
-    batch_handler_world_string_free(s);
+    packed_handler_world_string_free(s);
     return v;
 }
 
@@ -127,12 +138,15 @@ static void expire_conn(JSValue obj) {
 // surrogate as its 3-byte (WTF-8) form, which is not UTF-8 and which the
 // component model refuses (a trap); it becomes U+FFFD, as TextEncoder does.
 // Both are 3 bytes, so this is done in place.
-// ASCII, the common case, is recognized by one pass the compiler
-// vectorizes (for pure ASCII QuickJS hands out its own buffer: nothing to
-// replace in it then).
+// ASCII, the common case, needs no pass of ours: for a string that is pure
+// ASCII QuickJS hands out its own bytes (having checked them), which is
+// recognized by where they are (see `own_bytes_offset`). Otherwise one pass
+// the compiler vectorizes finds ASCII.
 static const char *to_utf8(JSValueConst v, size_t *len) {
     const char *s = JS_ToCStringLen(ctx, len, v);
     if (!s) return NULL;
+    if (own_bytes_offset && JS_IsString(v) && s == (const char *)JS_VALUE_GET_PTR(v) + own_bytes_offset)
+        return s;
     unsigned char *p = (unsigned char *)s, high = 0;
     size_t n = *len;
     for (size_t i = 0; i < n; i++) high |= p[i];
@@ -441,7 +455,7 @@ static JSValue config_get(JSContext *c, JSValueConst this_val, int argc, JSValue
 // [[key, value], ...], in the order of the tenant's settings.
 static JSValue config_get_all(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
     (void)c, (void)this_val, (void)argc, (void)argv;
-    batch_handler_world_list_tuple2_string_string_t all;
+    packed_handler_world_list_tuple2_string_string_t all;
     wharf_websocket_config_get_all(&all);
     JSValue arr = JS_NewArray(ctx);
     for (size_t i = 0; i < all.len; i++) {
@@ -450,7 +464,7 @@ static JSValue config_get_all(JSContext *c, JSValueConst this_val, int argc, JSV
         JS_SetPropertyUint32(ctx, pair, 1, new_string(&all.ptr[i].f1));
         JS_SetPropertyUint32(ctx, arr, (uint32_t)i, pair);
     }
-    batch_handler_world_list_tuple2_string_string_free(&all);
+    packed_handler_world_list_tuple2_string_string_free(&all);
     return arr;
 }
 
@@ -532,12 +546,12 @@ static const JSCFunctionListEntry latin1_funcs[] = {
 // More messages than a batch ever holds (the host delivers at most 1024).
 #define BATCH_SEND_MAX 65536
 
-typedef wharf_websocket_batch_send_outgoing_t outgoing_t;
+typedef wharf_websocket_packed_send_span_t span_t;
 
 // One `{ tag: "text", val: string }` or `{ tag: "binary", val: Uint8Array }`
-// (what onMessages gets) as the host's `outgoing`, borrowed from `*owned`
-// (text) or from the array holding it (binary).
-static bool arg_outgoing(JSValueConst v, outgoing_t *out, const char **owned) {
+// (what onMessages gets): its kind and bytes, borrowed from `*owned` (text)
+// or from the array holding it (binary).
+static bool arg_outgoing(JSValueConst v, span_t *span, const uint8_t **bytes, const char **owned) {
     JSValue tag = JS_GetProperty(ctx, v, atom_tag);
     bool text = JS_IsStrictEqual(ctx, tag, str_text);
     bool binary = !text && JS_IsStrictEqual(ctx, tag, str_binary);
@@ -549,11 +563,15 @@ static bool arg_outgoing(JSValueConst v, outgoing_t *out, const char **owned) {
     JSValue val = JS_GetProperty(ctx, v, atom_val);
     bool ok;
     if (text) {
-        out->tag = WHARF_WEBSOCKET_BATCH_SEND_OUTGOING_TEXT;
-        ok = arg_string(val, "send", &out->val.text, owned);
+        string_t s;
+        span->kind = WHARF_WEBSOCKET_PACKED_KIND_TEXT;
+        ok = arg_string(val, "send", &s, owned);
+        *bytes = s.ptr, span->len = (uint32_t)s.len;
     } else {
-        out->tag = WHARF_WEBSOCKET_BATCH_SEND_OUTGOING_BINARY;
-        ok = arg_bytes(val, "send", &out->val.binary);
+        bytes_t b;
+        span->kind = WHARF_WEBSOCKET_PACKED_KIND_BINARY;
+        ok = arg_bytes(val, "send", &b);
+        *bytes = b.ptr, span->len = (uint32_t)b.len;
     }
     JS_FreeValue(ctx, val);
     return ok;
@@ -561,7 +579,9 @@ static bool arg_outgoing(JSValueConst v, outgoing_t *out, const char **owned) {
 
 // send(conn, messages): queues every message in one call into the host, or
 // throws at the first one refused, as jco does: an Error whose `payload` is
-// `{ queued, error }` (how many went, and the error-code of the next).
+// `{ queued, error }` (how many went, and the error-code of the next). The
+// messages go packed (`packed-send`: one buffer and its spans), which the
+// host takes without a lift per message.
 static JSValue batch_send(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
     (void)c, (void)this_val, (void)argc;
     borrow_t b;
@@ -571,24 +591,40 @@ static JSValue batch_send(JSContext *c, JSValueConst this_val, int argc, JSValue
     if (JS_GetLength(ctx, argv[1], &n) < 0) return JS_EXCEPTION;
     if (n > BATCH_SEND_MAX) return JS_ThrowRangeError(ctx, "send: more than %d messages", BATCH_SEND_MAX);
     if (n == 0) return JS_UNDEFINED;
-    outgoing_t *list = malloc((size_t)n * sizeof *list);
+    span_t *spans = malloc((size_t)n * sizeof *spans);
+    const uint8_t **bytes = malloc((size_t)n * sizeof *bytes);
     const char **owned = calloc((size_t)n, sizeof *owned);
-    bool ok = list && owned;
+    bool ok = spans && bytes && owned;
     if (!ok) JS_ThrowOutOfMemory(ctx);
+    uint64_t total = 0;
     for (int64_t i = 0; ok && i < n; i++) {
         JSValue m = JS_GetPropertyUint32(ctx, argv[1], (uint32_t)i);
-        ok = arg_outgoing(m, &list[i], &owned[i]);
+        ok = arg_outgoing(m, &spans[i], &bytes[i], &owned[i]);
         JS_FreeValue(ctx, m);
+        total += ok ? spans[i].len : 0;
     }
-    wharf_websocket_batch_send_partial_t partial;
+    // Above 4 GiB the 32-bit lengths would not add up; the host refuses
+    // far less (its send queue).
+    if (ok && total > UINT32_MAX) ok = false, JS_ThrowRangeError(ctx, "send: more than 4 GiB");
+    uint8_t *payloads = ok ? malloc(total ? (size_t)total : 1) : NULL;
+    if (ok && !payloads) ok = false, JS_ThrowOutOfMemory(ctx);
+    wharf_websocket_packed_send_partial_t partial;
     bool sent = ok;
     if (ok) {
-        wharf_websocket_batch_send_list_outgoing_t l = {.ptr = list, .len = (size_t)n};
-        sent = wharf_websocket_batch_send_send(b, &l, &partial);
+        uint8_t *q = payloads;
+        for (int64_t i = 0; i < n; i++) {
+            if (spans[i].len) memcpy(q, bytes[i], spans[i].len);
+            q += spans[i].len;
+        }
+        bytes_t p = {.ptr = payloads, .len = (size_t)total};
+        wharf_websocket_packed_send_list_span_t l = {.ptr = spans, .len = (size_t)n};
+        sent = wharf_websocket_packed_send_send(b, &p, &l, &partial);
     }
     for (int64_t i = 0; owned && i < n; i++) JS_FreeCString(ctx, owned[i]);
+    free(payloads);
     free(owned);
-    free(list);
+    free(bytes);
+    free(spans);
     if (!ok) return JS_EXCEPTION;
     if (sent) return JS_UNDEFINED;
     JSValue payload = JS_NewObject(ctx);
@@ -759,6 +795,18 @@ static void start(void) {
     atom_on_messages = JS_NewAtom(ctx, "onMessages");
     str_text = JS_NewString(ctx, "text");
     str_binary = JS_NewString(ctx, "binary");
+    JSValue probe = JS_NewString(ctx, "ascii");
+    const char *probe_bytes = JS_ToCString(ctx, probe);
+    ptrdiff_t offset = probe_bytes - (const char *)JS_VALUE_GET_PTR(probe);
+    // The string's header, not some other allocation.
+    own_bytes_offset = offset > 0 && offset <= 64 ? offset : 0;
+    JS_FreeCString(ctx, probe_bytes);
+    JS_FreeValue(ctx, probe);
+    shape_tag = JS_NewObject(ctx);
+    JS_DefinePropertyValue(ctx, shape_tag, atom_tag, JS_UNDEFINED, JS_PROP_C_W_E);
+    shape_tag_val = JS_NewObject(ctx);
+    JS_DefinePropertyValue(ctx, shape_tag_val, atom_tag, JS_UNDEFINED, JS_PROP_C_W_E);
+    JS_DefinePropertyValue(ctx, shape_tag_val, atom_val, JS_UNDEFINED, JS_PROP_C_W_E);
 
     JSValue fn = JS_Eval(ctx, handler_source, sizeof handler_source - 1, "handler.js",
                          JS_EVAL_TYPE_MODULE | JS_EVAL_FLAG_COMPILE_ONLY);
@@ -847,7 +895,7 @@ static bool prop_string(JSValueConst obj, const char *name, string_t *out, bool 
     const char *s = to_utf8(v, &len);
     JS_FreeValue(ctx, v);
     if (!s) return false;
-    batch_handler_world_string_dup_n(out, s, len);
+    packed_handler_world_string_dup_n(out, s, len);
     JS_FreeCString(ctx, s);
     if (is_some) *is_some = true;
     return true;
@@ -971,44 +1019,59 @@ void exports_wharf_websocket_handler_on_close(borrow_t conn, uint16_t code, stri
     expire_conn(args[0]);
 }
 
-// Takes a message's payload, as take_string or adopt_bytes.
-static JSValue message_value(exports_wharf_websocket_batch_handler_message_t *m) {
-    return m->tag == EXPORTS_WHARF_WEBSOCKET_BATCH_HANDLER_MESSAGE_TEXT ? take_string(&m->val.text)
-                                                                        : adopt_bytes(&m->val.binary);
+// One message of a packed batch: its text as a JS string, or a copy of its
+// bytes (a view into the batch's buffer would show the other messages to
+// whoever reads its `buffer`).
+static JSValue span_value(const uint8_t *p, const exports_wharf_websocket_packed_handler_span_t *s) {
+    return s->kind == WHARF_WEBSOCKET_PACKED_KIND_TEXT ? JS_NewStringLen(ctx, (const char *)p, s->len)
+                                                       : JS_NewUint8ArrayCopy(ctx, p, s->len);
 }
 
-void exports_wharf_websocket_batch_handler_on_messages(
-    borrow_t conn, exports_wharf_websocket_batch_handler_list_message_t *messages) {
+// The messages of one read, packed: the host lowers one buffer and one list
+// of spans (two allocations here) where a list of messages took one per
+// message, and the JS strings are made straight from the buffer.
+void exports_wharf_websocket_packed_handler_on_packed(borrow_t conn, bytes_t *payloads,
+                                                       exports_wharf_websocket_packed_handler_list_span_t *spans) {
     enter();
     JSValue c = new_conn(conn);
     JSValue f = JS_IsObject(batch_obj) ? JS_GetProperty(ctx, batch_obj, atom_on_messages) : JS_UNDEFINED;
+    const uint8_t *p = payloads->ptr;
     if (JS_IsFunction(ctx, f)) {
-        // batchHandler.onMessages(conn, [{ tag, val }, ...])
-        JSValue arr = JS_NewArray(ctx);
-        for (size_t i = 0; i < messages->len; i++) {
-            exports_wharf_websocket_batch_handler_message_t *m = &messages->ptr[i];
+        // batchHandler.onMessages(conn, [{ tag, val }, ...]); the host sends
+        // at most 1024 messages a call.
+        JSValue *items = malloc(spans->len * sizeof *items);
+        if (!items) die("onMessages (out of memory)");
+        for (size_t i = 0; i < spans->len; i++) {
+            const exports_wharf_websocket_packed_handler_span_t *s = &spans->ptr[i];
             JSValue o = JS_NewObject(ctx);
-            bool text = m->tag == EXPORTS_WHARF_WEBSOCKET_BATCH_HANDLER_MESSAGE_TEXT;
+            bool text = s->kind == WHARF_WEBSOCKET_PACKED_KIND_TEXT;
             JS_DefinePropertyValue(ctx, o, atom_tag, JS_DupValue(ctx, text ? str_text : str_binary),
                                    JS_PROP_C_W_E);
-            JS_DefinePropertyValue(ctx, o, atom_val, message_value(m), JS_PROP_C_W_E);
-            JS_SetPropertyUint32(ctx, arr, (uint32_t)i, o);
+            JS_DefinePropertyValue(ctx, o, atom_val, span_value(p, s), JS_PROP_C_W_E);
+            items[i] = o;
+            p += s->len;
         }
+        // Takes the items; one allocation for the array, not a growth per item.
+        JSValue arr = JS_NewArrayFrom(ctx, (int)spans->len, items);
+        free(items);
+        if (JS_IsException(arr)) die("onMessages");
         JSValue args[2] = {c, arr};
         JS_FreeValue(ctx, settle(JS_Call(ctx, f, batch_obj, 2, args), "onMessages"));
         JS_FreeValue(ctx, arr);
     } else {
         // No batchHandler: onText/onBinary per message, in this one call.
-        for (size_t i = 0; i < messages->len; i++) {
-            exports_wharf_websocket_batch_handler_message_t *m = &messages->ptr[i];
-            bool text = m->tag == EXPORTS_WHARF_WEBSOCKET_BATCH_HANDLER_MESSAGE_TEXT;
-            JSValue args[2] = {c, message_value(m)};
+        for (size_t i = 0; i < spans->len; i++) {
+            const exports_wharf_websocket_packed_handler_span_t *s = &spans->ptr[i];
+            bool text = s->kind == WHARF_WEBSOCKET_PACKED_KIND_TEXT;
+            JSValue args[2] = {c, span_value(p, s)};
+            p += s->len;
             call(handler_obj, text ? atom_on_text : atom_on_binary, 2, args, text ? "onText" : "onBinary",
                  NULL);
             JS_FreeValue(ctx, args[1]);
         }
     }
     JS_FreeValue(ctx, f);
-    if (messages->len) free(messages->ptr);
+    packed_handler_world_list_u8_free(payloads);
+    exports_wharf_websocket_packed_handler_list_span_free(spans);
     expire_conn(c);
 }
