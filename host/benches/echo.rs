@@ -262,11 +262,18 @@ fn parse_options(args: &[String]) -> Result<Options> {
                 let v = it.next().context("--keep needs a directory")?;
                 instructions.get_or_insert_with(InstrOptions::default).keep = Some(v.into());
             }
+            "--plugin" => {
+                let v = it.next().context("--plugin needs a component's path")?;
+                let path = std::fs::canonicalize(v).with_context(|| format!("--plugin {v}"))?;
+                instructions
+                    .get_or_insert_with(InstrOptions::default)
+                    .plugin = Some(path);
+            }
             // Passed by `cargo bench` to harness-less benches.
             "--bench" => {}
             other => bail!(
                 "unknown argument {other:?}; options: --quick, --scenario NAME, --duration SECS, --warmup SECS, --rounds N, \
-                 --instructions [--messages N1,N2] [--connections M1,M2] [--valgrind PATH] [--keep DIR] [--rep-strings]"
+                 --instructions [--messages N1,N2] [--connections M1,M2] [--valgrind PATH] [--keep DIR] [--rep-strings] [--plugin PATH]"
             ),
         }
     }
@@ -819,6 +826,10 @@ struct InstrOptions {
     /// Leave glibc's `rep stos`/`rep movs` string functions on (see
     /// [`NO_REP_STRINGS`]).
     rep_strings: bool,
+    /// `--plugin PATH`: wharf serves this echo component instead of the
+    /// bundled one, and only wharf is counted (a language runtime's cost
+    /// per message, which timed runs on a busy machine cannot separate).
+    plugin: Option<PathBuf>,
 }
 
 impl Default for InstrOptions {
@@ -829,6 +840,7 @@ impl Default for InstrOptions {
             connections: (50, 250),
             keep: None,
             rep_strings: false,
+            plugin: None,
         }
     }
 }
@@ -854,7 +866,11 @@ mod instructions {
         /// Echoes over one connection, `depth` sent in one write, then
         /// all their echoes read (the pipelined scenario's per-message
         /// path: a read of several frames, one batched plugin call).
-        Pipelined { size: usize, depth: usize },
+        Pipelined {
+            text: bool,
+            size: usize,
+            depth: usize,
+        },
         /// Sequential connections: connect, upgrade, one echo, close.
         Connections { size: usize },
     }
@@ -894,6 +910,16 @@ mod instructions {
             slug: "pipelined1k",
             name: "echo, 1 KiB binary, 16 pipelined",
             load: Load::Pipelined {
+                text: false,
+                size: 1024,
+                depth: 16,
+            },
+        },
+        Case {
+            slug: "pipelined1k-text",
+            name: "echo, 1 KiB text, 16 pipelined",
+            load: Load::Pipelined {
+                text: true,
                 size: 1024,
                 depth: 16,
             },
@@ -921,13 +947,27 @@ mod instructions {
         let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
         // A small pool: wharf's pooling allocator reserves address space
         // for max_connections instances, and valgrind needs little of it.
+        // (What comes first is in the `[plugin]` table.)
+        let plugin = match &opts.plugin {
+            Some(path) => format!(
+                "path = {:?}\nmemory_limit = \"256MiB\"\n",
+                path.display().to_string()
+            ),
+            None => String::new(),
+        };
         let setup = Setup::new(
             Pinning {
                 server: None,
                 loadgen: None,
             },
-            "[server]\nmax_connections = 8\n",
+            &format!("{plugin}[server]\nmax_connections = 8\n"),
         )?;
+        // Another plugin: wharf alone (the baselines' counts do not change).
+        let targets: &[Target] = if opts.plugin.is_some() {
+            &TARGETS[..1]
+        } else {
+            &TARGETS
+        };
         let out_dir = match &opts.keep {
             Some(d) => d.clone(),
             None => setup.dir.path().join("callgrind"),
@@ -956,8 +996,8 @@ mod instructions {
                 Load::Messages { .. } | Load::Pipelined { .. } => opts.messages,
                 Load::Connections { .. } => opts.connections,
             };
-            let mut per_op = [0.0f64; 3];
-            for target in TARGETS {
+            let mut per_op = [f64::NAN; 3];
+            for &target in targets {
                 let mut counts = [Counts::default(); 2];
                 for (j, n) in [n1, n2].into_iter().enumerate() {
                     let file = out_dir.join(format!("{}-{}-{n}.out", target.name(), case.slug));
@@ -1148,8 +1188,8 @@ mod instructions {
                 c.close([9, 8, 7, 6]).await?;
                 c.expect_eof().await?;
             }
-            Load::Pipelined { size, depth } => {
-                let msgs = messages(0, false, size, depth);
+            Load::Pipelined { text, size, depth } => {
+                let msgs = messages(0, text, size, depth);
                 let batch: Vec<u8> = msgs.iter().flat_map(|m| m.frame.clone()).collect();
                 let mut c = Conn::new(tcp(addr).await?, 2 * batch.len() + 16384);
                 c.handshake(&accept).await?;

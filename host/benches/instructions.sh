@@ -6,6 +6,7 @@
 #
 #   host/benches/instructions.sh [--messages N1,N2] [--connections M1,M2]
 #                                [--top K] [--keep DIR [--no-run]] [--valgrind PATH] [--rep-strings]
+#                                [--plugin PATH]
 #
 # Each server runs under callgrind once with N1 and once with N2 operations;
 # the figure is (I(N2) - I(N1)) / (N2 - N1), so start-up and shutdown cancel
@@ -13,6 +14,8 @@
 # files, the functions the extra operations spent their instructions in
 # (callgrind_annotate, self cost, per operation) and the same by crate.
 # --no-run: only the profiles, from the files an earlier run left in --keep DIR.
+# --plugin PATH: wharf serves that echo component (a language's, say) and
+# only wharf is counted.
 # Needs valgrind (and callgrind_annotate, which comes with it).
 set -eu
 
@@ -94,6 +97,7 @@ for target in wharf tokio-tungstenite fastwebsockets; do
     diff_profile "32 B text echo" "$target" text32
     diff_profile "1 KiB binary echo" "$target" binary1k
     diff_profile "1 KiB binary echo, 16 pipelined" "$target" pipelined1k
+    diff_profile "1 KiB text echo, 16 pipelined" "$target" pipelined1k-text
     diff_profile "connection" "$target" connection
 done
 echo

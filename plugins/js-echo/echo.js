@@ -71,8 +71,9 @@ export const handler = {
 export const batchHandler = {
   onMessages(conn, messages) {
     let start = 0;
-    for (let i = 0; i < messages.length; i++) {
-      if (messages[i].tag === "text" && messages[i].val === "goodbye") {
+    // Only a text's `val` is a string: one comparison per message.
+    for (let i = 0, n = messages.length; i < n; i++) {
+      if (messages[i].val === "goodbye") {
         sendAll(conn, messages.slice(start, i));
         echoText(conn, "goodbye");
         start = i + 1;

@@ -53,10 +53,11 @@ static JSContext *ctx;
 static JSClassID conn_class;
 static JSValue handler_obj = JS_UNDEFINED, batch_obj = JS_UNDEFINED;
 static JSValue str_text, str_binary;  // the message variant's tags
-// A `{ tag }` and a `{ tag, val }` object held for the runtime's life: their
-// shapes stay in QuickJS's shape table, so each message object onMessages
-// gets finds them there instead of making and freeing its own.
-static JSValue shape_tag, shape_tag_val;
+// Objects of the shapes every call makes (`{}`, `{ tag }` and `{ tag, val }`
+// for each message, an empty connection object), held for the runtime's
+// life: QuickJS frees a shape with its last object, so without them each
+// call made and freed its own; held, they are found in its shape table.
+static JSValue shapes[4];
 // How far into a string's allocation its bytes start, for a string
 // JS_ToCStringLen hands out as is (pure ASCII): measured at start, 0 if
 // QuickJS did not (then every string is scanned).
@@ -802,11 +803,12 @@ static void start(void) {
     own_bytes_offset = offset > 0 && offset <= 64 ? offset : 0;
     JS_FreeCString(ctx, probe_bytes);
     JS_FreeValue(ctx, probe);
-    shape_tag = JS_NewObject(ctx);
-    JS_DefinePropertyValue(ctx, shape_tag, atom_tag, JS_UNDEFINED, JS_PROP_C_W_E);
-    shape_tag_val = JS_NewObject(ctx);
-    JS_DefinePropertyValue(ctx, shape_tag_val, atom_tag, JS_UNDEFINED, JS_PROP_C_W_E);
-    JS_DefinePropertyValue(ctx, shape_tag_val, atom_val, JS_UNDEFINED, JS_PROP_C_W_E);
+    for (int i = 0; i < 3; i++) {
+        shapes[i] = JS_NewObject(ctx);
+        if (i >= 1) JS_DefinePropertyValue(ctx, shapes[i], atom_tag, JS_UNDEFINED, JS_PROP_C_W_E);
+        if (i == 2) JS_DefinePropertyValue(ctx, shapes[i], atom_val, JS_UNDEFINED, JS_PROP_C_W_E);
+    }
+    shapes[3] = JS_NewObjectClass(ctx, conn_class);
 
     JSValue fn = JS_Eval(ctx, handler_source, sizeof handler_source - 1, "handler.js",
                          JS_EVAL_TYPE_MODULE | JS_EVAL_FLAG_COMPILE_ONLY);
