@@ -27,11 +27,11 @@ qjs="$toolchains/quickjs/$crate"
 # -O2 as quickjs-ng's own release build; unsigned char as it requires;
 # Wasm SIMD, which Wasmtime runs natively, so that the compiler vectorizes
 # the byte loops of string conversion (JS_NewStringLen's share of a 1 KiB
-# text echo's profile fell from 11.5% to 4.4%).
-# Bulk memory: memcpy and memset become single instructions (Wasmtime's own
-# memmove) instead of wasi-libc's byte and word loops.
-simd=(-msimd128 -mbulk-memory)
-qjs_cflags=(--target=wasm32-wasi -O2 "${simd[@]}" -D_GNU_SOURCE -funsigned-char -w)
+# text echo's profile fell from 11.5% to 4.4%); bulk memory, so that
+# memcpy and memset are one instruction each (Wasmtime's own memmove)
+# instead of wasi-libc's loops.
+wasm_features=(-msimd128 -mbulk-memory)
+qjs_cflags=(--target=wasm32-wasi -O2 "${wasm_features[@]}" -D_GNU_SOURCE -funsigned-char -w)
 qjs_objects=(dtoa libregexp libunicode quickjs)
 # JS_ToCStringLen2 (every string a handler sends) counts a string's
 # non-ASCII bytes in a loop clang vectorizes only 4 bytes wide: 11% of a
@@ -105,7 +105,7 @@ trap 'rm -rf "$work"' EXIT
 cp "$js" "$work/handler.js"
 objects=()
 for o in "${qjs_objects[@]}"; do objects+=("$qjs/$o.o"); done
-clang-19 --target=wasm32-wasi -mexec-model=reactor -std=gnu23 -O2 "${simd[@]}" -Wall -Wextra -Werror \
+clang-19 --target=wasm32-wasi -mexec-model=reactor -std=gnu23 -O2 "${wasm_features[@]}" -Wall -Wextra -Werror \
     -I "$work" --embed-dir="$work" -I "$qjs/quickjs" "$here/wharf_js.c" "$work/packed_handler_world.c" \
     "$work/packed_handler_world_component_type.o" "${objects[@]}" \
     -Wl,-z,stack-size=1048576 -Wl,--stack-first -Wl,--strip-debug -lm -o "$work/core.wasm"

@@ -564,12 +564,12 @@ static bool arg_outgoing(JSValueConst v, span_t *span, const uint8_t **bytes, co
     JSValue val = JS_GetProperty(ctx, v, atom_val);
     bool ok;
     if (text) {
-        string_t s;
+        string_t s = {0};
         span->kind = WHARF_WEBSOCKET_PACKED_KIND_TEXT;
         ok = arg_string(val, "send", &s, owned);
         *bytes = s.ptr, span->len = (uint32_t)s.len;
     } else {
-        bytes_t b;
+        bytes_t b = {0};
         span->kind = WHARF_WEBSOCKET_PACKED_KIND_BINARY;
         ok = arg_bytes(val, "send", &b);
         *bytes = b.ptr, span->len = (uint32_t)b.len;
