@@ -925,6 +925,14 @@ mod instructions {
             },
         },
         Case {
+            slug: "binary64k",
+            name: "echo, 64 KiB binary",
+            load: Load::Messages {
+                text: false,
+                size: 64 * 1024,
+            },
+        },
+        Case {
             slug: "connection",
             name: "connection (+ one 32 B echo)",
             load: Load::Connections { size: 32 },

@@ -7,10 +7,12 @@
 //! so that big payloads take the output queue's own-chunk path), `k` chunk
 //! lengths, then the client's wire bytes.
 //!
-//! The wire bytes are fed in one piece, in the chunk lengths given, and one
-//! byte at a time; each message is echoed back. Checked:
+//! The wire bytes are fed in one piece, in the chunk lengths given (once
+//! through `read` alone, once as a driver does that reads a frame's payload
+//! into the room `split_io` lends), and one byte at a time; each message is
+//! echoed back. Checked:
 //!
-//! * the three feedings give the same events (and, but for the deferred
+//! * the four feedings give the same events (and, but for the deferred
 //!   echo, the same output bytes);
 //! * the events and the output equal those of an independent reference
 //!   reader written from RFC 6455 (so a failure closes with the RFC's code:
@@ -119,17 +121,15 @@ pub fn check(data: &[u8]) {
     };
     let (config, echo, repeat) = (&input.config, input.echo, input.repeat);
     let step = input.lens.first().map_or(64, |&l| usize::from(l) + 1);
-    let whole = run(config, echo, repeat, &[input.wire], step);
-    let mut runs = vec![run(
-        config,
-        echo,
-        repeat,
-        &crate::chunks(input.wire, input.lens),
-        step + 7,
-    )];
+    let whole = run(config, echo, repeat, &[input.wire], step, false);
+    let pieces = crate::chunks(input.wire, input.lens);
+    let mut runs = vec![
+        run(config, echo, repeat, &pieces, step + 7, false),
+        run(config, echo, repeat, &pieces, step + 7, true),
+    ];
     if input.wire.len() <= 4096 {
         let bytes: Vec<&[u8]> = input.wire.chunks(1).collect();
-        runs.push(run(config, echo, repeat, &bytes, 1));
+        runs.push(run(config, echo, repeat, &bytes, 1, false));
     }
     let expect = reference(config, echo, repeat, input.wire);
     // Framed messages are never fragmented.
@@ -207,7 +207,16 @@ fn normalize(out: &[OutMsg]) -> Vec<OutMsg> {
         .collect()
 }
 
-fn run(config: &Config, echo: Echo, repeat: usize, pieces: &[&[u8]], step: usize) -> Run {
+/// `lend`: each piece goes into the room `split_io` lends for a frame's
+/// payload, as far as it reaches, and the rest through `read`.
+fn run(
+    config: &Config,
+    echo: Echo,
+    repeat: usize,
+    pieces: &[&[u8]],
+    step: usize,
+    lend: bool,
+) -> Run {
     let now = Instant::now();
     let mut ws = WebSocket::new(config.clone(), now);
     let mut r = Run {
@@ -217,71 +226,74 @@ fn run(config: &Config, echo: Echo, repeat: usize, pieces: &[&[u8]], step: usize
     };
     let mut deferred = FrameBatch::new(config.fragment_size);
     let mut batched = 0;
-    for piece in pieces {
-        let mut input: &[u8] = piece;
-        loop {
-            let ev = ws.read(&mut input, now).map(|e| match e {
-                Event::Text(t) => Ev::Text(t.to_owned()),
-                Event::Binary(b) => Ev::Binary(b.to_vec()),
-                Event::Closed(c) => Ev::Closed(c),
-            });
-            check_limits(&ws, config, batched);
-            let Some(ev) = ev else {
-                assert!(input.is_empty(), "read returned None with input left");
-                break;
-            };
-            assert!(
-                !matches!(r.events.last(), Some(Ev::Closed(_))),
-                "event after Closed: {ev:?}"
-            );
-            if echo != Echo::Deferred {
-                r.output.extend(wire::drain(&mut ws, step));
-            }
-            let (text, bytes) = match &ev {
-                Ev::Text(t) => (true, t.as_bytes()),
-                Ev::Binary(b) => (false, b.as_slice()),
-                Ev::Closed(_) => {
-                    assert!(
-                        ws.is_closed(),
-                        "Closed reported but state is {:?}",
-                        ws.state()
-                    );
-                    assert_eq!(ws.send_text("late"), Err(SendError::Closed));
-                    r.events.push(ev);
-                    continue;
+    for &piece in pieces {
+        let mut rest = piece;
+        while !rest.is_empty() {
+            let mut input = next_input(&mut ws, &mut rest, lend);
+            loop {
+                let ev = ws.read(&mut input, now).map(|e| match e {
+                    Event::Text(t) => Ev::Text(t.to_owned()),
+                    Event::Binary(b) => Ev::Binary(b.to_vec()),
+                    Event::Closed(c) => Ev::Closed(c),
+                });
+                check_limits(&ws, config, batched);
+                let Some(ev) = ev else {
+                    assert!(input.is_empty(), "read returned None with input left");
+                    break;
+                };
+                assert!(
+                    !matches!(r.events.last(), Some(Ev::Closed(_))),
+                    "event after Closed: {ev:?}"
+                );
+                if echo != Echo::Deferred {
+                    r.output.extend(wire::drain(&mut ws, step));
                 }
-            };
-            assert!(bytes.len() <= config.max_message_size);
-            let copies = bytes.repeat(repeat);
-            let bytes = copies.as_slice();
-            let as_text = || std::str::from_utf8(bytes).expect("text is UTF-8");
-            match echo {
-                Echo::Send if text => r.echoes.push(ws.send_text(as_text())),
-                Echo::Send => r.echoes.push(ws.send_binary(bytes)),
-                Echo::Batch => {
-                    let mut batch = FrameBatch::new(config.fragment_size);
-                    if text {
-                        batch.push_text(as_text());
-                    } else {
-                        batch.push_binary(bytes);
+                let (text, bytes) = match &ev {
+                    Ev::Text(t) => (true, t.as_bytes()),
+                    Ev::Binary(b) => (false, b.as_slice()),
+                    Ev::Closed(_) => {
+                        assert!(
+                            ws.is_closed(),
+                            "Closed reported but state is {:?}",
+                            ws.state()
+                        );
+                        assert_eq!(ws.send_text("late"), Err(SendError::Closed));
+                        r.events.push(ev);
+                        continue;
                     }
-                    r.echoes.push(ws.send_batch(&mut batch));
-                    assert!(batch.is_empty());
+                };
+                assert!(bytes.len() <= config.max_message_size);
+                let copies = bytes.repeat(repeat);
+                let bytes = copies.as_slice();
+                let as_text = || std::str::from_utf8(bytes).expect("text is UTF-8");
+                match echo {
+                    Echo::Send if text => r.echoes.push(ws.send_text(as_text())),
+                    Echo::Send => r.echoes.push(ws.send_binary(bytes)),
+                    Echo::Batch => {
+                        let mut batch = FrameBatch::new(config.fragment_size);
+                        if text {
+                            batch.push_text(as_text());
+                        } else {
+                            batch.push_binary(bytes);
+                        }
+                        r.echoes.push(ws.send_batch(&mut batch));
+                        assert!(batch.is_empty());
+                    }
+                    Echo::Framed if text => r.echoes.push(ws.send_framed(&Framed::text(as_text()))),
+                    Echo::Framed => r.echoes.push(ws.send_framed(&Framed::binary(bytes))),
+                    Echo::Deferred if text => deferred.push_text(as_text()),
+                    Echo::Deferred => deferred.push_binary(bytes),
                 }
-                Echo::Framed if text => r.echoes.push(ws.send_framed(&Framed::text(as_text()))),
-                Echo::Framed => r.echoes.push(ws.send_framed(&Framed::binary(bytes))),
-                Echo::Deferred if text => deferred.push_text(as_text()),
-                Echo::Deferred => deferred.push_binary(bytes),
+                if echo != Echo::Deferred {
+                    r.output.extend(wire::drain(&mut ws, step));
+                }
+                r.events.push(ev);
             }
-            if echo != Echo::Deferred {
-                r.output.extend(wire::drain(&mut ws, step));
+            if !deferred.is_empty() {
+                batched += deferred.len();
+                r.echoes.push(ws.send_batch_before_close(&mut deferred));
+                assert!(deferred.is_empty());
             }
-            r.events.push(ev);
-        }
-        if !deferred.is_empty() {
-            batched += deferred.len();
-            r.echoes.push(ws.send_batch_before_close(&mut deferred));
-            assert!(deferred.is_empty());
         }
     }
     let closed = matches!(r.events.last(), Some(Ev::Closed(_)));
@@ -303,6 +315,25 @@ fn run(config: &Config, echo: Echo, repeat: usize, pieces: &[&[u8]], step: usize
         r.echoes.clear();
     }
     r
+}
+
+/// The next input for `read`: with `lend`, as much of `rest` as the room
+/// lent for a frame's payload takes goes there, and `read` is given
+/// nothing (it takes in what the room holds); else all of `rest`.
+fn next_input<'a>(ws: &mut WebSocket, rest: &mut &'a [u8], lend: bool) -> &'a [u8] {
+    if lend {
+        // The room may be lent again before a read (a driver's wait that
+        // ended for something else); what it then takes follows on.
+        let _ = ws.split_io(1, 3);
+        if let (_, Some(mut room)) = ws.split_io(1, usize::MAX) {
+            let n = room.limit().min(rest.len());
+            let (into, after) = rest.split_at(n);
+            room.get_mut().extend_from_slice(into);
+            *rest = after;
+            return &[];
+        }
+    }
+    std::mem::take(rest)
 }
 
 fn check_limits(ws: &WebSocket, config: &Config, batched: usize) {

@@ -15,7 +15,8 @@ mod output;
 
 use std::io::IoSlice;
 
-use bytes::Bytes;
+use bytes::buf::Limit;
+use bytes::{BufMut, Bytes};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -111,6 +112,23 @@ struct InFrame {
     mask_offset: usize,
 }
 
+/// Room in the message buffer for the payload of the data frame being
+/// read, lent by [`WebSocket::split_io`]: read into like any [`BufMut`],
+/// and no further than that frame's payload goes.
+pub type PayloadRoom<'a> = Limit<&'a mut Vec<u8>>;
+
+/// The queued output, borrowed apart from the rest of the connection (see
+/// [`WebSocket::split_io`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a>(&'a Output);
+
+impl<'a> Outgoing<'a> {
+    /// As [`WebSocket::output_slices`].
+    pub fn slices(&self, dst: &mut [IoSlice<'a>]) -> usize {
+        self.0.slices(dst)
+    }
+}
+
 /// One WebSocket connection, server side, after a successful handshake.
 #[derive(Debug)]
 pub struct WebSocket {
@@ -142,6 +160,10 @@ struct Core {
     /// Full header length once the first two bytes are known, else 0.
     hdr_need: usize,
     frame: Option<InFrame>,
+    /// Where the payload room [`WebSocket::split_io`] lent out began in the
+    /// message buffer: what the driver read there since is taken in by the
+    /// next `read`.
+    lent: Option<usize>,
     msg_kind: Option<MsgKind>,
     msg_delivered: bool,
     utf8: Utf8Validator,
@@ -176,6 +198,7 @@ impl WebSocket {
                 hdr_len: 0,
                 hdr_need: 0,
                 frame: None,
+                lent: None,
                 msg_kind: None,
                 msg_delivered: false,
                 utf8: Utf8Validator::default(),
@@ -264,6 +287,56 @@ impl WebSocket {
             self.drop_message();
         } else if self.msg.capacity() > MSG_BUF_KEEP && self.msg.len() <= MSG_BUF_KEEP {
             self.msg.shrink_to(MSG_BUF_KEEP);
+        }
+    }
+
+    /// For a driver that waits on its socket's read and write at once: the
+    /// queued output and, when what comes next on the wire is at least
+    /// `min` bytes of the payload of the data frame being read, room for up
+    /// to `max` of them at the end of the message buffer. Read there, a
+    /// large message's payload skips the driver's read buffer and the copy
+    /// out of it (unmasked in place, as tungstenite does). The next
+    /// [`read`](Self::read) takes in what was read into the room before the
+    /// input it is given, which must be what the transport delivered after
+    /// it; the room ends where the frame's payload does. The driver must
+    /// hold no input of its own (it would come first on the wire).
+    #[inline]
+    pub fn split_io(&mut self, min: usize, max: usize) -> (Outgoing<'_>, Option<PayloadRoom<'_>>) {
+        let due = self.payload_due();
+        let core = &mut self.core;
+        let payload = (due >= min.max(1) && max > 0).then(|| {
+            let room = due.min(max);
+            // A loan not yet taken in goes on where it ended.
+            core.lent.get_or_insert(self.msg.len());
+            self.msg.reserve(room);
+            (&mut self.msg).limit(room)
+        });
+        (Outgoing(&core.out), payload)
+    }
+
+    /// How many bytes of the data frame being read the peer has yet to
+    /// send, when they are what comes next on the wire (0 between frames,
+    /// in a control frame, or once closed): what [`split_io`](Self::split_io)
+    /// would lend room for.
+    #[inline]
+    pub fn payload_due(&self) -> usize {
+        let core = &self.core;
+        match core.frame {
+            // Not while a delivered message is still in the buffer (the
+            // next `read` drops it first).
+            Some(frame)
+                if !frame.header.opcode.is_control()
+                    && core.state != State::Closed
+                    && !core.msg_delivered =>
+            {
+                let lent = core
+                    .lent
+                    .map_or(0, |from| self.msg.len().saturating_sub(from));
+                usize::try_from(frame.remaining)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(lent)
+            }
+            _ => 0,
         }
     }
 
@@ -406,7 +479,7 @@ impl WebSocket {
     /// Fills `dst` with the queued output in order; returns how many slices
     /// were filled (for `writev`). Fewer slots than chunks gives a prefix.
     pub fn output_slices<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
-        self.core.out.slices(dst)
+        Outgoing(&self.core.out).slices(dst)
     }
 
     /// Drops `n` bytes the transport wrote from the front of the queue;
@@ -479,9 +552,15 @@ impl Core {
         input: &mut &[u8],
         now: Instant,
     ) -> Option<Ready> {
+        let lent = self.lent.take();
         if self.state == State::Closed {
             *input = &[];
             return None;
+        }
+        if let Some(from) = lent
+            && let Err(e) = self.take_lent(msg, base, from, now)
+        {
+            return Some(Ready::Closed(self.fail(e)));
         }
         if !input.is_empty() {
             self.last_recv = self.last_recv.max(now);
@@ -513,14 +592,8 @@ impl Core {
             } else {
                 let start = msg.len();
                 msg.extend_from_slice(chunk);
-                let new = msg.get_mut(start..).unwrap_or_default();
-                frame.mask_offset = apply_mask(new, mask, frame.mask_offset);
-                // A message that arrived whole in this input is validated
-                // once, when it is delivered; only one that arrives in parts
-                // is validated as it comes (to fail fast).
-                let whole = start == base && header.fin && frame.remaining == 0;
-                if self.msg_kind == Some(MsgKind::Text) && !whole && self.utf8.feed(new).is_err() {
-                    return Some(Ready::Closed(self.fail(ProtocolError::InvalidUtf8)));
+                if let Err(e) = self.payload_in(msg, base, start, &mut frame) {
+                    return Some(Ready::Closed(self.fail(e)));
                 }
             }
             if frame.remaining > 0 {
@@ -541,6 +614,52 @@ impl Core {
                 return Some(Ready::Message(kind));
             }
         }
+    }
+
+    /// Takes in the payload a driver read into the room lent from `from`
+    /// on (see [`WebSocket::split_io`]), as if it had been input.
+    fn take_lent(
+        &mut self,
+        msg: &mut Vec<u8>,
+        base: usize,
+        from: usize,
+        now: Instant,
+    ) -> Result<(), ProtocolError> {
+        let read = msg.len().saturating_sub(from);
+        let Some(mut frame) = self.frame.filter(|_| read > 0) else {
+            return Ok(());
+        };
+        // The room ended where the payload does; a driver that wrote past
+        // it (or into a loan it should not have had) is ignored there.
+        let read = read.min(usize::try_from(frame.remaining).unwrap_or(usize::MAX));
+        msg.truncate(from + read);
+        frame.remaining -= read as u64;
+        self.last_recv = self.last_recv.max(now);
+        self.ping_outstanding = false;
+        self.payload_in(msg, base, from, &mut frame)?;
+        self.frame = Some(frame);
+        Ok(())
+    }
+
+    /// A data frame's payload bytes, just stored at `start..` in the
+    /// message buffer, are unmasked in place and checked.
+    fn payload_in(
+        &mut self,
+        msg: &mut [u8],
+        base: usize,
+        start: usize,
+        frame: &mut InFrame,
+    ) -> Result<(), ProtocolError> {
+        let new = msg.get_mut(start..).unwrap_or_default();
+        frame.mask_offset = apply_mask(new, frame.header.mask, frame.mask_offset);
+        // A message that arrived whole in this input is validated once,
+        // when it is delivered; only one that arrives in parts is
+        // validated as it comes (to fail fast).
+        let whole = start == base && frame.header.fin && frame.remaining == 0;
+        if self.msg_kind == Some(MsgKind::Text) && !whole && self.utf8.feed(new).is_err() {
+            return Err(ProtocolError::InvalidUtf8);
+        }
+        Ok(())
     }
 
     /// Collects header bytes; `Ok(true)` when a frame was started,
@@ -970,5 +1089,139 @@ mod tests {
         assert!(ws.msg.capacity() > 0);
         assert!(ws.transport_closed().is_some());
         assert_eq!(ws.msg.capacity(), 0);
+    }
+
+    /// Reads `wire` the way a driver using [`WebSocket::split_io`] does:
+    /// into the lent room when there is one (at most `step` bytes at a
+    /// time), else into its own buffer; returns the messages, owned.
+    fn read_lending(
+        ws: &mut WebSocket,
+        mut wire: &[u8],
+        step: usize,
+        min: usize,
+    ) -> (Vec<Vec<u8>>, usize) {
+        let now = Instant::now();
+        let (mut got, mut lent) = (Vec::new(), 0);
+        while !wire.is_empty() {
+            let (_, room) = ws.split_io(min, step);
+            let mut input: &[u8] = match room {
+                Some(mut room) => {
+                    let n = room.remaining_mut().min(wire.len());
+                    room.put_slice(&wire[..n]);
+                    lent += n;
+                    wire = &wire[n..];
+                    &[]
+                }
+                None => {
+                    let n = step.min(wire.len());
+                    let (now_in, rest) = wire.split_at(n);
+                    wire = rest;
+                    now_in
+                }
+            };
+            loop {
+                match ws.read(&mut input, now) {
+                    Some(Event::Binary(b)) => got.push(b.to_vec()),
+                    Some(Event::Text(t)) => got.push(t.as_bytes().to_vec()),
+                    Some(Event::Closed(info)) => {
+                        got.push(format!("closed {}", info.code).into_bytes())
+                    }
+                    None if input.is_empty() => break,
+                    None => {}
+                }
+            }
+        }
+        (got, lent)
+    }
+
+    #[test]
+    fn payload_read_into_the_lent_room_is_unmasked_and_delivered() {
+        let big: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let mut wire = masked(2, b"small");
+        wire.extend(masked_binary(&big));
+        wire.extend(masked(2, b"after"));
+        for step in [1, 7, 4096, 65536, 1 << 20] {
+            let mut ws = WebSocket::new(Config::default(), Instant::now());
+            let (got, lent) = read_lending(&mut ws, &wire, step, 1);
+            assert_eq!(
+                got,
+                [b"small".to_vec(), big.clone(), b"after".to_vec()],
+                "step {step}"
+            );
+            // The header is read by the driver; the payload into the room.
+            assert!(
+                lent >= big.len() - step.min(big.len()),
+                "step {step}: {lent}"
+            );
+        }
+        // Below `min` due, no room is lent.
+        let mut ws = WebSocket::new(Config::default(), Instant::now());
+        let (got, lent) = read_lending(&mut ws, &wire, 4096, 1 << 20);
+        assert_eq!((got.len(), lent), (3, 0));
+    }
+
+    #[test]
+    fn lent_payload_of_fragmented_text_is_checked_as_it_comes() {
+        let text = "h\u{e9}llo w\u{f6}rld ".repeat(500);
+        let bytes = text.as_bytes();
+        // Three fragments, cut inside a two-byte character.
+        let cuts = [0, 1001, 3003, bytes.len()];
+        let mut wire = Vec::new();
+        for (i, pair) in cuts.windows(2).enumerate() {
+            let opcode = if i == 0 { 1 } else { 0 };
+            let fin = if i == 2 { 0x80 } else { 0 };
+            let part = &bytes[pair[0]..pair[1]];
+            let mut head = vec![fin | opcode, 0x80 | 126];
+            head.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            wire.extend(with_masked(head, part));
+        }
+        for step in [3, 100, 4096] {
+            let mut ws = WebSocket::new(Config::default(), Instant::now());
+            let (got, lent) = read_lending(&mut ws, &wire, step, 1);
+            assert_eq!(got, [bytes.to_vec()], "step {step}");
+            assert!(lent > 0);
+        }
+        // Invalid UTF-8 read into the room fails the connection with 1007
+        // before the message ends.
+        let mut bad = bytes[..1000].to_vec();
+        bad.extend_from_slice(&[0xff; 8]);
+        let mut head = vec![0x81, 0x80 | 126];
+        head.extend_from_slice(&(bad.len() as u16 + 2000).to_be_bytes());
+        let wire = with_masked(head, &bad);
+        let mut ws = WebSocket::new(Config::default(), Instant::now());
+        let (got, _) = read_lending(&mut ws, &wire, 512, 1);
+        assert_eq!(got, [b"closed 1007".to_vec()]);
+    }
+
+    #[test]
+    fn a_loan_follows_held_messages_and_an_unused_loan_costs_nothing() {
+        let now = Instant::now();
+        let mut ws = WebSocket::new(Config::default(), now);
+        let big = vec![5u8; 3000];
+        let mut wire = masked(2, b"held");
+        let frame = masked_binary(&big);
+        wire.extend(&frame[..20]);
+        let mut input = &wire[..];
+        assert_eq!(ws.read(&mut input, now), Some(Event::Binary(b"held")));
+        ws.hold_message();
+        assert_eq!(ws.read(&mut input, now), None);
+        // Lent, nothing read (the wait ended for something else): the
+        // same room is lent again, and input still goes through `read`.
+        assert!(ws.split_io(1, 100).1.is_some());
+        let mut more = &frame[20..40];
+        assert_eq!(ws.read(&mut more, now), None);
+        let (_, room) = ws.split_io(1, 1 << 20);
+        let mut room = room.expect("room");
+        assert_eq!(room.remaining_mut(), frame.len() - 40);
+        room.put_slice(&frame[40..]);
+        let mut none: &[u8] = &[];
+        assert_eq!(ws.read(&mut none, now), Some(Event::Binary(&big[..])));
+        ws.hold_message();
+        let mut held = b"held".to_vec();
+        held.extend(&big);
+        assert_eq!(ws.held(), &held[..]);
+        // No room while a message waits to be dropped by the next read.
+        let (_, room) = ws.split_io(1, 100);
+        assert!(room.is_none());
     }
 }

@@ -15,6 +15,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::Notify;
 use tokio::time::Sleep;
+use tokio_util::io::poll_read_buf;
 use wharf_protocol::{CloseCode, Framed, State};
 
 use super::conn::Conn;
@@ -36,6 +37,13 @@ const READ_CHUNK: usize = 64 * 1024;
 const FIRST_READ_CHUNK: usize = 64;
 /// See [`FIRST_READ_CHUNK`]: 64 B, 1 KiB, 16 KiB, 64 KiB.
 const GROWTH: usize = 16;
+/// A frame's payload at least this large, with nothing else read ahead of
+/// it, is read straight into the protocol's message buffer (see
+/// `WebSocket::split_io`), not through the read buffer and a copy out of
+/// it: a 64 KiB echo copied its payload three times, tokio-tungstenite once.
+/// Below it, one read that takes several frames at once is worth more than
+/// the copy it saves.
+const DIRECT_MIN: usize = 16 * 1024;
 
 /// How long an awake connection goes without an event before it waits
 /// outside the awake passes' box, which it then frees (3.8 KiB, most of it
@@ -73,8 +81,12 @@ struct Driver {
 /// The read buffer, sized to what the connection is doing.
 struct ReadBuffer {
     bytes: BytesMut,
-    /// What the buffer is grown by when it runs low (see [`FIRST_READ_CHUNK`]).
+    /// The most read into it at a time, and what it is grown by when it
+    /// runs low (see [`FIRST_READ_CHUNK`]).
     chunk: usize,
+    /// A frame's payload was read into the protocol's buffer since the last
+    /// pass over the input (see [`DIRECT_MIN`]).
+    direct: bool,
 }
 
 /// This pass's deadlines.
@@ -110,11 +122,19 @@ enum Wake {
     PeerWoke,
     /// `None`: the mailbox is closed.
     Published(Option<Framed>),
-    /// With the room the buffer had before the read.
-    Read(std::io::Result<usize>, usize),
+    Read(std::io::Result<usize>, Into),
     /// Connections gave bytes back to the server's budget.
     BudgetFreed,
     Timer,
+}
+
+/// Where a read went.
+#[derive(Clone, Copy)]
+enum Into {
+    /// The read buffer, which had this much room before it.
+    Buffer(usize),
+    /// The payload of a large frame, into the protocol's buffer.
+    Payload,
 }
 
 /// What wakes a waiting connection besides its socket: kept across its
@@ -187,6 +207,7 @@ impl ReadBuffer {
         Self {
             bytes,
             chunk: FIRST_READ_CHUNK,
+            direct: false,
         }
     }
 
@@ -207,9 +228,9 @@ impl ReadBuffer {
         }
     }
 
-    /// The connection hibernated: an empty buffer that grew starts small
-    /// again (one that did not is kept: a new one would be allocated among
-    /// the instance's freed memory, and keep its page resident).
+    /// An empty buffer that grew starts small again (one that did not is
+    /// kept: after hibernation, a new one would be allocated among the
+    /// instance's freed memory, and keep its page resident).
     fn shrink(&mut self) {
         if self.bytes.is_empty() {
             self.chunk = FIRST_READ_CHUNK;
@@ -388,7 +409,7 @@ impl Conn {
                 Flow::Continue
             }
             Wake::Published(message) => self.on_published(message),
-            Wake::Read(read, spare) => self.on_read(d, reader, read, spare).await,
+            Wake::Read(read, into) => self.on_read(d, reader, read, into).await,
             Wake::BudgetFreed => Flow::Continue,
             Wake::Timer => self.on_timer(d, deadlines).await,
         }
@@ -396,13 +417,23 @@ impl Conn {
 
     /// Step: what was read goes through the protocol to the plugin.
     async fn take_input(&mut self, read: &mut ReadBuffer) {
-        if !read.bytes.is_empty() {
+        // After a read into the protocol's own buffer the input is empty:
+        // the protocol takes in what it holds.
+        if !read.bytes.is_empty() || std::mem::take(&mut read.direct) {
             let input = read.bytes.split();
             // Inline: its plugin calls' state (3.4 KiB) lives in the awake
             // passes' box, which an idle connection does not hold;
             // boxed per read it cost 600 instructions an echo (callgrind).
             self.process_input(&input).await;
             read.bytes = reuse(std::mem::take(&mut read.bytes), input);
+        }
+        // The input ends inside a large frame's payload, which the next
+        // reads take into the protocol's buffer: this read filled the
+        // buffer with one frame, not with many small ones that a larger
+        // read would batch. The next is small again, so that the next
+        // large frame's payload, after its header, goes the same way.
+        if self.ws.payload_due() >= DIRECT_MIN {
+            read.shrink();
         }
     }
 
@@ -483,10 +514,21 @@ impl Conn {
         W: AsyncWrite + Unpin,
     {
         let want_read = self.wants_read(d);
-        let spare = if want_read { d.read.make_room() } else { 0 };
         let open = !self.ws.is_closed();
         let write = self.ws.has_output() || d.needs_flush;
-        let ws = &self.ws;
+        // A large frame's payload, with nothing read ahead of it, is read
+        // into the protocol's buffer, else into the read buffer.
+        let direct_min = if want_read && d.read.bytes.is_empty() {
+            DIRECT_MIN
+        } else {
+            usize::MAX
+        };
+        let (outgoing, mut payload) = self.ws.split_io(direct_min, READ_CHUNK);
+        let spare = if want_read && payload.is_none() {
+            d.read.make_room()
+        } else {
+            0
+        };
         let Wakers {
             shutdown,
             timer,
@@ -500,13 +542,19 @@ impl Conn {
             // wait, they would be 256 bytes of every idle connection's task.
             written = std::future::poll_fn(|cx| {
                 let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
-                let filled = ws.output_slices(&mut slices);
+                let filled = outgoing.slices(&mut slices);
                 poll_write_or_flush(Pin::new(&mut *writer), cx, &slices[..filled])
             }), if write => Wake::Written(written),
             swapped = next_swap(&mut self.swaps), if self.swaps.is_some() && open => Wake::Swapped(swapped),
             _ = peer_woke(peer_wake), if peer_wake.is_some() && open => Wake::PeerWoke,
             published = next_published(&mut self.mailbox), if self.mailbox.is_some() && open => Wake::Published(published),
-            read = reader.read_buf(&mut d.read.bytes), if want_read => Wake::Read(read, spare),
+            (read, into) = std::future::poll_fn(|cx| {
+                let reader = Pin::new(&mut *reader);
+                match payload.as_mut() {
+                    Some(room) => poll_read_buf(reader, cx, room).map(|r| (r, Into::Payload)),
+                    None => poll_read_buf(reader, cx, &mut d.read.bytes).map(|r| (r, Into::Buffer(spare))),
+                }
+            }), if want_read => Wake::Read(read, into),
             _ = self.shared.budget.freed(), if d.budget_since.is_some() => Wake::BudgetFreed,
             _ = timer.as_mut(), if d.armed.is_some() => Wake::Timer,
         }
@@ -557,7 +605,7 @@ impl Conn {
         d: &mut Driver,
         reader: &mut R,
         read: std::io::Result<usize>,
-        spare: usize,
+        into: Into,
     ) -> Flow {
         match read {
             Ok(0) | Err(_) => {
@@ -569,12 +617,22 @@ impl Conn {
                 // The peer half-closed; whatever we still owe it is
                 // written, then the socket is dropped.
             }
-            Ok(n) => {
-                // TLS hands out a record per read: take the others already
-                // there too (plain TCP after a short read has nothing more).
-                let more = d.tls && read_ready(reader, &mut d.read.bytes);
-                d.read.filled(n, spare, more);
-            }
+            // TLS hands out a record per read: take the others already
+            // there too (plain TCP after a short read has nothing more).
+            Ok(n) => match into {
+                Into::Buffer(spare) => {
+                    let more =
+                        d.tls && read_ready(reader, &mut d.read.bytes, spare.saturating_sub(n));
+                    d.read.filled(n, spare, more);
+                }
+                Into::Payload => {
+                    d.read.direct = true;
+                    while d.tls
+                        && let (_, Some(mut room)) = self.ws.split_io(1, READ_CHUNK)
+                        && read_ready(reader, &mut room, usize::MAX)
+                    {}
+                }
+            },
         }
         Flow::Continue
     }

@@ -5,7 +5,7 @@ use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::Notify;
 use wharf_protocol::WebSocket;
@@ -86,13 +86,18 @@ pub(super) async fn next_published(
 }
 
 /// Reads what the transport hands over without waiting, into the buffer's
-/// spare room; `true` if that filled it. For TLS, which hands out one
-/// record per read: a burst of messages should reach the plugin as one
-/// batch, not one per record.
-pub(super) fn read_ready<R: AsyncRead + Unpin>(reader: &mut R, rbuf: &mut BytesMut) -> bool {
+/// spare room, up to `most` bytes; `true` if that filled it. For TLS,
+/// which hands out one record per read: a burst of messages should reach
+/// the plugin as one batch, not one per record.
+pub(super) fn read_ready<R: AsyncRead + Unpin, B: BufMut>(
+    reader: &mut R,
+    buf: &mut B,
+    most: usize,
+) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
-    while rbuf.len() < rbuf.capacity() {
-        let read = std::pin::pin!(reader.read_buf(&mut *rbuf));
+    let mut buf = buf.limit(most);
+    while buf.has_remaining_mut() {
+        let read = std::pin::pin!(reader.read_buf(&mut buf));
         match read.poll(&mut cx) {
             Poll::Ready(Ok(n)) if n > 0 => {}
             // Not now; or EOF or an error, which the next read sees again.

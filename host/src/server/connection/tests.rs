@@ -466,3 +466,65 @@ async fn a_connection_task_carries_no_room_for_plugin_calls() {
     let size = std::mem::size_of_val(&task);
     assert!(size <= 2 * 1024, "a connection's task is {size} bytes");
 }
+
+#[tokio::test]
+async fn large_frames_read_straight_into_the_message_buffer_arrive_whole() {
+    let shared = shared("", "");
+    let mut peer = Peer::connect(&shared, 64 << 10).await;
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let text = "gr\u{fc}\u{df}e ".repeat(12_000);
+    // A binary frame, then the text in three fragments cut inside a
+    // character, then a small message: written in uneven pieces, so that
+    // frames start and end mid-read and the payloads arrive in parts.
+    let mut wire = Peer::frame(0x2, &big);
+    let cuts = [0, 20_001, 50_003, text.len()];
+    for (i, pair) in cuts.windows(2).enumerate() {
+        let mut frame = Peer::frame(
+            if i == 0 { TEXT } else { 0x0 },
+            &text.as_bytes()[pair[0]..pair[1]],
+        );
+        if i < 2 {
+            frame[0] &= 0x7f;
+        }
+        wire.extend(frame);
+    }
+    wire.extend(Peer::frame(TEXT, b"small"));
+    let (mut read, mut write) = tokio::io::split(peer.io);
+    let writer = tokio::spawn(async move {
+        for piece in wire.chunks(7_777) {
+            write.write_all(piece).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        write
+    });
+    let mut buf = Vec::new();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match parse(&buf) {
+            Some((frame, used)) => {
+                buf.drain(..used);
+                got.push(frame);
+            }
+            None => {
+                let mut chunk = vec![0u8; 16 << 10];
+                let n = tokio::time::timeout(STEP, read.read(&mut chunk))
+                    .await
+                    .expect("the server answers in time")
+                    .unwrap();
+                assert!(n > 0, "the server closed the pipe");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+    assert_eq!(got[0], (0x2, big));
+    assert_eq!(got[1], (TEXT, text.into_bytes()));
+    assert_eq!(got[2], (TEXT, b"small".to_vec()));
+    // Invalid UTF-8 deep in a large text frame: 1007.
+    let mut bad = vec![b'a'; 40_000];
+    bad[30_000] = 0xff;
+    let mut write = writer.await.unwrap();
+    write.write_all(&Peer::frame(TEXT, &bad)).await.unwrap();
+    peer.io = read.unsplit(write);
+    peer.buf = buf;
+    assert_eq!(peer.recv_close().await, 1007);
+}
