@@ -650,7 +650,8 @@ pub fn files(language: Language, name: &str) -> anyhow::Result<Vec<File>> {
     Ok(files)
 }
 
-/// The WIT package version (`0.1.2` of `package wharf:websocket@0.1.2;`).
+/// The WIT package version: `X.Y.Z` of `wit/websocket.wit`'s
+/// `package wharf:websocket@X.Y.Z;`.
 pub fn wit_version() -> &'static str {
     WIT.lines()
         .find_map(|l| l.strip_prefix("package wharf:websocket@"))

@@ -277,10 +277,6 @@ impl Runtime {
         self.cache_max_size = bytes;
     }
 
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
     /// The topics of `wharf:websocket/pubsub`, shared by every plugin loaded here.
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker
