@@ -81,8 +81,7 @@ struct Driver {
 /// The read buffer, sized to what the connection is doing.
 struct ReadBuffer {
     bytes: BytesMut,
-    /// The most read into it at a time, and what it is grown by when it
-    /// runs low (see [`FIRST_READ_CHUNK`]).
+    /// What the buffer is grown by when it runs low (see [`FIRST_READ_CHUNK`]).
     chunk: usize,
     /// A frame's payload was read into the protocol's buffer since the last
     /// pass over the input (see [`DIRECT_MIN`]).
