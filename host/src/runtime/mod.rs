@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Func, HasSelf, InstancePre, Linker, Resource, ResourceTable};
+use wasmtime::component::{Component, Func, HasSelf, InstancePre, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -233,6 +233,32 @@ impl PluginError {
     }
 }
 
+/// Makes the plugin's copy-on-write memory images (on Linux, a memfd per
+/// memory, written and sealed) at load, not in the first connection's
+/// instantiation, which paid for them (milliseconds for a large data image,
+/// as Python's) and answered 500 when the kernel refused the seals for a
+/// moment: `F_ADD_SEALS` fails with EBUSY while a page of the memfd is
+/// briefly pinned (seen once in CI, 2026-12-03). A few tries; wasmtime makes
+/// them again at an instantiation if all of these failed.
+fn prepare_memory_images(component: &Component, tenant: &str, name: &str) {
+    const TRIES: u32 = 3;
+    for attempt in 1..=TRIES {
+        match component.initialize_copy_on_write_image() {
+            Ok(()) => return,
+            Err(e) if attempt < TRIES => {
+                tracing::debug!(tenant, plugin = name, error = %e, attempt, "memory image not made; trying again");
+                std::thread::sleep(Duration::from_millis(20 * u64::from(attempt)));
+            }
+            Err(e) => tracing::warn!(
+                tenant,
+                plugin = name,
+                error = %e,
+                "cannot make the plugin's memory image now; its first instantiation will try again"
+            ),
+        }
+    }
+}
+
 impl Runtime {
     pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
         let engine = engine::build(PoolSizing {
@@ -342,6 +368,7 @@ impl Runtime {
         let batch = batch_handler::find(&pre).map_err(|e| world_error(e.into()))?;
         let packed = packed_handler::find(&pre).map_err(|e| world_error(e.into()))?;
         let snapshot = SnapshotExport::find(&pre).map_err(|e| world_error(e.into()))?;
+        prepare_memory_images(&component, &spec.tenant, name);
         // Accepted: only now is it worth caching.
         if let (Some(cache), Some(artifact)) = (&cache, &artifact) {
             cache.put(&self.engine, &hash, artifact);
