@@ -6,10 +6,16 @@
 //!
 //! ```text
 //! cargo bench --bench echo -- [--quick] [--scenario NAME]... [--duration SECS] [--warmup SECS] [--rounds N] [--shared]
+//!     [--busy-loadgen]
 //! ```
 //!
 //! `--shared` serves the echo plugin as a tenant in shared instance mode
 //! (one instance for every connection, so no instantiation per connection).
+//!
+//! `--busy-loadgen` keeps the load generator from ever sleeping: a reply
+//! that finds its core halted wakes it with an inter-processor interrupt,
+//! which the replying server pays for, and pays more often the slower it
+//! answers (see README, "Benchmarks").
 //!
 //! Each server process is pinned to one core; wharf runs one tokio worker
 //! (`TOKIO_WORKER_THREADS=1`), each baseline one current-thread runtime
@@ -178,6 +184,8 @@ struct Options {
     instructions: Option<InstrOptions>,
     /// `--shared`: wharf serves the echo plugin in shared instance mode.
     shared: bool,
+    /// `--busy-loadgen`: the load generator never sleeps (see `main`).
+    busy_loadgen: bool,
 }
 
 impl Options {
@@ -193,6 +201,7 @@ impl Options {
             smoke: true,
             instructions: None,
             shared: false,
+            busy_loadgen: false,
         }
     }
 }
@@ -205,11 +214,13 @@ fn parse_options(args: &[String]) -> Result<Options> {
     let mut rounds = 1;
     let mut instructions: Option<InstrOptions> = None;
     let mut shared = false;
+    let mut busy_loadgen = false;
     let mut it = args.iter().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => quick = true,
             "--shared" => shared = true,
+            "--busy-loadgen" => busy_loadgen = true,
             "--scenario" => {
                 let v = it.next().context("--scenario needs a name")?;
                 names.extend(v.split(',').map(str::to_owned));
@@ -272,7 +283,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             // Passed by `cargo bench` to harness-less benches.
             "--bench" => {}
             other => bail!(
-                "unknown argument {other:?}; options: --quick, --scenario NAME, --duration SECS, --warmup SECS, --rounds N, \
+                "unknown argument {other:?}; options: --quick, --scenario NAME, --duration SECS, --warmup SECS, --rounds N, --shared, --busy-loadgen, \
                  --instructions [--messages N1,N2] [--connections M1,M2] [--valgrind PATH] [--keep DIR] [--rep-strings] [--plugin PATH]"
             ),
         }
@@ -311,6 +322,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         smoke: false,
         instructions,
         shared,
+        busy_loadgen,
     })
 }
 
@@ -358,6 +370,19 @@ fn main() -> Result<()> {
     }
     let smoke = options.smoke;
     let started = Instant::now();
+    if options.busy_loadgen {
+        // A task always ready keeps the runtime from sleeping in
+        // epoll_wait: it polls. A server's reply then never has to wake the
+        // load generator's core from halt, an interrupt through the
+        // hypervisor on these VMs that the sender pays for (over a network,
+        // the client machine would), and that costs a server the more the
+        // slower it answers. Its CPU column then reads 100%.
+        local.spawn_local(async {
+            loop {
+                tokio::task::yield_now().await;
+            }
+        });
+    }
     rt.block_on(local.run_until(bench(options, pinning)))?;
     if smoke {
         println!(
