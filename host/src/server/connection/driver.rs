@@ -121,7 +121,7 @@ enum Wake {
     PeerWoke,
     /// `None`: the mailbox is closed.
     Published(Option<Framed>),
-    Read(std::io::Result<usize>, Into),
+    Read(std::io::Result<usize>, ReadInto),
     /// Connections gave bytes back to the server's budget.
     BudgetFreed,
     Timer,
@@ -129,7 +129,7 @@ enum Wake {
 
 /// Where a read went.
 #[derive(Clone, Copy)]
-enum Into {
+enum ReadInto {
     /// The read buffer, which had this much room before it.
     Buffer(usize),
     /// The payload of a large frame, into the protocol's buffer.
@@ -550,8 +550,8 @@ impl Conn {
             (read, into) = std::future::poll_fn(|cx| {
                 let reader = Pin::new(&mut *reader);
                 match payload.as_mut() {
-                    Some(room) => poll_read_buf(reader, cx, room).map(|r| (r, Into::Payload)),
-                    None => poll_read_buf(reader, cx, &mut d.read.bytes).map(|r| (r, Into::Buffer(spare))),
+                    Some(room) => poll_read_buf(reader, cx, room).map(|r| (r, ReadInto::Payload)),
+                    None => poll_read_buf(reader, cx, &mut d.read.bytes).map(|r| (r, ReadInto::Buffer(spare))),
                 }
             }), if want_read => Wake::Read(read, into),
             _ = self.shared.budget.freed(), if d.budget_since.is_some() => Wake::BudgetFreed,
@@ -604,7 +604,7 @@ impl Conn {
         d: &mut Driver,
         reader: &mut R,
         read: std::io::Result<usize>,
-        into: Into,
+        into: ReadInto,
     ) -> Flow {
         match read {
             Ok(0) | Err(_) => {
@@ -619,12 +619,12 @@ impl Conn {
             // TLS hands out a record per read: take the others already
             // there too (plain TCP after a short read has nothing more).
             Ok(n) => match into {
-                Into::Buffer(spare) => {
+                ReadInto::Buffer(spare) => {
                     let more =
                         d.tls && read_ready(reader, &mut d.read.bytes, spare.saturating_sub(n));
                     d.read.filled(n, spare, more);
                 }
-                Into::Payload => {
+                ReadInto::Payload => {
                     d.read.direct = true;
                     while d.tls
                         && let (_, Some(mut room)) = self.ws.split_io(1, READ_CHUNK)
