@@ -456,7 +456,7 @@ impl Setup {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ck.cert.der().clone()).context("trust cert")?;
         let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .context("rustls protocol versions")?

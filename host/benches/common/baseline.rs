@@ -94,7 +94,7 @@ fn acceptor(cert: &str, key: &str) -> Result<tokio_rustls::TlsAcceptor> {
         .context("parse cert")?;
     let key = PrivateKeyDer::from_pem_file(key).context("read key")?;
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
     .with_no_client_auth()

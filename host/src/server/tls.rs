@@ -70,7 +70,7 @@ pub fn acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
 /// Builds the acceptor for one listener, and the handle that reloads the
 /// certificates it serves.
 pub fn reloadable_acceptor(tls: &TlsConfig) -> Result<(TlsAcceptor, TlsReloader), TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let certificates = Certificates::load(tls, &provider)?;
     let certs = Arc::new(ReloadableCerts {
         current: ArcSwap::from_pointee(certificates),
@@ -539,7 +539,7 @@ mod tests {
     }
 
     fn load(tls: &TlsConfig) -> Result<Certificates, TlsError> {
-        Certificates::load(tls, &rustls::crypto::ring::default_provider())
+        Certificates::load(tls, &rustls::crypto::aws_lc_rs::default_provider())
     }
 
     fn load_err(tls: &TlsConfig) -> String {
