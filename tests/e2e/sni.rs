@@ -142,7 +142,7 @@ impl Drop for Wharf {
 }
 
 fn client_config(send_sni: bool) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = wharf::server::tls::crypto_provider();
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .unwrap()

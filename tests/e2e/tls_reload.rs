@@ -162,7 +162,7 @@ impl Drop for Wharf {
 /// A fresh TLS session to `addr` (a new client config each time, so never a
 /// resumed session: the server always presents its certificate).
 async fn tls_connect(addr: SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = wharf::server::tls::crypto_provider();
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .unwrap()

@@ -475,13 +475,11 @@ pub fn self_signed() -> TestCert {
         .expect("generate cert");
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ck.cert.der().clone()).expect("trust cert");
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let client = rustls::ClientConfig::builder_with_provider(wharf::server::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     TestCert {
         cert_pem: ck.cert.pem(),
         key_pem: ck.signing_key.serialize_pem(),
