@@ -82,6 +82,8 @@ impl Conn {
     ) -> Self {
         let now = Instant::now();
         let held = shared.budget.held();
+        // Given back in `drop`.
+        shared.metrics.tenant_connection(&tenant.name, 1);
         Self {
             id,
             held,

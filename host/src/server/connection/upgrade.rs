@@ -9,7 +9,7 @@ use std::time::Instant;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
-use wharf_protocol::{HandshakeError, Request};
+use wharf_protocol::{CloseCode, HandshakeError, Request};
 
 use super::Shared;
 use super::conn::Conn;
@@ -189,11 +189,8 @@ where
             return refuse(writer, shared, 500, "plugin-error", HANDLER_ERROR).await;
         }
     };
-    if writer.write_all(&reply).await.is_err() {
-        shared.metrics.handshake_failed(101, "io");
-        return None;
-    }
-
+    // Counted open before the 101 is written: a client that has read it
+    // (and a test that then scrapes the metrics) must find itself counted.
     let mut conn = Conn::new(
         id,
         tenant,
@@ -204,7 +201,11 @@ where
         shared.clone(),
     );
     shared.metrics.connection_opened();
-    shared.metrics.tenant_connection(&conn.tenant.name, 1);
+    if writer.write_all(&reply).await.is_err() {
+        // The peer left as the 101 went out, as it may just after: 1006.
+        shared.metrics.connection_closed(CloseCode::ABNORMAL, false);
+        return None;
+    }
     tracing::debug!(conn = id, tenant = %conn.tenant.name, path = %request.path, "open");
     // Messages the plugin sent from on-upgrade follow the 101.
     conn.after_call(Ok(())).await;
