@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::*;
@@ -134,4 +135,111 @@ async fn pipelined_frame_after_handshake() {
     assert_eq!(resp.status, 101, "{resp:?}");
     let f = raw.read_frame().await;
     assert_eq!((f.opcode, &f.payload[..]), (OP_TEXT, &b"pipelined"[..]));
+}
+
+/// Large echoes are written to the socket while the plugin's memory is
+/// still readable, and only what the socket does not take is queued. To
+/// a client whose receive buffer is small and who reads late, most such
+/// writes are partial: every echo must still arrive whole and in order,
+/// with the Pongs for the Pings sent between them (which the server may
+/// queue while an echo is half written) between frames, never inside one,
+/// and each echo counted once.
+#[tokio::test]
+async fn large_echoes_to_a_slow_reader_stay_whole_and_in_order() {
+    // 8 MiB: twice what the server's socket may buffer (`tcp_wmem`'s
+    // usual maximum), and within the send queue configured below, so that
+    // no echo is refused for the backlog.
+    const COUNT: usize = 64;
+    const SIZE: usize = 128 * 1024;
+    let server = Server::start(ServerOpts {
+        extra: "[admin]\nlisten = \"127.0.0.1:0\"\n".into(),
+        websocket: "send_queue = \"32MiB\"",
+        ..ServerOpts::new("echo")
+    });
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut tcp = within(
+        IO_TIMEOUT,
+        "TCP connect",
+        socket.connect(server.addr(false)),
+    )
+    .await
+    .expect("TCP connect");
+    tcp.write_all(upgrade_request("/", &[]).as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 1024];
+        let n = within(IO_TIMEOUT, "101", tcp.read(&mut chunk))
+            .await
+            .unwrap();
+        assert!(n > 0, "closed before the 101");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    assert!(buf.starts_with(b"HTTP/1.1 101"), "{buf:?}");
+    buf.drain(..head_end);
+
+    // Message i: text (even i) or binary, SIZE bytes of a pattern of i.
+    let payload =
+        |i: usize| -> Vec<u8> { (0..SIZE).map(|j| b'a' + ((i + j) % 26) as u8).collect() };
+    let mut wire = Vec::new();
+    for i in 0..COUNT {
+        // In two fragments with the Ping between them: the Pong is queued
+        // by the read that completes the message, just before its echo.
+        let op = if i % 2 == 0 { OP_TEXT } else { OP_BINARY };
+        let message = payload(i);
+        let (first, last) = message.split_at(SIZE - 10);
+        let mask = Some([1, 2, 3, 4]);
+        wire.extend(frame(false, 0, op, mask, first));
+        wire.extend(frame(true, 0, OP_PING, mask, &[i as u8]));
+        wire.extend(frame(true, 0, OP_CONT, mask, last));
+    }
+    let (mut read, mut write) = tcp.into_split();
+    let writer = tokio::spawn(async move { write.write_all(&wire).await.map(|()| write) });
+    // Late, so that the server's writes meet a full receive buffer.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (mut echoes, mut pongs) = (0, 0);
+    while echoes < COUNT || pongs < COUNT {
+        let frame = loop {
+            if let Some((frame, used)) = parse_frame(&buf) {
+                buf.drain(..used);
+                break frame;
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            let n = within(Duration::from_secs(10), "a frame", read.read(&mut chunk))
+                .await
+                .unwrap();
+            assert!(n > 0, "closed after {echoes} echoes and {pongs} pongs");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        assert!(frame.fin, "{frame:?}");
+        if frame.opcode == OP_PONG {
+            assert_eq!(frame.payload, [pongs as u8], "pongs in order");
+            pongs += 1;
+            continue;
+        }
+        let op = if echoes % 2 == 0 { OP_TEXT } else { OP_BINARY };
+        assert_eq!(frame.opcode, op, "echo {echoes}");
+        assert!(frame.payload == payload(echoes), "echo {echoes} differs");
+        echoes += 1;
+    }
+    let _write = writer.await.unwrap().expect("client writes");
+    // Counted once each, written directly or not.
+    let half = COUNT as f64 / 2.0;
+    for kind in ["text", "binary"] {
+        let series = format!(r#"wharf_messages_sent_total{{tenant="default",type="{kind}"}}"#);
+        assert_eq!(server.metric(&series).await, half, "{series}");
+    }
+    let bytes = (COUNT * SIZE) as f64;
+    assert_eq!(
+        server
+            .metric(r#"wharf_sent_bytes_total{tenant="default"}"#)
+            .await,
+        bytes
+    );
 }

@@ -193,6 +193,21 @@ impl ByType {
     }
 }
 
+impl TenantCounters {
+    /// One message sent outside a connection's tally: written during the
+    /// plugin's call (`runtime::connection_host::DirectWrite`).
+    pub fn message_sent(&self, binary: bool, bytes: u64) {
+        let by_type = &self.sent;
+        let counter = if binary {
+            &by_type.binary
+        } else {
+            &by_type.text
+        };
+        counter.inc();
+        add(&self.sent_bytes, bytes);
+    }
+}
+
 /// Skips the locked add when there is nothing to add.
 fn add(counter: &Counter, n: u64) {
     if n > 0 {

@@ -1,16 +1,21 @@
 //! The host side of `wharf:websocket/connection`: the `connection` resource a
 //! plugin sends through.
 //!
-//! A plugin's sends are not written from inside the call: they are framed
-//! into the connection's [`Outbox`] and handed to the protocol state machine
-//! by the driver once the call returns, so the host never re-enters an
-//! instance and a plugin never touches a socket.
+//! A plugin's sends are framed into the connection's [`Outbox`] and handed
+//! to the protocol state machine by the driver once the call returns, so
+//! the host never re-enters an instance and a plugin never touches a
+//! socket. One exception saves a large message's copy: during a call the
+//! connection's own task makes with nothing queued ahead, its frame is
+//! offered to the socket by the host, without waiting, while the plugin's
+//! memory is still readable ([`DirectWrite`]); only what the socket does
+//! not take is framed into the outbox.
 //!
 //! These host functions are wired by hand rather than by `bindgen!`: the
 //! generated ones would lift each payload into a fresh `String`/`Vec`
 //! (an allocation and a copy per message); here the payload is read in
 //! place from the plugin's memory and framed straight into the outbox.
 
+use std::io::IoSlice;
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -35,6 +40,25 @@ pub struct SendLimits {
     pub fragment_size: Option<usize>,
 }
 
+/// The smallest message written to the socket during the call
+/// ([`DirectWrite`]): below it, copying the payload costs less than the
+/// write of its own it would take when the plugin sends several (one
+/// write takes a whole outbox).
+const WRITE_THROUGH_MIN: usize = 16 * 1024;
+
+/// The socket of the connection whose task is calling, for its large
+/// sends; see the module's doc.
+pub trait DirectWrite: Send + Sync + std::fmt::Debug {
+    /// Writes what the socket takes now, without waiting: the bytes
+    /// written, 0 when it takes nothing or fails (the driver's own write
+    /// then meets the error).
+    fn try_write(&self, bufs: &[IoSlice<'_>]) -> usize;
+    /// Counts a message written this way, before it is, so that whoever
+    /// sees it has seen it counted (the outbox's messages are counted by
+    /// the driver, before it writes them).
+    fn count_sent(&self, text: bool, bytes: usize);
+}
+
 /// A plugin's sends for one connection during a call: complete frames, and
 /// the close it asked for (always last: nothing is accepted after it).
 #[derive(Debug, Default)]
@@ -46,6 +70,10 @@ pub struct Outbox {
     backlog: usize,
     /// No more sends accepted: the plugin closed, or the connection is closing.
     closed: bool,
+    /// Where large sends go during a call, kept between calls...
+    direct: Option<Arc<dyn DirectWrite>>,
+    /// ...and whether they may go there during this one.
+    armed: bool,
 }
 
 impl Outbox {
@@ -74,14 +102,38 @@ impl Outbox {
 
     pub(crate) fn send_text(&mut self, text: &str) -> Result<(), ErrorCode> {
         self.check_send(text.len())?;
-        self.frames.push_text(text);
+        if !self.write_through(true, text.as_bytes()) {
+            self.frames.push_text(text);
+        }
         Ok(())
     }
 
     pub(crate) fn send_binary(&mut self, data: &[u8]) -> Result<(), ErrorCode> {
         self.check_send(data.len())?;
-        self.frames.push_binary(data);
+        if !self.write_through(false, data) {
+            self.frames.push_binary(data);
+        }
         Ok(())
+    }
+
+    /// Offers a large message's frame to the socket, if this call may
+    /// ([`DirectWrite`]) and nothing is framed ahead of it, and frames what
+    /// it did not take. `false`: not offered, for the caller to frame.
+    fn write_through(&mut self, text: bool, payload: &[u8]) -> bool {
+        if payload.len() < WRITE_THROUGH_MIN {
+            return false;
+        }
+        let Some(direct) = self.direct.as_ref().filter(|_| self.armed) else {
+            return false;
+        };
+        let Some((header, used)) = self.frames.header_for(text, payload.len()) else {
+            return false;
+        };
+        let header = &header[..used];
+        direct.count_sent(text, payload.len());
+        let written = direct.try_write(&[IoSlice::new(header), IoSlice::new(payload)]);
+        self.frames.push_rest(header, payload, written);
+        true
     }
 
     pub(crate) fn close(&mut self, code: CloseCode, reason: String) -> Result<(), ErrorCode> {
@@ -97,11 +149,24 @@ impl Outbox {
         Ok(())
     }
 
-    /// Sets what the driver still has to write and whether the connection can
-    /// still send; called before each call into the plugin.
-    pub fn sync(&mut self, backlog: usize, closed: bool) {
+    /// Sets what the driver still has to write, whether the connection can
+    /// still send, and where this call's large sends may be written
+    /// (`None`: framed like the rest); called before each call into the
+    /// plugin.
+    pub fn sync(&mut self, backlog: usize, closed: bool, direct: Option<&Arc<dyn DirectWrite>>) {
         self.backlog = backlog;
         self.closed |= closed;
+        self.armed = direct.is_some();
+        if let Some(direct) = direct
+            && self.direct.is_none()
+        {
+            self.direct = Some(direct.clone());
+        }
+    }
+
+    /// The call is over: nothing more is written from it.
+    pub fn disarm(&mut self) {
+        self.armed = false;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -286,9 +351,9 @@ mod tests {
         assert_eq!(out.frames.len(), 2 + 2 + 2 + 3);
         assert_eq!(out.send_binary(&[0; 101]), Err(ErrorCode::MessageTooBig));
         // The queue bound counts what the driver still has to write too.
-        out.sync(41, false);
+        out.sync(41, false, None);
         assert_eq!(out.send_text("x"), Err(ErrorCode::QueueFull));
-        out.sync(0, false);
+        out.sync(0, false, None);
         assert_eq!(out.discard(), 2);
         assert!(out.is_empty());
     }
@@ -313,7 +378,7 @@ mod tests {
         );
         // A connection that is closing refuses sends before any close call.
         let mut out = outbox(100, 1000);
-        out.sync(0, true);
+        out.sync(0, true, None);
         assert_eq!(out.send_binary(b"x"), Err(ErrorCode::Closed));
     }
 }

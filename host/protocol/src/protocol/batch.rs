@@ -3,6 +3,11 @@
 //! handler's memory into a [`FrameBatch`], and hands the whole batch to
 //! [`WebSocket::send_batch`](super::WebSocket::send_batch) after the call.
 //! No per-message allocation, and one copy of each payload.
+//!
+//! A large message may skip even that copy: the host offers its frame to
+//! the socket while the handler's memory is still readable
+//! ([`FrameBatch::header_for`]) and queues here only what the socket did
+//! not take ([`FrameBatch::push_rest`]).
 
 use bytes::BytesMut;
 
@@ -27,6 +32,8 @@ pub struct FrameBatch {
     fragment_size: Option<usize>,
     text: Tally,
     binary: Tally,
+    /// The bytes begin with the rest of a frame that is partly written.
+    begun: bool,
 }
 
 impl FrameBatch {
@@ -60,6 +67,29 @@ impl FrameBatch {
         }
     }
 
+    /// The header of a `text` or binary message of `len` bytes, when it
+    /// can be written ahead of the batch: the batch is empty (nothing
+    /// framed before it goes after it) and the message is one frame. The
+    /// caller writes the header and the payload and hands what was not
+    /// written to [`push_rest`](Self::push_rest); it counts the message
+    /// itself (the batch's tally does not).
+    pub fn header_for(&self, text: bool, len: usize) -> Option<([u8; 10], usize)> {
+        let one_frame = self.fragment_size.is_none_or(|size| len <= size.max(1));
+        let opcode = if text { OpCode::Text } else { OpCode::Binary };
+        (self.is_empty() && one_frame).then(|| coding::encode(true, opcode, len))
+    }
+
+    /// Queues the part of a frame from [`header_for`](Self::header_for)
+    /// (`header`, then `payload`) that a write did not take: everything
+    /// after its first `written` bytes.
+    pub fn push_rest(&mut self, header: &[u8], payload: &[u8], written: usize) {
+        self.begun |= self.is_empty() && written > 0;
+        let in_header = written.min(header.len());
+        let in_payload = (written - in_header).min(payload.len());
+        self.bytes.extend_from_slice(&header[in_header..]);
+        self.bytes.extend_from_slice(&payload[in_payload..]);
+    }
+
     /// Encoded bytes in the batch (what it adds to the output queue).
     pub fn len(&self) -> usize {
         self.bytes.len()
@@ -84,9 +114,17 @@ impl FrameBatch {
         &mut self.bytes
     }
 
+    /// Whether the bytes begin with the rest of a frame already partly
+    /// written ([`push_rest`](Self::push_rest)); cleared, since the
+    /// caller takes them.
+    pub(crate) fn take_begun(&mut self) -> bool {
+        std::mem::take(&mut self.begun)
+    }
+
     /// Drops the queued frames (and their counts).
     pub fn clear(&mut self) {
         self.bytes.clear();
+        self.begun = false;
         self.take_tally();
     }
 }
@@ -94,4 +132,55 @@ impl FrameBatch {
 fn add(tally: &mut Tally, len: usize) {
     tally.messages += 1;
     tally.bytes += len as u64;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame written in part and queued for the rest is, byte for byte,
+    /// the frame the batch would have queued whole, wherever the write
+    /// stopped.
+    #[test]
+    fn a_frame_written_in_part_is_the_frame_queued_whole() {
+        for (text, len) in [
+            (false, 0),
+            (true, 5),
+            (false, 125),
+            (true, 126),
+            (false, 70_000),
+        ] {
+            let payload: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            let mut whole = FrameBatch::new(None);
+            if text {
+                whole.push_text(std::str::from_utf8(&payload).unwrap());
+            } else {
+                whole.push_binary(&payload);
+            }
+            let whole = whole.bytes_mut().to_vec();
+            let (header, used) = FrameBatch::new(None).header_for(text, len).unwrap();
+            for written in [0, 1, used - 1, used, used + 1, whole.len() - 1, whole.len()] {
+                let written = written.min(whole.len());
+                let mut rest = FrameBatch::new(None);
+                rest.push_rest(&header[..used], &payload, written);
+                assert_eq!(
+                    rest.bytes_mut()[..],
+                    whole[written..],
+                    "len {len}, written {written}"
+                );
+                assert_eq!(rest.take_tally(), (Tally::default(), Tally::default()));
+            }
+        }
+    }
+
+    /// Not ahead of frames already queued, nor for a message that is
+    /// fragmented.
+    #[test]
+    fn no_header_behind_a_queued_frame_or_for_fragments() {
+        let mut batch = FrameBatch::new(Some(1000));
+        assert!(batch.header_for(false, 1000).is_some());
+        assert!(batch.header_for(false, 1001).is_none());
+        batch.push_binary(b"x");
+        assert!(batch.header_for(false, 10).is_none());
+    }
 }

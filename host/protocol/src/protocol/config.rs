@@ -169,6 +169,40 @@ mod framed_len_tests {
         assert_eq!(ws.output_len(), queued);
     }
 
+    /// The rest of a frame written in part while the queue was empty goes
+    /// ahead of what was queued since (a Pong, then a Close), even once the
+    /// connection is closing; what follows it in the batch goes with it.
+    #[test]
+    fn begun_frame_finishes_ahead_of_the_queue() {
+        for close in [false, true] {
+            let mut ws = WebSocket::new(Config::default(), Instant::now());
+            let data = vec![7u8; 20_000];
+            let mut batch = FrameBatch::new(None);
+            let (header, used) = batch.header_for(false, data.len()).unwrap();
+            let written = used + 100;
+            batch.push_rest(&header[..used], &data, written);
+            batch.push_text("after");
+            ws.send_ping(b"p").unwrap();
+            if close {
+                ws.close(1000, "bye").unwrap();
+            }
+            let queued = output_bytes(&ws);
+            ws.send_batch_before_close(&mut batch).unwrap();
+            assert!(batch.is_empty());
+            let mut whole = FrameBatch::new(None);
+            whole.push_binary(&data);
+            whole.push_text("after");
+            let mut want = whole.bytes_mut()[written..].to_vec();
+            want.extend_from_slice(&queued);
+            assert_eq!(output_bytes(&ws), want, "close {close}");
+            assert_eq!(ws.output_len(), want.len());
+            // A batch that did not begin so is queued behind, as before.
+            let mut later = FrameBatch::new(None);
+            later.push_text("x");
+            assert_eq!(ws.send_batch(&mut later).is_ok(), !close);
+        }
+    }
+
     /// A framed message queues the same bytes as a borrowed send.
     #[test]
     fn framed_matches_send() {

@@ -384,6 +384,9 @@ impl WebSocket {
     /// rule, counting what is queued and what the batch already holds.
     /// Refused (and emptied) unless the connection is open.
     pub fn send_batch(&mut self, batch: &mut FrameBatch) -> Result<(), SendError> {
+        if self.finish_begun(batch) {
+            return Ok(());
+        }
         if let Err(err) = self.core.check_can_send() {
             batch.clear();
             return Err(err);
@@ -398,6 +401,9 @@ impl WebSocket {
     /// of our Close frame as long as no byte of it was written. Refused (and
     /// emptied) otherwise.
     pub fn send_batch_before_close(&mut self, batch: &mut FrameBatch) -> Result<(), SendError> {
+        if self.finish_begun(batch) {
+            return Ok(());
+        }
         if self.core.state == State::Open {
             return self.send_batch(batch);
         }
@@ -407,6 +413,19 @@ impl WebSocket {
             batch.clear();
             Err(SendError::Closed)
         }
+    }
+
+    /// A batch that begins with the rest of a frame its caller wrote in
+    /// part while the queue was empty ([`FrameBatch::header_for`]) goes
+    /// ahead of everything queued since (a Pong, a Close), whatever the
+    /// state: a frame begun on the wire is finished, or the stream is
+    /// corrupt. `false`: not such a batch.
+    fn finish_begun(&mut self, batch: &mut FrameBatch) -> bool {
+        if !batch.take_begun() {
+            return false;
+        }
+        self.core.out.prepend(batch.bytes_mut());
+        true
     }
 
     /// Queues a message framed once by [`Framed::text`] / [`Framed::binary`],

@@ -68,6 +68,18 @@ impl Output {
         true
     }
 
+    /// Queues `frames` ahead of everything queued: they begin with the rest
+    /// of a frame whose first bytes were written past the queue while it
+    /// was empty, so nothing queued since has been written.
+    pub(crate) fn prepend(&mut self, frames: &mut BytesMut) {
+        if self.len == 0 {
+            self.append(frames);
+        } else if !frames.is_empty() {
+            self.len += frames.len();
+            self.chunks.push_front(frames.split().freeze());
+        }
+    }
+
     /// Queues bytes that already are one or more complete frames.
     pub(crate) fn push_encoded(&mut self, frames: Bytes) {
         self.len += frames.len();

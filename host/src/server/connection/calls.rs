@@ -1,11 +1,14 @@
 //! Calls into the plugin for messages: on the worker, or movable to a
 //! [lane](crate::runtime::idle_pool) when the tenant shares the server.
 
+use std::sync::Arc;
+
 use wharf_protocol::State;
 
 use super::conn::Conn;
 use crate::runtime::batch::{Batch, BatchRef};
 use crate::runtime::batch_handler::Message;
+use crate::runtime::connection_host::DirectWrite;
 use crate::runtime::cpu_share::CpuShare;
 use crate::runtime::idle_pool;
 use crate::runtime::{Plugin, PluginError};
@@ -61,6 +64,7 @@ pub(super) async fn call_with(
     delivery: Delivery<'_>,
     backlog: usize,
     state: State,
+    direct: Option<&Arc<dyn DirectWrite>>,
 ) -> Option<Result<(), PluginError>> {
     let wait = slots.share.wait();
     if !wait.is_zero() {
@@ -76,7 +80,7 @@ pub(super) async fn call_with(
         Ok(None) => return None,
         Ok(Some(instance)) => instance,
     };
-    Conn::sync_outbox(&mut instance, backlog, state);
+    Conn::sync_outbox(&mut instance, backlog, state, direct);
     if movable {
         drop(instance);
         // Where it starts: a tenant over its share of late on the idle

@@ -2,15 +2,19 @@
 //! (to the plugin, under the tenant's rates), the plugin's sends (to the
 //! protocol), a publish, a swap, hibernation, the close.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
+
+use tokio::net::TcpStream;
 
 use wharf_protocol::{CloseCode, CloseInfo, Event, State, WebSocket};
 
 use super::Shared;
 use super::calls::{Delivery, Woken, call_with};
+use super::transport::DirectTcp;
 use crate::metrics::Tally;
 use crate::runtime::batch_handler::Message;
+use crate::runtime::connection_host::DirectWrite;
 use crate::runtime::pubsub_host::Mailbox;
 use crate::runtime::{Plugin, PluginError, PluginInstance};
 use crate::server::budget::Held;
@@ -61,6 +65,8 @@ pub(super) struct Conn {
     pub(super) inbox_state: State,
     /// Its part of the server's budget of bytes held for peers.
     pub(super) held: Held,
+    /// Its socket, for plugins' large sends, when it is plain TCP.
+    direct: Option<Arc<dyn DirectWrite>>,
 }
 
 impl Drop for Conn {
@@ -103,15 +109,55 @@ impl Conn {
             tally: None,
             inbox: Inbox::default(),
             inbox_state: State::Open,
+            direct: None,
         }
     }
 
+    /// Lets the plugin's large sends be written to `socket` during its
+    /// calls (see [`DirectWrite`]).
+    pub(super) fn write_through(&mut self, socket: Option<Weak<TcpStream>>) {
+        self.direct = socket.map(|stream| {
+            Arc::new(DirectTcp {
+                stream,
+                tenant: self.tenant.clone(),
+            }) as Arc<dyn DirectWrite>
+        });
+    }
+
+    /// The socket for a call's large sends, when the connection was open
+    /// with nothing queued (`backlog`, `state`: as the call's messages were
+    /// read; a Pong the read queued since goes behind, see
+    /// `WebSocket::send_batch`). The counts so far go out first, as they do
+    /// before the driver writes. Fields, not `self`: a message being
+    /// delivered still borrows the protocol.
+    fn direct_for_call<'a>(
+        direct: &'a Option<Arc<dyn DirectWrite>>,
+        tally: &mut Option<Box<Tally>>,
+        shared: &Shared,
+        tenant: &Tenant,
+        backlog: usize,
+        state: State,
+    ) -> Option<&'a Arc<dyn DirectWrite>> {
+        let direct = direct
+            .as_ref()
+            .filter(|_| backlog == 0 && state == State::Open)?;
+        if let Some(tally) = tally {
+            shared.metrics.absorb(tally, &tenant.counters);
+        }
+        Some(direct)
+    }
+
     /// Brings the plugin's view of the connection up to date before a call.
-    pub(super) fn sync_outbox(instance: &mut PluginInstance, backlog: usize, state: State) {
+    pub(super) fn sync_outbox(
+        instance: &mut PluginInstance,
+        backlog: usize,
+        state: State,
+        direct: Option<&Arc<dyn DirectWrite>>,
+    ) {
         instance
             .connection()
             .outbox
-            .sync(backlog, state != State::Open);
+            .sync(backlog, state != State::Open, direct);
     }
 
     /// The counts go to the shared metrics.
@@ -136,7 +182,7 @@ impl Conn {
         let started = Instant::now();
         let r = match self.handler.acquire(&self.plugin, self.id).await {
             Ok(Some(mut instance)) => {
-                Self::sync_outbox(&mut instance, backlog, state);
+                Self::sync_outbox(&mut instance, backlog, state, None);
                 let r = instance.on_open().await;
                 if r.is_err() {
                     instance.fail();
@@ -189,6 +235,7 @@ impl Conn {
             return;
         };
         let entry = instance.connection();
+        entry.outbox.disarm();
         if self.mailbox.is_none() {
             self.mailbox = entry.subscriptions.take_mailbox();
         }
@@ -341,7 +388,7 @@ impl Conn {
         let started = Instant::now();
         let r = match self.handler.acquire(&self.plugin, self.id).await {
             Ok(Some(mut instance)) => {
-                Self::sync_outbox(&mut instance, 0, State::Closed);
+                Self::sync_outbox(&mut instance, 0, State::Closed, None);
                 let r = instance
                     .on_close(closed.code, &closed.reason, closed.clean)
                     .await;
@@ -430,11 +477,20 @@ impl Conn {
             // own is a plain call.
             let hold = batched && !input.is_empty() && message.len() <= inbox::MESSAGE_MAX;
             if !hold && self.inbox.is_empty() {
+                let direct = Self::direct_for_call(
+                    &self.direct,
+                    &mut self.tally,
+                    &self.shared,
+                    &self.tenant,
+                    backlog,
+                    state,
+                );
                 let r = call_with(
                     Woken::of(&mut self.handler, &self.plugin, &self.tenant.cpu, self.id),
                     Delivery::One(message),
                     backlog,
                     state,
+                    direct,
                 )
                 .await;
                 now = self.called(r, 1, now).await;
@@ -496,11 +552,20 @@ impl Conn {
         // a Close read after them does not refuse their replies.
         let backlog = self.ws.output_len();
         let count = self.inbox.len();
+        let direct = Self::direct_for_call(
+            &self.direct,
+            &mut self.tally,
+            &self.shared,
+            &self.tenant,
+            backlog,
+            self.inbox_state,
+        );
         let r = call_with(
             Woken::of(&mut self.handler, &self.plugin, &self.tenant.cpu, self.id),
             Delivery::Batch(self.inbox.batch(self.ws.held())),
             backlog,
             self.inbox_state,
+            direct,
         )
         .await;
         self.inbox.clear();

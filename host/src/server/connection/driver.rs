@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::Sleep;
 use tokio_util::io::poll_read_buf;
@@ -279,8 +279,8 @@ impl Conn {
     /// output flushed (or the transport is gone).
     pub(super) async fn drive<R, W>(
         &mut self,
-        reader: &mut ReadHalf<R>,
-        writer: &mut WriteHalf<W>,
+        reader: &mut R,
+        writer: &mut W,
         rbuf: BytesMut,
         tls: bool,
     ) where
@@ -693,12 +693,8 @@ impl Conn {
     /// closing handshake): half-close (TLS close_notify, TCP FIN) and read
     /// until the peer closes too, so the kernel does not answer its in-flight
     /// data with a reset that could destroy our Close frame.
-    async fn linger<R, W>(
-        &mut self,
-        reader: &mut ReadHalf<R>,
-        writer: &mut WriteHalf<W>,
-        rbuf: &mut BytesMut,
-    ) where
+    async fn linger<R, W>(&mut self, reader: &mut R, writer: &mut W, rbuf: &mut BytesMut)
+    where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {

@@ -13,12 +13,13 @@ mod driver;
 mod io;
 #[cfg(test)]
 mod tests;
+mod transport;
 mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+pub(crate) use transport::Transport;
 
 use super::Shared;
 use super::pending::Handshake;
@@ -41,19 +42,28 @@ pub(crate) fn run<S, T>(
     handshake: Handshake,
 ) -> impl Future<Output = ()> + Send
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Transport,
     T: Future<Output = Option<S>> + Send,
 {
     let upgrade = Box::pin(upgrade(transport, peer, tls, id, shared, handshake));
     async move {
-        let Some((opened, mut reader, mut writer)) = upgrade.await else {
+        let Some((opened, mut reader, mut writer, direct)) = upgrade.await else {
             return;
         };
         let (mut conn, buf, permits) = opened.into_parts();
+        conn.write_through(direct);
         conn.drive(&mut reader, &mut writer, buf, tls).await;
         drop(permits);
     }
 }
+
+/// An open connection and its transport's halves (see [`Transport`]).
+type Opened<S> = (
+    Box<upgrade::Opened>,
+    <S as Transport>::Reader,
+    <S as Transport>::Writer,
+    Option<std::sync::Weak<tokio::net::TcpStream>>,
+);
 
 /// The transport and the opening handshake, under one deadline (the request
 /// has its own 408 at the same moment; this one also bounds the TLS
@@ -65,9 +75,9 @@ async fn upgrade<S, T>(
     id: u64,
     shared: Arc<Shared>,
     mut handshake: Handshake,
-) -> Option<(Box<upgrade::Opened>, ReadHalf<S>, WriteHalf<S>)>
+) -> Option<Opened<S>>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Transport,
     T: Future<Output = Option<S>> + Send,
 {
     let accepted = upgrade::Accepted {
@@ -78,9 +88,9 @@ where
         address: handshake.address.take(),
     };
     let open = async {
-        let (mut reader, mut writer) = tokio::io::split(transport.await?);
+        let (mut reader, mut writer, direct) = transport.await?.split();
         let opened = upgrade::open(&mut reader, &mut writer, accepted, &shared).await?;
-        Some((opened, reader, writer))
+        Some((opened, reader, writer, direct))
     };
     tokio::select! {
         biased;
