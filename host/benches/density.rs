@@ -22,13 +22,30 @@ const REQUEST: &[u8] =
     b"GET / HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+/// A process's resident memory, KiB: `rss` counts every mapped page once
+/// per mapping; `pss` divides a page shared by several mappings between
+/// them, so that a page of a plugin's memory image that every instance maps
+/// (copy-on-write, never written) counts once in all rather than once per
+/// instance.
+#[derive(Clone, Copy, Default)]
+struct Resident {
+    rss: u64,
+    pss: u64,
+}
+
+fn resident(pid: u32) -> Resident {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Resident {
+        rss: field("Rss:"),
+        pss: field("Pss:"),
+    }
 }
 
 /// Opens one connection and round-trips one small message, so the plugin
@@ -144,14 +161,22 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
             run(target, n, false, keep_resident.as_deref()).await?,
         ));
     }
-    let baseline = results.last().map_or(0.0, |r| r.1);
-    println!("\nRSS per idle connection, {n} connections (growth over the idle server / n):");
+    let baseline = results.last().map_or(0.0, |r| r.1.rss);
     println!(
-        "{:<40} {:>10} {:>18}",
-        "server", "KiB/conn", "vs tokio-tungstenite"
+        "\nMemory per idle connection, {n} connections (growth over the idle server / n, KiB):"
+    );
+    println!(
+        "{:<40} {:>8} {:>8} {:>22}",
+        "server", "RSS", "PSS", "RSS vs tokio-tungstenite"
     );
     for (target, kib) in results {
-        println!("{:<40} {kib:>10.1} {:>18.2}", target.name(), kib / baseline);
+        println!(
+            "{:<40} {:>8.1} {:>8.1} {:>22.2}",
+            target.name(),
+            kib.rss,
+            kib.pss,
+            kib.rss / baseline
+        );
     }
     Ok(())
 }
@@ -162,15 +187,22 @@ fn option<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
     args.get(i + 1)?.parse().ok()
 }
 
-/// Opens `n` connections and returns the server's RSS growth per
-/// connection (KiB); `check_all`: round-trip on every connection
+/// Growth of a server's resident memory per connection, KiB.
+#[derive(Clone, Copy)]
+struct PerConn {
+    rss: f64,
+    pss: f64,
+}
+
+/// Opens `n` connections and returns the server's memory growth per
+/// connection; `check_all`: round-trip on every connection
 /// afterwards, not just three.
 async fn run(
     target: Target,
     n: usize,
     check_all: bool,
     keep_resident: Option<&str>,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<PerConn> {
     let cache = tempfile::tempdir()?;
     let hibernate_ms = match target {
         Target::Wharf { hibernate_ms } => hibernate_ms,
@@ -225,7 +257,7 @@ async fn run(
     // one-time state are resident before the baseline is taken.
     drop(open(&addr).await?);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let base = rss_kib(pid);
+    let base = resident(pid);
 
     let started = Instant::now();
     let mut conns = Vec::with_capacity(n);
@@ -239,7 +271,7 @@ async fn run(
     // Idle connections: past a connection's settle time in the driver (1 s,
     // after which it frees its awake state) and twice the hibernation time.
     tokio::time::sleep(Duration::from_millis(1_500 + 2 * hibernate_ms)).await;
-    let loaded = rss_kib(pid);
+    let loaded = resident(pid);
     // All still alive (resumed, if hibernating): a round trip on the first,
     // a middle and the last, or on every one.
     let check: Vec<usize> = if check_all {
@@ -260,16 +292,25 @@ async fn run(
             "connection {i}: bad echo {echo:?}"
         );
     }
-    let per_conn = (loaded.saturating_sub(base)) as f64 / n as f64;
+    let per_conn = |f: fn(Resident) -> u64| f(loaded).saturating_sub(f(base)) as f64 / n as f64;
+    let per_conn = PerConn {
+        rss: per_conn(|r| r.rss),
+        pss: per_conn(|r| r.pss),
+    };
     println!(
         "{}: {n} connections open, opened in {elapsed:.2?} ({:.0}/s sequentially)",
         target.name(),
         n as f64 / elapsed.as_secs_f64()
     );
-    println!("server RSS: idle {base} KiB, with {n} connections {loaded} KiB");
     println!(
-        "RSS per idle connection, {}: {per_conn:.1} KiB",
-        target.name()
+        "server RSS: idle {} KiB, with {n} connections {} KiB (PSS {} and {})",
+        base.rss, loaded.rss, base.pss, loaded.pss
+    );
+    println!(
+        "RSS per idle connection, {}: {:.1} KiB (PSS {:.1})",
+        target.name(),
+        per_conn.rss,
+        per_conn.pss
     );
     drop(conns);
     child.kill().await?;
