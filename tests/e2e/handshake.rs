@@ -1,5 +1,6 @@
 //! The HTTP/1.1 opening handshake: what the host refuses by itself, and what
-//! the request-filter plugin decides.
+//! the request-filter plugin decides (from the request as a record) and the
+//! request-probe plugin reads (from the request as a handle).
 
 use std::time::{Duration, Instant};
 
@@ -109,6 +110,84 @@ async fn request_filter_plugin() {
     let resp = raw.read_response().await;
     assert_eq!(resp.status, 101, "{resp:?}");
     assert_eq!(resp.header("sec-websocket-protocol"), None, "{resp:?}");
+}
+
+/// A plugin exporting `request-handler` answers every upgrade in
+/// `on-request` (its `on-upgrade` would refuse with 500) and reads each
+/// field of the request through the handle: over ws and wss, with an
+/// instance per connection and with a shared one.
+#[tokio::test]
+async fn request_handler_reads_the_request_through_a_handle() {
+    let tenant = |name: &str, route: &str, mode: &str| {
+        format!(
+            "[[tenant]]\nname = {name:?}\nplugin = {:?}\nroutes = [{route:?}]\ninstance = {mode:?}\n",
+            plugin_path("request_probe").display().to_string()
+        )
+    };
+    let mut opts = ServerOpts::new("");
+    opts.tls = true;
+    opts.extra = tenant("own", "/probe", "per-connection") + &tenant("one", "/shared", "shared");
+    let server = Server::start(opts);
+    for (tls, path) in [(false, "/probe"), (true, "/probe"), (false, "/shared")] {
+        let mut raw = server.raw(tls).await;
+        let request = upgrade_request(
+            &format!("{path}?a=1&b"),
+            &[
+                ("x-probe", "seen"),
+                ("Sec-WebSocket-Protocol", "superchat, chat"),
+            ],
+        );
+        raw.send(request.as_bytes()).await;
+        let resp = raw.read_response().await;
+        assert_eq!(resp.status, 101, "{path}, tls {tls}: {resp:?}");
+        let frame = raw.read_frame().await;
+        assert_eq!(frame.opcode, OP_TEXT, "{path}, tls {tls}");
+        let report = String::from_utf8(frame.payload).unwrap();
+        let lines: Vec<&str> = report.lines().collect();
+        let path_line = format!("path={path}");
+        let expected = [
+            "method=GET",
+            &path_line,
+            "query=a=1&b",
+            "x-probe=seen",
+            "absent=None",
+            // Host, Upgrade, Connection, the key, the version, the two above.
+            "headers=7",
+            "first=Host",
+            "subprotocols=superchat,chat",
+        ];
+        assert_eq!(lines[..expected.len()], expected, "tls {tls}: {report}");
+        let remote = lines.iter().find_map(|l| l.strip_prefix("remote="));
+        assert!(
+            remote.is_some_and(|r| r.starts_with("127.0.0.1:")),
+            "{report}"
+        );
+        let tls_line = format!("tls={tls}");
+        assert_eq!(lines.last(), Some(&tls_line.as_str()), "{report}");
+        // An open connection like any other.
+        raw.send_frame(true, OP_TEXT, b"after the probe").await;
+        assert_eq!(raw.read_frame().await.payload, b"after the probe");
+    }
+
+    // A refusal from `on-request`: its status and body.
+    let refused = respond(
+        &server,
+        &upgrade_request("/probe", &[("X-Reject", "teapot")]),
+    )
+    .await;
+    assert_eq!(refused.status, 418, "{refused:?}");
+    assert_eq!(refused.body, "teapot", "{refused:?}");
+
+    // Each request lent to the shared instance is taken back out of its
+    // table after the call: were they kept, its 1,024 handles would be gone
+    // before these upgrades are.
+    for i in 0..1_100 {
+        let mut raw = server.raw(false).await;
+        raw.send(upgrade_request("/shared", &[]).as_bytes()).await;
+        let resp = raw.read_response().await;
+        assert_eq!(resp.status, 101, "upgrade {i}: {resp:?}");
+        assert_eq!(raw.read_frame().await.opcode, OP_TEXT, "upgrade {i}");
+    }
 }
 
 /// A client that never finishes its request is answered 408 and dropped.

@@ -712,7 +712,7 @@ fn chat_library(lang: &Lang, wasm: &Path) {
     let join = async |conn: u64, room: &str, nick: &str| {
         let mut inst = plugin.instantiate(conn).await.expect("instantiate");
         let response = inst
-            .on_upgrade(&request(room, nick))
+            .on_upgrade(request(room, nick))
             .await
             .expect("on_upgrade");
         assert!(

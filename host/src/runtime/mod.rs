@@ -21,6 +21,8 @@ pub mod packed_handler;
 pub mod packed_send_host;
 pub mod peers_host;
 pub mod pubsub_host;
+pub mod request_handler;
+pub mod request_host;
 pub mod shared;
 pub mod snapshot;
 pub mod wall;
@@ -31,7 +33,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Component, Func, HasSelf, InstancePre, Linker, Resource, ResourceTable};
+use wasmtime::component::{
+    Component, Func, HasSelf, Instance, InstancePre, Linker, Resource, ResourceTable,
+};
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -286,6 +290,7 @@ impl Runtime {
         attachment_host::add_to_linker(&mut linker)?;
         batch_send_host::add_to_linker(&mut linker)?;
         packed_send_host::add_to_linker(&mut linker)?;
+        request_host::add_to_linker(&mut linker)?;
         let clock = EpochClock::start(&engine);
         Ok(Self {
             engine,
@@ -368,6 +373,7 @@ impl Runtime {
         let batch = batch_handler::find(&pre).map_err(|e| world_error(e.into()))?;
         let packed = packed_handler::find(&pre).map_err(|e| world_error(e.into()))?;
         let snapshot = SnapshotExport::find(&pre).map_err(|e| world_error(e.into()))?;
+        let request = request_handler::find(&pre).map_err(|e| world_error(e.into()))?;
         prepare_memory_images(&component, &spec.tenant, name);
         // Accepted: only now is it worth caching.
         if let (Some(cache), Some(artifact)) = (&cache, &artifact) {
@@ -386,6 +392,7 @@ impl Runtime {
             batched = batch.is_some() || packed.is_some(),
             packed = packed.is_some(),
             snapshots = snapshot.is_some(),
+            lazy_request = request.is_some(),
             elapsed_ms = elapsed.as_millis() as u64,
             "plugin {name} {message} in {:.1?}",
             elapsed
@@ -398,6 +405,7 @@ impl Runtime {
             batch,
             packed,
             snapshot,
+            request,
             spec,
             broker: self.broker.clone(),
         })
@@ -482,6 +490,8 @@ pub struct Plugin {
     packed: Option<FuncExport>,
     /// Set if its shared instance's state can move to another version.
     snapshot: Option<SnapshotExport>,
+    /// Set if it takes the upgrade request as a handle (`on-request`).
+    request: Option<FuncExport>,
     spec: PluginSpec,
     broker: Arc<Broker>,
 }
@@ -668,6 +678,8 @@ impl Plugin {
             bindings,
             on_batch,
             snapshot,
+            on_request: self.request,
+            instance,
             conn,
         })
     }
@@ -773,6 +785,10 @@ pub struct PluginInstance {
     on_batch: Option<BatchFunc>,
     /// `snapshot#save` and `#restore`, if the plugin exports them.
     snapshot: Option<SnapshotFuncs>,
+    /// `request-handler#on-request`, if the plugin exports it: resolved
+    /// at the upgrade, the one call that needs it.
+    on_request: Option<FuncExport>,
+    instance: Instance,
     conn: Resource<ConnectionEntry>,
 }
 
@@ -889,16 +905,26 @@ impl PluginInstance {
         self.store.data().cpu.wall
     }
 
+    /// The upgrade: `on-request` with the request lent as a handle if the
+    /// plugin exports it, else `on-upgrade` with it lowered as a record.
     pub async fn on_upgrade(
         &mut self,
-        request: &UpgradeRequest,
+        request: UpgradeRequest,
     ) -> Result<UpgradeResponse, PluginError> {
         let conn = self.arm();
         let wall = self.wall();
-        let r = wall::within(wall, || {
-            self.bindings
-                .wharf_websocket_handler()
-                .call_on_upgrade(&mut self.store, conn, request)
+        let lazy = self
+            .on_request
+            .and_then(|export| export.resolve(&mut self.store, &self.instance));
+        let (store, bindings) = (&mut self.store, &self.bindings);
+        let r = wall::within(wall, || async move {
+            match lazy {
+                Some(func) => request_handler::call(store, func, conn, request).await,
+                None => {
+                    let handler = bindings.wharf_websocket_handler();
+                    handler.call_on_upgrade(store, conn, &request).await
+                }
+            }
         })
         .await;
         self.finish_within(r)

@@ -6,14 +6,19 @@
 //! - answering through the `conn` handle (`send_text`, `send_binary`, `close`),
 //! - exporting the implementation with `export!`,
 //!
-//! and one optional thing: taking messages in batches and answering them in
-//! one call, which saves a call into the instance and one into the host per
-//! message when a client sends many at once. This echo takes them packed
-//! (`packed-handler`: one buffer of payloads and one list of spans) and
-//! sends them back the same way (`packed-send`), which also saves an
-//! allocation per message; `batch-handler` and `batch-send` are the same
-//! with a list of messages, simpler to write for a handler that looks at
-//! each one.
+//! and two optional things:
+//! - taking messages in batches and answering them in one call, which saves
+//!   a call into the instance and one into the host per message when a
+//!   client sends many at once. This echo takes them packed
+//!   (`packed-handler`: one buffer of payloads and one list of spans) and
+//!   sends them back the same way (`packed-send`), which also saves an
+//!   allocation per message; `batch-handler` and `batch-send` are the same
+//!   with a list of messages, simpler to write for a handler that looks at
+//!   each one;
+//! - answering the upgrade in `on_request` (`request-handler`), where the
+//!   request is a handle read on demand: this echo reads none of it, so
+//!   none of it is copied into its memory (`on_upgrade` gets it all as a
+//!   record, and is called only by hosts older than WIT 0.1.9).
 //!
 //! Every text and binary message is sent straight back; the text "goodbye"
 //! closes the connection with code 1000 instead.
@@ -23,30 +28,30 @@
 // - `wharf::websocket::connection::Connection`, the host's connection resource,
 // - `wharf::websocket::types::*`, the shared records, variants and enums,
 // - `exports::wharf::websocket::packed_handler::Guest`, the optional batch
-//   export (`packed-handler-world` is `handler-world` plus it).
+//   export, and `exports::wharf::websocket::request_handler::Guest`, the
+//   optional upgrade export (`packed-request-handler-world` is
+//   `handler-world` plus both).
 wit_bindgen::generate!({
     path: "../../wit",
-    world: "packed-handler-world",
+    world: "packed-request-handler-world",
 });
 
 use exports::wharf::websocket::handler::Guest;
 use exports::wharf::websocket::packed_handler::Guest as PackedGuest;
+use exports::wharf::websocket::request_handler::Guest as RequestGuest;
 use wharf::websocket::connection::Connection;
 use wharf::websocket::packed::{Kind, Span};
 use wharf::websocket::packed_send;
+use wharf::websocket::request::Request;
 use wharf::websocket::types::{Accept, CloseCode, UpgradeRequest, UpgradeResponse};
 
 /// Our handler. It has no state: the host passes the connection to every call.
 struct Echo;
 
 impl Guest for Echo {
-    /// Accept every upgrade request, without picking a subprotocol or adding
-    /// response headers.
+    /// Only hosts older than WIT 0.1.9 call this (see `on_request`).
     fn on_upgrade(_conn: &Connection, _request: UpgradeRequest) -> UpgradeResponse {
-        UpgradeResponse::Accept(Accept {
-            subprotocol: None,
-            headers: Vec::new(),
-        })
+        accept()
     }
 
     fn on_open(_conn: &Connection) {}
@@ -83,6 +88,21 @@ impl PackedGuest for Echo {
         }
         send_packed(conn, &payloads[first_byte..], &spans[first_span..]);
     }
+}
+
+impl RequestGuest for Echo {
+    /// Accept every upgrade request, without reading it, picking a
+    /// subprotocol or adding response headers.
+    fn on_request(_conn: &Connection, _request: &Request) -> UpgradeResponse {
+        accept()
+    }
+}
+
+fn accept() -> UpgradeResponse {
+    UpgradeResponse::Accept(Accept {
+        subprotocol: None,
+        headers: Vec::new(),
+    })
 }
 
 fn send_packed(conn: &Connection, payloads: &[u8], spans: &[Span]) {

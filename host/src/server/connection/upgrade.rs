@@ -152,7 +152,7 @@ where
     let upgrade = upgrade_request(&mut request, peer, tls);
     let response = match handler.acquire(&plugin, id).await {
         Ok(Some(mut instance)) => {
-            let r = instance.on_upgrade(&upgrade).await;
+            let r = instance.on_upgrade(upgrade).await;
             if r.is_err() {
                 instance.fail();
             }
