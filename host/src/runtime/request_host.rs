@@ -58,7 +58,9 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     inst.func_wrap(
         "[method]request.header",
         |s: StoreContextMut<'_, HostState>, (this, name): (Resource<RequestEntry>, WasmStr)| {
-            let name = name.to_str(&s)?.into_owned();
+            // Compared in place in the plugin's memory (a UTF-8 plugin's
+            // name is not copied, whatever its length).
+            let name = name.to_str(&s)?;
             read(&s, &this, |r| header(r, &name))
         },
     )?;
