@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
+use crate::shared::tenant;
 use crate::support::*;
 
 /// Sends `request` on a fresh connection and reads the response.
@@ -118,15 +119,10 @@ async fn request_filter_plugin() {
 /// instance per connection and with a shared one.
 #[tokio::test]
 async fn request_handler_reads_the_request_through_a_handle() {
-    let tenant = |name: &str, route: &str, mode: &str| {
-        format!(
-            "[[tenant]]\nname = {name:?}\nplugin = {:?}\nroutes = [{route:?}]\ninstance = {mode:?}\n",
-            plugin_path("request_probe").display().to_string()
-        )
-    };
     let mut opts = ServerOpts::new("");
     opts.tls = true;
-    opts.extra = tenant("own", "/probe", "per-connection") + &tenant("one", "/shared", "shared");
+    opts.extra = tenant("own", "request_probe", &["/probe"], "per-connection")
+        + &tenant("one", "request_probe", &["/shared"], "shared");
     let server = Server::start(opts);
     for (tls, path) in [(false, "/probe"), (true, "/probe"), (false, "/shared")] {
         let mut raw = server.raw(tls).await;
