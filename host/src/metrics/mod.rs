@@ -102,10 +102,12 @@ struct TenantTypeLabels {
     r#type: &'static str,
 }
 
-/// One tenant's message counters, fetched once (at load) so that adding
-/// to them takes no lookup.
+/// One tenant's message counters and open-connections gauge, fetched
+/// once (at load) so that adding to them takes no lookup.
 #[derive(Debug)]
 pub struct TenantCounters {
+    /// `wharf_tenant_connections_open`.
+    open: Gauge,
     received: ByType,
     received_bytes: Counter,
     sent: ByType,
@@ -194,6 +196,11 @@ impl ByType {
 }
 
 impl TenantCounters {
+    /// A connection of the tenant opened (+1) or ended (-1).
+    pub fn connection(&self, delta: i64) {
+        self.open.inc_by(delta);
+    }
+
     /// One message sent outside a connection's tally: written during the
     /// plugin's call (`runtime::connection_host::DirectWrite`).
     pub fn message_sent(&self, binary: bool, bytes: u64) {
@@ -501,9 +508,13 @@ impl Metrics {
             .inc();
     }
 
-    /// A tenant's message counters (its series exist, as 0, from now on).
+    /// A tenant's message counters and open-connections gauge (its series
+    /// exist, as 0, from now on).
     pub fn tenant_counters(&self, tenant: &str) -> TenantCounters {
         TenantCounters {
+            open: self.tenant_open.get_or_create_owned(&TenantLabels {
+                tenant: tenant.to_owned(),
+            }),
             received: ByType::new(&self.received, tenant),
             received_bytes: self.tenant_counter(&self.received_bytes, tenant),
             sent: ByType::new(&self.sent, tenant),
@@ -545,15 +556,6 @@ impl Metrics {
                 kind,
             })
             .inc();
-    }
-
-    /// A tenant's open connections changed by `delta` (±1).
-    pub fn tenant_connection(&self, tenant: &str, delta: i64) {
-        self.tenant_open
-            .get_or_create(&TenantLabels {
-                tenant: tenant.to_owned(),
-            })
-            .inc_by(delta);
     }
 
     /// A tenant's limit refused an upgrade or closed a connection: `reason`

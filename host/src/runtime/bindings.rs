@@ -6,15 +6,15 @@ wasmtime::component::bindgen!({
     // Host methods reach into the resource table, which can fail on a forged
     // handle: that is a trap, not an `error-code`.
     imports: { default: trappable },
-    // Exports are called with `call_async` so that an epoch deadline can
-    // yield to the executor instead of blocking a worker thread.
+    // The host calls the exports through `runtime::handler` (checked once
+    // per plugin, not per instance), always with `call_async`, so that an
+    // epoch deadline can yield to the executor.
     exports: { default: async },
     with: {
         "wharf:websocket/connection.connection": super::connection_host::ConnectionEntry,
     },
 });
 
-pub use self::exports::wharf::websocket::handler::Guest as Handler;
 pub use self::wharf::websocket::types::{
     Accept, CloseCode, ErrorCode, Header, Reject, UpgradeRequest, UpgradeResponse,
 };

@@ -12,6 +12,7 @@ pub mod connection_host;
 pub mod cpu_share;
 pub mod engine;
 pub mod export;
+pub mod handler;
 pub mod idle_pool;
 pub mod inspect;
 pub mod latin1_host;
@@ -41,11 +42,12 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use self::batch::BatchRef;
 use self::batch_handler::Message;
-use self::bindings::{HandlerWorld, HandlerWorldIndices, UpgradeRequest, UpgradeResponse};
+use self::bindings::{UpgradeRequest, UpgradeResponse};
 use self::connection_host::{ConnectionEntry, Parked, SendLimits};
 use self::cpu_share::CpuShare;
 use self::engine::{EpochClock, PoolSizing};
 use self::export::FuncExport;
+use self::handler::{HandlerExports, HandlerFuncs};
 use self::limits::{CpuBudget, LimitExceeded, LimitHit, SandboxLimiter};
 use self::log_stream::{LogBudget, LogStream};
 use self::pubsub_host::{Broker, Subscriptions};
@@ -369,7 +371,7 @@ impl Runtime {
             .linker
             .instantiate_pre(&component)
             .map_err(world_error)?;
-        let indices = HandlerWorldIndices::new(&pre).map_err(world_error)?;
+        let handler = HandlerExports::find(&pre).map_err(|e| world_error(e.into()))?;
         let batch = batch_handler::find(&pre).map_err(|e| world_error(e.into()))?;
         let packed = packed_handler::find(&pre).map_err(|e| world_error(e.into()))?;
         let snapshot = SnapshotExport::find(&pre).map_err(|e| world_error(e.into()))?;
@@ -401,7 +403,7 @@ impl Runtime {
             name: name.into(),
             hash,
             pre,
-            indices,
+            handler,
             batch,
             packed,
             snapshot,
@@ -483,7 +485,7 @@ pub struct Plugin {
     name: Arc<str>,
     hash: String,
     pre: InstancePre<HostState>,
-    indices: HandlerWorldIndices,
+    handler: HandlerExports,
     /// Set if the plugin takes its messages in batches, as a list...
     batch: Option<FuncExport>,
     /// ...or packed (which it gets if it exports both).
@@ -660,9 +662,9 @@ impl Plugin {
             .await
             .map_err(|_| PluginError::WallTime)?
             .map_err(|e| classify(&store, e, PluginError::Instantiate))?;
-        let bindings = self
-            .indices
-            .load(&mut store, &instance)
+        let handler = self
+            .handler
+            .resolve(&mut store, &instance)
             .map_err(|e| PluginError::Instantiate(e.into()))?;
         let on_batch = match (&self.packed, &self.batch) {
             (Some(packed), _) => packed.resolve(&mut store, &instance).map(BatchFunc::Packed),
@@ -675,7 +677,7 @@ impl Plugin {
             .and_then(|s| s.resolve(&mut store, &instance));
         Ok(PluginInstance {
             store,
-            bindings,
+            handler,
             on_batch,
             snapshot,
             on_request: self.request,
@@ -780,7 +782,7 @@ enum BatchFunc {
 /// connection handle.
 pub struct PluginInstance {
     store: Store<HostState>,
-    bindings: HandlerWorld,
+    handler: HandlerFuncs,
     /// How the plugin takes a batch, if it takes batches.
     on_batch: Option<BatchFunc>,
     /// `snapshot#save` and `#restore`, if the plugin exports them.
@@ -916,14 +918,11 @@ impl PluginInstance {
         let lazy = self
             .on_request
             .and_then(|export| export.resolve(&mut self.store, &self.instance));
-        let (store, bindings) = (&mut self.store, &self.bindings);
+        let (store, handler) = (&mut self.store, self.handler);
         let r = wall::within(wall, || async move {
             match lazy {
                 Some(func) => request_handler::call(store, func, conn, request).await,
-                None => {
-                    let handler = bindings.wharf_websocket_handler();
-                    handler.call_on_upgrade(store, conn, &request).await
-                }
+                None => handler.on_upgrade(store, conn, &request).await,
             }
         })
         .await;
@@ -933,36 +932,21 @@ impl PluginInstance {
     pub async fn on_open(&mut self) -> Result<(), PluginError> {
         let conn = self.arm();
         let wall = self.wall();
-        let r = wall::within(wall, || {
-            self.bindings
-                .wharf_websocket_handler()
-                .call_on_open(&mut self.store, conn)
-        })
-        .await;
+        let r = wall::within(wall, || self.handler.on_open(&mut self.store, conn)).await;
         self.finish_within(r)
     }
 
     pub async fn on_text(&mut self, text: &str) -> Result<(), PluginError> {
         let conn = self.arm();
         let wall = self.wall();
-        let r = wall::within(wall, || {
-            self.bindings
-                .wharf_websocket_handler()
-                .call_on_text(&mut self.store, conn, text)
-        })
-        .await;
+        let r = wall::within(wall, || self.handler.on_text(&mut self.store, conn, text)).await;
         self.finish_within(r)
     }
 
     pub async fn on_binary(&mut self, data: &[u8]) -> Result<(), PluginError> {
         let conn = self.arm();
         let wall = self.wall();
-        let r = wall::within(wall, || {
-            self.bindings
-                .wharf_websocket_handler()
-                .call_on_binary(&mut self.store, conn, data)
-        })
-        .await;
+        let r = wall::within(wall, || self.handler.on_binary(&mut self.store, conn, data)).await;
         self.finish_within(r)
     }
 
@@ -1019,13 +1003,8 @@ impl PluginInstance {
         let conn = self.arm();
         let wall = self.wall();
         let r = wall::within(wall, || {
-            self.bindings.wharf_websocket_handler().call_on_close(
-                &mut self.store,
-                conn,
-                code,
-                reason,
-                clean,
-            )
+            self.handler
+                .on_close(&mut self.store, conn, code, reason, clean)
         })
         .await;
         self.finish_within(r)

@@ -72,7 +72,7 @@ pub(super) struct Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         self.publish_counts();
-        self.shared.metrics.tenant_connection(&self.tenant.name, -1);
+        self.tenant.counters.connection(-1);
     }
 }
 
@@ -89,7 +89,7 @@ impl Conn {
         let now = Instant::now();
         let held = shared.budget.held();
         // Given back in `drop`.
-        shared.metrics.tenant_connection(&tenant.name, 1);
+        tenant.counters.connection(1);
         Self {
             id,
             held,
