@@ -284,7 +284,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--bench" => {}
             other => bail!(
                 "unknown argument {other:?}; options: --quick, --scenario NAME, --duration SECS, --warmup SECS, --rounds N, --shared, --busy-loadgen, \
-                 --instructions [--messages N1,N2] [--connections M1,M2] [--valgrind PATH] [--keep DIR] [--rep-strings] [--plugin PATH]"
+                 --instructions [--messages N1,N2] [--connections M1,M2] [--valgrind PATH] [--keep DIR] [--rep-strings] [--plugin PATH] [--shared]"
             ),
         }
     }
@@ -320,7 +320,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         quick,
         rounds,
         smoke: false,
-        instructions,
+        instructions: instructions.map(|i| InstrOptions { shared, ..i }),
         shared,
         busy_loadgen,
     })
@@ -543,6 +543,15 @@ fn kernel_ceiling(w: &Measurement, b: &Measurement) -> f64 {
 // The run
 // ---------------------------------------------------------------------------
 
+/// The configuration that serves the echo component at `path` to every
+/// route from one shared instance.
+fn shared_tenant(path: &std::path::Path) -> String {
+    format!(
+        "[[tenant]]\nname = \"echo\"\nplugin = {:?}\nroutes = [\"/\"]\ninstance = \"shared\"\n",
+        path.display().to_string()
+    )
+}
+
 struct Row {
     scenario: Scenario,
     /// Each server's best measurement, in [`TARGETS`] order.
@@ -551,10 +560,7 @@ struct Row {
 
 async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
     let extra = if opts.shared {
-        format!(
-            "[[tenant]]\nname = \"echo\"\nplugin = {:?}\nroutes = [\"/\"]\ninstance = \"shared\"\n",
-            format!("{}/echo.wasm", wharf::bundled::PLUGIN_DIR)
-        )
+        shared_tenant(&PathBuf::from(wharf::bundled::PLUGIN_DIR).join("echo.wasm"))
     } else {
         String::new()
     };
@@ -855,6 +861,9 @@ struct InstrOptions {
     /// bundled one, and only wharf is counted (a language runtime's cost
     /// per message, which timed runs on a busy machine cannot separate).
     plugin: Option<PathBuf>,
+    /// `--shared`: wharf serves the echo as a tenant in shared instance
+    /// mode (a connection's cost without its instantiation).
+    shared: bool,
 }
 
 impl Default for InstrOptions {
@@ -866,6 +875,7 @@ impl Default for InstrOptions {
             keep: None,
             rep_strings: false,
             plugin: None,
+            shared: false,
         }
     }
 }
@@ -988,12 +998,21 @@ mod instructions {
             ),
             None => String::new(),
         };
+        let tenant = if opts.shared {
+            let path = match &opts.plugin {
+                Some(path) => path.clone(),
+                None => PathBuf::from(wharf::bundled::PLUGIN_DIR).join("echo.wasm"),
+            };
+            shared_tenant(&path)
+        } else {
+            String::new()
+        };
         let setup = Setup::new(
             Pinning {
                 server: None,
                 loadgen: None,
             },
-            &format!("{plugin}[server]\nmax_connections = 8\n"),
+            &format!("{plugin}[server]\nmax_connections = 8\n{tenant}"),
         )?;
         // Another plugin: wharf alone (the baselines' counts do not change).
         let targets: &[Target] = if opts.plugin.is_some() {

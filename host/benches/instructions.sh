@@ -6,7 +6,7 @@
 #
 #   host/benches/instructions.sh [--messages N1,N2] [--connections M1,M2]
 #                                [--top K] [--keep DIR [--no-run]] [--valgrind PATH] [--rep-strings]
-#                                [--plugin PATH]
+#                                [--plugin PATH] [--shared]
 #
 # Each server runs under callgrind once with N1 and once with N2 operations;
 # the figure is (I(N2) - I(N1)) / (N2 - N1), so start-up and shutdown cancel
@@ -16,6 +16,8 @@
 # --no-run: only the profiles, from the files an earlier run left in --keep DIR.
 # --plugin PATH: wharf serves that echo component (a language's, say) and
 # only wharf is counted.
+# --shared: wharf serves the echo from one shared instance (a connection
+# without its instantiation).
 # Needs valgrind (and callgrind_annotate, which comes with it).
 set -eu
 
@@ -28,7 +30,7 @@ while (($#)); do
     --top) top=$2; shift 2 ;;
     --keep) keep=$2; shift 2 ;;
     --no-run) run=0; shift ;;
-    -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
     *) pass+=("$1"); shift ;;
     esac
 done

@@ -8,7 +8,7 @@
 //! few times in a connection's life. A [`Watcher`] registers its task's
 //! waker once; later polls are an atomic load and a `will_wake` check.
 
-use std::collections::HashMap;
+use crate::IdMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -26,7 +26,7 @@ pub struct Beacon {
 #[derive(Default)]
 struct Wakers {
     next: u64,
-    by_id: HashMap<u64, Waker>,
+    by_id: IdMap<Waker>,
 }
 
 /// One task's wait for a [`Beacon`]: ready once for each time it fired

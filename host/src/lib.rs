@@ -19,6 +19,13 @@ pub const VERSION: &str = concat!(
     ")"
 );
 
+/// A map keyed by numbers the server made itself (connection ids, which
+/// are a keyed permutation of a counter, and watcher ids): no peer or
+/// plugin picks its keys, so it needs no defence against chosen collisions
+/// and takes foldhash, not std's SipHash (284 instructions a lookup of a
+/// shared instance's connection, per call).
+pub type IdMap<V> = std::collections::HashMap<u64, V, foldhash::fast::RandomState>;
+
 pub mod admin;
 pub mod beacon;
 pub mod bundled;

@@ -28,7 +28,7 @@ pub mod shared;
 pub mod snapshot;
 pub mod wall;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -52,6 +52,7 @@ use self::limits::{CpuBudget, LimitExceeded, LimitHit, SandboxLimiter};
 use self::log_stream::{LogBudget, LogStream};
 use self::pubsub_host::{Broker, Subscriptions};
 use self::snapshot::{SnapshotExport, SnapshotFuncs};
+use crate::IdMap;
 
 /// What every plugin instance is limited to.
 #[derive(Debug, Clone, Copy)]
@@ -582,7 +583,8 @@ impl Plugin {
         let conn = table
             .push(entry)
             .map_err(|e| PluginError::Instantiate(e.into()))?;
-        let conns = HashMap::from([(conn_id, conn.rep())]);
+        let mut conns = IdMap::default();
+        conns.insert(conn_id, conn.rep());
         let state = HostState {
             wasi,
             table,
@@ -727,7 +729,7 @@ pub struct HostState {
     share: Arc<CpuShare>,
     /// The connections this instance serves (one, unless it is shared):
     /// connection id to its entry's handle, for `wharf:websocket/peers`.
-    conns: HashMap<u64, u32>,
+    conns: IdMap<u32>,
     /// The connection the current call is for (its publishes are charged
     /// to its rate).
     current: u64,

@@ -162,7 +162,7 @@ type TopicKey = (Arc<str>, String);
 /// One topic's subscribers, and what is left to log about it.
 #[derive(Default)]
 struct Topic {
-    subscribers: HashMap<u64, Outlet>,
+    subscribers: crate::IdMap<Outlet>,
     /// Deliveries missed since the last log line about them.
     unlogged: u64,
     /// When that line was written.

@@ -17,7 +17,7 @@
 //! connection joining it late (it read the old version just before the
 //! swap) follows too. A retired instance never serves again.
 
-use std::collections::HashMap;
+use crate::IdMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, OnceLock};
 
@@ -50,7 +50,7 @@ struct SharedState {
     /// has lost it.
     generation: u64,
     /// The wakers of the connections the current instance serves.
-    members: HashMap<u64, Arc<Notify>>,
+    members: IdMap<Arc<Notify>>,
 }
 
 /// The instance, locked and selected for one connection.
@@ -91,7 +91,7 @@ impl SharedInstance {
             state: Arc::new(Mutex::new(SharedState {
                 instance: None,
                 generation: 0,
-                members: HashMap::new(),
+                members: IdMap::default(),
             })),
             moved: OnceLock::new(),
         }
