@@ -543,12 +543,13 @@ fn kernel_ceiling(w: &Measurement, b: &Measurement) -> f64 {
 // The run
 // ---------------------------------------------------------------------------
 
-/// The configuration that serves the echo component at `path` to every
-/// route from one shared instance.
-fn shared_tenant(path: &std::path::Path) -> String {
+/// The configuration that serves an echo component (`plugin`, else the
+/// bundled one) to every route from one shared instance.
+fn shared_tenant(plugin: Option<&std::path::Path>) -> String {
+    let bundled = PathBuf::from(wharf::bundled::PLUGIN_DIR).join("echo.wasm");
     format!(
         "[[tenant]]\nname = \"echo\"\nplugin = {:?}\nroutes = [\"/\"]\ninstance = \"shared\"\n",
-        path.display().to_string()
+        plugin.unwrap_or(&bundled).display().to_string()
     )
 }
 
@@ -560,7 +561,7 @@ struct Row {
 
 async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
     let extra = if opts.shared {
-        shared_tenant(&PathBuf::from(wharf::bundled::PLUGIN_DIR).join("echo.wasm"))
+        shared_tenant(None)
     } else {
         String::new()
     };
@@ -999,11 +1000,7 @@ mod instructions {
             None => String::new(),
         };
         let tenant = if opts.shared {
-            let path = match &opts.plugin {
-                Some(path) => path.clone(),
-                None => PathBuf::from(wharf::bundled::PLUGIN_DIR).join("echo.wasm"),
-            };
-            shared_tenant(&path)
+            shared_tenant(opts.plugin.as_deref())
         } else {
             String::new()
         };

@@ -8,10 +8,11 @@
 //! few times in a connection's life. A [`Watcher`] registers its task's
 //! waker once; later polls are an atomic load and a `will_wake` check.
 
-use crate::IdMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
+
+use crate::IdMap;
 
 /// The event's source: [`fire`](Self::fire) wakes every watcher.
 #[derive(Default)]

@@ -7,7 +7,9 @@
 //! its five functions up.
 
 use wasmtime::Store;
-use wasmtime::component::{Func, Instance, InstancePre, Resource, TypedFunc};
+use wasmtime::component::{
+    ComponentNamedList, Func, Instance, InstancePre, Lift, Lower, Resource, TypedFunc,
+};
 
 use super::HostState;
 use super::bindings::{UpgradeRequest, UpgradeResponse};
@@ -53,8 +55,8 @@ impl HandlerExports {
             function: &'static str,
         ) -> Result<FuncExport, ExportError>
         where
-            P: wasmtime::component::ComponentNamedList + wasmtime::component::Lower,
-            R: wasmtime::component::ComponentNamedList + wasmtime::component::Lift,
+            P: ComponentNamedList + Lower,
+            R: ComponentNamedList + Lift,
         {
             FuncExport::find::<P, R>(pre, INTERFACE, function)?.ok_or(ExportError::Missing {
                 interface: INTERFACE,
@@ -94,9 +96,6 @@ impl HandlerExports {
     }
 }
 
-// SAFETY (every `new_unchecked` below): the `Func` is the export
-// `HandlerExports::find` type-checked against exactly these parameter and
-// result types, resolved in an instance of that same component.
 impl HandlerFuncs {
     pub async fn on_upgrade(
         &self,
@@ -104,15 +103,14 @@ impl HandlerFuncs {
         conn: Conn,
         request: &UpgradeRequest,
     ) -> wasmtime::Result<UpgradeResponse> {
-        let typed =
-            unsafe { TypedFunc::<Upgrade<'_>, (UpgradeResponse,)>::new_unchecked(self.on_upgrade) };
-        let (response,) = typed.call_async(store, (conn, request)).await?;
+        let (response,) =
+            call::<Upgrade<'_>, (UpgradeResponse,)>(store, self.on_upgrade, (conn, request))
+                .await?;
         Ok(response)
     }
 
     pub async fn on_open(&self, store: &mut Store<HostState>, conn: Conn) -> wasmtime::Result<()> {
-        let typed = unsafe { TypedFunc::<(Conn,), ()>::new_unchecked(self.on_open) };
-        typed.call_async(store, (conn,)).await
+        call::<(Conn,), ()>(store, self.on_open, (conn,)).await
     }
 
     pub async fn on_text(
@@ -121,8 +119,7 @@ impl HandlerFuncs {
         conn: Conn,
         text: &str,
     ) -> wasmtime::Result<()> {
-        let typed = unsafe { TypedFunc::<Text<'_>, ()>::new_unchecked(self.on_text) };
-        typed.call_async(store, (conn, text)).await
+        call::<Text<'_>, ()>(store, self.on_text, (conn, text)).await
     }
 
     pub async fn on_binary(
@@ -131,8 +128,7 @@ impl HandlerFuncs {
         conn: Conn,
         data: &[u8],
     ) -> wasmtime::Result<()> {
-        let typed = unsafe { TypedFunc::<Binary<'_>, ()>::new_unchecked(self.on_binary) };
-        typed.call_async(store, (conn, data)).await
+        call::<Binary<'_>, ()>(store, self.on_binary, (conn, data)).await
     }
 
     pub async fn on_close(
@@ -143,7 +139,21 @@ impl HandlerFuncs {
         reason: &str,
         clean: bool,
     ) -> wasmtime::Result<()> {
-        let typed = unsafe { TypedFunc::<Close<'_>, ()>::new_unchecked(self.on_close) };
-        typed.call_async(store, (conn, code, reason, clean)).await
+        call::<Close<'_>, ()>(store, self.on_close, (conn, code, reason, clean)).await
     }
+}
+
+/// Calls `func`, one of [`HandlerFuncs`]' functions, as taking `P` and
+/// returning `R`: the types [`HandlerExports::find`] checked it against,
+/// which each method above names again for its own function.
+async fn call<P, R>(store: &mut Store<HostState>, func: Func, params: P) -> wasmtime::Result<R>
+where
+    P: ComponentNamedList + Lower + Send + Sync,
+    R: ComponentNamedList + Lift + Send + Sync + 'static,
+{
+    // SAFETY: `func` is the export `HandlerExports::find` type-checked
+    // against exactly `P` and `R` (the caller's turbofish matches `find`'s),
+    // resolved in an instance of that same component.
+    let typed = unsafe { TypedFunc::<P, R>::new_unchecked(func) };
+    typed.call_async(store, params).await
 }

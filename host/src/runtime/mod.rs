@@ -34,9 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{
-    Component, Func, HasSelf, Instance, InstancePre, Linker, Resource, ResourceTable,
-};
+use wasmtime::component::{Component, Func, HasSelf, InstancePre, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -677,13 +675,15 @@ impl Plugin {
             .snapshot
             .as_ref()
             .and_then(|s| s.resolve(&mut store, &instance));
+        let on_request = self
+            .request
+            .and_then(|export| export.resolve(&mut store, &instance));
         Ok(PluginInstance {
             store,
             handler,
             on_batch,
             snapshot,
-            on_request: self.request,
-            instance,
+            on_request,
             conn,
         })
     }
@@ -789,10 +789,8 @@ pub struct PluginInstance {
     on_batch: Option<BatchFunc>,
     /// `snapshot#save` and `#restore`, if the plugin exports them.
     snapshot: Option<SnapshotFuncs>,
-    /// `request-handler#on-request`, if the plugin exports it: resolved
-    /// at the upgrade, the one call that needs it.
-    on_request: Option<FuncExport>,
-    instance: Instance,
+    /// `request-handler#on-request`, if the plugin exports it.
+    on_request: Option<Func>,
     conn: Resource<ConnectionEntry>,
 }
 
@@ -917,12 +915,9 @@ impl PluginInstance {
     ) -> Result<UpgradeResponse, PluginError> {
         let conn = self.arm();
         let wall = self.wall();
-        let lazy = self
-            .on_request
-            .and_then(|export| export.resolve(&mut self.store, &self.instance));
-        let (store, handler) = (&mut self.store, self.handler);
+        let (store, handler, on_request) = (&mut self.store, self.handler, self.on_request);
         let r = wall::within(wall, || async move {
-            match lazy {
+            match on_request {
                 Some(func) => request_handler::call(store, func, conn, request).await,
                 None => handler.on_upgrade(store, conn, &request).await,
             }

@@ -17,13 +17,13 @@
 //! connection joining it late (it read the old version just before the
 //! swap) follows too. A retired instance never serves again.
 
-use crate::IdMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, OnceLock};
 
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
 use super::{Plugin, PluginError, PluginInstance};
+use crate::IdMap;
 
 /// A tenant's shared instance, made on its first connection.
 pub struct SharedInstance {
