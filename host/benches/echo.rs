@@ -97,6 +97,16 @@ const SCENARIOS: &[Scenario] = &[
         },
     },
     Scenario {
+        name: "pipelined-text",
+        tls: false,
+        kind: Load::Echo {
+            text: true,
+            size: 1024,
+            connections: 100,
+            in_flight: 16,
+        },
+    },
+    Scenario {
         name: "large",
         tls: false,
         kind: Load::Echo {

@@ -14,7 +14,12 @@ fn burst() -> (Vec<u8>, Vec<(u8, Vec<u8>)>) {
     let mut want = Vec::new();
     for i in 0..300u32 {
         let (opcode, payload) = match i % 5 {
-            0 => (1, format!("text {i} ✓").into_bytes()),
+            // Up to 200 bytes of multi-byte text: validated in 64-byte
+            // blocks on the way in and on the way back.
+            0 => (
+                1,
+                format!("text {i} ✓ {}", "Grüße κόσμε 𝄞 ".repeat(i as usize % 11)).into_bytes(),
+            ),
             1 => (2, i.to_be_bytes().repeat(i as usize % 7)),
             2 => (1, Vec::new()),
             // Larger than what the host copies into a batch (16 KiB).

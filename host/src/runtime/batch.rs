@@ -82,7 +82,7 @@ impl<'a> BatchRef<'a> {
             rest = after;
             out.push(match span.kind {
                 Kind::Text => {
-                    Message::Text(std::str::from_utf8(payload).map_err(|_| NotUtf8(index))?)
+                    Message::Text(simdutf8::basic::from_utf8(payload).map_err(|_| NotUtf8(index))?)
                 }
                 Kind::Binary => Message::Binary(payload),
             });

@@ -83,7 +83,7 @@ fn queue_all(
                 .and_then(|end| bytes.get(offset..end))
                 .ok_or(Malformed::PastTheEnd { index })?;
             let queued = match span.kind {
-                Kind::Text => match std::str::from_utf8(payload) {
+                Kind::Text => match simdutf8::basic::from_utf8(payload) {
                     Ok(text) => outbox.send_text(text),
                     Err(_) => return Err(Malformed::NotUtf8 { index }.into()),
                 },

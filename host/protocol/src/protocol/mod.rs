@@ -243,7 +243,7 @@ impl WebSocket {
             Ready::Message(MsgKind::Binary) => Some(Event::Binary(message)),
             // The incremental validator already accepted these bytes; this
             // second, fast pass is the price of staying free of `unsafe`.
-            Ready::Message(MsgKind::Text) => match std::str::from_utf8(message) {
+            Ready::Message(MsgKind::Text) => match simdutf8::basic::from_utf8(message) {
                 Ok(text) => Some(Event::Text(text)),
                 Err(_) => Some(Event::Closed(self.core.fail(ProtocolError::InvalidUtf8))),
             },

@@ -2,9 +2,12 @@
 //!
 //! Text payload arrives in arbitrary chunks and fragments, so a code point
 //! may be split anywhere. We carry the (at most 3) bytes of an unfinished
-//! code point between calls and let `std::str::from_utf8` do the rest:
-//! its `error_len() == None` means "valid so far, just truncated", which is
-//! exactly the distinction fail-fast needs.
+//! code point between calls and let `simdutf8::compat::from_utf8` do the
+//! rest (std's answers, with SIMD: 4x faster than std on ASCII, 10x on
+//! other text): its `error_len() == None` means "valid so far, just
+//! truncated", which is exactly the distinction fail-fast needs.
+
+use simdutf8::compat::from_utf8;
 
 /// Validates a byte stream fed in pieces; rejects as soon as a byte makes
 /// the stream invalid, not only at the end.
@@ -48,14 +51,14 @@ impl Utf8Validator {
                 .ok_or(InvalidUtf8)?
                 .copy_from_slice(head);
             self.partial_len = end;
-            match std::str::from_utf8(&self.partial[..end]) {
+            match from_utf8(&self.partial[..end]) {
                 Ok(_) => self.partial_len = 0,
                 Err(e) if e.error_len().is_none() && take < need => return Ok(()),
                 Err(_) => return Err(InvalidUtf8),
             }
             bytes = rest;
         }
-        match std::str::from_utf8(bytes) {
+        match from_utf8(bytes) {
             Ok(_) => Ok(()),
             Err(e) if e.error_len().is_none() => {
                 let tail = bytes.get(e.valid_up_to()..).ok_or(InvalidUtf8)?;
@@ -138,6 +141,31 @@ mod tests {
         let mut v = Utf8Validator::default();
         assert!(v.feed(&[0xED]).is_ok());
         assert!(v.feed(&[0xA0]).is_err());
+    }
+
+    #[test]
+    fn long_text_agrees_with_std_wherever_it_breaks() {
+        // Long enough for the SIMD paths (64-byte blocks), with a bad or
+        // cut code point at every position of the first blocks.
+        let text = "Grüße, κόσμε! 𝄞 ascii ascii ascii — ünïcödé ✓ ".repeat(6);
+        let text = text.as_bytes();
+        let bad: &[&[u8]] = &[&[0xFF], &[0xC0, 0x80], &[0xED, 0xA0, 0x80], &[0xE2, 0x82]];
+        for at in 0..160 {
+            for b in bad {
+                let mut bytes = text[..at].to_vec();
+                bytes.extend_from_slice(b);
+                bytes.extend_from_slice(&text[at..]);
+                let expect = std::str::from_utf8(&bytes).is_ok();
+                for split in [0, 1, 63, 64, 65, at, at + 1, bytes.len()] {
+                    let split = split.min(bytes.len());
+                    let mut v = Utf8Validator::default();
+                    let ok = v.feed(&bytes[..split]).is_ok()
+                        && v.feed(&bytes[split..]).is_ok()
+                        && v.finish().is_ok();
+                    assert_eq!(ok, expect, "bad {b:x?} at {at}, split at {split}");
+                }
+            }
+        }
     }
 
     #[test]
