@@ -109,51 +109,62 @@ impl HandlerFuncs {
         Ok(response)
     }
 
-    pub async fn on_open(&self, store: &mut Store<HostState>, conn: Conn) -> wasmtime::Result<()> {
-        call::<(Conn,), ()>(store, self.on_open, (conn,)).await
-    }
-
-    pub async fn on_text(
+    // The calls below return `call`'s future rather than awaiting it in
+    // async fns of their own: each async layer moves the 1.3 KiB call
+    // future into its own state, 330 instructions per event.
+    pub fn on_open<'a>(
         &self,
-        store: &mut Store<HostState>,
+        store: &'a mut Store<HostState>,
         conn: Conn,
-        text: &str,
-    ) -> wasmtime::Result<()> {
-        call::<Text<'_>, ()>(store, self.on_text, (conn, text)).await
+    ) -> impl Future<Output = wasmtime::Result<()>> + Send + use<'a> {
+        call::<(Conn,), ()>(store, self.on_open, (conn,))
     }
 
-    pub async fn on_binary(
+    pub fn on_text<'a>(
         &self,
-        store: &mut Store<HostState>,
+        store: &'a mut Store<HostState>,
         conn: Conn,
-        data: &[u8],
-    ) -> wasmtime::Result<()> {
-        call::<Binary<'_>, ()>(store, self.on_binary, (conn, data)).await
+        text: &'a str,
+    ) -> impl Future<Output = wasmtime::Result<()>> + Send + use<'a> {
+        call::<Text<'a>, ()>(store, self.on_text, (conn, text))
     }
 
-    pub async fn on_close(
+    pub fn on_binary<'a>(
         &self,
-        store: &mut Store<HostState>,
+        store: &'a mut Store<HostState>,
+        conn: Conn,
+        data: &'a [u8],
+    ) -> impl Future<Output = wasmtime::Result<()>> + Send + use<'a> {
+        call::<Binary<'a>, ()>(store, self.on_binary, (conn, data))
+    }
+
+    pub fn on_close<'a>(
+        &self,
+        store: &'a mut Store<HostState>,
         conn: Conn,
         code: u16,
-        reason: &str,
+        reason: &'a str,
         clean: bool,
-    ) -> wasmtime::Result<()> {
-        call::<Close<'_>, ()>(store, self.on_close, (conn, code, reason, clean)).await
+    ) -> impl Future<Output = wasmtime::Result<()>> + Send + use<'a> {
+        call::<Close<'a>, ()>(store, self.on_close, (conn, code, reason, clean))
     }
 }
 
 /// Calls `func`, one of [`HandlerFuncs`]' functions, as taking `P` and
 /// returning `R`: the types [`HandlerExports::find`] checked it against,
 /// which each method above names again for its own function.
-async fn call<P, R>(store: &mut Store<HostState>, func: Func, params: P) -> wasmtime::Result<R>
+fn call<'a, P, R>(
+    store: &'a mut Store<HostState>,
+    func: Func,
+    params: P,
+) -> impl Future<Output = wasmtime::Result<R>> + Send + use<'a, P, R>
 where
-    P: ComponentNamedList + Lower + Send + Sync,
+    P: ComponentNamedList + Lower + Send + Sync + 'a,
     R: ComponentNamedList + Lift + Send + Sync + 'static,
 {
     // SAFETY: `func` is the export `HandlerExports::find` type-checked
     // against exactly `P` and `R` (the caller's turbofish matches `find`'s),
     // resolved in an instance of that same component.
     let typed = unsafe { TypedFunc::<P, R>::new_unchecked(func) };
-    typed.call_async(store, params).await
+    async move { typed.call_async(store, params).await }
 }
