@@ -24,6 +24,15 @@ pub struct Beacon {
     wakers: Mutex<Wakers>,
 }
 
+impl std::fmt::Debug for Beacon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Beacon")
+            .field("fired", &self.fired.load(Ordering::Relaxed))
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Default)]
 struct Wakers {
     next: u64,

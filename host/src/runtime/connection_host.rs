@@ -18,7 +18,6 @@
 use std::io::IoSlice;
 use std::sync::Arc;
 
-use tokio::sync::Notify;
 use wasmtime::StoreContextMut;
 use wasmtime::component::{Linker, Resource, ResourceType, WasmList, WasmStr};
 use wharf_protocol::{CloseCode as Code, FrameBatch, MAX_CLOSE_REASON};
@@ -26,6 +25,7 @@ use wharf_protocol::{CloseCode as Code, FrameBatch, MAX_CLOSE_REASON};
 use super::HostState;
 use super::bindings::{CloseCode, ErrorCode};
 use super::pubsub_host::Subscriptions;
+use crate::beacon::Beacon;
 
 /// The interface these functions implement (older 0.1.x plugins are matched
 /// to it by semver).
@@ -199,7 +199,7 @@ pub struct ConnectionEntry {
     pub attachment: Vec<u8>,
     /// Wakes the connection's task when another connection's call queued
     /// sends for it (`wharf:websocket/peers`, in a shared instance).
-    pub wake: Option<Arc<Notify>>,
+    pub wake: Option<Arc<Beacon>>,
 }
 
 impl ConnectionEntry {
@@ -247,7 +247,7 @@ pub struct Parked {
     id: u64,
     subscriptions: Subscriptions,
     attachment: Vec<u8>,
-    wake: Option<Arc<Notify>>,
+    wake: Option<Arc<Beacon>>,
 }
 
 /// Maps a plugin's close code to its number, refusing what a plugin may not send.

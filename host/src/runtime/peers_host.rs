@@ -28,7 +28,7 @@ impl HostState {
         };
         send(&mut entry.outbox)?;
         if let Some(wake) = &entry.wake {
-            wake.notify_one();
+            wake.fire();
         }
         Ok(())
     }

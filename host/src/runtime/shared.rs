@@ -20,10 +20,11 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, OnceLock};
 
-use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{Plugin, PluginError, PluginInstance};
 use crate::IdMap;
+use crate::beacon::Beacon;
 
 /// A tenant's shared instance, made on its first connection.
 pub struct SharedInstance {
@@ -50,7 +51,7 @@ struct SharedState {
     /// has lost it.
     generation: u64,
     /// The wakers of the connections the current instance serves.
-    members: IdMap<Arc<Notify>>,
+    members: IdMap<Arc<Beacon>>,
 }
 
 /// The instance, locked and selected for one connection.
@@ -109,13 +110,13 @@ impl SharedInstance {
     }
 
     /// Connection `id` joins the instance (made now if there is none);
-    /// `wake` is notified when another call queues sends for it or the
-    /// instance fails. A retired instance passes it on to the one it moved
+    /// `wake` fires when another call queues sends for it or the instance
+    /// fails. A retired instance passes it on to the one it moved
     /// to. Returns the instance it joined and its generation.
     pub async fn join(
         self: &Arc<Self>,
         id: u64,
-        wake: Arc<Notify>,
+        wake: Arc<Beacon>,
     ) -> Result<(Arc<SharedInstance>, u64), PluginError> {
         let mut shared = self.clone();
         loop {
@@ -295,7 +296,7 @@ pub async fn leave(mut shared: Arc<SharedInstance>, id: u64, mut generation: u64
 fn fail(state: &mut SharedState) {
     state.instance = None;
     for (_, wake) in state.members.drain() {
-        wake.notify_one();
+        wake.fire();
     }
 }
 

@@ -5,8 +5,7 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
-use tokio::sync::Notify;
-
+use crate::beacon::{Beacon, Watcher};
 use crate::runtime::connection_host::{ConnectionEntry, Parked};
 use crate::runtime::shared::{self, Held, SharedInstance};
 use crate::runtime::{Plugin, PluginError, PluginInstance};
@@ -35,9 +34,10 @@ pub(super) struct Member {
     /// The instance it joined (or followed a migration to); a later one
     /// is not its.
     generation: u64,
-    /// Notified when another connection's call queued sends for this one,
-    /// or when the instance failed.
-    pub wake: Arc<Notify>,
+    /// Ready when another connection's call queued sends for this one,
+    /// or when the instance failed; made before joining, so that no fire
+    /// is missed, and taken by the connection's driver.
+    watcher: Option<Watcher>,
     left: bool,
 }
 
@@ -57,13 +57,14 @@ impl Handler {
 
     /// Joins `shared` for connection `id`.
     pub async fn join(shared: &Arc<SharedInstance>, id: u64) -> Result<Self, PluginError> {
-        let wake = Arc::new(Notify::new());
-        let (shared, generation) = shared.join(id, wake.clone()).await?;
+        let wake = Beacon::new();
+        let watcher = wake.watch();
+        let (shared, generation) = shared.join(id, wake).await?;
         Ok(Handler::Shared(Member {
             shared,
             id,
             generation,
-            wake,
+            watcher: Some(watcher),
             left: false,
         }))
     }
@@ -212,10 +213,11 @@ impl Handler {
         }
     }
 
-    /// The shared member's waker, if any.
-    pub fn wake(&self) -> Option<&Arc<Notify>> {
+    /// The shared member's wait for other connections' calls, taken once
+    /// by the connection's driver.
+    pub fn take_peer_watcher(&mut self) -> Option<Watcher> {
         match self {
-            Handler::Shared(m) => Some(&m.wake),
+            Handler::Shared(m) => m.watcher.take(),
             Handler::Own { .. } => None,
         }
     }

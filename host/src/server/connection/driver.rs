@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
 use tokio::time::Sleep;
 use tokio_util::io::poll_read_buf;
 use wharf_protocol::{CloseCode, Framed, State};
@@ -142,7 +141,7 @@ struct Wakers<'a> {
     shutdown: Watcher,
     timer: Pin<&'a mut Sleep>,
     /// A shared instance's member is woken by other connections' calls.
-    peer: Option<&'a Notify>,
+    peer: Option<Watcher>,
 }
 
 /// How the awake passes ended.
@@ -295,14 +294,14 @@ impl Conn {
             let _ = self.on_shutdown(&mut d);
         }
         // A shared instance's member is woken by other connections' calls.
-        let peer_wake = self.handler.wake().cloned();
+        let peer = self.handler.take_peer_watcher();
         // One timer for the connection's life (see `Driver::arm`).
         let timer = tokio::time::sleep_until(tokio::time::Instant::now());
         tokio::pin!(timer);
         let mut wakers = Wakers {
             shutdown,
             timer: timer.as_mut(),
-            peer: peer_wake.as_deref(),
+            peer,
         };
         let mut woke = None;
         let end = loop {
@@ -531,9 +530,8 @@ impl Conn {
         let Wakers {
             shutdown,
             timer,
-            peer: peer_wake,
+            peer,
         } = wakers;
-        let peer_wake = *peer_wake;
         tokio::select! {
             biased;
             _ = shutdown.fired(), if !d.shutting_down => Wake::Shutdown,
@@ -545,7 +543,7 @@ impl Conn {
                 poll_write_or_flush(Pin::new(&mut *writer), cx, &slices[..filled])
             }), if write => Wake::Written(written),
             swapped = next_swap(&mut self.swaps), if self.swaps.is_some() && open => Wake::Swapped(swapped),
-            _ = peer_woke(peer_wake), if peer_wake.is_some() && open => Wake::PeerWoke,
+            _ = peer_woke(peer.as_mut()), if peer.is_some() && open => Wake::PeerWoke,
             published = next_published(&mut self.mailbox), if self.mailbox.is_some() && open => Wake::Published(published),
             (read, into) = std::future::poll_fn(|cx| {
                 let reader = Pin::new(&mut *reader);

@@ -7,9 +7,9 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::sync::Notify;
 use wharf_protocol::WebSocket;
 
+use crate::beacon::Watcher;
 use crate::runtime::pubsub_host::Mailbox;
 use crate::tenancy::swap::Swaps;
 
@@ -69,9 +69,9 @@ pub(super) async fn next_swap(swaps: &mut Option<Swaps>) -> bool {
     }
 }
 
-pub(super) async fn peer_woke(wake: Option<&Notify>) {
-    match wake {
-        Some(w) => w.notified().await,
+pub(super) async fn peer_woke(watcher: Option<&mut Watcher>) {
+    match watcher {
+        Some(w) => w.fired().await,
         None => std::future::pending().await,
     }
 }
