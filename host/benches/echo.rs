@@ -367,32 +367,17 @@ fn main() -> Result<()> {
     } else {
         Pinning::choose()?
     };
-    if let Some(core) = pinning.loadgen {
-        pin_current_thread(core).context("cannot pin the load generator")?;
-    }
-    // One thread: the load generator is pinned to one core.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let local = tokio::task::LocalSet::new();
+    // One thread, pinned to one core; `--busy-loadgen` keeps it polling
+    // (not while counting instructions, which the servers run alone).
+    let (rt, local) = loadgen_runtime(
+        pinning,
+        options.busy_loadgen && options.instructions.is_none(),
+    )?;
     if let Some(instr) = &options.instructions {
         return rt.block_on(local.run_until(instructions::run(instr)));
     }
     let smoke = options.smoke;
     let started = Instant::now();
-    if options.busy_loadgen {
-        // A task always ready keeps the runtime from sleeping in
-        // epoll_wait: it polls. A server's reply then never has to wake the
-        // load generator's core from halt, an interrupt through the
-        // hypervisor on these VMs that the sender pays for (over a network,
-        // the client machine would), and that costs a server the more the
-        // slower it answers. Its CPU column then reads 100%.
-        local.spawn_local(async {
-            loop {
-                tokio::task::yield_now().await;
-            }
-        });
-    }
     rt.block_on(local.run_until(bench(options, pinning)))?;
     if smoke {
         println!(

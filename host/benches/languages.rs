@@ -380,13 +380,7 @@ fn main() -> Result<()> {
     } else {
         Pinning::choose()?
     };
-    if let Some(core) = pinning.loadgen {
-        loadgen::pin_current_thread(core).context("cannot pin the load generator")?;
-    }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let local = tokio::task::LocalSet::new();
+    let (rt, local) = loadgen::loadgen_runtime(pinning, false)?;
     let smoke = opts.smoke;
     let started = Instant::now();
     rt.block_on(local.run_until(bench(opts, pinning)))?;

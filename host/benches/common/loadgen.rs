@@ -93,6 +93,35 @@ pub fn pin_current_thread(core: usize) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The load generator's runtime: the calling thread pinned to
+/// `pinning.loadgen`, one current-thread runtime and a `LocalSet` to run
+/// the connections' tasks on. With `busy`, a task always ready keeps the
+/// runtime from sleeping in epoll_wait: it polls. A server's reply then
+/// never has to wake the load generator's core from halt, an interrupt
+/// through the hypervisor on these VMs that the sender pays for (over a
+/// network, the client machine would), and that costs a server the more
+/// the slower it answers; the load generator's CPU then reads 100%.
+pub fn loadgen_runtime(
+    pinning: Pinning,
+    busy: bool,
+) -> Result<(tokio::runtime::Runtime, tokio::task::LocalSet)> {
+    if let Some(core) = pinning.loadgen {
+        pin_current_thread(core).context("cannot pin the load generator")?;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    if busy {
+        local.spawn_local(async {
+            loop {
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+    Ok((rt, local))
+}
+
 /// `Cpus_allowed_list` of a process, as the kernel sees it.
 pub fn cpus_allowed_list(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
