@@ -684,6 +684,19 @@ impl Core {
     /// Collects header bytes; `Ok(true)` when a frame was started,
     /// `Ok(false)` when input ran out first.
     fn read_header(&mut self, input: &mut &[u8], msg_len: usize) -> Result<bool, ProtocolError> {
+        // A header whole in the input (most are) is decoded where it lies:
+        // collected into `hdr` first, it cost two copies a frame.
+        if self.hdr_len == 0
+            && let [b0, b1, ..] = **input
+        {
+            let need = coding::check_start(b0, b1)?;
+            if let Some((head, rest)) = input.split_at_checked(need) {
+                let header = coding::decode(head)?;
+                *input = rest;
+                self.begin_frame(header, msg_len)?;
+                return Ok(true);
+            }
+        }
         if self.hdr_need == 0 {
             self.fill_header(input, 2);
             if self.hdr_len < 2 {
