@@ -8,9 +8,11 @@
 //! | `proto-tokio` | tokio, current-thread | epoll, `recv`/`send` on readiness (wharf's model) |
 //! | `proto-epoll` | monoio | epoll, the same code as `proto-uring` |
 //!
-//! and, for scale, the echo bench's tokio-tungstenite baseline under the
-//! same loads in the same run: `proto-tokio / tokio-tungstenite` is what
-//! wharf's protocol and driver pattern reach with no plugin in the loop.
+//! and, for scale, the echo bench's tokio-tungstenite baseline and wharf
+//! itself (its bundled echo plugin) under the same loads in the same run:
+//! `proto-tokio / tokio-tungstenite` is what wharf's protocol and driver
+//! pattern reach with no plugin in the loop, `wharf / proto-tokio` what
+//! the sandbox costs.
 //!
 //! ```text
 //! cargo bench --bench io_model -- [--scenario NAME]... [--duration SECS] [--warmup SECS] [--rounds N] [--busy-loadgen]
@@ -42,6 +44,9 @@ use tokio::process::Command;
 /// The echo bench's baseline, for scale: the same loads against the
 /// idiomatic tokio-tungstenite server (`common/baseline.rs`).
 const TUNGSTENITE: &str = "tokio-tungstenite";
+/// Wharf itself with its bundled echo plugin: against `proto-tokio`, what
+/// the sandbox costs (the same protocol and I/O, plus the plugin calls).
+const WHARF: &str = "wharf";
 
 const SCENARIOS: [(&str, Load); 4] = [
     (
@@ -165,14 +170,18 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-async fn start(name: &str, core: Option<usize>, log: &std::path::Path) -> Result<ServerProc> {
+async fn start(name: &str, core: Option<usize>, dir: &std::path::Path) -> Result<ServerProc> {
+    let log = dir.join(format!("{name}.log"));
+    if name == WHARF {
+        return ServerProc::wharf(&dir.join("wharf.toml"), core, &log, &[]).await;
+    }
     let mut cmd = Command::new(std::env::current_exe().context("current_exe")?);
     if name == TUNGSTENITE {
         cmd.arg("--serve-baseline").arg(name);
     } else {
         cmd.arg("--serve").arg(name);
     }
-    ServerProc::spawn(cmd, name, core, log, false).await
+    ServerProc::spawn(cmd, name, core, &log, false).await
 }
 
 async fn run(opts: &Options, pinning: Pinning) -> Result<()> {
@@ -189,10 +198,20 @@ async fn run(opts: &Options, pinning: Pinning) -> Result<()> {
             ""
         }
     );
-    // A kernel or sandbox that refuses io_uring: the others still run.
+    std::fs::write(
+        dir.path().join("wharf.toml"),
+        format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[plugin]\ncache_dir = {:?}\n",
+            dir.path().join("plugin-cache").display().to_string()
+        ),
+    )?;
     let mut names: Vec<&str> = proto_echo::NAMES.to_vec();
-    names.push(TUNGSTENITE);
-    if let Err(e) = start("proto-uring", None, &dir.path().join("probe.log")).await {
+    names.extend([TUNGSTENITE, WHARF]);
+    // The first wharf start compiles the echo plugin into the cache: done
+    // here, outside every measurement.
+    start(WHARF, None, dir.path()).await?.kill().await?;
+    // A kernel or sandbox that refuses io_uring: the others still run.
+    if let Err(e) = start("proto-uring", None, dir.path()).await {
         println!("proto-uring cannot start, left out: {e:#}");
         names.retain(|n| *n != "proto-uring");
     }
@@ -202,15 +221,12 @@ async fn run(opts: &Options, pinning: Pinning) -> Result<()> {
         "\n{:<10} {:<17} {:>15} {:>14} {:>13} {:>11}",
         "scenario", "server", "rate", "srv CPU µs/op", "kernel µs/op", "loadgen CPU"
     );
-    let mut starts = 0;
     for (i, (scenario, load)) in opts.scenarios.iter().enumerate() {
         let mut best: Vec<Option<Measurement>> = vec![None; names.len()];
         for round in 0..opts.rounds {
             for j in 0..names.len() {
                 let k = (i + round + j) % names.len();
-                starts += 1;
-                let log = dir.path().join(format!("{}-{starts}.log", names[k]));
-                let server = start(names[k], pinning.server, &log).await?;
+                let server = start(names[k], pinning.server, dir.path()).await?;
                 let m = measure(*load, &server, None, pinning, opts.window)
                     .await
                     .with_context(|| format!("{scenario} against {}", names[k]))?;
@@ -238,6 +254,15 @@ async fn run(opts: &Options, pinning: Pinning) -> Result<()> {
             );
         }
         let by = |n: &str| names.iter().position(|x| *x == n).map(|k| &best[k]);
+        if let (Some(w), Some(p)) = (by(WHARF), by("proto-tokio")) {
+            let _ = writeln!(
+                report,
+                "{:<10} wharf/proto-tokio rate {:.3}, CPU per op {:.3} (the sandbox's cost)",
+                "",
+                w.per_s / p.per_s,
+                w.server_us_per_op() / p.server_us_per_op(),
+            );
+        }
         if let (Some(p), Some(t)) = (by("proto-tokio"), by(TUNGSTENITE)) {
             let _ = writeln!(
                 report,
