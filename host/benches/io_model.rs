@@ -48,6 +48,26 @@ const TUNGSTENITE: &str = "tokio-tungstenite";
 /// the sandbox costs (the same protocol and I/O, plus the plugin calls).
 const WHARF: &str = "wharf";
 
+/// The ratios the report gives, each `a / b`, and what each one tells.
+const PAIRS: [(&str, &str, &str); 4] = [
+    (WHARF, "proto-tokio", "the sandbox's cost"),
+    (
+        "proto-tokio",
+        TUNGSTENITE,
+        "the protocol core with no plugin",
+    ),
+    (
+        "proto-uring",
+        "proto-tokio",
+        "io_uring against wharf's epoll model",
+    ),
+    (
+        "proto-uring",
+        "proto-epoll",
+        "io_uring alone, the runtime held fixed",
+    ),
+];
+
 const SCENARIOS: [(&str, Load); 4] = [
     (
         "small",
@@ -211,9 +231,12 @@ async fn run(opts: &Options, pinning: Pinning) -> Result<()> {
     // here, outside every measurement.
     start(WHARF, None, dir.path()).await?.kill().await?;
     // A kernel or sandbox that refuses io_uring: the others still run.
-    if let Err(e) = start("proto-uring", None, dir.path()).await {
-        println!("proto-uring cannot start, left out: {e:#}");
-        names.retain(|n| *n != "proto-uring");
+    match start("proto-uring", None, dir.path()).await {
+        Ok(probe) => probe.kill().await?,
+        Err(e) => {
+            println!("proto-uring cannot start, left out: {e:#}");
+            names.retain(|n| *n != "proto-uring");
+        }
     }
     let mut report = String::new();
     let _ = writeln!(
@@ -252,41 +275,6 @@ async fn run(opts: &Options, pinning: Pinning) -> Result<()> {
                 m.server_sys_us_per_op(),
                 m.loadgen_cpu * 100.0
             );
-        }
-        let by = |n: &str| names.iter().position(|x| *x == n).map(|k| &best[k]);
-        if let (Some(w), Some(p)) = (by(WHARF), by("proto-tokio")) {
-            let _ = writeln!(
-                report,
-                "{:<10} wharf/proto-tokio rate {:.3}, CPU per op {:.3} (the sandbox's cost)",
-                "",
-                w.per_s / p.per_s,
-                w.server_us_per_op() / p.server_us_per_op(),
-            );
-        }
-        if let (Some(p), Some(t)) = (by("proto-tokio"), by(TUNGSTENITE)) {
-            let _ = writeln!(
-                report,
-                "{:<10} proto-tokio/tokio-tungstenite rate {:.3}, CPU per op {:.3}",
-                "",
-                p.per_s / t.per_s,
-                p.server_us_per_op() / t.server_us_per_op(),
-            );
-        }
-        if let (Some(u), Some(t), Some(e)) =
-            (by("proto-uring"), by("proto-tokio"), by("proto-epoll"))
-        {
-            let _ = writeln!(
-                report,
-                "{:<10} uring/tokio rate {:.3}, CPU per op {:.3}, kernel per op {:.3}; uring/epoll rate {:.3}, CPU per op {:.3}",
-                "",
-                u.per_s / t.per_s,
-                u.server_us_per_op() / t.server_us_per_op(),
-                u.server_sys_us_per_op() / t.server_sys_us_per_op(),
-                u.per_s / e.per_s,
-                u.server_us_per_op() / e.server_us_per_op(),
-            );
-        }
-        for (name, m) in names.iter().zip(&best) {
             println!(
                 "RESULT io-model scenario={scenario} server={name} per_s={:.1} server_us_per_op={:.3} kernel_us_per_op={:.3} loadgen_cpu={:.3}",
                 m.per_s,
@@ -294,6 +282,19 @@ async fn run(opts: &Options, pinning: Pinning) -> Result<()> {
                 m.server_sys_us_per_op(),
                 m.loadgen_cpu
             );
+        }
+        let by = |n: &str| names.iter().position(|x| *x == n).map(|k| &best[k]);
+        for (a, b, what) in PAIRS {
+            if let (Some(x), Some(y)) = (by(a), by(b)) {
+                let _ = writeln!(
+                    report,
+                    "{:<10} {a} / {b}: rate {:.3}, CPU per op {:.3}, kernel per op {:.3} ({what})",
+                    "",
+                    x.per_s / y.per_s,
+                    x.server_us_per_op() / y.server_us_per_op(),
+                    x.server_sys_us_per_op() / y.server_sys_us_per_op(),
+                );
+            }
         }
     }
     print!("{report}");

@@ -73,9 +73,9 @@ impl Echo {
                     ..Config::default()
                 };
                 self.ws = Some(WebSocket::new(config, now));
-                let rest = self.head.split_off(n);
-                self.head = Vec::new();
-                self.frames(&rest, out, now)
+                // What came after the request: frames the client pipelined.
+                let head = std::mem::take(&mut self.head);
+                self.frames(head.get(n..).unwrap_or_default(), out, now)
             }
             Err(e) => {
                 out.extend_from_slice(&e.response());
