@@ -1,5 +1,6 @@
 //! The process and connection life cycle: `wharf check`, graceful shutdown,
-//! keep-alive pings and the idle timeout.
+//! keep-alive pings, the idle timeout, and the lifecycle calls a handler
+//! declines (`lifecycle`).
 
 use std::time::{Duration, Instant};
 
@@ -111,4 +112,118 @@ async fn answering_pings_keeps_the_connection() {
     }
     send_text(&mut ws, "alive").await;
     assert_eq!(recv_text(&mut ws).await, "alive");
+}
+
+/// A tenant of the lifecycle-probe plugin (which traps in any call it
+/// declined) wanting `wanted`.
+fn probe_tenant(name: &str, mode: &str, wanted: &str) -> String {
+    format!(
+        "[[tenant]]\nname = {name:?}\nplugin = {:?}\nroutes = [\"/{name}\"]\ninstance = {mode:?}\nsettings = {{ wanted = {wanted:?} }}\n",
+        plugin_path("lifecycle_probe").display().to_string()
+    )
+}
+
+/// The handler's answer to `lifecycle#wanted` is what the host calls: a
+/// declined `on-upgrade` (the upgrade taken as it is), `on-open` or
+/// `on-close` is never made (the plugin would trap), a wanted one is, the
+/// question is asked once per version, and a `wanted` that traps fails the
+/// upgrade with 500 and is counted.
+#[tokio::test]
+async fn declined_lifecycle_calls_are_not_made() {
+    let mut opts = ServerOpts::new("");
+    opts.tls = true;
+    opts.extra = [
+        probe_tenant("none", "per-connection", ""),
+        probe_tenant("shared", "shared", ""),
+        probe_tenant("some", "per-connection", "open"),
+        probe_tenant("all", "per-connection", "upgrade,open,close"),
+        probe_tenant("broken", "per-connection", "trap"),
+    ]
+    .concat()
+        + "[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let server = Server::start(opts);
+    let open = async |tls: bool, path: &str| {
+        let mut raw = server.raw(tls).await;
+        let offer = ("Sec-WebSocket-Protocol", "chat");
+        raw.send(upgrade_request(path, &[offer]).as_bytes()).await;
+        let resp = raw.read_response().await;
+        assert_eq!(resp.status, 101, "{path}: {resp:?}");
+        // Declined, the upgrade is accepted with no subprotocol.
+        assert_eq!(resp.header("sec-websocket-protocol"), None, "{resp:?}");
+        (raw, resp.header("x-on-upgrade").map(str::to_owned))
+    };
+    let ask = async |raw: &mut RawClient, text: &str| {
+        raw.send_frame(true, OP_TEXT, text.as_bytes()).await;
+        String::from_utf8(raw.read_frame().await.payload).unwrap()
+    };
+    let close = async |mut raw: RawClient| {
+        raw.send(&close_frame(1000, "")).await;
+        assert_eq!(raw.read_close().await.0, 1000);
+        raw.expect_eof().await;
+    };
+
+    // None wanted, per connection, over ws and wss: the first instance was
+    // asked, later ones are not.
+    for (i, tls) in [false, true, false].into_iter().enumerate() {
+        let (mut raw, upgrade) = open(tls, "/none").await;
+        assert_eq!(upgrade, None);
+        assert_eq!(ask(&mut raw, "echo me").await, "echo me");
+        let asked = if i == 0 { "1" } else { "0" };
+        assert_eq!(ask(&mut raw, "asked").await, asked, "connection {i}");
+        close(raw).await;
+    }
+    // None wanted, one shared instance, asked once for both connections.
+    let (mut a, _) = open(false, "/shared").await;
+    let (mut b, _) = open(false, "/shared").await;
+    assert_eq!(ask(&mut a, "asked").await, "1");
+    assert_eq!(ask(&mut b, "asked").await, "1");
+    close(a).await;
+    assert_eq!(ask(&mut b, "still here").await, "still here");
+    close(b).await;
+
+    // Only on-open wanted: it is the first thing the connection gets.
+    let (mut raw, upgrade) = open(false, "/some").await;
+    assert_eq!(upgrade, None);
+    assert_eq!(raw.read_frame().await.payload, b"opened");
+    assert_eq!(ask(&mut raw, "x").await, "x");
+    close(raw).await;
+
+    // All wanted: on-upgrade's header, on-open's text, on-close's publish
+    // (seen by another connection of the tenant).
+    let (mut watcher, upgrade) = open(false, "/all").await;
+    assert_eq!(upgrade.as_deref(), Some("called"));
+    assert_eq!(watcher.read_frame().await.payload, b"opened");
+    assert_eq!(ask(&mut watcher, "watch").await, "watching");
+    let (mut raw, _) = open(true, "/all").await;
+    assert_eq!(raw.read_frame().await.payload, b"opened");
+    close(raw).await;
+    assert_eq!(watcher.read_frame().await.payload, b"closed 1000");
+
+    // A `wanted` that traps: 500, counted, and asked again next time.
+    for _ in 0..2 {
+        let mut raw = server.raw(false).await;
+        raw.send(upgrade_request("/broken", &[]).as_bytes()).await;
+        assert_eq!(raw.read_response().await.status, 500);
+    }
+    assert_eq!(
+        server
+            .metric("wharf_plugin_failures_total{tenant=\"broken\",kind=\"trap\"}")
+            .await,
+        2.0
+    );
+    // A declined call made anyway would have trapped: none did. (Each
+    // connection's last call ran before its socket closed; the settle is
+    // for the failure's count, made just after.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics = server.metrics().await;
+    let failures: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("wharf_plugin_failures_total{") && !l.contains("broken"))
+        .collect();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(
+        server.log_line(&["called although declined"]).is_none(),
+        "{}",
+        server.log_text()
+    );
 }

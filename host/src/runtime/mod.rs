@@ -16,6 +16,7 @@ pub mod handler;
 pub mod idle_pool;
 pub mod inspect;
 pub mod latin1_host;
+pub mod lifecycle;
 pub mod limits;
 pub mod log_stream;
 pub mod packed_handler;
@@ -46,6 +47,7 @@ use self::cpu_share::CpuShare;
 use self::engine::{EpochClock, PoolSizing};
 use self::export::FuncExport;
 use self::handler::{HandlerExports, HandlerFuncs};
+use self::lifecycle::{Calls, Wanted};
 use self::limits::{CpuBudget, LimitExceeded, LimitHit, SandboxLimiter};
 use self::log_stream::{LogBudget, LogStream};
 use self::pubsub_host::{Broker, Subscriptions};
@@ -375,6 +377,7 @@ impl Runtime {
         let packed = packed_handler::find(&pre).map_err(|e| world_error(e.into()))?;
         let snapshot = SnapshotExport::find(&pre).map_err(|e| world_error(e.into()))?;
         let request = request_handler::find(&pre).map_err(|e| world_error(e.into()))?;
+        let lifecycle = lifecycle::find(&pre).map_err(|e| world_error(e.into()))?;
         prepare_memory_images(&component, &spec.tenant, name);
         // Accepted: only now is it worth caching.
         if let (Some(cache), Some(artifact)) = (&cache, &artifact) {
@@ -394,6 +397,7 @@ impl Runtime {
             packed = packed.is_some(),
             snapshots = snapshot.is_some(),
             lazy_request = request.is_some(),
+            lifecycle = lifecycle.is_some(),
             elapsed_ms = elapsed.as_millis() as u64,
             "plugin {name} {message} in {:.1?}",
             elapsed
@@ -407,6 +411,8 @@ impl Runtime {
             packed,
             snapshot,
             request,
+            lifecycle,
+            wanted: Wanted::default(),
             spec,
             broker: self.broker.clone(),
         })
@@ -493,6 +499,10 @@ pub struct Plugin {
     snapshot: Option<SnapshotExport>,
     /// Set if it takes the upgrade request as a handle (`on-request`).
     request: Option<FuncExport>,
+    /// Set if it names the lifecycle calls it wants (`lifecycle#wanted`)...
+    lifecycle: Option<FuncExport>,
+    /// ...and what it answered, once its first instance has been asked.
+    wanted: Wanted,
     spec: PluginSpec,
     broker: Arc<Broker>,
 }
@@ -526,6 +536,13 @@ impl Plugin {
     /// [`PluginInstance::save`]).
     pub fn snapshots(&self) -> bool {
         self.snapshot.is_some()
+    }
+
+    /// Whether the host makes lifecycle call `call` (`lifecycle#wanted`):
+    /// yes unless the plugin declined it. Known from the plugin's first
+    /// instance on, so always by the time a connection has one.
+    pub fn wants(&self, call: Calls) -> bool {
+        self.wanted.wants(call)
     }
 
     /// What the host keeps for a new connection, outside any instance.
@@ -678,14 +695,24 @@ impl Plugin {
         let on_request = self
             .request
             .and_then(|export| export.resolve(&mut store, &instance));
-        Ok(PluginInstance {
+        let ask = self
+            .lifecycle
+            .filter(|_| !self.wanted.known())
+            .and_then(|export| export.resolve(&mut store, &instance));
+        let mut instance = PluginInstance {
             store,
             handler,
             on_batch,
             snapshot,
             on_request,
             conn,
-        })
+        };
+        if let Some(func) = ask {
+            let calls = instance.wanted(func).await?;
+            tracing::debug!(tenant = %self.spec.tenant, plugin = %self.name, ?calls, "lifecycle calls wanted");
+            self.wanted.set(calls);
+        }
+        Ok(instance)
     }
 }
 
@@ -905,6 +932,14 @@ impl PluginInstance {
     /// (wasmtime unwinds its fiber) and the instance must not be used again.
     fn wall(&self) -> Duration {
         self.store.data().cpu.wall
+    }
+
+    /// `lifecycle#wanted`, under the limits of one event.
+    async fn wanted(&mut self, func: Func) -> Result<Calls, PluginError> {
+        self.arm();
+        let wall = self.wall();
+        let r = wall::within(wall, || lifecycle::call(&mut self.store, func)).await;
+        self.finish_within(r)
     }
 
     /// The upgrade: `on-request` with the request lent as a handle if the

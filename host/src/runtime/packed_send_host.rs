@@ -17,7 +17,7 @@ use super::connection_host::{ConnectionEntry, Outbox, with_outbox};
 
 /// The interface this implements (older 0.1.x plugins are matched to it by
 /// semver).
-const INTERFACE: &str = "wharf:websocket/packed-send@0.1.9";
+const INTERFACE: &str = "wharf:websocket/packed-send@0.1.10";
 
 /// Spans lifted at once: a batch the host delivered (at most 1024
 /// messages) comes back in a few chunks, on the stack of the plugin's call.

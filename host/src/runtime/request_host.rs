@@ -14,7 +14,7 @@ use wasmtime::component::{Linker, Resource, ResourceType, WasmStr};
 use super::HostState;
 use super::bindings::{Header, UpgradeRequest};
 
-const INTERFACE: &str = "wharf:websocket/request@0.1.9";
+const INTERFACE: &str = "wharf:websocket/request@0.1.10";
 
 /// The request behind a `request` handle.
 pub struct RequestEntry(pub UpgradeRequest);

@@ -15,6 +15,7 @@ use super::transport::DirectTcp;
 use crate::metrics::Tally;
 use crate::runtime::batch_handler::Message;
 use crate::runtime::connection_host::DirectWrite;
+use crate::runtime::lifecycle::Calls;
 use crate::runtime::pubsub_host::Mailbox;
 use crate::runtime::{Plugin, PluginError, PluginInstance};
 use crate::server::budget::Held;
@@ -178,6 +179,9 @@ impl Conn {
     }
 
     pub(super) async fn on_open(&mut self) {
+        if !self.plugin.wants(Calls::OPEN) {
+            return;
+        }
         let (backlog, state) = (self.ws.output_len(), self.ws.state());
         let started = Instant::now();
         let r = match self.handler.acquire(&self.plugin, self.id).await {
@@ -386,7 +390,13 @@ impl Conn {
         self.shared.metrics.connection_closed(info.code, info.clean);
         let closed = self.closed.insert(info);
         let started = Instant::now();
-        let r = match self.handler.acquire(&self.plugin, self.id).await {
+        // Declined (`lifecycle`): nothing to tell, so a hibernated
+        // connection is not woken for it.
+        let acquired = match self.plugin.wants(Calls::CLOSE) {
+            true => self.handler.acquire(&self.plugin, self.id).await,
+            false => Ok(None),
+        };
+        let r = match acquired {
             Ok(Some(mut instance)) => {
                 Self::sync_outbox(&mut instance, 0, State::Closed, None);
                 let r = instance

@@ -14,7 +14,8 @@ use wharf_protocol::{CloseCode, HandshakeError, Request};
 use super::Shared;
 use super::conn::Conn;
 use crate::runtime::PluginError;
-use crate::runtime::bindings::{Header, UpgradeRequest, UpgradeResponse};
+use crate::runtime::bindings::{Accept, Header, UpgradeRequest, UpgradeResponse};
+use crate::runtime::lifecycle::Calls;
 use crate::server::handler::Handler;
 use crate::server::per_address::AddressPlace;
 
@@ -149,21 +150,30 @@ where
             return refuse(writer, shared, 500, "plugin-error", "handler unavailable").await;
         }
     };
-    let upgrade = upgrade_request(&mut request, peer, tls);
-    let response = match handler.acquire(&plugin, id).await {
-        Ok(Some(mut instance)) => {
-            let r = instance.on_upgrade(upgrade).await;
-            if r.is_err() {
-                instance.fail();
+    let response = if plugin.wants(Calls::UPGRADE) {
+        let upgrade = upgrade_request(&mut request, peer, tls);
+        let response = match handler.acquire(&plugin, id).await {
+            Ok(Some(mut instance)) => {
+                let r = instance.on_upgrade(upgrade).await;
+                if r.is_err() {
+                    instance.fail();
+                }
+                r
             }
-            r
-        }
-        Ok(None) => Err(PluginError::Instantiate(anyhow::anyhow!(
-            "the shared instance failed"
-        ))),
-        Err(err) => Err(err),
+            Ok(None) => Err(PluginError::Instantiate(anyhow::anyhow!(
+                "the shared instance failed"
+            ))),
+            Err(err) => Err(err),
+        };
+        shared.metrics.plugin_call(started.elapsed());
+        response
+    } else {
+        // Declined (`lifecycle`): every upgrade that got this far is taken.
+        Ok(UpgradeResponse::Accept(Accept {
+            subprotocol: None,
+            headers: Vec::new(),
+        }))
     };
-    shared.metrics.plugin_call(started.elapsed());
     let reply = match response.map(|r| decide(&request, r)) {
         Ok(Decision::Accept(reply)) => reply,
         Ok(Decision::Reject {
