@@ -987,11 +987,14 @@ mod instructions {
         // A small pool: wharf's pooling allocator reserves address space
         // for max_connections instances, and valgrind needs little of it.
         // (What comes first is in the `[plugin]` table.)
+        // With `--shared` the tenant names the plugin: a `[[tenant]]` table
+        // beside `plugin.path` is refused.
         let plugin = match &opts.plugin {
-            Some(path) => format!(
+            Some(path) if !opts.shared => format!(
                 "path = {:?}\nmemory_limit = \"256MiB\"\n",
                 path.display().to_string()
             ),
+            Some(_) => "memory_limit = \"256MiB\"\n".to_owned(),
             None => String::new(),
         };
         let tenant = if opts.shared {

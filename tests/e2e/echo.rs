@@ -1,5 +1,5 @@
-//! The echo plugin: every kind of message comes back byte for byte, over ws
-//! and wss.
+//! The echo plugins: every kind of message comes back byte for byte, over
+//! ws and wss, from the bundled echo and from `lean-echo` (no WASI).
 
 use std::time::Duration;
 
@@ -11,10 +11,10 @@ use crate::support::*;
 /// 16 MiB: the default `max_message_size` (and `max_frame_size`).
 const BIG: usize = 16 << 20;
 
-async fn echo_all_kinds(tls: bool) {
+async fn echo_all_kinds(plugin: &'static str, tls: bool) {
     let server = Server::start(ServerOpts {
         tls,
-        ..ServerOpts::new("echo")
+        ..ServerOpts::new(plugin)
     });
     let mut ws = server.connect(tls).await;
 
@@ -94,12 +94,47 @@ async fn echo_all_kinds(tls: bool) {
 
 #[tokio::test]
 async fn echo_ws() {
-    echo_all_kinds(false).await;
+    echo_all_kinds("echo", false).await;
 }
 
 #[tokio::test]
 async fn echo_wss() {
-    echo_all_kinds(true).await;
+    echo_all_kinds("echo", true).await;
+}
+
+/// The `no_std` echo serves like the bundled one (its batches, taken
+/// packed, too), and its component imports none of WASI.
+#[tokio::test]
+async fn lean_echo_echoes_and_imports_no_wasi() {
+    echo_all_kinds("lean_echo", false).await;
+    echo_all_kinds("lean_echo", true).await;
+
+    let server = Server::start(ServerOpts::new("lean_echo"));
+    let mut raw = server.raw_upgraded(false, "/").await;
+    let batch: Vec<u8> = (0..16u8)
+        .flat_map(|i| masked(OP_BINARY, &[i; 100]))
+        .collect();
+    raw.send(&batch).await;
+    for i in 0..16u8 {
+        let frame = raw.read_frame().await;
+        assert_eq!((frame.opcode, frame.payload), (OP_BINARY, vec![i; 100]));
+    }
+
+    let engine = wasmtime::Engine::default();
+    let component = wasmtime::component::Component::from_file(&engine, plugin_path("lean_echo"))
+        .expect("lean_echo compiles");
+    let imports: Vec<String> = component
+        .component_type()
+        .imports(&engine)
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    assert!(!imports.is_empty(), "no imports at all?");
+    assert!(
+        imports
+            .iter()
+            .all(|name| name.starts_with("wharf:websocket/")),
+        "{imports:?}"
+    );
 }
 
 async fn goodbye_closes_normally(tls: bool) {
