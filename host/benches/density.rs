@@ -5,9 +5,10 @@
 //! for the native tokio-tungstenite echo server (`common/baseline.rs`, this
 //! binary re-executed), in one run.
 //!
-//! `cargo bench --bench density -- [--connections N] [--hibernate-after MS] [--keep-resident SIZE]`
+//! `cargo bench --bench density -- [--connections N] [--hibernate-after MS] [--keep-resident SIZE] [--plugin PATH]`
 //! (default 10,000 connections, hibernation after 200 ms, wharf's default
-//! `plugin.keep_resident`).
+//! `plugin.keep_resident`, the bundled echo; `--plugin`: another echo
+//! component in its place, in all three of wharf's runs).
 //!
 //! Under `cargo test` (no `--bench` argument) it is a smoke run instead:
 //! 200 connections on each server, each one's echo checked before and after.
@@ -127,6 +128,8 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
         return Ok(());
     }
     let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let plugin: String = option(&args, "--plugin")
+        .unwrap_or_else(|| format!("{}/echo.wasm", wharf::bundled::PLUGIN_DIR));
     if !args.iter().any(|a| a == "--bench") {
         let started = Instant::now();
         for target in [
@@ -135,7 +138,7 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
             Target::WharfShared,
             Target::Baseline,
         ] {
-            run(target, 200, true, None).await?;
+            run(target, 200, true, None, &plugin).await?;
         }
         println!(
             "density smoke run passed in {:.1?} (cargo bench --bench density for figures)",
@@ -158,7 +161,7 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     for target in targets {
         results.push((
             target,
-            run(target, n, false, keep_resident.as_deref()).await?,
+            run(target, n, false, keep_resident.as_deref(), &plugin).await?,
         ));
     }
     let baseline = results.last().map_or(0.0, |r| r.1.rss);
@@ -196,12 +199,13 @@ struct PerConn {
 
 /// Opens `n` connections and returns the server's memory growth per
 /// connection; `check_all`: round-trip on every connection
-/// afterwards, not just three.
+/// afterwards, not just three; `plugin`: the echo component wharf serves.
 async fn run(
     target: Target,
     n: usize,
     check_all: bool,
     keep_resident: Option<&str>,
+    plugin: &str,
 ) -> anyhow::Result<PerConn> {
     let cache = tempfile::tempdir()?;
     let hibernate_ms = match target {
@@ -211,18 +215,22 @@ async fn run(
     let mut cmd = match target {
         Target::Wharf { .. } | Target::WharfShared => {
             let config = cache.path().join("wharf.toml");
-            let shared = if matches!(target, Target::WharfShared) {
-                format!(
-                    "[[tenant]]\nname = \"echo\"\nplugin = {:?}\nroutes = [\"/\"]\ninstance = \"shared\"\n",
-                    format!("{}/echo.wasm", wharf::bundled::PLUGIN_DIR)
+            // A `[[tenant]]` names its plugin; `plugin.path` beside one is
+            // refused.
+            let (path, shared) = if matches!(target, Target::WharfShared) {
+                (
+                    String::new(),
+                    format!(
+                        "[[tenant]]\nname = \"echo\"\nplugin = {plugin:?}\nroutes = [\"/\"]\ninstance = \"shared\"\n"
+                    ),
                 )
             } else {
-                String::new()
+                (format!("path = {plugin:?}\n"), String::new())
             };
             std::fs::write(
                 &config,
                 format!(
-                    "[[listener]]\naddress = \"127.0.0.1:0\"\n[plugin]\ncache_dir = \"{}\"\nhibernate_after = \"{hibernate_ms}ms\"\n{}{shared}",
+                    "[[listener]]\naddress = \"127.0.0.1:0\"\n[plugin]\n{path}cache_dir = \"{}\"\nhibernate_after = \"{hibernate_ms}ms\"\n{}{shared}",
                     cache.path().display(),
                     keep_resident.map_or(String::new(), |k| format!("keep_resident = \"{k}\"\n")),
                 ),
