@@ -378,6 +378,10 @@ impl Runtime {
         let snapshot = SnapshotExport::find(&pre).map_err(|e| world_error(e.into()))?;
         let request = request_handler::find(&pre).map_err(|e| world_error(e.into()))?;
         let lifecycle = lifecycle::find(&pre).map_err(|e| world_error(e.into()))?;
+        let wasi = component
+            .component_type()
+            .imports(&self.engine)
+            .any(|(name, _)| name.starts_with("wasi:"));
         prepare_memory_images(&component, &spec.tenant, name);
         // Accepted: only now is it worth caching.
         if let (Some(cache), Some(artifact)) = (&cache, &artifact) {
@@ -398,6 +402,7 @@ impl Runtime {
             snapshots = snapshot.is_some(),
             lazy_request = request.is_some(),
             lifecycle = lifecycle.is_some(),
+            wasi,
             elapsed_ms = elapsed.as_millis() as u64,
             "plugin {name} {message} in {:.1?}",
             elapsed
@@ -413,6 +418,7 @@ impl Runtime {
             request,
             lifecycle,
             wanted: Wanted::default(),
+            wasi,
             spec,
             broker: self.broker.clone(),
         })
@@ -503,6 +509,9 @@ pub struct Plugin {
     lifecycle: Option<FuncExport>,
     /// ...and what it answered, once its first instance has been asked.
     wanted: Wanted,
+    /// Whether it imports any WASI interface: if not, its stores get no
+    /// WASI context.
+    wasi: bool,
     spec: PluginSpec,
     broker: Arc<Broker>,
 }
@@ -559,20 +568,9 @@ impl Plugin {
         ConnectionEntry::unpark(parked, self.spec.limits.send)
     }
 
-    /// Creates the store and instance that will serve connection `conn_id`.
-    pub async fn instantiate(&self, conn_id: u64) -> Result<PluginInstance, PluginError> {
-        self.instantiate_with(conn_id, None).await
-    }
-
-    /// Instantiates for a connection: a new one, or (`parked`) one whose
-    /// previous instance was released by [`PluginInstance::hibernate`], which
-    /// keeps its topics and attachment.
-    pub async fn instantiate_with(
-        &self,
-        conn_id: u64,
-        parked: Option<ConnectionEntry>,
-    ) -> Result<PluginInstance, PluginError> {
-        let limits = self.spec.limits;
+    /// The WASI context of an instance serving connection `conn_id`: what
+    /// the tenant grants, and no more.
+    fn wasi_ctx(&self, conn_id: u64) -> Result<WasiCtx, PluginError> {
         let (stdout, stderr) =
             LogStream::pair(self.spec.tenant.clone(), conn_id, self.spec.log.clone());
         let mut wasi = WasiCtx::builder();
@@ -589,7 +587,31 @@ impl Plugin {
             wasi.preopened_dir(dir, WASI_DIR, wasmtime_wasi::FsPerms::ReadOnly)
                 .map_err(|e| PluginError::Instantiate(e.into()))?;
         }
-        let wasi = wasi.build();
+        Ok(wasi.build())
+    }
+
+    /// Creates the store and instance that will serve connection `conn_id`.
+    pub async fn instantiate(&self, conn_id: u64) -> Result<PluginInstance, PluginError> {
+        self.instantiate_with(conn_id, None).await
+    }
+
+    /// Instantiates for a connection: a new one, or (`parked`) one whose
+    /// previous instance was released by [`PluginInstance::hibernate`], which
+    /// keeps its topics and attachment.
+    pub async fn instantiate_with(
+        &self,
+        conn_id: u64,
+        parked: Option<ConnectionEntry>,
+    ) -> Result<PluginInstance, PluginError> {
+        let limits = self.spec.limits;
+        // A component that imports no WASI cannot call it: its store is
+        // spared the context (its log streams, random generators and
+        // clocks, about 20 allocations).
+        let wasi = if self.wasi {
+            Some(Box::new(self.wasi_ctx(conn_id)?))
+        } else {
+            None
+        };
         let mut table = ResourceTable::new();
         // A handler holds a handful of host resources (its connection, a
         // few streams); each costs host memory outside its memory limit.
@@ -729,7 +751,8 @@ pub const MAX_HOST_RESOURCES: usize = 1024;
 
 /// Everything a plugin instance's store holds.
 pub struct HostState {
-    wasi: WasiCtx,
+    /// `None` for a plugin that imports no WASI (see [`Plugin`]).
+    wasi: Option<Box<WasiCtx>>,
     table: ResourceTable,
     /// Topics, shared by every instance of every plugin.
     broker: Arc<Broker>,
@@ -777,7 +800,13 @@ impl HostState {
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
-            ctx: &mut self.wasi,
+            // Only a plugin that imports WASI can reach this, and it has a
+            // context; were that ever not so, one that grants nothing.
+            ctx: self.wasi.get_or_insert_with(|| {
+                let mut none = WasiCtx::builder();
+                none.wall_clock(Epoch).max_random_size(0);
+                Box::new(none.build())
+            }),
             table: &mut self.table,
         }
     }
