@@ -418,7 +418,6 @@ impl Runtime {
             request,
             lifecycle,
             wanted: Wanted::default(),
-            wasi,
             spec,
             broker: self.broker.clone(),
         })
@@ -509,9 +508,6 @@ pub struct Plugin {
     lifecycle: Option<FuncExport>,
     /// ...and what it answered, once its first instance has been asked.
     wanted: Wanted,
-    /// Whether it imports any WASI interface: if not, its stores get no
-    /// WASI context.
-    wasi: bool,
     spec: PluginSpec,
     broker: Arc<Broker>,
 }
@@ -568,28 +564,6 @@ impl Plugin {
         ConnectionEntry::unpark(parked, self.spec.limits.send)
     }
 
-    /// The WASI context of an instance serving connection `conn_id`: what
-    /// the tenant grants, and no more.
-    fn wasi_ctx(&self, conn_id: u64) -> Result<WasiCtx, PluginError> {
-        let (stdout, stderr) =
-            LogStream::pair(self.spec.tenant.clone(), conn_id, self.spec.log.clone());
-        let mut wasi = WasiCtx::builder();
-        wasi.stdout(stdout)
-            .stderr(stderr)
-            // A handler needs a few random bytes (hash seeds), not a host
-            // call that copies megabytes.
-            .max_random_size(MAX_RANDOM_BYTES)
-            .envs(&self.spec.wasi.env);
-        if !self.spec.wasi.wall_clock {
-            wasi.wall_clock(Epoch);
-        }
-        if let Some(dir) = &self.spec.wasi.dir {
-            wasi.preopened_dir(dir, WASI_DIR, wasmtime_wasi::FsPerms::ReadOnly)
-                .map_err(|e| PluginError::Instantiate(e.into()))?;
-        }
-        Ok(wasi.build())
-    }
-
     /// Creates the store and instance that will serve connection `conn_id`.
     pub async fn instantiate(&self, conn_id: u64) -> Result<PluginInstance, PluginError> {
         self.instantiate_with(conn_id, None).await
@@ -604,13 +578,21 @@ impl Plugin {
         parked: Option<ConnectionEntry>,
     ) -> Result<PluginInstance, PluginError> {
         let limits = self.spec.limits;
-        // A component that imports no WASI cannot call it: its store is
-        // spared the context (its log streams, random generators and
-        // clocks, about 20 allocations).
-        let wasi = if self.wasi {
-            Some(Box::new(self.wasi_ctx(conn_id)?))
-        } else {
-            None
+        let wasi_source = WasiSource {
+            grants: self.spec.wasi.clone(),
+            log: self.spec.log.clone(),
+            conn: conn_id,
+        };
+        // Built at the first WASI call (see `WasiSource`), except where
+        // building can fail: a directory that cannot be opened refuses the
+        // instance now, not at a call that cannot say so.
+        let wasi = match &self.spec.wasi.dir {
+            Some(_) => Some(Box::new(
+                wasi_source
+                    .build(&self.spec.tenant)
+                    .map_err(|e| PluginError::Instantiate(e.into()))?,
+            )),
+            None => None,
         };
         let mut table = ResourceTable::new();
         // A handler holds a handful of host resources (its connection, a
@@ -624,6 +606,7 @@ impl Plugin {
         conns.insert(conn_id, conn.rep());
         let state = HostState {
             wasi,
+            wasi_source,
             table,
             broker: self.broker.clone(),
             tenant: self.spec.tenant.clone(),
@@ -751,8 +734,9 @@ pub const MAX_HOST_RESOURCES: usize = 1024;
 
 /// Everything a plugin instance's store holds.
 pub struct HostState {
-    /// `None` for a plugin that imports no WASI (see [`Plugin`]).
+    /// `None` until the plugin's first WASI call (see [`WasiSource`]).
     wasi: Option<Box<WasiCtx>>,
+    wasi_source: WasiSource,
     table: ResourceTable,
     /// Topics, shared by every instance of every plugin.
     broker: Arc<Broker>,
@@ -799,16 +783,54 @@ impl HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        let (source, tenant) = (&self.wasi_source, &self.tenant);
         WasiCtxView {
-            // Only a plugin that imports WASI can reach this, and it has a
-            // context; were that ever not so, one that grants nothing.
             ctx: self.wasi.get_or_insert_with(|| {
-                let mut none = WasiCtx::builder();
-                none.wall_clock(Epoch).max_random_size(0);
-                Box::new(none.build())
+                // Only a directory grant can fail, and that context was
+                // built with the instance; were that ever not so, a
+                // context that grants nothing.
+                Box::new(source.build(tenant).unwrap_or_else(|_| {
+                    let mut none = WasiCtx::builder();
+                    none.wall_clock(Epoch).max_random_size(0);
+                    none.build()
+                }))
             }),
             table: &mut self.table,
         }
+    }
+}
+
+/// What a store's WASI context is built from, at the plugin's first WASI
+/// call: a handler that makes none (most handlers, on most connections:
+/// the bundled echo on all) spares its connection the context's log
+/// streams, random generators and clocks, about 20 allocations and their
+/// frees.
+struct WasiSource {
+    grants: Arc<WasiGrants>,
+    log: Arc<LogBudget>,
+    /// The connection whose log lines the streams tag (a shared instance's
+    /// first).
+    conn: u64,
+}
+
+impl WasiSource {
+    /// The context: what the tenant grants, and no more.
+    fn build(&self, tenant: &Arc<str>) -> wasmtime::Result<WasiCtx> {
+        let (stdout, stderr) = LogStream::pair(tenant.clone(), self.conn, self.log.clone());
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(stdout)
+            .stderr(stderr)
+            // A handler needs a few random bytes (hash seeds), not a host
+            // call that copies megabytes.
+            .max_random_size(MAX_RANDOM_BYTES)
+            .envs(&self.grants.env);
+        if !self.grants.wall_clock {
+            wasi.wall_clock(Epoch);
+        }
+        if let Some(dir) = &self.grants.dir {
+            wasi.preopened_dir(dir, WASI_DIR, wasmtime_wasi::FsPerms::ReadOnly)?;
+        }
+        Ok(wasi.build())
     }
 }
 
