@@ -4,10 +4,10 @@
 //! A Rust component built with the standard library imports thirteen WASI
 //! interfaces (streams, stdio, environment, exit, terminals) whether it
 //! uses them or not, and wasmtime wires every imported function into each
-//! instance it creates, and the host gives the instance a WASI context:
-//! for the bundled [`echo`](../echo/src/lib.rs), about 26k of the 125k
-//! instructions a connection costs the host with an instance per
-//! connection, and 9 KiB of the 42 an idle one holds (2026-12-04). This echo is
+//! instance it creates: for the bundled [`echo`](../echo/src/lib.rs),
+//! about 22k of the 121k instructions a connection costs the host with an
+//! instance per connection, and 8.6 KiB of the 41.5 an idle one holds
+//! (2026-12-05). This echo is
 //! `#![no_std]`: it uses only `alloc` (`Vec`, `String`, `Box`), with
 //! dlmalloc as its allocator (see `heap`), so its
 //! component imports no WASI and an instance of it is that much cheaper to
