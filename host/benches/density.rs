@@ -215,14 +215,10 @@ async fn run(
     let mut cmd = match target {
         Target::Wharf { .. } | Target::WharfShared => {
             let config = cache.path().join("wharf.toml");
-            // A `[[tenant]]` names its plugin; `plugin.path` beside one is
-            // refused.
             let (path, shared) = if matches!(target, Target::WharfShared) {
                 (
                     String::new(),
-                    format!(
-                        "[[tenant]]\nname = \"echo\"\nplugin = {plugin:?}\nroutes = [\"/\"]\ninstance = \"shared\"\n"
-                    ),
+                    tenant::shared_echo(Some(std::path::Path::new(plugin))),
                 )
             } else {
                 (format!("path = {plugin:?}\n"), String::new())
@@ -327,3 +323,5 @@ async fn run(
 
 #[path = "common/baseline.rs"]
 mod baseline;
+#[path = "common/tenant.rs"]
+mod tenant;

@@ -51,6 +51,8 @@
 
 #[path = "common/loadgen.rs"]
 mod loadgen;
+#[path = "common/tenant.rs"]
+mod tenant;
 
 use std::cell::Cell;
 use std::fmt::Write as _;
@@ -538,16 +540,6 @@ fn kernel_ceiling(w: &Measurement, b: &Measurement) -> f64 {
 // The run
 // ---------------------------------------------------------------------------
 
-/// The configuration that serves an echo component (`plugin`, else the
-/// bundled one) to every route from one shared instance.
-fn shared_tenant(plugin: Option<&std::path::Path>) -> String {
-    let bundled = PathBuf::from(wharf::bundled::PLUGIN_DIR).join("echo.wasm");
-    format!(
-        "[[tenant]]\nname = \"echo\"\nplugin = {:?}\nroutes = [\"/\"]\ninstance = \"shared\"\n",
-        plugin.unwrap_or(&bundled).display().to_string()
-    )
-}
-
 struct Row {
     scenario: Scenario,
     /// Each server's best measurement, in [`TARGETS`] order.
@@ -556,7 +548,7 @@ struct Row {
 
 async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
     let extra = if opts.shared {
-        shared_tenant(None)
+        tenant::shared_echo(None)
     } else {
         String::new()
     };
@@ -1000,7 +992,7 @@ mod instructions {
             None => String::new(),
         };
         let tenant = if opts.shared {
-            shared_tenant(opts.plugin.as_deref())
+            tenant::shared_echo(opts.plugin.as_deref())
         } else {
             String::new()
         };
