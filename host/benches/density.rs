@@ -5,10 +5,11 @@
 //! for the native tokio-tungstenite echo server (`common/baseline.rs`, this
 //! binary re-executed), in one run.
 //!
-//! `cargo bench --bench density -- [--connections N] [--hibernate-after MS] [--keep-resident SIZE] [--plugin PATH]`
+//! `cargo bench --bench density -- [--connections N] [--hibernate-after MS] [--keep-resident SIZE] [--in-place] [--plugin PATH]`
 //! (default 10,000 connections, hibernation after 200 ms, wharf's default
-//! `plugin.keep_resident`, the bundled echo; `--plugin`: another echo
-//! component in its place, in all three of wharf's runs).
+//! `plugin.keep_resident`, the bundled echo; `--in-place`: wharf with
+//! `plugin.memory_reset = "in-place"`; `--plugin`: another echo component
+//! in its place, in all three of wharf's runs).
 //!
 //! Under `cargo test` (no `--bench` argument) it is a smoke run instead:
 //! 200 connections on each server, each one's echo checked before and after.
@@ -138,7 +139,7 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
             Target::WharfShared,
             Target::Baseline,
         ] {
-            run(target, 200, true, None, &plugin).await?;
+            run(target, 200, true, "", &plugin).await?;
         }
         println!(
             "density smoke run passed in {:.1?} (cargo bench --bench density for figures)",
@@ -149,8 +150,13 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     let n: usize = option(&args, "--connections").unwrap_or(10_000);
     // `--hibernate-after MS`: release idle instances (plugin.hibernate_after).
     let hibernate_ms: u64 = option(&args, "--hibernate-after").unwrap_or(200);
-    // `--keep-resident SIZE`: wharf's `plugin.keep_resident` (e.g. "0B").
-    let keep_resident: Option<String> = option(&args, "--keep-resident");
+    // `--keep-resident SIZE`: wharf's `plugin.keep_resident` (e.g. "0B");
+    // `--in-place`: its `plugin.memory_reset = "in-place"`.
+    let mut plugin_lines = option::<String>(&args, "--keep-resident")
+        .map_or(String::new(), |k| format!("keep_resident = \"{k}\"\n"));
+    if args.iter().any(|a| a == "--in-place") {
+        plugin_lines.push_str("memory_reset = \"in-place\"\n");
+    }
     let targets = [
         Target::Wharf { hibernate_ms: 0 },
         Target::Wharf { hibernate_ms },
@@ -159,10 +165,7 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     ];
     let mut results = Vec::new();
     for target in targets {
-        results.push((
-            target,
-            run(target, n, false, keep_resident.as_deref(), &plugin).await?,
-        ));
+        results.push((target, run(target, n, false, &plugin_lines, &plugin).await?));
     }
     let baseline = results.last().map_or(0.0, |r| r.1.rss);
     println!(
@@ -199,12 +202,13 @@ struct PerConn {
 
 /// Opens `n` connections and returns the server's memory growth per
 /// connection; `check_all`: round-trip on every connection
-/// afterwards, not just three; `plugin`: the echo component wharf serves.
+/// afterwards, not just three; `plugin_lines`: more of wharf's `[plugin]`;
+/// `plugin`: the echo component wharf serves.
 async fn run(
     target: Target,
     n: usize,
     check_all: bool,
-    keep_resident: Option<&str>,
+    plugin_lines: &str,
     plugin: &str,
 ) -> anyhow::Result<PerConn> {
     let cache = tempfile::tempdir()?;
@@ -226,9 +230,8 @@ async fn run(
             std::fs::write(
                 &config,
                 format!(
-                    "[[listener]]\naddress = \"127.0.0.1:0\"\n[plugin]\n{path}cache_dir = \"{}\"\nhibernate_after = \"{hibernate_ms}ms\"\n{}{shared}",
+                    "[[listener]]\naddress = \"127.0.0.1:0\"\n[plugin]\n{path}cache_dir = \"{}\"\nhibernate_after = \"{hibernate_ms}ms\"\n{plugin_lines}{shared}",
                     cache.path().display(),
-                    keep_resident.map_or(String::new(), |k| format!("keep_resident = \"{k}\"\n")),
                 ),
             )?;
             let mut c = Command::new(env!("CARGO_BIN_EXE_wharf"));

@@ -6,11 +6,15 @@
 //!
 //! ```text
 //! cargo bench --bench echo -- [--quick] [--scenario NAME]... [--duration SECS] [--warmup SECS] [--rounds N] [--shared]
-//!     [--busy-loadgen]
+//!     [--busy-loadgen] [--in-place]
 //! ```
 //!
 //! `--shared` serves the echo plugin as a tenant in shared instance mode
 //! (one instance for every connection, so no instantiation per connection).
+//!
+//! `--in-place` runs wharf with `plugin.memory_reset = "in-place"`: a
+//! finished instance's written pages restored where they are, not returned
+//! to the OS and faulted in again (needs Linux 6.7 and no swap).
 //!
 //! `--busy-loadgen` keeps the load generator from ever sleeping: a reply
 //! that finds its core halted wakes it with an inter-processor interrupt,
@@ -196,6 +200,8 @@ struct Options {
     instructions: Option<InstrOptions>,
     /// `--shared`: wharf serves the echo plugin in shared instance mode.
     shared: bool,
+    /// `--in-place`: wharf resets its pool slots in place.
+    in_place: bool,
     /// `--busy-loadgen`: the load generator never sleeps (see `main`).
     busy_loadgen: bool,
 }
@@ -213,6 +219,7 @@ impl Options {
             smoke: true,
             instructions: None,
             shared: false,
+            in_place: false,
             busy_loadgen: false,
         }
     }
@@ -226,12 +233,14 @@ fn parse_options(args: &[String]) -> Result<Options> {
     let mut rounds = 1;
     let mut instructions: Option<InstrOptions> = None;
     let mut shared = false;
+    let mut in_place = false;
     let mut busy_loadgen = false;
     let mut it = args.iter().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => quick = true,
             "--shared" => shared = true,
+            "--in-place" => in_place = true,
             "--busy-loadgen" => busy_loadgen = true,
             "--scenario" => {
                 let v = it.next().context("--scenario needs a name")?;
@@ -295,7 +304,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             // Passed by `cargo bench` to harness-less benches.
             "--bench" => {}
             other => bail!(
-                "unknown argument {other:?}; options: --quick, --scenario NAME, --duration SECS, --warmup SECS, --rounds N, --shared, --busy-loadgen, \
+                "unknown argument {other:?}; options: --quick, --scenario NAME, --duration SECS, --warmup SECS, --rounds N, --shared, --in-place, --busy-loadgen, \
                  --instructions [--messages N1,N2] [--connections M1,M2] [--valgrind PATH] [--keep DIR] [--rep-strings] [--plugin PATH] [--shared]"
             ),
         }
@@ -334,6 +343,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         smoke: false,
         instructions: instructions.map(|i| InstrOptions { shared, ..i }),
         shared,
+        in_place,
         busy_loadgen,
     })
 }
@@ -547,15 +557,17 @@ struct Row {
 }
 
 async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
-    let extra = if opts.shared {
-        tenant::shared_echo(None)
-    } else {
-        String::new()
-    };
-    let setup = Setup::new(pinning, &extra)?;
+    // Lines of `[plugin]` first: the tenant table ends that section.
+    let mut extra = String::new();
+    if opts.in_place {
+        extra.push_str("memory_reset = \"in-place\"\n");
+        println!("wharf resets its pool slots in place (plugin.memory_reset = \"in-place\")");
+    }
     if opts.shared {
+        extra.push_str(&tenant::shared_echo(None));
         println!("wharf serves the echo plugin in shared instance mode");
     }
+    let setup = Setup::new(pinning, &extra)?;
     let fmt_core = |c: Option<usize>| c.map_or("unpinned".to_owned(), |c| format!("core {c}"));
     println!(
         "echo bench: {} scenarios, warm-up {:?} + measure {:?} each{}",

@@ -2,8 +2,10 @@
 //! one event call into it, with and without wasmtime's component-model-async
 //! bookkeeping (`Config::concurrency_support`), in the same run; then the
 //! cost of resetting a freed slot for the next instance (maybe another
-//! tenant's) by `plugin.keep_resident`: that many bytes are zeroed with a
-//! memset, the rest returned to the OS (madvise) and faulted in again.
+//! tenant's) by `plugin.memory_reset` and `plugin.keep_resident`: with
+//! "decommit", that many bytes are zeroed with a memset, the rest returned
+//! to the OS (madvise) and faulted in again; "in-place" (where the kernel
+//! has `PAGEMAP_SCAN`), the pages written restored up to that many bytes.
 //!
 //! `cargo bench --bench runtime` (add `-- --quick` for a shorter run).
 //! Under `cargo test` (no `--bench` argument) it is a smoke run of a few
@@ -12,6 +14,7 @@
 use std::time::{Duration, Instant};
 
 use wharf::runtime::connection_host::SendLimits;
+use wharf::runtime::engine::MemoryReset;
 use wharf::runtime::limits::CpuBudget;
 use wharf::runtime::{InstanceLimits, Plugin, PluginInstance, Runtime, RuntimeConfig};
 use wharf_protocol::{Config, WebSocket};
@@ -22,7 +25,7 @@ struct Figures {
     call_1k_ns: f64,
 }
 
-fn runtime(concurrency_support: bool, keep_resident: usize) -> Runtime {
+fn runtime(concurrency_support: bool, memory_reset: MemoryReset) -> Runtime {
     Runtime::new(RuntimeConfig {
         max_instances: 64,
         limits: InstanceLimits {
@@ -39,7 +42,7 @@ fn runtime(concurrency_support: bool, keep_resident: usize) -> Runtime {
         },
         cache_dir: None,
         concurrency_support,
-        keep_resident,
+        memory_reset,
     })
     .expect("runtime")
 }
@@ -118,7 +121,12 @@ fn main() {
         .expect("tokio");
     let mut results = Vec::new();
     for concurrency in [false, true] {
-        let runtime = runtime(concurrency, 64 << 10);
+        let runtime = runtime(
+            concurrency,
+            MemoryReset::Decommit {
+                keep_resident: 64 << 10,
+            },
+        );
         let plugin = runtime
             .load("echo", wharf::bundled::ECHO)
             .expect("load echo");
@@ -144,19 +152,27 @@ fn main() {
         off.call_1k_ns / on.call_1k_ns
     );
     println!();
-    println!(
-        "{:<28} {:>14}",
-        "keep_resident (slot reset)", "instantiate µs"
-    );
-    for keep in [0usize, 64 << 10, 1 << 20] {
-        let runtime = runtime(false, keep);
+    println!("{:<28} {:>14}", "slot reset", "instantiate µs");
+    let mut resets: Vec<MemoryReset> = [0usize, 64 << 10, 1 << 20]
+        .into_iter()
+        .map(|keep_resident| MemoryReset::Decommit { keep_resident })
+        .collect();
+    if wharf::runtime::engine::in_place_available() {
+        resets.push(MemoryReset::InPlace { budget: 256 << 10 });
+    }
+    for reset in resets {
+        let runtime = runtime(false, reset);
         let plugin = runtime
             .load("echo", wharf::bundled::ECHO)
             .expect("load echo");
         let f = rt.block_on(measure(&plugin, instances, 1, smoke));
         println!(
             "{:<28} {:>14.2}",
-            format!("{} KiB", keep >> 10),
+            match reset {
+                MemoryReset::Decommit { keep_resident } =>
+                    format!("decommit, {} KiB kept", keep_resident >> 10),
+                MemoryReset::InPlace { budget } => format!("in place, {} KiB budget", budget >> 10),
+            },
             f.instantiate_us
         );
     }

@@ -104,7 +104,9 @@ fn run(policy: Policy, connections: usize, phase: Duration) -> Result<String> {
         limits: tenancy::runtime_limits(&config),
         cache_dir: Some(dir.path().to_owned()),
         concurrency_support: false,
-        keep_resident: 64 << 10,
+        memory_reset: wharf::runtime::engine::MemoryReset::Decommit {
+            keep_resident: 64 << 10,
+        },
     })?;
     let metrics = Metrics::new();
     let tenants = Arc::new(Tenants::load(&config, Arc::new(runtime), metrics.clone())?);

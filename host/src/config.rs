@@ -108,6 +108,19 @@ pub enum InstanceMode {
     Shared,
 }
 
+/// How a finished instance's pool slot is made fresh for the next
+/// instance (`plugin.memory_reset`; see `runtime::engine::MemoryReset`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryResetMode {
+    /// Return the slot's pages to the OS; the next instance faults them in.
+    #[default]
+    Decommit,
+    /// Restore the pages the instance wrote where they are (`PAGEMAP_SCAN`,
+    /// Linux 6.7); only for a process that cannot swap.
+    InPlace,
+}
+
 /// A tenant's limits. Each key unset takes the server-wide value of the
 /// same name (`[plugin]`, `[websocket]`, `[server]`).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -345,16 +358,30 @@ pub struct PluginConfig {
     /// `"0s"`: never.
     #[serde(with = "humantime_serde")]
     pub hibernate_after: Duration,
-    /// Of a finished instance's linear memory, how many bytes from its
-    /// start the pool slot keeps mapped and zeroes in place (a memset of
-    /// all of them, touched or not) for the next instance, instead of
-    /// returning them to the OS: fewer page faults for a plugin that uses
-    /// its first pages, at this much RSS per slot ever used. Default 0: a
-    /// plugin whose stack comes first (Rust's and wasm-ld's usual layout)
-    /// never touches its first 64 KiB, so keeping them only adds RSS, and
-    /// the bundled echo instantiates no faster with them (`cargo bench
-    /// --bench runtime`). Tables are kept either way (see the engine).
-    pub keep_resident: ByteSize,
+    /// How a finished instance's linear memory is made fresh for the next
+    /// instance in its pool slot (maybe another tenant's). `"decommit"`
+    /// (default): the pages go back to the OS and the next instance faults
+    /// in again each page it touches (4 faults for the bundled echo).
+    /// `"in-place"`: the pages the instance wrote are found
+    /// (`PAGEMAP_SCAN`, Linux 6.7 or later) and restored where they are, no
+    /// fault and no `madvise`: about a fifth less server CPU per
+    /// connection (`cargo bench --bench echo -- --scenario connect
+    /// --in-place`), but each slot used so far keeps up to `keep_resident`
+    /// of written pages resident, so RSS after a peak of instances stays
+    /// up by that much per instance of the peak. Refused at start-up
+    /// unless the process cannot swap (no swap device, or a cgroup with
+    /// `memory.swap.max = 0`): wasmtime 48's scan misses a written page
+    /// that was swapped out, and the next instance would read it.
+    pub memory_reset: MemoryResetMode,
+    /// With `"decommit"`, how many bytes from the start of a finished
+    /// instance's linear memory its slot keeps mapped and zeroes in place
+    /// (a memset of all of them, touched or not); default 0: a plugin
+    /// whose stack comes first (Rust's and wasm-ld's usual layout) never
+    /// touches its first 64 KiB, so keeping them only adds RSS. With
+    /// `"in-place"`, the most bytes of written pages a slot keeps and
+    /// restores (the rest go back to the OS); default 256 KiB. Tables are
+    /// kept either way (see the engine).
+    pub keep_resident: Option<ByteSize>,
     /// Where compiled plugins are cached. Unset: `$XDG_CACHE_HOME/wharf`,
     /// else `$HOME/.cache/wharf`, else no cache. Only the server may write here:
     /// a cached artifact is trusted native code.
@@ -363,6 +390,16 @@ pub struct PluginConfig {
     /// recently used plugins are removed until the rest fit. `"0B"`: no
     /// cache (every start compiles).
     pub cache_max_size: ByteSize,
+}
+
+impl PluginConfig {
+    /// `keep_resident`, or its default for `memory_reset`.
+    pub fn keep_resident(&self) -> ByteSize {
+        self.keep_resident.unwrap_or(match self.memory_reset {
+            MemoryResetMode::Decommit => ByteSize::b(0),
+            MemoryResetMode::InPlace => ByteSize::kib(256),
+        })
+    }
 }
 
 impl Default for PluginConfig {
@@ -378,7 +415,8 @@ impl Default for PluginConfig {
             settings: BTreeMap::new(),
             wasi: WasiGrants::default(),
             hibernate_after: Duration::ZERO,
-            keep_resident: ByteSize::b(0),
+            memory_reset: MemoryResetMode::Decommit,
+            keep_resident: None,
             cache_dir: None,
             cache_max_size: ByteSize::gib(1),
         }
@@ -606,6 +644,7 @@ impl Config {
             settings: _,
             wasi,
             hibernate_after: _,
+            memory_reset: _,
             keep_resident: _,
             cache_dir,
             cache_max_size: _,
@@ -787,7 +826,7 @@ impl Config {
         if index.is_empty() || index.contains(['/', '\\']) || index.starts_with('.') {
             return invalid("static_files.index", "must be a plain file name");
         }
-        if self.plugin.keep_resident.as_u64() > largest_memory {
+        if self.plugin.keep_resident().as_u64() > largest_memory {
             return invalid(
                 "plugin.keep_resident",
                 "must not exceed the largest memory_limit",
@@ -1040,6 +1079,21 @@ mod tests {
         let c: Config = toml::from_str("[plugin]\nmemory_limit = \"1KiB\"\n").unwrap();
         let err = c.validate().unwrap_err();
         assert!(err.to_string().contains("plugin.memory_limit"), "{err}");
+    }
+
+    #[test]
+    fn keep_resident_defaults_by_memory_reset() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.plugin.memory_reset, MemoryResetMode::Decommit);
+        assert_eq!(c.plugin.keep_resident(), ByteSize::b(0));
+        let c: Config = toml::from_str("[plugin]\nmemory_reset = \"in-place\"\n").unwrap();
+        assert_eq!(c.plugin.keep_resident(), ByteSize::kib(256));
+        let c: Config =
+            toml::from_str("[plugin]\nmemory_reset = \"in-place\"\nkeep_resident = \"1MiB\"\n")
+                .unwrap();
+        assert_eq!(c.plugin.keep_resident(), ByteSize::mib(1));
+        let err = toml::from_str::<Config>("[plugin]\nmemory_reset = \"scan\"\n").unwrap_err();
+        assert!(err.to_string().contains("in-place"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use wharf::config::{self, Config, ListenerConfig};
 use wharf::metrics::Metrics;
+use wharf::runtime::engine::{self, MemoryReset};
+use wharf::runtime::swap::Swap;
 use wharf::runtime::{Runtime, RuntimeConfig};
 use wharf::server::Server;
 use wharf::tenancy::{self, Tenants};
@@ -249,8 +251,9 @@ fn run(command: Command) -> anyhow::Result<()> {
     // Everything start-up could refuse that costs no compile, first: a
     // port in use should not wait behind a plugin's first compile.
     let preflight = preflight(&config)?;
-    let mut runtime =
-        Runtime::new(runtime_config(&config)).context("cannot start the plugin runtime")?;
+    let (memory_reset, swap) = memory_reset(&config.plugin)?;
+    let mut runtime = Runtime::new(runtime_config(&config, memory_reset))
+        .context("cannot start the plugin runtime")?;
     runtime.set_cache_max_size(config.plugin.cache_max_size.as_u64());
     let metrics = Metrics::new();
     // Pub/sub's missed deliveries and refused publishes: wharf_sends_refused_total.
@@ -268,7 +271,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("wharf-worker")
         .build()?
-        .block_on(serve(config, tenants, metrics, watch, preflight))
+        .block_on(serve(config, tenants, metrics, watch, preflight, swap))
 }
 
 /// The connections' runtime: tokio's multi-thread one with a worker per
@@ -412,14 +415,44 @@ fn load_config(args: &Overrides<'_>) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-fn runtime_config(config: &Config) -> RuntimeConfig {
+fn runtime_config(config: &Config, memory_reset: MemoryReset) -> RuntimeConfig {
     RuntimeConfig {
         max_instances: config.server.max_connections,
         limits: tenancy::runtime_limits(config),
         cache_dir: cache_dir(config),
         concurrency_support: false,
-        keep_resident: config::bytes(config.plugin.keep_resident),
+        memory_reset,
     }
+}
+
+/// `plugin.memory_reset`, checked: `"in-place"` needs the kernel's
+/// `PAGEMAP_SCAN` and a process that cannot swap (see
+/// `wharf::runtime::swap`). With it, why swap is impossible.
+fn memory_reset(plugin: &config::PluginConfig) -> anyhow::Result<(MemoryReset, Option<Swap>)> {
+    let keep = config::bytes(plugin.keep_resident());
+    if plugin.memory_reset == config::MemoryResetMode::Decommit {
+        return Ok((
+            MemoryReset::Decommit {
+                keep_resident: keep,
+            },
+            None,
+        ));
+    }
+    anyhow::ensure!(
+        engine::in_place_available(),
+        "plugin.memory_reset = \"in-place\" needs the PAGEMAP_SCAN ioctl (Linux 6.7 or \
+         later), which this kernel lacks; use \"decommit\""
+    );
+    let swap = Swap::probe();
+    anyhow::ensure!(
+        !swap.possible(),
+        "plugin.memory_reset = \"in-place\" needs a process that cannot swap, and this one \
+         can ({swap}): a written page swapped out of a finished instance would reach the next \
+         instance in its slot. Forbid swap to wharf's cgroup (memory.swap.max = 0; systemd: \
+         MemorySwapMax=0) or use \"decommit\""
+    );
+    tracing::info!(reason = %swap, budget = keep, "pool slots reset in place: this process cannot swap");
+    Ok((MemoryReset::InPlace { budget: keep }, Some(swap)))
 }
 
 async fn serve(
@@ -428,6 +461,7 @@ async fn serve(
     metrics: Arc<Metrics>,
     watch: bool,
     preflight: Preflight,
+    swap: Option<Swap>,
 ) -> anyhow::Result<()> {
     let Preflight {
         listeners,
@@ -445,6 +479,13 @@ async fn serve(
         watch_stop.clone(),
     )
     .context("cannot watch the plugin files")?;
+    if swap == Some(Swap::NoDevice) {
+        // Only a `swapon` can undo that guarantee: say so if it happens.
+        tokio::spawn(wharf::runtime::swap::watch(
+            std::time::Duration::from_secs(10),
+            watch_stop.clone(),
+        ));
+    }
     for bound in server.bound() {
         tracing::info!(url = %bound.url(), "listening");
         println!("listening on {}", bound.url());

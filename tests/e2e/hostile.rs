@@ -8,6 +8,11 @@ use std::time::{Duration, Instant};
 use crate::support::{OP_TEXT, RawClient, Server, ServerOpts, plugin_path, upgrade_request_to};
 
 fn start(server: &'static str, bad_limits: &str) -> Server {
+    start_with(server, bad_limits, "")
+}
+
+/// `plugin`: lines for `[plugin]`.
+fn start_with(server: &'static str, bad_limits: &str, plugin: &'static str) -> Server {
     let tenant = |name: &str, plugin: &str, routes: &[&str], limits: &str| {
         format!(
             "[[tenant]]\nname = {name:?}\nplugin = {:?}\nroutes = {routes:?}\n[tenant.limits]\n{limits}\n",
@@ -16,6 +21,7 @@ fn start(server: &'static str, bad_limits: &str) -> Server {
     };
     let mut opts = ServerOpts::new("");
     opts.server = server;
+    opts.plugin_limits = plugin;
     opts.extra = tenant("good", "echo", &["/good"], "")
         + &tenant(
             "bad",
@@ -190,10 +196,50 @@ async fn wasi_grants_nothing() {
 async fn a_reused_pool_slot_shows_zeros() {
     // One slot: the second connection's instance lives where the first's did.
     let server = start("max_connections = 1", BAD_LIMITS);
+    reused_slots_show_zeros(&server).await;
+}
+
+/// `plugin.memory_reset = "in-place"` where this host allows it (Linux 6.7,
+/// no swap): the written pages restored in place, within the budget (2 MiB)
+/// and beyond it (256 KiB of the 1 MiB `peek` writes; the rest returned to
+/// the OS); where it does not, start-up refuses it and says why.
+#[tokio::test]
+async fn a_slot_reset_in_place_shows_zeros() {
+    use wharf::runtime::{engine, swap::Swap};
+    const IN_PLACE: &str = "memory_reset = \"in-place\"\n";
+    let swap = Swap::probe();
+    if !engine::in_place_available() || swap.possible() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("wharf.toml");
+        let plugin = plugin_path("echo");
+        std::fs::write(&config, format!("[plugin]\npath = {plugin:?}\n{IN_PLACE}")).unwrap();
+        let stderr = crate::support::check_refuses(&config);
+        assert!(
+            stderr.contains("memory_reset = \"in-place\" needs"),
+            "{stderr}"
+        );
+        println!("in-place reset not allowed here ({swap}); refused as it should be");
+        return;
+    }
+    for plugin in [
+        "memory_reset = \"in-place\"\nkeep_resident = \"2MiB\"\n",
+        "memory_reset = \"in-place\"\nkeep_resident = \"256KiB\"\n",
+    ] {
+        let server = start_with("max_connections = 1", BAD_LIMITS, plugin);
+        server
+            .wait_log(&["pool slots reset in place"], Duration::from_secs(5))
+            .await;
+        reused_slots_show_zeros(&server).await;
+    }
+}
+
+/// Three connections one after another in a one-slot pool: each instance
+/// must find zeros where the one before wrote its secret.
+async fn reused_slots_show_zeros(server: &Server) {
     for round in 0..3 {
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut bad = loop {
-            let (bad, status) = upgrade(&server, "/bad").await;
+            let (bad, status) = upgrade(server, "/bad").await;
             if status == 101 {
                 break bad;
             }

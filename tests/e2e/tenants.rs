@@ -139,14 +139,7 @@ fn conflicting_routes_are_a_config_error_naming_both() {
     let text = tenant("one", "echo", &["acme.test/chat/"], "")
         + &tenant("two", "echo", &["ACME.test/chat"], "");
     std::fs::write(&config, text).unwrap();
-    let out = wharf_cmd()
-        // Port 0: `check` binds the listeners (the default 8080 may be taken).
-        .args(["check", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let stderr = crate::support::check_refuses(&config);
     assert!(
         stderr.contains("route acme.test/chat is claimed by both tenant one and tenant two"),
         "{stderr}"

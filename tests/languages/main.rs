@@ -317,7 +317,9 @@ fn runtime(lang: &Lang, cache_dir: &Path) -> Runtime {
         },
         cache_dir: Some(cache_dir.to_owned()),
         concurrency_support: false,
-        keep_resident: 64 << 10,
+        memory_reset: wharf::runtime::engine::MemoryReset::Decommit {
+            keep_resident: 64 << 10,
+        },
     })
     .expect("runtime")
 }

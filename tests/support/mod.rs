@@ -110,7 +110,9 @@ pub async fn in_process(
         limits: wharf::tenancy::runtime_limits(config),
         cache_dir: Some(cache_dir()),
         concurrency_support: false,
-        keep_resident: 64 << 10,
+        memory_reset: wharf::runtime::engine::MemoryReset::Decommit {
+            keep_resident: 64 << 10,
+        },
     })
     .expect("a runtime");
     let metrics = wharf::metrics::Metrics::new();
@@ -136,6 +138,19 @@ pub fn wharf_cmd() -> Command {
         // `wharf check` has no cache_dir flag: keep its default cache out of $HOME.
         .env("XDG_CACHE_HOME", cache_dir());
     cmd
+}
+
+/// `wharf check` on `config` (listeners on port 0: `check` binds them, and
+/// the default 8080 may be taken), which must fail: its stderr.
+pub fn check_refuses(config: &Path) -> String {
+    let out = wharf_cmd()
+        .args(["check", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .output()
+        .expect("run wharf check");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{stderr}");
+    stderr
 }
 
 impl Server {

@@ -22,9 +22,27 @@ pub struct PoolSizing {
     /// Component-model-async bookkeeping on every call. Off unless a plugin
     /// needs async (none can in WIT 0.1); kept switchable to measure it.
     pub concurrency_support: bool,
-    /// Bytes of a freed slot's linear memory kept mapped and reset in
-    /// place rather than returned to the OS (`plugin.keep_resident`).
-    pub keep_resident: usize,
+    /// How a freed slot's linear memory is made fresh for its next
+    /// instance (`plugin.memory_reset`, `plugin.keep_resident`).
+    pub memory_reset: MemoryReset,
+}
+
+/// How a pool slot's linear memory is made fresh for the slot's next
+/// instance once its instance is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryReset {
+    /// Its pages go back to the OS (`madvise`, in batches), but for the
+    /// first `keep_resident` bytes, zeroed by a memset of all of them; the
+    /// next instance faults in every page it touches again (4 faults per
+    /// instance of the bundled echo).
+    Decommit { keep_resident: usize },
+    /// The pages the instance wrote are found with `PAGEMAP_SCAN` (Linux
+    /// 6.7) and restored in place, up to `budget` bytes of them; pages
+    /// beyond the budget go back to the OS. No page faults and no `madvise`
+    /// for a plugin that writes less than the budget, at the price of
+    /// keeping those pages resident in every slot used so far. Only for a
+    /// process that cannot swap ([`super::swap`]).
+    InPlace { budget: usize },
 }
 
 /// Core instances a component may hold: Rust/C components need a handful,
@@ -86,18 +104,29 @@ pub fn build(pool: PoolSizing) -> anyhow::Result<Engine> {
         .table_elements(TABLE_ELEMENTS)
         // One async fiber stack per store: stores cache their stack.
         .total_stacks(n)
-        // A freed slot keeps the first `keep_resident` bytes of its memory
-        // and its tables mapped, reset in place; the rest goes back to
-        // the OS, in batches. The reset is a full memset, not PAGEMAP_SCAN:
-        // wasmtime 48's scan resets only pages that are present, so a
-        // dirty page swapped out would reach the slot's next instance,
-        // maybe another tenant's (bytecodealliance/wasmtime#14357).
-        .linear_memory_keep_resident(pool.keep_resident)
         .table_keep_resident(TABLE_KEEP_RESIDENT)
-        .pagemap_scan(Enabled::No)
         .decommit_batch_size(DECOMMIT_BATCH);
+    // The scan is only asked for in place: wasmtime 48's resets only
+    // pages that are present, so a written page swapped out would reach
+    // the slot's next instance, maybe another tenant's
+    // (bytecodealliance/wasmtime#14357); `serve` allows it only to a
+    // process that cannot swap.
+    match pool.memory_reset {
+        MemoryReset::Decommit { keep_resident } => pooling
+            .linear_memory_keep_resident(keep_resident)
+            .pagemap_scan(Enabled::No),
+        MemoryReset::InPlace { budget } => pooling
+            .linear_memory_keep_resident(budget)
+            .pagemap_scan(Enabled::Yes),
+    };
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
     Engine::new(&config).map_err(anyhow::Error::from)
+}
+
+/// Whether this kernel has `PAGEMAP_SCAN` (Linux 6.7), which
+/// [`MemoryReset::InPlace`] needs.
+pub fn in_place_available() -> bool {
+    PoolingAllocationConfig::is_pagemap_scan_available()
 }
 
 /// The smallest memory reservation (pool slot) an engine is built with.

@@ -257,7 +257,7 @@ mod tests {
             },
             cache_dir: None,
             concurrency_support: false,
-            keep_resident: 0,
+            memory_reset: crate::runtime::engine::MemoryReset::Decommit { keep_resident: 0 },
         })
         .unwrap()
     }

@@ -27,6 +27,7 @@ pub mod request_handler;
 pub mod request_host;
 pub mod shared;
 pub mod snapshot;
+pub mod swap;
 pub mod wall;
 
 use std::collections::BTreeMap;
@@ -127,8 +128,8 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<std::path::PathBuf>,
     /// See [`engine::PoolSizing::concurrency_support`]; `false` in production.
     pub concurrency_support: bool,
-    /// See [`engine::PoolSizing::keep_resident`] (`plugin.keep_resident`).
-    pub keep_resident: usize,
+    /// See [`engine::MemoryReset`] (`plugin.memory_reset`, `plugin.keep_resident`).
+    pub memory_reset: engine::MemoryReset,
 }
 
 /// The engine, the host functions every plugin is linked against, and the
@@ -272,7 +273,7 @@ impl Runtime {
             instances: config.max_instances,
             memory_limit: config.limits.memory,
             concurrency_support: config.concurrency_support,
-            keep_resident: config.keep_resident,
+            memory_reset: config.memory_reset,
         })?;
         let mut linker = Linker::new(&engine);
         // WASI is linked so that components built by ordinary toolchains

@@ -38,7 +38,7 @@ fn shared(plugin: &str, rest: &str) -> Arc<Shared> {
         limits: crate::tenancy::runtime_limits(&config),
         cache_dir: None,
         concurrency_support: false,
-        keep_resident: 0,
+        memory_reset: crate::runtime::engine::MemoryReset::Decommit { keep_resident: 0 },
     })
     .expect("a runtime");
     let metrics = Metrics::new();
