@@ -8,6 +8,7 @@
 //!     [--size BYTES] [--binary] [--connections N] [--in-flight N]
 //!     [--duration SECS] [--warmup SECS] [--rounds N]
 //!     [--plugin NAME=PATH]... [--perf-map] [--pause-before-measure]
+//!     [--in-place] [--keep-resident SIZE]
 //! ```
 //!
 //! Each handler is served by a real `wharf serve` (one tokio worker, pinned
@@ -41,7 +42,9 @@
 //! servers with `WHARF_PERF_MAP=1` (wasmtime writes `/tmp/perf-PID.map`,
 //! so `perf record -p PID` names the plugin's functions);
 //! `--pause-before-measure` prints each server's pid and waits 5 s before
-//! measuring, time to attach a profiler.
+//! measuring, time to attach a profiler. `--in-place` and `--keep-resident
+//! SIZE` set the servers' `plugin.memory_reset = "in-place"` and
+//! `plugin.keep_resident`.
 //!
 //! `cargo test` runs a smoke run (no `--bench` argument): every language
 //! whose toolchain is installed, briefly, unpinned, every echo checked.
@@ -252,6 +255,8 @@ struct Options {
     pause: bool,
     quick: bool,
     smoke: bool,
+    /// More lines for the servers' `[plugin]`.
+    plugin_lines: String,
 }
 
 impl Options {
@@ -273,6 +278,7 @@ impl Options {
             pause: false,
             quick: false,
             smoke: true,
+            plugin_lines: String::new(),
         }
     }
 }
@@ -296,6 +302,11 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--binary" => o.text = false,
             "--perf-map" => o.perf_map = true,
             "--pause-before-measure" => o.pause = true,
+            "--in-place" => o.plugin_lines += "memory_reset = \"in-place\"\n",
+            "--keep-resident" => {
+                let v = it.next().context("--keep-resident needs a size")?;
+                let _ = writeln!(o.plugin_lines, "keep_resident = {v:?}");
+            }
             "--lang" => {
                 let v = it.next().context("--lang needs names")?;
                 // `none`: only the `--plugin` components.
@@ -351,7 +362,8 @@ fn parse_options(args: &[String]) -> Result<Options> {
             other => bail!(
                 "unknown argument {other:?}; options: --quick, --lang NAMES, --mode per-connection|shared|both, \
                  --load echo|connect|both, --size BYTES, --binary, --connections N, --in-flight N, \
-                 --warmup SECS, --duration SECS, --rounds N, --plugin NAME=PATH, --perf-map, --pause-before-measure"
+                 --warmup SECS, --duration SECS, --rounds N, --plugin NAME=PATH, --perf-map, --pause-before-measure, \
+                 --in-place, --keep-resident SIZE"
             ),
         }
     }
@@ -438,6 +450,12 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
         size: 32,
     };
     let fmt_core = |c: Option<usize>| c.map_or("unpinned".to_owned(), |c| format!("core {c}"));
+    if !opts.plugin_lines.is_empty() {
+        println!(
+            "servers' [plugin] adds: {}",
+            opts.plugin_lines.trim().replace('\n', ", ")
+        );
+    }
     println!(
         "languages bench: {} {} B {} messages, {} connections × {} in flight; connect loop: 50 connectors, 32 B echo; \
          warm-up {:?} + measure {:?}{}; server -> {}, load generator -> {}",
@@ -471,8 +489,9 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
             let mut toml = format!(
                 "[[listener]]\naddress = \"127.0.0.1:0\"\n\
                  [server]\nmax_connections = 10000\n\
-                 [plugin]\ncache_dir = {:?}\nmemory_limit = \"256MiB\"\ncpu_time_per_event = \"2s\"\n",
-                cache.display().to_string()
+                 [plugin]\ncache_dir = {:?}\nmemory_limit = \"256MiB\"\ncpu_time_per_event = \"2s\"\n{}",
+                cache.display().to_string(),
+                opts.plugin_lines
             );
             let _ = write!(
                 toml,
