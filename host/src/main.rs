@@ -440,8 +440,8 @@ fn memory_reset(plugin: &config::PluginConfig) -> anyhow::Result<(MemoryReset, O
     }
     anyhow::ensure!(
         engine::in_place_available(),
-        "plugin.memory_reset = \"in-place\" needs the PAGEMAP_SCAN ioctl (Linux 6.7 or \
-         later), which this kernel lacks; use \"decommit\""
+        "plugin.memory_reset = \"in-place\" needs the PAGEMAP_SCAN ioctl on \
+         /proc/self/pagemap (Linux 6.7 or later), which is not available here; use \"decommit\""
     );
     let swap = Swap::probe();
     anyhow::ensure!(

@@ -215,4 +215,22 @@ mod tests {
         // Past the budget, slots are the limit itself.
         assert_eq!(reservation(mib(64), 1_000_000), 64 << 20);
     }
+
+    #[test]
+    fn an_in_place_engine_needs_the_scan() {
+        let pool = |memory_reset| PoolSizing {
+            instances: 4,
+            memory_limit: 1 << 20,
+            concurrency_support: false,
+            memory_reset,
+        };
+        build(pool(MemoryReset::Decommit { keep_resident: 0 })).unwrap();
+        let in_place = build(pool(MemoryReset::InPlace { budget: 64 << 10 }));
+        assert_eq!(
+            in_place.is_ok(),
+            in_place_available(),
+            "{:?}",
+            in_place.err()
+        );
+    }
 }
