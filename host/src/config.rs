@@ -359,7 +359,8 @@ pub struct PluginConfig {
     #[serde(with = "humantime_serde")]
     pub hibernate_after: Duration,
     /// How a finished instance's linear memory is made fresh for the next
-    /// instance in its pool slot (maybe another tenant's). `"decommit"`
+    /// instance in its pool slot (maybe another tenant's); one setting for
+    /// the whole server, whose tenants share the pool. `"decommit"`
     /// (default): the pages go back to the OS and the next instance faults
     /// in again each page it touches (4 faults for the bundled echo).
     /// `"in-place"`: the pages the instance wrote are found

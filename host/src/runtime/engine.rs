@@ -106,11 +106,8 @@ pub fn build(pool: PoolSizing) -> anyhow::Result<Engine> {
         .total_stacks(n)
         .table_keep_resident(TABLE_KEEP_RESIDENT)
         .decommit_batch_size(DECOMMIT_BATCH);
-    // The scan is only asked for in place: wasmtime 48's resets only
-    // pages that are present, so a written page swapped out would reach
-    // the slot's next instance, maybe another tenant's
-    // (bytecodealliance/wasmtime#14357); `serve` allows it only to a
-    // process that cannot swap.
+    // The scan only where asked for: it is safe only in a process that
+    // cannot swap, which `serve` checks (see `super::swap`).
     match pool.memory_reset {
         MemoryReset::Decommit { keep_resident } => pooling
             .linear_memory_keep_resident(keep_resident)
