@@ -481,9 +481,11 @@ async fn serve(
     .context("cannot watch the plugin files")?;
     if swap == Some(Swap::NoDevice) {
         // Only a `swapon` can undo that guarantee: say so if it happens.
+        let metrics = Arc::clone(&metrics);
         tokio::spawn(wharf::runtime::swap::watch(
             std::time::Duration::from_secs(10),
             watch_stop.clone(),
+            move || metrics.memory_reset_exposed(),
         ));
     }
     for bound in server.bound() {

@@ -45,6 +45,8 @@ async fn messages_and_calls_are_counted_before_the_replies_arrive() {
         // on-open and on-close (`lifecycle`).
         ("wharf_plugin_call_seconds_count", 5.0),
         (r#"wharf_plugin_call_seconds_bucket{le="+Inf"}"#, 5.0),
+        // Pool slots decommitted (the default): nothing to be exposed.
+        ("wharf_memory_reset_exposed", 0.0),
     ] {
         let got = m
             .lines()

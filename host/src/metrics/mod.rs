@@ -231,6 +231,7 @@ pub struct Metrics {
     open: Gauge,
     pending: Gauge,
     buffered: Gauge,
+    reset_exposed: Gauge,
     opened: Counter,
     closed: Family<ClosedLabels, Counter>,
     handshake_failures: Family<HandshakeLabels, Counter>,
@@ -285,6 +286,12 @@ impl Metrics {
             "wharf_connections_open",
             "WebSocket connections currently open",
             open.clone(),
+        );
+        let reset_exposed = Gauge::default();
+        registry.register(
+            "wharf_memory_reset_exposed",
+            "1 if pool slots are reset in place and a swap device appeared after start-up (restart wharf); else 0",
+            reset_exposed.clone(),
         );
 
         let opened = Counter::default();
@@ -431,6 +438,7 @@ impl Metrics {
             open,
             pending,
             buffered,
+            reset_exposed,
             opened,
             closed,
             handshake_failures,
@@ -471,6 +479,12 @@ impl Metrics {
     /// Bytes held for peers across connections now (see `server::budget`).
     pub fn buffered_bytes(&self, n: usize) {
         self.buffered.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Pool slots are reset in place and swap became possible after
+    /// start-up (see `runtime::swap::watch`).
+    pub fn memory_reset_exposed(&self) {
+        self.reset_exposed.set(1);
     }
 
     /// The opening handshake succeeded: the connection is now a WebSocket.

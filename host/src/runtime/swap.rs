@@ -95,10 +95,14 @@ fn forbidding_cgroup(
 }
 
 /// Re-probes every `every` while the guarantee is only [`Swap::NoDevice`]
-/// and logs an error once if a swap device appears: from then on, a
-/// swapped-out page could outlive its instance (see the module). Returns
-/// when `stop` is cancelled.
-pub async fn watch(every: std::time::Duration, stop: tokio_util::sync::CancellationToken) {
+/// and, if a swap device appears, logs an error and calls `exposed` once:
+/// from then on, a swapped-out page could outlive its instance (see the
+/// module). Returns then, or when `stop` is cancelled.
+pub async fn watch(
+    every: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+    exposed: impl FnOnce(),
+) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -113,6 +117,7 @@ pub async fn watch(every: std::time::Duration, stop: tokio_util::sync::Cancellat
                  pool slot; restart wharf (it will refuse \"in-place\") or forbid swap to its \
                  cgroup (memory.swap.max = 0)"
             );
+            exposed();
             return;
         }
     }
