@@ -341,7 +341,11 @@ fn parse_options(args: &[String]) -> Result<Options> {
         quick,
         rounds,
         smoke: false,
-        instructions: instructions.map(|i| InstrOptions { shared, ..i }),
+        instructions: instructions.map(|i| InstrOptions {
+            shared,
+            in_place,
+            ..i
+        }),
         shared,
         in_place,
         busy_loadgen,
@@ -864,6 +868,8 @@ struct InstrOptions {
     /// `--shared`: wharf serves the echo as a tenant in shared instance
     /// mode (a connection's cost without its instantiation).
     shared: bool,
+    /// `--in-place`: wharf resets its pool slots in place.
+    in_place: bool,
 }
 
 impl Default for InstrOptions {
@@ -876,6 +882,7 @@ impl Default for InstrOptions {
             rep_strings: false,
             plugin: None,
             shared: false,
+            in_place: false,
         }
     }
 }
@@ -996,13 +1003,16 @@ mod instructions {
         // tens of times slower: an interpreter's instantiation would pass
         // the default CPU time per event.
         let limits = "memory_limit = \"256MiB\"\ncpu_time_per_event = \"20s\"\n";
-        let plugin = match &opts.plugin {
+        let mut plugin = match &opts.plugin {
             Some(path) if !opts.shared => {
                 format!("path = {:?}\n{limits}", path.display().to_string())
             }
             Some(_) => limits.to_owned(),
             None => String::new(),
         };
+        if opts.in_place {
+            plugin.push_str("memory_reset = \"in-place\"\n");
+        }
         let tenant = if opts.shared {
             tenant::shared_echo(opts.plugin.as_deref())
         } else {

@@ -6,7 +6,7 @@
 #
 #   host/benches/instructions.sh [--messages N1,N2] [--connections M1,M2]
 #                                [--top K] [--keep DIR [--no-run]] [--valgrind PATH] [--rep-strings]
-#                                [--plugin PATH] [--shared]
+#                                [--plugin PATH] [--shared] [--in-place]
 #
 # Each server runs under callgrind once with N1 and once with N2 operations;
 # the figure is (I(N2) - I(N1)) / (N2 - N1), so start-up and shutdown cancel
@@ -18,6 +18,7 @@
 # only wharf is counted.
 # --shared: wharf serves the echo from one shared instance (a connection
 # without its instantiation).
+# --in-place: wharf with plugin.memory_reset = "in-place".
 # Needs valgrind (and callgrind_annotate, which comes with it).
 set -eu
 
@@ -30,7 +31,7 @@ while (($#)); do
     --top) top=$2; shift 2 ;;
     --keep) keep=$2; shift 2 ;;
     --no-run) run=0; shift ;;
-    -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
     *) pass+=("$1"); shift ;;
     esac
 done

@@ -355,6 +355,20 @@ impl Server {
     }
 
     /// The value of the exposition line for `series` (name and labels).
+    /// Waits up to `timeout` for `series` to read `want` (a counter the
+    /// server may bump after what the test saw, e.g. for frames it reads
+    /// after its Close went out); its last value.
+    pub async fn metric_reaches(&self, series: &str, want: f64, timeout: Duration) -> f64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.metric(series).await;
+            if got == want || Instant::now() >= deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.metrics().await;
         text.lines()
