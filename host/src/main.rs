@@ -479,8 +479,8 @@ async fn serve(
         watch_stop.clone(),
     )
     .context("cannot watch the plugin files")?;
-    if swap == Some(Swap::NoDevice) {
-        // Only a `swapon` can undo that guarantee: say so if it happens.
+    if swap.is_some() {
+        // Either guarantee can be undone while wharf runs: say so if it is.
         let metrics = Arc::clone(&metrics);
         tokio::spawn(wharf::runtime::swap::watch(
             std::time::Duration::from_secs(10),

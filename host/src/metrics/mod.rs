@@ -290,7 +290,7 @@ impl Metrics {
         let reset_exposed = Gauge::default();
         registry.register(
             "wharf_memory_reset_exposed",
-            "1 if pool slots are reset in place and a swap device appeared after start-up (restart wharf); else 0",
+            "1 if pool slots are reset in place and swap became possible after start-up (restart wharf); else 0",
             reset_exposed.clone(),
         );
 

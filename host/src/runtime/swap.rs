@@ -14,10 +14,11 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Swap {
     /// A cgroup on the process's path forbids swap (`memory.swap.max` is
-    /// 0): holds whatever devices are added later.
+    /// 0): holds whatever devices are added later, until the limit is
+    /// raised.
     ForbiddenByCgroup(PathBuf),
     /// No swap device exists now. Holds until an administrator runs
-    /// `swapon`; [`watch`] says so if that happens.
+    /// `swapon`.
     NoDevice,
     /// This many swap devices (zram and zswap's backing ones included)
     /// and no cgroup limit against them.
@@ -94,9 +95,9 @@ fn forbidding_cgroup(
     }
 }
 
-/// Re-probes every `every` while the guarantee is only [`Swap::NoDevice`]
-/// and, if a swap device appears, logs an error and calls `exposed` once:
-/// from then on, a swapped-out page could outlive its instance (see the
+/// Re-probes every `every` and, once swap has become possible (a `swapon`,
+/// or the cgroup's limit raised), logs an error and calls `exposed`: from
+/// then on, a swapped-out page could outlive its instance (see the
 /// module). Returns then, or when `stop` is cancelled.
 pub async fn watch(
     every: std::time::Duration,
@@ -112,7 +113,7 @@ pub async fn watch(
         if now.possible() {
             tracing::error!(
                 swap = %now,
-                "swap was enabled after start-up while plugin.memory_reset is \"in-place\": a \
+                "swap became possible after start-up while plugin.memory_reset is \"in-place\": a \
                  page swapped out of a finished instance could reach the next instance in its \
                  pool slot; restart wharf (it will refuse \"in-place\") or forbid swap to its \
                  cgroup (memory.swap.max = 0)"
