@@ -155,7 +155,7 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     let mut plugin_lines = option::<String>(&args, "--keep-resident")
         .map_or(String::new(), |k| format!("keep_resident = \"{k}\"\n"));
     if args.iter().any(|a| a == "--in-place") {
-        plugin_lines.push_str("memory_reset = \"in-place\"\n");
+        plugin_lines.push_str(tenant::IN_PLACE);
     }
     let targets = [
         Target::Wharf { hibernate_ms: 0 },

@@ -564,7 +564,7 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
     // Lines of `[plugin]` first: the tenant table ends that section.
     let mut extra = String::new();
     if opts.in_place {
-        extra.push_str("memory_reset = \"in-place\"\n");
+        extra.push_str(tenant::IN_PLACE);
         println!("wharf resets its pool slots in place (plugin.memory_reset = \"in-place\")");
     }
     if opts.shared {
@@ -1011,7 +1011,7 @@ mod instructions {
             None => String::new(),
         };
         if opts.in_place {
-            plugin.push_str("memory_reset = \"in-place\"\n");
+            plugin.push_str(tenant::IN_PLACE);
         }
         let tenant = if opts.shared {
             tenant::shared_echo(opts.plugin.as_deref())

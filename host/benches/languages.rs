@@ -51,6 +51,8 @@
 
 #[path = "common/loadgen.rs"]
 mod loadgen;
+#[path = "common/tenant.rs"]
+mod tenant;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -302,7 +304,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--binary" => o.text = false,
             "--perf-map" => o.perf_map = true,
             "--pause-before-measure" => o.pause = true,
-            "--in-place" => o.plugin_lines += "memory_reset = \"in-place\"\n",
+            "--in-place" => o.plugin_lines += tenant::IN_PLACE,
             "--keep-resident" => {
                 let v = it.next().context("--keep-resident needs a size")?;
                 let _ = writeln!(o.plugin_lines, "keep_resident = {v:?}");

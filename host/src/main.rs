@@ -251,7 +251,8 @@ fn run(command: Command) -> anyhow::Result<()> {
     // Everything start-up could refuse that costs no compile, first: a
     // port in use should not wait behind a plugin's first compile.
     let preflight = preflight(&config)?;
-    let (memory_reset, swap) = memory_reset(&config.plugin)?;
+    let memory_reset = memory_reset(&config.plugin)?;
+    let watch_swap = matches!(memory_reset, MemoryReset::InPlace { .. });
     let mut runtime = Runtime::new(runtime_config(&config, memory_reset))
         .context("cannot start the plugin runtime")?;
     runtime.set_cache_max_size(config.plugin.cache_max_size.as_u64());
@@ -271,7 +272,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("wharf-worker")
         .build()?
-        .block_on(serve(config, tenants, metrics, watch, preflight, swap))
+        .block_on(serve(
+            config, tenants, metrics, watch, preflight, watch_swap,
+        ))
 }
 
 /// The connections' runtime: tokio's multi-thread one with a worker per
@@ -427,16 +430,13 @@ fn runtime_config(config: &Config, memory_reset: MemoryReset) -> RuntimeConfig {
 
 /// `plugin.memory_reset`, checked: `"in-place"` needs the kernel's
 /// `PAGEMAP_SCAN` and a process that cannot swap (see
-/// `wharf::runtime::swap`). With it, why swap is impossible.
-fn memory_reset(plugin: &config::PluginConfig) -> anyhow::Result<(MemoryReset, Option<Swap>)> {
+/// `wharf::runtime::swap`).
+fn memory_reset(plugin: &config::PluginConfig) -> anyhow::Result<MemoryReset> {
     let keep = config::bytes(plugin.keep_resident());
     if plugin.memory_reset == config::MemoryResetMode::Decommit {
-        return Ok((
-            MemoryReset::Decommit {
-                keep_resident: keep,
-            },
-            None,
-        ));
+        return Ok(MemoryReset::Decommit {
+            keep_resident: keep,
+        });
     }
     anyhow::ensure!(
         engine::in_place_available(),
@@ -452,7 +452,7 @@ fn memory_reset(plugin: &config::PluginConfig) -> anyhow::Result<(MemoryReset, O
          MemorySwapMax=0) or use \"decommit\""
     );
     tracing::info!(reason = %swap, budget = keep, "pool slots reset in place: this process cannot swap");
-    Ok((MemoryReset::InPlace { budget: keep }, Some(swap)))
+    Ok(MemoryReset::InPlace { budget: keep })
 }
 
 async fn serve(
@@ -461,7 +461,7 @@ async fn serve(
     metrics: Arc<Metrics>,
     watch: bool,
     preflight: Preflight,
-    swap: Option<Swap>,
+    watch_swap: bool,
 ) -> anyhow::Result<()> {
     let Preflight {
         listeners,
@@ -479,7 +479,7 @@ async fn serve(
         watch_stop.clone(),
     )
     .context("cannot watch the plugin files")?;
-    if swap.is_some() {
+    if watch_swap {
         // Either guarantee can be undone while wharf runs: say so if it is.
         let metrics = Arc::clone(&metrics);
         tokio::spawn(wharf::runtime::swap::watch(

@@ -1,5 +1,9 @@
-//! The configuration the benches use to serve an echo from one `shared`
-//! instance, so that each measures the same thing.
+//! Configuration the benches share, so that each measures the same thing:
+//! an echo served from one `shared` instance, and pool slots reset in
+//! place.
+
+// Each bench that includes this file uses part of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
@@ -13,3 +17,6 @@ pub fn shared_echo(plugin: Option<&Path>) -> String {
         plugin.unwrap_or(&bundled).display().to_string()
     )
 }
+
+/// The `[plugin]` line of `--in-place`: pool slots reset in place.
+pub const IN_PLACE: &str = "memory_reset = \"in-place\"\n";
