@@ -84,10 +84,9 @@ fn scanner(data: &[u8]) {
 }
 
 fn headers<'a>(req: &'a Request, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    req.headers
-        .iter()
+    req.headers()
         .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
+        .map(|(_, v)| v)
 }
 
 fn lists(value: &str, token: &str) -> bool {
@@ -107,18 +106,18 @@ fn accepted(data: &[u8], req: &Request, n: usize, limits: &HandshakeLimits) {
         head.ends_with(b"\n\n") || head.ends_with(b"\n\r\n"),
         "head does not end in a blank line"
     );
-    assert_eq!(req.method, "GET");
+    assert_eq!(req.method(), "GET");
     assert!(contains(head, b"GET "), "no GET on the wire");
-    let target = match &req.query {
-        Some(q) => format!("{}?{q}", req.path),
-        None => req.path.clone(),
+    let target = match req.query() {
+        Some(q) => format!("{}?{q}", req.path()),
+        None => req.path().to_owned(),
     };
     assert!(
         contains(head, format!(" {target} HTTP/1.1").as_bytes()),
         "target {target:?} is not the one on the wire"
     );
-    assert!(req.headers.len() <= limits.max_headers);
-    for (name, value) in &req.headers {
+    assert!(req.headers().len() <= limits.max_headers);
+    for (name, value) in req.headers() {
         assert!(
             contains(head, name.as_bytes()),
             "header {name:?} not on the wire"
@@ -149,22 +148,22 @@ fn accepted(data: &[u8], req: &Request, n: usize, limits: &HandshakeLimits) {
     );
     let keys: Vec<_> = headers(req, "sec-websocket-key").collect();
     assert!(
-        matches!(keys[..], [k] if k.trim() == req.key),
+        matches!(keys[..], [k] if k.trim() == req.key()),
         "key {keys:?}"
     );
-    assert_eq!(STANDARD.decode(&req.key).map(|k| k.len()), Ok(16), "key");
+    assert_eq!(STANDARD.decode(req.key()).map(|k| k.len()), Ok(16), "key");
     assert!(headers(req, "content-length").all(|v| v.trim() == "0"));
     assert_eq!(headers(req, "transfer-encoding").count(), 0);
-    for p in &req.subprotocols {
+    for p in req.subprotocols() {
         assert!(!p.is_empty() && !p.contains(','), "subprotocol {p:?}");
         assert_eq!(p.trim_matches([' ', '\t']), p);
     }
 
     let mut sha = Sha1::new();
-    sha.update(req.key.as_bytes());
+    sha.update(req.key().as_bytes());
     sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
     let accept = STANDARD.encode(sha.finalize());
-    let reply = accept_response(&req.key, None, &[]).expect("a valid key is accepted");
+    let reply = accept_response(req.key(), None, &[]).expect("a valid key is accepted");
     let want = [
         ("upgrade", "websocket"),
         ("connection", "Upgrade"),
@@ -177,14 +176,14 @@ fn accepted(data: &[u8], req: &Request, n: usize, limits: &HandshakeLimits) {
 
     // Echoing an offered subprotocol: accepted iff a token, and then it is
     // exactly one more header.
-    for p in &req.subprotocols {
+    for p in req.subprotocols() {
         let token = p.bytes().all(is_tchar);
-        match accept_response(&req.key, Some(p), &[]) {
+        match accept_response(req.key(), Some(p), &[]) {
             Ok(reply) => {
                 assert!(token, "non-token subprotocol {p:?} accepted");
                 let got = response(&reply, 101);
                 assert_eq!(got.len(), 4);
-                assert_eq!(got[3], ("sec-websocket-protocol".into(), p.clone()));
+                assert_eq!(got[3], ("sec-websocket-protocol".into(), p.to_owned()));
             }
             Err(_) => assert!(!token, "token subprotocol {p:?} refused"),
         }

@@ -64,7 +64,7 @@ impl Echo {
         match parse_request(&self.head, &HandshakeLimits::default()) {
             Ok(None) => true,
             Ok(Some((request, n))) => {
-                let Ok(reply) = accept_response(&request.key, None, &[]) else {
+                let Ok(reply) = accept_response(request.key(), None, &[]) else {
                     return false;
                 };
                 out.extend_from_slice(&reply);

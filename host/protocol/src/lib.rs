@@ -25,7 +25,7 @@
 //!     Ok(None) => unreachable!("would read more bytes"),
 //!     Err(e) => { let _reply = e.response(); return; }
 //! };
-//! let reply = accept_response(&req.key, None, &[]).unwrap(); // write this first
+//! let reply = accept_response(req.key(), None, &[]).unwrap(); // write this first
 //! assert!(reply.starts_with(b"HTTP/1.1 101"));
 //!
 //! let now = Instant::now();

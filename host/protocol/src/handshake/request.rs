@@ -1,5 +1,7 @@
 //! Parsing and validating the client's opening handshake.
 
+use std::mem::MaybeUninit;
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
@@ -28,35 +30,98 @@ impl Default for HandshakeLimits {
 
 /// A validated WebSocket upgrade request.
 ///
-/// Owned strings, so the host can keep it (for routing, auth, logging)
-/// after the read buffer is reused.
+/// Owned, so the host can keep it (for routing, auth, logging) after the
+/// read buffer is reused: one string holds the head's text (method,
+/// target, every header name and value, each decoded once) and the fields
+/// are spans of it. A handshake makes two allocations, not two per header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
-    /// The request method; always `GET` once validated.
-    pub method: String,
-    /// The request target up to (not including) the first `?`.
-    pub path: String,
-    /// The part of the target after the first `?`, if there was one.
-    pub query: Option<String>,
-    /// Every header in arrival order; values are decoded lossily because
-    /// HTTP allows opaque bytes there but the host wants text.
-    pub headers: Vec<(String, String)>,
-    /// The trimmed `Sec-WebSocket-Key`, to feed to
-    /// [`accept_response`](super::accept_response).
-    pub key: String,
-    /// Offered subprotocols in preference order, from every
-    /// `Sec-WebSocket-Protocol` header.
-    pub subprotocols: Vec<String>,
+    text: String,
+    method: Span,
+    path: Span,
+    query: Option<Span>,
+    headers: Vec<(Span, Span)>,
+    key: Span,
+    subprotocols: Vec<Span>,
 }
 
+/// Where a field lies in [`Request`]'s text.
+type Span = (u32, u32);
+
 impl Request {
+    fn at(&self, (from, to): Span) -> &str {
+        // Spans are made with this same text, at char boundaries.
+        &self.text[from as usize..to as usize]
+    }
+
+    /// The request whose text is `text`, with each field's span given by
+    /// `span` (which may append the field to the text).
+    fn from_pieces(
+        text: String,
+        req: &httparse::Request<'_, '_>,
+        path: &str,
+        query: Option<&str>,
+        mut span: impl FnMut(&mut String, &[u8]) -> Span,
+    ) -> Request {
+        let mut text = text;
+        let method = span(&mut text, req.method.unwrap_or_default().as_bytes());
+        let path = span(&mut text, path.as_bytes());
+        let query = query.map(|q| span(&mut text, q.as_bytes()));
+        let headers = req
+            .headers
+            .iter()
+            .map(|h| (span(&mut text, h.name.as_bytes()), span(&mut text, h.value)))
+            .collect();
+        Request {
+            text,
+            method,
+            path,
+            query,
+            headers,
+            key: (0, 0),
+            subprotocols: Vec::new(),
+        }
+    }
+
+    /// The request method; always `GET` once validated.
+    pub fn method(&self) -> &str {
+        self.at(self.method)
+    }
+
+    /// The request target up to (not including) the first `?`.
+    pub fn path(&self) -> &str {
+        self.at(self.path)
+    }
+
+    /// The part of the target after the first `?`, if there was one.
+    pub fn query(&self) -> Option<&str> {
+        self.query.map(|q| self.at(q))
+    }
+
+    /// Every header in arrival order, as (name, value); values are decoded
+    /// lossily.
+    pub fn headers(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + Clone {
+        self.headers.iter().map(|&(n, v)| (self.at(n), self.at(v)))
+    }
+
     /// The first header named `name` (ASCII case-insensitive), since header
     /// names are case-insensitive on the wire.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
+        self.headers()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v)
+    }
+
+    /// The trimmed `Sec-WebSocket-Key`, to feed to
+    /// [`accept_response`](super::accept_response).
+    pub fn key(&self) -> &str {
+        self.at(self.key)
+    }
+
+    /// Offered subprotocols in preference order, from every
+    /// `Sec-WebSocket-Protocol` header.
+    pub fn subprotocols(&self) -> impl ExactSizeIterator<Item = &str> + Clone {
+        self.subprotocols.iter().map(|&p| self.at(p))
     }
 }
 
@@ -100,9 +165,18 @@ pub fn parse_request(
     buf: &[u8],
     limits: &HandshakeLimits,
 ) -> Result<Option<(Request, usize)>, HandshakeError> {
-    let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut req = httparse::Request::new(&mut headers);
-    let n = match req.parse(buf) {
+    // httparse needs room for every header line up front; on the stack for
+    // the usual limits, so a handshake does not allocate and zero it.
+    let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
+    let mut heap = Vec::new();
+    let room = if limits.max_headers <= STACK_HEADERS {
+        &mut stack[..limits.max_headers]
+    } else {
+        heap.resize_with(limits.max_headers, MaybeUninit::uninit);
+        &mut heap[..]
+    };
+    let mut req = httparse::Request::new(&mut []);
+    let n = match req.parse_with_uninit_headers(buf, room) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             if buf.len() > limits.max_request_bytes {
@@ -127,29 +201,35 @@ pub fn parse_request(
     }
     let target = req.path.unwrap_or_default();
     let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
-        None => (target.to_owned(), None),
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
     };
-    let mut request = Request {
-        method: method.to_owned(),
-        path,
-        query,
-        headers: req
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_owned(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect(),
-        key: String::new(),
-        subprotocols: Vec::new(),
+    let head = &buf[..n];
+    let mut request = match std::str::from_utf8(head) {
+        // The usual head (ASCII) is kept whole: every field is where
+        // httparse found it. Both point into `buf`.
+        Ok(text) => Request::from_pieces(text.to_owned(), &req, path, query, |_, piece| {
+            let from = piece.as_ptr() as usize - head.as_ptr() as usize;
+            (from as u32, (from + piece.len()) as u32)
+        }),
+        Err(_) => Request::from_pieces(String::with_capacity(n), &req, path, query, push_lossy),
     };
     validate(&mut request)?;
     Ok(Some((request, n)))
 }
+
+/// Appends `bytes` to `text`, decoded lossily (HTTP allows opaque bytes in
+/// header values, and the host wants text), and returns their span.
+fn push_lossy(text: &mut String, bytes: &[u8]) -> Span {
+    let from = text.len();
+    text.push_str(&String::from_utf8_lossy(bytes));
+    // The head is at most `max_request_bytes` long, and a lossy
+    // replacement triples at most one byte: far inside u32.
+    (from as u32, text.len() as u32)
+}
+
+/// Header lines httparse gets room for on the stack (the default limit).
+const STACK_HEADERS: usize = 64;
 
 fn validate(req: &mut Request) -> Result<(), HandshakeError> {
     // One pass over the headers, then the checks in their fixed order (the
@@ -157,9 +237,10 @@ fn validate(req: &mut Request) -> Result<(), HandshakeError> {
     let mut hosts = 0usize;
     let (mut upgrade, mut connection, mut body) = (false, false, false);
     let mut versions: (usize, Option<&str>) = (0, None);
-    let mut keys: (usize, Option<&str>) = (0, None);
+    let mut keys: (usize, Option<Span>) = (0, None);
     let mut subprotocols = Vec::new();
-    for (name, value) in &req.headers {
+    for &(name_at, value_at) in &req.headers {
+        let (name, value) = (req.at(name_at), req.at(value_at));
         let is = |wanted: &str| name.eq_ignore_ascii_case(wanted);
         if is("host") {
             hosts += 1;
@@ -170,19 +251,21 @@ fn validate(req: &mut Request) -> Result<(), HandshakeError> {
         } else if is("sec-websocket-version") {
             versions = (versions.0 + 1, Some(value));
         } else if is("sec-websocket-key") {
-            keys = (keys.0 + 1, Some(value));
+            keys = (keys.0 + 1, Some(trimmed(value_at, value, str::trim)));
         } else if is("content-length") {
             body |= value.trim() != "0";
         } else if is("transfer-encoding") {
             body = true;
         } else if is("sec-websocket-protocol") {
-            subprotocols.extend(
-                value
-                    .split(',')
-                    .map(|p| p.trim_matches(is_ows))
-                    .filter(|p| !p.is_empty())
-                    .map(str::to_owned),
-            );
+            let mut from = value_at.0;
+            for p in value.split(',') {
+                let at = (from, from + p.len() as u32);
+                from = at.1 + 1;
+                let at = trimmed(at, p, |p| p.trim_matches(is_ows));
+                if at.0 < at.1 {
+                    subprotocols.push(at);
+                }
+            }
         }
     }
     match hosts {
@@ -202,20 +285,29 @@ fn validate(req: &mut Request) -> Result<(), HandshakeError> {
     }
     let key = match keys {
         (0, _) | (_, None) => return Err(HandshakeError::MissingKey),
-        (1, Some(k)) => k.trim(),
+        (1, Some(k)) => k,
         _ => return Err(HandshakeError::DuplicateKey),
     };
     // 16 random bytes encode to exactly 24 characters; checking the length
     // first keeps a huge bogus key from being decoded at all.
-    if key.len() != 24 || !matches!(STANDARD.decode(key), Ok(raw) if raw.len() == 16) {
+    let text = req.at(key);
+    if text.len() != 24 || !matches!(STANDARD.decode(text), Ok(raw) if raw.len() == 16) {
         return Err(HandshakeError::InvalidKey);
     }
     if body {
         return Err(HandshakeError::UnexpectedBody);
     }
-    req.key = key.to_owned();
+    req.key = key;
     req.subprotocols = subprotocols;
     Ok(())
+}
+
+/// The span of `trim(text)`, where `text` is the text at `at`.
+fn trimmed(at: Span, text: &str, trim: impl FnOnce(&str) -> &str) -> Span {
+    let kept = trim(text);
+    // `kept` is a subslice of `text`: its offset within it is exact.
+    let from = at.0 + (kept.as_ptr() as usize - text.as_ptr() as usize) as u32;
+    (from, from + kept.len() as u32)
 }
 
 fn is_ows(c: char) -> bool {
@@ -233,6 +325,32 @@ fn has_token(value: &str, token: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fields_are_spans_of_the_decoded_head() {
+        // Opaque bytes in values, padding around the key and the
+        // subprotocols: each span must land on the decoded text.
+        let mut head = b"GET /a%20b?x=\xc3\xa9 HTTP/1.1\r\nHost: h\r\nX-Bin: \xff\xfe!\r\n\
+            Upgrade: websocket\r\nConnection: Upgrade\r\n\
+            Sec-WebSocket-Protocol: \xffa ,, \t b\t,c\r\n\
+            Sec-WebSocket-Key:   dGhlIHNhbXBsZSBub25jZQ==  \r\nSec-WebSocket-Version: 13\r\n"
+            .to_vec();
+        head.extend_from_slice(b"sec-websocket-protocol: d\r\n\r\n");
+        let (req, n) = parse_request(&head, &HandshakeLimits::default())
+            .unwrap()
+            .expect("complete");
+        assert_eq!(n, head.len());
+        assert_eq!(
+            (req.method(), req.path(), req.query()),
+            ("GET", "/a%20b", Some("x=\u{e9}"))
+        );
+        assert_eq!(req.header("x-bin"), Some("\u{fffd}\u{fffd}!"));
+        assert_eq!(req.key(), "dGhlIHNhbXBsZSBub25jZQ==");
+        let offered: Vec<&str> = req.subprotocols().collect();
+        assert_eq!(offered, ["\u{fffd}a", "b", "c", "d"]);
+        assert_eq!(req.headers().len(), 8);
+        assert_eq!(req.headers().last(), Some(("sec-websocket-protocol", "d")));
+    }
 
     #[test]
     fn a_head_sent_byte_by_byte_is_parsed_once() {

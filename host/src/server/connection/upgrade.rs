@@ -82,11 +82,11 @@ where
         mut address,
     } = accepted;
     let mut buf = BytesMut::with_capacity(4096);
-    let (mut request, consumed) = read_request(reader, writer, &mut buf, shared, deadline).await?;
+    let (request, consumed) = read_request(reader, writer, &mut buf, shared, deadline).await?;
     buf.advance(consumed);
     let host = request.header("host");
-    let Some(tenant) = shared.tenants.route(host, &request.path).cloned() else {
-        tracing::debug!(conn = id, host, path = %request.path, "no route");
+    let Some(tenant) = shared.tenants.route(host, request.path()).cloned() else {
+        tracing::debug!(conn = id, host, path = request.path(), "no route");
         return refuse(
             writer,
             shared,
@@ -151,7 +151,7 @@ where
         }
     };
     let response = if plugin.wants(Calls::UPGRADE) {
-        let upgrade = upgrade_request(&mut request, peer, tls);
+        let upgrade = upgrade_request(&request, peer, tls);
         let response = match handler.acquire(&plugin, id).await {
             Ok(Some(mut instance)) => {
                 let r = instance.on_upgrade(upgrade).await;
@@ -185,7 +185,12 @@ where
                 tracing::error!(tenant = %tenant.name, conn = id, "{complaint}");
             }
             shared.metrics.handshake_failed(status, "plugin-reject");
-            tracing::debug!(conn = id, status, path = %request.path, "upgrade rejected by plugin");
+            tracing::debug!(
+                conn = id,
+                status,
+                path = request.path(),
+                "upgrade rejected by plugin"
+            );
             let _ = write_and_close(writer, &response).await;
             return None;
         }
@@ -216,7 +221,7 @@ where
         shared.metrics.connection_closed(CloseCode::ABNORMAL, false);
         return None;
     }
-    tracing::debug!(conn = id, tenant = %conn.tenant.name, path = %request.path, "open");
+    tracing::debug!(conn = id, tenant = %conn.tenant.name, path = request.path(), "open");
     // Messages the plugin sent from on-upgrade follow the 101.
     conn.after_call(Ok(())).await;
     conn.on_open().await;
@@ -251,14 +256,14 @@ fn decide(request: &Request, response: UpgradeResponse) -> Decision {
     match response {
         UpgradeResponse::Accept(accept) => {
             if let Some(p) = &accept.subprotocol
-                && !request.subprotocols.contains(p)
+                && !request.subprotocols().any(|offered| offered == p)
             {
                 return Decision::Invalid(format!(
                     "plugin chose a subprotocol the client did not offer: {p:?}"
                 ));
             }
             match wharf_protocol::accept_response(
-                &request.key,
+                request.key(),
                 accept.subprotocol.as_deref(),
                 &headers(accept.headers),
             ) {
@@ -406,18 +411,20 @@ async fn write_and_close<W: AsyncWrite + Unpin>(
         .unwrap_or(Ok(()))
 }
 
-/// What the plugin sees of the request. The headers are moved, not copied:
-/// nothing after `on-upgrade` reads them.
-fn upgrade_request(request: &mut Request, peer: SocketAddr, tls: bool) -> UpgradeRequest {
+/// What the plugin sees of the request.
+fn upgrade_request(request: &Request, peer: SocketAddr, tls: bool) -> UpgradeRequest {
     UpgradeRequest {
-        method: request.method.clone(),
-        path: request.path.clone(),
-        query: request.query.clone(),
-        headers: std::mem::take(&mut request.headers)
-            .into_iter()
-            .map(|(name, value)| Header { name, value })
+        method: request.method().to_owned(),
+        path: request.path().to_owned(),
+        query: request.query().map(str::to_owned),
+        headers: request
+            .headers()
+            .map(|(name, value)| Header {
+                name: name.to_owned(),
+                value: value.to_owned(),
+            })
             .collect(),
-        subprotocols: request.subprotocols.clone(),
+        subprotocols: request.subprotocols().map(str::to_owned).collect(),
         remote_address: peer.to_string(),
         tls,
     }
