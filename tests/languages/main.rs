@@ -45,10 +45,11 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use support::*;
 use wharf::runtime::batch::Batch;
 use wharf::runtime::batch_handler::Message as BatchMessage;
-use wharf::runtime::bindings::{UpgradeRequest, UpgradeResponse};
+use wharf::runtime::bindings::UpgradeResponse;
 use wharf::runtime::connection_host::SendLimits;
 use wharf::runtime::limits::CpuBudget;
 use wharf::runtime::pubsub_host::Mailbox;
+use wharf::runtime::request_host::RequestEntry;
 use wharf::runtime::{InstanceLimits, Plugin, PluginInstance, Runtime, RuntimeConfig};
 
 /// Measurements, servers and Autobahn runs load the machine: one language
@@ -698,14 +699,17 @@ fn chat_library(lang: &Lang, wasm: &Path) {
     let started = Instant::now();
     let plugin = rt.load(name, &bytes).expect("load");
     let load = started.elapsed();
-    let request = |room: &str, nick: &str| UpgradeRequest {
-        method: "GET".into(),
-        path: format!("/chat/{room}"),
-        query: Some(format!("nick={nick}")),
-        headers: Vec::new(),
-        subprotocols: Vec::new(),
-        remote_address: "127.0.0.1:4242".into(),
-        tls: false,
+    let request = |room: &str, nick: &str| {
+        let head = format!(
+            "GET /chat/{room}?nick={nick} HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        );
+        let limits = wharf_protocol::HandshakeLimits::default();
+        let (request, _) = wharf_protocol::parse_request(head.as_bytes(), &limits)
+            .expect("a valid head")
+            .expect("a whole head");
+        RequestEntry::new(request, "127.0.0.1:4242".parse().unwrap(), false)
     };
     // The payload sizes of the messages published to a mailbox so far.
     let published = |mailbox: &mut Mailbox| {

@@ -42,7 +42,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use self::batch::BatchRef;
 use self::batch_handler::Message;
-use self::bindings::{UpgradeRequest, UpgradeResponse};
+use self::bindings::UpgradeResponse;
 use self::connection_host::{ConnectionEntry, Parked, SendLimits};
 use self::cpu_share::CpuShare;
 use self::engine::{EpochClock, PoolSizing};
@@ -52,6 +52,7 @@ use self::lifecycle::{Calls, Wanted};
 use self::limits::{CpuBudget, LimitExceeded, LimitHit, SandboxLimiter};
 use self::log_stream::{LogBudget, LogStream};
 use self::pubsub_host::{Broker, Subscriptions};
+use self::request_host::RequestEntry;
 use self::snapshot::{SnapshotExport, SnapshotFuncs};
 use crate::IdMap;
 
@@ -998,7 +999,7 @@ impl PluginInstance {
     /// plugin exports it, else `on-upgrade` with it lowered as a record.
     pub async fn on_upgrade(
         &mut self,
-        request: UpgradeRequest,
+        request: RequestEntry,
     ) -> Result<UpgradeResponse, PluginError> {
         let conn = self.arm();
         let wall = self.wall();
@@ -1006,7 +1007,7 @@ impl PluginInstance {
         let r = wall::within(wall, || async move {
             match on_request {
                 Some(func) => request_handler::call(store, func, conn, request).await,
-                None => handler.on_upgrade(store, conn, &request).await,
+                None => handler.on_upgrade(store, conn, &request.record()).await,
             }
         })
         .await;

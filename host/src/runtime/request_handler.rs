@@ -6,7 +6,7 @@ use wasmtime::Store;
 use wasmtime::component::{Func, InstancePre, Resource, TypedFunc};
 
 use super::HostState;
-use super::bindings::{UpgradeRequest, UpgradeResponse};
+use super::bindings::UpgradeResponse;
 use super::connection_host::ConnectionEntry;
 use super::export::{ExportError, FuncExport};
 use super::request_host::RequestEntry;
@@ -29,9 +29,9 @@ pub async fn call(
     store: &mut Store<HostState>,
     func: Func,
     conn: Resource<ConnectionEntry>,
-    request: UpgradeRequest,
+    request: RequestEntry,
 ) -> wasmtime::Result<UpgradeResponse> {
-    let entry = store.data_mut().table.push(RequestEntry(request))?;
+    let entry = store.data_mut().table.push(request)?;
     let lent = Resource::new_borrow(entry.rep());
     // SAFETY: `func` is the export `find` type-checked against exactly
     // these parameter and result types, resolved in an instance of that

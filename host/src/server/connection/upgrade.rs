@@ -14,8 +14,9 @@ use wharf_protocol::{CloseCode, HandshakeError, Request};
 use super::Shared;
 use super::conn::Conn;
 use crate::runtime::PluginError;
-use crate::runtime::bindings::{Accept, Header, UpgradeRequest, UpgradeResponse};
+use crate::runtime::bindings::{Accept, Header, UpgradeResponse};
 use crate::runtime::lifecycle::Calls;
+use crate::runtime::request_host::RequestEntry;
 use crate::server::handler::Handler;
 use crate::server::per_address::AddressPlace;
 
@@ -151,7 +152,8 @@ where
         }
     };
     let response = if plugin.wants(Calls::UPGRADE) {
-        let upgrade = upgrade_request(&request, peer, tls);
+        // A copy (two allocations): `decide` reads the request after the call.
+        let upgrade = RequestEntry::new(request.clone(), peer, tls);
         let response = match handler.acquire(&plugin, id).await {
             Ok(Some(mut instance)) => {
                 let r = instance.on_upgrade(upgrade).await;
@@ -409,25 +411,6 @@ async fn write_and_close<W: AsyncWrite + Unpin>(
     tokio::time::timeout(std::time::Duration::from_secs(5), write)
         .await
         .unwrap_or(Ok(()))
-}
-
-/// What the plugin sees of the request.
-fn upgrade_request(request: &Request, peer: SocketAddr, tls: bool) -> UpgradeRequest {
-    UpgradeRequest {
-        method: request.method().to_owned(),
-        path: request.path().to_owned(),
-        query: request.query().map(str::to_owned),
-        headers: request
-            .headers()
-            .map(|(name, value)| Header {
-                name: name.to_owned(),
-                value: value.to_owned(),
-            })
-            .collect(),
-        subprotocols: request.subprotocols().map(str::to_owned).collect(),
-        remote_address: peer.to_string(),
-        tls,
-    }
 }
 
 fn headers(list: Vec<Header>) -> Vec<(String, String)> {
