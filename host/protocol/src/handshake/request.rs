@@ -12,7 +12,9 @@ use super::HandshakeError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandshakeLimits {
     /// Largest request head accepted; an incomplete head past this is
-    /// refused with 431 instead of waiting for more.
+    /// refused with 431 instead of waiting for more. Heads over 1 GiB are
+    /// refused whatever this says (a [`Request`]'s fields are 32-bit
+    /// offsets into its text).
     pub max_request_bytes: usize,
     /// Size of the fixed header array handed to httparse; more lines than
     /// this are refused with 431.
@@ -175,11 +177,12 @@ pub fn parse_request(
         heap.resize_with(limits.max_headers, MaybeUninit::uninit);
         &mut heap[..]
     };
+    let max = limits.max_request_bytes.min(MAX_HEAD);
     let mut req = httparse::Request::new(&mut []);
     let n = match req.parse_with_uninit_headers(buf, room) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
-            if buf.len() > limits.max_request_bytes {
+            if buf.len() > max {
                 return Err(HandshakeError::RequestTooLarge);
             }
             return Ok(None);
@@ -189,7 +192,7 @@ pub fn parse_request(
     };
     // Only the head counts: bytes after it are pipelined frames, which the
     // caller may well have read in the same chunk.
-    if n > limits.max_request_bytes {
+    if n > max {
         return Err(HandshakeError::RequestTooLarge);
     }
     if req.version != Some(1) {
@@ -223,10 +226,14 @@ pub fn parse_request(
 fn push_lossy(text: &mut String, bytes: &[u8]) -> Span {
     let from = text.len();
     text.push_str(&String::from_utf8_lossy(bytes));
-    // The head is at most `max_request_bytes` long, and a lossy
-    // replacement triples at most one byte: far inside u32.
+    // The head is at most `MAX_HEAD` long, and a lossy replacement
+    // triples at most one byte: inside u32.
     (from as u32, text.len() as u32)
 }
+
+/// The longest head parsed, whatever the limits say: decoded lossily it
+/// is at most three times as long, and its spans must fit in u32.
+const MAX_HEAD: usize = 1 << 30;
 
 /// Header lines httparse gets room for on the stack (the default limit).
 const STACK_HEADERS: usize = 64;
