@@ -59,13 +59,12 @@ impl Request {
     /// The request whose text is `text`, with each field's span given by
     /// `span` (which may append the field to the text).
     fn from_pieces(
-        text: String,
+        mut text: String,
         req: &httparse::Request<'_, '_>,
         path: &str,
         query: Option<&str>,
         mut span: impl FnMut(&mut String, &[u8]) -> Span,
     ) -> Request {
-        let mut text = text;
         let method = span(&mut text, req.method.unwrap_or_default().as_bytes());
         let path = span(&mut text, path.as_bytes());
         let query = query.map(|q| span(&mut text, q.as_bytes()));
