@@ -211,13 +211,20 @@ pub fn parse_request(
         // The usual head (ASCII) is kept whole: every field is where
         // httparse found it. Both point into `buf`.
         Ok(text) => Request::from_pieces(text.to_owned(), &req, path, query, |_, piece| {
-            let from = piece.as_ptr() as usize - head.as_ptr() as usize;
-            (from as u32, (from + piece.len()) as u32)
+            span_in(head, piece)
         }),
         Err(_) => Request::from_pieces(String::with_capacity(n), &req, path, query, push_lossy),
     };
     validate(&mut request)?;
     Ok(Some((request, n)))
+}
+
+/// The span of `part` within `whole`, of which it is a subslice.
+fn span_in(whole: &[u8], part: &[u8]) -> Span {
+    // A subslice's offset is exact; both ends are at most `whole`'s length,
+    // which `MAX_HEAD` keeps inside u32.
+    let from = part.as_ptr() as usize - whole.as_ptr() as usize;
+    (from as u32, (from + part.len()) as u32)
 }
 
 /// Appends `bytes` to `text`, decoded lossily (HTTP allows opaque bytes in
@@ -245,6 +252,7 @@ fn validate(req: &mut Request) -> Result<(), HandshakeError> {
     let mut versions: (usize, Option<&str>) = (0, None);
     let mut keys: (usize, Option<Span>) = (0, None);
     let mut subprotocols = Vec::new();
+    let text = req.text.as_bytes();
     for &(name_at, value_at) in &req.headers {
         let (name, value) = (req.at(name_at), req.at(value_at));
         let is = |wanted: &str| name.eq_ignore_ascii_case(wanted);
@@ -257,21 +265,19 @@ fn validate(req: &mut Request) -> Result<(), HandshakeError> {
         } else if is("sec-websocket-version") {
             versions = (versions.0 + 1, Some(value));
         } else if is("sec-websocket-key") {
-            keys = (keys.0 + 1, Some(trimmed(value_at, value, str::trim)));
+            keys = (keys.0 + 1, Some(span_in(text, value.trim().as_bytes())));
         } else if is("content-length") {
             body |= value.trim() != "0";
         } else if is("transfer-encoding") {
             body = true;
         } else if is("sec-websocket-protocol") {
-            let mut from = value_at.0;
-            for p in value.split(',') {
-                let at = (from, from + p.len() as u32);
-                from = at.1 + 1;
-                let at = trimmed(at, p, |p| p.trim_matches(is_ows));
-                if at.0 < at.1 {
-                    subprotocols.push(at);
-                }
-            }
+            subprotocols.extend(
+                value
+                    .split(',')
+                    .map(|p| p.trim_matches(is_ows))
+                    .filter(|p| !p.is_empty())
+                    .map(|p| span_in(text, p.as_bytes())),
+            );
         }
     }
     match hosts {
@@ -306,14 +312,6 @@ fn validate(req: &mut Request) -> Result<(), HandshakeError> {
     req.key = key;
     req.subprotocols = subprotocols;
     Ok(())
-}
-
-/// The span of `trim(text)`, where `text` is the text at `at`.
-fn trimmed(at: Span, text: &str, trim: impl FnOnce(&str) -> &str) -> Span {
-    let kept = trim(text);
-    // `kept` is a subslice of `text`: its offset within it is exact.
-    let from = at.0 + (kept.as_ptr() as usize - text.as_ptr() as usize) as u32;
-    (from, from + kept.len() as u32)
 }
 
 fn is_ows(c: char) -> bool {
