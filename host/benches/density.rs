@@ -153,7 +153,7 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     // `--keep-resident SIZE`: wharf's `plugin.keep_resident` (e.g. "0B");
     // `--in-place`: its `plugin.memory_reset = "in-place"`.
     let mut plugin_lines = option::<String>(&args, "--keep-resident")
-        .map_or(String::new(), |k| format!("keep_resident = \"{k}\"\n"));
+        .map_or(String::new(), |k| tenant::keep_resident(&k));
     if args.iter().any(|a| a == "--in-place") {
         plugin_lines.push_str(tenant::IN_PLACE);
     }

@@ -307,7 +307,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--in-place" => o.plugin_lines += tenant::IN_PLACE,
             "--keep-resident" => {
                 let v = it.next().context("--keep-resident needs a size")?;
-                let _ = writeln!(o.plugin_lines, "keep_resident = {v:?}");
+                o.plugin_lines += &tenant::keep_resident(v);
             }
             "--lang" => {
                 let v = it.next().context("--lang needs names")?;

@@ -1,6 +1,6 @@
 //! Configuration the benches share, so that each measures the same thing:
-//! an echo served from one `shared` instance, and pool slots reset in
-//! place.
+//! an echo served from one `shared` instance, and the pool's reset
+//! settings.
 
 // Each bench that includes this file uses part of it.
 #![allow(dead_code)]
@@ -16,6 +16,11 @@ pub fn shared_echo(plugin: Option<&Path>) -> String {
         "[[tenant]]\nname = \"echo\"\nplugin = {:?}\nroutes = [\"/\"]\ninstance = \"shared\"\n",
         plugin.unwrap_or(&bundled).display().to_string()
     )
+}
+
+/// The `[plugin]` line of `--keep-resident SIZE`.
+pub fn keep_resident(size: &str) -> String {
+    format!("keep_resident = {size:?}\n")
 }
 
 /// The `[plugin]` line of `--in-place`: pool slots reset in place.
