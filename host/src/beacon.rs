@@ -111,11 +111,6 @@ impl Watcher {
         Poll::Pending
     }
 
-    /// Resolves at the next fire (see [`poll_fired`](Self::poll_fired)).
-    pub async fn fired(&mut self) {
-        std::future::poll_fn(|cx| self.poll_fired(cx)).await
-    }
-
     /// Whether the beacon's source is gone.
     pub fn is_closed(&self) -> bool {
         self.beacon.closed.load(Ordering::Acquire)
@@ -148,7 +143,7 @@ mod tests {
         let mut a = beacon.watch();
         let mut b = beacon.watch();
         let waiter = tokio::spawn(async move {
-            a.fired().await;
+            std::future::poll_fn(|cx| a.poll_fired(cx)).await;
             a
         });
         tokio::task::yield_now().await;

@@ -596,7 +596,10 @@ impl Plugin {
             )),
             None => None,
         };
-        let mut table = ResourceTable::new();
+        // Room for the connection alone: the default first allocation holds
+        // four entries (192 bytes of every live connection), which most
+        // handlers never use.
+        let mut table = ResourceTable::with_capacity(1);
         // A handler holds a handful of host resources (its connection, a
         // few streams); each costs host memory outside its memory limit.
         table.set_max_capacity(MAX_HOST_RESOURCES);
@@ -604,7 +607,7 @@ impl Plugin {
         let conn = table
             .push(entry)
             .map_err(|e| PluginError::Instantiate(e.into()))?;
-        let mut conns = IdMap::default();
+        let mut conns = Conns::default();
         conns.insert(conn_id, conn.rep());
         let state = HostState {
             wasi,
@@ -765,10 +768,53 @@ pub struct HostState {
     share: Arc<CpuShare>,
     /// The connections this instance serves (one, unless it is shared):
     /// connection id to its entry's handle, for `wharf:websocket/peers`.
-    conns: IdMap<u32>,
+    conns: Conns,
     /// The connection the current call is for (its publishes are charged
     /// to its rate).
     current: u64,
+}
+
+/// The connections an instance serves, connection id to its entry's
+/// handle: the first inline (an own instance serves one, and a map of one
+/// would be an allocation in every live connection), a shared instance's
+/// others in a map.
+#[derive(Default)]
+struct Conns {
+    first: Option<(u64, u32)>,
+    rest: IdMap<u32>,
+}
+
+impl Conns {
+    fn get(&self, id: u64) -> Option<u32> {
+        match self.first {
+            Some((first, rep)) if first == id => Some(rep),
+            _ => self.rest.get(&id).copied(),
+        }
+    }
+
+    fn insert(&mut self, id: u64, rep: u32) {
+        match self.first {
+            None if !self.rest.contains_key(&id) => self.first = Some((id, rep)),
+            Some((first, _)) if first == id => self.first = Some((id, rep)),
+            _ => {
+                self.rest.insert(id, rep);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<u32> {
+        match self.first {
+            Some((first, rep)) if first == id => {
+                self.first = None;
+                Some(rep)
+            }
+            _ => self.rest.remove(&id),
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
 }
 
 impl HostState {
@@ -905,8 +951,8 @@ impl PluginInstance {
     /// the instance does not serve it.
     pub fn select(&mut self, id: u64) -> bool {
         let state = self.store.data_mut();
-        match state.conns.get(&id) {
-            Some(&rep) => {
+        match state.conns.get(id) {
+            Some(rep) => {
                 state.current = id;
                 self.conn = Resource::new_own(rep);
                 true
@@ -919,7 +965,7 @@ impl PluginInstance {
     /// the store, with its topics.
     pub fn detach(&mut self, id: u64) -> Option<ConnectionEntry> {
         let state = self.store.data_mut();
-        let rep = state.conns.remove(&id)?;
+        let rep = state.conns.remove(id)?;
         state
             .table
             .set_max_capacity(MAX_HOST_RESOURCES + state.conns.len().saturating_sub(1));
@@ -1093,5 +1139,34 @@ impl PluginInstance {
         })
         .await;
         self.finish_within(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Conns;
+
+    #[test]
+    fn conns_keep_the_first_inline_and_the_rest_mapped() {
+        let mut conns = Conns::default();
+        conns.insert(7, 1);
+        assert!(conns.rest.is_empty());
+        conns.insert(8, 2);
+        conns.insert(9, 3);
+        assert_eq!(
+            (conns.get(7), conns.get(8), conns.get(9)),
+            (Some(1), Some(2), Some(3))
+        );
+        assert_eq!(conns.len(), 3);
+        // The first leaves; a later one takes its place only if new.
+        assert_eq!(conns.remove(7), Some(1));
+        assert_eq!(conns.get(7), None);
+        conns.insert(8, 4);
+        assert_eq!((conns.first, conns.get(8)), (None, Some(4)));
+        conns.insert(10, 5);
+        assert_eq!(conns.first, Some((10, 5)));
+        assert_eq!(conns.remove(8), Some(4));
+        assert_eq!(conns.remove(8), None);
+        assert_eq!(conns.len(), 2);
     }
 }

@@ -19,7 +19,7 @@ impl HostState {
         id: u64,
         send: impl FnOnce(&mut Outbox) -> Result<(), ErrorCode>,
     ) -> Result<(), ErrorCode> {
-        let Some(&rep) = self.conns.get(&id) else {
+        let Some(rep) = self.conns.get(id) else {
             return Err(ErrorCode::Closed);
         };
         let handle: Resource<ConnectionEntry> = Resource::new_borrow(rep);

@@ -25,6 +25,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -95,11 +96,12 @@ pub struct Mailbox {
 }
 
 impl Mailbox {
-    /// The next message; `None` once no topic can send to it any more.
-    /// Cancel-safe (as [`mpsc::Receiver::recv`]).
-    pub async fn recv(&mut self) -> Option<Framed> {
-        let message = self.rx.recv().await?;
-        Some(self.taken(message))
+    /// Ready with the next message; `None` once no topic can send to it
+    /// any more (as [`mpsc::Receiver::poll_recv`]).
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Framed>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|message| message.map(|m| self.taken(m)))
     }
 
     /// The next message if one is waiting.
@@ -533,7 +535,7 @@ impl HostState {
     /// The connection a publish is charged to ([`PUBLISHES_PER_SECOND`]):
     /// the one the current call is for (in a shared instance too).
     fn publisher(&mut self) -> Option<&mut ConnectionEntry> {
-        let rep = self.conns.get(&self.current).copied()?;
+        let rep = self.conns.get(self.current)?;
         self.table
             .get_mut(&Resource::<ConnectionEntry>::new_borrow(rep))
             .ok()
@@ -846,13 +848,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn recv_frees_the_budget_too() {
+    async fn a_message_taken_frees_the_budget_too() {
         let broker = Broker::new();
         let (_subs, mut rx) = subscribed(&broker, 1, "t");
         let key = (Arc::from("p"), "t".to_owned());
         broker.publish(&key, &Framed::text("hello"), None);
         assert_eq!(rx.queued.load(Ordering::Relaxed), 5);
-        assert_eq!(rx.recv().await.unwrap().payload_len(), 5);
+        let message = std::future::poll_fn(|cx| rx.poll_recv(cx)).await;
+        assert_eq!(message.unwrap().payload_len(), 5);
         assert_eq!(rx.queued.load(Ordering::Relaxed), 0);
     }
 

@@ -12,9 +12,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
-
+use crate::beacon::{Beacon, Watcher};
 use crate::metrics::Metrics;
 
 /// What a connection may hold and still read when the budget is spent:
@@ -32,7 +33,8 @@ pub(crate) struct Budget {
     used: AtomicUsize,
     /// Connections paused for the budget.
     waiting: AtomicUsize,
-    freed: Notify,
+    /// Fired when a give-back leaves the budget unspent while some wait.
+    freed: Arc<Beacon>,
     metrics: Arc<Metrics>,
 }
 
@@ -49,7 +51,7 @@ impl Budget {
             max,
             used: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
-            freed: Notify::new(),
+            freed: Beacon::new(),
             metrics,
         })
     }
@@ -70,35 +72,44 @@ impl Budget {
         self.max != 0 && self.used() > self.max
     }
 
-    /// Resolves when some connection gave bytes back with the budget no
-    /// longer spent. A give-back just before the wait begins can be missed:
-    /// the caller also re-checks every [`RECHECK`] (with its own timer, not
-    /// one here, which every waiting connection's state would carry).
-    pub async fn freed(&self) {
-        let _waiting = Waiting::new(&self.waiting);
-        self.freed.notified().await
+    /// A connection stops reading until the budget is freed (see
+    /// [`Paused::poll_freed`]); it counts among the waiting until dropped.
+    pub fn pause(self: &Arc<Self>) -> Paused {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Paused {
+            since: Instant::now(),
+            freed: self.freed.watch(),
+            budget: self.clone(),
+        }
+    }
+}
+
+/// A connection paused for the budget.
+pub(crate) struct Paused {
+    pub since: Instant,
+    freed: Watcher,
+    budget: Arc<Budget>,
+}
+
+impl Paused {
+    /// Ready when some connection gave bytes back with the budget no longer
+    /// spent. One before the pause is not seen: the caller also re-checks
+    /// every [`RECHECK`] (with its own timer, not one here, which every
+    /// paused connection would carry).
+    pub fn poll_freed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.freed.poll_fired(cx)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        self.budget.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// How often a connection paused for the budget re-checks it, whether or
 /// not it was told of a give-back.
-pub(crate) const RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Counts a connection among those waiting for the budget while it lives.
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn new(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Self(count)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+pub(crate) const RECHECK: Duration = Duration::from_millis(100);
 
 impl Held {
     /// The connection now holds `bytes`.
@@ -114,7 +125,7 @@ impl Held {
             let sub = self.reported - bytes;
             let used = budget.used.fetch_sub(sub, Ordering::Relaxed) - sub;
             if budget.waiting.load(Ordering::Relaxed) > 0 && !budget.spent() {
-                budget.freed.notify_waiters();
+                budget.freed.fire();
             }
             used
         };
@@ -156,6 +167,40 @@ mod tests {
         assert!(!b.must_wait(200 << 10));
         drop(b);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_give_back_under_the_budget_wakes_the_paused() {
+        let budget = Budget::new(1 << 20, Metrics::new());
+        let mut a = budget.held();
+        let mut b = budget.held();
+        a.set(700 << 10);
+        b.set(500 << 10);
+        let mut paused = budget.pause();
+        let (waker, woken) = counting_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(paused.poll_freed(&mut cx).is_pending());
+        // Still spent: no wake-up.
+        a.set(600 << 10);
+        assert_eq!(woken.load(Ordering::Relaxed), 0);
+        a.set(0);
+        assert_eq!(woken.load(Ordering::Relaxed), 1);
+        assert!(paused.poll_freed(&mut cx).is_ready());
+        assert_eq!(budget.waiting.load(Ordering::Relaxed), 1);
+        drop(paused);
+        assert_eq!(budget.waiting.load(Ordering::Relaxed), 0);
+    }
+
+    /// A waker that counts its wake-ups.
+    fn counting_waker() -> (std::task::Waker, Arc<AtomicUsize>) {
+        struct Count(Arc<AtomicUsize>);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let woken = Arc::new(AtomicUsize::new(0));
+        (Arc::new(Count(woken.clone())).into(), woken)
     }
 
     #[test]

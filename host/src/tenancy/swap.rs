@@ -25,6 +25,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -173,16 +174,16 @@ impl Swaps {
         self.current.borrow_and_update()
     }
 
-    /// Resolves at the next swap: `true`, or `false` if the tenant is gone.
-    pub async fn changed(&mut self) -> bool {
+    /// Ready at the next swap: `true`, or `false` if the tenant is gone.
+    pub fn poll_changed(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
         loop {
             if self.watcher.is_closed() {
-                return false;
+                return Poll::Ready(false);
             }
             match self.current.has_changed() {
-                Ok(true) => return true,
-                Err(_) => return false,
-                Ok(false) => self.watcher.fired().await,
+                Ok(true) => return Poll::Ready(true),
+                Err(_) => return Poll::Ready(false),
+                Ok(false) => std::task::ready!(self.watcher.poll_fired(cx)),
             }
         }
     }

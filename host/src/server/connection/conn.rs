@@ -293,13 +293,22 @@ impl Conn {
             .then(|| self.last_event + after)
     }
 
+    /// The connection went idle: its counts go out, and the boxes that
+    /// hold them and its batch of messages are freed (idle connections are
+    /// most of an idle server's memory; the next event allocates them again).
+    pub(super) fn settle(&mut self) {
+        self.publish_counts();
+        self.tally = None;
+        if self.inbox.is_empty() {
+            self.inbox.release();
+        }
+    }
+
     /// Releases the instance, keeping what the next one resumes from.
     pub(super) fn hibernate(&mut self) {
         if self.handler.can_hibernate() {
             self.handler.hibernate();
-            self.inbox.release();
-            self.publish_counts();
-            self.tally = None;
+            self.settle();
             self.shared.released.add();
             tracing::debug!(conn = self.id, "hibernated");
         }

@@ -1,5 +1,5 @@
 //! The socket side of the driver: reads and writes polled without
-//! waiting, and the futures the loop waits on.
+//! waiting, and the buffers they fill and drain.
 
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -8,10 +8,6 @@ use std::task::{Context, Poll, Waker};
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use wharf_protocol::WebSocket;
-
-use crate::beacon::Watcher;
-use crate::runtime::pubsub_host::Mailbox;
-use crate::tenancy::swap::Swaps;
 
 /// Slices handed to one vectored write: the queue is a few chunks of at least
 /// 16 KiB and a tail, so 16 carry plenty per call (and are cheap to set up).
@@ -61,30 +57,6 @@ pub(super) fn wrote(
     Ok(())
 }
 
-/// `true` when the tenant's version changed; `false` if the tenant is gone.
-pub(super) async fn next_swap(swaps: &mut Option<Swaps>) -> bool {
-    match swaps {
-        Some(s) => s.changed().await,
-        None => std::future::pending().await,
-    }
-}
-
-pub(super) async fn peer_woke(watcher: Option<&mut Watcher>) {
-    match watcher {
-        Some(w) => w.fired().await,
-        None => std::future::pending().await,
-    }
-}
-
-pub(super) async fn next_published(
-    mailbox: &mut Option<Mailbox>,
-) -> Option<wharf_protocol::Framed> {
-    match mailbox {
-        Some(m) => m.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Reads what the transport hands over without waiting, into the buffer's
 /// spare room, up to `most` bytes; `true` if that filled it. For TLS,
 /// which hands out one record per read: a burst of messages should reach
@@ -108,7 +80,7 @@ pub(super) fn read_ready<R: AsyncRead + Unpin, B: BufMut>(
 }
 
 /// Writes queued output, and flushes, as far as the socket takes it without
-/// waiting; what is left is written by the driver's select. `Err`: the
+/// waiting; what is left is written by the driver's wait. `Err`: the
 /// transport is gone.
 pub(super) fn write_now<W: AsyncWrite + Unpin>(
     writer: &mut W,
@@ -116,7 +88,7 @@ pub(super) fn write_now<W: AsyncWrite + Unpin>(
     needs_flush: &mut bool,
 ) -> Result<(), ()> {
     // Polled with a waker that does nothing: `Pending` only means "not
-    // now", and the select polls the same write with the task's waker.
+    // now", and the wait polls the same write with the task's waker.
     let mut cx = Context::from_waker(Waker::noop());
     while ws.has_output() || *needs_flush {
         let mut slices = [IoSlice::new(&[]); WRITE_SLICES];

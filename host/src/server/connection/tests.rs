@@ -425,6 +425,42 @@ async fn past_the_buffer_budget_a_large_holder_waits_then_gets_1013() {
 }
 
 #[tokio::test]
+async fn a_paused_holder_reads_again_once_another_gives_back() {
+    let shared = shared(
+        "",
+        "[server]\nmax_buffered = \"300KiB\"\nbuffered_wait = \"10s\"\n",
+    );
+    // A message's buffer grows by doubling. A's stays under the floor, so
+    // A never stops reading (and sees its peer go); B's reaches 256 KiB,
+    // over the floor and, with A's, over the budget: B stops being read.
+    let mut a = Peer::connect(&shared, 64 << 10).await;
+    let mut b = Peer::connect(&shared, 16 << 10).await;
+    let partial = Peer::frame(0x2, &vec![1u8; 100 << 10]);
+    a.io.write_all(&partial[..60 << 10]).await.unwrap();
+    let message = vec![7u8; 200 << 10];
+    let frame = Peer::frame(0x2, &message);
+    let mut sent = 0;
+    while sent < frame.len() {
+        match tokio::time::timeout(Duration::from_millis(300), b.io.write(&frame[sent..])).await {
+            Ok(written) => sent += written.unwrap(),
+            Err(_) => break,
+        }
+    }
+    assert!(sent < frame.len(), "B was never paused");
+    assert!(shared.budget.used() > 300 << 10, "{}", shared.budget.used());
+    // A goes, and its bytes with it: B is read again, long before its wait
+    // would close it, and its message is echoed whole.
+    drop(a);
+    tokio::time::timeout(STEP, b.io.write_all(&frame[sent..]))
+        .await
+        .expect("B is read again")
+        .unwrap();
+    let (opcode, payload) = b.recv().await;
+    assert_eq!((opcode, payload.len()), (0x2, message.len()));
+    assert!(payload == message);
+}
+
+#[tokio::test]
 async fn a_tenant_whose_call_ran_long_starts_its_next_calls_off_the_workers() {
     // A CPU share makes the tenant's message calls movable, as on a server
     // with several tenants.
