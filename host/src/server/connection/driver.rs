@@ -9,11 +9,11 @@
 
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Sleep;
 use tokio_util::io::poll_read_buf;
 use wharf_protocol::{CloseCode, Framed, State};
@@ -84,6 +84,11 @@ struct ReadBuffer {
     /// A frame's payload was read into the protocol's buffer since the last
     /// pass over the input (see [`DIRECT_MIN`]).
     direct: bool,
+    /// Freed while the connection is idle (see [`ReadBuffer::release`]).
+    /// Not the same as no capacity: after a read that filled the buffer,
+    /// what is left of it has none until `reserve` takes the whole
+    /// allocation back.
+    released: bool,
 }
 
 /// This pass's deadlines.
@@ -205,11 +210,16 @@ impl ReadBuffer {
             bytes,
             chunk: FIRST_READ_CHUNK,
             direct: false,
+            released: false,
         }
     }
 
-    /// Room for the next read.
+    /// Room for the next read. A released buffer stays released until a
+    /// read brings something (see [`poll_read`](Self::poll_read)).
     fn make_room(&mut self) -> usize {
+        if self.is_released() {
+            return FIRST_READ_CHUNK;
+        }
         if self.bytes.capacity() - self.bytes.len() < self.chunk / 4 {
             self.bytes.reserve(self.chunk);
         }
@@ -225,9 +235,43 @@ impl ReadBuffer {
         }
     }
 
-    /// An empty buffer that grew starts small again (one that did not is
-    /// kept: after hibernation, a new one would be allocated among the
-    /// instance's freed memory, and keep its page resident).
+    /// Reads into the room [`make_room`](Self::make_room) made. A released
+    /// buffer's read goes to the stack, and only bytes read allocate it:
+    /// an idle connection waits with no buffer at all.
+    fn poll_read<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: Pin<&mut R>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<usize>> {
+        if !self.is_released() {
+            return poll_read_buf(reader, cx, &mut self.bytes);
+        }
+        let mut stack = [0u8; FIRST_READ_CHUNK];
+        let mut read = ReadBuf::new(&mut stack);
+        std::task::ready!(reader.poll_read(cx, &mut read))?;
+        if !read.filled().is_empty() {
+            self.bytes = BytesMut::with_capacity(FIRST_READ_CHUNK);
+            self.bytes.extend_from_slice(read.filled());
+            self.released = false;
+        }
+        Poll::Ready(Ok(read.filled().len()))
+    }
+
+    fn is_released(&self) -> bool {
+        self.released
+    }
+
+    /// The connection went idle: an empty buffer is freed (the next read
+    /// makes a small one, see [`poll_read`](Self::poll_read)).
+    fn release(&mut self) {
+        if self.bytes.is_empty() {
+            self.chunk = FIRST_READ_CHUNK;
+            self.bytes = BytesMut::new();
+            self.released = true;
+        }
+    }
+
+    /// An empty buffer that grew starts small again.
     fn shrink(&mut self) {
         if self.bytes.is_empty() {
             self.chunk = FIRST_READ_CHUNK;
@@ -576,7 +620,8 @@ impl Conn {
                 let reader = Pin::new(&mut *reader);
                 let polled = match payload.as_mut() {
                     Some(room) => poll_read_buf(reader, cx, room).map(|r| (r, ReadInto::Payload)),
-                    None => poll_read_buf(reader, cx, &mut read.bytes)
+                    None => read
+                        .poll_read(reader, cx)
                         .map(|r| (r, ReadInto::Buffer(spare))),
                 };
                 if let Poll::Ready((read, into)) = polled {
@@ -698,11 +743,11 @@ impl Conn {
         if deadlines.settle.is_some_and(|t| t <= now) {
             d.settled = true;
             self.settle();
-            d.read.shrink();
+            d.read.release();
         }
         if deadlines.hibernate.is_some_and(|t| t <= now) {
             self.hibernate();
-            d.read.shrink();
+            d.read.release();
         }
         if d.flush_deadline.is_some_and(|t| t <= now) {
             tracing::debug!(
@@ -757,7 +802,7 @@ mod read_buffer_tests {
     use super::*;
 
     #[test]
-    fn starts_small_grows_with_full_reads_and_shrinks_when_hibernated() {
+    fn starts_small_grows_with_full_reads_and_shrinks_after_a_large_frame() {
         let mut r = ReadBuffer::new(BytesMut::with_capacity(4096));
         // The upgrade's empty 4 KiB buffer is not kept.
         assert!(r.bytes.capacity() < 4096);
@@ -784,9 +829,61 @@ mod read_buffer_tests {
         // Bytes after the request are kept as they are.
         let kept = ReadBuffer::new(BytesMut::from(&b"\x81\x80"[..]));
         assert_eq!(&kept.bytes[..], b"\x81\x80");
-        // Hibernation: an empty buffer starts small again.
+        // After a large frame: an empty buffer starts small again.
         r.shrink();
         assert!(r.bytes.capacity() < 4096);
         assert_eq!(r.chunk, FIRST_READ_CHUNK);
+    }
+
+    #[tokio::test]
+    async fn an_idle_buffer_is_freed_and_made_again_by_a_read() {
+        let mut r = ReadBuffer::new(BytesMut::new());
+        r.bytes.extend_from_slice(b"pending");
+        r.release();
+        assert_eq!(&r.bytes[..], b"pending", "bytes not yet taken are kept");
+        r.bytes.clear();
+        r.release();
+        assert!(r.is_released());
+        assert_eq!(r.bytes.capacity(), 0);
+        assert_eq!(r.make_room(), FIRST_READ_CHUNK);
+        assert_eq!(r.bytes.capacity(), 0, "no room made before a read");
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(&[7; 100]).await.unwrap();
+        let n = std::future::poll_fn(|cx| r.poll_read(Pin::new(&mut server), cx))
+            .await
+            .unwrap();
+        assert_eq!(n, FIRST_READ_CHUNK, "a first read fills what it had");
+        assert_eq!(&r.bytes[..], &[7; FIRST_READ_CHUNK][..]);
+        assert!(!r.is_released());
+        r.filled(n, FIRST_READ_CHUNK, false);
+        assert_eq!(r.chunk, FIRST_READ_CHUNK * GROWTH);
+        // The rest comes through the buffer as usual.
+        r.make_room();
+        let n = std::future::poll_fn(|cx| r.poll_read(Pin::new(&mut server), cx))
+            .await
+            .unwrap();
+        assert_eq!(n, 100 - FIRST_READ_CHUNK);
+        // A released buffer that reads EOF stays released.
+        r.bytes.clear();
+        r.release();
+        drop(client);
+        let n = std::future::poll_fn(|cx| r.poll_read(Pin::new(&mut server), cx))
+            .await
+            .unwrap();
+        assert_eq!((n, r.bytes.capacity()), (0, 0));
+        assert!(r.is_released());
+    }
+
+    #[test]
+    fn a_buffer_a_read_filled_is_not_released() {
+        let mut r = ReadBuffer::new(BytesMut::new());
+        let spare = r.make_room();
+        r.bytes.extend_from_slice(&vec![1; spare]);
+        let input = r.bytes.split();
+        r.bytes = reuse(std::mem::take(&mut r.bytes), input);
+        // What is left of a full buffer has no capacity of its own, yet it
+        // is the connection's buffer: the next read takes the whole room.
+        assert!(!r.is_released());
+        assert!(r.make_room() >= spare);
     }
 }
