@@ -43,9 +43,10 @@ const GROWTH: usize = 16;
 const DIRECT_MIN: usize = 16 * 1024;
 
 /// How long an awake connection goes without an event before it waits
-/// outside the awake passes' box, which it then frees (3.8 KiB, most of it
-/// a plugin call's state). Waking allocates it again: once per message for
-/// a connection that hears from its peer less often than this.
+/// outside the awake passes' box, which it then frees (3 KiB, most of it
+/// a plugin call's state), with its counts' box and its empty read buffer.
+/// Waking allocates them again: once per message for a connection that
+/// hears from its peer less often than this.
 pub(super) const SETTLE: Duration = Duration::from_secs(1);
 
 /// What the loop carries from one pass to the next.
