@@ -14,6 +14,8 @@
 //! Under `cargo test` (no `--bench` argument) it is a smoke run instead:
 //! 200 connections on each server, each one's echo checked before and after.
 
+use anyhow::Context;
+
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -129,8 +131,15 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
         return Ok(());
     }
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let plugin: String = option(&args, "--plugin")
-        .unwrap_or_else(|| format!("{}/echo.wasm", wharf::bundled::PLUGIN_DIR));
+    // Resolved here: the servers' configuration files live in a temporary
+    // directory, against which a relative path would be read.
+    let plugin = match option::<String>(&args, "--plugin") {
+        Some(path) => std::fs::canonicalize(&path)
+            .with_context(|| format!("--plugin {path}"))?
+            .display()
+            .to_string(),
+        None => format!("{}/echo.wasm", wharf::bundled::PLUGIN_DIR),
+    };
     if !args.iter().any(|a| a == "--bench") {
         let started = Instant::now();
         for target in [
