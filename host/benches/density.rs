@@ -5,11 +5,12 @@
 //! for the native tokio-tungstenite echo server (`common/baseline.rs`, this
 //! binary re-executed), in one run.
 //!
-//! `cargo bench --bench density -- [--connections N] [--hibernate-after MS] [--keep-resident SIZE] [--in-place] [--plugin PATH]`
+//! `cargo bench --bench density -- [--connections N] [--hibernate-after MS] [--keep-resident SIZE] [--in-place] [--plugin PATH] [--first-message BYTES]`
 //! (default 10,000 connections, hibernation after 200 ms, wharf's default
 //! `plugin.keep_resident`, the bundled echo; `--in-place`: wharf with
 //! `plugin.memory_reset = "in-place"`; `--plugin`: another echo component
-//! in its place, in all three of wharf's runs).
+//! in its place, in all three of wharf's runs; `--first-message`: each
+//! connection also echoes a binary message of that many bytes first).
 //!
 //! Under `cargo test` (no `--bench` argument) it is a smoke run instead:
 //! 200 connections on each server, each one's echo checked before and after.
@@ -21,6 +22,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::Command;
+
+/// The smoke run's connections each echo a message this large too, whose
+/// payload the server reads straight into its message buffer.
+const SMOKE_FIRST: usize = 20_000;
 
 const REQUEST: &[u8] =
     b"GET / HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -53,8 +58,9 @@ fn resident(pid: u32) -> Resident {
 }
 
 /// Opens one connection and round-trips one small message, so the plugin
-/// instance has really run; returns the open stream.
-async fn open(addr: &str) -> std::io::Result<TcpStream> {
+/// instance has really run, then a binary message of `first` bytes if
+/// `first` is not 0; returns the open stream.
+async fn open(addr: &str, first: usize) -> std::io::Result<TcpStream> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(REQUEST).await?;
     let mut head = Vec::new();
@@ -76,7 +82,46 @@ async fn open(addr: &str) -> std::io::Result<TcpStream> {
     if echo[..] != expected_echo(PING)[..] {
         return Err(std::io::Error::other(format!("bad echo {echo:?}")));
     }
+    if first > 0 {
+        echo_binary(&mut s, first).await?;
+    }
     Ok(s)
+}
+
+/// Round-trips a binary message of `len` bytes (masked, mask 0) and checks
+/// its echo: what a connection that once carried a larger message holds
+/// when idle (`--first-message`).
+async fn echo_binary(s: &mut TcpStream, len: usize) -> std::io::Result<()> {
+    let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+    let header = |masked: bool| {
+        let bit = if masked { 0x80 } else { 0 };
+        let mut h = vec![0x82];
+        match u16::try_from(len) {
+            Ok(short) if short <= 125 => h.push(bit | short as u8),
+            Ok(short) => {
+                h.push(bit | 126);
+                h.extend_from_slice(&short.to_be_bytes());
+            }
+            Err(_) => {
+                h.push(bit | 127);
+                h.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        if masked {
+            h.extend_from_slice(&[0; 4]);
+        }
+        h
+    };
+    let mut frame = header(true);
+    frame.extend_from_slice(&payload);
+    s.write_all(&frame).await?;
+    let expected = header(false);
+    let mut echo = vec![0u8; expected.len() + len];
+    s.read_exact(&mut echo).await?;
+    if echo[..expected.len()] != expected[..] || echo[expected.len()..] != payload[..] {
+        return Err(std::io::Error::other("bad echo of the first message"));
+    }
+    Ok(())
 }
 
 /// The echo of `frame` (a masked text frame from a client, mask 0).
@@ -148,7 +193,7 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
             Target::WharfShared,
             Target::Baseline,
         ] {
-            run(target, 200, true, "", &plugin).await?;
+            run(target, 200, true, "", &plugin, SMOKE_FIRST).await?;
         }
         println!(
             "density smoke run passed in {:.1?} (cargo bench --bench density for figures)",
@@ -159,6 +204,9 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     let n: usize = option(&args, "--connections").unwrap_or(10_000);
     // `--hibernate-after MS`: release idle instances (plugin.hibernate_after).
     let hibernate_ms: u64 = option(&args, "--hibernate-after").unwrap_or(200);
+    // `--first-message BYTES`: each connection also echoes a binary message
+    // this large before it idles.
+    let first: usize = option(&args, "--first-message").unwrap_or(0);
     // `--keep-resident SIZE`: wharf's `plugin.keep_resident` (e.g. "0B");
     // `--in-place`: its `plugin.memory_reset = "in-place"`.
     let mut plugin_lines = option::<String>(&args, "--keep-resident")
@@ -174,7 +222,10 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     ];
     let mut results = Vec::new();
     for target in targets {
-        results.push((target, run(target, n, false, &plugin_lines, &plugin).await?));
+        results.push((
+            target,
+            run(target, n, false, &plugin_lines, &plugin, first).await?,
+        ));
     }
     let baseline = results.last().map_or(0.0, |r| r.1.rss);
     println!(
@@ -212,13 +263,14 @@ struct PerConn {
 /// Opens `n` connections and returns the server's memory growth per
 /// connection; `check_all`: round-trip on every connection
 /// afterwards, not just three; `plugin_lines`: more of wharf's `[plugin]`;
-/// `plugin`: the echo component wharf serves.
+/// `plugin`: the echo component wharf serves; `first`: see `open`.
 async fn run(
     target: Target,
     n: usize,
     check_all: bool,
     plugin_lines: &str,
     plugin: &str,
+    first: usize,
 ) -> anyhow::Result<PerConn> {
     let cache = tempfile::tempdir()?;
     let hibernate_ms = match target {
@@ -271,22 +323,24 @@ async fn run(
     };
     // Warm up: one connection, so the plugin's code and the runtime's
     // one-time state are resident before the baseline is taken.
-    drop(open(&addr).await?);
+    drop(open(&addr, first).await?);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let base = resident(pid);
 
     let started = Instant::now();
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
-        match open(&addr).await {
+        match open(&addr, first).await {
             Ok(s) => conns.push(s),
             Err(e) => anyhow::bail!("connection {i} failed: {e}"),
         }
     }
     let elapsed = started.elapsed();
     // Idle connections: past a connection's settle time in the driver (1 s,
-    // after which it frees its awake state) and twice the hibernation time.
-    tokio::time::sleep(Duration::from_millis(1_500 + 2 * hibernate_ms)).await;
+    // after which it frees its awake state and its idle buffers), the heap
+    // trimmer's next pass (every second, see `server::trim`) and twice the
+    // hibernation time.
+    tokio::time::sleep(Duration::from_millis(3_000 + 2 * hibernate_ms)).await;
     let loaded = resident(pid);
     // All still alive (resumed, if hibernating): a round trip on the first,
     // a middle and the last, or on every one.
