@@ -46,7 +46,7 @@ pub(crate) struct Shared {
     /// How long a connection's send queue may stay full before 1008.
     pub send_queue_grace: Duration,
     pub hibernate_after: Option<Duration>,
-    /// Hibernations, for the heap trimmer.
+    /// Bytes idle connections freed, for the heap trimmer.
     pub released: Arc<trim::Released>,
     pub tenants: Arc<Tenants>,
     pub metrics: Arc<Metrics>,
@@ -111,13 +111,12 @@ impl Server {
         );
         let shared = Shared::new(config, tenants, metrics)?;
         let tracker = TaskTracker::new();
-        if shared.hibernate_after.is_some() {
-            tokio::spawn(trim::run(
-                shared.released.clone(),
-                Duration::from_secs(1),
-                shared.shutdown.clone(),
-            ));
-        }
+        // Hibernation and settling both free memory (see `trim`).
+        tokio::spawn(trim::run(
+            shared.released.clone(),
+            Duration::from_secs(1),
+            shared.shutdown.clone(),
+        ));
         let mut bound = Vec::new();
         let mut tls_reloaders = Vec::new();
         for (listener, socket) in config.listeners.iter().zip(sockets) {

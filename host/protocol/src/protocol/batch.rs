@@ -121,6 +121,16 @@ impl FrameBatch {
         std::mem::take(&mut self.begun)
     }
 
+    /// Frees the buffer if nothing is queued: a connection gone idle keeps
+    /// none (see `WebSocket::release_idle`). Returns the bytes freed.
+    pub fn release_idle(&mut self) -> usize {
+        if self.bytes.is_empty() && !self.begun {
+            std::mem::take(&mut self.bytes).capacity()
+        } else {
+            0
+        }
+    }
+
     /// Drops the queued frames (and their counts).
     pub fn clear(&mut self) {
         self.bytes.clear();

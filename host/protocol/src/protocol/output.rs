@@ -34,6 +34,24 @@ impl Output {
         self.len
     }
 
+    /// Room held for output, whether used or not.
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.chunks.capacity() + self.tail.capacity()
+    }
+
+    /// Frees the buffers if nothing is queued (see
+    /// [`WebSocket::release_idle`](super::WebSocket::release_idle));
+    /// returns the bytes freed, at least (a buffer the writes consumed
+    /// reports only the room after them).
+    pub(crate) fn release_idle(&mut self) -> usize {
+        if self.len != 0 {
+            return 0;
+        }
+        let chunks = std::mem::take(&mut self.chunks).capacity() * std::mem::size_of::<Bytes>();
+        chunks + std::mem::take(&mut self.tail).capacity()
+    }
+
     /// Queues one complete server (unmasked) frame.
     pub(crate) fn push_frame(&mut self, fin: bool, opcode: OpCode, payload: &[u8]) {
         self.push_header(fin, opcode, payload.len());

@@ -21,6 +21,7 @@ use crate::runtime::{Plugin, PluginError, PluginInstance};
 use crate::server::budget::Held;
 use crate::server::handler::Handler;
 use crate::server::inbox::{self, Inbox};
+use crate::server::trim;
 use crate::tenancy::Tenant;
 use crate::tenancy::rate::Bucket;
 use crate::tenancy::swap::{Policy, Serving, Swaps};
@@ -294,22 +295,30 @@ impl Conn {
     }
 
     /// The connection went idle: its counts go out, and the boxes that
-    /// hold them and its batch of messages are freed (idle connections are
-    /// most of an idle server's memory; the next event allocates them again).
-    pub(super) fn settle(&mut self) {
+    /// hold them and its batch of messages are freed, with its message and
+    /// output buffers and its instance's send buffer if they hold nothing
+    /// (idle connections are most of an idle server's memory; the next
+    /// event allocates them again). Returns the buffers' bytes freed.
+    pub(super) fn settle(&mut self) -> usize {
         self.publish_counts();
         self.tally = None;
         if self.inbox.is_empty() {
             self.inbox.release();
         }
+        let freed = self.ws.release_idle();
+        freed
+            + self
+                .handler
+                .own_instance()
+                .map_or(0, |i| i.connection().outbox.frames.release_idle())
     }
 
     /// Releases the instance, keeping what the next one resumes from.
     pub(super) fn hibernate(&mut self) {
         if self.handler.can_hibernate() {
             self.handler.hibernate();
-            self.settle();
-            self.shared.released.add();
+            let freed = self.settle();
+            self.shared.released.add(trim::HIBERNATED + freed);
             tracing::debug!(conn = self.id, "hibernated");
         }
     }

@@ -264,12 +264,14 @@ impl ReadBuffer {
 
     /// The connection went idle: an empty buffer is freed (the next read
     /// makes a small one, see [`poll_read`](Self::poll_read)).
-    fn release(&mut self) {
-        if self.bytes.is_empty() {
-            self.chunk = FIRST_READ_CHUNK;
-            self.bytes = BytesMut::new();
-            self.released = true;
+    /// Returns the bytes freed.
+    fn release(&mut self) -> usize {
+        if !self.bytes.is_empty() {
+            return 0;
         }
+        self.chunk = FIRST_READ_CHUNK;
+        self.released = true;
+        std::mem::take(&mut self.bytes).capacity()
     }
 
     /// An empty buffer that grew starts small again.
@@ -743,12 +745,12 @@ impl Conn {
         }
         if deadlines.settle.is_some_and(|t| t <= now) {
             d.settled = true;
-            self.settle();
-            d.read.release();
+            let freed = self.settle() + d.read.release();
+            self.shared.released.add(freed);
         }
         if deadlines.hibernate.is_some_and(|t| t <= now) {
             self.hibernate();
-            d.read.release();
+            let _ = d.read.release();
         }
         if d.flush_deadline.is_some_and(|t| t <= now) {
             tracing::debug!(

@@ -424,6 +424,40 @@ async fn past_the_buffer_budget_a_large_holder_waits_then_gets_1013() {
     assert_eq!(small.recv_text().await, "still");
 }
 
+/// A connection keeps the buffers a larger message grew while it is busy,
+/// not once it is idle: settled, it frees them and gives its part of the
+/// server's budget back (before, up to 64 KiB of every idle connection that
+/// once carried a large message counted against the budget for good).
+#[tokio::test]
+async fn a_settled_connection_gives_back_what_a_large_message_grew() {
+    let shared = shared("", "[server]\nmax_buffered = \"64MiB\"\n");
+    let mut peer = Peer::connect(&shared, 64 << 10).await;
+    let message = vec![3u8; 40 << 10];
+    peer.io
+        .write_all(&Peer::frame(0x2, &message))
+        .await
+        .unwrap();
+    let (opcode, payload) = peer.recv().await;
+    assert_eq!((opcode, payload.len()), (0x2, message.len()));
+    assert!(shared.budget.used() >= 32 << 10, "{}", shared.budget.used());
+    let deadline = std::time::Instant::now() + super::driver::SETTLE + STEP;
+    while shared.budget.used() >= 16 << 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still holding {} bytes",
+            shared.budget.used()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And the next message is served as before.
+    peer.io
+        .write_all(&Peer::frame(0x2, &message))
+        .await
+        .unwrap();
+    let (_, payload) = peer.recv().await;
+    assert!(payload == message);
+}
+
 #[tokio::test]
 async fn a_paused_holder_reads_again_once_another_gives_back() {
     let shared = shared(
