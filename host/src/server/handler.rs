@@ -55,15 +55,6 @@ impl Handler {
         }
     }
 
-    /// Its own instance, if it has one now (not hibernated, not failed, not
-    /// shared).
-    pub fn own_instance(&mut self) -> Option<&mut PluginInstance> {
-        match self {
-            Handler::Own { instance, .. } => instance.as_deref_mut(),
-            Handler::Shared(_) => None,
-        }
-    }
-
     /// Joins `shared` for connection `id`.
     pub async fn join(shared: &Arc<SharedInstance>, id: u64) -> Result<Self, PluginError> {
         let wake = Beacon::new();

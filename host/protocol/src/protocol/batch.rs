@@ -148,6 +148,21 @@ fn add(tally: &mut Tally, len: usize) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_idle_batch_frees_its_buffer_but_not_what_it_holds() {
+        let mut batch = FrameBatch::new(None);
+        batch.push_binary(&[1; 1000]);
+        assert_eq!(batch.release_idle(), 0);
+        assert_eq!(batch.len(), 1004);
+        // Taken by the output queue, which leaves the room behind.
+        let _ = batch.bytes_mut().split();
+        batch.bytes_mut().reserve(2000);
+        assert!(batch.release_idle() >= 2000);
+        assert_eq!(batch.bytes_mut().capacity(), 0);
+        batch.push_text("again");
+        assert_eq!(batch.len(), 7);
+    }
+
     /// A frame written in part and queued for the rest is, byte for byte,
     /// the frame the batch would have queued whole, wherever the write
     /// stopped.

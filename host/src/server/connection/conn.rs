@@ -296,21 +296,26 @@ impl Conn {
 
     /// The connection went idle: its counts go out, and the boxes that
     /// hold them and its batch of messages are freed, with its message and
-    /// output buffers and its instance's send buffer if they hold nothing
-    /// (idle connections are most of an idle server's memory; the next
-    /// event allocates them again). Returns the buffers' bytes freed.
+    /// output buffers if they hold nothing (idle connections are most of an
+    /// idle server's memory; the next event allocates them again). Returns
+    /// the buffers' bytes freed.
     pub(super) fn settle(&mut self) -> usize {
         self.publish_counts();
         self.tally = None;
         if self.inbox.is_empty() {
             self.inbox.release();
         }
-        let freed = self.ws.release_idle();
-        freed
-            + self
-                .handler
-                .own_instance()
-                .map_or(0, |i| i.connection().outbox.frames.release_idle())
+        self.ws.release_idle()
+    }
+
+    /// Frees the instance's send buffer for this connection if it holds
+    /// nothing, as [`settle`](Self::settle) does the connection's own (a
+    /// shared instance is locked for it); returns the bytes freed.
+    pub(super) async fn release_send_buffer(&mut self) -> usize {
+        match self.handler.current().await {
+            Some(mut instance) => instance.connection().outbox.frames.release_idle(),
+            None => 0,
+        }
     }
 
     /// Releases the instance, keeping what the next one resumes from.

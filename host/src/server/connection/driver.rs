@@ -745,7 +745,7 @@ impl Conn {
         }
         if deadlines.settle.is_some_and(|t| t <= now) {
             d.settled = true;
-            let freed = self.settle() + d.read.release();
+            let freed = self.settle() + self.release_send_buffer().await + d.read.release();
             self.shared.released.add(freed);
         }
         if deadlines.hibernate.is_some_and(|t| t <= now) {
