@@ -5,23 +5,73 @@
 //! for the native tokio-tungstenite echo server (`common/baseline.rs`, this
 //! binary re-executed), in one run.
 //!
-//! `cargo bench --bench density -- [--connections N] [--hibernate-after MS] [--keep-resident SIZE] [--in-place] [--plugin PATH] [--first-message BYTES]`
+//! `cargo bench --bench density -- [--connections N] [--hibernate-after MS] [--keep-resident SIZE] [--in-place] [--plugin PATH] [--first-message BYTES] [--tls]`
 //! (default 10,000 connections, hibernation after 200 ms, wharf's default
 //! `plugin.keep_resident`, the bundled echo; `--in-place`: wharf with
 //! `plugin.memory_reset = "in-place"`; `--plugin`: another echo component
 //! in its place, in all three of wharf's runs; `--first-message`: each
-//! connection also echoes a binary message of that many bytes first).
+//! connection also echoes a binary message of that many bytes first;
+//! `--tls`: every server listens for wss with a self-signed certificate,
+//! and the connections are TLS).
 //!
 //! Under `cargo test` (no `--bench` argument) it is a smoke run instead:
-//! 200 connections on each server, each one's echo checked before and after.
+//! 200 connections on each server, each one's echo checked before and after
+//! (each also echoing a 20,000-byte message), and the same over TLS for
+//! hibernating wharf and tokio-tungstenite.
 
 use anyhow::Context;
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::Command;
+
+/// A client connection, plain or TLS.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// What each connection does before it idles, and over what.
+struct Load {
+    /// See `open`.
+    first: usize,
+    tls: Option<Tls>,
+}
+
+/// `--tls`: the servers' certificate and the client's trust in it.
+struct Tls {
+    /// Holds the certificate and key files.
+    _dir: tempfile::TempDir,
+    cert: PathBuf,
+    key: PathBuf,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl Tls {
+    fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, ck.cert.pem())?;
+        std::fs::write(&key, ck.signing_key.serialize_pem())?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ck.cert.der().clone())?;
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(Self {
+            _dir: dir,
+            cert,
+            key,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+        })
+    }
+}
 
 /// The smoke run's connections each echo a message this large too, whose
 /// payload the server reads straight into its message buffer.
@@ -57,11 +107,19 @@ fn resident(pid: u32) -> Resident {
     }
 }
 
-/// Opens one connection and round-trips one small message, so the plugin
-/// instance has really run, then a binary message of `first` bytes if
-/// `first` is not 0; returns the open stream.
-async fn open(addr: &str, first: usize) -> std::io::Result<TcpStream> {
-    let mut s = TcpStream::connect(addr).await?;
+/// Opens one connection (over TLS with `load.tls`) and round-trips one
+/// small message, so the plugin instance has really run, then a binary
+/// message of `load.first` bytes if that is not 0; returns the open stream.
+async fn open(addr: &str, load: &Load) -> std::io::Result<Box<dyn Stream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let mut s: Box<dyn Stream> = match &load.tls {
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost")
+                .map_err(std::io::Error::other)?;
+            Box::new(tls.connector.connect(name, tcp).await?)
+        }
+        None => Box::new(tcp),
+    };
     s.write_all(REQUEST).await?;
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
@@ -82,8 +140,8 @@ async fn open(addr: &str, first: usize) -> std::io::Result<TcpStream> {
     if echo[..] != expected_echo(PING)[..] {
         return Err(std::io::Error::other(format!("bad echo {echo:?}")));
     }
-    if first > 0 {
-        echo_binary(&mut s, first).await?;
+    if load.first > 0 {
+        echo_binary(&mut s, load.first).await?;
     }
     Ok(s)
 }
@@ -91,7 +149,7 @@ async fn open(addr: &str, first: usize) -> std::io::Result<TcpStream> {
 /// Round-trips a binary message of `len` bytes (masked, mask 0) and checks
 /// its echo: what a connection that once carried a larger message holds
 /// when idle (`--first-message`).
-async fn echo_binary(s: &mut TcpStream, len: usize) -> std::io::Result<()> {
+async fn echo_binary(s: &mut Box<dyn Stream>, len: usize) -> std::io::Result<()> {
     let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
     let header = |masked: bool| {
         let bit = if masked { 0x80 } else { 0 };
@@ -187,13 +245,24 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     };
     if !args.iter().any(|a| a == "--bench") {
         let started = Instant::now();
+        let plain = Load {
+            first: SMOKE_FIRST,
+            tls: None,
+        };
         for target in [
             Target::Wharf { hibernate_ms: 0 },
             Target::Wharf { hibernate_ms: 100 },
             Target::WharfShared,
             Target::Baseline,
         ] {
-            run(target, 200, true, "", &plugin, SMOKE_FIRST).await?;
+            run(target, 200, true, "", &plugin, &plain).await?;
+        }
+        let tls = Load {
+            first: SMOKE_FIRST,
+            tls: Some(Tls::new()?),
+        };
+        for target in [Target::Wharf { hibernate_ms: 100 }, Target::Baseline] {
+            run(target, 200, true, "", &plugin, &tls).await?;
         }
         println!(
             "density smoke run passed in {:.1?} (cargo bench --bench density for figures)",
@@ -206,7 +275,14 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     let hibernate_ms: u64 = option(&args, "--hibernate-after").unwrap_or(200);
     // `--first-message BYTES`: each connection also echoes a binary message
     // this large before it idles.
-    let first: usize = option(&args, "--first-message").unwrap_or(0);
+    let load = Load {
+        first: option(&args, "--first-message").unwrap_or(0),
+        tls: if args.iter().any(|a| a == "--tls") {
+            Some(Tls::new()?)
+        } else {
+            None
+        },
+    };
     // `--keep-resident SIZE`: wharf's `plugin.keep_resident` (e.g. "0B");
     // `--in-place`: its `plugin.memory_reset = "in-place"`.
     let mut plugin_lines = option::<String>(&args, "--keep-resident")
@@ -224,7 +300,7 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     for target in targets {
         results.push((
             target,
-            run(target, n, false, &plugin_lines, &plugin, first).await?,
+            run(target, n, false, &plugin_lines, &plugin, &load).await?,
         ));
     }
     let baseline = results.last().map_or(0.0, |r| r.1.rss);
@@ -263,14 +339,14 @@ struct PerConn {
 /// Opens `n` connections and returns the server's memory growth per
 /// connection; `check_all`: round-trip on every connection
 /// afterwards, not just three; `plugin_lines`: more of wharf's `[plugin]`;
-/// `plugin`: the echo component wharf serves; `first`: see `open`.
+/// `plugin`: the echo component wharf serves.
 async fn run(
     target: Target,
     n: usize,
     check_all: bool,
     plugin_lines: &str,
     plugin: &str,
-    first: usize,
+    load: &Load,
 ) -> anyhow::Result<PerConn> {
     let cache = tempfile::tempdir()?;
     let hibernate_ms = match target {
@@ -291,8 +367,13 @@ async fn run(
             std::fs::write(
                 &config,
                 format!(
-                    "[[listener]]\naddress = \"127.0.0.1:0\"\n[plugin]\n{path}cache_dir = \"{}\"\nhibernate_after = \"{hibernate_ms}ms\"\n{plugin_lines}{shared}",
+                    "[[listener]]\naddress = \"127.0.0.1:0\"\n{tls}[plugin]\n{path}cache_dir = \"{}\"\nhibernate_after = \"{hibernate_ms}ms\"\n{plugin_lines}{shared}",
                     cache.path().display(),
+                    tls = load.tls.as_ref().map_or(String::new(), |t| format!(
+                        "tls = {{ cert = {:?}, key = {:?} }}\n",
+                        t.cert.display().to_string(),
+                        t.key.display().to_string()
+                    )),
                 ),
             )?;
             let mut c = Command::new(env!("CARGO_BIN_EXE_wharf"));
@@ -302,6 +383,9 @@ async fn run(
         Target::Baseline => {
             let mut c = Command::new(std::env::current_exe()?);
             c.arg("--serve-baseline");
+            if let Some(tls) = &load.tls {
+                c.arg("--cert").arg(&tls.cert).arg("--key").arg(&tls.key);
+            }
             c
         }
     };
@@ -317,20 +401,21 @@ async fn run(
             .next_line()
             .await?
             .ok_or_else(|| anyhow::anyhow!("server exited"))?;
-        if let Some(url) = line.strip_prefix("listening on ws://") {
+        let scheme = if load.tls.is_some() { "wss" } else { "ws" };
+        if let Some(url) = line.strip_prefix(&format!("listening on {scheme}://")) {
             break url.to_owned();
         }
     };
     // Warm up: one connection, so the plugin's code and the runtime's
     // one-time state are resident before the baseline is taken.
-    drop(open(&addr, first).await?);
+    drop(open(&addr, load).await?);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let base = resident(pid);
 
     let started = Instant::now();
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
-        match open(&addr, first).await {
+        match open(&addr, load).await {
             Ok(s) => conns.push(s),
             Err(e) => anyhow::bail!("connection {i} failed: {e}"),
         }
