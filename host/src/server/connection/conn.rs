@@ -296,14 +296,17 @@ impl Conn {
 
     /// The connection went idle: its counts go out, and the boxes that
     /// hold them and its batch of messages are freed, with its message and
-    /// output buffers if they hold nothing (idle connections are most of an
-    /// idle server's memory; the next event allocates them again). Returns
-    /// the buffers' bytes freed.
+    /// output buffers and its mailbox's room if they hold nothing (idle
+    /// connections are most of an idle server's memory; the next event
+    /// allocates them again). Returns the buffers' bytes freed.
     pub(super) fn settle(&mut self) -> usize {
         self.publish_counts();
         self.tally = None;
         if self.inbox.is_empty() {
             self.inbox.release();
+        }
+        if let Some(mailbox) = &mut self.mailbox {
+            mailbox.release_idle();
         }
         self.ws.release_idle()
     }
