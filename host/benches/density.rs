@@ -22,7 +22,6 @@
 use anyhow::Context;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -52,23 +51,12 @@ struct Tls {
 impl Tls {
     fn new() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
-        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-        std::fs::write(&cert, ck.cert.pem())?;
-        std::fs::write(&key, ck.signing_key.serialize_pem())?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ck.cert.der().clone())?;
-        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls::SelfSigned { cert, key, client } = tls::SelfSigned::new(dir.path())?;
         Ok(Self {
             _dir: dir,
             cert,
             key,
-            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+            connector: tokio_rustls::TlsConnector::from(client),
         })
     }
 }
@@ -476,3 +464,5 @@ async fn run(
 mod baseline;
 #[path = "common/tenant.rs"]
 mod tenant;
+#[path = "common/tls.rs"]
+mod tls;

@@ -57,6 +57,8 @@
 mod loadgen;
 #[path = "common/tenant.rs"]
 mod tenant;
+#[path = "common/tls.rs"]
+mod tls;
 
 use std::cell::Cell;
 use std::fmt::Write as _;
@@ -458,21 +460,7 @@ impl Setup {
     /// `extra_config` is appended to the generated wharf.toml.
     fn new(pinning: Pinning, extra_config: &str) -> Result<Self> {
         let dir = tempfile::tempdir().context("tempdir")?;
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-            .context("generate self-signed certificate")?;
-        let cert = dir.path().join("cert.pem");
-        let key = dir.path().join("key.pem");
-        std::fs::write(&cert, ck.cert.pem()).context("write cert")?;
-        std::fs::write(&key, ck.signing_key.serialize_pem()).context("write key")?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ck.cert.der().clone()).context("trust cert")?;
-        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .context("rustls protocol versions")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls::SelfSigned { cert, key, client } = tls::SelfSigned::new(dir.path())?;
         let cache = dir.path().join("plugin-cache");
         std::fs::create_dir_all(&cache)?;
         let wharf_config = dir.path().join("wharf.toml");
@@ -493,7 +481,7 @@ impl Setup {
             wharf_config,
             cert,
             key,
-            client_tls: Arc::new(client),
+            client_tls: client,
             pinning,
             starts: Cell::new(0),
         })
