@@ -14,14 +14,18 @@ status is the same as the Rust chat's, byte for byte.
 componentize-py generates the `wit_world` package from ../../wit at build
 time (run `componentize-py -d ../../wit -w handler-world bindings gen` to
 read it). The host creates one instance of the component per connection,
-so the module global `member` is this connection's state.
+so the module global `member` is this connection's state. It is also kept
+in the connection's attachment (`wharf:websocket/attachment`), so the chat
+works with hibernation (`plugin.hibernate_after`): an idle member's
+instance is released, its subscription stays with the host, and the
+instance that takes its next event reads the room and nick back.
 """
 
 import sys
 
 from componentize_py_types import Err
 from wit_world import exports
-from wit_world.imports import pubsub
+from wit_world.imports import attachment, pubsub
 from wit_world.imports.connection import Connection
 from wit_world.imports.types import (
     Accept,
@@ -61,9 +65,29 @@ class Member:
         self.room = room
         self.nick = nick
 
+    def save(self, conn: Connection) -> None:
+        """Saved as "room nick" (neither can hold a space) for an instance
+        woken from hibernation, which starts with `member` unset."""
+        try:
+            attachment.set(conn, f"{self.room} {self.nick}".encode())
+        except Err as e:
+            print(f"chat: saving the member: {describe(e)}", file=sys.stderr)
 
-# Set by on_upgrade; None until then (and if the upgrade was refused).
+
+# Set by on_upgrade; None until then (and if the upgrade was refused), and
+# in an instance woken from hibernation until `current` reads it back.
 member: Member | None = None
+
+
+def current(conn: Connection) -> Member | None:
+    """This connection's member: this instance's, or the one saved in the
+    attachment if the instance is new since (hibernation)."""
+    global member
+    if member is None:
+        room, _, nick = bytes(attachment.get(conn)).decode(errors="replace").partition(" ")
+        if nick:
+            member = Member(room, nick)
+    return member
 
 
 def valid_name(s: str) -> bool:
@@ -137,10 +161,11 @@ class Handler(exports.Handler):
             except Err:
                 pass
             return
+        m.save(conn)
         announce(m.room, f"* {m.nick} joined {m.room}")
 
     def on_text(self, conn: Connection, text: str) -> None:
-        m = member
+        m = current(conn)
         if m is None:
             return
         if text.startswith("/nick "):
@@ -148,6 +173,7 @@ class Handler(exports.Handler):
             if valid_name(new):
                 announce(m.room, f"* {m.nick} is now {new}")
                 m.nick = new
+                m.save(conn)
             else:
                 announce(m.room, f"* {m.nick}: invalid nick")
         else:
@@ -163,7 +189,7 @@ class Handler(exports.Handler):
         # The host unsubscribes a closed connection itself; only the notice
         # is ours to send, to everyone else (`exclude` is an
         # `option<borrow<connection>>`: the Connection itself, or None).
-        m = member
+        m = current(conn)
         if m is None:
             return
         publish(m.room, f"* {m.nick} left", conn)

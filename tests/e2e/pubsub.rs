@@ -68,6 +68,37 @@ async fn one_publish_reaches_every_subscriber() {
     }
 }
 
+/// A member whose instance was released while idle (`hibernate_after`)
+/// keeps its room and nick: the chat keeps them in the connection's
+/// attachment, which the next instance reads. Its topic stays subscribed
+/// meanwhile (the host keeps it), so it still hears the room.
+#[tokio::test]
+async fn a_hibernated_member_keeps_its_room_and_nick() {
+    let server = Server::start(ServerOpts {
+        plugin_limits: "hibernate_after = \"100ms\"",
+        ..ServerOpts::new("chat")
+    });
+    let mut alice = join(&server, "r1", "alice").await;
+    let mut bob = join(&server, "r1", "bob").await;
+    assert_eq!(recv_text(&mut alice).await, "* bob joined r1");
+    // Both idle past hibernate_after: their instances go.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    send_text(&mut bob, "still here").await;
+    assert_eq!(recv_text(&mut alice).await, "bob: still here");
+    assert_eq!(recv_text(&mut bob).await, "bob: still here");
+    send_text(&mut bob, "/nick robert").await;
+    assert_eq!(recv_text(&mut alice).await, "* bob is now robert");
+    assert_eq!(recv_text(&mut bob).await, "* bob is now robert");
+    // The new nick survives the next hibernation too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    send_text(&mut bob, "renamed").await;
+    assert_eq!(recv_text(&mut alice).await, "robert: renamed");
+    // Hibernated again when it closes: the leave notice has the nick too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    bob.close(None).await.expect("close");
+    assert_eq!(recv_text(&mut alice).await, "* robert left");
+}
+
 #[tokio::test]
 async fn bad_names_are_rejected_before_the_upgrade() {
     let server = Server::start(ServerOpts::new("chat"));

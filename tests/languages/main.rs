@@ -806,7 +806,38 @@ fn chat(lang: &Lang, wasm: &Path, server: Server) {
         started.elapsed().as_secs_f64()
     );
     drop(server);
+    let stem = wasm.with_extension("");
+    let hibernating = Server::start(ServerOpts {
+        plugin_limits: Box::leak(
+            format!("{}\nhibernate_after = \"100ms\"\n", lang.plugin_limits).into_boxed_str(),
+        ),
+        ..ServerOpts::new(Box::leak(stem.display().to_string().into_boxed_str()))
+    });
+    tokio.block_on(chat_hibernation_checks(&hibernating));
+    eprintln!("[{name}] chat hibernation checks passed");
+    drop(hibernating);
     chat_library(lang, wasm);
+}
+
+/// With `hibernate_after`: members whose instances were released while
+/// idle keep their room and nick (the chat keeps them in the attachment)
+/// and still hear their room (the host keeps the subscription).
+async fn chat_hibernation_checks(server: &Server) {
+    let idle = Duration::from_millis(500);
+    let mut alice = join(server, "r1", "alice").await;
+    let mut bob = join(server, "r1", "bob").await;
+    assert_eq!(recv_text(&mut alice).await, "* bob joined r1");
+    tokio::time::sleep(idle).await;
+    send_text(&mut bob, "/nick robert").await;
+    assert_eq!(recv_text(&mut alice).await, "* bob is now robert");
+    assert_eq!(recv_text(&mut bob).await, "* bob is now robert");
+    tokio::time::sleep(idle).await;
+    send_text(&mut bob, "still here").await;
+    assert_eq!(recv_text(&mut alice).await, "robert: still here");
+    assert_eq!(recv_text(&mut bob).await, "robert: still here");
+    tokio::time::sleep(idle).await;
+    bob.close(None).await.expect("close");
+    assert_eq!(recv_text(&mut alice).await, "* robert left");
 }
 
 // ---------------------------------------------------------------------------

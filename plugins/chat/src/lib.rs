@@ -8,6 +8,12 @@
 //! by default). Text messages go to the room as "<nick>: <text>"; "/nick NEW"
 //! renames; joins, renames and leaves are announced as "* ...". Binary
 //! messages are refused with 1003 (unsupported data).
+//!
+//! The room and nick are also kept in the connection's attachment
+//! (`wharf:websocket/attachment`), so the chat works with hibernation
+//! (`plugin.hibernate_after`): an idle member's instance is released, its
+//! subscription stays with the host, and the instance that takes its next
+//! event reads them back.
 
 wit_bindgen::generate!({
     path: "../../wit",
@@ -18,8 +24,8 @@ use std::cell::RefCell;
 
 use exports::wharf::websocket::handler::Guest;
 use wharf::websocket::connection::Connection;
-use wharf::websocket::pubsub;
 use wharf::websocket::types::{Accept, CloseCode, Header, Reject, UpgradeRequest, UpgradeResponse};
+use wharf::websocket::{attachment, pubsub};
 
 /// Longest nickname, in bytes.
 const MAX_NICK: usize = 32;
@@ -32,6 +38,39 @@ struct Member {
 
 thread_local! {
     static MEMBER: RefCell<Option<Member>> = const { RefCell::new(None) };
+}
+
+impl Member {
+    /// Saved as "room nick" (neither can hold a space) for an instance
+    /// woken from hibernation, which starts with `MEMBER` empty.
+    fn save(&self, conn: &Connection) {
+        let saved = format!("{} {}", self.room, self.nick);
+        if let Err(e) = attachment::set(conn, saved.as_bytes()) {
+            eprintln!("chat: saving the member: {e}");
+        }
+    }
+
+    fn load(conn: &Connection) -> Option<Member> {
+        let saved = attachment::get(conn);
+        let (room, nick) = std::str::from_utf8(&saved).ok()?.split_once(' ')?;
+        Some(Member {
+            room: room.to_owned(),
+            nick: nick.to_owned(),
+        })
+    }
+}
+
+/// Runs `f` with this connection's member: this instance's, or the one
+/// saved in the attachment if the instance is new since (hibernation).
+fn with_member(conn: &Connection, f: impl FnOnce(&mut Member)) {
+    MEMBER.with_borrow_mut(|m| {
+        if m.is_none() {
+            *m = Member::load(conn);
+        }
+        if let Some(m) = m {
+            f(m);
+        }
+    });
 }
 
 fn valid_name(s: &str) -> bool {
@@ -107,22 +146,21 @@ impl Guest for Chat {
                 let _ = conn.close(CloseCode::InternalError, "cannot join the room");
                 return;
             }
+            m.save(conn);
             announce(&m.room, &format!("* {} joined {}", m.nick, m.room));
         });
     }
 
-    fn on_text(_conn: &Connection, text: String) {
-        MEMBER.with_borrow_mut(|m| {
-            let Some(m) = m else { return };
-            match text.strip_prefix("/nick ") {
-                Some(new) if valid_name(new.trim()) => {
-                    let new = new.trim().to_owned();
-                    announce(&m.room, &format!("* {} is now {new}", m.nick));
-                    m.nick = new;
-                }
-                Some(_) => announce(&m.room, &format!("* {}: invalid nick", m.nick)),
-                None => announce(&m.room, &format!("{}: {text}", m.nick)),
+    fn on_text(conn: &Connection, text: String) {
+        with_member(conn, |m| match text.strip_prefix("/nick ") {
+            Some(new) if valid_name(new.trim()) => {
+                let new = new.trim().to_owned();
+                announce(&m.room, &format!("* {} is now {new}", m.nick));
+                m.nick = new;
+                m.save(conn);
             }
+            Some(_) => announce(&m.room, &format!("* {}: invalid nick", m.nick)),
+            None => announce(&m.room, &format!("{}: {text}", m.nick)),
         });
     }
 
@@ -133,8 +171,7 @@ impl Guest for Chat {
     fn on_close(conn: &Connection, _code: u16, _reason: String, _clean: bool) {
         // The host unsubscribes a closed connection itself; only the notice
         // is ours to send, to everyone else.
-        MEMBER.with_borrow(|m| {
-            let Some(m) = m else { return };
+        with_member(conn, |m| {
             let notice = format!("* {} left", m.nick);
             if let Err(e) = pubsub::publish_text(&m.room, &notice, Some(conn)) {
                 eprintln!("chat: publish to {}: {e}", m.room);
