@@ -5,19 +5,24 @@
 //! for the native tokio-tungstenite echo server (`common/baseline.rs`, this
 //! binary re-executed), in one run.
 //!
-//! `cargo bench --bench density -- [--connections N] [--hibernate-after MS] [--keep-resident SIZE] [--in-place] [--plugin PATH] [--first-message BYTES] [--tls]`
+//! `cargo bench --bench density -- [--connections N] [--hibernate-after MS] [--keep-resident SIZE] [--in-place] [--plugin PATH] [--first-message BYTES] [--tls] [--subscribed]`
 //! (default 10,000 connections, hibernation after 200 ms, wharf's default
 //! `plugin.keep_resident`, the bundled echo; `--in-place`: wharf with
 //! `plugin.memory_reset = "in-place"`; `--plugin`: another echo component
 //! in its place, in all three of wharf's runs; `--first-message`: each
 //! connection also echoes a binary message of that many bytes first;
 //! `--tls`: every server listens for wss with a self-signed certificate,
-//! and the connections are TLS).
+//! and the connections are TLS; `--subscribed`: wharf serves the chat
+//! example (`plugins/chat`) instead, each connection alone in its own room,
+//! so each holds a pub/sub subscription and its mailbox; only wharf's own
+//! instances and hibernated runs, since the chat keeps per-connection state
+//! in its instance and tokio-tungstenite has no pub/sub to compare with).
 //!
 //! Under `cargo test` (no `--bench` argument) it is a smoke run instead:
 //! 200 connections on each server, each one's echo checked before and after
-//! (each also echoing a 20,000-byte message), and the same over TLS for
-//! hibernating wharf and tokio-tungstenite.
+//! (each also echoing a 20,000-byte message), the same over TLS for
+//! hibernating wharf and tokio-tungstenite, and 200 chat members, live and
+//! hibernating, each heard in its room after the wait.
 
 use anyhow::Context;
 
@@ -37,6 +42,8 @@ struct Load {
     /// See `open`.
     first: usize,
     tls: Option<Tls>,
+    /// Chat members instead of echo connections (`--subscribed`).
+    subscribed: bool,
 }
 
 /// `--tls`: the servers' certificate and the client's trust in it.
@@ -95,10 +102,12 @@ fn resident(pid: u32) -> Resident {
     }
 }
 
-/// Opens one connection (over TLS with `load.tls`) and round-trips one
+/// Opens connection `i` (over TLS with `load.tls`) and round-trips one
 /// small message, so the plugin instance has really run, then a binary
 /// message of `load.first` bytes if that is not 0; returns the open stream.
-async fn open(addr: &str, load: &Load) -> std::io::Result<Box<dyn Stream>> {
+/// A chat member (`load.subscribed`) joins room `r<i>` as `n<i>` and hears
+/// its own message back through the room instead.
+async fn open(addr: &str, load: &Load, i: usize) -> std::io::Result<Box<dyn Stream>> {
     let tcp = TcpStream::connect(addr).await?;
     let mut s: Box<dyn Stream> = match &load.tls {
         Some(tls) => {
@@ -108,7 +117,16 @@ async fn open(addr: &str, load: &Load) -> std::io::Result<Box<dyn Stream>> {
         }
         None => Box::new(tcp),
     };
-    s.write_all(REQUEST).await?;
+    if load.subscribed {
+        let request = String::from_utf8_lossy(REQUEST).replacen(
+            "GET / ",
+            &format!("GET /chat/r{i}?nick=n{i} "),
+            1,
+        );
+        s.write_all(request.as_bytes()).await?;
+    } else {
+        s.write_all(REQUEST).await?;
+    }
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -122,6 +140,12 @@ async fn open(addr: &str, load: &Load) -> std::io::Result<Box<dyn Stream>> {
     }
     // Masked text frame "ping" (mask 0).
     const PING: &[u8] = &[0x81, 0x84, 0, 0, 0, 0, b'p', b'i', b'n', b'g'];
+    if load.subscribed {
+        expect_text(&mut s, &format!("* n{i} joined r{i}")).await?;
+        s.write_all(PING).await?;
+        expect_text(&mut s, &format!("n{i}: ping")).await?;
+        return Ok(s);
+    }
     s.write_all(PING).await?;
     let mut echo = [0u8; 6];
     s.read_exact(&mut echo).await?;
@@ -166,6 +190,25 @@ async fn echo_binary(s: &mut Box<dyn Stream>, len: usize) -> std::io::Result<()>
     s.read_exact(&mut echo).await?;
     if echo[..expected.len()] != expected[..] || echo[expected.len()..] != payload[..] {
         return Err(std::io::Error::other("bad echo of the first message"));
+    }
+    Ok(())
+}
+
+/// Reads one unfragmented text frame of under 126 bytes (what the chat
+/// sends here) and checks that it is `text`.
+async fn expect_text(s: &mut Box<dyn Stream>, text: &str) -> std::io::Result<()> {
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).await?;
+    let mut got = vec![0u8; usize::from(head[1] & 0x7F)];
+    if head[0] != 0x81 || got.len() >= 126 {
+        return Err(std::io::Error::other(format!("unexpected frame {head:?}")));
+    }
+    s.read_exact(&mut got).await?;
+    if got != text.as_bytes() {
+        return Err(std::io::Error::other(format!(
+            "got {:?}, not {text:?}",
+            String::from_utf8_lossy(&got)
+        )));
     }
     Ok(())
 }
@@ -236,6 +279,7 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
         let plain = Load {
             first: SMOKE_FIRST,
             tls: None,
+            subscribed: false,
         };
         for target in [
             Target::Wharf { hibernate_ms: 0 },
@@ -248,9 +292,21 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
         let tls = Load {
             first: SMOKE_FIRST,
             tls: Some(Tls::new()?),
+            subscribed: false,
         };
         for target in [Target::Wharf { hibernate_ms: 100 }, Target::Baseline] {
             run(target, 200, true, "", &plugin, &tls).await?;
+        }
+        let members = Load {
+            first: 0,
+            tls: None,
+            subscribed: true,
+        };
+        for target in [
+            Target::Wharf { hibernate_ms: 0 },
+            Target::Wharf { hibernate_ms: 100 },
+        ] {
+            run(target, 200, true, "", &chat_plugin(&args)?, &members).await?;
         }
         println!(
             "density smoke run passed in {:.1?} (cargo bench --bench density for figures)",
@@ -270,6 +326,16 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
         } else {
             None
         },
+        subscribed: args.iter().any(|a| a == "--subscribed"),
+    };
+    anyhow::ensure!(
+        !(load.subscribed && load.first > 0),
+        "--subscribed members send no binary message (--first-message)"
+    );
+    let plugin = if load.subscribed {
+        chat_plugin(&args)?
+    } else {
+        plugin
     };
     // `--keep-resident SIZE`: wharf's `plugin.keep_resident` (e.g. "0B");
     // `--in-place`: its `plugin.memory_reset = "in-place"`.
@@ -278,22 +344,37 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     if args.iter().any(|a| a == "--in-place") {
         plugin_lines.push_str(tenant::IN_PLACE);
     }
-    let targets = [
-        Target::Wharf { hibernate_ms: 0 },
-        Target::Wharf { hibernate_ms },
-        Target::WharfShared,
-        Target::Baseline,
-    ];
+    let targets: &[Target] = if load.subscribed {
+        &[
+            Target::Wharf { hibernate_ms: 0 },
+            Target::Wharf { hibernate_ms },
+        ]
+    } else {
+        &[
+            Target::Wharf { hibernate_ms: 0 },
+            Target::Wharf { hibernate_ms },
+            Target::WharfShared,
+            Target::Baseline,
+        ]
+    };
     let mut results = Vec::new();
-    for target in targets {
+    for &target in targets {
         results.push((
             target,
             run(target, n, false, &plugin_lines, &plugin, &load).await?,
         ));
     }
-    let baseline = results.last().map_or(0.0, |r| r.1.rss);
+    let baseline = results
+        .iter()
+        .find(|r| matches!(r.0, Target::Baseline))
+        .map(|r| r.1.rss);
     println!(
-        "\nMemory per idle connection, {n} connections (growth over the idle server / n, KiB):"
+        "\nMemory per idle {}, {n} connections (growth over the idle server / n, KiB):",
+        if load.subscribed {
+            "chat member (its own room)"
+        } else {
+            "connection"
+        }
     );
     println!(
         "{:<40} {:>8} {:>8} {:>22}",
@@ -301,14 +382,24 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     );
     for (target, kib) in results {
         println!(
-            "{:<40} {:>8.1} {:>8.1} {:>22.2}",
+            "{:<40} {:>8.1} {:>8.1} {:>22}",
             target.name(),
             kib.rss,
             kib.pss,
-            kib.rss / baseline
+            baseline.map_or("-".to_owned(), |b| format!("{:.2}", kib.rss / b))
         );
     }
     Ok(())
+}
+
+/// The component `--subscribed` serves: `--plugin`'s, or the chat example.
+fn chat_plugin(args: &[String]) -> anyhow::Result<String> {
+    let path = option::<String>(args, "--plugin")
+        .unwrap_or_else(|| format!("{}/chat.wasm", wharf::bundled::PLUGIN_DIR));
+    Ok(std::fs::canonicalize(&path)
+        .with_context(|| format!("chat plugin {path}"))?
+        .display()
+        .to_string())
 }
 
 /// The value after `name` in `args`, parsed.
@@ -396,14 +487,14 @@ async fn run(
     };
     // Warm up: one connection, so the plugin's code and the runtime's
     // one-time state are resident before the baseline is taken.
-    drop(open(&addr, load).await?);
+    drop(open(&addr, load, n).await?);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let base = resident(pid);
 
     let started = Instant::now();
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
-        match open(&addr, load).await {
+        match open(&addr, load, i).await {
             Ok(s) => conns.push(s),
             Err(e) => anyhow::bail!("connection {i} failed: {e}"),
         }
@@ -426,6 +517,12 @@ async fn run(
     for i in check {
         let Some(s) = conns.get_mut(i) else { continue };
         s.write_all(OK).await?;
+        if load.subscribed {
+            tokio::time::timeout(Duration::from_secs(5), expect_text(s, &format!("n{i}: ok")))
+                .await
+                .map_err(|_| anyhow::anyhow!("member {i}: not heard within 5 s"))??;
+            continue;
+        }
         let mut echo = [0u8; 4];
         tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
             .await
