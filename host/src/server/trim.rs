@@ -14,16 +14,14 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-/// Less than a page freed gives the OS nothing back: not counted.
-const WORTH: usize = 4096;
-
 /// What a hibernation frees of the heap, counted rather than measured: the
 /// instance's host-side state (wasmtime's store and instances, about 9 KiB
 /// by massif).
 pub(crate) const HIBERNATED: usize = 8 << 10;
 
 /// Bytes freed since the last pass before the next: a walk of every arena
-/// to give back less is not worth the pause it makes.
+/// to give back less is not worth the pause it makes. (Small releases count
+/// too: many of them free whole pages together.)
 const MIN_TRIM: u64 = 256 << 10;
 
 /// A pass holds each arena's lock while it walks it, so allocations wait:
@@ -32,14 +30,14 @@ const MIN_TRIM: u64 = 256 << 10;
 /// to 12 ms a pass with 10,000 connections idle.)
 const PACE: u32 = 100;
 
-/// Bytes freed by idle connections (hibernations, and settled connections
-/// that freed at least [`WORTH`]); the trimmer acts when it grew enough.
+/// Bytes freed by idle connections (hibernations, and the buffers of
+/// settled ones); the trimmer acts when it grew enough.
 #[derive(Debug, Default)]
 pub(crate) struct Released(AtomicU64);
 
 impl Released {
     pub fn add(&self, bytes: usize) {
-        if bytes >= WORTH {
+        if bytes > 0 {
             self.0.fetch_add(bytes as u64, Ordering::Relaxed);
         }
     }
@@ -90,13 +88,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_slow_pass_puts_off_the_next_and_small_releases_are_not_counted() {
+    fn a_slow_pass_puts_off_the_next() {
         let second = Duration::from_secs(1);
         assert_eq!(next_wait(second, Duration::from_millis(2)), second);
         assert_eq!(next_wait(second, Duration::from_millis(30)), 3 * second);
-        let released = Released::default();
-        released.add(WORTH - 1);
-        released.add(HIBERNATED);
-        assert_eq!(released.0.load(Ordering::Relaxed), HIBERNATED as u64);
     }
 }

@@ -218,7 +218,7 @@ impl ReadBuffer {
     /// Room for the next read. A released buffer stays released until a
     /// read brings something (see [`poll_read`](Self::poll_read)).
     fn make_room(&mut self) -> usize {
-        if self.is_released() {
+        if self.released {
             return FIRST_READ_CHUNK;
         }
         if self.bytes.capacity() - self.bytes.len() < self.chunk / 4 {
@@ -244,7 +244,7 @@ impl ReadBuffer {
         reader: Pin<&mut R>,
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<usize>> {
-        if !self.is_released() {
+        if !self.released {
             return poll_read_buf(reader, cx, &mut self.bytes);
         }
         let mut stack = [0u8; FIRST_READ_CHUNK];
@@ -256,10 +256,6 @@ impl ReadBuffer {
             self.released = false;
         }
         Poll::Ready(Ok(read.filled().len()))
-    }
-
-    fn is_released(&self) -> bool {
-        self.released
     }
 
     /// The connection went idle: an empty buffer is freed (the next read
@@ -750,7 +746,7 @@ impl Conn {
         }
         if deadlines.hibernate.is_some_and(|t| t <= now) {
             self.hibernate();
-            let _ = d.read.release();
+            self.shared.released.add(d.read.release());
         }
         if d.flush_deadline.is_some_and(|t| t <= now) {
             tracing::debug!(
@@ -846,7 +842,7 @@ mod read_buffer_tests {
         assert_eq!(&r.bytes[..], b"pending", "bytes not yet taken are kept");
         r.bytes.clear();
         r.release();
-        assert!(r.is_released());
+        assert!(r.released);
         assert_eq!(r.bytes.capacity(), 0);
         assert_eq!(r.make_room(), FIRST_READ_CHUNK);
         assert_eq!(r.bytes.capacity(), 0, "no room made before a read");
@@ -857,7 +853,7 @@ mod read_buffer_tests {
             .unwrap();
         assert_eq!(n, FIRST_READ_CHUNK, "a first read fills what it had");
         assert_eq!(&r.bytes[..], &[7; FIRST_READ_CHUNK][..]);
-        assert!(!r.is_released());
+        assert!(!r.released);
         r.filled(n, FIRST_READ_CHUNK, false);
         assert_eq!(r.chunk, FIRST_READ_CHUNK * GROWTH);
         // The rest comes through the buffer as usual.
@@ -874,7 +870,7 @@ mod read_buffer_tests {
             .await
             .unwrap();
         assert_eq!((n, r.bytes.capacity()), (0, 0));
-        assert!(r.is_released());
+        assert!(r.released);
     }
 
     #[test]
@@ -886,7 +882,7 @@ mod read_buffer_tests {
         r.bytes = reuse(std::mem::take(&mut r.bytes), input);
         // What is left of a full buffer has no capacity of its own, yet it
         // is the connection's buffer: the next read takes the whole room.
-        assert!(!r.is_released());
+        assert!(!r.released);
         assert!(r.make_room() >= spare);
     }
 }
