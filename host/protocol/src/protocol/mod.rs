@@ -308,7 +308,7 @@ impl WebSocket {
             let room = due.min(max);
             // A loan not yet taken in goes on where it ended.
             core.lent.get_or_insert(self.msg.len());
-            self.msg.reserve(room);
+            reserve_payload(&mut self.msg, room, due as u64);
             (&mut self.msg).limit(room)
         });
         (Outgoing(&core.out), payload)
@@ -561,6 +561,31 @@ impl WebSocket {
     }
 }
 
+/// Makes room at the end of `msg` for `more` bytes of a data frame's
+/// payload, of which `due` (at least `more`) are still to come. It grows
+/// by doubling, as `Vec` does, but never past the frame's end: the buffer's
+/// capacity is what [`WebSocket::input_held`] reports against the server's
+/// budget, and a message of one frame then holds its own size, not up to
+/// twice it. Not all of `due` at once: a peer may announce a large frame
+/// and send nothing of it.
+#[inline]
+fn reserve_payload(msg: &mut Vec<u8>, more: usize, due: u64) {
+    if msg.capacity() - msg.len() < more {
+        grow_payload(msg, more, usize::try_from(due).unwrap_or(usize::MAX));
+    }
+}
+
+#[cold]
+fn grow_payload(msg: &mut Vec<u8>, more: usize, due: usize) {
+    let want = msg.len().saturating_add(more);
+    let cap = msg
+        .capacity()
+        .saturating_mul(2)
+        .max(want)
+        .min(msg.len().saturating_add(due.max(more)));
+    msg.reserve_exact(cap - msg.len());
+}
+
 /// Received bytes a [`WebSocket`] holds (see [`WebSocket::buffered`]).
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -626,6 +651,7 @@ impl Core {
                 frame.mask_offset = apply_mask(dst, mask, frame.mask_offset);
             } else {
                 let start = msg.len();
+                reserve_payload(msg, take, frame.remaining.saturating_add(take as u64));
                 msg.extend_from_slice(chunk);
                 if let Err(e) = self.payload_in(msg, base, start, &mut frame) {
                     return Some(Ready::Closed(self.fail(e)));
@@ -1176,15 +1202,16 @@ mod tests {
 
     /// Reads `wire` the way a driver using [`WebSocket::split_io`] does:
     /// into the lent room when there is one (at most `step` bytes at a
-    /// time), else into its own buffer; returns the messages, owned.
+    /// time), else into its own buffer; returns the messages, owned, the
+    /// bytes read into lent room and the most input held at a delivery.
     fn read_lending(
         ws: &mut WebSocket,
         mut wire: &[u8],
         step: usize,
         min: usize,
-    ) -> (Vec<Vec<u8>>, usize) {
+    ) -> (Vec<Vec<u8>>, usize, usize) {
         let now = Instant::now();
-        let (mut got, mut lent) = (Vec::new(), 0);
+        let (mut got, mut lent, mut peak) = (Vec::new(), 0, 0);
         while !wire.is_empty() {
             let (_, room) = ws.split_io(min, step);
             let mut input: &[u8] = match room {
@@ -1203,18 +1230,62 @@ mod tests {
                 }
             };
             loop {
-                match ws.read(&mut input, now) {
-                    Some(Event::Binary(b)) => got.push(b.to_vec()),
-                    Some(Event::Text(t)) => got.push(t.as_bytes().to_vec()),
-                    Some(Event::Closed(info)) => {
-                        got.push(format!("closed {}", info.code).into_bytes())
-                    }
+                let message = match ws.read(&mut input, now) {
+                    Some(Event::Binary(b)) => Some(b.to_vec()),
+                    Some(Event::Text(t)) => Some(t.as_bytes().to_vec()),
+                    Some(Event::Closed(info)) => Some(format!("closed {}", info.code).into_bytes()),
+                    None => None,
+                };
+                peak = peak.max(ws.input_held());
+                match message {
+                    Some(m) => got.push(m),
                     None if input.is_empty() => break,
                     None => {}
                 }
             }
         }
-        (got, lent)
+        (got, lent, peak)
+    }
+
+    /// The budget counts the message buffer's capacity: a message of one
+    /// frame, however it arrives, holds its own size, not the doubling
+    /// that reached it; one of several frames grows by doubling, capped at
+    /// each frame's end; a frame announced but not sent reserves nothing.
+    #[test]
+    fn a_message_holds_its_size_not_the_doubling_that_reached_it() {
+        let big: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        let wire = masked_binary(&big);
+        for (step, min) in [
+            (65536, 1),
+            (4096, 1),
+            (65536, usize::MAX),
+            (1000, usize::MAX),
+        ] {
+            let mut ws = WebSocket::new(Config::default(), Instant::now());
+            let (got, _, peak) = read_lending(&mut ws, &wire, step, min);
+            assert_eq!(got, std::slice::from_ref(&big), "step {step}, min {min}");
+            assert_eq!(peak, big.len(), "step {step}, min {min}");
+        }
+        // Two frames of 300,000: the second doubles from the first's end
+        // and stops at its own.
+        let mut first = masked_binary(&big[..300_000]);
+        first[0] = 0x02;
+        let mut two = first;
+        let mut last = masked_binary(&big[300_000..]);
+        last[0] = 0x80;
+        two.extend(last);
+        let mut ws = WebSocket::new(Config::default(), Instant::now());
+        let (got, _, peak) = read_lending(&mut ws, &two, 65536, 1);
+        assert_eq!(got, std::slice::from_ref(&big));
+        assert_eq!(peak, big.len());
+        // 16 MiB announced, 10 bytes sent: room for what came, not more.
+        let mut ws = WebSocket::new(Config::default(), Instant::now());
+        let mut head = vec![0x82, 0x80 | 127];
+        head.extend_from_slice(&(16u64 << 20).to_be_bytes());
+        let partial = with_masked(head, &[0; 10]);
+        let mut bytes = &partial[..];
+        assert_eq!(ws.read(&mut bytes, Instant::now()), None);
+        assert!(ws.input_held() < 4096, "{}", ws.input_held());
     }
 
     #[test]
@@ -1225,7 +1296,7 @@ mod tests {
         wire.extend(masked(2, b"after"));
         for step in [1, 7, 4096, 65536, 1 << 20] {
             let mut ws = WebSocket::new(Config::default(), Instant::now());
-            let (got, lent) = read_lending(&mut ws, &wire, step, 1);
+            let (got, lent, _) = read_lending(&mut ws, &wire, step, 1);
             assert_eq!(
                 got,
                 [b"small".to_vec(), big.clone(), b"after".to_vec()],
@@ -1239,7 +1310,7 @@ mod tests {
         }
         // Below `min` due, no room is lent.
         let mut ws = WebSocket::new(Config::default(), Instant::now());
-        let (got, lent) = read_lending(&mut ws, &wire, 4096, 1 << 20);
+        let (got, lent, _) = read_lending(&mut ws, &wire, 4096, 1 << 20);
         assert_eq!((got.len(), lent), (3, 0));
     }
 
@@ -1260,7 +1331,7 @@ mod tests {
         }
         for step in [3, 100, 4096] {
             let mut ws = WebSocket::new(Config::default(), Instant::now());
-            let (got, lent) = read_lending(&mut ws, &wire, step, 1);
+            let (got, lent, _) = read_lending(&mut ws, &wire, step, 1);
             assert_eq!(got, [bytes.to_vec()], "step {step}");
             assert!(lent > 0);
         }
@@ -1272,7 +1343,7 @@ mod tests {
         head.extend_from_slice(&(bad.len() as u16 + 2000).to_be_bytes());
         let wire = with_masked(head, &bad);
         let mut ws = WebSocket::new(Config::default(), Instant::now());
-        let (got, _) = read_lending(&mut ws, &wire, 512, 1);
+        let (got, _, _) = read_lending(&mut ws, &wire, 512, 1);
         assert_eq!(got, [b"closed 1007".to_vec()]);
     }
 

@@ -464,14 +464,15 @@ async fn a_paused_holder_reads_again_once_another_gives_back() {
         "",
         "[server]\nmax_buffered = \"300KiB\"\nbuffered_wait = \"10s\"\n",
     );
-    // A message's buffer grows by doubling. A's stays under the floor, so
-    // A never stops reading (and sees its peer go); B's reaches 256 KiB,
-    // over the floor and, with A's, over the budget: B stops being read.
+    // A message's buffer grows by doubling up to its frame's end. A's
+    // stays under the floor, so A never stops reading (and sees its peer
+    // go); B's grows to its message's 250 KiB, over the floor and, with
+    // A's, over the budget: B stops being read.
     let mut a = Peer::connect(&shared, 64 << 10).await;
     let mut b = Peer::connect(&shared, 16 << 10).await;
     let partial = Peer::frame(0x2, &vec![1u8; 100 << 10]);
     a.io.write_all(&partial[..60 << 10]).await.unwrap();
-    let message = vec![7u8; 200 << 10];
+    let message = vec![7u8; 250 << 10];
     let frame = Peer::frame(0x2, &message);
     let mut sent = 0;
     while sent < frame.len() {
