@@ -62,7 +62,6 @@ mod tls;
 
 use std::cell::Cell;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -292,6 +291,9 @@ fn parse_options(args: &[String]) -> Result<Options> {
                     .get_or_insert_with(InstrOptions::default)
                     .rep_strings = true;
             }
+            "--tls" => {
+                instructions.get_or_insert_with(InstrOptions::default).tls = true;
+            }
             "--keep" => {
                 let v = it.next().context("--keep needs a directory")?;
                 instructions.get_or_insert_with(InstrOptions::default).keep = Some(v.into());
@@ -307,7 +309,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--bench" => {}
             other => bail!(
                 "unknown argument {other:?}; options: --quick, --scenario NAME, --duration SECS, --warmup SECS, --rounds N, --shared, --in-place, --busy-loadgen, \
-                 --instructions [--messages N1,N2] [--connections M1,M2] [--valgrind PATH] [--keep DIR] [--rep-strings] [--plugin PATH] [--shared]"
+                 --instructions [--messages N1,N2] [--connections M1,M2] [--valgrind PATH] [--keep DIR] [--rep-strings] [--plugin PATH] [--shared] [--tls]"
             ),
         }
     }
@@ -858,6 +860,8 @@ struct InstrOptions {
     shared: bool,
     /// `--in-place`: wharf resets its pool slots in place.
     in_place: bool,
+    /// `--tls`: every load over wss (the files' names end in `-tls`).
+    tls: bool,
 }
 
 impl Default for InstrOptions {
@@ -871,6 +875,7 @@ impl Default for InstrOptions {
             plugin: None,
             shared: false,
             in_place: false,
+            tls: false,
         }
     }
 }
@@ -1051,7 +1056,12 @@ mod instructions {
             for &target in targets {
                 let mut counts = [Counts::default(); 2];
                 for (j, n) in [n1, n2].into_iter().enumerate() {
-                    let file = out_dir.join(format!("{}-{}-{n}.out", target.name(), case.slug));
+                    let slug = if opts.tls {
+                        format!("{}-tls", case.slug)
+                    } else {
+                        case.slug.to_owned()
+                    };
+                    let file = out_dir.join(format!("{}-{slug}-{n}.out", target.name()));
                     for old in outputs(&file)? {
                         std::fs::remove_file(old)?;
                     }
@@ -1159,7 +1169,12 @@ mod instructions {
         let server = setup
             .start_with(target, &valgrind(opts, "callgrind", Some(file)))
             .await?;
-        if let Err(e) = drive(case.load, server.ws, n).await {
+        let driven = match (opts.tls, server.wss) {
+            (false, _) => drive(case.load, n, || tcp(server.ws)).await,
+            (true, Some(wss)) => drive(case.load, n, || tls(wss, &setup.client_tls)).await,
+            (true, None) => Err(anyhow!("{} has no wss listener", target.name())),
+        };
+        if let Err(e) = driven {
             let tail = server.log_tail();
             let _ = server.terminate(VALGRIND_EXIT).await;
             return Err(e.context(format!("server log tail:\n{tail}")));
@@ -1221,13 +1236,18 @@ mod instructions {
     }
 
     /// The load, every echo checked.
-    async fn drive(load: Load, addr: SocketAddr, n: u64) -> Result<()> {
+    /// Runs `n` operations of `load` over connections `connect` opens.
+    async fn drive<S, F>(load: Load, n: u64, connect: impl Fn() -> F) -> Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+        F: std::future::Future<Output = Result<S>>,
+    {
         let accept =
             tokio_tungstenite::tungstenite::handshake::derive_accept_key(WS_KEY.as_bytes());
         match load {
             Load::Messages { text, size } => {
                 let msgs = messages(0, text, size, 8);
-                let mut c = Conn::new(tcp(addr).await?, 2 * size + 16384);
+                let mut c = Conn::new(connect().await?, 2 * size + 16384);
                 c.handshake(&accept).await?;
                 for i in 0..n {
                     let m = &msgs[i as usize % msgs.len()];
@@ -1242,7 +1262,7 @@ mod instructions {
             Load::Pipelined { text, size, depth } => {
                 let msgs = messages(0, text, size, depth);
                 let batch: Vec<u8> = msgs.iter().flat_map(|m| m.frame.clone()).collect();
-                let mut c = Conn::new(tcp(addr).await?, 2 * batch.len() + 16384);
+                let mut c = Conn::new(connect().await?, 2 * batch.len() + 16384);
                 c.handshake(&accept).await?;
                 // n messages in batches of depth: the runs' difference
                 // stays a multiple of depth (1000 and 5000 messages: 62
@@ -1262,7 +1282,7 @@ mod instructions {
                 let msg = messages(0, true, size, 1).remove(0);
                 for i in 0..n {
                     let what = || format!("connection {i}");
-                    let mut c = Conn::new(tcp(addr).await?, 1024);
+                    let mut c = Conn::new(connect().await?, 1024);
                     c.handshake(&accept).await.with_context(what)?;
                     c.send(&msg.frame).await.with_context(what)?;
                     echo(&mut c, &msg).await.with_context(what)?;

@@ -6,7 +6,7 @@
 #
 #   host/benches/instructions.sh [--messages N1,N2] [--connections M1,M2]
 #                                [--top K] [--keep DIR [--no-run]] [--valgrind PATH] [--rep-strings]
-#                                [--plugin PATH] [--shared] [--in-place]
+#                                [--plugin PATH] [--shared] [--in-place] [--tls]
 #
 # Each server runs under callgrind once with N1 and once with N2 operations;
 # the figure is (I(N2) - I(N1)) / (N2 - N1), so start-up and shutdown cancel
@@ -19,19 +19,22 @@
 # --shared: wharf serves the echo from one shared instance (a connection
 # without its instantiation).
 # --in-place: wharf with plugin.memory_reset = "in-place".
+# --tls: every load over wss (TLS 1.3, rustls on every side): what TLS adds.
 # Needs valgrind (and callgrind_annotate, which comes with it).
 set -eu
 
 top=25
 keep=""
 run=1
+tls=""
 pass=()
 while (($#)); do
     case "$1" in
     --top) top=$2; shift 2 ;;
+    --tls) tls="-tls"; pass+=("$1"); shift ;;
     --keep) keep=$2; shift 2 ;;
     --no-run) run=0; shift ;;
-    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
     *) pass+=("$1"); shift ;;
     esac
 done
@@ -97,11 +100,11 @@ diff_profile() {
 }
 
 for target in wharf tokio-tungstenite fastwebsockets; do
-    diff_profile "32 B text echo" "$target" text32
-    diff_profile "1 KiB binary echo" "$target" binary1k
-    diff_profile "1 KiB binary echo, 16 pipelined" "$target" pipelined1k
-    diff_profile "1 KiB text echo, 16 pipelined" "$target" pipelined1k-text
-    diff_profile "connection" "$target" connection
+    diff_profile "32 B text echo" "$target" "text32$tls"
+    diff_profile "1 KiB binary echo" "$target" "binary1k$tls"
+    diff_profile "1 KiB binary echo, 16 pipelined" "$target" "pipelined1k$tls"
+    diff_profile "1 KiB text echo, 16 pipelined" "$target" "pipelined1k-text$tls"
+    diff_profile "connection" "$target" "connection$tls"
 done
 echo
 echo "callgrind files: $out (callgrind_annotate FILE, or kcachegrind)"
