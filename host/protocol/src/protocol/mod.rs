@@ -308,7 +308,8 @@ impl WebSocket {
             let room = due.min(max);
             // A loan not yet taken in goes on where it ended.
             core.lent.get_or_insert(self.msg.len());
-            reserve_payload(&mut self.msg, room, due as u64);
+            let fin = core.frame.is_some_and(|f| f.header.fin);
+            reserve_payload(&mut self.msg, room, due as u64, fin);
             (&mut self.msg).limit(room)
         });
         (Outgoing(&core.out), payload)
@@ -562,16 +563,23 @@ impl WebSocket {
 }
 
 /// Makes room at the end of `msg` for `more` bytes of a data frame's
-/// payload, of which `due` (at least `more`) are still to come. It grows
-/// by doubling, as `Vec` does, but never past the frame's end: the buffer's
-/// capacity is what [`WebSocket::input_held`] reports against the server's
-/// budget, and a message of one frame then holds its own size, not up to
-/// twice it. Not all of `due` at once: a peer may announce a large frame
-/// and send nothing of it.
+/// payload, of which `due` (at least `more`) are still to come, `fin` if
+/// the frame ends its message. It grows by doubling, as `Vec` does, but in
+/// a message's last frame never past its end: the buffer's capacity is
+/// what [`WebSocket::input_held`] reports against the server's budget, and
+/// a message of one frame then holds its own size, not up to twice it.
+/// Not all of `due` at once: a peer may announce a large frame and send
+/// nothing of it. Not capped before the last frame: growing a buffer to
+/// the end of each of many small fragments would copy it once a fragment.
 #[inline]
-fn reserve_payload(msg: &mut Vec<u8>, more: usize, due: u64) {
+fn reserve_payload(msg: &mut Vec<u8>, more: usize, due: u64, fin: bool) {
     if msg.capacity() - msg.len() < more {
-        grow_payload(msg, more, usize::try_from(due).unwrap_or(usize::MAX));
+        let due = if fin {
+            usize::try_from(due).unwrap_or(usize::MAX)
+        } else {
+            usize::MAX
+        };
+        grow_payload(msg, more, due);
     }
 }
 
@@ -651,7 +659,8 @@ impl Core {
                 frame.mask_offset = apply_mask(dst, mask, frame.mask_offset);
             } else {
                 let start = msg.len();
-                reserve_payload(msg, take, frame.remaining.saturating_add(take as u64));
+                let due = frame.remaining.saturating_add(take as u64);
+                reserve_payload(msg, take, due, header.fin);
                 msg.extend_from_slice(chunk);
                 if let Err(e) = self.payload_in(msg, base, start, &mut frame) {
                     return Some(Ready::Closed(self.fail(e)));
@@ -1278,6 +1287,28 @@ mod tests {
         let (got, _, peak) = read_lending(&mut ws, &two, 65536, 1);
         assert_eq!(got, std::slice::from_ref(&big));
         assert_eq!(peak, big.len());
+        // A message in 1-byte fragments: the buffer doubles (a few dozen
+        // allocations), it is not grown to each fragment's end (one each).
+        let mut ws = WebSocket::new(Config::default(), Instant::now());
+        let mut wire = Vec::new();
+        for i in 0..20_000 {
+            let mut f = masked(0, &[7]);
+            f[0] = if i == 0 { 0x02 } else { 0x00 };
+            wire.extend(f);
+        }
+        wire.extend(masked(0, &[7]));
+        let (mut bytes, mut grown, mut cap) = (&wire[..], 0, 0);
+        while !bytes.is_empty() {
+            let (mut step, rest) = bytes.split_at(7);
+            bytes = rest;
+            let event = ws
+                .read(&mut step, Instant::now())
+                .map(|e| e == Event::Binary(&[7; 20_001]));
+            grown += usize::from(ws.input_held() != cap);
+            cap = ws.input_held();
+            assert!(event.is_none() || event == Some(true));
+        }
+        assert!(grown < 40, "the buffer grew {grown} times");
         // 16 MiB announced, 10 bytes sent: room for what came, not more.
         let mut ws = WebSocket::new(Config::default(), Instant::now());
         let mut head = vec![0x82, 0x80 | 127];
