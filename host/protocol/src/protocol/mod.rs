@@ -1258,8 +1258,9 @@ mod tests {
 
     /// The budget counts the message buffer's capacity: a message of one
     /// frame, however it arrives, holds its own size, not the doubling
-    /// that reached it; one of several frames grows by doubling, capped at
-    /// each frame's end; a frame announced but not sent reserves nothing.
+    /// that reached it; one of several frames grows by doubling, capped in
+    /// its last frame at its end; a frame announced but not sent reserves
+    /// nothing.
     #[test]
     fn a_message_holds_its_size_not_the_doubling_that_reached_it() {
         let big: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
@@ -1275,8 +1276,8 @@ mod tests {
             assert_eq!(got, std::slice::from_ref(&big), "step {step}, min {min}");
             assert_eq!(peak, big.len(), "step {step}, min {min}");
         }
-        // Two frames of 300,000: the second doubles from the first's end
-        // and stops at its own.
+        // Two frames of 300,000: the buffer doubles through the first, and
+        // in the last stops at the message's end.
         let mut first = masked_binary(&big[..300_000]);
         first[0] = 0x02;
         let mut two = first;

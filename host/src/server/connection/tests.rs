@@ -464,10 +464,10 @@ async fn a_paused_holder_reads_again_once_another_gives_back() {
         "",
         "[server]\nmax_buffered = \"300KiB\"\nbuffered_wait = \"10s\"\n",
     );
-    // A message's buffer grows by doubling up to its frame's end. A's
-    // stays under the floor, so A never stops reading (and sees its peer
-    // go); B's grows to its message's 250 KiB, over the floor and, with
-    // A's, over the budget: B stops being read.
+    // A message's buffer grows by doubling, up to the message's end in
+    // its last frame. A's stays under the floor, so A never stops reading
+    // (and sees its peer go); B's grows to its message's 250 KiB, over the
+    // floor and, with A's, over the budget: B stops being read.
     let mut a = Peer::connect(&shared, 64 << 10).await;
     let mut b = Peer::connect(&shared, 16 << 10).await;
     let partial = Peer::frame(0x2, &vec![1u8; 100 << 10]);
