@@ -265,15 +265,7 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
         return Ok(());
     }
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    // Resolved here: the servers' configuration files live in a temporary
-    // directory, against which a relative path would be read.
-    let plugin = match option::<String>(&args, "--plugin") {
-        Some(path) => std::fs::canonicalize(&path)
-            .with_context(|| format!("--plugin {path}"))?
-            .display()
-            .to_string(),
-        None => format!("{}/echo.wasm", wharf::bundled::PLUGIN_DIR),
-    };
+    let plugin = plugin_path(&args, "echo")?;
     if !args.iter().any(|a| a == "--bench") {
         let started = Instant::now();
         let plain = Load {
@@ -302,11 +294,12 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
             tls: None,
             subscribed: true,
         };
+        let chat = plugin_path(&args, "chat")?;
         for target in [
             Target::Wharf { hibernate_ms: 0 },
             Target::Wharf { hibernate_ms: 100 },
         ] {
-            run(target, 200, true, "", &chat_plugin(&args)?, &members).await?;
+            run(target, 200, true, "", &chat, &members).await?;
         }
         println!(
             "density smoke run passed in {:.1?} (cargo bench --bench density for figures)",
@@ -333,7 +326,7 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
         "--subscribed members send no binary message (--first-message)"
     );
     let plugin = if load.subscribed {
-        chat_plugin(&args)?
+        plugin_path(&args, "chat")?
     } else {
         plugin
     };
@@ -392,12 +385,15 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The component `--subscribed` serves: `--plugin`'s, or the chat example.
-fn chat_plugin(args: &[String]) -> anyhow::Result<String> {
+/// The component wharf serves: `--plugin`'s, or the bundled plugin
+/// `stem` (the echo; the chat for `--subscribed`). Made absolute here: the
+/// servers' configuration files live in a temporary directory, against
+/// which a relative path would be read.
+fn plugin_path(args: &[String], stem: &str) -> anyhow::Result<String> {
     let path = option::<String>(args, "--plugin")
-        .unwrap_or_else(|| format!("{}/chat.wasm", wharf::bundled::PLUGIN_DIR));
+        .unwrap_or_else(|| format!("{}/{stem}.wasm", wharf::bundled::PLUGIN_DIR));
     Ok(std::fs::canonicalize(&path)
-        .with_context(|| format!("chat plugin {path}"))?
+        .with_context(|| format!("plugin {path}"))?
         .display()
         .to_string())
 }

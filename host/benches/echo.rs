@@ -1235,8 +1235,8 @@ mod instructions {
         Ok(v)
     }
 
-    /// The load, every echo checked.
-    /// Runs `n` operations of `load` over connections `connect` opens.
+    /// Runs `n` operations of `load` over connections `connect` opens,
+    /// every echo checked.
     async fn drive<S, F>(load: Load, n: u64, connect: impl Fn() -> F) -> Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin,

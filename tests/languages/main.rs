@@ -169,12 +169,17 @@ fn build(lang: &Lang) -> PathBuf {
 /// bundled plugin directory, joined as `PLUGIN_DIR/<stem>.wasm`; an absolute
 /// stem replaces the directory, so any component can be served.
 fn start_server(lang: &Lang, wasm: &Path) -> Server {
+    start_server_with(wasm, lang.plugin_limits)
+}
+
+/// [`start_server`] with these lines for its `[plugin]` table.
+fn start_server_with(wasm: &Path, plugin_limits: &'static str) -> Server {
     let stem = wasm.with_extension("");
     let stem: &'static str = Box::leak(stem.display().to_string().into_boxed_str());
     assert!(Path::new(stem).is_absolute());
     assert_eq!(plugin_path(stem), wasm);
     Server::start(ServerOpts {
-        plugin_limits: lang.plugin_limits,
+        plugin_limits,
         ..ServerOpts::new(stem)
     })
 }
@@ -806,13 +811,8 @@ fn chat(lang: &Lang, wasm: &Path, server: Server) {
         started.elapsed().as_secs_f64()
     );
     drop(server);
-    let stem = wasm.with_extension("");
-    let hibernating = Server::start(ServerOpts {
-        plugin_limits: Box::leak(
-            format!("{}\nhibernate_after = \"100ms\"\n", lang.plugin_limits).into_boxed_str(),
-        ),
-        ..ServerOpts::new(Box::leak(stem.display().to_string().into_boxed_str()))
-    });
+    let limits = format!("{}\nhibernate_after = \"100ms\"\n", lang.plugin_limits);
+    let hibernating = start_server_with(wasm, Box::leak(limits.into_boxed_str()));
     tokio.block_on(chat_hibernation_checks(&hibernating));
     eprintln!("[{name}] chat hibernation checks passed");
     drop(hibernating);
