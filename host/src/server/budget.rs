@@ -8,7 +8,9 @@
 //! falls below the budget again; small exchanges, under the floor, go on.
 //! A connection that waits longer than `server.buffered_wait` (it may be
 //! halfway through a message it cannot finish while paused) is closed with
-//! 1013 Try Again Later, which frees what it held.
+//! 1013 Try Again Later, which frees what it held; one whose peer leaves
+//! meanwhile is seen to go at its next [`RECHECK`] (it reads nothing, so it
+//! asks the kernel: `connection::transport::Socket::peer_left`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,6 +61,12 @@ impl Budget {
     /// Bytes held across all connections (to within [`GRAIN`] each).
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// Connections paused for the budget now.
+    #[cfg(test)]
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     pub fn held(self: &Arc<Self>) -> Held {

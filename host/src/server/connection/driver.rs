@@ -20,6 +20,7 @@ use wharf_protocol::{CloseCode, Framed, State};
 
 use super::conn::Conn;
 use super::io::{WRITE_SLICES, poll_write_or_flush, read_ready, reuse, write_now, wrote};
+use super::transport::Socket;
 use crate::beacon::Watcher;
 use crate::server::budget;
 
@@ -75,6 +76,8 @@ struct Driver {
     /// Idle for [`SETTLE`]: the next wait is made outside the box.
     settled: bool,
     tls: bool,
+    /// To see the peer leave while not reading (see [`Socket`]).
+    socket: Socket,
 }
 
 /// The read buffer, sized to what the connection is doing.
@@ -282,7 +285,7 @@ impl ReadBuffer {
 }
 
 impl Driver {
-    fn new(rbuf: BytesMut, tls: bool) -> Self {
+    fn new(rbuf: BytesMut, tls: bool, socket: Socket) -> Self {
         Self {
             read: ReadBuffer::new(rbuf),
             eof: false,
@@ -296,6 +299,7 @@ impl Driver {
             awake_since: Instant::now(),
             settled: false,
             tls,
+            socket,
         }
     }
 
@@ -324,11 +328,12 @@ impl Conn {
         writer: &mut W,
         rbuf: BytesMut,
         tls: bool,
+        socket: Socket,
     ) where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut d = Driver::new(rbuf, tls);
+        let mut d = Driver::new(rbuf, tls, socket);
         // Registered once, not on every pass (see `crate::beacon`).
         let shutdown = self.shared.stop.watch();
         // A shutdown that began before the watch was made fired already.
@@ -685,15 +690,7 @@ impl Conn {
         into: ReadInto,
     ) -> Flow {
         match read {
-            Ok(0) | Err(_) => {
-                d.eof = true;
-                self.transport_gone().await;
-                if self.ws.is_closed() && !self.ws.has_output() {
-                    return Flow::Drop;
-                }
-                // The peer half-closed; whatever we still owe it is
-                // written, then the socket is dropped.
-            }
+            Ok(0) | Err(_) => return self.on_eof(d).await,
             // TLS hands out a record per read: take the others already
             // there too (plain TCP after a short read has nothing more).
             Ok(n) => match into {
@@ -714,10 +711,32 @@ impl Conn {
         Flow::Continue
     }
 
+    /// The peer closed its side (or the transport failed): the protocol
+    /// learns it; whatever we still owe a peer that half-closed is written,
+    /// then the socket is dropped.
+    async fn on_eof(&mut self, d: &mut Driver) -> Flow {
+        d.eof = true;
+        self.transport_gone().await;
+        if self.ws.is_closed() && !self.ws.has_output() {
+            return Flow::Drop;
+        }
+        Flow::Continue
+    }
+
     /// The timer fired: every deadline that has passed is acted on.
     async fn on_timer(&mut self, d: &mut Driver, deadlines: Deadlines) -> Flow {
         d.armed = None;
         let now = Instant::now();
+        // Paused, it reads nothing, so a peer that went would hold its part
+        // of the budget until the wait ran out.
+        if deadlines.budget_recheck.is_some_and(|t| t <= now) && d.socket.peer_left() {
+            tracing::debug!(
+                conn = self.id,
+                held = self.ws.input_held(),
+                "peer left while its reads waited for the server's budget"
+            );
+            return self.on_eof(d).await;
+        }
         if deadlines.slow_consumer.is_some_and(|t| t <= now) && self.ws.state() == State::Open {
             tracing::info!(conn = self.id, tenant = %self.tenant.name, unsent = self.ws.output_len(), "peer not reading its messages; closing with 1008");
             self.shared

@@ -47,22 +47,24 @@ where
 {
     let upgrade = Box::pin(upgrade(transport, peer, tls, id, shared, handshake));
     async move {
-        let Some((opened, mut reader, mut writer, direct)) = upgrade.await else {
+        let Some((opened, mut reader, mut writer, direct, socket)) = upgrade.await else {
             return;
         };
         let (mut conn, buf, permits) = opened.into_parts();
         conn.write_through(direct);
-        conn.drive(&mut reader, &mut writer, buf, tls).await;
+        conn.drive(&mut reader, &mut writer, buf, tls, socket).await;
         drop(permits);
     }
 }
 
-/// An open connection and its transport's halves (see [`Transport`]).
+/// An open connection and its transport's halves and socket (see
+/// [`Transport`]).
 type Opened<S> = (
     Box<upgrade::Opened>,
     <S as Transport>::Reader,
     <S as Transport>::Writer,
     Option<std::sync::Weak<tokio::net::TcpStream>>,
+    transport::Socket,
 );
 
 /// The transport and the opening handshake, under one deadline (the request
@@ -88,9 +90,11 @@ where
         address: handshake.address.take(),
     };
     let open = async {
-        let (mut reader, mut writer, direct) = transport.await?.split();
+        let transport = transport.await?;
+        let socket = transport.socket();
+        let (mut reader, mut writer, direct) = transport.split();
         let opened = upgrade::open(&mut reader, &mut writer, accepted, &shared).await?;
-        Some((opened, reader, writer, direct))
+        Some((opened, reader, writer, direct, socket))
     };
     tokio::select! {
         biased;

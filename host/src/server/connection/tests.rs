@@ -7,7 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
@@ -47,11 +48,17 @@ fn shared(plugin: &str, rest: &str) -> Arc<Shared> {
 }
 
 /// The client's end of a connection whose server end a task drives.
-struct Peer {
-    io: DuplexStream,
+struct Peer<S = DuplexStream> {
+    io: S,
     task: JoinHandle<()>,
     /// Bytes read past the last frame returned.
     buf: Vec<u8>,
+}
+
+/// A connection id for each task the tests start.
+fn next_id() -> u64 {
+    static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Peer {
@@ -60,17 +67,65 @@ impl Peer {
     async fn connect(shared: &Arc<Shared>, pipe: usize) -> Self {
         let (client, server) = tokio::io::duplex(pipe);
         let handshake = shared.pending.admit(shared.handshake_timeout, None);
-        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let task = tokio::spawn(super::run(
             std::future::ready(Some(server)),
             "127.0.0.1:40000".parse().unwrap(),
             false,
-            IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            next_id(),
             shared.clone(),
             handshake,
         ));
+        Self::upgrade(client, task).await
+    }
+
+    /// One masked frame, as a client sends it.
+    fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x11, 0x22, 0x33, 0x44];
+        let mut out = vec![0x80 | opcode];
+        match payload.len() {
+            n @ 0..=125 => out.push(0x80 | n as u8),
+            n @ 126..=0xffff => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+}
+
+impl Peer<TcpStream> {
+    /// [`connect`](Peer::connect) over a loopback TCP connection, for what
+    /// only the kernel's socket shows (a FIN or reset behind unread data).
+    async fn connect_tcp(shared: &Arc<Shared>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
+        let handshake = shared.pending.admit(shared.handshake_timeout, None);
+        let task = tokio::spawn(super::run(
+            std::future::ready(Some(server)),
+            peer,
+            false,
+            next_id(),
+            shared.clone(),
+            handshake,
+        ));
+        Self::upgrade(client, task).await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
+    /// Sends the upgrade request on `io` and reads the 101.
+    async fn upgrade(io: S, task: JoinHandle<()>) -> Self {
         let mut peer = Peer {
-            io: client,
+            io,
             task,
             buf: Vec::new(),
         };
@@ -106,29 +161,9 @@ impl Peer {
         self.buf.extend_from_slice(&chunk[..n]);
     }
 
-    /// One masked frame, as a client sends it.
-    fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x11, 0x22, 0x33, 0x44];
-        let mut out = vec![0x80 | opcode];
-        match payload.len() {
-            n @ 0..=125 => out.push(0x80 | n as u8),
-            n @ 126..=0xffff => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
-    }
-
     async fn send(&mut self, opcode: u8, payload: &[u8]) {
         self.io
-            .write_all(&Self::frame(opcode, payload))
+            .write_all(&Peer::frame(opcode, payload))
             .await
             .unwrap();
     }
@@ -493,6 +528,57 @@ async fn a_paused_holder_reads_again_once_another_gives_back() {
     let (opcode, payload) = b.recv().await;
     assert_eq!((opcode, payload.len()), (0x2, message.len()));
     assert!(payload == message);
+}
+
+/// A connection paused for the server's budget reads nothing, so it used
+/// to see its peer go only when its wait ran out (`buffered_wait`),
+/// holding its part of the budget until then. Now the kernel's socket
+/// tells it at the next recheck: a reset, or a FIN behind the unread rest
+/// of its message.
+#[tokio::test]
+async fn a_paused_peer_that_leaves_gives_its_budget_back_at_once() {
+    for reset in [true, false] {
+        let shared = shared(
+            "",
+            "[server]\nmax_buffered = \"256KiB\"\nbuffered_wait = \"60s\"\n",
+        );
+        let mut peer = Peer::connect_tcp(&shared).await;
+        // 200 KiB of a 1 MiB message: its buffer, doubled to 256 KiB, is
+        // past the budget, and the rest fits in the server's receive
+        // window, so that the FIN is not queued behind unsent data.
+        let frame = Peer::frame(0x2, &vec![7u8; 1 << 20]);
+        peer.io.write_all(&frame[..200 << 10]).await.unwrap();
+        let deadline = std::time::Instant::now() + STEP;
+        while shared.budget.waiting() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never paused: {} bytes held",
+                shared.budget.used()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if reset {
+            socket2::SockRef::from(&peer.io)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(peer.io);
+        } else {
+            peer.io.shutdown().await.unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(2), peer.task)
+            .await
+            .unwrap_or_else(|_| panic!("reset {reset}: the paused task did not end"))
+            .unwrap();
+        assert!(
+            shared.budget.used() < 128 << 10,
+            "reset {reset}: {}",
+            shared.budget.used()
+        );
+        assert!(metric(
+            &shared,
+            "wharf_websocket_closed_total{code=\"1006\",clean=\"false\"} 1"
+        ));
+    }
 }
 
 #[tokio::test]

@@ -2,12 +2,16 @@
 //! writes through, and, for plain TCP, the socket a plugin's large sends
 //! are written to during its call ([`DirectWrite`]).
 //!
+//! The kernel's socket under either stays known to the driver
+//! ([`Socket`]), to ask about the peer while it is not reading.
+//!
 //! A TLS stream (and the tests' in-memory pipes) are split by
 //! `tokio::io::split`, whose halves share the stream behind a lock. A TCP
 //! socket needs no lock: its reads and writes take `&self`, so both halves,
 //! and the plugin's writes, share it by reference count.
 
 use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, ready};
@@ -26,11 +30,18 @@ pub(crate) trait Transport: Send + Sized {
 
     /// The halves, and the socket a call may write to, if it is plain TCP.
     fn split(self) -> (Self::Reader, Self::Writer, Option<Weak<TcpStream>>);
+
+    /// The kernel's socket underneath.
+    fn socket(&self) -> Socket;
 }
 
 impl Transport for TcpStream {
     type Reader = TcpReader;
     type Writer = TcpWriter;
+
+    fn socket(&self) -> Socket {
+        Socket(Some(self.as_raw_fd()))
+    }
 
     fn split(self) -> (TcpReader, TcpWriter, Option<Weak<TcpStream>>) {
         let stream = Arc::new(self);
@@ -41,7 +52,7 @@ impl Transport for TcpStream {
 
 /// Split with a lock: the stream's reads and writes take `&mut`.
 macro_rules! split_locked {
-    ($($t:ty),*) => {$(
+    ($($t:ty => $socket:expr),*) => {$(
         impl Transport for $t {
             type Reader = ReadHalf<$t>;
             type Writer = WriteHalf<$t>;
@@ -50,13 +61,61 @@ macro_rules! split_locked {
                 let (reader, writer) = tokio::io::split(self);
                 (reader, writer, None)
             }
+
+            fn socket(&self) -> Socket {
+                Socket($socket(self))
+            }
         }
     )*};
 }
 
-split_locked!(tokio_rustls::server::TlsStream<TcpStream>);
+split_locked!(tokio_rustls::server::TlsStream<TcpStream> => |s: &Self| Some(s.get_ref().0.as_raw_fd()));
 #[cfg(test)]
-split_locked!(tokio::io::DuplexStream);
+split_locked!(tokio::io::DuplexStream => |_| None);
+
+/// A connection's socket as the kernel knows it, for what the driver cannot
+/// learn by reading: a connection paused for the server's budget reads
+/// nothing, so it would not see its peer's FIN or reset until its wait ran
+/// out (`server.buffered_wait`), holding its part of the budget all along.
+/// `None` for the tests' in-memory pipes.
+///
+/// A bare descriptor: the stream it comes from (owned by the halves, which
+/// the driver holds for as long as it holds this) keeps it open.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Socket(Option<RawFd>);
+
+impl Socket {
+    /// Whether the peer has sent its FIN or reset the connection: the
+    /// socket's TCP state, which unread data does not hide (a read would
+    /// see the EOF only after all of it). A FIN the peer's kernel still
+    /// holds behind data our closed receive window kept it from sending
+    /// arrives only once we read again; a reset always arrives.
+    pub(crate) fn peer_left(self) -> bool {
+        // linux/tcp_states.h: CLOSE once reset, CLOSE_WAIT after the
+        // peer's FIN (while our side is open).
+        const TCP_CLOSE: u8 = 7;
+        const TCP_CLOSE_WAIT: u8 = 8;
+        let Some(fd) = self.0 else {
+            return false;
+        };
+        // SAFETY: `info` is a valid `tcp_info` and `len` its size; the
+        // kernel writes at most `len` bytes into it. `fd` is open (see the
+        // type's doc); were it not, the call would fail with EBADF, which
+        // reads as "still there".
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &mut len,
+            )
+        };
+        rc == 0 && matches!(info.tcpi_state, TCP_CLOSE | TCP_CLOSE_WAIT)
+    }
+}
 
 /// Runs one read or write (`io`, on the socket: what it moved and what it
 /// asked to move) when tokio says the socket is ready. A short one drained
