@@ -18,6 +18,7 @@
 //! | `wharf_connections_open` | gauge | |
 //! | `wharf_handshakes_pending` | gauge | |
 //! | `wharf_buffered_bytes` | gauge | |
+//! | `wharf_buffered_waiting` | gauge | |
 //! | `wharf_websocket_opened_total` | counter | |
 //! | `wharf_websocket_closed_total` | counter | `code`, `clean` = `true` \| `false` |
 //! | `wharf_handshake_failures_total` | counter | `status`, `reason` |
@@ -231,6 +232,7 @@ pub struct Metrics {
     open: Gauge,
     pending: Gauge,
     buffered: Gauge,
+    buffered_waiting: Gauge,
     reset_exposed: Gauge,
     opened: Counter,
     closed: Family<ClosedLabels, Counter>,
@@ -281,6 +283,12 @@ impl Metrics {
             "wharf_buffered_bytes",
             "Bytes connections hold for their peers (read buffers, messages being assembled, send queues), against server.max_buffered",
             buffered.clone(),
+        );
+        let buffered_waiting = Gauge::default();
+        registry.register(
+            "wharf_buffered_waiting",
+            "Connections not reading because server.max_buffered is spent (backpressure), each for at most server.buffered_wait",
+            buffered_waiting.clone(),
         );
         registry.register(
             "wharf_connections_open",
@@ -438,6 +446,7 @@ impl Metrics {
             open,
             pending,
             buffered,
+            buffered_waiting,
             reset_exposed,
             opened,
             closed,
@@ -479,6 +488,16 @@ impl Metrics {
     /// Bytes held for peers across connections now (see `server::budget`).
     pub fn buffered_bytes(&self, n: usize) {
         self.buffered.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A connection paused for the budget (see `server::budget`), or
+    /// (`false`) read again or ended.
+    pub fn buffered_waiting(&self, paused: bool) {
+        if paused {
+            self.buffered_waiting.inc();
+        } else {
+            self.buffered_waiting.dec();
+        }
     }
 
     /// Pool slots are reset in place and swap became possible after

@@ -63,12 +63,6 @@ impl Budget {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// Connections paused for the budget now.
-    #[cfg(test)]
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
-    }
-
     pub fn held(self: &Arc<Self>) -> Held {
         Held {
             budget: self.clone(),
@@ -84,6 +78,7 @@ impl Budget {
     /// [`Paused::poll_freed`]); it counts among the waiting until dropped.
     pub fn pause(self: &Arc<Self>) -> Paused {
         self.waiting.fetch_add(1, Ordering::Relaxed);
+        self.metrics.buffered_waiting(true);
         Paused {
             since: Instant::now(),
             freed: self.freed.watch(),
@@ -112,6 +107,7 @@ impl Paused {
 impl Drop for Paused {
     fn drop(&mut self) {
         self.budget.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.budget.metrics.buffered_waiting(false);
     }
 }
 

@@ -549,7 +549,7 @@ async fn a_paused_peer_that_leaves_gives_its_budget_back_at_once() {
         let frame = Peer::frame(0x2, &vec![7u8; 1 << 20]);
         peer.io.write_all(&frame[..200 << 10]).await.unwrap();
         let deadline = std::time::Instant::now() + STEP;
-        while shared.budget.waiting() == 0 {
+        while !metric(&shared, "wharf_buffered_waiting 1") {
             assert!(
                 std::time::Instant::now() < deadline,
                 "never paused: {} bytes held",
@@ -578,6 +578,7 @@ async fn a_paused_peer_that_leaves_gives_its_budget_back_at_once() {
             &shared,
             "wharf_websocket_closed_total{code=\"1006\",clean=\"false\"} 1"
         ));
+        assert!(metric(&shared, "wharf_buffered_waiting 0"));
     }
 }
 
