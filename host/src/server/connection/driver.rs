@@ -728,8 +728,11 @@ impl Conn {
         d.armed = None;
         let now = Instant::now();
         // Paused, it reads nothing, so a peer that went would hold its part
-        // of the budget until the wait ran out.
-        if deadlines.budget_recheck.is_some_and(|t| t <= now) && d.socket.peer_left() {
+        // of the budget until the wait ran out. Asked at every firing, not
+        // only at the recheck's: other wakes (its output draining, a
+        // topic's messages) keep moving that deadline later, but the timer
+        // still fires at least every recheck while paused.
+        if d.paused.is_some() && d.socket.peer_left() {
             tracing::debug!(
                 conn = self.id,
                 held = self.ws.input_held(),
