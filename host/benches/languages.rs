@@ -8,7 +8,7 @@
 //!     [--size BYTES] [--binary] [--connections N] [--in-flight N]
 //!     [--duration SECS] [--warmup SECS] [--rounds N]
 //!     [--plugin NAME=PATH]... [--perf-map] [--pause-before-measure]
-//!     [--in-place] [--keep-resident SIZE]
+//!     [--in-place] [--keep-resident SIZE] [--wide-slots]
 //! ```
 //!
 //! Each handler is served by a real `wharf serve` (one tokio worker, pinned
@@ -44,7 +44,8 @@
 //! `--pause-before-measure` prints each server's pid and waits 5 s before
 //! measuring, time to attach a profiler. `--in-place` and `--keep-resident
 //! SIZE` set the servers' `plugin.memory_reset = "in-place"` and
-//! `plugin.keep_resident`.
+//! `plugin.keep_resident`; `--wide-slots` their `plugin.memory_slots =
+//! "wide"`.
 //!
 //! `cargo test` runs a smoke run (no `--bench` argument): every language
 //! whose toolchain is installed, briefly, unpinned, every echo checked.
@@ -305,6 +306,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--perf-map" => o.perf_map = true,
             "--pause-before-measure" => o.pause = true,
             "--in-place" => o.plugin_lines += tenant::IN_PLACE,
+            "--wide-slots" => o.plugin_lines += tenant::WIDE_SLOTS,
             "--keep-resident" => {
                 let v = it.next().context("--keep-resident needs a size")?;
                 o.plugin_lines += &tenant::keep_resident(v);
@@ -365,7 +367,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
                 "unknown argument {other:?}; options: --quick, --lang NAMES, --mode per-connection|shared|both, \
                  --load echo|connect|both, --size BYTES, --binary, --connections N, --in-flight N, \
                  --warmup SECS, --duration SECS, --rounds N, --plugin NAME=PATH, --perf-map, --pause-before-measure, \
-                 --in-place, --keep-resident SIZE"
+                 --in-place, --keep-resident SIZE, --wide-slots"
             ),
         }
     }

@@ -43,6 +43,7 @@ fn runtime(concurrency_support: bool, memory_reset: MemoryReset) -> Runtime {
         cache_dir: None,
         concurrency_support,
         memory_reset,
+        wide_slots: false,
     })
     .expect("runtime")
 }

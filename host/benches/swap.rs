@@ -107,6 +107,7 @@ fn run(policy: Policy, connections: usize, phase: Duration) -> Result<String> {
         memory_reset: wharf::runtime::engine::MemoryReset::Decommit {
             keep_resident: 64 << 10,
         },
+        wide_slots: false,
     })?;
     let metrics = Metrics::new();
     let tenants = Arc::new(Tenants::load(&config, Arc::new(runtime), metrics.clone())?);

@@ -425,6 +425,7 @@ fn runtime_config(config: &Config, memory_reset: MemoryReset) -> RuntimeConfig {
         cache_dir: cache_dir(config),
         concurrency_support: false,
         memory_reset,
+        wide_slots: config.plugin.memory_slots == wharf::config::MemorySlotsMode::Wide,
     }
 }
 

@@ -326,6 +326,7 @@ fn runtime(lang: &Lang, cache_dir: &Path) -> Runtime {
         memory_reset: wharf::runtime::engine::MemoryReset::Decommit {
             keep_resident: 64 << 10,
         },
+        wide_slots: false,
     })
     .expect("runtime")
 }

@@ -113,6 +113,7 @@ pub async fn in_process(
         memory_reset: wharf::runtime::engine::MemoryReset::Decommit {
             keep_resident: 64 << 10,
         },
+        wide_slots: false,
     })
     .expect("a runtime");
     let metrics = wharf::metrics::Metrics::new();

@@ -25,3 +25,6 @@ pub fn keep_resident(size: &str) -> String {
 
 /// The `[plugin]` line of `--in-place`: pool slots reset in place.
 pub const IN_PLACE: &str = "memory_reset = \"in-place\"\n";
+
+/// The `[plugin]` line of `--wide-slots`: 4 GiB slots, no bounds checks.
+pub const WIDE_SLOTS: &str = "memory_slots = \"wide\"\n";

@@ -22,7 +22,8 @@
 //! engine's compatibility hash (wasmtime version and every setting that
 //! affects code generation, among them the memory reservation, which
 //! [`engine::reservation`](super::engine::reservation) rounds so that it
-//! does not follow every `memory_limit`). The tag is HMAC-SHA256, keyed with `key`, of
+//! does not follow every `memory_limit`, and which `plugin.memory_slots =
+//! "wide"` sets to 4 GiB for every limit). The tag is HMAC-SHA256, keyed with `key`, of
 //! the magic, the file name, a NUL and the artifact: an artifact cannot be
 //! forged without the key, nor moved to another plugin's name.
 //!

@@ -258,6 +258,7 @@ mod tests {
             cache_dir: None,
             concurrency_support: false,
             memory_reset: crate::runtime::engine::MemoryReset::Decommit { keep_resident: 0 },
+            wide_slots: false,
         })
         .unwrap()
     }

@@ -131,6 +131,8 @@ pub struct RuntimeConfig {
     pub concurrency_support: bool,
     /// See [`engine::MemoryReset`] (`plugin.memory_reset`, `plugin.keep_resident`).
     pub memory_reset: engine::MemoryReset,
+    /// See [`engine::PoolSizing::wide_slots`] (`plugin.memory_slots`).
+    pub wide_slots: bool,
 }
 
 /// The engine, the host functions every plugin is linked against, and the
@@ -275,6 +277,7 @@ impl Runtime {
             memory_limit: config.limits.memory,
             concurrency_support: config.concurrency_support,
             memory_reset: config.memory_reset,
+            wide_slots: config.wide_slots,
         })?;
         let mut linker = Linker::new(&engine);
         // WASI is linked so that components built by ordinary toolchains

@@ -40,6 +40,7 @@ fn shared(plugin: &str, rest: &str) -> Arc<Shared> {
         cache_dir: None,
         concurrency_support: false,
         memory_reset: crate::runtime::engine::MemoryReset::Decommit { keep_resident: 0 },
+        wide_slots: false,
     })
     .expect("a runtime");
     let metrics = Metrics::new();
