@@ -5,10 +5,11 @@
 //! for the native tokio-tungstenite echo server (`common/baseline.rs`, this
 //! binary re-executed), in one run.
 //!
-//! `cargo bench --bench density -- [--connections N] [--hibernate-after MS] [--keep-resident SIZE] [--in-place] [--plugin PATH] [--first-message BYTES] [--tls] [--subscribed]`
+//! `cargo bench --bench density -- [--connections N] [--hibernate-after MS] [--keep-resident SIZE] [--in-place] [--wide-slots] [--plugin PATH] [--first-message BYTES] [--tls] [--subscribed]`
 //! (default 10,000 connections, hibernation after 200 ms, wharf's default
 //! `plugin.keep_resident`, the bundled echo; `--in-place`: wharf with
-//! `plugin.memory_reset = "in-place"`; `--plugin`: another echo component
+//! `plugin.memory_reset = "in-place"`; `--wide-slots`: with
+//! `plugin.memory_slots = "wide"`; `--plugin`: another echo component
 //! in its place, in all three of wharf's runs; `--first-message`: each
 //! connection also echoes a binary message of that many bytes first;
 //! `--tls`: every server listens for wss with a self-signed certificate,
@@ -80,11 +81,16 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
 /// per mapping; `pss` divides a page shared by several mappings between
 /// them, so that a page of a plugin's memory image that every instance maps
 /// (copy-on-write, never written) counts once in all rather than once per
-/// instance.
+/// instance. `pte`: the kernel's page tables for the process, which
+/// neither counts: each live instance touches its own memory slot, table
+/// slot and fiber stack, far apart, each needing page-table pages of its
+/// own (about 10 KiB an instance), where a native server's connections
+/// share the heap's.
 #[derive(Clone, Copy, Default)]
 struct Resident {
     rss: u64,
     pss: u64,
+    pte: u64,
 }
 
 fn resident(pid: u32) -> Resident {
@@ -96,9 +102,16 @@ fn resident(pid: u32) -> Resident {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let pte = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPTE:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
     Resident {
         rss: field("Rss:"),
         pss: field("Pss:"),
+        pte,
     }
 }
 
@@ -331,11 +344,15 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
         plugin
     };
     // `--keep-resident SIZE`: wharf's `plugin.keep_resident` (e.g. "0B");
-    // `--in-place`: its `plugin.memory_reset = "in-place"`.
+    // `--in-place`: its `plugin.memory_reset = "in-place"`; `--wide-slots`:
+    // its `plugin.memory_slots = "wide"`.
     let mut plugin_lines = option::<String>(&args, "--keep-resident")
         .map_or(String::new(), |k| tenant::keep_resident(&k));
     if args.iter().any(|a| a == "--in-place") {
         plugin_lines.push_str(tenant::IN_PLACE);
+    }
+    if args.iter().any(|a| a == "--wide-slots") {
+        plugin_lines.push_str(tenant::WIDE_SLOTS);
     }
     let targets: &[Target] = if load.subscribed {
         &[
@@ -370,15 +387,16 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
         }
     );
     println!(
-        "{:<40} {:>8} {:>8} {:>22}",
-        "server", "RSS", "PSS", "RSS vs tokio-tungstenite"
+        "{:<40} {:>8} {:>8} {:>12} {:>22}",
+        "server", "RSS", "PSS", "page tables", "RSS vs tokio-tungstenite"
     );
     for (target, kib) in results {
         println!(
-            "{:<40} {:>8.1} {:>8.1} {:>22}",
+            "{:<40} {:>8.1} {:>8.1} {:>12.1} {:>22}",
             target.name(),
             kib.rss,
             kib.pss,
+            kib.pte,
             baseline.map_or("-".to_owned(), |b| format!("{:.2}", kib.rss / b))
         );
     }
@@ -409,6 +427,7 @@ fn option<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
 struct PerConn {
     rss: f64,
     pss: f64,
+    pte: f64,
 }
 
 /// Opens `n` connections and returns the server's memory growth per
@@ -532,6 +551,7 @@ async fn run(
     let per_conn = PerConn {
         rss: per_conn(|r| r.rss),
         pss: per_conn(|r| r.pss),
+        pte: per_conn(|r| r.pte),
     };
     println!(
         "{}: {n} connections open, opened in {elapsed:.2?} ({:.0}/s sequentially)",
@@ -543,10 +563,11 @@ async fn run(
         base.rss, loaded.rss, base.pss, loaded.pss
     );
     println!(
-        "RSS per idle connection, {}: {:.1} KiB (PSS {:.1})",
+        "RSS per idle connection, {}: {:.1} KiB (PSS {:.1}; page tables {:.1} besides)",
         target.name(),
         per_conn.rss,
-        per_conn.pss
+        per_conn.pss,
+        per_conn.pte
     );
     drop(conns);
     child.kill().await?;
