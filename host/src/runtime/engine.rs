@@ -71,6 +71,14 @@ pub const TABLES_PER_COMPONENT: u32 = 16;
 const TABLES_PER_SLOT: u32 = 4;
 /// Elements per table, in the pool and in each store's limiter.
 pub const TABLE_ELEMENTS: usize = 20_000;
+/// Each store's fiber stack, guard page included: 1 MiB. Every live
+/// instance touches the top of its own, and stacks of wasmtime's default 2
+/// MiB each needed a page-table page of their own; two of these share
+/// one (page tables per live connection 9.8 → 7.8 KiB, density bench).
+/// wasm frames still get wasmtime's default 512 KiB (`max_wasm_stack`);
+/// host functions called from them, on the same stack, the other 508 KiB
+/// (the whole e2e and languages suites pass with 64 KiB of it).
+const ASYNC_STACK: usize = (1 << 20) - 4096;
 /// Bytes of a freed slot's tables zeroed in place rather than returned to
 /// the OS: only a table's used size is reset, a few KiB for most plugins,
 /// and refaulting it was most of what separated instantiations with and
@@ -118,6 +126,7 @@ fn build_with(pool: PoolSizing, reservation: u64) -> anyhow::Result<Engine> {
     config.epoch_interruption(true);
     config.concurrency_support(pool.concurrency_support);
     config.memory_init_cow(true);
+    config.async_stack_size(ASYNC_STACK);
     // `WHARF_PERF_MAP=1`: write /tmp/perf-PID.map, so that `perf report`
     // names the plugins' compiled functions (profiling only; it costs a
     // few writes per compiled or loaded plugin).
