@@ -182,7 +182,7 @@ pub fn in_place_available() -> bool {
 /// message for the QuickJS echo in a shared instance, 10% for Python's
 /// (RESULTS.md, "Evening of 2026-12-05"). Not the default: each slot then
 /// needs page-table pages of its own, 3 KiB more of the kernel's memory
-/// per live instance (12.8 KiB against 9.8).
+/// per live instance.
 pub const WIDE_RESERVATION: u64 = 4 << 30;
 
 /// The address space 4 GiB slots may take: three quarters of the 128 TiB a
@@ -191,8 +191,7 @@ pub const WIDE_RESERVATION: u64 = 4 << 30;
 /// 12,000 connections the slots are [`reservation`]'s.
 pub const WIDE_BUDGET: u64 = 96 << 40;
 
-/// The smallest memory reservation (pool slot) an engine is built with
-/// when the pool's 4 GiB slots would not fit ([`WIDE_BUDGET`]).
+/// The smallest compact memory slot ([`reservation`]), the default.
 pub const MIN_RESERVATION: u64 = 256 << 20;
 
 /// The address space the memory pool may reserve before its slots shrink
