@@ -149,6 +149,54 @@ async fn each_attack_is_contained_and_counted() {
     assert!(!server.metrics().await.contains("tenant=\"good\",kind="));
 }
 
+/// With 4 GiB memory slots (`plugin.memory_slots = "wide"`) the compiled
+/// code checks no access against the memory's bound; the slot's unmapped
+/// pages trap instead. A read past the instance's memory, at its limit or
+/// at the slot's last byte, traps (1011, counted) and the memory bomb still
+/// stops at the tenant's 16 MiB limit, not the slot's 4 GiB; reads inside
+/// it are served. The same reads with compact slots, for comparison.
+#[tokio::test]
+async fn reads_past_the_memory_trap_with_wide_and_compact_slots() {
+    for slots in ["memory_slots = \"wide\"", "memory_slots = \"compact\""] {
+        let server = start_with("", BAD_LIMITS, slots);
+        let (mut good, status) = upgrade(&server, "/good").await;
+        assert_eq!(status, 101);
+        assert!(
+            server.log_line(&["cannot reserve"]).is_none(),
+            "{slots}: {}",
+            server.log_text()
+        );
+        let (mut bad, _) = upgrade(&server, "/bad").await;
+        assert_eq!(ask(&mut bad, "read-at 1024").await, "read 0", "{slots}");
+        let traps = |text: &str| {
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix("wharf_plugin_failures_total{tenant=\"bad\",kind=\"trap\"}")?
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                })
+                .unwrap_or(0.0)
+        };
+        let mut n = 0.0;
+        for addr in [16u64 << 20, (4u64 << 30) - 1] {
+            let (code, replies) = attack(&server, &mut good, &[&format!("read-at {addr}")]).await;
+            assert_eq!(code, 1011, "{slots}, {addr}: {replies:?}");
+            n += 1.0;
+            assert_eq!(traps(&server.metrics().await), n, "{slots}, {addr}");
+        }
+        let (code, _) = attack(&server, &mut good, &["alloc"]).await;
+        assert_eq!(code, 1011, "{slots}: the memory bomb");
+        assert!(
+            server
+                .metrics()
+                .await
+                .contains("wharf_plugin_failures_total{tenant=\"bad\",kind=\"memory\"} 1"),
+            "{slots}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn send_flood_is_bounded_and_log_flood_is_escaped_and_counted() {
     let server = start("", BAD_LIMITS);

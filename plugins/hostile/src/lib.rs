@@ -62,6 +62,11 @@
 //!   memory leaking from an earlier instance (for example through a reused
 //!   pool slot). A second "peek" in the same instance sees its own secret
 //!   (zeros=false nonzero=1048576).
+//! - "read-at ADDR": reads the byte at linear-memory address ADDR (as a
+//!   `u32`) and answers "read <byte>". Past the instance's memory it must
+//!   trap, whether the host checks each access or relies on the slot's
+//!   unmapped pages (`plugin.memory_slots = "wide"`): it must never read
+//!   another instance's memory, nor the host's.
 //! - "conn-id": answers "id=<the connection's id>".
 //! - "sub TOPIC": subscribes the connection to TOPIC, answers "subscribed"
 //!   or "sub err=<error-code>".
@@ -422,6 +427,12 @@ impl Guest for Hostile {
             ("wasi", None) => log_err(conn, conn.send_text(&probe_wasi())),
             ("peek", None) => log_err(conn, conn.send_text(&peek())),
             ("conn-id", None) => log_err(conn, conn.send_text(&format!("id={}", conn.id()))),
+            ("read-at", Some(addr)) => {
+                // SAFETY: none: reading where this instance has no memory
+                // is the attack; wasm either reads its own memory or traps.
+                let byte = unsafe { (addr as u32 as usize as *const u8).read_volatile() };
+                log_err(conn, conn.send_text(&format!("read {byte}")));
+            }
             _ => log_err(conn, conn.send_text(&text)),
         }
     }
