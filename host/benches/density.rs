@@ -94,25 +94,22 @@ struct Resident {
 }
 
 fn resident(pid: u32) -> Resident {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let field = |name: &str| {
-        rollup
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let pte = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmPTE:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
+    let read =
+        |file: &str| std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default();
+    let (rollup, status) = (read("smaps_rollup"), read("status"));
     Resident {
-        rss: field("Rss:"),
-        pss: field("Pss:"),
-        pte,
+        rss: kib(&rollup, "Rss:"),
+        pss: kib(&rollup, "Pss:"),
+        pte: kib(&status, "VmPTE:"),
     }
+}
+
+/// The `NAME: N kB` line's N in a `/proc` file's `text`; 0 if missing.
+fn kib(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Opens connection `i` (over TLS with `load.tls`) and round-trips one

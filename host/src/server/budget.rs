@@ -9,8 +9,9 @@
 //! A connection that waits longer than `server.buffered_wait` (it may be
 //! halfway through a message it cannot finish while paused) is closed with
 //! 1013 Try Again Later, which frees what it held; one whose peer leaves
-//! meanwhile is seen to go at its next [`RECHECK`] (it reads nothing, so it
-//! asks the kernel: `connection::transport::Socket::peer_left`).
+//! meanwhile is seen to go within a [`RECHECK`] (it reads nothing, so it
+//! asks the kernel at each of its timer's firings:
+//! `connection::transport::Socket::peer_left`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
