@@ -740,7 +740,7 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
     }
     let _ = writeln!(
         t,
-        "\n{:<14} {:<11} {:>15} | {:>13} | {:>12} | {:>10} | {:>11} | {:>10}",
+        "\n{:<14} {:<11} {:>15} | {:>13} | {:>12} | {:>10} | {:>11} | {:>14} | {:>10}",
         "scenario",
         "server",
         "p50 / p99 µs",
@@ -748,15 +748,16 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
         "of it kernel",
         "server CPU",
         "loadgen CPU",
+        "loadgen sleeps",
         "other load"
     );
-    let _ = writeln!(t, "{}", "-".repeat(112));
+    let _ = writeln!(t, "{}", "-".repeat(129));
     for r in rows {
         for (k, target) in TARGETS.into_iter().enumerate() {
             let m = &r.m[k];
             let _ = writeln!(
                 t,
-                "{:<14} {:<11} {:>15} | {:>13.2} | {:>12.2} | {:>9.0}% | {:>11} | {:>9.0}%",
+                "{:<14} {:<11} {:>15} | {:>13.2} | {:>12.2} | {:>9.0}% | {:>11} | {:>14.3} | {:>9.0}%",
                 if k == 0 { r.scenario.name } else { "" },
                 target.short(),
                 format!("{:.0} / {:.0}", m.p50_us, m.p99_us),
@@ -764,6 +765,7 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
                 m.server_sys_us_per_op(),
                 m.server_cpu * 100.0,
                 loadgen(m.loadgen_cpu),
+                m.loadgen_sleeps_per_op(),
                 m.others_server_core * 100.0,
             );
         }
@@ -779,6 +781,10 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
         "latency: send to complete echo, per message (connect: the whole cycle). MB/s: echoed payload \
          one way, 10^6 B.\nCPU %: process CPU time / wall time while measuring; srv CPU µs/op: server \
          CPU time per echo (connect: per connection); of it kernel: the system time in it.\n\
+         loadgen sleeps: times per echo (connect: per connection) the load generator's thread \
+         blocked, each ended by a wake-up its waker paid for, mostly the server's replies: on these \
+         VMs waking the other core costs the sender kernel time, the more the slower it answers \
+         (--busy-loadgen: none).\n\
          ceiling: a baseline's CPU µs/op / wharf's kernel µs/op, the ratio to that baseline a \
          CPU-bound wharf would reach if its own user-space work cost nothing."
     );
@@ -818,6 +824,7 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
         );
         line("server_cpu", &|m| m.server_cpu);
         line("loadgen_cpu", &|m| m.loadgen_cpu);
+        line("loadgen_sleeps_per_op", &|m| m.loadgen_sleeps_per_op());
         line("other_load_server_core", &|m| m.others_server_core);
         line("other_load_loadgen_core", &|m| m.others_loadgen_core);
     }

@@ -148,6 +148,19 @@ pub fn self_cpu() -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// Times the calling thread has blocked (voluntary context switches): for
+/// the load generator's thread, each is a sleep in `epoll_wait` that a
+/// server's reply (or a timer) then had to wake it from.
+pub fn thread_sleeps() -> u64 {
+    // SAFETY: rusage is plain data; getrusage fills it.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+        ru
+    };
+    u64::try_from(ru.ru_nvcsw).unwrap_or(0)
+}
+
 /// Busy (non-idle, non-iowait) and total jiffies per CPU, from /proc/stat.
 pub fn core_busy() -> Vec<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -904,6 +917,10 @@ pub struct Measurement {
     pub server_cpu: f64,
     /// The part of `server_cpu` spent in the kernel (system time).
     pub server_sys: f64,
+    /// Times per second the load generator's thread went to sleep, each
+    /// ended by a wake-up that its waker paid for: over loopback on these
+    /// VMs, mostly the server's replies (see [`loadgen_runtime`]).
+    pub loadgen_sleeps: f64,
     /// CPU time of everything else on the server's / load generator's core,
     /// as a fraction of the wall time (other builds on a busy machine); NaN
     /// unpinned.
@@ -922,6 +939,11 @@ impl Measurement {
     /// The kernel's part of [`server_us_per_op`](Self::server_us_per_op).
     pub fn server_sys_us_per_op(&self) -> f64 {
         self.server_sys / self.per_s * 1e6
+    }
+
+    /// The load generator's sleeps per echo (or per connection).
+    pub fn loadgen_sleeps_per_op(&self) -> f64 {
+        self.loadgen_sleeps / self.per_s
     }
 }
 
@@ -1038,10 +1060,14 @@ pub async fn measure(
     sleep_checking(window.warmup, &tasks).await;
     let cores0 = core_busy();
     let (cpu0, (srv0, sys0), t0) = (self_cpu(), process_cpu(server.pid), Instant::now());
+    // `measure` runs on the load generator's thread (its current-thread
+    // runtime), so these are its sleeps.
+    let sleeps0 = thread_sleeps();
     phase.measuring.set(true);
     sleep_checking(window.duration, &tasks).await;
     phase.measuring.set(false);
     let (cpu1, (srv1, sys1), t1) = (self_cpu(), process_cpu(server.pid), Instant::now());
+    let sleeps1 = thread_sleeps();
     let cores1 = core_busy();
     phase.stop.set(true);
 
@@ -1076,6 +1102,7 @@ pub async fn measure(
         loadgen_cpu: (cpu1 - cpu0).as_secs_f64() / wall,
         server_cpu: srv1.saturating_sub(srv0).as_secs_f64() / wall,
         server_sys: sys1.saturating_sub(sys0).as_secs_f64() / wall,
+        loadgen_sleeps: sleeps1.saturating_sub(sleeps0) as f64 / wall,
         others_server_core: others(&pinning.server, &cores0, &cores1, srv1 - srv0),
         others_loadgen_core: others(&pinning.loadgen, &cores0, &cores1, cpu1 - cpu0),
         count: total.messages,
