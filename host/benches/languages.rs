@@ -8,7 +8,7 @@
 //!     [--size BYTES] [--binary] [--connections N] [--in-flight N]
 //!     [--duration SECS] [--warmup SECS] [--rounds N]
 //!     [--plugin NAME=PATH]... [--perf-map] [--pause-before-measure]
-//!     [--in-place] [--keep-resident SIZE] [--wide-slots]
+//!     [--in-place] [--keep-resident SIZE] [--wide-slots] [--busy-loadgen]
 //! ```
 //!
 //! Each handler is served by a real `wharf serve` (one tokio worker, pinned
@@ -45,7 +45,9 @@
 //! measuring, time to attach a profiler. `--in-place` and `--keep-resident
 //! SIZE` set the servers' `plugin.memory_reset = "in-place"` and
 //! `plugin.keep_resident`; `--wide-slots` their `plugin.memory_slots =
-//! "wide"`.
+//! "wide"`. `--busy-loadgen`: the load generator polls instead of sleeping
+//! between replies, as in the echo bench (each measurement line gives its
+//! sleeps per message either way).
 //!
 //! `cargo test` runs a smoke run (no `--bench` argument): every language
 //! whose toolchain is installed, briefly, unpinned, every echo checked.
@@ -260,6 +262,8 @@ struct Options {
     smoke: bool,
     /// More lines for the servers' `[plugin]`.
     plugin_lines: String,
+    /// The load generator polls (see `loadgen::loadgen_runtime`).
+    busy_loadgen: bool,
 }
 
 impl Options {
@@ -282,6 +286,7 @@ impl Options {
             quick: false,
             smoke: true,
             plugin_lines: String::new(),
+            busy_loadgen: false,
         }
     }
 }
@@ -307,6 +312,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--pause-before-measure" => o.pause = true,
             "--in-place" => o.plugin_lines += tenant::IN_PLACE,
             "--wide-slots" => o.plugin_lines += tenant::WIDE_SLOTS,
+            "--busy-loadgen" => o.busy_loadgen = true,
             "--keep-resident" => {
                 let v = it.next().context("--keep-resident needs a size")?;
                 o.plugin_lines += &tenant::keep_resident(v);
@@ -367,7 +373,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
                 "unknown argument {other:?}; options: --quick, --lang NAMES, --mode per-connection|shared|both, \
                  --load echo|connect|both, --size BYTES, --binary, --connections N, --in-flight N, \
                  --warmup SECS, --duration SECS, --rounds N, --plugin NAME=PATH, --perf-map, --pause-before-measure, \
-                 --in-place, --keep-resident SIZE, --wide-slots"
+                 --in-place, --keep-resident SIZE, --wide-slots, --busy-loadgen"
             ),
         }
     }
@@ -396,7 +402,7 @@ fn main() -> Result<()> {
     } else {
         Pinning::choose()?
     };
-    let (rt, local) = loadgen::loadgen_runtime(pinning, false)?;
+    let (rt, local) = loadgen::loadgen_runtime(pinning, opts.busy_loadgen)?;
     let smoke = opts.smoke;
     let started = Instant::now();
     rt.block_on(local.run_until(bench(opts, pinning)))?;
@@ -558,7 +564,7 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
                         Load::Connect { .. } => "conns",
                     };
                     println!(
-                        "  {name:<10} {:<14} {:>10.0} {what}/s  p50 {:>9.1} µs  p99 {:>9.1} µs  server CPU {:>3.0}% = {:>7.1} µs/{}  loadgen CPU {:>3.0}%  (ready in {:.1?})",
+                        "  {name:<10} {:<14} {:>10.0} {what}/s  p50 {:>9.1} µs  p99 {:>9.1} µs  server CPU {:>3.0}% = {:>7.1} µs/{}  loadgen CPU {:>3.0}%, {:.3} sleeps/{}  (ready in {:.1?})",
                         mode.name(),
                         m.per_s,
                         m.p50_us,
@@ -567,6 +573,8 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
                         m.server_us_per_op(),
                         &what[..what.len() - 1],
                         m.loadgen_cpu * 100.0,
+                        m.loadgen_sleeps_per_op(),
+                        &what[..what.len() - 1],
                         ready,
                     );
                     let slot = match load {
@@ -641,11 +649,12 @@ fn print_report(rows: &[Row], opts: &Options) {
             if let Some(m) = m {
                 let _ = writeln!(
                     t,
-                    "RESULT languages {} {} {what} {:.0} server_us_per_op {:.2}",
+                    "RESULT languages {} {} {what} {:.0} server_us_per_op {:.2} loadgen_sleeps_per_op {:.3}",
                     r.name,
                     r.mode.name(),
                     m.per_s,
-                    m.server_us_per_op()
+                    m.server_us_per_op(),
+                    m.loadgen_sleeps_per_op()
                 );
             }
         }
