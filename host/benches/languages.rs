@@ -559,22 +559,20 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
                     if !tail.is_empty() && !opts.smoke {
                         println!("  note: the server logged:\n{tail}");
                     }
-                    let what = match load {
-                        Load::Echo { .. } => "msgs",
-                        Load::Connect { .. } => "conns",
+                    let (what, per) = match load {
+                        Load::Echo { .. } => ("msgs", "msg"),
+                        Load::Connect { .. } => ("conns", "conn"),
                     };
                     println!(
-                        "  {name:<10} {:<14} {:>10.0} {what}/s  p50 {:>9.1} µs  p99 {:>9.1} µs  server CPU {:>3.0}% = {:>7.1} µs/{}  loadgen CPU {:>3.0}%, {:.3} sleeps/{}  (ready in {:.1?})",
+                        "  {name:<10} {:<14} {:>10.0} {what}/s  p50 {:>9.1} µs  p99 {:>9.1} µs  server CPU {:>3.0}% = {:>7.1} µs/{per}  loadgen CPU {:>3.0}%, {:.3} sleeps/{per}  (ready in {:.1?})",
                         mode.name(),
                         m.per_s,
                         m.p50_us,
                         m.p99_us,
                         m.server_cpu * 100.0,
                         m.server_us_per_op(),
-                        &what[..what.len() - 1],
                         m.loadgen_cpu * 100.0,
                         m.loadgen_sleeps_per_op(),
-                        &what[..what.len() - 1],
                         ready,
                     );
                     let slot = match load {

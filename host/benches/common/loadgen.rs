@@ -136,14 +136,19 @@ pub fn cpus_allowed_list(pid: u32) -> String {
 // CPU accounting
 // ---------------------------------------------------------------------------
 
+/// `getrusage(who)`.
+fn rusage(who: libc::c_int) -> libc::rusage {
+    // SAFETY: rusage is plain data; getrusage fills it.
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(who, &mut ru);
+        ru
+    }
+}
+
 /// This process's user + system CPU time.
 pub fn self_cpu() -> Duration {
-    // SAFETY: rusage is plain data; getrusage fills it.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
-        ru
-    };
+    let ru = rusage(libc::RUSAGE_SELF);
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
@@ -152,13 +157,7 @@ pub fn self_cpu() -> Duration {
 /// the load generator's thread, each is a sleep in `epoll_wait` that a
 /// server's reply (or a timer) then had to wake it from.
 pub fn thread_sleeps() -> u64 {
-    // SAFETY: rusage is plain data; getrusage fills it.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
-        ru
-    };
-    u64::try_from(ru.ru_nvcsw).unwrap_or(0)
+    u64::try_from(rusage(libc::RUSAGE_THREAD).ru_nvcsw).unwrap_or(0)
 }
 
 /// Busy (non-idle, non-iowait) and total jiffies per CPU, from /proc/stat.
