@@ -98,18 +98,10 @@ fn resident(pid: u32) -> Resident {
         |file: &str| std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default();
     let (rollup, status) = (read("smaps_rollup"), read("status"));
     Resident {
-        rss: kib(&rollup, "Rss:"),
-        pss: kib(&rollup, "Pss:"),
-        pte: kib(&status, "VmPTE:"),
+        rss: procfs::kib(&rollup, "Rss:"),
+        pss: procfs::kib(&rollup, "Pss:"),
+        pte: procfs::kib(&status, "VmPTE:"),
     }
-}
-
-/// The `NAME: N kB` line's N in a `/proc` file's `text`; 0 if missing.
-fn kib(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// Opens connection `i` (over TLS with `load.tls`) and round-trips one
@@ -573,6 +565,8 @@ async fn run(
 
 #[path = "common/baseline.rs"]
 mod baseline;
+#[path = "common/procfs.rs"]
+mod procfs;
 #[path = "common/tenant.rs"]
 mod tenant;
 #[path = "common/tls.rs"]

@@ -29,6 +29,9 @@ use wharf::server::Server;
 use wharf::tenancy::swap::Policy;
 use wharf::tenancy::{self, Tenants};
 
+#[path = "common/procfs.rs"]
+mod procfs;
+
 fn option<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
     let i = args.iter().position(|a| a == name)?;
     args.get(i + 1)?.parse().ok()
@@ -39,12 +42,8 @@ fn plugin(name: &str) -> Vec<u8> {
 }
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    procfs::kib(&status, "VmRSS:")
 }
 
 fn main() -> Result<()> {
