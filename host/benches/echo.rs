@@ -692,9 +692,11 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
     let _ = writeln!(
         t,
         "pinning: each server process on core {} (wharf: TOKIO_WORKER_THREADS=1; the baselines: \
-         one current-thread runtime); load generator on core {} (one current-thread runtime)",
+         one current-thread runtime); load generator on core {} (one current-thread runtime); \
+         every server built with the Cargo profile `{}`",
         core(pinning.server),
-        core(pinning.loadgen)
+        core(pinning.loadgen),
+        loadgen::build_profile()
     );
     let _ = writeln!(
         t,

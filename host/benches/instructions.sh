@@ -7,6 +7,7 @@
 #   host/benches/instructions.sh [--messages N1,N2] [--connections M1,M2]
 #                                [--top K] [--keep DIR [--no-run]] [--valgrind PATH] [--rep-strings]
 #                                [--plugin PATH] [--shared] [--in-place] [--tls]
+#                                [--profile NAME]
 #
 # Each server runs under callgrind once with N1 and once with N2 operations;
 # the figure is (I(N2) - I(N1)) / (N2 - N1), so start-up and shutdown cancel
@@ -20,10 +21,13 @@
 # without its instantiation).
 # --in-place: wharf with plugin.memory_reset = "in-place".
 # --tls: every load over wss (TLS 1.3, rustls on every side): what TLS adds.
+# --profile NAME: every server built with that Cargo profile (the README's
+# figures: dist); release without it.
 # Needs valgrind (and callgrind_annotate, which comes with it).
 set -eu
 
 top=25
+profile=()
 keep=""
 run=1
 tls=""
@@ -33,8 +37,9 @@ while (($#)); do
     --top) top=$2; shift 2 ;;
     --tls) tls="-tls"; pass+=("$1"); shift ;;
     --keep) keep=$2; shift 2 ;;
+    --profile) profile=(--profile "$2"); shift 2 ;;
     --no-run) run=0; shift ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
     *) pass+=("$1"); shift ;;
     esac
 done
@@ -48,7 +53,7 @@ out=$(cd "$out" && pwd)
 
 cd "$(dirname "$0")/.."
 if ((run)); then
-    cargo bench --bench echo -- --instructions --keep "$out" ${pass[@]+"${pass[@]}"}
+    cargo bench ${profile[@]+"${profile[@]}"} --bench echo -- --instructions --keep "$out" ${pass[@]+"${pass[@]}"}
 fi
 
 # Self cost per function in one callgrind file, "count<TAB>function", signed.

@@ -5,19 +5,24 @@
 # `strace -f -c` instead of callgrind.
 #
 #   host/benches/syscalls.sh [--keep DIR] [--messages N1,N2] [--connections M1,M2]
+#                            [--profile NAME]
 #
 # Each server runs once with N1 and once with N2 operations; a figure is
 # (calls(N2) - calls(N1)) / (N2 - N1), so start-up and shutdown cancel out
 # (the per-second ones, the epoch clock's `clock_nanosleep`, do not quite).
-# strace slows each call down, not what a server calls. Needs strace.
+# strace slows each call down, not what a server calls. --profile NAME:
+# the servers built with that Cargo profile (release without it). Needs
+# strace.
 set -eu
 
+profile=()
 keep=""
 pass=()
 while (($#)); do
     case "$1" in
     --keep) keep=$2; shift 2 ;;
-    -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+    --profile) profile=(--profile "$2"); shift 2 ;;
+    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
     *) pass+=("$1"); shift ;;
     esac
 done
@@ -52,7 +57,7 @@ EOF
 chmod +x "$wrapper"
 
 cd "$(dirname "$0")/.."
-cargo bench --bench echo -- --instructions --valgrind "$wrapper" --keep "$out" ${pass[@]+"${pass[@]}"} |
+cargo bench ${profile[@]+"${profile[@]}"} --bench echo -- --instructions --valgrind "$wrapper" --keep "$out" ${pass[@]+"${pass[@]}"} |
     sed -e 's/Instructions per operation (callgrind Ir, whole server process, user space only)/System calls per operation (strace -f -c, whole server process)/' \
         -e '/^RESULT instructions/s/^RESULT instructions/RESULT syscalls/' \
         -e '/rep stosb/d'
