@@ -368,12 +368,14 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
         .find(|r| matches!(r.0, Target::Baseline))
         .map(|r| r.1.rss);
     println!(
-        "\nMemory per idle {}, {n} connections (growth over the idle server / n, KiB):",
+        "\nMemory per idle {}, {n} connections (growth over the idle server / n, KiB; \
+         the servers built with the Cargo profile `{}`):",
         if load.subscribed {
             "chat member (its own room)"
         } else {
             "connection"
-        }
+        },
+        tenant::build_profile()
     );
     println!(
         "{:<40} {:>8} {:>8} {:>12} {:>22}",

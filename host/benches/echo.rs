@@ -696,7 +696,7 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
          every server built with the Cargo profile `{}`",
         core(pinning.server),
         core(pinning.loadgen),
-        loadgen::build_profile()
+        tenant::build_profile()
     );
     let _ = writeln!(
         t,

@@ -468,7 +468,7 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
     }
     println!(
         "languages bench: {} {} B {} messages, {} connections × {} in flight; connect loop: 50 connectors, 32 B echo; \
-         warm-up {:?} + measure {:?}{}; server -> {}, load generator -> {}",
+         warm-up {:?} + measure {:?}{}; server -> {}, load generator -> {}; wharf built with the Cargo profile `{}`",
         if opts.echo { "echo" } else { "(no echo)" },
         opts.size,
         if opts.text { "text" } else { "binary" },
@@ -485,6 +485,7 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
         },
         fmt_core(pinning.server),
         fmt_core(pinning.loadgen),
+        tenant::build_profile(),
     );
 
     let mut rows: Vec<Row> = Vec::new();

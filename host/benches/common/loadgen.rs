@@ -72,18 +72,6 @@ pub fn allowed_cpus() -> Result<Vec<usize>> {
     }
 }
 
-/// The Cargo profile every server of this run was built with: the
-/// directory cargo put the wharf binary in (`release`, or `dist` for the
-/// README's figures). The baselines are in this bench's binary, built with
-/// the same profile.
-pub fn build_profile() -> &'static str {
-    std::path::Path::new(env!("CARGO_BIN_EXE_wharf"))
-        .parent()
-        .and_then(|dir| dir.file_name())
-        .and_then(|name| name.to_str())
-        .unwrap_or("unknown")
-}
-
 pub fn cpu_set(core: usize) -> libc::cpu_set_t {
     // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it.
     unsafe {
