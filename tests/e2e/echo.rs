@@ -182,10 +182,25 @@ async fn pipelined_frame_after_handshake() {
 #[tokio::test]
 async fn large_echoes_to_a_slow_reader_stay_whole_and_in_order() {
     // 8 MiB: twice what the server's socket may buffer (`tcp_wmem`'s
-    // usual maximum), and within the send queue configured below, so that
-    // no echo is refused for the backlog.
-    const COUNT: usize = 64;
-    const SIZE: usize = 128 * 1024;
+    // usual maximum).
+    slow_reader_echoes(64, 128 * 1024, true).await;
+}
+
+/// The same for small messages that arrive together: the plugin answers a
+/// batch with one packed send, whose frames (16 KiB or more of payload)
+/// are written in one go from the plugin's memory, and a write the full
+/// socket cuts short leaves the rest, from inside a frame, queued.
+#[tokio::test]
+async fn packed_echoes_to_a_slow_reader_stay_whole_and_in_order() {
+    slow_reader_echoes(8192, 1024, false).await;
+}
+
+/// `count` messages of `size` bytes, text and binary in turn, sent at once
+/// to the echo by a client that reads late through a small receive
+/// buffer; `pings`: each in two fragments with a Ping between them.
+async fn slow_reader_echoes(count: usize, size: usize, pings: bool) {
+    // Within the send queue configured below, so that no echo is refused
+    // for the backlog.
     let server = Server::start(ServerOpts {
         extra: "[admin]\nlisten = \"127.0.0.1:0\"\n".into(),
         websocket: "send_queue = \"32MiB\"",
@@ -218,28 +233,34 @@ async fn large_echoes_to_a_slow_reader_stay_whole_and_in_order() {
     assert!(buf.starts_with(b"HTTP/1.1 101"), "{buf:?}");
     buf.drain(..head_end);
 
-    // Message i: text (even i) or binary, SIZE bytes of a pattern of i.
+    // Message i: text (even i) or binary, `size` bytes of a pattern of i.
     let payload =
-        |i: usize| -> Vec<u8> { (0..SIZE).map(|j| b'a' + ((i + j) % 26) as u8).collect() };
+        |i: usize| -> Vec<u8> { (0..size).map(|j| b'a' + ((i + j) % 26) as u8).collect() };
     let mut wire = Vec::new();
-    for i in 0..COUNT {
-        // In two fragments with the Ping between them: the Pong is queued
-        // by the read that completes the message, just before its echo.
+    let mask = Some([1, 2, 3, 4]);
+    for i in 0..count {
         let op = if i % 2 == 0 { OP_TEXT } else { OP_BINARY };
         let message = payload(i);
-        let (first, last) = message.split_at(SIZE - 10);
-        let mask = Some([1, 2, 3, 4]);
-        wire.extend(frame(false, 0, op, mask, first));
-        wire.extend(frame(true, 0, OP_PING, mask, &[i as u8]));
-        wire.extend(frame(true, 0, OP_CONT, mask, last));
+        if pings {
+            // In two fragments with the Ping between them: the Pong is
+            // queued by the read that completes the message, just before
+            // its echo.
+            let (first, last) = message.split_at(size - 10);
+            wire.extend(frame(false, 0, op, mask, first));
+            wire.extend(frame(true, 0, OP_PING, mask, &[i as u8]));
+            wire.extend(frame(true, 0, OP_CONT, mask, last));
+        } else {
+            wire.extend(frame(true, 0, op, mask, &message));
+        }
     }
     let (mut read, mut write) = tcp.into_split();
     let writer = tokio::spawn(async move { write.write_all(&wire).await.map(|()| write) });
     // Late, so that the server's writes meet a full receive buffer.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    let want_pongs = if pings { count } else { 0 };
     let (mut echoes, mut pongs) = (0, 0);
-    while echoes < COUNT || pongs < COUNT {
+    while echoes < count || pongs < want_pongs {
         let frame = loop {
             if let Some((frame, used)) = parse_frame(&buf) {
                 buf.drain(..used);
@@ -254,6 +275,7 @@ async fn large_echoes_to_a_slow_reader_stay_whole_and_in_order() {
         };
         assert!(frame.fin, "{frame:?}");
         if frame.opcode == OP_PONG {
+            assert!(pings, "a Pong nobody asked for");
             assert_eq!(frame.payload, [pongs as u8], "pongs in order");
             pongs += 1;
             continue;
@@ -265,12 +287,12 @@ async fn large_echoes_to_a_slow_reader_stay_whole_and_in_order() {
     }
     let _write = writer.await.unwrap().expect("client writes");
     // Counted once each, written directly or not.
-    let half = COUNT as f64 / 2.0;
+    let half = count as f64 / 2.0;
     for kind in ["text", "binary"] {
         let series = format!(r#"wharf_messages_sent_total{{tenant="default",type="{kind}"}}"#);
         assert_eq!(server.metric(&series).await, half, "{series}");
     }
-    let bytes = (COUNT * SIZE) as f64;
+    let bytes = (count * size) as f64;
     assert_eq!(
         server
             .metric(r#"wharf_sent_bytes_total{tenant="default"}"#)

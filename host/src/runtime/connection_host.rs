@@ -4,11 +4,12 @@
 //! A plugin's sends are framed into the connection's [`Outbox`] and handed
 //! to the protocol state machine by the driver once the call returns, so
 //! the host never re-enters an instance and a plugin never touches a
-//! socket. One exception saves a large message's copy: during a call the
-//! connection's own task makes with nothing queued ahead, its frame is
-//! offered to the socket by the host, without waiting, while the plugin's
-//! memory is still readable ([`DirectWrite`]); only what the socket does
-//! not take is framed into the outbox.
+//! socket. One exception saves the copy of a large message, or of a packed
+//! send's messages together: during a call the connection's own task
+//! makes with nothing queued ahead, their frames are offered to the socket
+//! by the host in one write, without waiting, while the plugin's memory is
+//! still readable ([`DirectWrite`]); only what the socket does not take is
+//! framed into the outbox.
 //!
 //! These host functions are wired by hand rather than by `bindgen!`: the
 //! generated ones would lift each payload into a fresh `String`/`Vec`
@@ -23,6 +24,7 @@ use wasmtime::component::{Linker, Resource, ResourceType, WasmList, WasmStr};
 use wharf_protocol::{CloseCode as Code, FrameBatch, MAX_CLOSE_REASON};
 
 use super::HostState;
+use super::batch_handler::Message;
 use super::bindings::{CloseCode, ErrorCode};
 use super::pubsub_host::Subscriptions;
 use crate::beacon::Beacon;
@@ -40,11 +42,15 @@ pub struct SendLimits {
     pub fragment_size: Option<usize>,
 }
 
-/// The smallest message written to the socket during the call
-/// ([`DirectWrite`]): below it, copying the payload costs less than the
-/// write of its own it would take when the plugin sends several (one
-/// write takes a whole outbox).
+/// The smallest send written to the socket during the call
+/// ([`DirectWrite`]), one message or the messages of one packed send
+/// together: below it, copying the payloads costs less than the write of
+/// its own the send would take when the plugin sends several (one write
+/// takes a whole outbox).
 const WRITE_THROUGH_MIN: usize = 16 * 1024;
+/// The most messages of one packed send written together (two slices
+/// each, on the stack of the plugin's call); a larger send is framed.
+const WRITE_THROUGH_MESSAGES: usize = 64;
 
 /// The socket of the connection whose task is calling, for its large
 /// sends; see the module's doc.
@@ -102,7 +108,7 @@ impl Outbox {
 
     pub(crate) fn send_text(&mut self, text: &str) -> Result<(), ErrorCode> {
         self.check_send(text.len())?;
-        if !self.write_through(true, text.as_bytes()) {
+        if !self.write_through(&[Message::Text(text)]) {
             self.frames.push_text(text);
         }
         Ok(())
@@ -110,29 +116,58 @@ impl Outbox {
 
     pub(crate) fn send_binary(&mut self, data: &[u8]) -> Result<(), ErrorCode> {
         self.check_send(data.len())?;
-        if !self.write_through(false, data) {
+        if !self.write_through(&[Message::Binary(data)]) {
             self.frames.push_binary(data);
         }
         Ok(())
     }
 
-    /// Offers a large message's frame to the socket, if this call may
-    /// ([`DirectWrite`]) and nothing is framed ahead of it, and frames what
-    /// it did not take. `false`: not offered, for the caller to frame.
-    fn write_through(&mut self, text: bool, payload: &[u8]) -> bool {
-        if payload.len() < WRITE_THROUGH_MIN {
+    /// Offers a send's frames to the socket in one write, if this call may
+    /// ([`DirectWrite`]), nothing is framed ahead of them, their payloads
+    /// add up to [`WRITE_THROUGH_MIN`] and each is one frame the send's
+    /// checks accept: one message, or a packed send's (at most
+    /// [`WRITE_THROUGH_MESSAGES`]). What the socket does not take is
+    /// framed. `false`: nothing offered or queued, for the caller to frame.
+    pub(crate) fn write_through(&mut self, messages: &[Message<'_>]) -> bool {
+        let total: usize = messages.iter().map(|m| m.len()).sum();
+        if total < WRITE_THROUGH_MIN || messages.len() > WRITE_THROUGH_MESSAGES {
             return false;
         }
-        let Some(direct) = self.direct.as_ref().filter(|_| self.armed) else {
+        let Some(direct) = self.direct.clone().filter(|_| self.armed) else {
             return false;
         };
-        let Some((header, used)) = self.frames.header_for(text, payload.len()) else {
-            return false;
-        };
-        let header = &header[..used];
-        direct.count_sent(text, payload.len());
-        let written = direct.try_write(&[IoSlice::new(header), IoSlice::new(payload)]);
-        self.frames.push_rest(header, payload, written);
+        let mut headers = [([0u8; 10], 0usize); WRITE_THROUGH_MESSAGES];
+        for (header, message) in headers.iter_mut().zip(messages) {
+            let text = matches!(message, Message::Text(_));
+            if self.check_send(message.len()).is_err() {
+                return false;
+            }
+            let Some(encoded) = self.frames.header_for(text, message.len()) else {
+                return false;
+            };
+            *header = encoded;
+        }
+        let mut slices = [IoSlice::new(&[]); 2 * WRITE_THROUGH_MESSAGES];
+        for (pair, ((header, used), message)) in
+            slices.chunks_exact_mut(2).zip(headers.iter().zip(messages))
+        {
+            pair[0] = IoSlice::new(&header[..*used]);
+            pair[1] = IoSlice::new(message.bytes());
+        }
+        for message in messages {
+            direct.count_sent(matches!(message, Message::Text(_)), message.len());
+        }
+        let mut written = direct.try_write(&slices[..2 * messages.len()]);
+        for ((header, used), message) in headers.iter().zip(messages) {
+            let frame = used + message.len();
+            if written >= frame {
+                written -= frame;
+            } else {
+                self.frames
+                    .push_rest(&header[..*used], message.bytes(), written);
+                written = 0;
+            }
+        }
         true
     }
 

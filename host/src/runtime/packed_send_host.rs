@@ -11,6 +11,7 @@ use wasmtime::StoreContextMut;
 use wasmtime::component::{Linker, Resource, WasmList};
 
 use super::HostState;
+use super::batch_handler::Message;
 use super::bindings::wharf::websocket::batch_send::Partial;
 use super::bindings::wharf::websocket::packed::{Kind, Span};
 use super::connection_host::{ConnectionEntry, Outbox, with_outbox};
@@ -61,7 +62,9 @@ fn lift_chunk(
 }
 
 /// Queues the messages `spans` cuts `payloads` into, in order, until one is
-/// refused. Malformed spans trap, as invalid UTF-8 does in `send-text`.
+/// refused; a send of few enough messages may be written at once instead
+/// (`Outbox::write_through`). Malformed spans trap, as invalid UTF-8
+/// does in `send-text`, before any message of their chunk is queued.
 fn queue_all(
     store: &mut StoreContextMut<'_, HostState>,
     outbox: &mut Outbox,
@@ -77,28 +80,42 @@ fn queue_all(
     while index < spans.len() {
         let count = lift_chunk(store, spans, index, &mut chunk)?;
         let bytes = payloads.as_le_slice(&*store);
-        for span in &chunk[..count] {
+        let mut messages = [Message::Binary(&[]); CHUNK];
+        for (i, (span, message)) in chunk[..count].iter().zip(&mut messages).enumerate() {
+            let at = index + i;
             let payload = offset
                 .checked_add(span.len as usize)
                 .and_then(|end| bytes.get(offset..end))
-                .ok_or(Malformed::PastTheEnd { index })?;
-            let queued = match span.kind {
-                Kind::Text => match simdutf8::basic::from_utf8(payload) {
-                    Ok(text) => outbox.send_text(text),
-                    Err(_) => return Err(Malformed::NotUtf8 { index }.into()),
-                },
-                Kind::Binary => outbox.send_binary(payload),
+                .ok_or(Malformed::PastTheEnd { index: at })?;
+            *message = match span.kind {
+                Kind::Text => Message::Text(
+                    simdutf8::basic::from_utf8(payload)
+                        .map_err(|_| Malformed::NotUtf8 { index: at })?,
+                ),
+                Kind::Binary => Message::Binary(payload),
             };
-            if let Err(error) = queued {
-                return Ok(Err(Partial {
-                    // Below the list's length, which the canonical ABI
-                    // keeps within 32 bits.
-                    queued: u32::try_from(index)?,
-                    error,
-                }));
-            }
             offset += payload.len();
-            index += 1;
+        }
+        let messages = &messages[..count];
+        let whole = index == 0 && count == spans.len();
+        if !(whole && offset == bytes.len() && outbox.write_through(messages)) {
+            for message in messages {
+                let queued = match *message {
+                    Message::Text(text) => outbox.send_text(text),
+                    Message::Binary(data) => outbox.send_binary(data),
+                };
+                if let Err(error) = queued {
+                    return Ok(Err(Partial {
+                        // Below the list's length, which the canonical ABI
+                        // keeps within 32 bits.
+                        queued: u32::try_from(index)?,
+                        error,
+                    }));
+                }
+                index += 1;
+            }
+        } else {
+            index += count;
         }
     }
     let left = payloads.len() - offset;

@@ -4,10 +4,10 @@
 //! [`WebSocket::send_batch`](super::WebSocket::send_batch) after the call.
 //! No per-message allocation, and one copy of each payload.
 //!
-//! A large message may skip even that copy: the host offers its frame to
+//! A large send may skip even that copy: the host offers its frames to
 //! the socket while the handler's memory is still readable
 //! ([`FrameBatch::header_for`]) and queues here only what the socket did
-//! not take ([`FrameBatch::push_rest`]).
+//! not take ([`FrameBatch::push_rest`], from the first frame it cut short).
 
 use bytes::BytesMut;
 
