@@ -133,7 +133,7 @@ impl Outbox {
         if total < WRITE_THROUGH_MIN || messages.len() > WRITE_THROUGH_MESSAGES {
             return false;
         }
-        let Some(direct) = self.direct.clone().filter(|_| self.armed) else {
+        let Some(direct) = self.direct.as_ref().filter(|_| self.armed) else {
             return false;
         };
         let mut headers = [([0u8; 10], 0usize); WRITE_THROUGH_MESSAGES];
@@ -147,15 +147,14 @@ impl Outbox {
             };
             *header = encoded;
         }
+        // Every message is counted before its frame is offered.
         let mut slices = [IoSlice::new(&[]); 2 * WRITE_THROUGH_MESSAGES];
         for (pair, ((header, used), message)) in
             slices.chunks_exact_mut(2).zip(headers.iter().zip(messages))
         {
+            direct.count_sent(matches!(message, Message::Text(_)), message.len());
             pair[0] = IoSlice::new(&header[..*used]);
             pair[1] = IoSlice::new(message.bytes());
-        }
-        for message in messages {
-            direct.count_sent(matches!(message, Message::Text(_)), message.len());
         }
         let mut written = direct.try_write(&slices[..2 * messages.len()]);
         for ((header, used), message) in headers.iter().zip(messages) {

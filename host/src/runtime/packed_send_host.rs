@@ -97,25 +97,25 @@ fn queue_all(
             offset += payload.len();
         }
         let messages = &messages[..count];
-        let whole = index == 0 && count == spans.len();
-        if !(whole && offset == bytes.len() && outbox.write_through(messages)) {
-            for message in messages {
-                let queued = match *message {
-                    Message::Text(text) => outbox.send_text(text),
-                    Message::Binary(data) => outbox.send_binary(data),
-                };
-                if let Err(error) = queued {
-                    return Ok(Err(Partial {
-                        // Below the list's length, which the canonical ABI
-                        // keeps within 32 bits.
-                        queued: u32::try_from(index)?,
-                        error,
-                    }));
-                }
-                index += 1;
+        // The whole send, well-formed: offered at once if it may be.
+        let whole = index == 0 && count == spans.len() && offset == bytes.len();
+        if whole && outbox.write_through(messages) {
+            return Ok(Ok(()));
+        }
+        for message in messages {
+            let queued = match *message {
+                Message::Text(text) => outbox.send_text(text),
+                Message::Binary(data) => outbox.send_binary(data),
+            };
+            if let Err(error) = queued {
+                return Ok(Err(Partial {
+                    // Below the list's length, which the canonical ABI
+                    // keeps within 32 bits.
+                    queued: u32::try_from(index)?,
+                    error,
+                }));
             }
-        } else {
-            index += count;
+            index += 1;
         }
     }
     let left = payloads.len() - offset;
