@@ -51,7 +51,9 @@
 //! use and CPU time per echo (the figure least disturbed by other load), and
 //! how much of the two cores other processes took meanwhile. On a busy
 //! machine, `--rounds N` measures each server N times (rotating) and keeps
-//! each one's best run. Every figure is also printed as a `RESULT` line.
+//! each one's best run; it also gives wharf's ratios as each round measured
+//! them, whose spread is how far the machine's speed moved between servers'
+//! turns. Every figure is also printed as a `RESULT` line.
 
 #[path = "common/loadgen.rs"]
 mod loadgen;
@@ -548,6 +550,23 @@ struct Row {
     scenario: Scenario,
     /// Each server's best measurement, in [`TARGETS`] order.
     m: [Measurement; 3],
+    /// Each complete round's rates, in [`TARGETS`] order.
+    rounds: Vec<[f64; 3]>,
+}
+
+impl Row {
+    /// Wharf's lowest and highest ratio to the baseline at `k` (its index
+    /// in [`TARGETS`]) as the rounds measured them, each round against its
+    /// own measurement of the baseline.
+    fn round_ratios(&self, k: usize) -> Option<(f64, f64)> {
+        self.rounds
+            .iter()
+            .map(|r| r[0] / r[k])
+            .fold(None, |span, x| match span {
+                None => Some((x, x)),
+                Some((lo, hi)) => Some((lo.min(x), hi.max(x))),
+            })
+    }
 }
 
 async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
@@ -600,13 +619,14 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
     for (i, sc) in opts.scenarios.iter().enumerate() {
         println!("\n== {} ({})", sc.name, sc.describe());
         let mut best: [Option<Measurement>; 3] = Default::default();
+        let mut rounds = vec![[None::<f64>; 3]; opts.rounds];
         // Rotate which server goes first, across scenarios and rounds: over
         // three rounds each one runs once in each position.
         let order = (0..opts.rounds).flat_map(|round| {
             let k = i + round;
             [0, 1, 2].map(|j| TARGETS[(k + j) % TARGETS.len()])
         });
-        for target in order {
+        for (n, target) in order.enumerate() {
             let server = setup.start(target).await?;
             let pinned = cpus_allowed_list(server.pid);
             let tls = sc.tls.then_some(&setup.client_tls);
@@ -653,6 +673,7 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
                 m.others_loadgen_core * 100.0,
                 m.count
             );
+            rounds[n / TARGETS.len()][target.index()] = Some(m.per_s);
             // Other load only ever slows a run down: keep each server's best.
             let best = &mut best[target.index()];
             if best.as_ref().is_none_or(|b| m.per_s > b.per_s) {
@@ -662,6 +683,10 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
         rows.push(Row {
             scenario: *sc,
             m: best.map(Option::unwrap_or_default),
+            rounds: rounds
+                .iter()
+                .filter_map(|r| Some([r[0]?, r[1]?, r[2]?]))
+                .collect(),
         });
     }
     print_report(&rows, pinning, &opts);
@@ -740,6 +765,25 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
             );
         }
     }
+    if opts.rounds > 1 {
+        let _ = writeln!(
+            t,
+            "wharf's ratios as each round measured them (lowest - highest), w/tung and w/fast:"
+        );
+        for r in rows {
+            let span = |k| {
+                r.round_ratios(k)
+                    .map_or("-".into(), |(lo, hi)| format!("{lo:.3} - {hi:.3}"))
+            };
+            let _ = writeln!(
+                t,
+                "{:<14} {:>15}   {:>15}",
+                r.scenario.name,
+                span(1),
+                span(2)
+            );
+        }
+    }
     let _ = writeln!(
         t,
         "\n{:<14} {:<11} {:>15} | {:>13} | {:>12} | {:>10} | {:>11} | {:>14} | {:>10}",
@@ -811,6 +855,14 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
             );
         };
         line(per, &|m| m.per_s);
+        if let (Some((tl, th)), Some((fl, fh))) = (r.round_ratios(1), r.round_ratios(2)) {
+            println!(
+                "RESULT scenario={name} metric=round_ratios rounds={} \
+                 ratio_tokio_tungstenite_min={tl:.4} ratio_tokio_tungstenite_max={th:.4} \
+                 ratio_fastwebsockets_min={fl:.4} ratio_fastwebsockets_max={fh:.4}",
+                r.rounds.len()
+            );
+        }
         if is_large(&r.scenario) {
             line("mb_per_s", &|m| m.mb_per_s);
         }
