@@ -555,13 +555,13 @@ struct Row {
 }
 
 impl Row {
-    /// Wharf's lowest and highest ratio to the baseline at `k` (its index
-    /// in [`TARGETS`]) as the rounds measured them, each round against its
-    /// own measurement of the baseline.
-    fn round_ratios(&self, k: usize) -> Option<(f64, f64)> {
+    /// Wharf's lowest and highest ratio to `baseline` as the rounds
+    /// measured them, each round against its own measurement of it.
+    fn round_ratios(&self, baseline: Target) -> Option<(f64, f64)> {
+        let (w, b) = (Target::Wharf.index(), baseline.index());
         self.rounds
             .iter()
-            .map(|r| r[0] / r[k])
+            .map(|r| r[w] / r[b])
             .fold(None, |span, x| match span {
                 None => Some((x, x)),
                 Some((lo, hi)) => Some((lo.min(x), hi.max(x))),
@@ -779,8 +779,8 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
                 t,
                 "{:<14} {:>15}   {:>15}",
                 r.scenario.name,
-                span(1),
-                span(2)
+                span(Target::Tungstenite),
+                span(Target::Fastwebsockets)
             );
         }
     }
@@ -855,7 +855,11 @@ fn print_report(rows: &[Row], pinning: Pinning, opts: &Options) {
             );
         };
         line(per, &|m| m.per_s);
-        if let (Some((tl, th)), Some((fl, fh))) = (r.round_ratios(1), r.round_ratios(2)) {
+        let spans = (
+            r.round_ratios(Target::Tungstenite),
+            r.round_ratios(Target::Fastwebsockets),
+        );
+        if let (Some((tl, th)), Some((fl, fh))) = spans {
             println!(
                 "RESULT scenario={name} metric=round_ratios rounds={} \
                  ratio_tokio_tungstenite_min={tl:.4} ratio_tokio_tungstenite_max={th:.4} \
