@@ -613,7 +613,7 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
         cpus_allowed_list(first.pid),
         thread_count(first.pid)
     );
-    first.kill().await?;
+    first.stop().await?;
 
     let mut rows = Vec::new();
     for (i, sc) in opts.scenarios.iter().enumerate() {
@@ -655,7 +655,7 @@ async fn bench(opts: Options, pinning: Pinning) -> Result<()> {
             };
             let threads = thread_count(server.pid);
             let tail = server.log_tail();
-            server.kill().await?;
+            server.stop().await?;
             if !tail.is_empty() {
                 println!("  note: {} logged (RUST_LOG=warn):\n{tail}", target.name());
             }

@@ -78,7 +78,15 @@ pub fn main(args: &[String]) -> Result<()> {
         (None, None) => None,
         _ => bail!("--serve-baseline needs both --cert PATH and --key PATH, or neither"),
     };
-    runtime()?.block_on(serve(server, acceptor))
+    runtime()?.block_on(async {
+        // Returning from main on SIGTERM, not dying of it, lets a build with
+        // `-Cprofile-generate` write its profile.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            served = serve(server, acceptor) => served,
+            _ = term.recv() => Ok(()),
+        }
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -342,6 +342,17 @@ impl ServerProc {
         Ok(())
     }
 
+    /// Stops it at the end of a measurement: with SIGKILL, or with SIGTERM
+    /// when `WHARF_BENCH_TERMINATE` is set (a server built with
+    /// `-Cprofile-generate` writes its profile only when it exits).
+    pub async fn stop(self) -> Result<()> {
+        if std::env::var_os("WHARF_BENCH_TERMINATE").is_some() {
+            self.terminate(Duration::from_secs(30)).await
+        } else {
+            self.kill().await
+        }
+    }
+
     /// Stops it with SIGKILL.
     pub async fn kill(mut self) -> Result<()> {
         self.check_alive()?;
