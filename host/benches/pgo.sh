@@ -46,13 +46,14 @@ if [[ ! -x $profdata ]]; then
 fi
 
 # Builds the echo bench (and with it wharf) with these RUSTFLAGS into
-# $1/TARGET; prints the bench's executable. --target keeps the flags off
-# build scripts and proc macros, which would otherwise write profiles too.
+# $1/TARGET; prints the bench's executable (cargo reports wharf's too, in
+# either order). --target keeps the flags off build scripts and proc
+# macros, which would otherwise write profiles too.
 build() {
     local into=$1 flags=$2
     CARGO_TARGET_DIR=$into RUSTFLAGS=$flags cargo bench --profile "$profile" --target "$host" \
         --bench echo --no-run --message-format=json-render-diagnostics |
-        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
+        sed -n 's/.*"executable":"\([^"]*\/deps\/echo-[^"]*\)".*/\1/p'
 }
 
 echo "== building instrumented ($dir/gen)" >&2
