@@ -20,7 +20,7 @@
 # is trained on the same load, which is what makes the comparison fair; a
 # deployment trains on the bundled echo, whose host paths (the driver, the
 # protocol, the call into the plugin) every handler shares.
-set -eu
+set -euo pipefail
 
 profile=dist
 dir=""
@@ -53,7 +53,7 @@ build() {
     local into=$1 flags=$2
     CARGO_TARGET_DIR=$into RUSTFLAGS=$flags cargo bench --profile "$profile" --target "$host" \
         --bench echo --no-run --message-format=json-render-diagnostics |
-        sed -n 's/.*"executable":"\([^"]*\/deps\/echo-[^"]*\)".*/\1/p'
+        sed -n 's/.*"executable":"\([^"]*\/deps\/echo-[^"]*\)".*/\1/p' | grep .
 }
 
 echo "== building instrumented ($dir/gen)" >&2
