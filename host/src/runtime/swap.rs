@@ -5,8 +5,10 @@
 //! `PAGEMAP_SCAN` and restores only those. wasmtime 48 asks the scan for
 //! pages that are present, so a written page the kernel has swapped out is
 //! neither restored nor returned to the OS: the slot's next instance,
-//! perhaps another tenant's, would read it (bytecodealliance/wasmtime#14357,
-//! open). So the reset in place is only for a process that cannot swap.
+//! perhaps another tenant's, would read it (bytecodealliance/wasmtime#14357;
+//! fixed in 48.0.11, not yet resolvable here: see the README's
+//! `memory_reset`). So the reset in place is only for a process that cannot
+//! swap.
 
 use std::path::{Path, PathBuf};
 
