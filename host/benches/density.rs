@@ -3,7 +3,10 @@
 //! server, for `wharf serve` (each connection with its own plugin instance)
 //! without and with hibernation, with one `shared` instance for all, and
 //! for the native tokio-tungstenite echo server (`common/baseline.rs`, this
-//! binary re-executed), in one run.
+//! binary re-executed), in one run. Then the first message on each idle
+//! connection, one connection at a time: its latency and the server's CPU
+//! per message, which for a hibernated connection is what waking it costs
+//! (a new instance, given its attachment).
 //!
 //! `cargo bench --bench density -- [--connections N] [--hibernate-after MS] [--keep-resident SIZE] [--in-place] [--wide-slots] [--plugin PATH] [--first-message BYTES] [--tls] [--subscribed]`
 //! (default 10,000 connections, hibernation after 200 ms, wharf's default
@@ -281,7 +284,7 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
             Target::WharfShared,
             Target::Baseline,
         ] {
-            run(target, 200, true, "", &plugin, &plain).await?;
+            run(target, 200, "", &plugin, &plain).await?;
         }
         let tls = Load {
             first: SMOKE_FIRST,
@@ -289,7 +292,7 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
             subscribed: false,
         };
         for target in [Target::Wharf { hibernate_ms: 100 }, Target::Baseline] {
-            run(target, 200, true, "", &plugin, &tls).await?;
+            run(target, 200, "", &plugin, &tls).await?;
         }
         let members = Load {
             first: 0,
@@ -301,7 +304,7 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
             Target::Wharf { hibernate_ms: 0 },
             Target::Wharf { hibernate_ms: 100 },
         ] {
-            run(target, 200, true, "", &chat, &members).await?;
+            run(target, 200, "", &chat, &members).await?;
         }
         println!(
             "density smoke run passed in {:.1?} (cargo bench --bench density for figures)",
@@ -358,15 +361,12 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
     };
     let mut results = Vec::new();
     for &target in targets {
-        results.push((
-            target,
-            run(target, n, false, &plugin_lines, &plugin, &load).await?,
-        ));
+        results.push((target, run(target, n, &plugin_lines, &plugin, &load).await?));
     }
     let baseline = results
         .iter()
         .find(|r| matches!(r.0, Target::Baseline))
-        .map(|r| r.1.rss);
+        .map(|r| r.1.0.rss);
     println!(
         "\nMemory per idle {}, {n} connections (growth over the idle server / n, KiB; \
          the servers built with the Cargo profile `{}`):",
@@ -381,7 +381,7 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
         "{:<40} {:>8} {:>8} {:>12} {:>22}",
         "server", "RSS", "PSS", "page tables", "RSS vs tokio-tungstenite"
     );
-    for (target, kib) in results {
+    for (target, (kib, _)) in &results {
         println!(
             "{:<40} {:>8.1} {:>8.1} {:>12.1} {:>22}",
             target.name(),
@@ -389,6 +389,25 @@ async fn bench(args: Vec<String>) -> anyhow::Result<()> {
             kib.pss,
             kib.pte,
             baseline.map_or("-".to_owned(), |b| format!("{:.2}", kib.rss / b))
+        );
+    }
+    println!(
+        "\nThe first message on each idle connection after that, one connection at a time \
+         (a hibernated one's instance made again); latency at the client, server CPU per message:"
+    );
+    println!(
+        "{:<40} {:>8} {:>8} {:>14} {:>12} {:>12}",
+        "server", "p50 µs", "p99 µs", "server CPU µs", "of it kernel", "page faults"
+    );
+    for (target, (_, first)) in &results {
+        println!(
+            "{:<40} {:>8.0} {:>8.0} {:>14.1} {:>12.1} {:>12.2}",
+            target.name(),
+            first.p50_us,
+            first.p99_us,
+            first.cpu_us,
+            first.kernel_us,
+            first.faults
         );
     }
     Ok(())
@@ -421,18 +440,34 @@ struct PerConn {
     pte: f64,
 }
 
-/// Opens `n` connections and returns the server's memory growth per
-/// connection; `check_all`: round-trip on every connection
-/// afterwards, not just three; `plugin_lines`: more of wharf's `[plugin]`;
-/// `plugin`: the echo component wharf serves.
+/// The first message on each connection after the idle wait: what waking
+/// a hibernated connection costs against a live or shared one's message.
+#[derive(Clone, Copy)]
+struct FirstMessage {
+    /// Send to answer, at the client.
+    p50_us: f64,
+    p99_us: f64,
+    /// The server's CPU time (all its threads) over all the round trips,
+    /// per message; its epoch clock's ticks meanwhile are in it too.
+    cpu_us: f64,
+    /// Of it, in the kernel.
+    kernel_us: f64,
+    /// The server's minor page faults per message (pages freed while
+    /// idle, touched again).
+    faults: f64,
+}
+
+/// Opens `n` connections, lets them idle, and returns the server's memory
+/// growth per connection and what the first message on each costs after
+/// the wait; `plugin_lines`: more of wharf's `[plugin]`; `plugin`: the
+/// echo component wharf serves.
 async fn run(
     target: Target,
     n: usize,
-    check_all: bool,
     plugin_lines: &str,
     plugin: &str,
     load: &Load,
-) -> anyhow::Result<PerConn> {
+) -> anyhow::Result<(PerConn, FirstMessage)> {
     let cache = tempfile::tempdir()?;
     let hibernate_ms = match target {
         Target::Wharf { hibernate_ms } => hibernate_ms,
@@ -512,32 +547,30 @@ async fn run(
     // hibernation time.
     tokio::time::sleep(Duration::from_millis(3_000 + 2 * hibernate_ms)).await;
     let loaded = resident(pid);
-    // All still alive (resumed, if hibernating): a round trip on the first,
-    // a middle and the last, or on every one.
-    let check: Vec<usize> = if check_all {
-        (0..n).collect()
-    } else {
-        vec![0, n / 2, n.saturating_sub(1)]
-    };
-    const OK: &[u8] = &[0x81, 0x82, 0, 0, 0, 0, b'o', b'k'];
-    for i in check {
-        let Some(s) = conns.get_mut(i) else { continue };
-        s.write_all(OK).await?;
-        if load.subscribed {
-            tokio::time::timeout(Duration::from_secs(5), expect_text(s, &format!("n{i}: ok")))
-                .await
-                .map_err(|_| anyhow::anyhow!("member {i}: not heard within 5 s"))??;
-            continue;
-        }
-        let mut echo = [0u8; 4];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
+    // All still alive (resumed, if hibernating): a round trip on each, one
+    // connection at a time, so that every message reaches an idle
+    // connection and the server's CPU over them is theirs alone.
+    let (cpu_before, kernel_before) = loadgen::process_cpu(pid);
+    let faults_before = minor_faults(pid);
+    let mut took = Vec::with_capacity(n);
+    for (i, s) in conns.iter_mut().enumerate() {
+        let sent = Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), round_trip(s, i, load))
             .await
-            .map_err(|_| anyhow::anyhow!("connection {i}: no echo within 5 s"))??;
-        anyhow::ensure!(
-            echo[..] == expected_echo(OK)[..],
-            "connection {i}: bad echo {echo:?}"
-        );
+            .map_err(|_| anyhow::anyhow!("connection {i}: no answer within 5 s"))??;
+        took.push(sent.elapsed());
     }
+    let (cpu_after, kernel_after) = loadgen::process_cpu(pid);
+    let faults = minor_faults(pid).saturating_sub(faults_before) as f64 / n.max(1) as f64;
+    took.sort_unstable();
+    let micros = |q: usize| took.get(q).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6);
+    let first = FirstMessage {
+        p50_us: micros(took.len() / 2),
+        p99_us: micros(took.len() * 99 / 100),
+        cpu_us: per_message(cpu_after.saturating_sub(cpu_before), n),
+        kernel_us: per_message(kernel_after.saturating_sub(kernel_before), n),
+        faults,
+    };
     let per_conn = |f: fn(Resident) -> u64| f(loaded).saturating_sub(f(base)) as f64 / n as f64;
     let per_conn = PerConn {
         rss: per_conn(|r| r.rss),
@@ -560,13 +593,59 @@ async fn run(
         per_conn.pss,
         per_conn.pte
     );
+    println!("first message after the wait, {}: {first}", target.name());
     drop(conns);
     child.kill().await?;
-    Ok(per_conn)
+    Ok((per_conn, first))
+}
+
+impl std::fmt::Display for FirstMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "p50 {:.0} µs, p99 {:.0} µs, server CPU {:.1} µs ({:.1} in the kernel), {:.2} page faults",
+            self.p50_us, self.p99_us, self.cpu_us, self.kernel_us, self.faults
+        )
+    }
+}
+
+/// A process's minor page faults so far (`/proc/PID/stat`, field 10).
+fn minor_faults(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the parenthesised command name, the state is field 3.
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().nth(7))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `total` over `n` messages, µs each.
+fn per_message(total: Duration, n: usize) -> f64 {
+    total.as_secs_f64() * 1e6 / n.max(1) as f64
+}
+
+/// Sends connection `i` a small text and checks the answer: its echo, or
+/// for a chat member (`load.subscribed`) its own line heard in its room.
+async fn round_trip(s: &mut Box<dyn Stream>, i: usize, load: &Load) -> anyhow::Result<()> {
+    // Masked text frame "ok" (mask 0).
+    const OK: &[u8] = &[0x81, 0x82, 0, 0, 0, 0, b'o', b'k'];
+    s.write_all(OK).await?;
+    if load.subscribed {
+        return Ok(expect_text(s, &format!("n{i}: ok")).await?);
+    }
+    let mut echo = [0u8; 4];
+    s.read_exact(&mut echo).await?;
+    anyhow::ensure!(
+        echo[..] == expected_echo(OK)[..],
+        "connection {i}: bad echo {echo:?}"
+    );
+    Ok(())
 }
 
 #[path = "common/baseline.rs"]
 mod baseline;
+#[path = "common/loadgen.rs"]
+mod loadgen;
 #[path = "common/procfs.rs"]
 mod procfs;
 #[path = "common/tenant.rs"]
