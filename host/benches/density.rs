@@ -452,8 +452,8 @@ struct FirstMessage {
     cpu_us: f64,
     /// Of it, in the kernel.
     kernel_us: f64,
-    /// The server's minor page faults per message (pages freed while
-    /// idle, touched again).
+    /// The server's minor page faults per message: a woken instance's
+    /// memory, and heap pages the awake connections' state grows into.
     faults: f64,
 }
 
