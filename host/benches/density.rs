@@ -551,7 +551,7 @@ async fn run(
     // connection at a time, so that every message reaches an idle
     // connection and the server's CPU over them is theirs alone.
     let (cpu_before, kernel_before) = loadgen::process_cpu(pid);
-    let faults_before = minor_faults(pid);
+    let faults_before = loadgen::process_minor_faults(pid);
     let mut took = Vec::with_capacity(n);
     for (i, s) in conns.iter_mut().enumerate() {
         let sent = Instant::now();
@@ -561,7 +561,8 @@ async fn run(
         took.push(sent.elapsed());
     }
     let (cpu_after, kernel_after) = loadgen::process_cpu(pid);
-    let faults = minor_faults(pid).saturating_sub(faults_before) as f64 / n.max(1) as f64;
+    let faults =
+        loadgen::process_minor_faults(pid).saturating_sub(faults_before) as f64 / n.max(1) as f64;
     took.sort_unstable();
     let micros = |q: usize| took.get(q).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6);
     let first = FirstMessage {
@@ -607,16 +608,6 @@ impl std::fmt::Display for FirstMessage {
             self.p50_us, self.p99_us, self.cpu_us, self.kernel_us, self.faults
         )
     }
-}
-
-/// A process's minor page faults so far (`/proc/PID/stat`, field 10).
-fn minor_faults(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // After the parenthesised command name, the state is field 3.
-    stat.rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().nth(7))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// `total` over `n` messages, µs each.

@@ -210,23 +210,39 @@ pub fn process_cpu(pid: u32) -> (Duration, Duration) {
 /// The CPU time in a `/proc` stat file, a process's or (under `task/`) one
 /// thread's: (user + system, system).
 pub fn stat_cpu(path: &Path) -> (Duration, Duration) {
-    let stat = std::fs::read_to_string(path).unwrap_or_default();
-    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return (Duration::ZERO, Duration::ZERO);
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let fields = stat_fields(path);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let (user, sys) = (ticks(11), ticks(12)); // utime, stime (fields 14 and 15)
+    let (user, sys) = (field(&fields, 14), field(&fields, 15)); // utime, stime
     let time = |t: u64| Duration::from_nanos(t * 1_000_000_000 / hz);
     (time(user + sys), time(sys))
+}
+
+/// A child's minor page faults so far (all its threads), from
+/// /proc/PID/stat.
+pub fn process_minor_faults(pid: u32) -> u64 {
+    field(&stat_fields(Path::new(&format!("/proc/{pid}/stat"))), 10) // minflt
+}
+
+/// The fields of a `/proc` stat file after the parenthesised command name
+/// (which may hold spaces), from the state on; none if it cannot be read.
+fn stat_fields(path: &Path) -> Vec<String> {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    stat.rfind(')').map_or_else(Vec::new, |i| {
+        stat[i + 1..]
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    })
+}
+
+/// Numeric field `n` of a stat file as proc(5) numbers them (the state is
+/// field 3); 0 if missing.
+fn field(fields: &[String], n: usize) -> u64 {
+    n.checked_sub(3)
+        .and_then(|i| fields.get(i))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------
