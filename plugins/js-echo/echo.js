@@ -16,7 +16,7 @@
 // `onMessages` call instead of one `onText`/`onBinary` call each (a call
 // into the JS engine costs ~10 µs, more than echoing 1 KiB).
 
-import { send } from "wharf:websocket/batch-send@0.1.10";
+import { send } from "wharf:websocket/batch-send@0.1.11";
 
 function echoText(conn, text) {
   try {

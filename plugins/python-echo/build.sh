@@ -29,7 +29,8 @@ fi
 flock -u 9
 
 # componentize-py generates the `wit_world` bindings package from the WIT
-# (world `batch-handler-world`: app.py also implements `BatchHandler`),
+# (world `text-batch-handler-world`: app.py also implements `BatchHandler`
+# and `TextBatchHandler`),
 # bundles CPython + app.py into one component and snapshots it after
 # `import app` (so per-connection instantiation skips interpreter start-up).
 # Built from a copy, so that no __pycache__ lands in the source tree.
@@ -38,7 +39,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cp "$here/app.py" "$work/"
 cd "$work"
-"$tools/venv/bin/componentize-py" -d "$repo/wit" -w batch-handler-world \
+"$tools/venv/bin/componentize-py" -d "$repo/wit" -w text-batch-handler-world \
     componentize app -o "$out/python_echo.wasm.tmp" >&2
 mv "$out/python_echo.wasm.tmp" "$out/python_echo.wasm"
 echo "build.sh: built $out/python_echo.wasm" >&2

@@ -169,9 +169,10 @@ async fn flood_is_bounded_by_the_send_queue() {
     );
 }
 
-/// Message `i` of the chaos plugin's batches: text "b<i>" or binary [1].
-async fn expect_batched(ws: &mut Ws, i: usize) {
-    let want = if i.is_multiple_of(2) {
+/// Message `i` of the chaos plugin's batches: text "b<i>" or binary [1]
+/// (`texts`: always text).
+async fn expect_batched(ws: &mut Ws, i: usize, texts: bool) {
+    let want = if texts || i.is_multiple_of(2) {
         Message::Text(format!("b{i}").into())
     } else {
         Message::Binary(vec![1].into())
@@ -183,7 +184,8 @@ async fn expect_batched(ws: &mut Ws, i: usize) {
     );
 }
 
-/// `batch-send` and `packed-send` (`command` "batch" or "packed"): one call
+/// `batch-send`, `packed-send` and `text-batch-send` (`command` "batch",
+/// "packed" or "texts"): one call
 /// queues many messages, in order, each framed as its own send; the call
 /// stops at the first message refused and says how many went, and exactly
 /// those arrive (the same queue bound and message limit as single sends).
@@ -192,16 +194,17 @@ async fn batch_queues_in_order_and_stops_at_a_refusal(command: &str) {
         websocket: "send_queue = \"64KiB\"\nmax_message_size = \"1KiB\"",
         ..ServerOpts::new("chaos")
     });
+    let texts = command == "texts";
     let mut ws = server.connect(false).await;
     send_text(&mut ws, &format!("{command} 5")).await;
     for i in 0..5 {
-        expect_batched(&mut ws, i).await;
+        expect_batched(&mut ws, i, texts).await;
     }
     assert_eq!(recv_text(&mut ws).await, "batched all");
 
     // Message 1 is over max_message_size: message 0 goes, nothing after it.
     send_text(&mut ws, &format!("{command}-big 1025")).await;
-    expect_batched(&mut ws, 0).await;
+    expect_batched(&mut ws, 0, texts).await;
     assert_eq!(
         recv_text(&mut ws).await,
         "batched queued=1 error=message-too-big"
@@ -219,7 +222,7 @@ async fn batch_queues_in_order_and_stops_at_a_refusal(command: &str) {
     let queued = count_after(&line, "queued=");
     assert!(queued > 0 && queued < 100_000, "{line}");
     for i in 0..queued {
-        expect_batched(&mut ws, i).await;
+        expect_batched(&mut ws, i, texts).await;
     }
     // Then at most the report (if the queue had room for it), and the
     // connection still works.
@@ -239,6 +242,38 @@ async fn batch_send_queues_in_order_and_stops_at_a_refusal() {
 #[tokio::test]
 async fn packed_send_queues_in_order_and_stops_at_a_refusal() {
     batch_queues_in_order_and_stops_at_a_refusal("packed").await;
+}
+
+#[tokio::test]
+async fn text_batch_send_queues_in_order_and_stops_at_a_refusal() {
+    batch_queues_in_order_and_stops_at_a_refusal("texts").await;
+}
+
+/// `text-batch-send` with lengths that do not cut its string into texts
+/// (past its end, short of it, inside a character): the plugin's bug, a
+/// trap, so its connection closes with 1011 and the failure is logged.
+#[tokio::test]
+async fn malformed_text_batch_lengths_trap() {
+    let server = Server::start(ServerOpts::new("chaos"));
+    for (how, why) in [
+        ("past", "length 1 runs past the end of the texts"),
+        ("unused", "the lengths leave 1 bytes of the texts unused"),
+        ("split", "length 1 ends inside a character"),
+    ] {
+        let mut ws = server.connect(false).await;
+        send_text(&mut ws, &format!("texts-bad {how}")).await;
+        // The text before the bad length may have been queued.
+        let mut got = recv(&mut ws).await;
+        if got == Message::Text("ok".into()) {
+            got = recv(&mut ws).await;
+        }
+        match got {
+            Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1011, "{how}"),
+            other => panic!("{how}: expected Close 1011, got {other:?}"),
+        }
+        server.wait_log(&[why], Duration::from_secs(5)).await;
+    }
+    assert!(!server.log_text().contains("was not refused"));
 }
 
 /// `packed-send` with spans that do not describe its payloads (past their

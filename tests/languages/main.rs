@@ -3,8 +3,9 @@
 //! from the package registries on first use, into `target/toolchains`), then
 //! run by the real `wharf serve`:
 //!
-//! - the end-to-end echo checks (text, binary, empty, 1 MiB, "goodbye" closes
-//!   with 1000 "goodbye", a client's close 1000 is answered with 1000);
+//! - the end-to-end echo checks (text, binary, empty, 1 MiB, a burst of
+//!   texts and binaries in one write, "goodbye" closes with 1000 "goodbye",
+//!   also inside a burst, a client's close 1000 is answered with 1000);
 //! - Autobahn|Testsuite cases 1.* to 11.* over ws (every case OK or
 //!   INFORMATIONAL), as `tests/autobahn` does for the Rust echo;
 //! - the cost of the language through the library API: component size,
@@ -12,8 +13,8 @@
 //!   µs per echoed message (32 B and 1 KiB text, 1 KiB binary), printed to
 //!   stderr (`cargo test --release --test languages -- --nocapture`);
 //! - a long connection: one instance echoes twice its memory limit (as
-//!   single texts, single binaries, and batches of both), which
-//!   a per-message leak does not survive;
+//!   single texts, single binaries, batches of both and batches of texts),
+//!   which a per-message leak does not survive;
 //! - Go in `shared` instance mode (`go_echo_shared`): 3,000 connections, 20 at
 //!   a time, served by one instance without a trap.
 //! - the JavaScript echo twice: on componentize-js (`js_echo`) and on
@@ -260,6 +261,37 @@ async fn echo_checks(server: &Server) {
         assert_eq!(recv_text(&mut ws).await, format!("message {i}"));
     }
 
+    // A burst in one write, so that it arrives as one batch: runs of texts
+    // (multi-byte ones among them) and binaries come back in order, and a
+    // "goodbye" inside a run closes after the replies before it.
+    let mut raw = server.raw_upgraded(false, "/").await;
+    let mut wire = Vec::new();
+    let mut want = Vec::new();
+    for i in 0..40u8 {
+        let (opcode, payload) = match i % 10 {
+            9 => (2, vec![i; 100]),
+            _ => (1, format!("burst {i} ✓ Grüße 𝄞").into_bytes()),
+        };
+        wire.extend(masked(opcode, &payload));
+        want.push((opcode, payload));
+    }
+    for text in ["a", "goodbye", "c"] {
+        wire.extend(masked(1, text.as_bytes()));
+    }
+    want.push((1, b"a".to_vec()));
+    raw.send(&wire).await;
+    for (i, (opcode, payload)) in want.iter().enumerate() {
+        let f = raw.read_frame().await;
+        assert_eq!(
+            (f.opcode, &f.payload),
+            (*opcode, payload),
+            "burst message {i}"
+        );
+    }
+    let close = raw.read_frame().await;
+    assert_eq!(close.opcode, 8, "after the burst");
+    assert_eq!(close.close_code(), (1000, "goodbye".to_owned()));
+
     // "goodbye": the handler closes with 1000 "goodbye".
     send_text(&mut ws, "goodbye").await;
     assert_eq!(recv_close(&mut ws).await, (1000, "goodbye".to_owned()));
@@ -444,9 +476,10 @@ async fn long_connection(lang: &Lang, plugin: &Plugin) -> Result<String, String>
     let calls = 2 * lang.memory / SIZE;
     let mut done = Vec::new();
     // "batch": the same bytes as four messages per batch call, so the batch
-    // path (and `batch-send`, where the echo uses it) is soaked too.
+    // path (and `batch-send`, where the echo uses it) is soaked too; "texts":
+    // four texts a call (`text-batch-handler`, where the echo exports it).
     let kinds: &[&str] = if plugin.batched() {
-        &["text", "binary", "batch"]
+        &["text", "binary", "batch", "texts"]
     } else {
         &["text", "binary"]
     };
@@ -455,12 +488,12 @@ async fn long_connection(lang: &Lang, plugin: &Plugin) -> Result<String, String>
         let (text, binary) = ("t".repeat(SIZE), vec![0x5A; SIZE]);
         let (quarter_text, quarter_binary) = (&text[..SIZE / 4], &binary[..SIZE / 4]);
         let mut batch = Batch::default();
-        for message in [
-            BatchMessage::Text(quarter_text),
-            BatchMessage::Binary(quarter_binary),
-            BatchMessage::Text(quarter_text),
-            BatchMessage::Binary(quarter_binary),
-        ] {
+        let quarter = if kind == "texts" {
+            BatchMessage::Text(quarter_text)
+        } else {
+            BatchMessage::Binary(quarter_binary)
+        };
+        for message in [BatchMessage::Text(quarter_text), quarter].repeat(2) {
             batch.push(message).expect("16 KiB fit in a batch");
         }
         let started = Instant::now();

@@ -70,6 +70,46 @@ impl<'a> BatchRef<'a> {
         (self.payloads, self.spans)
     }
 
+    /// The batch cut into runs of consecutive messages of one kind, in
+    /// order: how a `text-batch-handler` gets it.
+    pub fn runs(&self) -> impl Iterator<Item = BatchRef<'a>> + use<'a> {
+        let mut rest = *self;
+        std::iter::from_fn(move || {
+            let first = rest.spans.first()?;
+            let text = matches!(first.kind, Kind::Text);
+            let count = rest
+                .spans
+                .iter()
+                .take_while(|s| matches!(s.kind, Kind::Text) == text)
+                .count();
+            let (spans, later) = rest.spans.split_at(count);
+            let bytes = spans.iter().map(|s| s.len as usize).sum::<usize>();
+            let (payloads, after) = rest.payloads.split_at_checked(bytes)?;
+            rest = BatchRef::new(after, later);
+            Some(BatchRef::new(payloads, spans))
+        })
+    }
+
+    /// Whether every message is a text (an empty batch is).
+    pub fn is_text(&self) -> bool {
+        self.spans.iter().all(|s| matches!(s.kind, Kind::Text))
+    }
+
+    /// A batch of texts as one string and each one's length in bytes: what
+    /// `text-batch-handler` takes. The string is checked as UTF-8 once, a
+    /// fast pass, rather than trusted unchecked.
+    pub fn texts(&self) -> Result<(&'a str, Vec<u32>), NotUtf8> {
+        if let Some(index) = self
+            .spans
+            .iter()
+            .position(|s| matches!(s.kind, Kind::Binary))
+        {
+            return Err(NotUtf8(index));
+        }
+        let texts = simdutf8::basic::from_utf8(self.payloads).map_err(|_| NotUtf8(0))?;
+        Ok((texts, self.spans.iter().map(|s| s.len).collect()))
+    }
+
     /// The messages, in order: what `batch-handler` takes (each text's
     /// UTF-8 checked again, a fast pass, rather than trusted unchecked).
     pub fn messages(&self) -> Result<Vec<Message<'a>>, NotUtf8> {
@@ -153,6 +193,35 @@ mod tests {
         assert!(matches!(spans[4].kind, Kind::Text));
         assert!(matches!(spans[5].kind, Kind::Binary));
         assert_eq!(view.to_owned().as_ref().messages().unwrap(), messages);
+    }
+
+    #[test]
+    fn runs_cut_a_batch_by_kind_in_order() {
+        let mut batch = Batch::default();
+        let messages = [
+            Message::Text("héllo"),
+            Message::Text(""),
+            Message::Text("✓"),
+            Message::Binary(&[1, 2]),
+            Message::Binary(&[]),
+            Message::Text("z"),
+        ];
+        for message in messages {
+            batch.push(message).unwrap();
+        }
+        let runs: Vec<BatchRef<'_>> = batch.as_ref().runs().collect();
+        assert_eq!(runs.len(), 3);
+        assert_eq!(
+            runs.iter()
+                .map(|r| (r.len(), r.is_text()))
+                .collect::<Vec<_>>(),
+            [(3, true), (2, false), (1, true)]
+        );
+        assert_eq!(runs[0].texts().unwrap(), ("héllo✓", vec![6, 0, 3]));
+        assert_eq!(runs[1].messages().unwrap(), messages[3..5]);
+        assert_eq!(runs[2].texts().unwrap(), ("z", vec![1]));
+        assert!(matches!(runs[1].texts(), Err(NotUtf8(0))));
+        assert_eq!(Batch::default().as_ref().runs().count(), 0);
     }
 
     #[test]

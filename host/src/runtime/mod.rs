@@ -28,6 +28,8 @@ pub mod request_host;
 pub mod shared;
 pub mod snapshot;
 pub mod swap;
+pub mod text_batch_handler;
+pub mod text_batch_send_host;
 pub mod wall;
 
 use std::collections::BTreeMap;
@@ -285,8 +287,8 @@ impl Runtime {
         // each store gets grants no files, sockets, environment or arguments.
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         // The world's interfaces one by one: `connection`, `attachment`,
-        // `pubsub`, `batch-send` and `packed-send` are this crate's own (see
-        // their modules), the others `bindgen!`'s.
+        // `pubsub`, `batch-send`, `packed-send` and `text-batch-send` are this
+        // crate's own (see their modules), the others `bindgen!`'s.
         use self::bindings::wharf::websocket::{config, latin1, packed, peers, types};
         types::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
         packed::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
@@ -298,6 +300,7 @@ impl Runtime {
         attachment_host::add_to_linker(&mut linker)?;
         batch_send_host::add_to_linker(&mut linker)?;
         packed_send_host::add_to_linker(&mut linker)?;
+        text_batch_send_host::add_to_linker(&mut linker)?;
         request_host::add_to_linker(&mut linker)?;
         let clock = EpochClock::start(&engine);
         Ok(Self {
@@ -380,6 +383,7 @@ impl Runtime {
         let handler = HandlerExports::find(&pre).map_err(|e| world_error(e.into()))?;
         let batch = batch_handler::find(&pre).map_err(|e| world_error(e.into()))?;
         let packed = packed_handler::find(&pre).map_err(|e| world_error(e.into()))?;
+        let texts = text_batch_handler::find(&pre).map_err(|e| world_error(e.into()))?;
         let snapshot = SnapshotExport::find(&pre).map_err(|e| world_error(e.into()))?;
         let request = request_handler::find(&pre).map_err(|e| world_error(e.into()))?;
         let lifecycle = lifecycle::find(&pre).map_err(|e| world_error(e.into()))?;
@@ -402,8 +406,9 @@ impl Runtime {
             plugin = name,
             sha256 = &hash[..16],
             origin,
-            batched = batch.is_some() || packed.is_some(),
+            batched = batch.is_some() || packed.is_some() || texts.is_some(),
             packed = packed.is_some(),
+            text_batches = texts.is_some(),
             snapshots = snapshot.is_some(),
             lazy_request = request.is_some(),
             lifecycle = lifecycle.is_some(),
@@ -419,6 +424,7 @@ impl Runtime {
             handler,
             batch,
             packed,
+            texts,
             snapshot,
             request,
             lifecycle,
@@ -505,6 +511,8 @@ pub struct Plugin {
     batch: Option<FuncExport>,
     /// ...or packed (which it gets if it exports both).
     packed: Option<FuncExport>,
+    /// Set if it takes runs of texts as one string (`on-texts`).
+    texts: Option<FuncExport>,
     /// Set if its shared instance's state can move to another version.
     snapshot: Option<SnapshotExport>,
     /// Set if it takes the upgrade request as a handle (`on-request`).
@@ -536,10 +544,10 @@ impl Plugin {
         &self.hash
     }
 
-    /// Whether the plugin exports `batch-handler` or `packed-handler` (see
-    /// [`PluginInstance::on_batch`]).
+    /// Whether the plugin exports `batch-handler`, `packed-handler` or
+    /// `text-batch-handler` (see [`PluginInstance::on_batch`]).
     pub fn batched(&self) -> bool {
-        self.batch.is_some() || self.packed.is_some()
+        self.batch.is_some() || self.packed.is_some() || self.texts.is_some()
     }
 
     /// Whether the plugin exports `snapshot` (see
@@ -701,6 +709,9 @@ impl Plugin {
             (None, Some(batch)) => batch.resolve(&mut store, &instance).map(BatchFunc::List),
             (None, None) => None,
         };
+        let on_texts = self
+            .texts
+            .and_then(|export| export.resolve(&mut store, &instance));
         let snapshot = self
             .snapshot
             .as_ref()
@@ -716,6 +727,7 @@ impl Plugin {
             store,
             handler,
             on_batch,
+            on_texts,
             snapshot,
             on_request,
             conn,
@@ -914,8 +926,10 @@ enum BatchFunc {
 pub struct PluginInstance {
     store: Store<HostState>,
     handler: HandlerFuncs,
-    /// How the plugin takes a batch, if it takes batches.
+    /// How the plugin takes a batch, if it takes batches...
     on_batch: Option<BatchFunc>,
+    /// ...and a batch's runs of texts, if it takes them as one string.
+    on_texts: Option<Func>,
     /// `snapshot#save` and `#restore`, if the plugin exports them.
     snapshot: Option<SnapshotFuncs>,
     /// `request-handler#on-request`, if the plugin exports it.
@@ -1092,10 +1106,40 @@ impl PluginInstance {
         }
     }
 
-    /// Messages that arrived together, in one call: `on-packed` or
-    /// `on-messages`. A plugin without either export, or a batch of one
-    /// message, gets one `on-text`/`on-binary` call each.
+    /// Messages that arrived together. A plugin that exports
+    /// `text-batch-handler` gets each run of texts in one `on-texts` call
+    /// and the other runs as below; a batch of one message is one
+    /// `on-text`/`on-binary` call.
     pub async fn on_batch(&mut self, batch: BatchRef<'_>) -> Result<(), PluginError> {
+        let Some(func) = self.on_texts.filter(|_| batch.len() > 1) else {
+            return self.on_messages(batch).await;
+        };
+        for run in batch.runs() {
+            if run.is_text() {
+                self.on_texts(func, run).await?;
+            } else {
+                self.on_messages(run).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A run of texts, in one `on-texts` call.
+    async fn on_texts(&mut self, func: Func, run: BatchRef<'_>) -> Result<(), PluginError> {
+        let (texts, lens) = run.texts().map_err(|e| PluginError::Trap(e.into()))?;
+        let conn = self.arm();
+        let wall = self.wall();
+        let r = wall::within(wall, || {
+            text_batch_handler::call(&mut self.store, func, conn, texts, &lens)
+        })
+        .await;
+        self.finish_within(r)
+    }
+
+    /// Messages in one call: `on-packed` or `on-messages`. A plugin without
+    /// either export, or a batch of one message, gets one
+    /// `on-text`/`on-binary` call each.
+    async fn on_messages(&mut self, batch: BatchRef<'_>) -> Result<(), PluginError> {
         let func = self.on_batch.filter(|_| batch.len() > 1);
         // Cut before any call starts: a batch put together wrongly is the
         // host's failure, not the call's.

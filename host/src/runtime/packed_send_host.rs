@@ -18,11 +18,11 @@ use super::connection_host::{ConnectionEntry, Outbox, with_outbox};
 
 /// The interface this implements (older 0.1.x plugins are matched to it by
 /// semver).
-const INTERFACE: &str = "wharf:websocket/packed-send@0.1.10";
+const INTERFACE: &str = "wharf:websocket/packed-send@0.1.11";
 
 /// Spans lifted at once: a batch the host delivered (at most 1024
 /// messages) comes back in a few chunks, on the stack of the plugin's call.
-const CHUNK: usize = 256;
+pub(super) const CHUNK: usize = 256;
 
 /// A plugin's spans that do not describe its payloads: a trap.
 #[derive(Debug, thiserror::Error)]
@@ -96,31 +96,45 @@ fn queue_all(
             };
             offset += payload.len();
         }
-        let messages = &messages[..count];
-        // The whole send, well-formed: offered at once if it may be.
         let whole = index == 0 && count == spans.len() && offset == bytes.len();
-        if whole && outbox.write_through(messages) {
-            return Ok(Ok(()));
-        }
-        for message in messages {
-            let queued = match *message {
-                Message::Text(text) => outbox.send_text(text),
-                Message::Binary(data) => outbox.send_binary(data),
-            };
-            if let Err(error) = queued {
-                return Ok(Err(Partial {
-                    // Below the list's length, which the canonical ABI
-                    // keeps within 32 bits.
-                    queued: u32::try_from(index)?,
-                    error,
-                }));
-            }
-            index += 1;
+        if let Err(partial) = queue_chunk(outbox, &messages[..count], whole, &mut index)? {
+            return Ok(Err(partial));
         }
     }
     let left = payloads.len() - offset;
     if left > 0 {
         return Err(Malformed::Unused { left }.into());
+    }
+    Ok(Ok(()))
+}
+
+/// Queues one chunk of a send's messages, checked, until one is refused;
+/// `index` counts those queued from the send's first. `whole`: the chunk
+/// is the whole send, well-formed, so it is offered at once if it may be.
+pub(super) fn queue_chunk(
+    outbox: &mut Outbox,
+    messages: &[Message<'_>],
+    whole: bool,
+    index: &mut usize,
+) -> wasmtime::Result<Result<(), Partial>> {
+    if whole && outbox.write_through(messages) {
+        *index += messages.len();
+        return Ok(Ok(()));
+    }
+    for message in messages {
+        let queued = match *message {
+            Message::Text(text) => outbox.send_text(text),
+            Message::Binary(data) => outbox.send_binary(data),
+        };
+        if let Err(error) = queued {
+            return Ok(Err(Partial {
+                // Below the list's length, which the canonical ABI keeps
+                // within 32 bits.
+                queued: u32::try_from(*index)?,
+                error,
+            }));
+        }
+        *index += 1;
     }
     Ok(Ok(()))
 }

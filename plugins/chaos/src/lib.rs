@@ -13,9 +13,14 @@
 //!   binary of N bytes. Reports "batched all" or "batched queued=<count>
 //!   error=<error>", to the log as well. "packed N" and "packed-big N": the
 //!   same messages through one `packed-send` call, with the same reports.
+//!   "texts N" and "texts-big N": texts only ("b0".."b<N-1>", message 1 of
+//!   N bytes), through one `text-batch-send` call, with the same reports.
 //! - "packed-bad past", "packed-bad unused", "packed-bad utf8": a
 //!   `packed-send` call whose spans run past the payloads, leave bytes of
 //!   them unused, or mark invalid UTF-8 as text (each traps in the host).
+//!   "texts-bad past", "texts-bad unused", "texts-bad split": a
+//!   `text-batch-send` call whose lengths run past the string, leave some
+//!   of it unused, or cut a character in two (each traps in the host).
 //! - "count": counts in the attachment (survives hibernation) and in memory
 //!   (does not), answering "count=<attachment> instance=<memory>".
 //! - "setting KEY": answers the tenant's setting KEY (`wharf:websocket/config`),
@@ -42,9 +47,9 @@ use exports::wharf::websocket::handler::Guest;
 use wharf::websocket::batch_send::{self, Outgoing};
 use wharf::websocket::connection::Connection;
 use wharf::websocket::packed::{Kind, Span};
-use wharf::websocket::packed_send;
 use wharf::websocket::types::{Accept, ErrorCode, UpgradeRequest, UpgradeResponse};
 use wharf::websocket::{attachment, config, peers};
+use wharf::websocket::{packed_send, text_batch_send};
 
 struct Chaos;
 
@@ -136,6 +141,39 @@ fn batch(conn: &Connection, n: u64, big: Option<u64>, packed: bool) {
     let _ = conn.send_text(&report);
 }
 
+/// Sends `n` texts in one `text-batch-send` call: "b<i>", except message
+/// 1, `big` bytes if set.
+fn texts(conn: &Connection, n: u64, big: Option<u64>) {
+    let (mut texts, mut lens) = (String::new(), Vec::new());
+    for i in 0..n {
+        let text = match (i, big) {
+            (1, Some(size)) => "x".repeat(size as usize),
+            _ => format!("b{i}"),
+        };
+        texts.push_str(&text);
+        lens.push(text.len() as u32);
+    }
+    let report = match text_batch_send::send(conn, &texts, &lens) {
+        Ok(()) => "batched all".to_owned(),
+        Err(p) => format!("batched queued={} error={}", p.queued, p.error.name()),
+    };
+    eprintln!("chaos: connection {}: {report}", conn.id());
+    let _ = conn.send_text(&report);
+}
+
+/// A `text-batch-send` call with malformed lengths, which traps in the
+/// host: a text "ok" first, then the bad length.
+fn texts_bad(conn: &Connection, how: &str) {
+    let (texts, lens) = match how {
+        "past" => ("ok12", [2, 3]),
+        "unused" => ("ok12", [2, 1]),
+        // "é" is two bytes: one of them is half a character.
+        _ => ("oké", [2, 1]),
+    };
+    let sent = text_batch_send::send(conn, texts, &lens);
+    eprintln!("chaos: texts-bad {how} was not refused: {sent:?}");
+}
+
 /// A `packed-send` call with malformed spans, which traps in the host: a
 /// binary "ok" span first, then the bad one.
 fn packed_bad(conn: &Connection, how: &str) {
@@ -215,6 +253,9 @@ impl Guest for Chaos {
         if let Some(how) = text.strip_prefix("packed-bad ") {
             return packed_bad(conn, how);
         }
+        if let Some(how) = text.strip_prefix("texts-bad ") {
+            return texts_bad(conn, how);
+        }
         if text == "settings" {
             let all: Vec<String> = config::get_all()
                 .into_iter()
@@ -239,6 +280,8 @@ impl Guest for Chaos {
             ("batch-big", Some(n)) => batch(conn, 3, Some(n), false),
             ("packed", Some(n)) => batch(conn, n, None, true),
             ("packed-big", Some(n)) => batch(conn, 3, Some(n), true),
+            ("texts", Some(n)) => texts(conn, n, None),
+            ("texts-big", Some(n)) => texts(conn, 3, Some(n)),
             ("count", None) => count(conn),
             _ => log_err(conn, conn.send_text(&text)),
         }
