@@ -31,8 +31,9 @@ fi
 flock -u 9
 
 # StarlingMonkey + echo.js, snapshotted after the module is evaluated (so
-# instantiation skips engine start-up). The world is `batch-handler-world`:
-# echo.js also exports `batchHandler` (the messages of one read in one call).
+# instantiation skips engine start-up). The world is `text-batch-handler-world`:
+# echo.js also exports `batchHandler` (the messages of one read in one call)
+# and `textBatchHandler` (a run of texts as one string).
 # Features `http` and `fetch-event` are left out: a WebSocket handler does
 # not use WASI HTTP (with it the component would import wasi:http, which
 # the host does not offer).
@@ -45,7 +46,7 @@ flock -u 9
 # 300 µs to send 1 KiB. The fix encodes with the engine's native TextEncoder
 # and copies the bytes, and fails the build if the function is not found
 # (a newer componentize-js: check whether it still needs the fix).
-node --input-type=module - "$tools" "$here/echo.js" "$repo/wit" batch-handler-world \
+node --input-type=module - "$tools" "$here/echo.js" "$repo/wit" text-batch-handler-world \
     "$out/js_echo.wasm.tmp" >&2 <<'NODE'
 import { createRequire, syncBuiltinESMExports } from 'node:module';
 import { pathToFileURL } from 'node:url';

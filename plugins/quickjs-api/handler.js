@@ -7,6 +7,7 @@ import { subscribe, publishText } from "wharf:websocket/pubsub";
 import * as attachment from "wharf:websocket/attachment";
 import { sendText as peerSendText } from "wharf:websocket/peers";
 import { send } from "wharf:websocket/batch-send@0.1.11";
+import { send as sendTexts } from "wharf:websocket/text-batch-send";
 
 let saved; // a connection object kept past its call
 
@@ -85,6 +86,17 @@ export const handler = {
         conn.close({ tag: "normal" }, "batched");
         try {
           send(conn, [{ tag: "text", val: "late" }]);
+        } catch (e) {
+          peerSendText(BigInt(arg), `${e instanceof Error} ${e.payload.queued} ${e.payload.error}`);
+        }
+        break;
+      case "texts": // texts PEER: three texts in two calls (lengths as an array, then as
+        // a Uint32Array), then a refusal's payload to PEER
+        sendTexts(conn, "t0✓", [2, 3]);
+        sendTexts(conn, "t2", new Uint32Array([2]));
+        conn.close({ tag: "normal" }, "texted");
+        try {
+          sendTexts(conn, "late", [4]);
         } catch (e) {
           peerSendText(BigInt(arg), `${e instanceof Error} ${e.payload.queued} ${e.payload.error}`);
         }

@@ -1086,6 +1086,15 @@ fn quickjs_api() {
         assert_eq!(recv_close(&mut batching).await, (1000, "batched".into()));
         assert_eq!(recv_text(&mut other).await, "true 0 closed");
 
+        // text-batch-send: the texts its lengths cut, then the refusal's.
+        let mut texting = server.connect(false).await;
+        send_text(&mut texting, &format!("texts {other_id}")).await;
+        for want in ["t0", "✓", "t2"] {
+            assert_eq!(recv_text(&mut texting).await, want);
+        }
+        assert_eq!(recv_close(&mut texting).await, (1000, "texted".into()));
+        assert_eq!(recv_text(&mut other).await, "true 0 closed");
+
         send_text(&mut other, "close 2").await;
         assert_eq!(recv_close(&mut other).await, (4002, "app".into()));
         send_text(&mut ws, "throw").await;

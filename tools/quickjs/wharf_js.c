@@ -10,16 +10,21 @@
 //   `export const batchHandler = { onMessages(conn, messages) }`, which gets
 //   the messages of one read (the host's `packed-handler` call) as
 //   `{ tag, val }` objects; without it they go to onText/onBinary one by
-//   one, still in one call into the component;
+//   one, still in one call into the component; and optionally
+//   `export const textBatchHandler = { onTexts(conn, texts, lens) }`, which
+//   gets each run of two or more consecutive texts of a read as one string
+//   and a Uint32Array of their UTF-8 lengths (jco's mapping of the WIT's
+//   `text-batch-handler`, cut as the host cuts it for that export), the
+//   messages between runs going as above;
 // - `conn`: `id()` (a BigInt), `sendText(string)`, `sendBinary(Uint8Array)`,
 //   `close(code, reason)`; valid during the call that passed it;
 // - variants are `{ tag, val }`, enums strings, options a value or
 //   `undefined`, a `result` error is thrown as an Error whose `payload` is
 //   the error code ("queue-full", ...);
 // - the other interfaces are modules named `wharf:websocket/<name>` (with or
-//   without `@<version>`): pubsub, attachment, config, peers, latin1, and
+//   without `@<version>`): pubsub, attachment, config, peers, latin1,
 //   batch-send, whose `send(conn, messages)` goes to the host packed
-//   (`packed-send`).
+//   (`packed-send`), and text-batch-send (`send(conn, texts, lens)`).
 //
 // Why hand-written rather than generated: the call path is the product. A
 // message costs one C-to-JS call and, per send, one JS-to-C call with a
@@ -51,7 +56,7 @@ static const char handler_source[] = {
 static JSRuntime *rt;
 static JSContext *ctx;
 static JSClassID conn_class;
-static JSValue handler_obj = JS_UNDEFINED, batch_obj = JS_UNDEFINED;
+static JSValue handler_obj = JS_UNDEFINED, batch_obj = JS_UNDEFINED, text_batch_obj = JS_UNDEFINED;
 static JSValue str_text, str_binary;  // the message variant's tags
 // Objects of the shapes every call makes (`{}`, `{ tag }` and `{ tag, val }`
 // for each message, an empty connection object), held for the runtime's
@@ -63,7 +68,7 @@ static JSValue shapes[4];
 // QuickJS did not (then every string is scanned).
 static ptrdiff_t own_bytes_offset;
 static JSAtom atom_tag, atom_val, atom_payload, atom_on_upgrade, atom_on_open, atom_on_text,
-    atom_on_binary, atom_on_close, atom_on_messages;
+    atom_on_binary, atom_on_close, atom_on_messages, atom_on_texts;
 
 // ---------------------------------------------------------------------------
 // Failure: print and trap.
@@ -640,6 +645,63 @@ static const JSCFunctionListEntry batch_send_funcs[] = {
 };
 
 // ---------------------------------------------------------------------------
+// wharf:websocket/text-batch-send
+
+// send(conn, texts, lens): the texts `lens` (a Uint32Array, as onTexts
+// gets it, or an array of numbers) cuts `texts`' UTF-8 into, queued in one
+// call into the host; a refusal throws as batch-send's does.
+static JSValue text_batch_send(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
+    (void)c, (void)this_val, (void)argc;
+    borrow_t b;
+    string_t texts = {0};
+    const char *owned = NULL;
+    if (!arg_conn(argv[0], "send", &b)) return JS_EXCEPTION;
+    uint32_t *lens = NULL, *copy = NULL;
+    size_t n = 0;
+    if (JS_GetTypedArrayType(argv[2]) == JS_TYPED_ARRAY_UINT32) {
+        size_t offset, bytes, per;
+        JSValue buf = JS_GetTypedArrayBuffer(ctx, argv[2], &offset, &bytes, &per);
+        if (JS_IsException(buf)) return JS_EXCEPTION;
+        size_t size;
+        uint8_t *base = JS_GetArrayBuffer(ctx, &size, buf);
+        JS_FreeValue(ctx, buf);
+        if (!base) return JS_EXCEPTION;
+        lens = (uint32_t *)(base + offset), n = bytes / sizeof *lens;
+    } else if (JS_IsArray(argv[2])) {
+        int64_t len;
+        if (JS_GetLength(ctx, argv[2], &len) < 0) return JS_EXCEPTION;
+        if (len > BATCH_SEND_MAX) return JS_ThrowRangeError(ctx, "send: more than %d messages", BATCH_SEND_MAX);
+        n = (size_t)len;
+        lens = copy = malloc(n ? n * sizeof *copy : 1);
+        if (!copy) return JS_ThrowOutOfMemory(ctx);
+        for (size_t i = 0; i < n; i++) {
+            JSValue v = JS_GetPropertyUint32(ctx, argv[2], (uint32_t)i);
+            int r = JS_ToUint32(ctx, &copy[i], v);
+            JS_FreeValue(ctx, v);
+            if (r < 0) return free(copy), JS_EXCEPTION;
+        }
+    } else {
+        return JS_ThrowTypeError(ctx, "send: expected a Uint32Array of lengths");
+    }
+    if (!arg_string(argv[1], "send", &texts, &owned)) return free(copy), JS_EXCEPTION;
+    packed_handler_world_list_u32_t l = {.ptr = n ? lens : (uint32_t *)4, .len = n};
+    wharf_websocket_text_batch_send_partial_t partial;
+    bool sent = wharf_websocket_text_batch_send_send(b, &texts, &l, &partial);
+    JS_FreeCString(ctx, owned);
+    free(copy);
+    if (sent) return JS_UNDEFINED;
+    JSValue payload = JS_NewObject(ctx);
+    JS_DefinePropertyValueStr(ctx, payload, "queued", JS_NewUint32(ctx, partial.queued), JS_PROP_C_W_E);
+    JS_DefinePropertyValueStr(ctx, payload, "error", JS_NewString(ctx, error_code_name(partial.error)),
+                              JS_PROP_C_W_E);
+    return throw_refusal(partial.error, payload);
+}
+
+static const JSCFunctionListEntry text_batch_send_funcs[] = {
+    JS_CFUNC_DEF("send", 3, text_batch_send),
+};
+
+// ---------------------------------------------------------------------------
 // Modules: `import { publishText } from "wharf:websocket/pubsub@0.1.6"`.
 
 struct native_module {
@@ -653,6 +715,7 @@ static const struct native_module native_modules[] = {
     MODULE("pubsub", pubsub_funcs),   MODULE("attachment", attachment_funcs),
     MODULE("config", config_funcs),   MODULE("peers", peers_funcs),
     MODULE("latin1", latin1_funcs),   MODULE("batch-send", batch_send_funcs),
+    MODULE("text-batch-send", text_batch_send_funcs),
     {"connection", NULL, 0},
     {"types", NULL, 0},
 };
@@ -794,6 +857,7 @@ static void start(void) {
     atom_on_binary = JS_NewAtom(ctx, "onBinary");
     atom_on_close = JS_NewAtom(ctx, "onClose");
     atom_on_messages = JS_NewAtom(ctx, "onMessages");
+    atom_on_texts = JS_NewAtom(ctx, "onTexts");
     str_text = JS_NewString(ctx, "text");
     str_binary = JS_NewString(ctx, "binary");
     JSValue probe = JS_NewString(ctx, "ascii");
@@ -818,6 +882,7 @@ static void start(void) {
     JSValue ns = JS_GetModuleNamespace(ctx, m);
     handler_obj = JS_GetPropertyStr(ctx, ns, "handler");
     batch_obj = JS_GetPropertyStr(ctx, ns, "batchHandler");
+    text_batch_obj = JS_GetPropertyStr(ctx, ns, "textBatchHandler");
     JS_FreeValue(ctx, ns);
     if (!JS_IsObject(handler_obj)) {
         fputs("wharf-js: handler.js does not export a `handler` object\n", stderr);
@@ -1029,22 +1094,18 @@ static JSValue span_value(const uint8_t *p, const exports_wharf_websocket_packed
                                                        : JS_NewUint8ArrayCopy(ctx, p, s->len);
 }
 
-// The messages of one read, packed: the host lowers one buffer and one list
-// of spans (two allocations here) where a list of messages took one per
-// message, and the JS strings are made straight from the buffer.
-void exports_wharf_websocket_packed_handler_on_packed(borrow_t conn, bytes_t *payloads,
-                                                       exports_wharf_websocket_packed_handler_list_span_t *spans) {
-    enter();
-    JSValue c = new_conn(conn);
-    JSValue f = JS_IsObject(batch_obj) ? JS_GetProperty(ctx, batch_obj, atom_on_messages) : JS_UNDEFINED;
-    const uint8_t *p = payloads->ptr;
-    if (JS_IsFunction(ctx, f)) {
+// Messages of a read as batchHandler.onMessages takes them (without it,
+// or for one message, one onText/onBinary call each): `n` spans from
+// `spans`, their bytes from `p` on.
+static void deliver_messages(JSValue c, JSValue f, const uint8_t *p,
+                             const exports_wharf_websocket_packed_handler_span_t *spans, size_t n) {
+    if (JS_IsFunction(ctx, f) && n > 1) {
         // batchHandler.onMessages(conn, [{ tag, val }, ...]); the host sends
         // at most 1024 messages a call.
-        JSValue *items = malloc(spans->len * sizeof *items);
+        JSValue *items = malloc(n * sizeof *items);
         if (!items) die("onMessages (out of memory)");
-        for (size_t i = 0; i < spans->len; i++) {
-            const exports_wharf_websocket_packed_handler_span_t *s = &spans->ptr[i];
+        for (size_t i = 0; i < n; i++) {
+            const exports_wharf_websocket_packed_handler_span_t *s = &spans[i];
             JSValue o = JS_NewObject(ctx);
             bool text = s->kind == WHARF_WEBSOCKET_PACKED_KIND_TEXT;
             JS_DefinePropertyValue(ctx, o, atom_tag, JS_DupValue(ctx, text ? str_text : str_binary),
@@ -1054,16 +1115,16 @@ void exports_wharf_websocket_packed_handler_on_packed(borrow_t conn, bytes_t *pa
             p += s->len;
         }
         // Takes the items; one allocation for the array, not a growth per item.
-        JSValue arr = JS_NewArrayFrom(ctx, (int)spans->len, items);
+        JSValue arr = JS_NewArrayFrom(ctx, (int)n, items);
         free(items);
         if (JS_IsException(arr)) die("onMessages");
         JSValue args[2] = {c, arr};
         JS_FreeValue(ctx, settle(JS_Call(ctx, f, batch_obj, 2, args), "onMessages"));
         JS_FreeValue(ctx, arr);
     } else {
-        // No batchHandler: onText/onBinary per message, in this one call.
-        for (size_t i = 0; i < spans->len; i++) {
-            const exports_wharf_websocket_packed_handler_span_t *s = &spans->ptr[i];
+        // onText/onBinary per message, in this one call.
+        for (size_t i = 0; i < n; i++) {
+            const exports_wharf_websocket_packed_handler_span_t *s = &spans[i];
             bool text = s->kind == WHARF_WEBSOCKET_PACKED_KIND_TEXT;
             JSValue args[2] = {c, span_value(p, s)};
             p += s->len;
@@ -1072,6 +1133,69 @@ void exports_wharf_websocket_packed_handler_on_packed(borrow_t conn, bytes_t *pa
             JS_FreeValue(ctx, args[1]);
         }
     }
+}
+
+// A run of `n` texts as textBatchHandler.onTexts takes it: one string of
+// their `bytes` bytes from `p` and a Uint32Array of their lengths.
+static void deliver_texts(JSValue c, JSValue f, const uint8_t *p, size_t bytes,
+                          const exports_wharf_websocket_packed_handler_span_t *spans, size_t n) {
+    uint32_t *lens = malloc(n * sizeof *lens);
+    if (!lens) die("onTexts (out of memory)");
+    for (size_t i = 0; i < n; i++) lens[i] = spans[i].len;
+    JSValue buf = JS_NewArrayBufferCopy(ctx, (const uint8_t *)lens, n * sizeof *lens);
+    free(lens);
+    JSValue arr = JS_IsException(buf) ? buf : JS_NewTypedArray(ctx, 1, &buf, JS_TYPED_ARRAY_UINT32);
+    JS_FreeValue(ctx, buf);
+    if (JS_IsException(arr)) die("onTexts");
+    JSValue args[3] = {c, JS_NewStringLen(ctx, (const char *)p, bytes), arr};
+    JS_FreeValue(ctx, settle(JS_Call(ctx, f, text_batch_obj, 3, args), "onTexts"));
+    JS_FreeValue(ctx, args[1]);
+    JS_FreeValue(ctx, arr);
+}
+
+// Whether a run of two or more texts starts at span `i`.
+static bool run_at(const exports_wharf_websocket_packed_handler_list_span_t *spans, size_t i) {
+    return i + 1 < spans->len && spans->ptr[i].kind == WHARF_WEBSOCKET_PACKED_KIND_TEXT &&
+           spans->ptr[i + 1].kind == WHARF_WEBSOCKET_PACKED_KIND_TEXT;
+}
+
+// The messages of one read, packed: the host lowers one buffer and one list
+// of spans (two allocations here) where a list of messages took one per
+// message, and the JS strings are made straight from the buffer. With a
+// textBatchHandler, each run of texts goes to onTexts and the rest as
+// before.
+void exports_wharf_websocket_packed_handler_on_packed(borrow_t conn, bytes_t *payloads,
+                                                       exports_wharf_websocket_packed_handler_list_span_t *spans) {
+    enter();
+    JSValue c = new_conn(conn);
+    JSValue f = JS_IsObject(batch_obj) ? JS_GetProperty(ctx, batch_obj, atom_on_messages) : JS_UNDEFINED;
+    JSValue t = JS_IsObject(text_batch_obj) ? JS_GetProperty(ctx, text_batch_obj, atom_on_texts) : JS_UNDEFINED;
+    const uint8_t *p = payloads->ptr;
+    if (JS_IsFunction(ctx, t)) {
+        // Runs of two or more texts to onTexts, what lies between them as
+        // one batch (as the host cuts a batch for `text-batch-handler`).
+        for (size_t i = 0; i < spans->len;) {
+            bool text = run_at(spans, i);
+            size_t j = i, bytes = 0;
+            if (text) {
+                for (; j < spans->len && spans->ptr[j].kind == WHARF_WEBSOCKET_PACKED_KIND_TEXT; j++)
+                    bytes += spans->ptr[j].len;
+            } else {
+                do bytes += spans->ptr[j++].len;
+                while (j < spans->len && !run_at(spans, j));
+            }
+            if (text) {
+                deliver_texts(c, t, p, bytes, &spans->ptr[i], j - i);
+            } else {
+                deliver_messages(c, f, p, &spans->ptr[i], j - i);
+            }
+            p += bytes;
+            i = j;
+        }
+    } else {
+        deliver_messages(c, f, p, spans->ptr, spans->len);
+    }
+    JS_FreeValue(ctx, t);
     JS_FreeValue(ctx, f);
     packed_handler_world_list_u8_free(payloads);
     exports_wharf_websocket_packed_handler_list_span_free(spans);

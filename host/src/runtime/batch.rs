@@ -70,29 +70,34 @@ impl<'a> BatchRef<'a> {
         (self.payloads, self.spans)
     }
 
-    /// The batch cut into runs of consecutive messages of one kind, in
-    /// order: how a `text-batch-handler` gets it.
-    pub fn runs(&self) -> impl Iterator<Item = BatchRef<'a>> + use<'a> {
+    /// The batch cut where runs of two or more consecutive texts start and
+    /// end, in order: each such run (`true`) and each stretch of messages
+    /// between them (`false`). How a `text-batch-handler` gets it: a lone
+    /// text between binaries stays with them, so that the cut adds no call
+    /// where there is no run to gain from.
+    pub fn runs(&self) -> impl Iterator<Item = (bool, BatchRef<'a>)> + use<'a> {
+        let text = |s: &Span| matches!(s.kind, Kind::Text);
+        // Whether a run of texts starts at `spans[0]`.
+        let run_at = move |spans: &[Span]| spans.len() >= 2 && text(&spans[0]) && text(&spans[1]);
         let mut rest = *self;
         std::iter::from_fn(move || {
-            let first = rest.spans.first()?;
-            let text = matches!(first.kind, Kind::Text);
-            let count = rest
-                .spans
-                .iter()
-                .take_while(|s| matches!(s.kind, Kind::Text) == text)
-                .count();
+            if rest.spans.is_empty() {
+                return None;
+            }
+            let texts = run_at(rest.spans);
+            let count = if texts {
+                rest.spans.iter().take_while(|s| text(s)).count()
+            } else {
+                (1..rest.spans.len())
+                    .find(|&i| run_at(&rest.spans[i..]))
+                    .unwrap_or(rest.spans.len())
+            };
             let (spans, later) = rest.spans.split_at(count);
             let bytes = spans.iter().map(|s| s.len as usize).sum::<usize>();
             let (payloads, after) = rest.payloads.split_at_checked(bytes)?;
             rest = BatchRef::new(after, later);
-            Some(BatchRef::new(payloads, spans))
+            Some((texts, BatchRef::new(payloads, spans)))
         })
-    }
-
-    /// Whether every message is a text (an empty batch is).
-    pub fn is_text(&self) -> bool {
-        self.spans.iter().all(|s| matches!(s.kind, Kind::Text))
     }
 
     /// A batch of texts as one string and each one's length in bytes: what
@@ -196,31 +201,35 @@ mod tests {
     }
 
     #[test]
-    fn runs_cut_a_batch_by_kind_in_order() {
+    fn runs_of_texts_are_cut_out_in_order() {
         let mut batch = Batch::default();
         let messages = [
             Message::Text("héllo"),
             Message::Text(""),
             Message::Text("✓"),
             Message::Binary(&[1, 2]),
+            Message::Text("lone"),
             Message::Binary(&[]),
             Message::Text("z"),
+            Message::Text("y"),
         ];
         for message in messages {
             batch.push(message).unwrap();
         }
-        let runs: Vec<BatchRef<'_>> = batch.as_ref().runs().collect();
-        assert_eq!(runs.len(), 3);
-        assert_eq!(
-            runs.iter()
-                .map(|r| (r.len(), r.is_text()))
-                .collect::<Vec<_>>(),
-            [(3, true), (2, false), (1, true)]
-        );
-        assert_eq!(runs[0].texts().unwrap(), ("héllo✓", vec![6, 0, 3]));
-        assert_eq!(runs[1].messages().unwrap(), messages[3..5]);
-        assert_eq!(runs[2].texts().unwrap(), ("z", vec![1]));
-        assert!(matches!(runs[1].texts(), Err(NotUtf8(0))));
+        let runs: Vec<(bool, BatchRef<'_>)> = batch.as_ref().runs().collect();
+        let shape: Vec<(bool, usize)> = runs.iter().map(|(t, r)| (*t, r.len())).collect();
+        assert_eq!(shape, [(true, 3), (false, 3), (true, 2)]);
+        assert_eq!(runs[0].1.texts().unwrap(), ("héllo✓", vec![6, 0, 3]));
+        assert_eq!(runs[1].1.messages().unwrap(), messages[3..6]);
+        assert_eq!(runs[2].1.texts().unwrap(), ("zy", vec![1, 1]));
+        assert!(matches!(runs[1].1.texts(), Err(NotUtf8(0))));
+        // No run of two texts: one stretch, as it came.
+        let mut mixed = Batch::default();
+        for message in [messages[4], messages[3], messages[4]] {
+            mixed.push(message).unwrap();
+        }
+        let shape: Vec<(bool, usize)> = mixed.as_ref().runs().map(|(t, r)| (t, r.len())).collect();
+        assert_eq!(shape, [(false, 3)]);
         assert_eq!(Batch::default().as_ref().runs().count(), 0);
     }
 

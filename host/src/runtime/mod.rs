@@ -1107,15 +1107,15 @@ impl PluginInstance {
     }
 
     /// Messages that arrived together. A plugin that exports
-    /// `text-batch-handler` gets each run of texts in one `on-texts` call
-    /// and the other runs as below; a batch of one message is one
-    /// `on-text`/`on-binary` call.
+    /// `text-batch-handler` gets each run of two or more texts in one
+    /// `on-texts` call and the messages between runs as below; a batch of
+    /// one message is one `on-text`/`on-binary` call.
     pub async fn on_batch(&mut self, batch: BatchRef<'_>) -> Result<(), PluginError> {
         let Some(func) = self.on_texts.filter(|_| batch.len() > 1) else {
             return self.on_messages(batch).await;
         };
-        for run in batch.runs() {
-            if run.is_text() {
+        for (texts, run) in batch.runs() {
+            if texts {
                 self.on_texts(func, run).await?;
             } else {
                 self.on_messages(run).await?;
