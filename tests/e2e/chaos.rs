@@ -249,22 +249,16 @@ async fn text_batch_send_queues_in_order_and_stops_at_a_refusal() {
     batch_queues_in_order_and_stops_at_a_refusal("texts").await;
 }
 
-/// `text-batch-send` with lengths that do not cut its string into texts
-/// (past its end, short of it, inside a character): the plugin's bug, a
-/// trap, so its connection closes with 1011 and the failure is logged.
-#[tokio::test]
-async fn malformed_text_batch_lengths_trap() {
+/// A batched send the plugin got wrong (`command` with each case's `how`)
+/// traps: its connection closes with 1011 and the failure (`why`) is
+/// logged. The message before the bad one (`first`) may have been queued.
+async fn malformed_send_traps(command: &str, cases: [(&str, &str); 3], first: Message) {
     let server = Server::start(ServerOpts::new("chaos"));
-    for (how, why) in [
-        ("past", "length 1 runs past the end of the texts"),
-        ("unused", "the lengths leave 1 bytes of the texts unused"),
-        ("split", "length 1 ends inside a character"),
-    ] {
+    for (how, why) in cases {
         let mut ws = server.connect(false).await;
-        send_text(&mut ws, &format!("texts-bad {how}")).await;
-        // The text before the bad length may have been queued.
+        send_text(&mut ws, &format!("{command} {how}")).await;
         let mut got = recv(&mut ws).await;
-        if got == Message::Text("ok".into()) {
+        if got == first {
             got = recv(&mut ws).await;
         }
         match got {
@@ -276,31 +270,28 @@ async fn malformed_text_batch_lengths_trap() {
     assert!(!server.log_text().contains("was not refused"));
 }
 
+/// `text-batch-send` with lengths that do not cut its string into texts
+/// (past its end, short of it, inside a character).
+#[tokio::test]
+async fn malformed_text_batch_lengths_trap() {
+    let cases = [
+        ("past", "length 1 runs past the end of the texts"),
+        ("unused", "the lengths leave 1 bytes of the texts unused"),
+        ("split", "length 1 ends inside a character"),
+    ];
+    malformed_send_traps("texts-bad", cases, Message::Text("ok".into())).await;
+}
+
 /// `packed-send` with spans that do not describe its payloads (past their
-/// end, short of it, text that is not UTF-8): the plugin's bug, a trap, so
-/// its connection closes with 1011 and the failure is logged.
+/// end, short of it, text that is not UTF-8).
 #[tokio::test]
 async fn malformed_packed_spans_trap() {
-    let server = Server::start(ServerOpts::new("chaos"));
-    for (how, why) in [
+    let cases = [
         ("past", "span 1 runs past the end of the payloads"),
         ("unused", "the spans leave 1 bytes of the payloads unused"),
         ("utf8", "span 1 is text but not valid UTF-8"),
-    ] {
-        let mut ws = server.connect(false).await;
-        send_text(&mut ws, &format!("packed-bad {how}")).await;
-        // The span before the bad one may have been queued.
-        let mut got = recv(&mut ws).await;
-        if got == Message::Binary(b"ok".to_vec().into()) {
-            got = recv(&mut ws).await;
-        }
-        match got {
-            Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1011, "{how}"),
-            other => panic!("{how}: expected Close 1011, got {other:?}"),
-        }
-        server.wait_log(&[why], Duration::from_secs(5)).await;
-    }
-    assert!(!server.log_text().contains("was not refused"));
+    ];
+    malformed_send_traps("packed-bad", cases, Message::Binary(b"ok".to_vec().into())).await;
 }
 
 /// Messages that arrive after the connection's instance failed (here in

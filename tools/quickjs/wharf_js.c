@@ -583,6 +583,16 @@ static bool arg_outgoing(JSValueConst v, span_t *span, const uint8_t **bytes, co
     return ok;
 }
 
+// A batched send stopped short: an Error whose `payload` is `{ queued,
+// error }` (how many went, and the error-code of the next), as jco throws.
+static JSValue throw_partial(const wharf_websocket_batch_send_partial_t *partial) {
+    JSValue payload = JS_NewObject(ctx);
+    JS_DefinePropertyValueStr(ctx, payload, "queued", JS_NewUint32(ctx, partial->queued), JS_PROP_C_W_E);
+    JS_DefinePropertyValueStr(ctx, payload, "error", JS_NewString(ctx, error_code_name(partial->error)),
+                              JS_PROP_C_W_E);
+    return throw_refusal(partial->error, payload);
+}
+
 // send(conn, messages): queues every message in one call into the host, or
 // throws at the first one refused, as jco does: an Error whose `payload` is
 // `{ queued, error }` (how many went, and the error-code of the next). The
@@ -633,11 +643,7 @@ static JSValue batch_send(JSContext *c, JSValueConst this_val, int argc, JSValue
     free(spans);
     if (!ok) return JS_EXCEPTION;
     if (sent) return JS_UNDEFINED;
-    JSValue payload = JS_NewObject(ctx);
-    JS_DefinePropertyValueStr(ctx, payload, "queued", JS_NewUint32(ctx, partial.queued), JS_PROP_C_W_E);
-    JS_DefinePropertyValueStr(ctx, payload, "error", JS_NewString(ctx, error_code_name(partial.error)),
-                              JS_PROP_C_W_E);
-    return throw_refusal(partial.error, payload);
+    return throw_partial(&partial);
 }
 
 static const JSCFunctionListEntry batch_send_funcs[] = {
@@ -690,11 +696,7 @@ static JSValue text_batch_send(JSContext *c, JSValueConst this_val, int argc, JS
     JS_FreeCString(ctx, owned);
     free(copy);
     if (sent) return JS_UNDEFINED;
-    JSValue payload = JS_NewObject(ctx);
-    JS_DefinePropertyValueStr(ctx, payload, "queued", JS_NewUint32(ctx, partial.queued), JS_PROP_C_W_E);
-    JS_DefinePropertyValueStr(ctx, payload, "error", JS_NewString(ctx, error_code_name(partial.error)),
-                              JS_PROP_C_W_E);
-    return throw_refusal(partial.error, payload);
+    return throw_partial(&partial);
 }
 
 static const JSCFunctionListEntry text_batch_send_funcs[] = {
