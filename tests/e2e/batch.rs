@@ -2,7 +2,8 @@
 //! answering through `packed-send`): messages that arrive together reach
 //! the plugin in one call, in order, whatever their kind or size, and
 //! replies still precede the answer to a Close that followed them. The
-//! `batch-handler` list path is the other languages' echoes' (`tests/languages`).
+//! `batch-handler` list path is the other languages' echoes' (`tests/languages`);
+//! runs of texts (`text-batch-handler`) are the test plugin `text-runs`'s.
 
 use crate::support::*;
 
@@ -180,4 +181,62 @@ async fn a_burst_resumes_a_hibernated_connection() {
             assert!(got.payload == *payload, "round {round}, message {i}");
         }
     }
+}
+
+/// A plugin that takes runs of texts (`text-batch-handler`, the marked test
+/// plugin `text-runs`, without `batch-handler`) gets each burst cut at its
+/// runs: every message comes back in order, whatever the cut.
+#[tokio::test]
+async fn runs_of_texts_echo_in_order() {
+    let server = Server::start(ServerOpts::new("text_runs"));
+    let mut raw = server.raw_upgraded(false, "/").await;
+    let mut wire = Vec::new();
+    let mut want = Vec::new();
+    for i in 0..200u32 {
+        let (opcode, payload) = match i % 7 {
+            6 => (2, i.to_be_bytes().to_vec()),
+            // Larger than what the host holds for a batch (16 KiB).
+            3 if i % 70 == 3 => (1, "ü".repeat(10_000).into_bytes()),
+            _ => (
+                1,
+                format!("run {i} ✓ {}", "κόσμε 𝄞 ".repeat(i as usize % 5)).into_bytes(),
+            ),
+        };
+        wire.extend(masked(opcode, &payload));
+        want.push((opcode, payload));
+    }
+    raw.send(&wire).await;
+    for (i, (opcode, payload)) in want.iter().enumerate() {
+        let got = raw.read_frame().await;
+        assert_eq!(got.opcode, *opcode, "message {i}");
+        assert!(got.payload == *payload, "message {i}: payload differs");
+    }
+}
+
+/// When one call of a cut batch fails, the messages of the calls after it
+/// never reach the plugin: they are counted as dropped with the instance,
+/// not lost silently. The batch's replies go with the instance, as they
+/// would if it had been one call (a failed call's sends are never sent).
+#[tokio::test]
+async fn a_failed_run_counts_the_rest_of_its_batch() {
+    let server = Server::start(ServerOpts {
+        extra: "[admin]\nlisten = \"127.0.0.1:0\"\n".into(),
+        ..ServerOpts::new("text_runs")
+    });
+    let mut raw = server.raw_upgraded(false, "/").await;
+    // A binary alone, a run that traps at its second text, a binary alone
+    // and a run of two: the last three never reach the plugin.
+    let mut wire = masked(2, b"b");
+    for (opcode, payload) in [(1, "t"), (1, "trap"), (2, "after"), (1, "x"), (1, "y")] {
+        wire.extend(masked(opcode, payload.as_bytes()));
+    }
+    raw.send(&wire).await;
+    assert_eq!(raw.read_close().await.0, 1011);
+    let dropped = "wharf_received_dropped_total{reason=\"instance-gone\"}";
+    assert_eq!(
+        server
+            .metric_reaches(dropped, 3.0, std::time::Duration::from_secs(5))
+            .await,
+        3.0
+    );
 }

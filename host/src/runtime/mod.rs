@@ -728,6 +728,7 @@ impl Plugin {
             handler,
             on_batch,
             on_texts,
+            undelivered: 0,
             snapshot,
             on_request,
             conn,
@@ -930,6 +931,8 @@ pub struct PluginInstance {
     on_batch: Option<BatchFunc>,
     /// ...and a batch's runs of texts, if it takes them as one string.
     on_texts: Option<Func>,
+    /// Messages the last failed batch left undelivered.
+    undelivered: usize,
     /// `snapshot#save` and `#restore`, if the plugin exports them.
     snapshot: Option<SnapshotFuncs>,
     /// `request-handler#on-request`, if the plugin exports it.
@@ -1110,23 +1113,43 @@ impl PluginInstance {
     /// `text-batch-handler` gets each run of two or more texts in one
     /// `on-texts` call and the messages between runs as below; a batch of
     /// one message is one `on-text`/`on-binary` call.
+    /// If a call fails, [`undelivered`](Self::undelivered) says how many
+    /// messages of the batch it left undelivered; the replies of the calls
+    /// before it go with the instance, as a single call's would.
     pub async fn on_batch(&mut self, batch: BatchRef<'_>) -> Result<(), PluginError> {
+        self.undelivered = 0;
         let Some(func) = self.on_texts.filter(|_| batch.len() > 1) else {
             return self.on_messages(batch).await;
         };
+        let mut left = batch.len();
         for (texts, run) in batch.runs() {
-            if texts {
-                self.on_texts(func, run).await?;
+            left -= run.len();
+            let r = if texts {
+                self.on_texts(func, run).await
             } else {
-                self.on_messages(run).await?;
+                self.on_messages(run).await
+            };
+            if r.is_err() {
+                self.undelivered += left;
+                return r;
             }
         }
         Ok(())
     }
 
+    /// After a failed [`on_batch`](Self::on_batch): how many of the batch's
+    /// messages never reached the plugin (those after the call that failed,
+    /// when the batch took several calls), for the caller to count as lost.
+    pub fn undelivered(&self) -> usize {
+        self.undelivered
+    }
+
     /// A run of texts, in one `on-texts` call.
     async fn on_texts(&mut self, func: Func, run: BatchRef<'_>) -> Result<(), PluginError> {
-        let (texts, lens) = run.texts().map_err(|e| PluginError::Trap(e.into()))?;
+        let (texts, lens) = run.texts().map_err(|e| {
+            self.undelivered += run.len();
+            PluginError::Trap(e.into())
+        })?;
         let conn = self.arm();
         let wall = self.wall();
         let r = wall::within(wall, || {
@@ -1145,11 +1168,19 @@ impl PluginInstance {
         // host's failure, not the call's.
         let messages = match func {
             Some(BatchFunc::Packed(_)) => Vec::new(),
-            _ => batch.messages().map_err(|e| PluginError::Trap(e.into()))?,
+            _ => batch.messages().map_err(|e| {
+                self.undelivered += batch.len();
+                PluginError::Trap(e.into())
+            })?,
         };
         let Some(func) = func else {
+            let mut left = messages.len();
             for message in messages {
-                self.on_message(message).await?;
+                left -= 1;
+                if let Err(err) = self.on_message(message).await {
+                    self.undelivered += left;
+                    return Err(err);
+                }
             }
             return Ok(());
         };

@@ -56,6 +56,23 @@ impl Delivery<'_> {
     }
 }
 
+/// What a delivery came to: the calls' result, and how many of its
+/// messages never reached the plugin (a batch the host cut into several
+/// calls, after the one that failed).
+pub(super) struct Called {
+    pub(super) result: Result<(), PluginError>,
+    pub(super) undelivered: usize,
+}
+
+impl From<Result<(), PluginError>> for Called {
+    fn from(result: Result<(), PluginError>) -> Self {
+        Self {
+            result,
+            undelivered: 0,
+        }
+    }
+}
+
 /// `delivery` to the plugin: `on-text`/`on-binary` for one message, a
 /// batch call for several. `None`: the instance is gone (it failed
 /// before), the messages are dropped.
@@ -65,7 +82,7 @@ pub(super) async fn call_with(
     backlog: usize,
     state: State,
     direct: Option<&Arc<dyn DirectWrite>>,
-) -> Option<Result<(), PluginError>> {
+) -> Option<Called> {
     let wait = slots.share.wait();
     if !wait.is_zero() {
         tokio::time::sleep(wait).await;
@@ -76,7 +93,7 @@ pub(super) async fn call_with(
     let movable =
         slots.share.is_limited() && slots.handler.is_own() && delivery.bytes() <= MOVABLE_MAX;
     let mut instance = match slots.handler.acquire(slots.plugin, slots.id).await {
-        Err(err) => return Some(Err(err)),
+        Err(err) => return Some(Err(err).into()),
         Ok(None) => return None,
         Ok(Some(instance)) => instance,
     };
@@ -94,14 +111,24 @@ pub(super) async fn call_with(
         };
         return Some(call_movable(slots.handler, delivery, from).await);
     }
-    let r = match delivery {
-        Delivery::One(message) => instance.on_message(message).await,
-        Delivery::Batch(batch) => instance.on_batch(batch).await,
+    let called = match delivery {
+        Delivery::One(message) => instance.on_message(message).await.into(),
+        Delivery::Batch(batch) => {
+            let result = instance.on_batch(batch).await;
+            Called {
+                undelivered: if result.is_err() {
+                    instance.undelivered()
+                } else {
+                    0
+                },
+                result,
+            }
+        }
     };
-    if r.is_err() {
+    if called.result.is_err() {
         instance.fail();
     }
-    Some(r)
+    Some(called)
 }
 
 /// Most payload bytes copied for a call that may move off the workers.
@@ -117,37 +144,49 @@ async fn call_movable(
     handler: &mut Handler,
     delivery: Delivery<'_>,
     from: Option<idle_pool::Lane>,
-) -> Result<(), PluginError> {
+) -> Called {
     let owned = match delivery {
         Delivery::One(message) => {
             let mut one = Batch::default();
-            one.push(message).map_err(|e| PluginError::Trap(e.into()))?;
+            if let Err(e) = one.push(message) {
+                return Err(PluginError::Trap(e.into())).into();
+            }
             one
         }
         Delivery::Batch(batch) => batch.to_owned(),
     };
     let Some(mut instance) = handler.lend() else {
-        return Ok(());
+        return Ok(()).into();
     };
     let moved = instance.movable();
     let call = async move {
-        let r = instance.on_batch(owned.as_ref()).await;
+        let result = instance.on_batch(owned.as_ref()).await;
+        let undelivered = if result.is_err() {
+            instance.undelivered()
+        } else {
+            0
+        };
         // A failed instance is dropped where it ran: freeing what a hostile
         // one grew (its memory slot's reset, a large attachment) is work
         // the workers should not do for it.
-        (r.is_ok().then_some(instance), r)
+        let called = Called {
+            result,
+            undelivered,
+        };
+        (called.result.is_ok().then_some(instance), called)
     };
     let done = idle_pool::run_movable(call, moved, from).await;
     match done {
-        Ok((instance, r)) => {
+        Ok((instance, called)) => {
             if let Some(instance) = instance {
                 handler.restore(instance);
             }
-            r
+            called
         }
         // It panicked: the instance went with it.
         Err(err) => Err(PluginError::Trap(anyhow::anyhow!(
             "call on the idle pool failed: {err}"
-        ))),
+        )))
+        .into(),
     }
 }

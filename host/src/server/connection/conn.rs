@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use wharf_protocol::{CloseCode, CloseInfo, Event, State, WebSocket};
 
 use super::Shared;
-use super::calls::{Delivery, Woken, call_with};
+use super::calls::{Called, Delivery, Woken, call_with};
 use super::transport::DirectTcp;
 use crate::metrics::Tally;
 use crate::runtime::batch_handler::Message;
@@ -610,18 +610,17 @@ impl Conn {
     }
 
     /// After a call that delivered `count` messages (started at `now`):
-    /// its time recorded and its result acted on, or the messages counted
-    /// as lost with the instance. Returns the clock at its end.
-    async fn called(
-        &mut self,
-        r: Option<Result<(), PluginError>>,
-        count: usize,
-        now: Instant,
-    ) -> Instant {
+    /// its time recorded and its result acted on (the messages a failed
+    /// batch left undelivered counted as lost), or the messages counted as
+    /// lost with the instance. Returns the clock at its end.
+    async fn called(&mut self, r: Option<Called>, count: usize, now: Instant) -> Instant {
         match r {
-            Some(r) => {
+            Some(called) => {
                 let end = self.record_call(now);
-                self.after_call(r).await;
+                if called.undelivered > 0 {
+                    self.instance_gone(called.undelivered);
+                }
+                self.after_call(called.result).await;
                 end
             }
             None => {
