@@ -1176,23 +1176,19 @@ void exports_wharf_websocket_packed_handler_on_packed(borrow_t conn, bytes_t *pa
     if (JS_IsFunction(ctx, t)) {
         // Runs of two or more texts to onTexts, what lies between them as
         // one batch (as the host cuts a batch for `text-batch-handler`).
-        for (size_t i = 0; i < spans->len;) {
-            bool text = run_at(spans, i);
-            size_t j = i, bytes = 0;
-            if (text) {
-                for (; j < spans->len && spans->ptr[j].kind == WHARF_WEBSOCKET_PACKED_KIND_TEXT; j++)
+        for (size_t i = 0, j; i < spans->len; i = j) {
+            size_t bytes = 0;
+            if (run_at(spans, i)) {
+                for (j = i; j < spans->len && spans->ptr[j].kind == WHARF_WEBSOCKET_PACKED_KIND_TEXT; j++)
                     bytes += spans->ptr[j].len;
-            } else {
-                do bytes += spans->ptr[j++].len;
-                while (j < spans->len && !run_at(spans, j));
-            }
-            if (text) {
                 deliver_texts(c, t, p, bytes, &spans->ptr[i], j - i);
             } else {
+                j = i;
+                do bytes += spans->ptr[j++].len;
+                while (j < spans->len && !run_at(spans, j));
                 deliver_messages(c, f, p, &spans->ptr[i], j - i);
             }
             p += bytes;
-            i = j;
         }
     } else {
         deliver_messages(c, f, p, spans->ptr, spans->len);

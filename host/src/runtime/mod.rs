@@ -1137,9 +1137,10 @@ impl PluginInstance {
         Ok(())
     }
 
-    /// After a failed [`on_batch`](Self::on_batch): how many of the batch's
-    /// messages never reached the plugin (those after the call that failed,
-    /// when the batch took several calls), for the caller to count as lost.
+    /// After [`on_batch`](Self::on_batch): how many of the batch's messages
+    /// never reached the plugin (those after a call that failed, when the
+    /// batch took several calls; none if every call succeeded), for the
+    /// caller to count as lost.
     pub fn undelivered(&self) -> usize {
         self.undelivered
     }

@@ -116,12 +116,8 @@ pub(super) async fn call_with(
         Delivery::Batch(batch) => {
             let result = instance.on_batch(batch).await;
             Called {
-                undelivered: if result.is_err() {
-                    instance.undelivered()
-                } else {
-                    0
-                },
                 result,
+                undelivered: instance.undelivered(),
             }
         }
     };
@@ -161,11 +157,7 @@ async fn call_movable(
     let moved = instance.movable();
     let call = async move {
         let result = instance.on_batch(owned.as_ref()).await;
-        let undelivered = if result.is_err() {
-            instance.undelivered()
-        } else {
-            0
-        };
+        let undelivered = instance.undelivered();
         // A failed instance is dropped where it ran: freeing what a hostile
         // one grew (its memory slot's reset, a large attachment) is work
         // the workers should not do for it.
