@@ -215,8 +215,9 @@ async fn runs_of_texts_echo_in_order() {
 
 /// When one call of a cut batch fails, the messages of the calls after it
 /// never reach the plugin: they are counted as dropped with the instance,
-/// not lost silently. The batch's replies go with the instance, as they
-/// would if it had been one call (a failed call's sends are never sent).
+/// not lost silently. What the plugin sent before it failed, in that call
+/// and the ones before, goes out ahead of the 1011: a send the host
+/// accepted is not taken back.
 #[tokio::test]
 async fn a_failed_run_counts_the_rest_of_its_batch() {
     let server = Server::start(ServerOpts {
@@ -231,6 +232,10 @@ async fn a_failed_run_counts_the_rest_of_its_batch() {
         wire.extend(masked(opcode, payload.as_bytes()));
     }
     raw.send(&wire).await;
+    for (opcode, payload) in [(2, "b"), (1, "t")] {
+        let got = raw.read_frame().await;
+        assert_eq!((got.opcode, &got.payload[..]), (opcode, payload.as_bytes()));
+    }
     assert_eq!(raw.read_close().await.0, 1011);
     let dropped = "wharf_received_dropped_total{reason=\"instance-gone\"}";
     assert_eq!(

@@ -251,19 +251,28 @@ async fn text_batch_send_queues_in_order_and_stops_at_a_refusal() {
 
 /// A batched send the plugin got wrong (`command` with each case's `how`)
 /// traps: its connection closes with 1011 and the failure (`why`) is
-/// logged. The message before the bad one (`first`) may have been queued.
-async fn malformed_send_traps(command: &str, cases: [(&str, &str); 3], first: Message) {
+/// logged. The messages before the bad one (`before`, as `kind` makes
+/// them) may have been queued: what arrives ahead of the Close is a prefix
+/// of them, since a send the host accepted goes out even when the call
+/// then fails.
+async fn malformed_send_traps(
+    command: &str,
+    cases: [(&str, &str, &[&str]); 3],
+    kind: fn(&str) -> Message,
+) {
     let server = Server::start(ServerOpts::new("chaos"));
-    for (how, why) in cases {
+    for (how, why, before) in cases {
         let mut ws = server.connect(false).await;
         send_text(&mut ws, &format!("{command} {how}")).await;
-        let mut got = recv(&mut ws).await;
-        if got == first {
-            got = recv(&mut ws).await;
-        }
-        match got {
-            Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1011, "{how}"),
-            other => panic!("{how}: expected Close 1011, got {other:?}"),
+        let mut queued = before.iter().map(|m| kind(m));
+        loop {
+            match recv(&mut ws).await {
+                Message::Close(Some(f)) => {
+                    assert_eq!(u16::from(f.code), 1011, "{how}");
+                    break;
+                }
+                got => assert_eq!(Some(got), queued.next(), "{how}"),
+            }
         }
         server.wait_log(&[why], Duration::from_secs(5)).await;
     }
@@ -274,24 +283,56 @@ async fn malformed_send_traps(command: &str, cases: [(&str, &str); 3], first: Me
 /// (past its end, short of it, inside a character).
 #[tokio::test]
 async fn malformed_text_batch_lengths_trap() {
-    let cases = [
-        ("past", "length 1 runs past the end of the texts"),
-        ("unused", "the lengths leave 1 bytes of the texts unused"),
-        ("split", "length 1 ends inside a character"),
+    let cases: [(&str, &str, &[&str]); 3] = [
+        ("past", "length 1 runs past the end of the texts", &["ok"]),
+        (
+            "unused",
+            "the lengths leave 1 bytes of the texts unused",
+            &["ok", "1"],
+        ),
+        ("split", "length 1 ends inside a character", &["ok"]),
     ];
-    malformed_send_traps("texts-bad", cases, Message::Text("ok".into())).await;
+    malformed_send_traps("texts-bad", cases, |m| Message::Text(m.into())).await;
 }
 
 /// `packed-send` with spans that do not describe its payloads (past their
 /// end, short of it, text that is not UTF-8).
 #[tokio::test]
 async fn malformed_packed_spans_trap() {
-    let cases = [
-        ("past", "span 1 runs past the end of the payloads"),
-        ("unused", "the spans leave 1 bytes of the payloads unused"),
-        ("utf8", "span 1 is text but not valid UTF-8"),
+    let cases: [(&str, &str, &[&str]); 3] = [
+        ("past", "span 1 runs past the end of the payloads", &["ok"]),
+        (
+            "unused",
+            "the spans leave 1 bytes of the payloads unused",
+            &["ok", "1"],
+        ),
+        ("utf8", "span 1 is text but not valid UTF-8", &["ok"]),
     ];
-    malformed_send_traps("packed-bad", cases, Message::Binary(b"ok".to_vec().into())).await;
+    malformed_send_traps("packed-bad", cases, |m| {
+        Message::Binary(m.as_bytes().to_vec().into())
+    })
+    .await;
+}
+
+/// A large send goes to the socket during the call, and what the socket
+/// does not take waits in the outbox: when the call then traps, the rest
+/// of that frame still goes out ahead of the 1011 (the frame is begun on
+/// the wire; a Close in its middle would corrupt the stream).
+#[tokio::test]
+async fn a_trap_after_a_large_send_finishes_its_frame_first() {
+    let server = chaos_server();
+    let mut raw = server.raw_upgraded(false, "/").await;
+    // More than loopback's socket buffers hold while nobody reads.
+    let size = 12 << 20;
+    raw.send(&masked(0x1, format!("big-trap {size}").as_bytes()))
+        .await;
+    server
+        .wait_log(&["trapping after a large send"], Duration::from_secs(10))
+        .await;
+    let frame = raw.read_frame().await;
+    assert_eq!((frame.opcode, frame.payload.len()), (0x2, size));
+    assert!(frame.payload.iter().all(|b| *b == 7));
+    assert_eq!(raw.read_close().await.0, 1011);
 }
 
 /// Messages that arrive after the connection's instance failed (here in

@@ -137,6 +137,28 @@ async fn a_failed_shared_instance_closes_its_connections_and_is_replaced() {
     );
 }
 
+/// A call that queued sends and then failed: its own connection gets what
+/// it sent ahead of the 1011; what it queued for another connection goes
+/// with the instance, counted.
+#[tokio::test]
+async fn a_failed_call_delivers_its_own_sends_and_counts_the_others() {
+    let server = start(&[tenant("one", "chaos", &["/one"], "shared")]);
+    let mut a = connect(&server, "/one").await;
+    let mut b = connect(&server, "/one").await;
+    let b_id = ask(&mut b, "id").await;
+    say(&mut a, &format!("peer-trap {b_id}")).await;
+    assert_eq!(hear(&mut a).await, "to me");
+    assert_eq!(a.read_close().await.0, 1011);
+    assert_eq!(b.read_close().await.0, 1011);
+    let lost = "wharf_sends_refused_total{reason=\"instance-failed\"}";
+    assert_eq!(
+        server
+            .metric_reaches(lost, 1.0, Duration::from_secs(5))
+            .await,
+        1.0
+    );
+}
+
 #[tokio::test]
 async fn a_spinning_event_in_a_shared_instance_is_cut() {
     let mut opts = ServerOpts::new("");

@@ -207,8 +207,15 @@ impl Outbox {
         self.frames.is_empty() && self.close.is_none()
     }
 
-    /// Discards the queued sends (for callers that drive an instance without
-    /// a connection: benches, tests); returns how many messages there were.
+    /// Takes the queued frames, leaving an empty batch (a failed call's,
+    /// for the driver: see [`PluginInstance::salvage`](super::PluginInstance::salvage)).
+    pub fn take_frames(&mut self) -> FrameBatch {
+        std::mem::replace(&mut self.frames, FrameBatch::new(self.limits.fragment_size))
+    }
+
+    /// Discards the queued sends (an instance's other connections when it
+    /// fails; callers that drive an instance without a connection: benches,
+    /// tests); returns how many messages there were.
     pub fn discard(&mut self) -> u64 {
         let (text, binary) = self.frames.take_tally();
         self.frames.clear();

@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{Component, Func, HasSelf, InstancePre, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wharf_protocol::FrameBatch;
 
 use self::batch::BatchRef;
 use self::batch_handler::Message;
@@ -831,6 +832,13 @@ impl Conns {
     fn len(&self) -> usize {
         usize::from(self.first.is_some()) + self.rest.len()
     }
+
+    fn reps(&self) -> impl Iterator<Item = u32> + '_ {
+        self.first
+            .map(|(_, rep)| rep)
+            .into_iter()
+            .chain(self.rest.values().copied())
+    }
 }
 
 impl HostState {
@@ -922,6 +930,26 @@ enum BatchFunc {
     Packed(Func),
 }
 
+/// What a failed instance leaves ([`PluginInstance::salvage`]): the
+/// calling connection's queued frames, which the driver delivers ahead of
+/// its 1011 (sends the host accepted are not taken back, and a frame a
+/// large send began on the wire must be finished or the stream is
+/// corrupt), and how many messages it had queued for the other
+/// connections of a shared instance, lost with it and counted.
+#[derive(Debug, Default)]
+pub struct Salvage {
+    pub frames: FrameBatch,
+    pub lost: u64,
+}
+
+impl Salvage {
+    /// Every message it holds, for a caller that can deliver none.
+    pub fn messages(mut self) -> u64 {
+        let (text, binary) = self.frames.take_tally();
+        text.messages + binary.messages + self.lost
+    }
+}
+
 /// One connection's plugin instance: its store, its exports and its
 /// connection handle.
 pub struct PluginInstance {
@@ -990,6 +1018,24 @@ impl PluginInstance {
             .table
             .set_max_capacity(MAX_HOST_RESOURCES + state.conns.len().saturating_sub(1));
         state.table.delete(Resource::new_own(rep)).ok()
+    }
+
+    /// The instance failed and is about to be dropped; what its outboxes
+    /// hold is taken first. See [`Salvage`].
+    pub fn salvage(&mut self) -> Salvage {
+        let current = self.conn.rep();
+        let state = self.store.data_mut();
+        let mut lost = 0;
+        for rep in state.conns.reps().filter(|rep| *rep != current) {
+            if let Ok(entry) = state
+                .table
+                .get_mut(&Resource::<ConnectionEntry>::new_own(rep))
+            {
+                lost += entry.outbox.discard();
+            }
+        }
+        let frames = self.connection().outbox.take_frames();
+        Salvage { frames, lost }
     }
 
     /// The connection's queued sends, with the driver's view of the socket.
@@ -1115,7 +1161,8 @@ impl PluginInstance {
     /// one message is one `on-text`/`on-binary` call.
     /// If a call fails, [`undelivered`](Self::undelivered) says how many
     /// messages of the batch it left undelivered; the replies of the calls
-    /// before it go with the instance, as a single call's would.
+    /// before it, and its own, are in the outbox for
+    /// [`salvage`](Self::salvage).
     pub async fn on_batch(&mut self, batch: BatchRef<'_>) -> Result<(), PluginError> {
         self.undelivered = 0;
         let Some(func) = self.on_texts.filter(|_| batch.len() > 1) else {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::beacon::{Beacon, Watcher};
 use crate::runtime::connection_host::{ConnectionEntry, Parked};
 use crate::runtime::shared::{self, Held, SharedInstance};
-use crate::runtime::{Plugin, PluginError, PluginInstance};
+use crate::runtime::{Plugin, PluginError, PluginInstance, Salvage};
 
 pub(super) enum Handler {
     /// Per-connection mode.
@@ -243,12 +243,15 @@ impl Drop for Member {
 }
 
 impl Acquired<'_> {
-    /// The call just made failed: a shared instance is dropped at once,
-    /// before another connection calls into it.
-    pub fn fail(&mut self) {
+    /// The call just made failed: what its outboxes hold is taken, and a
+    /// shared instance is dropped at once, before another connection calls
+    /// into it (an own one goes at [`Handler::bury`]).
+    pub fn fail(&mut self) -> Salvage {
+        let salvage = self.salvage();
         if let Acquired::Shared(held) = self {
             held.fail();
         }
+        salvage
     }
 }
 

@@ -31,7 +31,9 @@
 //!   since the Unix epoch.
 //! - "id": answers the connection's id; "peer ID TEXT": sends TEXT to
 //!   connection ID (`wharf:websocket/peers`), answering "peer ok" or
-//!   "peer err=<error>".
+//!   "peer err=<error>"; "peer-trap ID": sends "to you" to connection ID
+//!   and "to me" to its own, then traps.
+//! - "big-trap N": sends a binary of N bytes (each 7), then traps.
 //!
 //! An upgrade request for the path "/reject-trap" traps in `on_upgrade`.
 
@@ -238,6 +240,13 @@ impl Guest for Chaos {
         if text == "id" {
             return log_err(conn, conn.send_text(&conn.id().to_string()));
         }
+        if let Some(id) = text.strip_prefix("peer-trap ") {
+            if let Ok(id) = id.parse::<u64>() {
+                let _ = peers::send_text(id, "to you");
+            }
+            log_err(conn, conn.send_text("to me"));
+            panic!("chaos: trapping after sends, as asked");
+        }
         if let Some(rest) = text.strip_prefix("peer ") {
             let (id, message) = rest.split_once(' ').unwrap_or((rest, ""));
             let result = match id.parse::<u64>() {
@@ -269,6 +278,10 @@ impl Guest for Chaos {
         };
         match (command, arg) {
             ("trap", None) => panic!("chaos: trapping as asked"),
+            ("big-trap", Some(n)) => {
+                log_err(conn, conn.send_binary(&vec![7; n as usize]));
+                panic!("chaos: trapping after a large send, as asked");
+            }
             ("loop", None) => spin_forever(),
             ("alloc", None) => exhaust_memory(),
             ("sleep", Some(ms)) => {

@@ -11,7 +11,7 @@ use crate::runtime::batch_handler::Message;
 use crate::runtime::connection_host::DirectWrite;
 use crate::runtime::cpu_share::CpuShare;
 use crate::runtime::idle_pool;
-use crate::runtime::{Plugin, PluginError};
+use crate::runtime::{Plugin, PluginError, Salvage};
 use crate::server::handler::Handler;
 
 /// What a call needs: the connection's handler, its plugin, and its
@@ -56,12 +56,13 @@ impl Delivery<'_> {
     }
 }
 
-/// What a delivery came to: the calls' result, and how many of its
-/// messages never reached the plugin (a batch the host cut into several
-/// calls, after the one that failed).
+/// What a delivery came to: the calls' result, how many of its messages
+/// never reached the plugin (a batch the host cut into several calls,
+/// after the one that failed), and what a failed instance left.
 pub(super) struct Called {
     pub(super) result: Result<(), PluginError>,
     pub(super) undelivered: usize,
+    pub(super) salvage: Salvage,
 }
 
 impl From<Result<(), PluginError>> for Called {
@@ -69,6 +70,7 @@ impl From<Result<(), PluginError>> for Called {
         Self {
             result,
             undelivered: 0,
+            salvage: Salvage::default(),
         }
     }
 }
@@ -111,18 +113,19 @@ pub(super) async fn call_with(
         };
         return Some(call_movable(slots.handler, delivery, from).await);
     }
-    let called = match delivery {
+    let mut called: Called = match delivery {
         Delivery::One(message) => instance.on_message(message).await.into(),
         Delivery::Batch(batch) => {
             let result = instance.on_batch(batch).await;
             Called {
                 result,
                 undelivered: instance.undelivered(),
+                salvage: Salvage::default(),
             }
         }
     };
     if called.result.is_err() {
-        instance.fail();
+        called.salvage = instance.fail();
     }
     Some(called)
 }
@@ -161,9 +164,14 @@ async fn call_movable(
         // A failed instance is dropped where it ran: freeing what a hostile
         // one grew (its memory slot's reset, a large attachment) is work
         // the workers should not do for it.
+        let salvage = match result {
+            Ok(()) => Salvage::default(),
+            Err(_) => instance.salvage(),
+        };
         let called = Called {
             result,
             undelivered,
+            salvage,
         };
         (called.result.is_ok().then_some(instance), called)
     };

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tokio::net::TcpStream;
 
-use wharf_protocol::{CloseCode, CloseInfo, Event, State, WebSocket};
+use wharf_protocol::{CloseCode, CloseInfo, Event, FrameBatch, State, WebSocket};
 
 use super::Shared;
 use super::calls::{Called, Delivery, Woken, call_with};
@@ -17,7 +17,7 @@ use crate::runtime::batch_handler::Message;
 use crate::runtime::connection_host::DirectWrite;
 use crate::runtime::lifecycle::Calls;
 use crate::runtime::pubsub_host::Mailbox;
-use crate::runtime::{Plugin, PluginError, PluginInstance};
+use crate::runtime::{Plugin, PluginError, PluginInstance, Salvage};
 use crate::server::budget::Held;
 use crate::server::handler::Handler;
 use crate::server::inbox::{self, Inbox};
@@ -185,20 +185,47 @@ impl Conn {
         }
         let (backlog, state) = (self.ws.output_len(), self.ws.state());
         let started = Instant::now();
-        let r = match self.handler.acquire(&self.plugin, self.id).await {
+        let (r, salvage) = match self.handler.acquire(&self.plugin, self.id).await {
             Ok(Some(mut instance)) => {
                 Self::sync_outbox(&mut instance, backlog, state, None);
                 let r = instance.on_open().await;
-                if r.is_err() {
-                    instance.fail();
-                }
-                r
+                let salvage = match r {
+                    Ok(()) => Salvage::default(),
+                    Err(_) => instance.fail(),
+                };
+                (r, salvage)
             }
             Ok(None) => return,
-            Err(err) => Err(err),
+            Err(err) => (Err(err), Salvage::default()),
         };
         self.record_call(started);
+        self.salvaged(salvage);
         self.after_call(r).await;
+    }
+
+    /// What a failed instance left: the connection's frames go to the
+    /// protocol ahead of the 1011 [`after_call`](Self::after_call) queues;
+    /// other connections' messages are counted as lost.
+    pub(super) fn salvaged(&mut self, mut salvage: Salvage) {
+        if salvage.lost > 0 {
+            tracing::warn!(
+                conn = self.id,
+                dropped = salvage.lost,
+                "sends to other connections of a failed shared instance dropped"
+            );
+            self.shared
+                .metrics
+                .sends_refused("instance-failed", salvage.lost);
+        }
+        if !salvage.frames.is_empty() {
+            Self::hand_over(
+                &mut self.ws,
+                &mut self.tally,
+                &self.shared,
+                self.id,
+                &mut salvage.frames,
+            );
+        }
     }
 
     /// Hands the plugin's sends to the protocol, or buries a failed instance.
@@ -249,41 +276,52 @@ impl Conn {
             return;
         }
         if !outbox.frames.is_empty() {
-            // Framed during the call straight from the plugin's memory; the
-            // protocol takes the whole batch (exchanging buffers when its
-            // queue is empty). Replies to messages read before a Close came
-            // in go ahead of the answer to it: the outbox admitted them by
-            // the state the messages were read in.
-            let (text, binary) = outbox.frames.take_tally();
-            match self.ws.send_batch_before_close(&mut outbox.frames) {
-                Ok(()) => {
-                    self.tally.get_or_insert_default().messages_sent(
-                        false,
-                        text.messages,
-                        text.bytes,
-                    );
-                    self.tally.get_or_insert_default().messages_sent(
-                        true,
-                        binary.messages,
-                        binary.bytes,
-                    );
-                }
-                Err(err) => {
-                    // The outbox applies the protocol's own rules, so this is
-                    // a race with a close; still, nothing is dropped unseen.
-                    let dropped = text.messages + binary.messages;
-                    tracing::warn!(conn = self.id, %err, dropped, "plugin sends dropped");
-                    self.shared
-                        .metrics
-                        .sends_refused(send_error_label(&err), dropped);
-                }
-            }
+            Self::hand_over(
+                &mut self.ws,
+                &mut self.tally,
+                &self.shared,
+                self.id,
+                &mut outbox.frames,
+            );
         }
         if let Some((code, reason)) = outbox.close.take()
             && let Err(err) = self.ws.close(code, &reason)
         {
             tracing::warn!(conn = self.id, %err, "plugin close dropped");
             self.shared.metrics.sends_refused(send_error_label(&err), 1);
+        }
+    }
+
+    /// Hands frames a call queued to the protocol, counted as sent. Framed
+    /// during the call straight from the plugin's memory; the protocol
+    /// takes the whole batch (exchanging buffers when its queue is empty).
+    /// Replies to messages read before a Close came in go ahead of the
+    /// answer to it: the outbox admitted them by the state the messages
+    /// were read in. Fields, not `self`: the outbox is in the instance the
+    /// handler lends.
+    fn hand_over(
+        ws: &mut WebSocket,
+        tally: &mut Option<Box<Tally>>,
+        shared: &Shared,
+        id: u64,
+        frames: &mut FrameBatch,
+    ) {
+        let (text, binary) = frames.take_tally();
+        match ws.send_batch_before_close(frames) {
+            Ok(()) => {
+                let tally = tally.get_or_insert_default();
+                tally.messages_sent(false, text.messages, text.bytes);
+                tally.messages_sent(true, binary.messages, binary.bytes);
+            }
+            Err(err) => {
+                // The outbox applies the protocol's own rules, so this is
+                // a race with a close; still, nothing is dropped unseen.
+                let dropped = text.messages + binary.messages;
+                tracing::warn!(conn = id, %err, dropped, "plugin sends dropped");
+                shared
+                    .metrics
+                    .sends_refused(send_error_label(&err), dropped);
+            }
         }
     }
 
@@ -429,7 +467,10 @@ impl Conn {
                     .on_close(closed.code, &closed.reason, closed.clean)
                     .await;
                 if r.is_err() {
-                    instance.fail();
+                    // Sends are refused once closed: only a shared
+                    // instance's other connections can have lost any.
+                    let salvage = instance.fail();
+                    self.salvaged(salvage);
                 }
                 Some(r)
             }
@@ -620,6 +661,7 @@ impl Conn {
                 if called.undelivered > 0 {
                     self.instance_gone(called.undelivered);
                 }
+                self.salvaged(called.salvage);
                 self.after_call(called.result).await;
                 end
             }

@@ -158,7 +158,12 @@ where
             Ok(Some(mut instance)) => {
                 let r = instance.on_upgrade(upgrade).await;
                 if r.is_err() {
-                    instance.fail();
+                    // Refused with a 500: there is no connection to
+                    // deliver the sends it queued to.
+                    let dropped = instance.fail().messages();
+                    if dropped > 0 {
+                        shared.metrics.sends_refused("instance-failed", dropped);
+                    }
                 }
                 r
             }
