@@ -159,6 +159,23 @@ async fn a_failed_call_delivers_its_own_sends_and_counts_the_others() {
     );
 }
 
+/// The same with an instance per connection on a server of several
+/// tenants, whose calls may move off the workers (`idle_pool`): the
+/// instance is dropped where the call ran, and its sends come back first.
+#[tokio::test]
+async fn a_failed_movable_call_delivers_its_sends() {
+    let server = start(&[
+        tenant("one", "chaos", &["/one"], "per-connection"),
+        tenant("two", "chaos", &["/two"], "per-connection"),
+    ]);
+    let mut a = connect(&server, "/one").await;
+    say(&mut a, "peer-trap 0").await;
+    assert_eq!(hear(&mut a).await, "to me");
+    assert_eq!(a.read_close().await.0, 1011);
+    let mut b = connect(&server, "/two").await;
+    assert_eq!(ask(&mut b, "still").await, "still");
+}
+
 #[tokio::test]
 async fn a_spinning_event_in_a_shared_instance_is_cut() {
     let mut opts = ServerOpts::new("");
