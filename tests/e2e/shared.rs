@@ -176,6 +176,35 @@ async fn a_failed_movable_call_delivers_its_sends() {
     assert_eq!(ask(&mut b, "still").await, "still");
 }
 
+/// A connection that closes while another's call queues a message for it
+/// (the call holds the shared instance, so the closing connection's
+/// `on-close` waits for it): the message can never be sent, and is
+/// counted when the connection leaves the instance.
+#[tokio::test]
+async fn a_send_to_a_connection_closing_meanwhile_is_counted() {
+    let mut opts = ServerOpts::new("");
+    opts.plugin_limits = "cpu_time_per_event = \"5s\"";
+    opts.extra =
+        tenant("one", "chaos", &["/one"], "shared") + "[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let server = Server::start(opts);
+    let mut a = connect(&server, "/one").await;
+    let mut b = connect(&server, "/one").await;
+    let b_id = ask(&mut b, "id").await;
+    say(&mut a, &format!("peer-sleep {b_id} 1000")).await;
+    // Into a's call (it holds the instance for a second), not before it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.send(&crate::support::close_frame(1000, "")).await;
+    assert_eq!(b.read_close().await.0, 1000);
+    assert_eq!(hear(&mut a).await, "peer ok");
+    let dropped = "wharf_sends_refused_total{reason=\"closed\"}";
+    assert_eq!(
+        server
+            .metric_reaches(dropped, 1.0, Duration::from_secs(5))
+            .await,
+        1.0
+    );
+}
+
 #[tokio::test]
 async fn a_spinning_event_in_a_shared_instance_is_cut() {
     let mut opts = ServerOpts::new("");

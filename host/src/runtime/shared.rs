@@ -287,7 +287,16 @@ pub fn forward(shared: &mut Arc<SharedInstance>, generation: &mut u64) -> bool {
 /// (wherever it moved), unless that instance is already gone.
 pub async fn leave(mut shared: Arc<SharedInstance>, id: u64, mut generation: u64) {
     if let Some(mut held) = follow(&mut shared, &mut generation, id).await {
-        held.leave(id);
+        let dropped = held.leave(id);
+        if dropped > 0 {
+            // No metrics reach here (a task that ended without `release`);
+            // the log says it instead.
+            tracing::warn!(
+                conn = id,
+                dropped,
+                "sends for a connection that ended dropped"
+            );
+        }
     }
 }
 
@@ -307,11 +316,15 @@ impl Held {
         fail(&mut self.state);
     }
 
-    /// Connection `id` ended: its entry (and its topics) leave the instance.
-    pub fn leave(&mut self, id: u64) {
+    /// Connection `id` ended: its entry (and its topics) leave the
+    /// instance. Returns how many messages other connections' calls had
+    /// queued for it that it never took (it was closing while they ran),
+    /// for the caller to count.
+    pub fn leave(&mut self, id: u64) -> u64 {
         self.state.members.remove(&id);
-        if let Some(instance) = self.state.instance.as_mut() {
-            instance.detach(id);
+        match self.state.instance.as_mut().and_then(|i| i.detach(id)) {
+            Some(mut entry) => entry.outbox.discard(),
+            None => 0,
         }
     }
 }

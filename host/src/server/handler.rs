@@ -168,14 +168,20 @@ impl Handler {
     }
 
     /// The connection ended: its own instance is released, or it leaves
-    /// the shared one.
-    pub async fn release(&mut self) {
+    /// the shared one. Returns the messages left queued for it that will
+    /// never be sent (see [`Held::leave`]; an own instance's outbox is
+    /// emptied after every call).
+    pub async fn release(&mut self) -> u64 {
         match self {
-            Handler::Own { instance, .. } => *instance = None,
+            Handler::Own { instance, .. } => {
+                *instance = None;
+                0
+            }
             Handler::Shared(m) => {
                 m.left = true;
-                if let Some(mut held) = m.lock().await {
-                    held.leave(m.id);
+                match m.lock().await {
+                    Some(mut held) => held.leave(m.id),
+                    None => 0,
                 }
             }
         }

@@ -34,6 +34,8 @@
 //!   "peer err=<error>"; "peer-trap ID": sends "to you" to connection ID
 //!   and "to me" to its own, then traps.
 //! - "big-trap N": sends a binary of N bytes (each 7), then traps.
+//! - "peer-sleep ID MS": busy-waits about MS milliseconds, then sends
+//!   "late" to connection ID, answering as "peer" does.
 //!
 //! An upgrade request for the path "/reject-trap" traps in `on_upgrade`.
 
@@ -246,6 +248,18 @@ impl Guest for Chaos {
             }
             log_err(conn, conn.send_text("to me"));
             panic!("chaos: trapping after sends, as asked");
+        }
+        if let Some(rest) = text.strip_prefix("peer-sleep ") {
+            let (id, ms) = rest.split_once(' ').unwrap_or((rest, "0"));
+            busy_wait(ms.parse().unwrap_or(0));
+            let answer = match id.parse::<u64>() {
+                Ok(id) => match peers::send_text(id, "late") {
+                    Ok(()) => "peer ok".to_owned(),
+                    Err(e) => format!("peer err={e:?}"),
+                },
+                Err(_) => "peer err=Closed".to_owned(),
+            };
+            return log_err(conn, conn.send_text(&answer));
         }
         if let Some(rest) = text.strip_prefix("peer ") {
             let (id, message) = rest.split_once(' ').unwrap_or((rest, ""));

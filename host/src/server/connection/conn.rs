@@ -494,7 +494,15 @@ impl Conn {
         }
         // Free the pool slot (or the shared instance's entry) now rather
         // than after the lingering close.
-        self.handler.release().await;
+        let dropped = self.handler.release().await;
+        if dropped > 0 {
+            tracing::debug!(
+                conn = self.id,
+                dropped,
+                "sends queued for a closed connection dropped"
+            );
+            self.shared.metrics.sends_refused("closed", dropped);
+        }
     }
 
     /// Feeds buffered input to the protocol and its events to the plugin:
