@@ -934,16 +934,19 @@ enum BatchFunc {
 /// calling connection's queued frames, which the driver delivers ahead of
 /// its 1011 (sends the host accepted are not taken back, and a frame a
 /// large send began on the wire must be finished or the stream is
-/// corrupt), and how many messages it had queued for the other
-/// connections of a shared instance, lost with it and counted.
+/// corrupt), how many messages it had queued for the other connections
+/// of a shared instance, lost with it and counted, and how many messages
+/// of the batch it was given never reached it (a batch the host cut into
+/// several calls, after the one that failed), counted as dropped.
 #[derive(Debug, Default)]
 pub struct Salvage {
     pub frames: FrameBatch,
     pub lost: u64,
+    pub undelivered: usize,
 }
 
 impl Salvage {
-    /// Every message it holds, for a caller that can deliver none.
+    /// Every send it holds, for a caller that can deliver none.
     pub fn messages(mut self) -> u64 {
         let (text, binary) = self.frames.take_tally();
         text.messages + binary.messages + self.lost
@@ -1035,7 +1038,11 @@ impl PluginInstance {
             }
         }
         let frames = self.connection().outbox.take_frames();
-        Salvage { frames, lost }
+        Salvage {
+            frames,
+            lost,
+            undelivered: self.undelivered,
+        }
     }
 
     /// The connection's queued sends, with the driver's view of the socket.
@@ -1159,10 +1166,9 @@ impl PluginInstance {
     /// `text-batch-handler` gets each run of two or more texts in one
     /// `on-texts` call and the messages between runs as below; a batch of
     /// one message is one `on-text`/`on-binary` call.
-    /// If a call fails, [`undelivered`](Self::undelivered) says how many
-    /// messages of the batch it left undelivered; the replies of the calls
-    /// before it, and its own, are in the outbox for
-    /// [`salvage`](Self::salvage).
+    /// If a call fails, how many messages of the batch it left undelivered
+    /// and the replies of the calls before it, and its own, are what
+    /// [`salvage`](Self::salvage) takes.
     pub async fn on_batch(&mut self, batch: BatchRef<'_>) -> Result<(), PluginError> {
         self.undelivered = 0;
         let Some(func) = self.on_texts.filter(|_| batch.len() > 1) else {
@@ -1182,14 +1188,6 @@ impl PluginInstance {
             }
         }
         Ok(())
-    }
-
-    /// After [`on_batch`](Self::on_batch): how many of the batch's messages
-    /// never reached the plugin (those after a call that failed, when the
-    /// batch took several calls; none if every call succeeded), for the
-    /// caller to count as lost.
-    pub fn undelivered(&self) -> usize {
-        self.undelivered
     }
 
     /// A run of texts, in one `on-texts` call.

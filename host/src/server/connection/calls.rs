@@ -56,12 +56,10 @@ impl Delivery<'_> {
     }
 }
 
-/// What a delivery came to: the calls' result, how many of its messages
-/// never reached the plugin (a batch the host cut into several calls,
-/// after the one that failed), and what a failed instance left.
+/// What a delivery came to: the calls' result, and what a failed
+/// instance left.
 pub(super) struct Called {
     pub(super) result: Result<(), PluginError>,
-    pub(super) undelivered: usize,
     pub(super) salvage: Salvage,
 }
 
@@ -69,7 +67,6 @@ impl From<Result<(), PluginError>> for Called {
     fn from(result: Result<(), PluginError>) -> Self {
         Self {
             result,
-            undelivered: 0,
             salvage: Salvage::default(),
         }
     }
@@ -113,21 +110,15 @@ pub(super) async fn call_with(
         };
         return Some(call_movable(slots.handler, delivery, from).await);
     }
-    let mut called: Called = match delivery {
-        Delivery::One(message) => instance.on_message(message).await.into(),
-        Delivery::Batch(batch) => {
-            let result = instance.on_batch(batch).await;
-            Called {
-                result,
-                undelivered: instance.undelivered(),
-                salvage: Salvage::default(),
-            }
-        }
+    let result = match delivery {
+        Delivery::One(message) => instance.on_message(message).await,
+        Delivery::Batch(batch) => instance.on_batch(batch).await,
     };
-    if called.result.is_err() {
-        called.salvage = instance.fail();
-    }
-    Some(called)
+    let salvage = match result {
+        Ok(()) => Salvage::default(),
+        Err(_) => instance.fail(),
+    };
+    Some(Called { result, salvage })
 }
 
 /// Most payload bytes copied for a call that may move off the workers.
@@ -160,7 +151,6 @@ async fn call_movable(
     let moved = instance.movable();
     let call = async move {
         let result = instance.on_batch(owned.as_ref()).await;
-        let undelivered = instance.undelivered();
         // A failed instance is dropped where it ran: freeing what a hostile
         // one grew (its memory slot's reset, a large attachment) is work
         // the workers should not do for it.
@@ -168,11 +158,7 @@ async fn call_movable(
             Ok(()) => Salvage::default(),
             Err(_) => instance.salvage(),
         };
-        let called = Called {
-            result,
-            undelivered,
-            salvage,
-        };
+        let called = Called { result, salvage };
         (called.result.is_ok().then_some(instance), called)
     };
     let done = idle_pool::run_movable(call, moved, from).await;

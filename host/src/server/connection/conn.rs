@@ -205,8 +205,12 @@ impl Conn {
 
     /// What a failed instance left: the connection's frames go to the
     /// protocol ahead of the 1011 [`after_call`](Self::after_call) queues;
-    /// other connections' messages are counted as lost.
+    /// other connections' messages, and those of the batch it never got,
+    /// are counted as lost.
     pub(super) fn salvaged(&mut self, mut salvage: Salvage) {
+        if salvage.undelivered > 0 {
+            self.instance_gone(salvage.undelivered);
+        }
         if salvage.lost > 0 {
             tracing::warn!(
                 conn = self.id,
@@ -666,9 +670,6 @@ impl Conn {
         match r {
             Some(called) => {
                 let end = self.record_call(now);
-                if called.undelivered > 0 {
-                    self.instance_gone(called.undelivered);
-                }
                 self.salvaged(called.salvage);
                 self.after_call(called.result).await;
                 end
