@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{Server, ServerOpts, Ws, describe, recv_text, recv_timeout, send_text};
+use crate::support::{
+    OP_TEXT, Server, ServerOpts, Ws, close_frame, describe, masked, recv_text, recv_timeout,
+    send_text,
+};
 
 async fn join(server: &Server, room: &str, nick: &str) -> Ws {
     let mut ws = server
@@ -252,4 +255,39 @@ async fn publishes_per_connection_are_capped_and_counted() {
         recv_text(&mut c).await,
         "published ok=10 reached=0 full=0 err=0"
     );
+}
+
+/// Messages published to a connection that stops being open before its
+/// task reads them (here: its Close arrived with a message whose call is
+/// still running) are dropped with its mailbox, and counted.
+#[tokio::test]
+async fn published_messages_left_in_a_closed_mailbox_are_counted() {
+    let server = hostile_server();
+    let mut a = server.raw_upgraded(false, "/").await;
+    a.send(&masked(OP_TEXT, b"sub t")).await;
+    assert_eq!(a.read_frame().await.payload, b"subscribed");
+    // One write: the nap and the Close are read together, so the
+    // connection is closing while the nap's call runs.
+    let mut bytes = masked(OP_TEXT, b"nap 1500");
+    bytes.extend(close_frame(1000, ""));
+    a.send(&bytes).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut b = server.connect(false).await;
+    send_text(&mut b, "pub t 3 10").await;
+    assert_eq!(
+        recv_text(&mut b).await,
+        "published ok=3 reached=3 full=0 err=0"
+    );
+    // The nap's reply comes before the Close; the published messages never.
+    assert_eq!(a.read_frame().await.payload, b"napped");
+    assert_eq!(a.read_close().await.0, 1000);
+    a.expect_eof().await;
+    let dropped = server
+        .metric_reaches(
+            r#"wharf_sends_refused_total{reason="closed"}"#,
+            3.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(dropped, 3.0);
 }

@@ -359,12 +359,14 @@ impl Server {
     /// Waits up to `timeout` for `series` to read `want` (a counter the
     /// server may bump after what the test saw, e.g. for frames it reads
     /// after its Close went out); its last value.
+    /// A series not exported yet (a family's first event) is waited for too.
     pub async fn metric_reaches(&self, series: &str, want: f64, timeout: Duration) -> f64 {
         let deadline = Instant::now() + timeout;
         loop {
-            let got = self.metric(series).await;
-            if got == want || Instant::now() >= deadline {
-                return got;
+            let text = self.metrics().await;
+            let got = metric_in(&text, series);
+            if got == Some(want) || Instant::now() >= deadline {
+                return got.unwrap_or_else(|| panic!("no {series} in:\n{text}"));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -372,11 +374,7 @@ impl Server {
 
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.metrics().await;
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
-            .parse()
-            .expect("a number")
+        metric_in(&text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
     }
 
     /// A raw connection that has completed the opening handshake on `path`.
@@ -927,6 +925,13 @@ impl RawClient {
         self.send(&close_frame(code, "")).await;
         self.expect_eof().await;
     }
+}
+
+/// The value of `series` (name and labels) in an exposition, if there.
+fn metric_in(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.parse().expect("a number"))
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

@@ -30,6 +30,7 @@
 //! | `wharf_plugin_failures_total` | counter | `tenant`, `kind` |
 //! | `wharf_sends_refused_total` | counter | `reason` |
 //! | `wharf_received_dropped_total` | counter | `reason` |
+//! | `wharf_unwritten_bytes_total` | counter | `tenant` |
 //! | `wharf_tenant_connections_open` | gauge | `tenant` |
 //! | `wharf_version_connections_open` | gauge | `tenant`, `version` (the plugin's SHA-256, 16 hex digits), `state` (`active`, `draining`, `standby`); one series per loaded version, gone with it (see [`version_series`]) |
 //! | `wharf_tenant_refusals_total` | counter | `tenant`, `reason` |
@@ -245,6 +246,7 @@ pub struct Metrics {
     plugin_failures: Family<PluginLabels, Counter>,
     sends_refused: Family<ReasonLabels, Counter>,
     received_dropped: Family<ReasonLabels, Counter>,
+    unwritten_bytes: Family<TenantLabels, Counter>,
     tenant_open: Family<TenantLabels, Gauge>,
     tenant_refusals: Family<TenantReasonLabels, Counter>,
     log_dropped: Family<TenantLabels, Counter>,
@@ -379,6 +381,13 @@ impl Metrics {
             received_dropped.clone(),
         );
 
+        let unwritten_bytes = Family::<TenantLabels, Counter>::default();
+        registry.register(
+            "wharf_unwritten_bytes",
+            "Bytes of frames queued for a peer and never written (its connection ended first), by tenant",
+            unwritten_bytes.clone(),
+        );
+
         let tenant_open = Family::<TenantLabels, Gauge>::default();
         registry.register(
             "wharf_tenant_connections_open",
@@ -459,6 +468,7 @@ impl Metrics {
             plugin_failures,
             sends_refused,
             received_dropped,
+            unwritten_bytes,
             tenant_open,
             tenant_refusals,
             log_dropped,
@@ -657,6 +667,14 @@ impl Metrics {
         self.sends_refused
             .get_or_create(&ReasonLabels { reason })
             .inc_by(count);
+    }
+
+    /// A connection of `tenant` ended with `bytes` of frames still queued
+    /// for its peer: the peer left, or stopped reading past the close
+    /// timeout, or the server stopped first.
+    pub fn unwritten(&self, tenant: &str, bytes: u64) {
+        self.tenant_counter(&self.unwritten_bytes, tenant)
+            .inc_by(bytes);
     }
 
     /// The counter of `wharf_sends_refused_total{reason}`, for counting

@@ -149,6 +149,15 @@ impl Mailbox {
         }
     }
 
+    /// Closes the mailbox (its topics' offers fail from now on); returns
+    /// how many messages were still waiting, which its connection never
+    /// sends.
+    pub fn close(self) -> usize {
+        let waiting = lock(&self.slots).queue.len();
+        drop(self);
+        waiting
+    }
+
     /// Payload bytes waiting.
     #[cfg(test)]
     fn queued(&self) -> usize {
@@ -976,6 +985,12 @@ mod tests {
         let (outlet, rx) = mailbox(100);
         drop(rx);
         assert!(matches!(outlet.offer(&Framed::text("c")), Offered::Gone));
+        // Closed, it tells how many it held, which no one will take.
+        let (outlet, rx) = mailbox(100);
+        assert!(matches!(outlet.offer(&Framed::text("d")), Offered::Queued));
+        assert!(matches!(outlet.offer(&Framed::text("e")), Offered::Queued));
+        assert_eq!(rx.close(), 2);
+        assert!(matches!(outlet.offer(&Framed::text("f")), Offered::Gone));
     }
 
     #[tokio::test]

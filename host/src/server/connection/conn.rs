@@ -73,6 +73,25 @@ pub(super) struct Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        // What the connection took on for its peer and never passed on is
+        // counted, however its task ended: published messages still in its
+        // mailbox (not read once the connection stops being open), and
+        // frames queued but not written.
+        let waiting = self.mailbox.take().map_or(0, Mailbox::close);
+        if waiting > 0 {
+            self.shared.metrics.sends_refused("closed", waiting as u64);
+        }
+        let unwritten = self.ws.output_len();
+        if unwritten > 0 {
+            tracing::debug!(
+                conn = self.id,
+                unwritten,
+                "connection ended with output unwritten"
+            );
+            self.shared
+                .metrics
+                .unwritten(&self.tenant.name, unwritten as u64);
+        }
         self.publish_counts();
         self.tenant.counters.connection(-1);
     }

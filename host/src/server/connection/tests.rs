@@ -239,6 +239,17 @@ fn metric(shared: &Shared, line: &str) -> bool {
     shared.metrics.render().lines().any(|l| l == line)
 }
 
+/// The value of `series` (name and labels), if it has been exported.
+fn metric_value(shared: &Shared, series: &str) -> Option<u64> {
+    let rendered = shared.metrics.render();
+    let value = rendered
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))?;
+    value.parse().ok()
+}
+
+const UNWRITTEN: &str = "wharf_unwritten_bytes_total{tenant=\"default\"}";
+
 #[tokio::test]
 async fn replies_to_messages_read_before_a_close_go_ahead_of_ours() {
     let shared = shared("", "");
@@ -260,6 +271,7 @@ async fn replies_to_messages_read_before_a_close_go_ahead_of_ours() {
         &shared,
         "wharf_websocket_closed_total{code=\"1000\",clean=\"true\"} 1"
     ));
+    assert_eq!(metric_value(&shared, UNWRITTEN), None, "all of it written");
 }
 
 #[tokio::test]
@@ -323,6 +335,10 @@ async fn a_peer_that_stops_reading_is_closed_and_dropped() {
         &shared,
         "wharf_tenant_refusals_total{tenant=\"default\",reason=\"slow-consumer\"} 1"
     ));
+    // What the pipe (4 KiB) did not take is counted: the queue held at
+    // least its 12 KiB mark, at most its 16 KiB bound and the Close.
+    let unwritten = metric_value(&shared, UNWRITTEN).expect("unwritten bytes counted");
+    assert!((12 << 10..=17 << 10).contains(&unwritten), "{unwritten}");
 }
 
 #[tokio::test]
