@@ -11,6 +11,9 @@
 //   (not counted);
 // - "poison-restore": the next version's `restore` will refuse the state;
 // - "poison-save": this version's next `save` traps;
+// - "poison-restore-sends", "poison-save-sends": the same, and the failing
+//   call first sends "lost" to every connection it counts (`peers`), which
+//   the host can then not deliver and must count;
 // - binary: echoed.
 
 wit_bindgen::generate!({
@@ -24,12 +27,14 @@ use std::collections::HashMap;
 use exports::wharf::websocket::handler::Guest;
 use exports::wharf::websocket::snapshot::Guest as Snapshot;
 use wharf::websocket::connection::Connection;
+use wharf::websocket::peers;
 use wharf::websocket::types::{Accept, UpgradeRequest, UpgradeResponse};
 
 /// The snapshot's format version.
 const FORMAT: u8 = 1;
 const POISON_RESTORE: u8 = 1;
 const POISON_SAVE: u8 = 2;
+const SENDS: u8 = 4;
 
 #[derive(Default)]
 struct Counters {
@@ -66,6 +71,14 @@ impl Guest for Versioned {
                 s.flags |= POISON_SAVE;
                 format!("{VERSION} poisoned")
             }
+            "poison-restore-sends" => {
+                s.flags |= POISON_RESTORE | SENDS;
+                format!("{VERSION} poisoned")
+            }
+            "poison-save-sends" => {
+                s.flags |= POISON_SAVE | SENDS;
+                format!("{VERSION} poisoned")
+            }
             _ => {
                 let n = s.per_conn.entry(conn.id()).or_default();
                 *n += 1;
@@ -91,7 +104,10 @@ impl Snapshot for Versioned {
     // [FORMAT][flags][total: u64 LE][(id: u64 LE, count: u64 LE)...]
     fn save() -> Vec<u8> {
         STATE.with_borrow(|s| {
-            assert!(s.flags & POISON_SAVE == 0, "{VERSION}: poisoned save");
+            if s.flags & POISON_SAVE != 0 {
+                send_lost(s);
+                panic!("{VERSION}: poisoned save");
+            }
             let mut out = Vec::with_capacity(10 + 16 * s.per_conn.len());
             out.extend([FORMAT, s.flags]);
             out.extend(s.total.to_le_bytes());
@@ -110,9 +126,6 @@ impl Snapshot for Versioned {
         if *format != FORMAT {
             return Err(format!("unknown format {format}"));
         }
-        if flags & POISON_RESTORE != 0 {
-            return Err("poisoned".into());
-        }
         let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
         if rest.len() < 8 || (rest.len() - 8) % 16 != 0 {
             return Err(format!("truncated state ({} bytes)", state.len()));
@@ -125,8 +138,21 @@ impl Snapshot for Versioned {
                 .collect(),
             flags: *flags,
         };
+        if flags & POISON_RESTORE != 0 {
+            send_lost(&counters);
+            return Err("poisoned".into());
+        }
         STATE.set(counters);
         Ok(())
+    }
+}
+
+/// With [`SENDS`] set: "lost" to every connection counted.
+fn send_lost(s: &Counters) {
+    if s.flags & SENDS != 0 {
+        for id in s.per_conn.keys() {
+            let _ = peers::send_text(*id, "lost");
+        }
     }
 }
 

@@ -401,7 +401,8 @@ async fn migrate_poisoned(poison: &str) -> (Running, Vec<Ws>, tenancy::DeployOut
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_restore_closes_the_moved_connections_with_1011() {
-    let (running, mut conns, outcome) = migrate_poisoned("poison-restore").await;
+    // The new version's `restore` sends to every connection, then refuses.
+    let (running, mut conns, outcome) = migrate_poisoned("poison-restore-sends").await;
     assert_eq!(outcome.policy, Policy::Migrate, "{outcome:?}");
     let note = outcome.note.unwrap_or_default();
     assert!(
@@ -420,12 +421,18 @@ async fn a_failed_restore_closes_the_moved_connections_with_1011() {
         running.metric("wharf_plugin_failures_total{tenant=\"t\",kind=\"restore\"}"),
         1.0
     );
+    // What `restore` queued went with its instance, counted.
+    assert_eq!(
+        running.metric("wharf_sends_refused_total{reason=\"instance-failed\"}"),
+        5.0
+    );
     running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_save_closes_the_old_instance_and_the_deploy_goes_on() {
-    let (running, mut conns, outcome) = migrate_poisoned("poison-save").await;
+    // The running version's `save` sends to every connection, then traps.
+    let (running, mut conns, outcome) = migrate_poisoned("poison-save-sends").await;
     assert_eq!(outcome.policy, Policy::Migrate, "{outcome:?}");
     let note = outcome.note.unwrap_or_default();
     assert!(
@@ -441,6 +448,10 @@ async fn a_failed_save_closes_the_old_instance_and_the_deploy_goes_on() {
     assert_eq!(
         running.metric("wharf_plugin_failures_total{tenant=\"t\",kind=\"trap\"}"),
         1.0
+    );
+    assert_eq!(
+        running.metric("wharf_sends_refused_total{reason=\"instance-failed\"}"),
+        5.0
     );
     running.stop().await;
 }

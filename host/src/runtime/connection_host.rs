@@ -213,6 +213,11 @@ impl Outbox {
         std::mem::replace(&mut self.frames, FrameBatch::new(self.limits.fragment_size))
     }
 
+    /// Messages queued, left where they are.
+    pub fn queued(&self) -> u64 {
+        self.frames.messages()
+    }
+
     /// Discards the queued sends (an instance's other connections when it
     /// fails; callers that drive an instance without a connection: benches,
     /// tests); returns how many messages there were.

@@ -68,16 +68,19 @@ pub enum Migration {
     /// The state and every connection moved.
     Moved { connections: usize, bytes: usize },
     /// `save` failed: the old instance was dropped, its connections are
-    /// closed with 1011.
+    /// closed with 1011. `lost`: the messages it had queued for them.
     SaveFailed {
         error: PluginError,
         connections: usize,
+        lost: u64,
     },
     /// The new instance could not be made, or `restore` failed: it was
-    /// dropped, the moved connections are closed with 1011.
+    /// dropped, the moved connections are closed with 1011. `lost`: the
+    /// messages queued for them (before the move, or by `restore`).
     RestoreFailed {
         error: PluginError,
         connections: usize,
+        lost: u64,
     },
 }
 
@@ -196,10 +199,15 @@ impl SharedInstance {
         let state = match saved {
             Ok(state) => state,
             Err(error) => {
+                let lost = instance.salvage().messages();
                 let moved = retire(new.generation);
                 fail(old);
                 let _ = self.moved.set(moved);
-                return Migration::SaveFailed { error, connections };
+                return Migration::SaveFailed {
+                    error,
+                    connections,
+                    lost,
+                };
             }
         };
         // The entries leave the old store (which goes, freeing its slot
@@ -210,6 +218,9 @@ impl SharedInstance {
             .filter_map(|&id| instance.detach(id))
             .collect();
         old.instance = None;
+        // What the entries bring queued for their connections, lost if no
+        // instance takes them.
+        let pending: u64 = entries.iter().map(|e| e.outbox.queued()).sum();
         let first = entries.pop();
         let first_id = first.as_ref().map_or(PLACEHOLDER, |e| e.id());
         let made = Box::pin(to.plugin.instantiate_with(first_id, first)).await;
@@ -218,15 +229,33 @@ impl SharedInstance {
                 if first_id == PLACEHOLDER {
                     instance.detach(PLACEHOLDER);
                 }
-                let all_in = entries.into_iter().all(|e| instance.attach(e));
-                let r = if all_in {
-                    Box::pin(instance.restore(&state)).await
-                } else {
-                    Err(PluginError::TableLimit)
+                // An entry the instance refuses is dropped, with its sends.
+                let mut refused = None;
+                for entry in entries {
+                    let queued = entry.outbox.queued();
+                    if refused.is_some() || !instance.attach(entry) {
+                        *refused.get_or_insert(0) += queued;
+                    }
+                }
+                let r = match refused {
+                    None => Box::pin(instance.restore(&state)).await,
+                    Some(_) => Err(PluginError::TableLimit),
                 };
-                r.map(|()| instance)
+                match r {
+                    Ok(()) => Ok(instance),
+                    Err(error) => {
+                        // Without a connection (the placeholder gone),
+                        // there is nothing of the instance's to salvage.
+                        let held = if first_id == PLACEHOLDER {
+                            0
+                        } else {
+                            instance.salvage().messages()
+                        };
+                        Err((error, held + refused.unwrap_or(0)))
+                    }
+                }
             }
-            Err(error) => Err(error),
+            Err(error) => Err((error, pending)),
         };
         match restored {
             Ok(instance) => {
@@ -240,13 +269,17 @@ impl SharedInstance {
                     bytes: state.len(),
                 }
             }
-            Err(error) => {
+            Err((error, lost)) => {
                 // The members follow to `to` and find no instance of
                 // theirs there: woken, they close with 1011.
                 let moved = retire(new.generation);
                 fail(old);
                 let _ = self.moved.set(moved);
-                Migration::RestoreFailed { error, connections }
+                Migration::RestoreFailed {
+                    error,
+                    connections,
+                    lost,
+                }
             }
         }
     }

@@ -335,14 +335,24 @@ impl Tenants {
         tracing::info!(tenant = %t.name, ?migration, "shared instance migration");
         let note = match migration {
             Migration::Idle | Migration::Moved { .. } => None,
-            Migration::SaveFailed { error, connections } => {
+            Migration::SaveFailed {
+                error,
+                connections,
+                lost,
+            } => {
                 self.metrics.plugin_failure(&t.name, error.kind());
+                self.metrics.sends_refused("instance-failed", lost);
                 Some(format!(
                     "the running version's snapshot save failed ({error}): its shared instance was dropped and its {connections} connection(s) closed with 1011; new connections get the new version"
                 ))
             }
-            Migration::RestoreFailed { error, connections } => {
+            Migration::RestoreFailed {
+                error,
+                connections,
+                lost,
+            } => {
                 self.metrics.plugin_failure(&t.name, error.kind());
+                self.metrics.sends_refused("instance-failed", lost);
                 Some(format!(
                     "the new version's snapshot restore failed ({error}): the state was lost and the {connections} connection(s) moved closed with 1011; new connections get a new instance of the new version"
                 ))

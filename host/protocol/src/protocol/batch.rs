@@ -100,6 +100,11 @@ impl FrameBatch {
         self.bytes.is_empty()
     }
 
+    /// The messages counted since the last [`take_tally`](Self::take_tally).
+    pub fn messages(&self) -> u64 {
+        self.text.messages + self.binary.messages
+    }
+
     /// The text and binary messages in the batch, counted since the last
     /// call (the counts are reset).
     pub fn take_tally(&mut self) -> (Tally, Tally) {
