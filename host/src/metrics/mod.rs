@@ -39,7 +39,9 @@
 //! | `wharf_deploys_failed_total` | counter | `tenant` |
 //! | `wharf_migrations_total` | counter | `tenant` |
 //! | `wharf_restart_closes_total` | counter | `tenant` |
-//! | `wharf_plugin_call_seconds` | histogram | buckets 1 µs × 2ⁿ, n = 0..23 (to ~8.4 s); one observation per call, a batch (`on-messages`) being one call |
+//! | `wharf_static_responses_total` | counter | `status` |
+//! | `wharf_memory_reset_exposed` | gauge | |
+//! | `wharf_plugin_call_seconds` | histogram | buckets 1 µs × 2ⁿ, n = 0..23 (to ~8.4 s); one observation per call, a batch (`on-messages`, `on-packed`, `on-texts`) being one call |
 //!
 //! Series with fixed labels are exported as 0 from the start; the families
 //! keyed by code, status, reason or tenant appear on their first event.
