@@ -1063,6 +1063,32 @@ mod tests {
         assert_eq!(c.server.max_connections, 10_000);
     }
 
+    /// The README's configuration reference writes out every default: it
+    /// must parse and say exactly what the code does.
+    #[test]
+    fn the_readme_reference_is_the_defaults() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split_once("## Configuration reference")
+            .expect("the README has a configuration reference")
+            .1;
+        let block = section
+            .split_once("```toml\n")
+            .and_then(|(_, rest)| rest.split_once("```"))
+            .expect("the reference is a toml block")
+            .0;
+        let documented: Config = toml::from_str(block).expect("the reference parses");
+        documented.validate().expect("the reference is valid");
+        let (readme, code) = (
+            format!("{documented:#?}"),
+            format!("{:#?}", Config::default()),
+        );
+        for (r, c) in readme.lines().zip(code.lines()) {
+            assert_eq!(r.trim(), c.trim(), "the README and the code disagree");
+        }
+        assert_eq!(readme.lines().count(), code.lines().count());
+    }
+
     #[test]
     fn full_file_parses() {
         let c: Config = toml::from_str(
