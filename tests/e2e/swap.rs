@@ -456,6 +456,38 @@ async fn a_failed_save_closes_the_old_instance_and_the_deploy_goes_on() {
     running.stop().await;
 }
 
+/// The connection whose call was the shared instance's last has left when
+/// `save` fails: the salvage finds its entry gone and counts the others'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_save_after_the_last_caller_left_counts_the_rest() {
+    let running = start_with("shared", "swap_shared_v1").await;
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let mut ws = running.connect(false).await;
+        assert_eq!(ask(&mut ws, "x").await, "v1:x n=1");
+        conns.push(ws);
+    }
+    let mut last = running.connect(false).await;
+    assert_eq!(ask(&mut last, "poison-save-sends").await, "v1 poisoned");
+    last.close(None).await.expect("close");
+    // Its on-close ran (the instance's last call) and it left.
+    while let Some(Ok(m)) = last.next().await {
+        assert!(m.is_close(), "{m:?}");
+    }
+    let outcome = running.deploy("swap_shared_v2", Policy::Migrate).await;
+    let note = outcome.note.unwrap_or_default();
+    assert!(note.contains("save failed"), "{note}");
+    for (i, ws) in conns.iter_mut().enumerate() {
+        let (code, _) = support::recv_close_timeout(ws, Duration::from_secs(3)).await;
+        assert_eq!(code, 1011, "connection {i}");
+    }
+    assert_eq!(
+        running.metric("wharf_sends_refused_total{reason=\"instance-failed\"}"),
+        4.0
+    );
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_chat_rooms_survive_a_migrate_deploy_and_a_rollback() {
     let running = start_with("shared", "shared_chat").await;

@@ -1028,16 +1028,22 @@ impl PluginInstance {
     pub fn salvage(&mut self) -> Salvage {
         let current = self.conn.rep();
         let state = self.store.data_mut();
-        let mut lost = 0;
-        for rep in state.conns.reps().filter(|rep| *rep != current) {
-            if let Ok(entry) = state
+        let (mut frames, mut lost) = (FrameBatch::default(), 0);
+        for rep in state.conns.reps() {
+            let Ok(entry) = state
                 .table
                 .get_mut(&Resource::<ConnectionEntry>::new_own(rep))
-            {
+            else {
+                continue;
+            };
+            // The last call's connection, unless it has left the (shared)
+            // instance since: a migrate salvages between calls.
+            if rep == current {
+                frames = entry.outbox.take_frames();
+            } else {
                 lost += entry.outbox.discard();
             }
         }
-        let frames = self.connection().outbox.take_frames();
         Salvage {
             frames,
             lost,

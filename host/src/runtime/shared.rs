@@ -244,13 +244,7 @@ impl SharedInstance {
                 match r {
                     Ok(()) => Ok(instance),
                     Err(error) => {
-                        // Without a connection (the placeholder gone),
-                        // there is nothing of the instance's to salvage.
-                        let held = if first_id == PLACEHOLDER {
-                            0
-                        } else {
-                            instance.salvage().messages()
-                        };
+                        let held = instance.salvage().messages();
                         Err((error, held + refused.unwrap_or(0)))
                     }
                 }
