@@ -1053,8 +1053,10 @@ impl PluginInstance {
 
     /// The connection's queued sends, with the driver's view of the socket.
     pub fn connection(&mut self) -> &mut ConnectionEntry {
-        // The entry is pushed at instantiation and never removed while the
-        // store lives, so the lookup cannot fail for a live instance.
+        // An own instance's entry lives as long as its store; a shared
+        // instance's current one is the connection just selected, under
+        // the lock, for the call being made (members that left are gone,
+        // which is why `salvage` does not come through here).
         self.store
             .data_mut()
             .table

@@ -229,24 +229,24 @@ impl SharedInstance {
                 if first_id == PLACEHOLDER {
                     instance.detach(PLACEHOLDER);
                 }
-                // An entry the instance refuses is dropped, with its sends.
-                let mut refused = None;
+                // Once the instance refuses an entry, that one and the
+                // rest are dropped, with their sends.
+                let (mut all_in, mut refused) = (true, 0);
                 for entry in entries {
                     let queued = entry.outbox.queued();
-                    if refused.is_some() || !instance.attach(entry) {
-                        *refused.get_or_insert(0) += queued;
+                    all_in = all_in && instance.attach(entry);
+                    if !all_in {
+                        refused += queued;
                     }
                 }
-                let r = match refused {
-                    None => Box::pin(instance.restore(&state)).await,
-                    Some(_) => Err(PluginError::TableLimit),
+                let r = if all_in {
+                    Box::pin(instance.restore(&state)).await
+                } else {
+                    Err(PluginError::TableLimit)
                 };
                 match r {
                     Ok(()) => Ok(instance),
-                    Err(error) => {
-                        let held = instance.salvage().messages();
-                        Err((error, held + refused.unwrap_or(0)))
-                    }
+                    Err(error) => Err((error, instance.salvage().messages() + refused)),
                 }
             }
             Err(error) => Err((error, pending)),

@@ -341,7 +341,9 @@ impl Tenants {
                 lost,
             } => {
                 self.metrics.plugin_failure(&t.name, error.kind());
-                self.metrics.sends_refused("instance-failed", lost);
+                if lost > 0 {
+                    self.metrics.sends_refused("instance-failed", lost);
+                }
                 Some(format!(
                     "the running version's snapshot save failed ({error}): its shared instance was dropped and its {connections} connection(s) closed with 1011; new connections get the new version"
                 ))
@@ -352,7 +354,9 @@ impl Tenants {
                 lost,
             } => {
                 self.metrics.plugin_failure(&t.name, error.kind());
-                self.metrics.sends_refused("instance-failed", lost);
+                if lost > 0 {
+                    self.metrics.sends_refused("instance-failed", lost);
+                }
                 Some(format!(
                     "the new version's snapshot restore failed ({error}): the state was lost and the {connections} connection(s) moved closed with 1011; new connections get a new instance of the new version"
                 ))
