@@ -1,4 +1,4 @@
-// Hand-written component-model bindings for wharf:websocket@0.1.11
+// Hand-written component-model bindings for wharf:websocket@0.1.12
 // (world batch-handler-world): what a bindings generator would produce, kept
 // small. echo.go only uses the Go API at the top of this file.
 //
@@ -181,22 +181,22 @@ func (c Connection) Close(code CloseCode, reason string) error {
 // Imports: the connection resource's methods
 // ---------------------------------------------------------------------------
 
-//go:wasmimport wharf:websocket/connection@0.1.11 [method]connection.id
+//go:wasmimport wharf:websocket/connection@0.1.12 [method]connection.id
 func connID(self int32) uint64
 
-//go:wasmimport wharf:websocket/connection@0.1.11 [method]connection.send-text
+//go:wasmimport wharf:websocket/connection@0.1.12 [method]connection.send-text
 func connSendText(self int32, ptr, len uint32, ret uint32)
 
-//go:wasmimport wharf:websocket/connection@0.1.11 [method]connection.send-binary
+//go:wasmimport wharf:websocket/connection@0.1.12 [method]connection.send-binary
 func connSendBinary(self int32, ptr, len uint32, ret uint32)
 
-//go:wasmimport wharf:websocket/connection@0.1.11 [method]connection.close
+//go:wasmimport wharf:websocket/connection@0.1.12 [method]connection.close
 func connClose(self int32, codeTag, codeApp uint32, ptr, len uint32, ret uint32)
 
-//go:wasmimport wharf:websocket/connection@0.1.11 [resource-drop]connection
+//go:wasmimport wharf:websocket/connection@0.1.12 [resource-drop]connection
 func connDrop(self int32)
 
-//go:wasmimport wharf:websocket/batch-send@0.1.11 send
+//go:wasmimport wharf:websocket/batch-send@0.1.12 send
 func batchSend(conn int32, ptr, n uint32, ret uint32)
 
 // batchRet receives a `result<_, partial>`: the tag in the low byte of word
@@ -218,7 +218,7 @@ func result() error {
 // Exports: the handler interface
 // ---------------------------------------------------------------------------
 
-//go:wasmexport wharf:websocket/handler@0.1.11#on-upgrade
+//go:wasmexport wharf:websocket/handler@0.1.12#on-upgrade
 func exportOnUpgrade(conn int32,
 	methodPtr, methodLen, pathPtr, pathLen, queryTag, queryPtr, queryLen,
 	headersPtr, headersLen, protosPtr, protosLen, remotePtr, remoteLen, tls uint32) uint32 {
@@ -262,28 +262,28 @@ func exportOnUpgrade(conn int32,
 // upgrade-response as six 32-bit words (tag, then the case's fields).
 var upgradeRet [6]uint32
 
-//go:wasmexport cabi_post_wharf:websocket/handler@0.1.11#on-upgrade
+//go:wasmexport cabi_post_wharf:websocket/handler@0.1.12#on-upgrade
 func postOnUpgrade(uint32) { arenaUsed = 0 }
 
-//go:wasmexport wharf:websocket/handler@0.1.11#on-open
+//go:wasmexport wharf:websocket/handler@0.1.12#on-open
 func exportOnOpen(conn int32) {
 	Handler.OnOpen(Connection(conn))
 	done(conn)
 }
 
-//go:wasmexport wharf:websocket/handler@0.1.11#on-text
+//go:wasmexport wharf:websocket/handler@0.1.12#on-text
 func exportOnText(conn int32, ptr, len uint32) {
 	Handler.OnText(Connection(conn), liftString(ptr, len))
 	done(conn)
 }
 
-//go:wasmexport wharf:websocket/handler@0.1.11#on-binary
+//go:wasmexport wharf:websocket/handler@0.1.12#on-binary
 func exportOnBinary(conn int32, ptr, len uint32) {
 	Handler.OnBinary(Connection(conn), unsafe.Slice((*byte)(addr(ptr)), len))
 	done(conn)
 }
 
-//go:wasmexport wharf:websocket/handler@0.1.11#on-close
+//go:wasmexport wharf:websocket/handler@0.1.12#on-close
 func exportOnClose(conn int32, code uint32, ptr, len uint32, clean uint32) {
 	Handler.OnClose(Connection(conn), uint16(code), liftString(ptr, len), clean != 0)
 	done(conn)
@@ -301,7 +301,7 @@ func exportOnClose(conn int32, code uint32, ptr, len uint32, clean uint32) {
 // The host bounds a batch (64 KiB of small messages, or one large one), so
 // it fits the argument arena as a single message does.
 //
-//go:wasmexport wharf:websocket/batch-handler@0.1.11#on-messages
+//go:wasmexport wharf:websocket/batch-handler@0.1.12#on-messages
 func exportOnMessages(conn int32, ptr, n uint32) {
 	c := Connection(conn)
 	if uint32(cap(incoming)) < n {

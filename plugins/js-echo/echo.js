@@ -18,8 +18,8 @@
 // 1 KiB), and a run of texts comes to `onTexts` as one string and a
 // Uint32Array of lengths, no object per message.
 
-import { send } from "wharf:websocket/batch-send@0.1.11";
-import { send as sendTexts } from "wharf:websocket/text-batch-send@0.1.11";
+import { send } from "wharf:websocket/batch-send@0.1.12";
+import { send as sendTexts } from "wharf:websocket/text-batch-send@0.1.12";
 
 function echoText(conn, text) {
   try {

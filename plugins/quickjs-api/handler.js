@@ -6,7 +6,7 @@ import { get, getAll } from "wharf:websocket/config@0.1.6";
 import { subscribe, publishText } from "wharf:websocket/pubsub";
 import * as attachment from "wharf:websocket/attachment";
 import { sendText as peerSendText } from "wharf:websocket/peers";
-import { send } from "wharf:websocket/batch-send@0.1.11";
+import { send } from "wharf:websocket/batch-send@0.1.12";
 import { send as sendTexts } from "wharf:websocket/text-batch-send";
 
 let saved; // a connection object kept past its call

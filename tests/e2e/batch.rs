@@ -1,5 +1,6 @@
-//! Batched delivery (`packed-handler`, which the Rust echo plugin exports,
-//! answering through `packed-send`): messages that arrive together reach
+//! Batched delivery (`packed-words-handler`, which the Rust echo plugin
+//! exports, answering through `packed-words-send`; `packed-handler` and
+//! `packed-send`, the `no_std` echo's): messages that arrive together reach
 //! the plugin in one call, in order, whatever their kind or size, and
 //! replies still precede the answer to a Close that followed them. The
 //! `batch-handler` list path is the other languages' echoes' (`tests/languages`);
@@ -38,11 +39,11 @@ fn burst() -> (Vec<u8>, Vec<(u8, Vec<u8>)>) {
     (wire, want)
 }
 
-async fn burst_echoes_in_order(tls: bool) {
+async fn burst_echoes_in_order(plugin: &'static str, tls: bool) {
     let server = Server::start(ServerOpts {
         tls,
         extra: "[admin]\nlisten = \"127.0.0.1:0\"\n".into(),
-        ..ServerOpts::new("echo")
+        ..ServerOpts::new(plugin)
     });
     let mut raw = server.raw_upgraded(tls, "/").await;
     let (wire, want) = burst();
@@ -92,12 +93,18 @@ async fn burst_echoes_in_order(tls: bool) {
 
 #[tokio::test]
 async fn burst_echoes_in_order_ws() {
-    burst_echoes_in_order(false).await;
+    burst_echoes_in_order("echo", false).await;
 }
 
 #[tokio::test]
 async fn burst_echoes_in_order_wss() {
-    burst_echoes_in_order(true).await;
+    burst_echoes_in_order("echo", true).await;
+}
+
+/// The same through `packed-handler`'s span records.
+#[tokio::test]
+async fn burst_echoes_in_order_as_span_records() {
+    burst_echoes_in_order("lean_echo", false).await;
 }
 
 /// Three messages, then `last` in the same write: the three are echoed,

@@ -184,8 +184,8 @@ async fn expect_batched(ws: &mut Ws, i: usize, texts: bool) {
     );
 }
 
-/// `batch-send`, `packed-send` and `text-batch-send` (`command` "batch",
-/// "packed" or "texts"): one call
+/// `batch-send`, `packed-send`, `packed-words-send` and `text-batch-send`
+/// (`command` "batch", "packed", "words" or "texts"): one call
 /// queues many messages, in order, each framed as its own send; the call
 /// stops at the first message refused and says how many went, and exactly
 /// those arrive (the same queue bound and message limit as single sends).
@@ -245,6 +245,11 @@ async fn packed_send_queues_in_order_and_stops_at_a_refusal() {
 }
 
 #[tokio::test]
+async fn packed_words_send_queues_in_order_and_stops_at_a_refusal() {
+    batch_queues_in_order_and_stops_at_a_refusal("words").await;
+}
+
+#[tokio::test]
 async fn text_batch_send_queues_in_order_and_stops_at_a_refusal() {
     batch_queues_in_order_and_stops_at_a_refusal("texts").await;
 }
@@ -295,10 +300,15 @@ async fn malformed_text_batch_lengths_trap() {
     malformed_send_traps("texts-bad", cases, |m| Message::Text(m.into())).await;
 }
 
-/// `packed-send` with spans that do not describe its payloads (past their
-/// end, short of it, text that is not UTF-8).
+/// `packed-send` and `packed-words-send` with spans that do not describe
+/// their payloads (past their end, short of it, text that is not UTF-8).
 #[tokio::test]
 async fn malformed_packed_spans_trap() {
+    malformed_spans_trap("packed-bad").await;
+    malformed_spans_trap("words-bad").await;
+}
+
+async fn malformed_spans_trap(command: &str) {
     let cases: [(&str, &str, &[&str]); 3] = [
         ("past", "span 1 runs past the end of the payloads", &["ok"]),
         (
@@ -308,7 +318,7 @@ async fn malformed_packed_spans_trap() {
         ),
         ("utf8", "span 1 is text but not valid UTF-8", &["ok"]),
     ];
-    malformed_send_traps("packed-bad", cases, |m| {
+    malformed_send_traps(command, cases, |m| {
         Message::Binary(m.as_bytes().to_vec().into())
     })
     .await;

@@ -41,7 +41,7 @@
 //! | `wharf_restart_closes_total` | counter | `tenant` |
 //! | `wharf_static_responses_total` | counter | `status` |
 //! | `wharf_memory_reset_exposed` | gauge | |
-//! | `wharf_plugin_call_seconds` | histogram | buckets 1 µs × 2ⁿ, n = 0..23 (to ~8.4 s); one observation per call, a batch (`on-messages`, `on-packed`, `on-texts`) being one call |
+//! | `wharf_plugin_call_seconds` | histogram | buckets 1 µs × 2ⁿ, n = 0..23 (to ~8.4 s); one observation per call, a batch (`on-messages`, `on-packed`, `on-packed-words`, `on-texts`) being one call |
 //!
 //! Series with fixed labels are exported as 0 from the start; the families
 //! keyed by code, status, reason or tenant appear on their first event.

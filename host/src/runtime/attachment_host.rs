@@ -17,7 +17,7 @@ use super::connection_host::ConnectionEntry;
 /// Largest attachment, in bytes: it is what an idle connection costs.
 pub const MAX_ATTACHMENT: usize = 4096;
 
-const INTERFACE: &str = "wharf:websocket/attachment@0.1.11";
+const INTERFACE: &str = "wharf:websocket/attachment@0.1.12";
 
 /// Adds `wharf:websocket/attachment` to the linker.
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {

@@ -19,7 +19,7 @@ use super::connection_host::{ConnectionEntry, Outbox, with_outbox};
 
 /// The interface this implements (older 0.1.x plugins are matched to it by
 /// semver).
-const INTERFACE: &str = "wharf:websocket/batch-send@0.1.11";
+const INTERFACE: &str = "wharf:websocket/batch-send@0.1.12";
 
 /// One `outgoing` message, still in the plugin's memory.
 #[derive(ComponentType, Lift)]

@@ -31,7 +31,7 @@ use crate::beacon::Beacon;
 
 /// The interface these functions implement (older 0.1.x plugins are matched
 /// to it by semver).
-const INTERFACE: &str = "wharf:websocket/connection@0.1.11";
+const INTERFACE: &str = "wharf:websocket/connection@0.1.12";
 
 /// The limits the host checks a send against, fixed per connection.
 #[derive(Debug, Clone, Copy, Default)]

@@ -17,7 +17,7 @@ use super::connection_host::ConnectionEntry;
 use super::export::{ExportError, FuncExport};
 
 /// The interface's name; wasmtime matches the other 0.1.x exports to it.
-pub const INTERFACE: &str = "wharf:websocket/handler@0.1.11";
+pub const INTERFACE: &str = "wharf:websocket/handler@0.1.12";
 
 type Conn = Resource<ConnectionEntry>;
 type Upgrade<'a> = (Conn, &'a UpgradeRequest);

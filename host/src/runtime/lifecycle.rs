@@ -15,7 +15,7 @@ use super::HostState;
 use super::export::{ExportError, FuncExport};
 
 /// The interface's name; wasmtime matches later 0.1.x exports to it.
-pub const INTERFACE: &str = "wharf:websocket/lifecycle@0.1.11";
+pub const INTERFACE: &str = "wharf:websocket/lifecycle@0.1.12";
 const FUNCTION: &str = "wanted";
 
 // `lifecycle.calls`: the calls a handler may do without.

@@ -21,6 +21,8 @@ pub mod limits;
 pub mod log_stream;
 pub mod packed_handler;
 pub mod packed_send_host;
+pub mod packed_words_handler;
+pub mod packed_words_send_host;
 pub mod peers_host;
 pub mod pubsub_host;
 pub mod request_handler;
@@ -301,6 +303,7 @@ impl Runtime {
         attachment_host::add_to_linker(&mut linker)?;
         batch_send_host::add_to_linker(&mut linker)?;
         packed_send_host::add_to_linker(&mut linker)?;
+        packed_words_send_host::add_to_linker(&mut linker)?;
         text_batch_send_host::add_to_linker(&mut linker)?;
         request_host::add_to_linker(&mut linker)?;
         let clock = EpochClock::start(&engine);
@@ -384,6 +387,7 @@ impl Runtime {
         let handler = HandlerExports::find(&pre).map_err(|e| world_error(e.into()))?;
         let batch = batch_handler::find(&pre).map_err(|e| world_error(e.into()))?;
         let packed = packed_handler::find(&pre).map_err(|e| world_error(e.into()))?;
+        let words = packed_words_handler::find(&pre).map_err(|e| world_error(e.into()))?;
         let texts = text_batch_handler::find(&pre).map_err(|e| world_error(e.into()))?;
         let snapshot = SnapshotExport::find(&pre).map_err(|e| world_error(e.into()))?;
         let request = request_handler::find(&pre).map_err(|e| world_error(e.into()))?;
@@ -407,8 +411,9 @@ impl Runtime {
             plugin = name,
             sha256 = &hash[..16],
             origin,
-            batched = batch.is_some() || packed.is_some() || texts.is_some(),
-            packed = packed.is_some(),
+            batched = batch.is_some() || packed.is_some() || words.is_some() || texts.is_some(),
+            packed = packed.is_some() || words.is_some(),
+            span_words = words.is_some(),
             text_batches = texts.is_some(),
             snapshots = snapshot.is_some(),
             lazy_request = request.is_some(),
@@ -425,6 +430,7 @@ impl Runtime {
             handler,
             batch,
             packed,
+            words,
             texts,
             snapshot,
             request,
@@ -510,8 +516,10 @@ pub struct Plugin {
     handler: HandlerExports,
     /// Set if the plugin takes its messages in batches, as a list...
     batch: Option<FuncExport>,
-    /// ...or packed (which it gets if it exports both).
+    /// ...or packed (which it gets if it exports both)...
     packed: Option<FuncExport>,
+    /// ...or packed with span words (which it gets if it exports it).
+    words: Option<FuncExport>,
     /// Set if it takes runs of texts as one string (`on-texts`).
     texts: Option<FuncExport>,
     /// Set if its shared instance's state can move to another version.
@@ -545,10 +553,14 @@ impl Plugin {
         &self.hash
     }
 
-    /// Whether the plugin exports `batch-handler`, `packed-handler` or
-    /// `text-batch-handler` (see [`PluginInstance::on_batch`]).
+    /// Whether the plugin exports `batch-handler`, `packed-handler`,
+    /// `packed-words-handler` or `text-batch-handler` (see
+    /// [`PluginInstance::on_batch`]).
     pub fn batched(&self) -> bool {
-        self.batch.is_some() || self.packed.is_some() || self.texts.is_some()
+        self.batch.is_some()
+            || self.packed.is_some()
+            || self.words.is_some()
+            || self.texts.is_some()
     }
 
     /// Whether the plugin exports `snapshot` (see
@@ -705,10 +717,11 @@ impl Plugin {
             .handler
             .resolve(&mut store, &instance)
             .map_err(|e| PluginError::Instantiate(e.into()))?;
-        let on_batch = match (&self.packed, &self.batch) {
-            (Some(packed), _) => packed.resolve(&mut store, &instance).map(BatchFunc::Packed),
-            (None, Some(batch)) => batch.resolve(&mut store, &instance).map(BatchFunc::List),
-            (None, None) => None,
+        let on_batch = match (&self.words, &self.packed, &self.batch) {
+            (Some(words), _, _) => words.resolve(&mut store, &instance).map(BatchFunc::Words),
+            (None, Some(packed), _) => packed.resolve(&mut store, &instance).map(BatchFunc::Packed),
+            (None, None, Some(batch)) => batch.resolve(&mut store, &instance).map(BatchFunc::List),
+            (None, None, None) => None,
         };
         let on_texts = self
             .texts
@@ -928,6 +941,8 @@ enum BatchFunc {
     List(Func),
     /// `packed-handler#on-packed`.
     Packed(Func),
+    /// `packed-words-handler#on-packed-words`.
+    Words(Func),
 }
 
 /// What a failed instance leaves ([`PluginInstance::salvage`]): the
@@ -1207,13 +1222,14 @@ impl PluginInstance {
         let conn = self.arm();
         let wall = self.wall();
         let r = wall::within(wall, || {
-            text_batch_handler::call(&mut self.store, func, conn, texts, &lens)
+            text_batch_handler::call(&mut self.store, func, conn, texts, lens)
         })
         .await;
         self.finish_within(r)
     }
 
-    /// Messages in one call: `on-packed` or `on-messages`. A plugin without
+    /// Messages in one call: `on-packed-words`, `on-packed` or
+    /// `on-messages`. A plugin without
     /// either export, or a batch of one message, gets one
     /// `on-text`/`on-binary` call each.
     async fn on_messages(&mut self, batch: BatchRef<'_>) -> Result<(), PluginError> {
@@ -1221,7 +1237,7 @@ impl PluginInstance {
         // Cut before any call starts: a batch put together wrongly is the
         // host's failure, not the call's.
         let messages = match func {
-            Some(BatchFunc::Packed(_)) => Vec::new(),
+            Some(BatchFunc::Packed(_) | BatchFunc::Words(_)) => Vec::new(),
             _ => batch.messages().map_err(|e| {
                 self.undelivered += batch.len();
                 PluginError::Trap(e.into())
@@ -1244,6 +1260,12 @@ impl PluginInstance {
             BatchFunc::Packed(func) => {
                 wall::within(wall, || {
                     packed_handler::call(&mut self.store, func, conn, batch)
+                })
+                .await
+            }
+            BatchFunc::Words(func) => {
+                wall::within(wall, || {
+                    packed_words_handler::call(&mut self.store, func, conn, batch)
                 })
                 .await
             }

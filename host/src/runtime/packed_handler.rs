@@ -1,10 +1,12 @@
 //! `wharf:websocket/packed-handler`: the optional export through which a
-//! handler takes a batch as one buffer of payloads and one list of spans
-//! ([`BatchRef::packed`]).
+//! handler takes a batch as one buffer of payloads and one list of `span`
+//! records ([`BatchRef::packed`], each word made a record).
 //!
 //! Lowering a `list<message>` calls the plugin's `cabi_realloc` once per
 //! message (see [`batch_handler`](super::batch_handler)); lowering a packed
-//! batch calls it twice, whatever the batch's length.
+//! batch calls it twice, whatever the batch's length. Its records are still
+//! lowered one field at a time, which
+//! [`packed_words_handler`](super::packed_words_handler) avoids.
 
 use wasmtime::Store;
 use wasmtime::component::{Func, InstancePre, Resource, TypedFunc};
@@ -38,6 +40,7 @@ pub async fn call(
     // exactly these parameter and result types, resolved in an instance of
     // that same component.
     let typed = unsafe { TypedFunc::<Params<'_>, ()>::new_unchecked(func) };
-    let (payloads, spans) = batch.packed();
-    typed.call_async(store, (conn, payloads, spans)).await
+    let (payloads, words) = batch.packed();
+    let spans: Vec<Span> = words.iter().map(|w| w.span()).collect();
+    typed.call_async(store, (conn, payloads, &spans)).await
 }

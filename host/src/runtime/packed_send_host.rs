@@ -18,7 +18,7 @@ use super::connection_host::{ConnectionEntry, Outbox, with_outbox};
 
 /// The interface this implements (older 0.1.x plugins are matched to it by
 /// semver).
-const INTERFACE: &str = "wharf:websocket/packed-send@0.1.11";
+const INTERFACE: &str = "wharf:websocket/packed-send@0.1.12";
 
 /// Spans lifted at once: a batch the host delivered (at most 1024
 /// messages) comes back in a few chunks, on the stack of the plugin's call.
@@ -26,13 +26,44 @@ pub(super) const CHUNK: usize = 256;
 
 /// A plugin's spans that do not describe its payloads: a trap.
 #[derive(Debug, thiserror::Error)]
-enum Malformed {
+pub(super) enum Malformed {
     #[error("span {index} runs past the end of the payloads")]
     PastTheEnd { index: usize },
     #[error("the spans leave {left} bytes of the payloads unused")]
     Unused { left: usize },
     #[error("span {index} is text but not valid UTF-8")]
     NotUtf8 { index: usize },
+}
+
+/// Message `index` of a send: the `len` bytes of `payloads` from `offset`
+/// on, which moves past them.
+pub(super) fn cut<'a>(
+    payloads: &'a [u8],
+    offset: &mut usize,
+    text: bool,
+    len: usize,
+    index: usize,
+) -> Result<Message<'a>, Malformed> {
+    let payload = offset
+        .checked_add(len)
+        .and_then(|end| payloads.get(*offset..end))
+        .ok_or(Malformed::PastTheEnd { index })?;
+    *offset += len;
+    Ok(if text {
+        Message::Text(
+            simdutf8::basic::from_utf8(payload).map_err(|_| Malformed::NotUtf8 { index })?,
+        )
+    } else {
+        Message::Binary(payload)
+    })
+}
+
+/// The spans ended at `offset`: they must have used every byte.
+pub(super) fn all_used(payloads: usize, offset: usize) -> Result<(), Malformed> {
+    match payloads - offset {
+        0 => Ok(()),
+        left => Err(Malformed::Unused { left }),
+    }
 }
 
 /// Lifts `spans[start..]` into `out`, as many as fit; how many.
@@ -82,29 +113,15 @@ fn queue_all(
         let bytes = payloads.as_le_slice(&*store);
         let mut messages = [Message::Binary(&[]); CHUNK];
         for (i, (span, message)) in chunk[..count].iter().zip(&mut messages).enumerate() {
-            let at = index + i;
-            let payload = offset
-                .checked_add(span.len as usize)
-                .and_then(|end| bytes.get(offset..end))
-                .ok_or(Malformed::PastTheEnd { index: at })?;
-            *message = match span.kind {
-                Kind::Text => Message::Text(
-                    simdutf8::basic::from_utf8(payload)
-                        .map_err(|_| Malformed::NotUtf8 { index: at })?,
-                ),
-                Kind::Binary => Message::Binary(payload),
-            };
-            offset += payload.len();
+            let text = matches!(span.kind, Kind::Text);
+            *message = cut(bytes, &mut offset, text, span.len as usize, index + i)?;
         }
         let whole = index == 0 && count == spans.len() && offset == bytes.len();
         if let Err(partial) = queue_chunk(outbox, &messages[..count], whole, &mut index)? {
             return Ok(Err(partial));
         }
     }
-    let left = payloads.len() - offset;
-    if left > 0 {
-        return Err(Malformed::Unused { left }.into());
-    }
+    all_used(payloads.len(), offset)?;
     Ok(Ok(()))
 }
 

@@ -686,7 +686,7 @@ struct Publish {
     exclude: Option<u64>,
 }
 
-const INTERFACE: &str = "wharf:websocket/pubsub@0.1.11";
+const INTERFACE: &str = "wharf:websocket/pubsub@0.1.12";
 
 /// A topic read from the plugin's memory (in place for a UTF-8 plugin),
 /// copied only once its length is checked.

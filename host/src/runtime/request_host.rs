@@ -17,7 +17,7 @@ use wharf_protocol::Request;
 use super::HostState;
 use super::bindings::{Header, UpgradeRequest};
 
-const INTERFACE: &str = "wharf:websocket/request@0.1.11";
+const INTERFACE: &str = "wharf:websocket/request@0.1.12";
 
 /// The request behind a `request` handle: the parsed head as the
 /// protocol keeps it, each field copied out only when the plugin asks.

@@ -16,7 +16,7 @@ use super::connection_host::ConnectionEntry;
 use super::export::{ExportError, FuncExport};
 
 /// The interface's name; wasmtime matches later 0.1.x exports to it.
-pub const INTERFACE: &str = "wharf:websocket/text-batch-handler@0.1.11";
+pub const INTERFACE: &str = "wharf:websocket/text-batch-handler@0.1.12";
 const FUNCTION: &str = "on-texts";
 
 type Params<'a> = (Resource<ConnectionEntry>, &'a str, &'a [u32]);

@@ -18,7 +18,7 @@ use super::packed_send_host::{CHUNK, queue_chunk};
 
 /// The interface this implements (later 0.1.x plugins are matched to it by
 /// semver).
-const INTERFACE: &str = "wharf:websocket/text-batch-send@0.1.11";
+const INTERFACE: &str = "wharf:websocket/text-batch-send@0.1.12";
 
 /// A plugin's lengths that do not cut its string into messages: a trap.
 #[derive(Debug, thiserror::Error)]

@@ -7,9 +7,8 @@
 //! the batch is full, and then delivered together, straight from that
 //! buffer. The inbox keeps what cuts the buffer into messages.
 
-use crate::runtime::batch::{BatchRef, TooLarge, span_of};
+use crate::runtime::batch::{BatchRef, SpanWord, TooLarge};
 use crate::runtime::batch_handler::Message;
-use crate::runtime::bindings::wharf::websocket::packed::Span;
 
 /// Messages larger than this are not held back: one ends the batch.
 pub(super) const MESSAGE_MAX: usize = 16 * 1024;
@@ -20,7 +19,7 @@ const MESSAGES_MAX: usize = 1024;
 
 #[derive(Debug, Default)]
 pub(super) struct Inbox {
-    spans: Vec<Span>,
+    spans: Vec<SpanWord>,
     bytes: usize,
 }
 
@@ -36,7 +35,7 @@ impl Inbox {
 
     /// Counts `message` in, which the protocol holds after the others.
     pub(super) fn push(&mut self, message: Message<'_>) -> Result<(), TooLarge> {
-        let span = span_of(message)?;
+        let span = SpanWord::of(message)?;
         self.bytes += message.len();
         self.spans.push(span);
         Ok(())

@@ -12,12 +12,15 @@
 //!   binary [1] alternating; "batch-big N": the same with message 1 a
 //!   binary of N bytes. Reports "batched all" or "batched queued=<count>
 //!   error=<error>", to the log as well. "packed N" and "packed-big N": the
-//!   same messages through one `packed-send` call, with the same reports.
+//!   same messages through one `packed-send` call, with the same reports;
+//!   "words N" and "words-big N" through one `packed-words-send` call.
 //!   "texts N" and "texts-big N": texts only ("b0".."b<N-1>", message 1 of
 //!   N bytes), through one `text-batch-send` call, with the same reports.
 //! - "packed-bad past", "packed-bad unused", "packed-bad utf8": a
 //!   `packed-send` call whose spans run past the payloads, leave bytes of
-//!   them unused, or mark invalid UTF-8 as text (each traps in the host).
+//!   them unused, or mark invalid UTF-8 as text (each traps in the host);
+//!   "words-bad past", "words-bad unused", "words-bad utf8": the same
+//!   through `packed-words-send`.
 //!   "texts-bad past", "texts-bad unused", "texts-bad split": a
 //!   `text-batch-send` call whose lengths run past the string, leave some
 //!   of it unused, or cut a character in two (each traps in the host).
@@ -53,7 +56,7 @@ use wharf::websocket::connection::Connection;
 use wharf::websocket::packed::{Kind, Span};
 use wharf::websocket::types::{Accept, ErrorCode, UpgradeRequest, UpgradeResponse};
 use wharf::websocket::{attachment, config, peers};
-use wharf::websocket::{packed_send, text_batch_send};
+use wharf::websocket::{packed_send, packed_words_send, text_batch_send};
 
 struct Chaos;
 
@@ -116,26 +119,49 @@ fn batched(i: u64, big: Option<u64>) -> Outgoing {
     }
 }
 
-/// Sends `n` messages in one call: `batch-send`'s, or if `packed`,
-/// `packed-send`'s.
-fn batch(conn: &Connection, n: u64, big: Option<u64>, packed: bool) {
+/// Which call a batch of sends goes through.
+#[derive(Clone, Copy)]
+enum Via {
+    /// `batch-send`.
+    List,
+    /// `packed-send`.
+    Packed,
+    /// `packed-words-send`.
+    Words,
+}
+
+/// Bit 31 of a span word: a binary message.
+const BINARY: u32 = 1 << 31;
+
+/// Sends `n` messages in one call of `via`.
+fn batch(conn: &Connection, n: u64, big: Option<u64>, via: Via) {
     let messages = (0..n).map(|i| batched(i, big));
-    let sent = if packed {
-        let (mut payloads, mut spans) = (Vec::new(), Vec::new());
-        for message in messages {
-            let (kind, bytes) = match message {
-                Outgoing::Text(text) => (Kind::Text, text.into_bytes()),
-                Outgoing::Binary(data) => (Kind::Binary, data),
-            };
-            spans.push(Span {
-                kind,
-                len: bytes.len() as u32,
-            });
-            payloads.extend(bytes);
+    let mut payloads = Vec::new();
+    let mut pack = |message| {
+        let (kind, bytes) = match message {
+            Outgoing::Text(text) => (Kind::Text, text.into_bytes()),
+            Outgoing::Binary(data) => (Kind::Binary, data),
+        };
+        let len = bytes.len() as u32;
+        payloads.extend(bytes);
+        Span { kind, len }
+    };
+    let sent = match via {
+        Via::List => batch_send::send(conn, &messages.collect::<Vec<_>>()),
+        Via::Packed => {
+            let spans: Vec<Span> = messages.map(&mut pack).collect();
+            packed_send::send(conn, &payloads, &spans)
         }
-        packed_send::send(conn, &payloads, &spans)
-    } else {
-        batch_send::send(conn, &messages.collect::<Vec<_>>())
+        Via::Words => {
+            let words: Vec<u32> = messages
+                .map(&mut pack)
+                .map(|span| match span.kind {
+                    Kind::Text => span.len,
+                    Kind::Binary => span.len | BINARY,
+                })
+                .collect();
+            packed_words_send::send(conn, &payloads, &words)
+        }
     };
     let report = match sent {
         Ok(()) => "batched all".to_owned(),
@@ -201,6 +227,17 @@ fn packed_bad(conn: &Connection, how: &str) {
     };
     let sent = packed_send::send(conn, payloads, &spans);
     eprintln!("chaos: packed-bad {how} was not refused: {sent:?}");
+}
+
+/// `packed_bad` through `packed-words-send`.
+fn words_bad(conn: &Connection, how: &str) {
+    let (payloads, words): (&[u8], [u32; 2]) = match how {
+        "past" => (b"ok12", [2 | BINARY, 3 | BINARY]),
+        "unused" => (b"ok12", [2 | BINARY, 1 | BINARY]),
+        _ => (b"ok\xff", [2 | BINARY, 1]),
+    };
+    let sent = packed_words_send::send(conn, payloads, &words);
+    eprintln!("chaos: words-bad {how} was not refused: {sent:?}");
 }
 
 impl Guest for Chaos {
@@ -276,6 +313,9 @@ impl Guest for Chaos {
         if let Some(how) = text.strip_prefix("packed-bad ") {
             return packed_bad(conn, how);
         }
+        if let Some(how) = text.strip_prefix("words-bad ") {
+            return words_bad(conn, how);
+        }
         if let Some(how) = text.strip_prefix("texts-bad ") {
             return texts_bad(conn, how);
         }
@@ -303,10 +343,12 @@ impl Guest for Chaos {
                 log_err(conn, conn.send_text("slept"));
             }
             ("flood", Some(n)) => flood(conn, n),
-            ("batch", Some(n)) => batch(conn, n, None, false),
-            ("batch-big", Some(n)) => batch(conn, 3, Some(n), false),
-            ("packed", Some(n)) => batch(conn, n, None, true),
-            ("packed-big", Some(n)) => batch(conn, 3, Some(n), true),
+            ("batch", Some(n)) => batch(conn, n, None, Via::List),
+            ("batch-big", Some(n)) => batch(conn, 3, Some(n), Via::List),
+            ("packed", Some(n)) => batch(conn, n, None, Via::Packed),
+            ("packed-big", Some(n)) => batch(conn, 3, Some(n), Via::Packed),
+            ("words", Some(n)) => batch(conn, n, None, Via::Words),
+            ("words-big", Some(n)) => batch(conn, 3, Some(n), Via::Words),
             ("texts", Some(n)) => texts(conn, n, None),
             ("texts-big", Some(n)) => texts(conn, 3, Some(n)),
             ("count", None) => count(conn),

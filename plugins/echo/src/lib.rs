@@ -10,11 +10,13 @@
 //! - taking messages in batches and answering them in one call, which saves
 //!   a call into the instance and one into the host per message when a
 //!   client sends many at once. This echo takes them packed
-//!   (`packed-handler`: one buffer of payloads and one list of spans) and
-//!   sends them back the same way (`packed-send`), which also saves an
-//!   allocation per message; `batch-handler` and `batch-send` are the same
-//!   with a list of messages, simpler to write for a handler that looks at
-//!   each one;
+//!   (`packed-words-handler`: one buffer of payloads and one list of span
+//!   words, each a message's length and, in its top bit, whether it is
+//!   binary) and sends them back the same way (`packed-words-send`), which
+//!   also saves an allocation per message; `packed-handler` and
+//!   `packed-send` are the same with a record per span, and `batch-handler`
+//!   and `batch-send` with a list of messages, simpler to write for a
+//!   handler that looks at each one;
 //! - naming the lifecycle calls it wants (`lifecycle`): none. It accepts
 //!   every upgrade as it is, has nothing to do when a connection opens and
 //!   nothing to clean up when it closes, so the host makes none of those
@@ -32,21 +34,20 @@
 // - `exports::wharf::websocket::handler::Guest`, the trait we implement,
 // - `wharf::websocket::connection::Connection`, the host's connection resource,
 // - `wharf::websocket::types::*`, the shared records, variants and enums,
-// - `exports::wharf::websocket::packed_handler::Guest`, the optional batch
-//   export, and `exports::wharf::websocket::lifecycle::Guest`, the optional
-//   export naming the lifecycle calls wanted (`packed-lifecycle-handler-world`
-//   is `handler-world` plus both).
+// - `exports::wharf::websocket::packed_words_handler::Guest`, the optional
+//   batch export, and `exports::wharf::websocket::lifecycle::Guest`, the
+//   optional export naming the lifecycle calls wanted
+//   (`packed-words-lifecycle-handler-world` is `handler-world` plus both).
 wit_bindgen::generate!({
     path: "../../wit",
-    world: "packed-lifecycle-handler-world",
+    world: "packed-words-lifecycle-handler-world",
 });
 
 use exports::wharf::websocket::handler::Guest;
 use exports::wharf::websocket::lifecycle::{Calls, Guest as LifecycleGuest};
-use exports::wharf::websocket::packed_handler::Guest as PackedGuest;
+use exports::wharf::websocket::packed_words_handler::Guest as PackedGuest;
 use wharf::websocket::connection::Connection;
-use wharf::websocket::packed::{Kind, Span};
-use wharf::websocket::packed_send;
+use wharf::websocket::packed_words_send;
 use wharf::websocket::types::{Accept, CloseCode, UpgradeRequest, UpgradeResponse};
 
 /// Our handler. It has no state: the host passes the connection to every call.
@@ -79,18 +80,23 @@ impl Guest for Echo {
     fn on_close(_conn: &Connection, _code: u16, _reason: String, _clean: bool) {}
 }
 
+/// Bit 31 of a span word: the message is binary. A text's word is its
+/// length.
+const BINARY: u32 = 1 << 31;
+
 /// With this export, the host delivers the messages that arrive together
 /// here, in order: message `i` is `spans[i]`, its payload the next
-/// `spans[i].len` bytes of `payloads`. (A message that arrives on its own
-/// still goes to `on_text` or `on_binary`.)
+/// `spans[i] & !BINARY` bytes of `payloads`. (A message that arrives on its
+/// own still goes to `on_text` or `on_binary`.)
 impl PackedGuest for Echo {
-    fn on_packed(conn: &Connection, payloads: Vec<u8>, spans: Vec<Span>) {
-        // Everything goes back as it came, in one `packed-send` call, but
-        // a "goodbye" closes: what came before it is echoed first.
+    fn on_packed_words(conn: &Connection, payloads: Vec<u8>, spans: Vec<u32>) {
+        // Everything goes back as it came, in one `packed-words-send` call,
+        // but a "goodbye" closes: what came before it is echoed first.
         let (mut first_span, mut first_byte, mut offset) = (0, 0, 0);
-        for (i, span) in spans.iter().enumerate() {
-            let end = offset + span.len as usize;
-            if matches!(span.kind, Kind::Text) && &payloads[offset..end] == b"goodbye" {
+        for (i, &span) in spans.iter().enumerate() {
+            let end = offset + (span & !BINARY) as usize;
+            // A text's word is its length: 7 for "goodbye".
+            if span == 7 && &payloads[offset..end] == b"goodbye" {
                 send_packed(conn, &payloads[first_byte..offset], &spans[first_span..i]);
                 echo_text(conn, "goodbye");
                 (first_span, first_byte) = (i + 1, end);
@@ -109,12 +115,12 @@ impl LifecycleGuest for Echo {
     }
 }
 
-fn send_packed(conn: &Connection, payloads: &[u8], spans: &[Span]) {
+fn send_packed(conn: &Connection, payloads: &[u8], spans: &[u32]) {
     if spans.is_empty() {
         return;
     }
     // On an error, the messages before `queued` went out and none after.
-    if let Err(partial) = packed_send::send(conn, payloads, spans) {
+    if let Err(partial) = packed_words_send::send(conn, payloads, spans) {
         let dropped = spans.len() - partial.queued as usize;
         eprintln!(
             "echo: connection {}: {dropped} replies not sent: {}",

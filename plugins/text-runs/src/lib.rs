@@ -11,8 +11,8 @@ wit_bindgen::generate!({
     inline: "
         package wharf:text-runs;
         world text-runs {
-            include wharf:websocket/handler-world@0.1.11;
-            export wharf:websocket/text-batch-handler@0.1.11;
+            include wharf:websocket/handler-world@0.1.12;
+            export wharf:websocket/text-batch-handler@0.1.12;
         }
     ",
     world: "wharf:text-runs/text-runs",
