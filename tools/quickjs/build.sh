@@ -93,10 +93,10 @@ wizer="$toolchains/wizer/release/wizer"
 # --- build ------------------------------------------------------------------
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-# 1. C bindings for packed-handler-world (handler-world plus the packed
+# 1. C bindings for packed-words-handler-world (handler-world plus the packed
 #    batch export: the runtime routes a read's messages to onText/onBinary
 #    when the module has no batchHandler).
-"$componentize" c-bindings "$repo/wit" packed-handler-world "$work"
+"$componentize" c-bindings "$repo/wit" packed-words-handler-world "$work"
 # 2. The runtime with the handler's source embedded (#embed "handler.js"),
 #    linked with QuickJS into a wasip1 reactor. A 1 MiB stack placed first,
 #    so that overflowing it traps instead of overwriting data (QuickJS has
@@ -106,8 +106,8 @@ cp "$js" "$work/handler.js"
 objects=()
 for o in "${qjs_objects[@]}"; do objects+=("$qjs/$o.o"); done
 clang-19 --target=wasm32-wasi -mexec-model=reactor -std=gnu23 -O2 "${wasm_features[@]}" -Wall -Wextra -Werror \
-    -I "$work" --embed-dir="$work" -I "$qjs/quickjs" "$here/wharf_js.c" "$work/packed_handler_world.c" \
-    "$work/packed_handler_world_component_type.o" "${objects[@]}" \
+    -I "$work" --embed-dir="$work" -I "$qjs/quickjs" "$here/wharf_js.c" "$work/packed_words_handler_world.c" \
+    "$work/packed_words_handler_world_component_type.o" "${objects[@]}" \
     -Wl,-z,stack-size=1048576 -Wl,--stack-first -Wl,--strip-debug -lm -o "$work/core.wasm"
 # 3. Pre-initialized: the engine started and handler.js evaluated once, here
 #    (wharf_js_initialize), instead of on every instance's first call.

@@ -1,5 +1,5 @@
 // Wharf's JavaScript runtime: QuickJS (quickjs-ng) bridged to the world
-// `packed-handler-world` of wit/websocket.wit.
+// `packed-words-handler-world` of wit/websocket.wit.
 //
 // build.sh compiles this file with the handler's ES module embedded and
 // the C bindings `componentize c-bindings` generates. The module sees the WIT the way componentize-js/jco map it, so one handler
@@ -8,7 +8,7 @@
 // - `export const handler = { onUpgrade, onOpen, onText, onBinary, onClose }`
 //   (every method optional: a missing `onUpgrade` accepts) and optionally
 //   `export const batchHandler = { onMessages(conn, messages) }`, which gets
-//   the messages of one read (the host's `packed-handler` call) as
+//   the messages of one read (the host's `packed-words-handler` call) as
 //   `{ tag, val }` objects; without it they go to onText/onBinary one by
 //   one, still in one call into the component; and optionally
 //   `export const textBatchHandler = { onTexts(conn, texts, lens) }`, which
@@ -24,7 +24,7 @@
 // - the other interfaces are modules named `wharf:websocket/<name>` (with or
 //   without `@<version>`): pubsub, attachment, config, peers, latin1,
 //   batch-send, whose `send(conn, messages)` goes to the host packed
-//   (`packed-send`), and text-batch-send (`send(conn, texts, lens)`).
+//   (`packed-words-send`), and text-batch-send (`send(conn, texts, lens)`).
 //
 // Why hand-written rather than generated: the call path is the product. A
 // message costs one C-to-JS call and, per send, one JS-to-C call with a
@@ -38,11 +38,11 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "packed_handler_world.h"
+#include "packed_words_handler_world.h"
 #include "quickjs.h"
 
-typedef packed_handler_world_string_t string_t;
-typedef packed_handler_world_list_u8_t bytes_t;
+typedef packed_words_handler_world_string_t string_t;
+typedef packed_words_handler_world_list_u8_t bytes_t;
 typedef wharf_websocket_connection_borrow_connection_t borrow_t;
 typedef wharf_websocket_types_error_code_t error_code_t;
 typedef wharf_websocket_types_close_code_t close_code_t;
@@ -102,7 +102,7 @@ static JSValue new_string(const string_t *s) { return JS_NewStringLen(ctx, (cons
 // Takes the host's string: copied into a JS string, then freed.
 static JSValue take_string(string_t *s) {
     JSValue v = new_string(s);
-    packed_handler_world_string_free(s);
+    packed_words_handler_world_string_free(s);
     return v;
 }
 
@@ -461,7 +461,7 @@ static JSValue config_get(JSContext *c, JSValueConst this_val, int argc, JSValue
 // [[key, value], ...], in the order of the tenant's settings.
 static JSValue config_get_all(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
     (void)c, (void)this_val, (void)argc, (void)argv;
-    packed_handler_world_list_tuple2_string_string_t all;
+    packed_words_handler_world_list_tuple2_string_string_t all;
     wharf_websocket_config_get_all(&all);
     JSValue arr = JS_NewArray(ctx);
     for (size_t i = 0; i < all.len; i++) {
@@ -470,7 +470,7 @@ static JSValue config_get_all(JSContext *c, JSValueConst this_val, int argc, JSV
         JS_SetPropertyUint32(ctx, pair, 1, new_string(&all.ptr[i].f1));
         JS_SetPropertyUint32(ctx, arr, (uint32_t)i, pair);
     }
-    packed_handler_world_list_tuple2_string_string_free(&all);
+    packed_words_handler_world_list_tuple2_string_string_free(&all);
     return arr;
 }
 
@@ -552,11 +552,16 @@ static const JSCFunctionListEntry latin1_funcs[] = {
 // More messages than a batch ever holds (the host delivers at most 1024).
 #define BATCH_SEND_MAX 65536
 
-typedef wharf_websocket_packed_send_span_t span_t;
+// A packed batch's span word (`packed.span-word`): a message's length in
+// bits 0 to 30, bit 31 set for a binary one, so a text's word is its length.
+typedef uint32_t span_t;
+#define SPAN_BINARY 0x80000000u
+#define SPAN_LEN(w) ((w) & ~SPAN_BINARY)
+#define SPAN_TEXT(w) (((w) & SPAN_BINARY) == 0)
 
 // One `{ tag: "text", val: string }` or `{ tag: "binary", val: Uint8Array }`
-// (what onMessages gets): its kind and bytes, borrowed from `*owned` (text)
-// or from the array holding it (binary).
+// (what onMessages gets): its span word and bytes, borrowed from `*owned`
+// (text) or from the array holding it (binary).
 static bool arg_outgoing(JSValueConst v, span_t *span, const uint8_t **bytes, const char **owned) {
     JSValue tag = JS_GetProperty(ctx, v, atom_tag);
     bool text = JS_IsStrictEqual(ctx, tag, str_text);
@@ -570,14 +575,14 @@ static bool arg_outgoing(JSValueConst v, span_t *span, const uint8_t **bytes, co
     bool ok;
     if (text) {
         string_t s = {0};
-        span->kind = WHARF_WEBSOCKET_PACKED_KIND_TEXT;
         ok = arg_string(val, "send", &s, owned);
-        *bytes = s.ptr, span->len = (uint32_t)s.len;
+        *bytes = s.ptr, *span = (span_t)s.len;
+        if (ok && s.len > SPAN_LEN(UINT32_MAX)) ok = false, JS_ThrowRangeError(ctx, "send: a message of 2 GiB or more");
     } else {
         bytes_t b = {0};
-        span->kind = WHARF_WEBSOCKET_PACKED_KIND_BINARY;
         ok = arg_bytes(val, "send", &b);
-        *bytes = b.ptr, span->len = (uint32_t)b.len;
+        *bytes = b.ptr, *span = (span_t)b.len | SPAN_BINARY;
+        if (ok && b.len > SPAN_LEN(UINT32_MAX)) ok = false, JS_ThrowRangeError(ctx, "send: a message of 2 GiB or more");
     }
     JS_FreeValue(ctx, val);
     return ok;
@@ -596,8 +601,8 @@ static JSValue throw_partial(const wharf_websocket_batch_send_partial_t *partial
 // send(conn, messages): queues every message in one call into the host, or
 // throws at the first one refused, as jco does: an Error whose `payload` is
 // `{ queued, error }` (how many went, and the error-code of the next). The
-// messages go packed (`packed-send`: one buffer and its spans), which the
-// host takes without a lift per message.
+// messages go packed (`packed-words-send`: one buffer and a word per
+// message), which the host reads in place.
 static JSValue batch_send(JSContext *c, JSValueConst this_val, int argc, JSValueConst *argv) {
     (void)c, (void)this_val, (void)argc;
     borrow_t b;
@@ -617,24 +622,24 @@ static JSValue batch_send(JSContext *c, JSValueConst this_val, int argc, JSValue
         JSValue m = JS_GetPropertyUint32(ctx, argv[1], (uint32_t)i);
         ok = arg_outgoing(m, &spans[i], &bytes[i], &owned[i]);
         JS_FreeValue(ctx, m);
-        total += ok ? spans[i].len : 0;
+        total += ok ? SPAN_LEN(spans[i]) : 0;
     }
     // Above 4 GiB the 32-bit lengths would not add up; the host refuses
     // far less (its send queue).
     if (ok && total > UINT32_MAX) ok = false, JS_ThrowRangeError(ctx, "send: more than 4 GiB");
     uint8_t *payloads = ok ? malloc(total ? (size_t)total : 1) : NULL;
     if (ok && !payloads) ok = false, JS_ThrowOutOfMemory(ctx);
-    wharf_websocket_packed_send_partial_t partial;
+    wharf_websocket_packed_words_send_partial_t partial;
     bool sent = ok;
     if (ok) {
         uint8_t *q = payloads;
         for (int64_t i = 0; i < n; i++) {
-            if (spans[i].len) memcpy(q, bytes[i], spans[i].len);
-            q += spans[i].len;
+            if (SPAN_LEN(spans[i])) memcpy(q, bytes[i], SPAN_LEN(spans[i]));
+            q += SPAN_LEN(spans[i]);
         }
         bytes_t p = {.ptr = payloads, .len = (size_t)total};
-        wharf_websocket_packed_send_list_span_t l = {.ptr = spans, .len = (size_t)n};
-        sent = wharf_websocket_packed_send_send(b, &p, &l, &partial);
+        wharf_websocket_packed_words_send_list_span_word_t l = {.ptr = spans, .len = (size_t)n};
+        sent = wharf_websocket_packed_words_send_send(b, &p, &l, &partial);
     }
     for (int64_t i = 0; owned && i < n; i++) JS_FreeCString(ctx, owned[i]);
     free(payloads);
@@ -690,7 +695,7 @@ static JSValue text_batch_send(JSContext *c, JSValueConst this_val, int argc, JS
         return JS_ThrowTypeError(ctx, "send: expected a Uint32Array of lengths");
     }
     if (!arg_string(argv[1], "send", &texts, &owned)) return free(copy), JS_EXCEPTION;
-    packed_handler_world_list_u32_t l = {.ptr = n ? lens : (uint32_t *)4, .len = n};
+    packed_words_handler_world_list_u32_t l = {.ptr = n ? lens : (uint32_t *)4, .len = n};
     wharf_websocket_text_batch_send_partial_t partial;
     bool sent = wharf_websocket_text_batch_send_send(b, &texts, &l, &partial);
     JS_FreeCString(ctx, owned);
@@ -964,7 +969,7 @@ static bool prop_string(JSValueConst obj, const char *name, string_t *out, bool 
     const char *s = to_utf8(v, &len);
     JS_FreeValue(ctx, v);
     if (!s) return false;
-    packed_handler_world_string_dup_n(out, s, len);
+    packed_words_handler_world_string_dup_n(out, s, len);
     JS_FreeCString(ctx, s);
     if (is_some) *is_some = true;
     return true;
@@ -1091,30 +1096,27 @@ void exports_wharf_websocket_handler_on_close(borrow_t conn, uint16_t code, stri
 // One message of a packed batch: its text as a JS string, or a copy of its
 // bytes (a view into the batch's buffer would show the other messages to
 // whoever reads its `buffer`).
-static JSValue span_value(const uint8_t *p, const exports_wharf_websocket_packed_handler_span_t *s) {
-    return s->kind == WHARF_WEBSOCKET_PACKED_KIND_TEXT ? JS_NewStringLen(ctx, (const char *)p, s->len)
-                                                       : JS_NewUint8ArrayCopy(ctx, p, s->len);
+static JSValue span_value(const uint8_t *p, span_t s) {
+    return SPAN_TEXT(s) ? JS_NewStringLen(ctx, (const char *)p, s) : JS_NewUint8ArrayCopy(ctx, p, SPAN_LEN(s));
 }
 
 // Messages of a read as batchHandler.onMessages takes them (without it,
 // or for one message, one onText/onBinary call each): `n` spans from
 // `spans`, their bytes from `p` on.
-static void deliver_messages(JSValue c, JSValue f, const uint8_t *p,
-                             const exports_wharf_websocket_packed_handler_span_t *spans, size_t n) {
+static void deliver_messages(JSValue c, JSValue f, const uint8_t *p, const span_t *spans, size_t n) {
     if (JS_IsFunction(ctx, f) && n > 1) {
         // batchHandler.onMessages(conn, [{ tag, val }, ...]); the host sends
         // at most 1024 messages a call.
         JSValue *items = malloc(n * sizeof *items);
         if (!items) die("onMessages (out of memory)");
         for (size_t i = 0; i < n; i++) {
-            const exports_wharf_websocket_packed_handler_span_t *s = &spans[i];
+            span_t s = spans[i];
             JSValue o = JS_NewObject(ctx);
-            bool text = s->kind == WHARF_WEBSOCKET_PACKED_KIND_TEXT;
-            JS_DefinePropertyValue(ctx, o, atom_tag, JS_DupValue(ctx, text ? str_text : str_binary),
+            JS_DefinePropertyValue(ctx, o, atom_tag, JS_DupValue(ctx, SPAN_TEXT(s) ? str_text : str_binary),
                                    JS_PROP_C_W_E);
             JS_DefinePropertyValue(ctx, o, atom_val, span_value(p, s), JS_PROP_C_W_E);
             items[i] = o;
-            p += s->len;
+            p += SPAN_LEN(s);
         }
         // Takes the items; one allocation for the array, not a growth per item.
         JSValue arr = JS_NewArrayFrom(ctx, (int)n, items);
@@ -1126,10 +1128,10 @@ static void deliver_messages(JSValue c, JSValue f, const uint8_t *p,
     } else {
         // onText/onBinary per message, in this one call.
         for (size_t i = 0; i < n; i++) {
-            const exports_wharf_websocket_packed_handler_span_t *s = &spans[i];
-            bool text = s->kind == WHARF_WEBSOCKET_PACKED_KIND_TEXT;
+            span_t s = spans[i];
+            bool text = SPAN_TEXT(s);
             JSValue args[2] = {c, span_value(p, s)};
-            p += s->len;
+            p += SPAN_LEN(s);
             call(handler_obj, text ? atom_on_text : atom_on_binary, 2, args, text ? "onText" : "onBinary",
                  NULL);
             JS_FreeValue(ctx, args[1]);
@@ -1138,14 +1140,10 @@ static void deliver_messages(JSValue c, JSValue f, const uint8_t *p,
 }
 
 // A run of `n` texts as textBatchHandler.onTexts takes it: one string of
-// their `bytes` bytes from `p` and a Uint32Array of their lengths.
-static void deliver_texts(JSValue c, JSValue f, const uint8_t *p, size_t bytes,
-                          const exports_wharf_websocket_packed_handler_span_t *spans, size_t n) {
-    uint32_t *lens = malloc(n * sizeof *lens);
-    if (!lens) die("onTexts (out of memory)");
-    for (size_t i = 0; i < n; i++) lens[i] = spans[i].len;
-    JSValue buf = JS_NewArrayBufferCopy(ctx, (const uint8_t *)lens, n * sizeof *lens);
-    free(lens);
+// their `bytes` bytes from `p` and a Uint32Array of their lengths, which
+// are their span words.
+static void deliver_texts(JSValue c, JSValue f, const uint8_t *p, size_t bytes, const span_t *spans, size_t n) {
+    JSValue buf = JS_NewArrayBufferCopy(ctx, (const uint8_t *)spans, n * sizeof *spans);
     JSValue arr = JS_IsException(buf) ? buf : JS_NewTypedArray(ctx, 1, &buf, JS_TYPED_ARRAY_UINT32);
     JS_FreeValue(ctx, buf);
     if (JS_IsException(arr)) die("onTexts");
@@ -1156,18 +1154,18 @@ static void deliver_texts(JSValue c, JSValue f, const uint8_t *p, size_t bytes,
 }
 
 // Whether a run of two or more texts starts at span `i`.
-static bool run_at(const exports_wharf_websocket_packed_handler_list_span_t *spans, size_t i) {
-    return i + 1 < spans->len && spans->ptr[i].kind == WHARF_WEBSOCKET_PACKED_KIND_TEXT &&
-           spans->ptr[i + 1].kind == WHARF_WEBSOCKET_PACKED_KIND_TEXT;
+static bool run_at(const exports_wharf_websocket_packed_words_handler_list_span_word_t *spans, size_t i) {
+    return i + 1 < spans->len && SPAN_TEXT(spans->ptr[i]) && SPAN_TEXT(spans->ptr[i + 1]);
 }
 
 // The messages of one read, packed: the host lowers one buffer and one list
-// of spans (two allocations here) where a list of messages took one per
-// message, and the JS strings are made straight from the buffer. With a
+// of span words (two allocations here, each one copy) where a list of
+// messages took one per message, and the JS strings are made straight from
+// the buffer. With a
 // textBatchHandler, each run of texts goes to onTexts and the rest as
 // before.
-void exports_wharf_websocket_packed_handler_on_packed(borrow_t conn, bytes_t *payloads,
-                                                       exports_wharf_websocket_packed_handler_list_span_t *spans) {
+void exports_wharf_websocket_packed_words_handler_on_packed_words(
+    borrow_t conn, bytes_t *payloads, exports_wharf_websocket_packed_words_handler_list_span_word_t *spans) {
     enter();
     JSValue c = new_conn(conn);
     JSValue f = JS_IsObject(batch_obj) ? JS_GetProperty(ctx, batch_obj, atom_on_messages) : JS_UNDEFINED;
@@ -1179,12 +1177,11 @@ void exports_wharf_websocket_packed_handler_on_packed(borrow_t conn, bytes_t *pa
         for (size_t i = 0, j; i < spans->len; i = j) {
             size_t bytes = 0;
             if (run_at(spans, i)) {
-                for (j = i; j < spans->len && spans->ptr[j].kind == WHARF_WEBSOCKET_PACKED_KIND_TEXT; j++)
-                    bytes += spans->ptr[j].len;
+                for (j = i; j < spans->len && SPAN_TEXT(spans->ptr[j]); j++) bytes += spans->ptr[j];
                 deliver_texts(c, t, p, bytes, &spans->ptr[i], j - i);
             } else {
                 j = i;
-                do bytes += spans->ptr[j++].len;
+                do bytes += SPAN_LEN(spans->ptr[j++]);
                 while (j < spans->len && !run_at(spans, j));
                 deliver_messages(c, f, p, &spans->ptr[i], j - i);
             }
@@ -1195,7 +1192,7 @@ void exports_wharf_websocket_packed_handler_on_packed(borrow_t conn, bytes_t *pa
     }
     JS_FreeValue(ctx, t);
     JS_FreeValue(ctx, f);
-    packed_handler_world_list_u8_free(payloads);
-    exports_wharf_websocket_packed_handler_list_span_free(spans);
+    packed_words_handler_world_list_u8_free(payloads);
+    exports_wharf_websocket_packed_words_handler_list_span_word_free(spans);
     expire_conn(c);
 }
