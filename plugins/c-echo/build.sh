@@ -42,13 +42,13 @@ componentize="$toolchains/componentize/release/componentize"
 # --- build ------------------------------------------------------------------
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-# 1. C bindings for the world: batch_handler_world.{h,c} and an object file that
+# 1. C bindings for the world: packed_words_handler_world.{h,c} and an object file that
 #    carries the world's type information into the module.
-"$componentize" c-bindings "$repo/wit" batch-handler-world "$work"
+"$componentize" c-bindings "$repo/wit" packed-words-handler-world "$work"
 # 2. A wasip1 "reactor" module (a library: no main, exports called at will).
 clang-19 --target=wasm32-wasi -mexec-model=reactor -Os -Wall -Wextra -Werror \
-    -I "$work" "$here/echo.c" "$work/batch_handler_world.c" \
-    "$work/batch_handler_world_component_type.o" -Wl,--strip-debug -o "$work/core.wasm"
+    -I "$work" "$here/echo.c" "$work/packed_words_handler_world.c" \
+    "$work/packed_words_handler_world_component_type.o" -Wl,--strip-debug -o "$work/core.wasm"
 # 3. The component: wasip1 imports adapted to WASI preview2.
 "$componentize" new "$work/core.wasm" "$out/c_echo.wasm"
 echo "build.sh: built $out/c_echo.wasm" >&2
