@@ -171,9 +171,12 @@ pub fn current_lane() -> Option<Lane> {
     Lane::of(LANE.with(Cell::get))
 }
 
-/// The clock a call's slices are measured with, in microseconds: the
-/// thread's CPU time on a lane's thread, monotonic wall time elsewhere
-/// (on the workers a call that runs is a call that has the core).
+/// The clock a call's first slice is measured with, in microseconds: the
+/// thread's CPU time on a lane's thread, monotonic wall time on a worker
+/// (a vDSO read, where the CPU clock is a system call: most calls end
+/// within their first slice, and a worker's call that runs has the core
+/// unless other processes want it). Slices after the first tick are read
+/// off [`thread_cpu_micros`] wherever they run.
 pub fn slice_clock_micros() -> u64 {
     if current_lane().is_some() {
         thread_cpu_micros()
@@ -214,13 +217,14 @@ fn clock_micros(clock: libc::clockid_t) -> Option<u64> {
     )
 }
 
+/// Microseconds of CPU time the calling thread has used.
 #[cfg(target_os = "linux")]
-fn thread_cpu_micros() -> u64 {
+pub fn thread_cpu_micros() -> u64 {
     clock_micros(libc::CLOCK_THREAD_CPUTIME_ID).unwrap_or_else(monotonic_micros)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn thread_cpu_micros() -> u64 {
+pub fn thread_cpu_micros() -> u64 {
     monotonic_micros()
 }
 

@@ -406,24 +406,7 @@ impl Runtime {
             Some(_) => ("compiled", "compiled"),
             None => ("cache", "loaded from the cache"),
         };
-        tracing::info!(
-            tenant = %spec.tenant,
-            plugin = name,
-            sha256 = &hash[..16],
-            origin,
-            batched = batch.is_some() || packed.is_some() || words.is_some() || texts.is_some(),
-            packed = packed.is_some() || words.is_some(),
-            span_words = words.is_some(),
-            text_batches = texts.is_some(),
-            snapshots = snapshot.is_some(),
-            lazy_request = request.is_some(),
-            lifecycle = lifecycle.is_some(),
-            wasi,
-            elapsed_ms = elapsed.as_millis() as u64,
-            "plugin {name} {message} in {:.1?}",
-            elapsed
-        );
-        Ok(Plugin {
+        let plugin = Plugin {
             name: name.into(),
             hash,
             pre,
@@ -438,7 +421,25 @@ impl Runtime {
             wanted: Wanted::default(),
             spec,
             broker: self.broker.clone(),
-        })
+        };
+        tracing::info!(
+            tenant = %plugin.spec.tenant,
+            plugin = name,
+            sha256 = &plugin.hash[..16],
+            origin,
+            batched = plugin.batched(),
+            packed = plugin.packed.is_some() || plugin.words.is_some(),
+            span_words = plugin.words.is_some(),
+            text_batches = plugin.texts.is_some(),
+            snapshots = plugin.snapshot.is_some(),
+            lazy_request = plugin.request.is_some(),
+            lifecycle = plugin.lifecycle.is_some(),
+            wasi,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "plugin {name} {message} in {:.1?}",
+            elapsed
+        );
+        Ok(plugin)
     }
 }
 
@@ -645,6 +646,7 @@ impl Plugin {
             cpu: limits.cpu,
             cpu_used: Duration::ZERO,
             running_since: Arc::new(AtomicU64::new(0)),
+            ticked: false,
             movable: false,
             moved: Arc::new(AtomicU8::new(0)),
             share: self.spec.cpu_share.clone(),
@@ -691,6 +693,11 @@ impl Plugin {
                 }
                 None => state.share.wait().min(MAX_THROTTLE),
             };
+            // From here on the call's slices are read off the thread's CPU
+            // clock: a call this long is worth a clock read per tick, and on
+            // a machine busy with other processes the wall clock would charge
+            // it for time the kernel gave them (a 16 MiB echo was cut so).
+            state.ticked = true;
             let resumed = state.running_since.clone();
             Ok(UpdateDeadline::YieldCustom(
                 1,
@@ -700,7 +707,7 @@ impl Plugin {
                     } else {
                         tokio::time::sleep(pause).await;
                     }
-                    resumed.store(idle_pool::slice_clock_micros(), Ordering::Relaxed);
+                    resumed.store(idle_pool::thread_cpu_micros(), Ordering::Relaxed);
                 }),
             ))
         });
@@ -788,6 +795,9 @@ pub struct HostState {
     /// ([`idle_pool::slice_clock_micros`]);
     /// shared with the yield future, which resets it on resuming.
     running_since: Arc<AtomicU64>,
+    /// Whether the current call has reached an epoch tick: its slices
+    /// since are read off the thread's CPU clock, not the slice clock.
+    ticked: bool,
     /// Whether the current call may move to the idle pool (see
     /// [`PluginInstance::movable`]).
     movable: bool,
@@ -858,7 +868,11 @@ impl HostState {
     /// Adds the time run since the call started or resumed to the call's
     /// CPU time and to the tenant's share.
     fn settle(&mut self) {
-        let now = idle_pool::slice_clock_micros();
+        let now = if self.ticked {
+            idle_pool::thread_cpu_micros()
+        } else {
+            idle_pool::slice_clock_micros()
+        };
         let since = self.running_since.swap(now, Ordering::Relaxed);
         let ran = Duration::from_micros(now.saturating_sub(since));
         self.cpu_used += ran;
@@ -1094,6 +1108,7 @@ impl PluginInstance {
     fn arm(&mut self) -> Resource<ConnectionEntry> {
         let state = self.store.data_mut();
         state.cpu_used = Duration::ZERO;
+        state.ticked = false;
         state
             .running_since
             .store(idle_pool::slice_clock_micros(), Ordering::Relaxed);

@@ -28,8 +28,13 @@ const CLOSE: u8 = 0x8;
 /// sections.
 fn shared(plugin: &str, rest: &str) -> Arc<Shared> {
     let path = Path::new(crate::bundled::PLUGIN_DIR).join("chaos.wasm");
+    let cpu = if plugin.contains("cpu_time_per_event") {
+        ""
+    } else {
+        "cpu_time_per_event = \"2s\"\n"
+    };
     let text = format!(
-        "[plugin]\npath = {:?}\ncpu_time_per_event = \"2s\"\n{plugin}\n{rest}",
+        "[plugin]\npath = {:?}\n{cpu}{plugin}\n{rest}",
         path.display().to_string()
     );
     let config: Config = toml::from_str(&text).expect("a test config");
@@ -617,6 +622,56 @@ async fn a_tenant_whose_call_ran_long_starts_its_next_calls_off_the_workers() {
     // Its next call runs there from the start, and still answers.
     peer.send_text("after").await;
     assert_eq!(peer.recv_text().await, "after");
+}
+
+/// A call is charged the CPU it used, not the time other threads had its
+/// core: pinned to one CPU beside a thread that spins there, "sleep 300"
+/// (a busy wait of 300 ms by the wall clock) gets about half of it, ~150
+/// ms, under a budget of 220 ms that its 300 ms of wall time would exceed.
+/// (CI's 16 MiB echoes in Python were cut so while a build ran beside.)
+#[cfg(target_os = "linux")]
+#[test]
+fn a_call_is_not_charged_for_the_time_other_threads_had_its_core() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn pin_to(cpu: usize) {
+        // SAFETY: a zeroed cpu_set_t is an empty set; the calls read and
+        // write only it, for the calling thread (pid 0).
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+                0
+            );
+        }
+    }
+    // SAFETY: no arguments; -1 on failure.
+    let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).unwrap_or(0);
+    pin_to(cpu);
+    let stop = Arc::new(AtomicBool::new(false));
+    let rival = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            pin_to(cpu);
+            while !stop.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        }
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let answer = runtime.block_on(async {
+        let shared = shared("cpu_time_per_event = \"220ms\"", "");
+        let mut peer = Peer::connect(&shared, 64 << 10).await;
+        peer.send_text("sleep 300").await;
+        peer.recv().await
+    });
+    stop.store(true, Ordering::Relaxed);
+    rival.join().expect("the rival thread");
+    assert_eq!(answer, (TEXT, b"slept".to_vec()));
 }
 
 /// An idle connection carries its task's state for its whole life, so
