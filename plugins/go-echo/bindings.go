@@ -1,18 +1,22 @@
 // Hand-written component-model bindings for wharf:websocket@0.1.12
-// (world batch-handler-world): what a bindings generator would produce, kept
-// small. echo.go only uses the Go API at the top of this file.
+// (world packed-words-handler-world): what a bindings generator would
+// produce, kept small. echo.go only uses the Go API at the top of this file.
 //
 // How it works (the "canonical ABI"):
 //   - The host calls the exported functions below (//go:wasmexport) with
 //     flattened arguments: a string or list is a (pointer, length) pair into
-//     this module's linear memory, a borrowed connection an i32 handle.
+//     this module's linear memory (the length counts elements: bytes for a
+//     string or list<u8>, u32s for a list<u32>), a borrowed connection an
+//     i32 handle.
 //   - Before the call, the host copies strings and lists in through
 //     cabi_realloc. It must not touch the Go heap (a garbage collection
 //     there would call the WASI clock, which is not allowed while the host
 //     is copying arguments in), so it hands out space in a static arena,
-//     reset after each call.
-//   - The host functions are plain wasm imports (//go:wasmimport); results
-//     that do not fit in one value are written to a return area we pass.
+//     reset after each call: that is how the arguments are freed.
+//   - The host functions are plain wasm imports (//go:wasmimport), taking
+//     lists the same way (the host only reads them during the call);
+//     results that do not fit in one value are written to a return area
+//     we pass as the last argument.
 //   - The borrowed `conn` handle must be dropped before each call returns.
 //   - The WASI preview1 adapter (which turns the Go runtime's wasip1 calls
 //     into WASI preview2) gets its state and stack from cabi_realloc_adapter,
@@ -126,50 +130,38 @@ func (c Connection) SendBinary(data []byte) error {
 	return result()
 }
 
-// Message is one message of a batch: text (Binary false) or binary. Data
-// passed to OnMessages lives in the per-call buffer, like OnText's text.
-type Message struct {
-	Binary bool
-	Data   []byte
+// SpanBinary is bit 31 of a span word (WIT `packed.span-word`): set for a
+// binary message. Bits 0 to 30 are the message's length, so a text's word
+// is its length.
+const SpanBinary uint32 = 1 << 31
+
+// PackedWordsHandler is optional: a Handler that implements it gets the
+// messages of one read in one OnPackedWords call, packed: their payloads
+// back to back in payloads, and one span word per message in spans, in
+// order (message i is the next spans[i]&^SpanBinary bytes of payloads).
+// Without it each goes to OnText or OnBinary. Both slices live in the
+// per-call buffer, like OnText's text. A message that arrives on its own
+// still goes to OnText or OnBinary.
+type PackedWordsHandler interface {
+	OnPackedWords(conn Connection, payloads []byte, spans []uint32)
 }
 
-// BatchHandler is optional: a Handler that implements it gets the messages
-// of one read in one OnMessages call; otherwise each goes to OnText or
-// OnBinary.
-type BatchHandler interface {
-	OnMessages(conn Connection, messages []Message)
-}
-
-// SendBatch queues messages in order with one call into the host (WIT
-// `batch-send`), each as SendText or SendBinary would, and stops at the
-// first one refused: it returns how many were queued, and why the next was
-// not.
-func (c Connection) SendBatch(messages []Message) (queued int, err error) {
-	if len(messages) == 0 {
+// SendPackedWords queues the messages spans cuts payloads into, in order,
+// with one call into the host (WIT `packed-words-send`), each as SendText
+// or SendBinary would, and stops at the first one refused: it returns how
+// many were queued, and why the next was not. Spans that do not add up to
+// len(payloads), or a text that is not UTF-8, trap.
+func (c Connection) SendPackedWords(payloads []byte, spans []uint32) (queued int, err error) {
+	if len(spans) == 0 {
 		return 0, nil
 	}
-	if cap(outgoing) < len(messages) {
-		outgoing = make([][3]uint32, len(messages))
+	packedWordsSend(int32(c), ptrOf(unsafe.SliceData(payloads)), uint32(len(payloads)),
+		ptrOf(unsafe.SliceData(spans)), uint32(len(spans)), ptrOf(&partialRet[0]))
+	if partialRet[0]&0xff == 0 {
+		return len(spans), nil
 	}
-	list := outgoing[:len(messages)]
-	for i, m := range messages {
-		// The variant's tag (0 text, 1 binary), then the payload's
-		// pointer and length.
-		tag := uint32(0)
-		if m.Binary {
-			tag = 1
-		}
-		list[i] = [3]uint32{tag, ptrOf(unsafe.SliceData(m.Data)), uint32(len(m.Data))}
-	}
-	batchSend(int32(c), ptrOf(&list[0]), uint32(len(list)), ptrOf(&batchRet[0]))
-	if batchRet[0]&0xff == 0 {
-		return len(messages), nil
-	}
-	return int(batchRet[1]), ErrorCode(batchRet[2])
+	return int(partialRet[1]), ErrorCode(partialRet[2])
 }
-
-// outgoing is SendBatch's list<outgoing>, kept between calls.
-var outgoing [][3]uint32
 
 func (c Connection) Close(code CloseCode, reason string) error {
 	connClose(int32(c), uint32(code.tag), uint32(code.app),
@@ -196,12 +188,16 @@ func connClose(self int32, codeTag, codeApp uint32, ptr, len uint32, ret uint32)
 //go:wasmimport wharf:websocket/connection@0.1.12 [resource-drop]connection
 func connDrop(self int32)
 
-//go:wasmimport wharf:websocket/batch-send@0.1.12 send
-func batchSend(conn int32, ptr, n uint32, ret uint32)
+// payloads: list<u8> and spans: list<span-word> as two (pointer, length)
+// pairs, then the return area.
+//
+//go:wasmimport wharf:websocket/packed-words-send@0.1.12 send
+func packedWordsSend(conn int32, payloadsPtr, payloadsLen, spansPtr, spansLen uint32, ret uint32)
 
-// batchRet receives a `result<_, partial>`: the tag in the low byte of word
-// 0, then partial's `queued` and `error`.
-var batchRet [3]uint32
+// partialRet receives a `result<_, partial>` (12 bytes, aligned to 4): the
+// tag in byte 0 (1 for an error), then partial's `queued` (a u32 at 4) and
+// `error` (an error-code, a byte at 8).
+var partialRet [3]uint32
 
 // retArea receives a `result<_, error-code>`: byte 0 is 1 for an error,
 // byte 1 the error code.
@@ -290,45 +286,40 @@ func exportOnClose(conn int32, code uint32, ptr, len uint32, clean uint32) {
 }
 
 // ---------------------------------------------------------------------------
-// Exports: the batch-handler interface (world batch-handler-world)
+// Exports: the packed-words-handler interface (world packed-words-handler-world)
 // ---------------------------------------------------------------------------
 
-// exportOnMessages takes the messages the host read at once, in order, in
-// one call instead of one call each: a list<message> of 12-byte elements (the
-// variant's tag at 0, 0 for text; the string's or list's pointer and length
-// at 4 and 8). They go to the Handler's OnMessages if it has one, else each
-// to OnText or OnBinary.
+// exportOnPackedWords takes the messages the host read at once, in order,
+// in one call instead of one call each: payloads (a list<u8>: the messages'
+// payloads back to back) and spans (a list<span-word>: a u32 per message),
+// each a (pointer, length) pair into the arena, where the host copied them
+// through cabi_realloc. They go to the Handler's OnPackedWords if it has
+// one, else each to OnText or OnBinary; done frees both lists.
 // The host bounds a batch (64 KiB of small messages, or one large one), so
 // it fits the argument arena as a single message does.
 //
-//go:wasmexport wharf:websocket/batch-handler@0.1.12#on-messages
-func exportOnMessages(conn int32, ptr, n uint32) {
+//go:wasmexport wharf:websocket/packed-words-handler@0.1.12#on-packed-words
+func exportOnPackedWords(conn int32, payloadsPtr, payloadsLen, spansPtr, spansLen uint32) {
 	c := Connection(conn)
-	if uint32(cap(incoming)) < n {
-		incoming = make([]Message, n)
-	}
-	batch := incoming[:n]
-	for i := range batch {
-		m := ptr + 12*uint32(i)
-		p, l := load32(m+4), load32(m+8)
-		batch[i] = Message{*(*uint8)(addr(m)) != 0, unsafe.Slice((*byte)(addr(p)), l)}
-	}
-	if h, ok := Handler.(BatchHandler); ok {
-		h.OnMessages(c, batch)
+	payloads := unsafe.Slice((*byte)(addr(payloadsPtr)), payloadsLen)
+	spans := unsafe.Slice((*uint32)(addr(spansPtr)), spansLen)
+	if h, ok := Handler.(PackedWordsHandler); ok {
+		h.OnPackedWords(c, payloads, spans)
 	} else {
-		for _, m := range batch {
-			if m.Binary {
-				Handler.OnBinary(c, m.Data)
+		offset := uint32(0)
+		for _, word := range spans {
+			end := offset + (word &^ SpanBinary)
+			data := payloads[offset:end]
+			if word&SpanBinary != 0 {
+				Handler.OnBinary(c, data)
 			} else {
-				Handler.OnText(c, unsafe.String(unsafe.SliceData(m.Data), len(m.Data)))
+				Handler.OnText(c, unsafe.String(unsafe.SliceData(data), len(data)))
 			}
+			offset = end
 		}
 	}
 	done(conn)
 }
-
-// incoming is exportOnMessages' batch, kept between calls.
-var incoming []Message
 
 // done ends an export call: drop the borrowed handle, free the arguments.
 func done(conn int32) {

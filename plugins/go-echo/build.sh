@@ -56,5 +56,5 @@ trap 'rm -rf "$work"' EXIT
 #    (a static block; see bindings.go), not by growing linear memory
 #    (--realloc-via-memory-grow): the Go heap would grow over those pages.
 "$componentize" new "$work/core.wasm" "$out/go_echo.wasm" \
-    --wit "$repo/wit" batch-handler-world
+    --wit "$repo/wit" packed-words-handler-world
 echo "build.sh: built $out/go_echo.wasm" >&2

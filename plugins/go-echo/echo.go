@@ -4,10 +4,11 @@
 // closes the connection with code 1000 instead.
 //
 // The handler is the Handler value below: one method per event of the WIT
-// `handler` interface. bindings.go connects it to the component model (what
-// a bindings generator would write). Text and data passed to a method live
-// in a per-call buffer: they are valid until the method returns, so copy
-// them (strings.Clone, slices.Clone) to keep them.
+// `handler` interface, and OnPackedWords for the messages a client sends
+// several at once (`packed-words-handler`). bindings.go connects it to the
+// component model (what a bindings generator would write). Text and data
+// passed to a method live in a per-call buffer: they are valid until the
+// method returns, so copy them (strings.Clone, slices.Clone) to keep them.
 package main
 
 import (
@@ -45,25 +46,30 @@ func (echo) OnBinary(conn Connection, data []byte) {
 	}
 }
 
-// OnMessages gets the messages of one read (BatchHandler) and sends them
-// back in one call into the host; a "goodbye" among them closes after the
-// echoes of those before it.
-func (e echo) OnMessages(conn Connection, messages []Message) {
-	start := 0
-	for i, m := range messages {
-		if !m.Binary && string(m.Data) == "goodbye" {
-			sendAll(conn, messages[start:i])
+// OnPackedWords gets the messages of one read (PackedWordsHandler): their
+// payloads back to back, and per message a span word, its length and kind.
+// They go back as they came, in one call into the host, but a "goodbye"
+// closes: what came before it is echoed first.
+func (e echo) OnPackedWords(conn Connection, payloads []byte, spans []uint32) {
+	firstSpan, firstByte, offset := 0, 0, 0
+	for i, word := range spans {
+		end := offset + int(word&^SpanBinary)
+		// A text's word is its length: 7 for "goodbye".
+		if word == 7 && string(payloads[offset:end]) == "goodbye" {
+			sendPacked(conn, payloads[firstByte:offset], spans[firstSpan:i])
 			e.OnText(conn, "goodbye")
-			start = i + 1
+			firstSpan, firstByte = i+1, end
 		}
+		offset = end
 	}
-	sendAll(conn, messages[start:])
+	sendPacked(conn, payloads[firstByte:], spans[firstSpan:])
 }
 
-func sendAll(conn Connection, messages []Message) {
-	if queued, err := conn.SendBatch(messages); err != nil {
+func sendPacked(conn Connection, payloads []byte, spans []uint32) {
+	// On an error, the messages before `queued` went out and none after.
+	if queued, err := conn.SendPackedWords(payloads, spans); err != nil {
 		fmt.Fprintf(os.Stderr, "echo: connection %d: %d replies not sent: %v\n",
-			conn.ID(), len(messages)-queued, err)
+			conn.ID(), len(spans)-queued, err)
 	}
 }
 

@@ -4,8 +4,8 @@
 //! plugin author would get them), and `wharf serve --plugin` serves the
 //! result: a text and a binary message come back, "goodbye" closes with 1000.
 //! Every scaffold, like its example, exports a batch interface
-//! (`packed-words-handler` in Rust, C and the QuickJS runtime,
-//! `batch-handler` in Python and Go).
+//! (`packed-words-handler` in Rust, C, Go and the QuickJS runtime,
+//! `batch-handler` in Python).
 //!
 //! Toolchains go to `$WHARF_TOOLCHAINS` (default `<repo>/target/toolchains`,
 //! the directory the `languages` tests install into, so both share one
@@ -177,14 +177,16 @@ fn serve_and_echo(lang: Language, wasm: &Path) {
 
 /// Every scaffold exports a batch interface, as its example does (one
 /// call per read instead of one per message): packed with span words in
-/// Rust, C and the QuickJS runtime.
+/// Rust, C, Go and the QuickJS runtime.
 fn check_exports(lang: Language, wasm: &Path) {
     let bytes = std::fs::read(wasm).unwrap();
     let Kind::Component(Some(outline)) = inspect::read(&bytes) else {
         panic!("the {lang} build is not a readable component");
     };
     let interface = match lang {
-        Language::Rust | Language::Javascript | Language::C => "packed-words-handler",
+        Language::Rust | Language::Javascript | Language::C | Language::Go => {
+            "packed-words-handler"
+        }
         _ => "batch-handler",
     };
     assert!(
