@@ -293,6 +293,11 @@ fn parse_options(args: &[String]) -> Result<Options> {
                     .get_or_insert_with(InstrOptions::default)
                     .rep_strings = true;
             }
+            "--cache-sim" => {
+                instructions
+                    .get_or_insert_with(InstrOptions::default)
+                    .cache_sim = true;
+            }
             "--tls" => {
                 instructions.get_or_insert_with(InstrOptions::default).tls = true;
             }
@@ -311,7 +316,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--bench" => {}
             other => bail!(
                 "unknown argument {other:?}; options: --quick, --scenario NAME, --duration SECS, --warmup SECS, --rounds N, --shared, --in-place, --busy-loadgen, \
-                 --instructions [--messages N1,N2] [--connections M1,M2] [--valgrind PATH] [--keep DIR] [--rep-strings] [--plugin PATH] [--shared] [--tls]"
+                 --instructions [--messages N1,N2] [--connections M1,M2] [--valgrind PATH] [--keep DIR] [--rep-strings] [--plugin PATH] [--shared] [--tls] [--cache-sim]"
             ),
         }
     }
@@ -927,6 +932,12 @@ struct InstrOptions {
     in_place: bool,
     /// `--tls`: every load over wss (the files' names end in `-tls`).
     tls: bool,
+    /// `--cache-sim`: callgrind also simulates the caches and branch
+    /// predictors (as the CPU reports them), and the first-level
+    /// instruction-cache misses per operation are reported beside the
+    /// instructions: what the code's footprint costs, on machines whose
+    /// hardware counters are out of reach.
+    cache_sim: bool,
 }
 
 impl Default for InstrOptions {
@@ -941,6 +952,7 @@ impl Default for InstrOptions {
             shared: false,
             in_place: false,
             tls: false,
+            cache_sim: false,
         }
     }
 }
@@ -1039,11 +1051,17 @@ mod instructions {
         },
     ];
 
+    /// A case's figures per operation, wharf's, tokio-tungstenite's and
+    /// fastwebsockets': instructions, then L1i misses.
+    type Row = (&'static Case, u64, u64, [f64; 3], [f64; 3]);
+
     /// Callgrind's count for one server run.
     #[derive(Clone, Copy, Default)]
     struct Counts {
         /// Instructions executed, all threads.
         ir: u64,
+        /// First-level instruction-cache misses (`--cache-sim`), all threads.
+        i1_misses: u64,
         wall: Duration,
     }
 
@@ -1111,13 +1129,14 @@ mod instructions {
             started.elapsed()
         );
 
-        let mut rows = Vec::new();
+        let mut rows: Vec<Row> = Vec::new();
         for case in CASES {
             let (n1, n2) = match case.load {
                 Load::Messages { .. } | Load::Pipelined { .. } => opts.messages,
                 Load::Connections { .. } => opts.connections,
             };
             let mut per_op = [f64::NAN; 3];
+            let mut i1_per_op = [f64::NAN; 3];
             for &target in targets {
                 let mut counts = [Counts::default(); 2];
                 for (j, n) in [n1, n2].into_iter().enumerate() {
@@ -1142,31 +1161,47 @@ mod instructions {
                     );
                     counts[j] = c;
                 }
-                per_op[target.index()] =
-                    (counts[1].ir as f64 - counts[0].ir as f64) / (n2 - n1) as f64;
+                let per = |e: fn(&Counts) -> u64| {
+                    (e(&counts[1]) as f64 - e(&counts[0]) as f64) / (n2 - n1) as f64
+                };
+                per_op[target.index()] = per(|c| c.ir);
+                i1_per_op[target.index()] = per(|c| c.i1_misses);
             }
-            rows.push((case, n1, n2, per_op));
+            rows.push((case, n1, n2, per_op, i1_per_op));
         }
 
-        println!(
-            "\nInstructions per operation (callgrind Ir, whole server process, user space only): \
-             (I(N2) - I(N1)) / (N2 - N1)"
-        );
-        println!(
-            "{:<30} {:>12} {:>10} {:>11} {:>10} {:>8} {:>8}",
-            "operation", "N1/N2", "wharf", "tungstenite", "fastws", "w/tung", "w/fast"
-        );
-        println!("{}", "-".repeat(95));
-        for (case, n1, n2, [w, tu, fa]) in &rows {
+        let table = |title: &str, digits: usize, column: fn(&Row) -> [f64; 3]| {
+            println!("\n{title}: (I(N2) - I(N1)) / (N2 - N1)");
             println!(
-                "{:<30} {:>12} {:>10.0} {:>11.0} {:>10.0} {:>8.2} {:>8.2}",
-                case.name,
-                format!("{n1}/{n2}"),
-                w,
-                tu,
-                fa,
-                w / tu,
-                w / fa
+                "{:<30} {:>12} {:>10} {:>11} {:>10} {:>8} {:>8}",
+                "operation", "N1/N2", "wharf", "tungstenite", "fastws", "w/tung", "w/fast"
+            );
+            println!("{}", "-".repeat(95));
+            for row in &rows {
+                let (case, n1, n2) = (row.0, row.1, row.2);
+                let [w, tu, fa] = column(row);
+                println!(
+                    "{:<30} {:>12} {:>10.digits$} {:>11.digits$} {:>10.digits$} {:>8.2} {:>8.2}",
+                    case.name,
+                    format!("{n1}/{n2}"),
+                    w,
+                    tu,
+                    fa,
+                    w / tu,
+                    w / fa
+                );
+            }
+        };
+        table(
+            "Instructions per operation (callgrind Ir, whole server process, user space only)",
+            0,
+            |row| row.3,
+        );
+        if opts.cache_sim {
+            table(
+                "L1 instruction-cache misses per operation (callgrind --cache-sim, simulated)",
+                1,
+                |row| row.4,
             );
         }
         println!(
@@ -1182,7 +1217,7 @@ mod instructions {
                 "glibc's memset/memcpy kept off rep stosb/movsb (GLIBC_TUNABLES), which callgrind would count per byte"
             );
         }
-        for (case, _, _, [w, tu, fa]) in &rows {
+        for (case, _, _, [w, tu, fa], _) in &rows {
             println!(
                 "RESULT instructions op={} wharf={w:.1} tokio_tungstenite={tu:.1} fastwebsockets={fa:.1} \
                  ratio_tokio_tungstenite={:.4} ratio_fastwebsockets={:.4}",
@@ -1215,6 +1250,9 @@ mod instructions {
             // wasmtime's compiled code is written to anonymous memory.
             "--smc-check=all-non-file".into(),
         ]);
+        if opts.cache_sim && tool == "callgrind" {
+            v.extend(["--cache-sim=yes".into(), "--branch-sim=yes".into()]);
+        }
         if let Some(out) = out {
             v.push(format!("--callgrind-out-file={}", out.display()));
         }
@@ -1260,16 +1298,25 @@ mod instructions {
             if text.is_empty() {
                 continue;
             }
-            let total = |key: &str| {
+            // The totals line has one column per event the header names
+            // (`events: Ir` alone, or `Ir Dr Dw I1mr ...` with the cache
+            // simulation).
+            let events: Vec<&str> = text
+                .lines()
+                .find_map(|l| l.strip_prefix("events:"))
+                .map(|v| v.split_whitespace().collect())
+                .unwrap_or_else(|| vec!["Ir"]);
+            let total = |key: &str, event: &str| {
+                let column = events.iter().position(|e| *e == event)?;
                 text.lines()
                     .rev()
                     .find_map(|l| l.strip_prefix(key))
-                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.split_whitespace().nth(column))
                     .and_then(|v| v.parse::<u64>().ok())
             };
-            counts.ir += total("totals:")
-                .or_else(|| total("summary:"))
-                .with_context(|| format!("no totals in {}", f.display()))?;
+            let event = |event| total("totals:", event).or_else(|| total("summary:", event));
+            counts.ir += event("Ir").with_context(|| format!("no totals in {}", f.display()))?;
+            counts.i1_misses += event("I1mr").unwrap_or(0);
         }
         Ok(counts)
     }

@@ -7,7 +7,7 @@
 #   host/benches/instructions.sh [--messages N1,N2] [--connections M1,M2]
 #                                [--top K] [--keep DIR [--no-run]] [--valgrind PATH] [--rep-strings]
 #                                [--plugin PATH] [--shared] [--in-place] [--tls]
-#                                [--profile NAME]
+#                                [--profile NAME] [--cache-sim]
 #
 # Each server runs under callgrind once with N1 and once with N2 operations;
 # the figure is (I(N2) - I(N1)) / (N2 - N1), so start-up and shutdown cancel
@@ -23,6 +23,9 @@
 # --tls: every load over wss (TLS 1.3, rustls on every side): what TLS adds.
 # --profile NAME: every server built with that Cargo profile (the README's
 # figures: dist); release without it.
+# --cache-sim: callgrind simulates the caches and branch predictors too, and
+# the first-level instruction-cache misses per operation follow the
+# instructions (RESULTS.md, "The code a call runs").
 # Needs valgrind (and callgrind_annotate, which comes with it).
 set -eu
 
@@ -39,7 +42,7 @@ while (($#)); do
     --keep) keep=$2; shift 2 ;;
     --profile) profile=(--profile "$2"); shift 2 ;;
     --no-run) run=0; shift ;;
-    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
     *) pass+=("$1"); shift ;;
     esac
 done
