@@ -791,9 +791,10 @@ pub struct HostState {
     cpu: CpuBudget,
     /// CPU time the current call has used, as of its last epoch check.
     cpu_used: Duration,
-    /// When the current call last started running
-    /// ([`idle_pool::slice_clock_micros`]);
-    /// shared with the yield future, which resets it on resuming.
+    /// When the current call last started running: on
+    /// [`idle_pool::slice_clock_micros`] until its first tick, on
+    /// [`idle_pool::thread_cpu_micros`] after (see `ticked`); shared with
+    /// the yield future, which resets it on resuming.
     running_since: Arc<AtomicU64>,
     /// Whether the current call has reached an epoch tick: its slices
     /// since are read off the thread's CPU clock, not the slice clock.
