@@ -1051,9 +1051,16 @@ mod instructions {
         },
     ];
 
-    /// A case's figures per operation, wharf's, tokio-tungstenite's and
-    /// fastwebsockets': instructions, then L1i misses.
-    type Row = (&'static Case, u64, u64, [f64; 3], [f64; 3]);
+    /// A case's figures per operation, each as wharf's, tokio-tungstenite's
+    /// and fastwebsockets'.
+    struct Row {
+        case: &'static Case,
+        /// The two run lengths the per-operation figure is the slope between.
+        n: (u64, u64),
+        instructions: [f64; 3],
+        /// L1 instruction-cache misses (NaN without `--cache-sim`).
+        i1_misses: [f64; 3],
+    }
 
     /// Callgrind's count for one server run.
     #[derive(Clone, Copy, Default)]
@@ -1167,7 +1174,12 @@ mod instructions {
                 per_op[target.index()] = per(|c| c.ir);
                 i1_per_op[target.index()] = per(|c| c.i1_misses);
             }
-            rows.push((case, n1, n2, per_op, i1_per_op));
+            rows.push(Row {
+                case,
+                n: (n1, n2),
+                instructions: per_op,
+                i1_misses: i1_per_op,
+            });
         }
 
         let table = |title: &str, digits: usize, column: fn(&Row) -> [f64; 3]| {
@@ -1178,11 +1190,11 @@ mod instructions {
             );
             println!("{}", "-".repeat(95));
             for row in &rows {
-                let (case, n1, n2) = (row.0, row.1, row.2);
+                let (n1, n2) = row.n;
                 let [w, tu, fa] = column(row);
                 println!(
                     "{:<30} {:>12} {:>10.digits$} {:>11.digits$} {:>10.digits$} {:>8.2} {:>8.2}",
-                    case.name,
+                    row.case.name,
                     format!("{n1}/{n2}"),
                     w,
                     tu,
@@ -1195,13 +1207,13 @@ mod instructions {
         table(
             "Instructions per operation (callgrind Ir, whole server process, user space only)",
             0,
-            |row| row.3,
+            |row| row.instructions,
         );
         if opts.cache_sim {
             table(
                 "L1 instruction-cache misses per operation (callgrind --cache-sim, simulated)",
                 1,
-                |row| row.4,
+                |row| row.i1_misses,
             );
         }
         println!(
@@ -1217,11 +1229,12 @@ mod instructions {
                 "glibc's memset/memcpy kept off rep stosb/movsb (GLIBC_TUNABLES), which callgrind would count per byte"
             );
         }
-        for (case, _, _, [w, tu, fa], _) in &rows {
+        for row in &rows {
+            let [w, tu, fa] = row.instructions;
             println!(
                 "RESULT instructions op={} wharf={w:.1} tokio_tungstenite={tu:.1} fastwebsockets={fa:.1} \
                  ratio_tokio_tungstenite={:.4} ratio_fastwebsockets={:.4}",
-                case.slug,
+                row.case.slug,
                 w / tu,
                 w / fa
             );

@@ -96,9 +96,9 @@ pub struct NewArgs {
     pub language: Language,
     /// Name of the plugin: lowercase letters, digits, '-' and '_', starting
     /// with a letter (a valid Cargo package name). The component is
-    /// <name>.wasm, with '-' turned into '_'.
+    /// NAME.wasm, with '-' turned into '_'.
     pub name: String,
-    /// Directory to create (default: ./<name>). Must not exist or be empty.
+    /// Directory to create (default: ./NAME). Must not exist or be empty.
     #[arg(short, long, value_name = "PATH")]
     pub dir: Option<PathBuf>,
 }

@@ -37,15 +37,15 @@ const MAX_RESPONSE: usize = 16 << 20;
 /// Where the admin API is and how to authenticate.
 #[derive(clap::Args, Debug)]
 pub struct Connection {
-    /// The admin API's base URL [default: the config's [admin] listen, else
+    /// The admin API's base URL [default: the config's admin.listen, else
     /// http://127.0.0.1:9090].
     #[arg(long, value_name = "URL", env = "WHARF_ADMIN")]
     pub admin: Option<String>,
     /// A file holding the admin token (else WHARF_ADMIN_TOKEN, else the
-    /// config's [admin] token_file).
+    /// config's admin.token_file).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
-    /// The server's configuration file, for its [admin] listen and token_file
+    /// The server's configuration file, for its admin.listen and admin.token_file
     /// (default: $WHARF_CONFIG, else ./wharf.toml if it exists).
     #[arg(short, long, value_name = "FILE", env = "WHARF_CONFIG")]
     pub config: Option<PathBuf>,
@@ -61,7 +61,7 @@ pub struct StatusArgs {
 /// `wharf deploy`.
 #[derive(clap::Args, Debug)]
 pub struct DeployArgs {
-    /// The tenant ("default" when the config has no [[tenant]]s).
+    /// The tenant ("default" when the config has no tenant tables).
     pub tenant: String,
     /// The handler component (.wasm) to upload.
     pub file: PathBuf,

@@ -712,10 +712,7 @@ impl Plugin {
             ))
         });
         store.set_epoch_deadline(1);
-        store
-            .data()
-            .running_since
-            .store(idle_pool::slice_clock_micros(), Ordering::Relaxed);
+        store.data_mut().begin_call();
         let instance = wall::within(limits.cpu.wall, || self.pre.instantiate_async(&mut store))
             .await
             .map_err(|_| PluginError::WallTime)?
@@ -866,14 +863,27 @@ impl Conns {
 }
 
 impl HostState {
-    /// Adds the time run since the call started or resumed to the call's
-    /// CPU time and to the tenant's share.
-    fn settle(&mut self) {
-        let now = if self.ticked {
+    /// Starts a call's accounting: no CPU time used, on the slice clock.
+    fn begin_call(&mut self) {
+        self.cpu_used = Duration::ZERO;
+        self.ticked = false;
+        self.running_since
+            .store(self.clock_micros(), Ordering::Relaxed);
+    }
+
+    /// The current call's clock, in microseconds (see `ticked`).
+    fn clock_micros(&self) -> u64 {
+        if self.ticked {
             idle_pool::thread_cpu_micros()
         } else {
             idle_pool::slice_clock_micros()
-        };
+        }
+    }
+
+    /// Adds the time run since the call started or resumed to the call's
+    /// CPU time and to the tenant's share.
+    fn settle(&mut self) {
+        let now = self.clock_micros();
         let since = self.running_since.swap(now, Ordering::Relaxed);
         let ran = Duration::from_micros(now.saturating_sub(since));
         self.cpu_used += ran;
@@ -1107,12 +1117,7 @@ impl PluginInstance {
     }
 
     fn arm(&mut self) -> Resource<ConnectionEntry> {
-        let state = self.store.data_mut();
-        state.cpu_used = Duration::ZERO;
-        state.ticked = false;
-        state
-            .running_since
-            .store(idle_pool::slice_clock_micros(), Ordering::Relaxed);
+        self.store.data_mut().begin_call();
         self.store.set_epoch_deadline(1);
         Resource::new_borrow(self.conn.rep())
     }
