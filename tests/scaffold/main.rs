@@ -26,6 +26,7 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use support::*;
@@ -161,6 +162,20 @@ fn serve_and_echo(lang: Language, wasm: &Path) {
                 Message::Binary(b) => assert_eq!(&b[..], &[0, 1, 2, 255, 254]),
                 other => panic!("expected binary, got {}", describe(&other)),
             }
+            // Three messages in one write reach the handler in one read:
+            // its batch export (or, without one, a call each).
+            let batch = [
+                Message::text("one"),
+                Message::binary(vec![2u8; 3]),
+                Message::text("three ✓"),
+            ];
+            for msg in &batch {
+                ws.feed(msg.clone()).await.expect("queue a message");
+            }
+            ws.flush().await.expect("write the batch");
+            for msg in batch {
+                assert_eq!(recv(&mut ws).await, msg, "{lang}: a batch's echo");
+            }
             send_text(&mut ws, "goodbye").await;
             assert_eq!(recv_close(&mut ws).await, (1000, "goodbye".to_owned()));
         });
@@ -231,6 +246,25 @@ fn c_scaffold_builds_and_echoes() {
 #[test]
 fn go_scaffold_builds_and_echoes() {
     end_to_end(Language::Go, "go");
+}
+
+/// A Go handler without `OnPackedWords` still gets every message of a
+/// batch: the bindings' export walks the span words and calls `OnText`
+/// and `OnBinary` (the echo's `OnText` closes on "goodbye").
+#[test]
+fn go_handler_without_on_packed_words_gets_each_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "hello-go-fallback";
+    let dir = scaffold("go", name, tmp.path());
+    let handler = dir.join("handler.go");
+    let source = std::fs::read_to_string(&handler).unwrap();
+    let start = source
+        .find("// OnPackedWords gets")
+        .expect("the template's OnPackedWords");
+    let end = source.find("// Nothing to clean up").expect("OnClose");
+    std::fs::write(&handler, format!("{}{}", &source[..start], &source[end..])).unwrap();
+    let wasm = build(Language::Go, name, &dir);
+    serve_and_echo(Language::Go, &wasm);
 }
 
 #[test]
