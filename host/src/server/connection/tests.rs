@@ -33,7 +33,7 @@ fn shared(plugin: &str, rest: &str) -> Arc<Shared> {
         path.display().to_string()
     );
     let mut table: toml::Table = toml::from_str(&text).expect("a test config");
-    // The chaos plugin's "sleep N" calls (300 ms) pass the default 200 ms
+    // The chaos plugin's "sleep N" calls (300 ms) exceed the default 200 ms
     // budget; a test that means to cut one sets its own.
     if let Some(toml::Value::Table(plugin)) = table.get_mut("plugin") {
         plugin
