@@ -298,6 +298,19 @@ fn parse_options(args: &[String]) -> Result<Options> {
                     .get_or_insert_with(InstrOptions::default)
                     .cache_sim = true;
             }
+            "--workers" => {
+                let v = it.next().context("--workers needs a count")?;
+                let workers: usize = v.parse().with_context(|| format!("bad --workers {v}"))?;
+                ensure!(workers >= 1, "--workers must be at least 1");
+                instructions
+                    .get_or_insert_with(InstrOptions::default)
+                    .workers = workers;
+            }
+            "--per-core" => {
+                instructions
+                    .get_or_insert_with(InstrOptions::default)
+                    .per_core = true;
+            }
             "--tls" => {
                 instructions.get_or_insert_with(InstrOptions::default).tls = true;
             }
@@ -316,7 +329,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--bench" => {}
             other => bail!(
                 "unknown argument {other:?}; options: --quick, --scenario NAME, --duration SECS, --warmup SECS, --rounds N, --shared, --in-place, --busy-loadgen, \
-                 --instructions [--messages N1,N2] [--connections M1,M2] [--valgrind PATH] [--keep DIR] [--rep-strings] [--plugin PATH] [--shared] [--tls] [--cache-sim]"
+                 --instructions [--messages N1,N2] [--connections M1,M2] [--valgrind PATH] [--keep DIR] [--rep-strings] [--plugin PATH] [--shared] [--tls] [--cache-sim] [--workers N [--per-core]]"
             ),
         }
     }
@@ -938,6 +951,11 @@ struct InstrOptions {
     /// instructions: what the code's footprint costs, on machines whose
     /// hardware counters are out of reach.
     cache_sim: bool,
+    /// `--workers N`: wharf with N worker threads (`TOKIO_WORKER_THREADS`),
+    /// all counted; `--per-core`: each a runtime of its own
+    /// (`server.scheduling = "per-core"`), else tokio's multi-thread one.
+    workers: usize,
+    per_core: bool,
 }
 
 impl Default for InstrOptions {
@@ -953,6 +971,8 @@ impl Default for InstrOptions {
             in_place: false,
             tls: false,
             cache_sim: false,
+            workers: 1,
+            per_core: false,
         }
     }
 }
@@ -1106,7 +1126,14 @@ mod instructions {
                 server: None,
                 loadgen: None,
             },
-            &format!("{plugin}[server]\nmax_connections = 8\n{tenant}"),
+            &format!(
+                "{plugin}[server]\nmax_connections = 8\n{scheduling}{tenant}",
+                scheduling = if opts.per_core {
+                    "scheduling = \"per-core\"\n"
+                } else {
+                    ""
+                }
+            ),
         )?;
         // Another plugin: wharf alone (the baselines' counts do not change).
         let targets: &[Target] = if opts.plugin.is_some() {
@@ -1121,7 +1148,9 @@ mod instructions {
         std::fs::create_dir_all(&out_dir)
             .with_context(|| format!("create {}", out_dir.display()))?;
         println!(
-            "instructions: {version}, wharf with TOKIO_WORKER_THREADS=1, callgrind output in {}",
+            "instructions: {version}, wharf with TOKIO_WORKER_THREADS={}{}, callgrind output in {}",
+            opts.workers,
+            if opts.per_core { " per core" } else { "" },
             out_dir.display()
         );
         // Valgrind's CPUID differs from the host's, so wharf compiles the
@@ -1253,9 +1282,14 @@ mod instructions {
                                   glibc.cpu.x86_rep_movsb_threshold=0x7fffffffffffffff";
 
     fn valgrind(opts: &InstrOptions, tool: &str, out: Option<&std::path::Path>) -> Vec<String> {
-        let mut v = Vec::new();
+        // The servers start with one worker (see `loadgen`); `env` sets
+        // wharf's count here (the baselines' runtimes ignore it).
+        let mut v = vec![
+            "env".to_owned(),
+            format!("TOKIO_WORKER_THREADS={}", opts.workers),
+        ];
         if !opts.rep_strings {
-            v.extend(["env".to_owned(), NO_REP_STRINGS.to_owned()]);
+            v.push(NO_REP_STRINGS.to_owned());
         }
         v.extend([
             opts.valgrind.clone(),

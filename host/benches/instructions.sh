@@ -7,7 +7,7 @@
 #   host/benches/instructions.sh [--messages N1,N2] [--connections M1,M2]
 #                                [--top K] [--keep DIR [--no-run]] [--valgrind PATH] [--rep-strings]
 #                                [--plugin PATH] [--shared] [--in-place] [--tls]
-#                                [--profile NAME] [--cache-sim]
+#                                [--profile NAME] [--cache-sim] [--workers N [--per-core]]
 #
 # Each server runs under callgrind once with N1 and once with N2 operations;
 # the figure is (I(N2) - I(N1)) / (N2 - N1), so start-up and shutdown cancel
@@ -26,6 +26,10 @@
 # --cache-sim: callgrind simulates the caches and branch predictors too, and
 # the first-level instruction-cache misses per operation follow the
 # instructions (RESULTS.md, "The code a call runs").
+# --workers N: wharf with N worker threads, all counted (valgrind runs one
+# thread at a time); --per-core: each worker a runtime of its own
+# (server.scheduling = "per-core"), else tokio's multi-thread runtime
+# (RESULTS.md, "Thread per core").
 # Needs valgrind (and callgrind_annotate, which comes with it).
 set -eu
 
@@ -42,7 +46,7 @@ while (($#)); do
     --keep) keep=$2; shift 2 ;;
     --profile) profile=(--profile "$2"); shift 2 ;;
     --no-run) run=0; shift ;;
-    -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,33p' "$0"; exit 0 ;;
     *) pass+=("$1"); shift ;;
     esac
 done

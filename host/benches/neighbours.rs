@@ -3,7 +3,7 @@
 //! at a time (`plugins/hostile`), as ratios to the quiet run.
 //!
 //! `cargo bench --bench neighbours -- [--seconds S] [--connections N]
-//! [--attackers N] [--attack NAME] [--cpu-share CORES] [--rounds N]`
+//! [--attackers N] [--attack NAME] [--cpu-share CORES] [--rounds N] [--per-core]`
 //! (default 2 s per phase, 5 rounds of a quiet and an attacked phase per
 //! attack; rates are the rounds' medians, p99s are taken over all the
 //! rounds' echoes of a kind together; 50 echo connections with
@@ -11,8 +11,8 @@
 //! whenever they are cut, and the hostile tenant's `cpu_share` left at its
 //! default: half the cores).
 //!
-//! The server runs with two tokio workers (`TOKIO_WORKER_THREADS=2`) and is
-//! not pinned: the question is whether one tenant's plugin can take the
+//! The server runs with two tokio workers (`TOKIO_WORKER_THREADS=2`; with
+//! `--per-core`, `server.scheduling = "per-core"`) and is not pinned: the question is whether one tenant's plugin can take the
 //! machine from another's, so it gets the whole machine, as in production.
 //! The load generator shares it; its cost is the same in every phase.
 //! Every echo is checked. Under `cargo test` (no `--bench`) it is a smoke
@@ -64,6 +64,8 @@ struct Options {
     /// Quiet and attacked phases per attack (one 3 s phase's p99 moves by
     /// ±30% on a quiet machine, so p99s are pooled over the rounds).
     rounds: usize,
+    /// `--per-core`: wharf's workers each a runtime of their own.
+    per_core: bool,
     smoke: bool,
 }
 
@@ -92,6 +94,7 @@ fn main() -> Result<()> {
         rounds: option(&args, "--rounds")
             .unwrap_or(if smoke { 1 } else { 5 })
             .max(1),
+        per_core: args.iter().any(|a| a == "--per-core"),
         smoke,
     };
     let _ = rlimit::increase_nofile_limit(u64::MAX);
@@ -112,11 +115,12 @@ struct Server {
 }
 
 impl Server {
-    async fn start(cpu_share: Option<f64>) -> Result<Server> {
+    async fn start(cpu_share: Option<f64>, per_core: bool) -> Result<Server> {
         let dir = tempfile::tempdir()?;
         let plugin = |name: &str| format!("{}/{name}.wasm", wharf::bundled::PLUGIN_DIR);
         let config = format!(
             "[[listener]]\naddress = \"127.0.0.1:0\"\n\
+             [server]\n{scheduling}\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\
              [plugin]\ncache_dir = {cache:?}\n\
              [[tenant]]\nname = \"good\"\nplugin = {good:?}\nroutes = [\"/good\"]\n\
@@ -126,6 +130,11 @@ impl Server {
             good = plugin("echo"),
             bad = plugin("hostile"),
             share = cpu_share.map_or(String::new(), |c| format!("cpu_share = {c}")),
+            scheduling = if per_core {
+                "scheduling = \"per-core\""
+            } else {
+                ""
+            },
         );
         let path = dir.path().join("wharf.toml");
         std::fs::write(&path, config)?;
@@ -328,8 +337,9 @@ fn attack(
 }
 
 /// CPU time used so far by the threads of process `pid` (or `self`) whose
-/// name is one of `names` (`wharf-worker` for wharf's workers, `wharf-long`
-/// and `wharf-idle` for its lanes).
+/// name is one of `names` (`wharf-worker` for wharf's workers, with
+/// `wharf` its main thread, a worker per core and otherwise idle in
+/// `block_on`; `wharf-long` and `wharf-idle` for its lanes).
 fn threads_cpu(pid: &str, names: &[&str]) -> Duration {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Duration::ZERO;
@@ -348,7 +358,7 @@ fn threads_cpu(pid: &str, names: &[&str]) -> Duration {
 /// and this bench's attackers.
 fn cpu_times(server: &str) -> [Duration; 3] {
     [
-        threads_cpu(server, &["wharf-worker"]),
+        threads_cpu(server, &["wharf-worker", "wharf"]),
         threads_cpu(server, &["wharf-long", "wharf-idle"]),
         threads_cpu("self", &["attackers"]),
     ]
@@ -424,7 +434,7 @@ fn pooled_p99<'a>(phases: impl Iterator<Item = &'a Phase>) -> u32 {
 }
 
 async fn bench(opts: Options) -> Result<()> {
-    let server = Server::start(opts.cpu_share).await?;
+    let server = Server::start(opts.cpu_share, opts.per_core).await?;
     println!(
         "neighbours: good tenant, {} connections x 1 in flight (32 B echo), {} attacking connections, {:.1} s per phase, hostile tenant's cpu_share {}",
         opts.connections,

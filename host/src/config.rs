@@ -134,6 +134,22 @@ pub enum MemorySlotsMode {
     Wide,
 }
 
+/// How connections are spread over the worker threads
+/// (`server.scheduling`; see `server::cores`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduling {
+    /// One runtime whose workers take queued tasks from each other
+    /// (tokio's multi-thread runtime): a worker the OS preempts does not
+    /// hold up its connections.
+    #[default]
+    WorkStealing,
+    /// Each worker a runtime of its own with its own accept loops: a
+    /// connection stays on the worker that accepted it. Less work per
+    /// message, for workers that have their cores to themselves.
+    PerCore,
+}
+
 /// A tenant's limits. Each key unset takes the server-wide value of the
 /// same name (`[plugin]`, `[websocket]`, `[server]`).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -250,6 +266,9 @@ pub struct ServerConfig {
     /// at once.
     #[serde(with = "humantime_serde")]
     pub restart_window: Duration,
+    /// How connections are spread over the worker threads when there are
+    /// several.
+    pub scheduling: Scheduling,
 }
 
 impl Default for ServerConfig {
@@ -266,6 +285,7 @@ impl Default for ServerConfig {
             max_request_headers: 64,
             shutdown_timeout: Duration::from_secs(10),
             restart_window: Duration::from_secs(10),
+            scheduling: Scheduling::WorkStealing,
         }
     }
 }

@@ -15,6 +15,7 @@ use wharf::runtime::engine::{self, MemoryReset};
 use wharf::runtime::swap::Swap;
 use wharf::runtime::{Runtime, RuntimeConfig};
 use wharf::server::Server;
+use wharf::server::cores::{self, Cores};
 use wharf::tenancy::{self, Tenants};
 
 /// Wharf: a WebSocket server whose application logic runs in sandboxed
@@ -250,7 +251,9 @@ fn run(command: Command) -> anyhow::Result<()> {
     let config = load_config(&overrides)?;
     // Everything start-up could refuse that costs no compile, first: a
     // port in use should not wait behind a plugin's first compile.
-    let preflight = preflight(&config)?;
+    let workers = cores::workers();
+    let per_core = cores::per_core(config.server.scheduling, workers);
+    let preflight = preflight(&config, per_core)?;
     let memory_reset = memory_reset(&config.plugin)?;
     let watch_swap = matches!(memory_reset, MemoryReset::InPlace { .. });
     let mut runtime = Runtime::new(runtime_config(&config, memory_reset))
@@ -268,31 +271,48 @@ fn run(command: Command) -> anyhow::Result<()> {
         print!("{}", tenants.describe());
         return Ok(());
     }
-    worker_runtime()
+    tracing::info!(
+        workers,
+        scheduling = if per_core {
+            "per-core"
+        } else if workers > 1 {
+            "work-stealing"
+        } else {
+            "one worker"
+        },
+        "worker threads"
+    );
+    let cores = if per_core {
+        Cores::start(workers - 1).context("cannot start the worker threads")?
+    } else {
+        Cores::default()
+    };
+    worker_runtime(workers, per_core)
         .enable_all()
-        .thread_name("wharf-worker")
         .build()?
         .block_on(serve(
-            config, tenants, metrics, watch, preflight, watch_swap,
+            config, tenants, metrics, watch, preflight, watch_swap, &cores,
         ))
 }
 
-/// The connections' runtime: tokio's multi-thread one with a worker per
-/// core (`TOKIO_WORKER_THREADS`, tokio's own setting, overrides the count),
-/// or with one worker a current-thread runtime. With one worker the
+/// The runtime `serve` runs on: with one worker, or per core (the first
+/// worker's; see `server::cores`), a current-thread runtime; else tokio's
+/// multi-thread one with `workers` workers. With one worker the
 /// multi-thread runtime only adds cost: the task runs on a worker thread
 /// apart from the one blocked in `block_on`, and each pass through the
 /// scheduler updates its work-stealing statistics (3.8% of the
-/// instructions of a 32 B echo, by callgrind).
-fn worker_runtime() -> tokio::runtime::Builder {
-    let workers = std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|n| n.trim().parse::<usize>().ok())
-        .or_else(|| std::thread::available_parallelism().ok().map(usize::from));
-    if workers == Some(1) {
-        tokio::runtime::Builder::new_current_thread()
+/// instructions of a 32 B echo, by callgrind). Threads are named for
+/// `top -H`: a current-thread runtime's own threads only run blocking
+/// work, a multi-thread runtime's are its workers (and its blocking ones).
+fn worker_runtime(workers: usize, per_core: bool) -> tokio::runtime::Builder {
+    if workers == 1 || per_core {
+        let mut builder = tokio::runtime::Builder::new_current_thread();
+        builder.thread_name("wharf-blocking");
+        builder
     } else {
-        tokio::runtime::Builder::new_multi_thread()
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers).thread_name("wharf-worker");
+        builder
     }
 }
 
@@ -307,9 +327,10 @@ struct Preflight {
 /// What `serve` would refuse at start-up beyond the configuration, before
 /// the plugins (which may take a first compile): each certificate, the
 /// static directory, the admin token, and every address, all bound at
-/// once (so two listeners on one port are found too). `serve` serves on
-/// the sockets; `check` releases them.
-fn preflight(config: &Config) -> anyhow::Result<Preflight> {
+/// once (so two listeners on one port are found too; `per_core`: bound to
+/// be shared by the workers). `serve` serves on the sockets; `check`
+/// releases them.
+fn preflight(config: &Config, per_core: bool) -> anyhow::Result<Preflight> {
     for listener in &config.listeners {
         if let Some(tls) = &listener.tls {
             wharf::server::tls::acceptor(tls)
@@ -321,7 +342,7 @@ fn preflight(config: &Config) -> anyhow::Result<Preflight> {
         Some(_) => wharf::admin::AdminToken::load(&config.admin)?,
         None => None,
     };
-    let listeners = wharf::server::bind_all(config)?;
+    let listeners = wharf::server::bind_all(config, per_core)?;
     let admin = match config.admin.listen {
         Some(addr) => {
             let socket = std::net::TcpListener::bind(addr)
@@ -463,6 +484,7 @@ async fn serve(
     watch: bool,
     preflight: Preflight,
     watch_swap: bool,
+    cores: &Cores,
 ) -> anyhow::Result<()> {
     let Preflight {
         listeners,
@@ -472,7 +494,14 @@ async fn serve(
     let admin_listener = admin.map(tokio::net::TcpListener::from_std).transpose()?;
     // GET /readyz: 503 until the listeners serve, and again once shutdown begins.
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let server = Server::start_on(&config, tenants.clone(), metrics.clone(), listeners).await?;
+    let server = Server::start_on(
+        &config,
+        tenants.clone(),
+        metrics.clone(),
+        listeners,
+        cores.handles(),
+    )
+    .await?;
     let watch_stop = tokio_util::sync::CancellationToken::new();
     wharf::tenancy::watch::spawn(
         tenants.clone(),

@@ -74,6 +74,90 @@ async fn sigterm_closes_connections_with_1001_and_exits_0() {
     );
 }
 
+/// CPU ticks (user and system) each thread of `pid` has used, by thread
+/// id, with its name.
+fn thread_ticks(pid: u32) -> std::collections::HashMap<String, (String, u64)> {
+    let mut ticks = std::collections::HashMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // The name is in parentheses and may hold spaces: count fields after it.
+        let (head, rest) = stat.rsplit_once(')').unwrap();
+        let name = head.split_once('(').unwrap().1.to_string();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let used = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        ticks.insert(
+            task.file_name().to_string_lossy().into_owned(),
+            (name, used),
+        );
+    }
+    ticks
+}
+
+/// `scheduling = "per-core"`: each worker accepts on the listener's address
+/// with a socket of its own and serves what it accepted; both serve, and a
+/// SIGTERM still closes every connection with 1001 and ends the process.
+#[tokio::test]
+async fn per_core_workers_each_serve_and_shut_down() {
+    let mut server = Server::start(ServerOpts {
+        server: "scheduling = \"per-core\"\nshutdown_timeout = \"3s\"",
+        workers: Some(2),
+        ..ServerOpts::new("echo")
+    });
+    let before = thread_ticks(server.pid());
+    // One worker's thread is the process's main thread (named as the
+    // process), the other `wharf-worker`.
+    let workers: Vec<String> = before
+        .iter()
+        .filter(|(tid, (name, _))| name == "wharf-worker" || **tid == server.pid().to_string())
+        .map(|(tid, _)| tid.clone())
+        .collect();
+    assert_eq!(workers.len(), 2, "{before:?}");
+    // 40 connections: the kernel spreads them over both sockets by their
+    // ports (all on one: a chance of 2^-39).
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        clients.push(server.connect(false).await);
+    }
+    let echoes = clients.into_iter().enumerate().map(|(i, mut ws)| {
+        tokio::spawn(async move {
+            for n in 0..600 {
+                let text = format!("{i}:{n}");
+                send_text(&mut ws, &text).await;
+                assert_eq!(recv_text(&mut ws).await, text);
+            }
+            ws
+        })
+    });
+    let mut clients = Vec::new();
+    for echo in echoes {
+        clients.push(echo.await.unwrap());
+    }
+    let after = thread_ticks(server.pid());
+    for tid in &workers {
+        let used = after[tid].1 - before[tid].1;
+        assert!(
+            used > 0,
+            "worker {tid} served nothing: {before:?} -> {after:?}"
+        );
+    }
+
+    server.sigterm();
+    for ws in &mut clients {
+        assert_eq!(recv_close(ws).await.0, 1001);
+    }
+    drop(clients);
+    let status = server
+        .wait_exit(Duration::from_secs(4))
+        .await
+        .expect("wharf still running after the shutdown timeout");
+    assert!(status.success(), "exit status {status:?}");
+}
+
 #[tokio::test]
 async fn silent_peer_is_pinged_then_dropped() {
     let server = Server::start(ServerOpts {

@@ -53,6 +53,8 @@ pub struct ServerOpts {
     pub extra: String,
     /// The server process's file descriptor limit (`RLIMIT_NOFILE`).
     pub max_open_files: Option<u64>,
+    /// Its worker threads (`TOKIO_WORKER_THREADS`); else one per core.
+    pub workers: Option<usize>,
 }
 
 impl ServerOpts {
@@ -65,6 +67,7 @@ impl ServerOpts {
             plugin_limits: "",
             extra: String::new(),
             max_open_files: None,
+            workers: None,
         }
     }
 }
@@ -192,6 +195,9 @@ impl Server {
         std::fs::write(&config_path, &config).unwrap();
 
         let mut cmd = wharf_cmd();
+        if let Some(workers) = opts.workers {
+            cmd.env("TOKIO_WORKER_THREADS", workers.to_string());
+        }
         if let Some(limit) = opts.max_open_files {
             use std::os::unix::process::CommandExt;
             // SAFETY: only setrlimit between fork and exec, which is

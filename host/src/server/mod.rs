@@ -4,6 +4,7 @@
 mod budget;
 mod conn_id;
 mod connection;
+pub mod cores;
 mod handler;
 mod inbox;
 mod pending;
@@ -90,18 +91,21 @@ impl Server {
         tenants: Arc<Tenants>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
-        let sockets = bind_all(config)?;
-        Self::start_on(config, tenants, metrics, sockets).await
+        let sockets = bind_all(config, false)?;
+        Self::start_on(config, tenants, metrics, sockets, &[]).await
     }
 
     /// [`start`](Self::start) on sockets [`bind_all`] bound already (`wharf
     /// serve` binds them before it compiles the plugins, so that a port in
-    /// use is told at once, not after a first compile).
+    /// use is told at once, not after a first compile). Each of `cores`
+    /// (see [`cores`]) accepts on every listener's address too, on a socket
+    /// of its own, which needs the sockets bound `shared`.
     pub async fn start_on(
         config: &Config,
         tenants: Arc<Tenants>,
         metrics: Arc<Metrics>,
         sockets: Vec<std::net::TcpListener>,
+        cores: &[tokio::runtime::Handle],
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(
             sockets.len() == config.listeners.len(),
@@ -134,6 +138,22 @@ impl Server {
                 address,
                 tls: acceptor.is_some(),
             });
+            for core in cores {
+                let socket = join_std(address)
+                    .with_context(|| format!("cannot listen on {address} (another worker)"))?;
+                let (acceptor, shared, connections) =
+                    (acceptor.clone(), shared.clone(), tracker.clone());
+                tracker.spawn_on(
+                    async move {
+                        // Registered with this worker's reactor: made here.
+                        match TcpListener::from_std(socket) {
+                            Ok(socket) => accept_loop(socket, acceptor, shared, connections).await,
+                            Err(err) => tracing::error!(%err, %address, "a worker cannot accept"),
+                        }
+                    },
+                    core,
+                );
+            }
             tracker.spawn(accept_loop(
                 socket,
                 acceptor,
@@ -227,32 +247,69 @@ impl Shared {
 }
 
 /// Every configured listener's socket, bound and listening, in the
-/// order of `config.listeners` (for [`Server::start_on`]).
-pub fn bind_all(config: &Config) -> anyhow::Result<Vec<std::net::TcpListener>> {
+/// order of `config.listeners` (for [`Server::start_on`]); `shared`: as
+/// [`bind_std`].
+pub fn bind_all(config: &Config, shared: bool) -> anyhow::Result<Vec<std::net::TcpListener>> {
     config
         .listeners
         .iter()
-        .map(|l| bind_std(l.address).with_context(|| format!("cannot listen on {}", l.address)))
+        .map(|l| {
+            bind_std(l.address, shared).with_context(|| format!("cannot listen on {}", l.address))
+        })
         .collect()
 }
 
 /// A listener's socket bound as [`Server::start`] binds it, without the
 /// runtime: `wharf check` binds (and releases) them to find a port in use
-/// before `serve` meets it.
-pub fn bind_std(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// before `serve` meets it. `shared`: other workers will bind the address
+/// too ([`cores`]), so the socket allows it (`SO_REUSEPORT`). That option
+/// would also let another process of the same user share the address (a
+/// second wharf, started by mistake, would take half the connections), so
+/// a socket without it is bound first: any socket on the address already
+/// refuses that one, and the address is then taken as a fresh bind would.
+pub fn bind_std(address: SocketAddr, shared: bool) -> std::io::Result<std::net::TcpListener> {
+    if !shared {
+        return listen_std(address, false);
+    }
+    let address = {
+        let probe = socket_for(address, false)?;
+        probe.bind(&address.into())?;
+        // Port 0 chose one: the workers' sockets all take it.
+        probe
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("not an IP address"))?
+    };
+    listen_std(address, true)
+}
+
+/// Another worker's socket on an address [`bind_std`] bound `shared`.
+fn join_std(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    listen_std(address, true)
+}
+
+fn listen_std(address: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket_for(address, reuse_port)?;
+    socket.bind(&address.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+fn socket_for(address: SocketAddr, reuse_port: bool) -> std::io::Result<socket2::Socket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(address),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if address.is_ipv6() {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
-    socket.bind(&address.into())?;
-    socket.listen(4096)?;
-    Ok(socket.into())
+    Ok(socket)
 }
 
 async fn accept_loop(
@@ -342,5 +399,26 @@ async fn accept_tls(
             metrics.handshake_failed(0, "tls");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Workers share a listener's address; nobody else does, not even a
+    /// second wharf whose sockets would allow it.
+    #[test]
+    fn a_shared_address_is_shared_by_the_workers_alone() {
+        let first = bind_std("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let address = first.local_addr().unwrap();
+        let _worker = join_std(address).expect("another worker's socket");
+        for shared in [true, false] {
+            let err = bind_std(address, shared).expect_err("a second server took the address");
+            assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "shared {shared}");
+        }
+        // A plain listener's address is not joined either.
+        let plain = bind_std("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        assert!(join_std(plain.local_addr().unwrap()).is_err());
     }
 }
