@@ -98,12 +98,14 @@ fn thread_ticks(pid: u32) -> std::collections::HashMap<String, (String, u64)> {
     ticks
 }
 
-/// `scheduling = "per-core"`: each worker accepts on the listener's address
-/// with a socket of its own and serves what it accepted; both serve, and a
-/// SIGTERM still closes every connection with 1001 and ends the process.
+/// `scheduling = "per-core"`: each worker accepts on each listener's
+/// address (ws and wss) with a socket of its own and serves what it
+/// accepted; both serve, and a SIGTERM still closes every connection with
+/// 1001 and ends the process.
 #[tokio::test]
 async fn per_core_workers_each_serve_and_shut_down() {
     let mut server = Server::start(ServerOpts {
+        tls: true,
         server: "scheduling = \"per-core\"\nshutdown_timeout = \"3s\"",
         workers: Some(2),
         ..ServerOpts::new("echo")
@@ -117,11 +119,12 @@ async fn per_core_workers_each_serve_and_shut_down() {
         .map(|(tid, _)| tid.clone())
         .collect();
     assert_eq!(workers.len(), 2, "{before:?}");
-    // 40 connections: the kernel spreads them over both sockets by their
-    // ports (all on one: a chance of 2^-39).
+    // 40 connections, half over TLS: the kernel spreads each listener's
+    // over its two sockets by their ports (all on one worker: a chance of
+    // 2^-39).
     let mut clients = Vec::new();
-    for _ in 0..40 {
-        clients.push(server.connect(false).await);
+    for i in 0..40 {
+        clients.push(server.connect(i % 2 == 1).await);
     }
     let echoes = clients.into_iter().enumerate().map(|(i, mut ws)| {
         tokio::spawn(async move {
