@@ -12,8 +12,9 @@
 //! default: half the cores).
 //!
 //! The server runs with two tokio workers (`TOKIO_WORKER_THREADS=2`; with
-//! `--per-core`, `server.scheduling = "per-core"`) and is not pinned: the question is whether one tenant's plugin can take the
-//! machine from another's, so it gets the whole machine, as in production.
+//! `--per-core`, `server.scheduling = "per-core"`) and is not pinned: the
+//! question is whether one tenant's plugin can take the machine from
+//! another's, so it gets the whole machine, as in production.
 //! The load generator shares it; its cost is the same in every phase.
 //! Every echo is checked. Under `cargo test` (no `--bench`) it is a smoke
 //! run: half a second per phase, figures not meaningful.
@@ -436,7 +437,7 @@ fn pooled_p99<'a>(phases: impl Iterator<Item = &'a Phase>) -> u32 {
 async fn bench(opts: Options) -> Result<()> {
     let server = Server::start(opts.cpu_share, opts.per_core).await?;
     println!(
-        "neighbours: good tenant, {} connections x 1 in flight (32 B echo), {} attacking connections, {:.1} s per phase, hostile tenant's cpu_share {}",
+        "neighbours: good tenant, {} connections x 1 in flight (32 B echo), {} attacking connections, {:.1} s per phase, hostile tenant's cpu_share {}, two workers {}",
         opts.connections,
         opts.attackers,
         opts.phase.as_secs_f64(),
@@ -444,6 +445,11 @@ async fn bench(opts: Options) -> Result<()> {
             .map_or("default (half the cores)".to_owned(), |c| format!(
                 "{c} cores"
             )),
+        if opts.per_core {
+            "per core"
+        } else {
+            "work stealing"
+        },
     );
     println!(
         "each attack is compared with a quiet phase run just before it, so that drift in the machine's speed does not count as harm; {} round(s) per attack; rates and the throughput ratio are medians of the rounds, p99s are of all the rounds' echoes of a kind pooled, and the range is the rounds' own p99 ratios; cores are the CPU each group of threads used, medians of the rounds",
