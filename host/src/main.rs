@@ -282,11 +282,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         },
         "worker threads"
     );
-    let cores = if per_core {
-        Cores::start(workers - 1).context("cannot start the worker threads")?
-    } else {
-        Cores::default()
-    };
+    let extra = if per_core { workers - 1 } else { 0 };
+    let cores = Cores::start(extra).context("cannot start the worker threads")?;
     worker_runtime(workers, per_core)
         .enable_all()
         .build()?

@@ -139,18 +139,14 @@ impl Server {
                 tls: acceptor.is_some(),
             });
             for core in cores {
-                let socket = join_std(address)
-                    .with_context(|| format!("cannot listen on {address} (another worker)"))?;
-                let (acceptor, shared, connections) =
-                    (acceptor.clone(), shared.clone(), tracker.clone());
+                let socket = {
+                    // Registered with that worker's reactor, not this one's.
+                    let _worker = core.enter();
+                    join_std(address).and_then(TcpListener::from_std)
+                }
+                .with_context(|| format!("cannot listen on {address} (another worker)"))?;
                 tracker.spawn_on(
-                    async move {
-                        // Registered with this worker's reactor: made here.
-                        match TcpListener::from_std(socket) {
-                            Ok(socket) => accept_loop(socket, acceptor, shared, connections).await,
-                            Err(err) => tracing::error!(%err, %address, "a worker cannot accept"),
-                        }
-                    },
+                    accept_loop(socket, acceptor.clone(), shared.clone(), tracker.clone()),
                     core,
                 );
             }
