@@ -126,6 +126,19 @@ pub fn check(data: &[u8]) {
     let mut runs = vec![
         run(config, echo, repeat, &pieces, step + 7, false),
         run(config, echo, repeat, &pieces, step + 7, true),
+        // Binary messages of one frame (from some length on) delivered
+        // masked, unmasked into a copy: the same events and output.
+        run(
+            &Config {
+                deliver_masked_from: Some(step % 128),
+                ..config.clone()
+            },
+            echo,
+            repeat,
+            &pieces,
+            step + 7,
+            true,
+        ),
     ];
     if input.wire.len() <= 4096 {
         let bytes: Vec<&[u8]> = input.wire.chunks(1).collect();
@@ -234,6 +247,11 @@ fn run(
                 let ev = ws.read(&mut input, now).map(|e| match e {
                     Event::Text(t) => Ev::Text(t.to_owned()),
                     Event::Binary(b) => Ev::Binary(b.to_vec()),
+                    Event::MaskedBinary(m) => {
+                        let mut copy = vec![0; m.len()];
+                        m.unmask_into(&mut copy);
+                        Ev::Binary(copy)
+                    }
                     Event::Closed(c) => Ev::Closed(c),
                 });
                 check_limits(&ws, config, batched);

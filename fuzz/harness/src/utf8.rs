@@ -84,7 +84,7 @@ fn connection(text: &[u8], reads: &[&[u8]], expect: bool) {
             assert!(got.is_none(), "second event: {ev:?}");
             got = Some(match ev {
                 Event::Text(t) => Ok(t.as_bytes().to_vec()),
-                Event::Binary(_) => panic!("text arrived as binary"),
+                Event::Binary(_) | Event::MaskedBinary(_) => panic!("text arrived as binary"),
                 Event::Closed(info) => Err(info),
             });
         }

@@ -102,6 +102,11 @@ impl Echo {
                     self.binary.extend_from_slice(b);
                     Reply::Binary
                 }
+                Some(Event::MaskedBinary(m)) => {
+                    self.binary.clear();
+                    self.binary.extend_from_slice(m.unmask());
+                    Reply::Binary
+                }
                 Some(Event::Closed(_)) => {
                     open = false;
                     Reply::Nothing

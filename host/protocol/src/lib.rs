@@ -63,6 +63,6 @@ pub use handshake::{
     accept_response, parse_request, reject_response, validate_header,
 };
 pub use protocol::{
-    CloseInfo, Config, Event, FrameBatch, Framed, MAX_CLOSE_REASON, Outgoing, PayloadRoom,
+    CloseInfo, Config, Event, FrameBatch, Framed, MAX_CLOSE_REASON, Masked, Outgoing, PayloadRoom,
     ProtocolError, SendError, State, Tally, WebSocket, close::CloseCode, queue_full,
 };

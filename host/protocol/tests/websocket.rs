@@ -63,6 +63,7 @@ fn owned(e: Event<'_>) -> Ev {
     match e {
         Event::Text(t) => Ev::Text(t.to_owned()),
         Event::Binary(b) => Ev::Binary(b.to_vec()),
+        Event::MaskedBinary(m) => Ev::Binary(m.unmask().to_vec()),
         Event::Closed(c) => Ev::Closed(c),
     }
 }
@@ -846,6 +847,7 @@ fn fuzz_random_streams_never_panic_and_stay_bounded() {
                 match ev {
                     Event::Text(s) => assert!(s.len() <= 1000),
                     Event::Binary(b) => assert!(b.len() <= 1000),
+                    Event::MaskedBinary(m) => assert!(m.len() <= 1000),
                     Event::Closed(_) => closes += 1,
                 }
             }

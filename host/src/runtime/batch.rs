@@ -198,6 +198,13 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// A batch of a copy of `message` alone.
+    pub fn of_one(message: Message<'_>) -> Result<Self, TooLarge> {
+        let mut one = Self::default();
+        one.push(message)?;
+        Ok(one)
+    }
+
     /// Holds a copy of `message`, after the others; the batch is unchanged
     /// if that would make it too large.
     pub fn push(&mut self, message: Message<'_>) -> Result<(), TooLarge> {

@@ -10,11 +10,13 @@ use wasmtime::Store;
 use wasmtime::component::{
     ComponentNamedList, Func, Instance, InstancePre, Lift, Lower, Resource, TypedFunc,
 };
+use wharf_protocol::Masked;
 
 use super::HostState;
 use super::bindings::{UpgradeRequest, UpgradeResponse};
 use super::connection_host::ConnectionEntry;
 use super::export::{ExportError, FuncExport};
+use super::masked_bytes::MaskedBytes;
 
 /// The interface's name; wasmtime matches the other 0.1.x exports to it.
 pub const INTERFACE: &str = "wharf:websocket/handler@0.1.12";
@@ -23,6 +25,8 @@ type Conn = Resource<ConnectionEntry>;
 type Upgrade<'a> = (Conn, &'a UpgradeRequest);
 type Text<'a> = (Conn, &'a str);
 type Binary<'a> = (Conn, &'a [u8]);
+/// `Binary`'s representation, lowered unmasking.
+type MaskedBinary<'a> = (Conn, MaskedBytes<'a>);
 type Close<'a> = (Conn, u16, &'a str, bool);
 
 /// The handler's functions in the plugin, checked against the types the
@@ -138,6 +142,16 @@ impl HandlerFuncs {
         call::<Binary<'a>, ()>(store, self.on_binary, (conn, data))
     }
 
+    /// `on-binary` with a payload unmasked as it is lowered.
+    pub fn on_masked_binary<'a>(
+        &self,
+        store: &'a mut Store<HostState>,
+        conn: Conn,
+        data: Masked<'a>,
+    ) -> impl Future<Output = wasmtime::Result<()>> + Send + use<'a> {
+        call::<MaskedBinary<'a>, ()>(store, self.on_binary, (conn, MaskedBytes(data)))
+    }
+
     pub fn on_close<'a>(
         &self,
         store: &'a mut Store<HostState>,
@@ -163,7 +177,8 @@ where
     R: ComponentNamedList + Lift + Send + Sync + 'static,
 {
     // SAFETY: `func` is the export `HandlerExports::find` type-checked
-    // against exactly `P` and `R` (the caller's turbofish matches `find`'s),
+    // against exactly `P` and `R` (the caller's turbofish matches `find`'s,
+    // or, for `MaskedBinary`, a type of the same representation and check),
     // resolved in an instance of that same component.
     let typed = unsafe { TypedFunc::<P, R>::new_unchecked(func) };
     async move { typed.call_async(store, params).await }

@@ -19,6 +19,7 @@ pub mod latin1_host;
 pub mod lifecycle;
 pub mod limits;
 pub mod log_stream;
+pub mod masked_bytes;
 pub mod packed_handler;
 pub mod packed_send_host;
 pub mod packed_words_handler;
@@ -43,7 +44,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{Component, Func, HasSelf, InstancePre, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-use wharf_protocol::FrameBatch;
+use wharf_protocol::{FrameBatch, Masked};
 
 use self::batch::BatchRef;
 use self::batch_handler::Message;
@@ -1195,6 +1196,18 @@ impl PluginInstance {
         let conn = self.arm();
         let wall = self.wall();
         let r = wall::within(wall, || self.handler.on_binary(&mut self.store, conn, data)).await;
+        self.finish_within(r)
+    }
+
+    /// `on-binary` with a payload still masked, unmasked as it is copied
+    /// into the plugin's memory.
+    pub async fn on_masked_binary(&mut self, data: Masked<'_>) -> Result<(), PluginError> {
+        let conn = self.arm();
+        let wall = self.wall();
+        let r = wall::within(wall, || {
+            self.handler.on_masked_binary(&mut self.store, conn, data)
+        })
+        .await;
         self.finish_within(r)
     }
 

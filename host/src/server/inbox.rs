@@ -11,7 +11,7 @@ use crate::runtime::batch::{BatchRef, SpanWord, TooLarge};
 use crate::runtime::batch_handler::Message;
 
 /// Messages larger than this are not held back: one ends the batch.
-pub(super) const MESSAGE_MAX: usize = 16 * 1024;
+pub(crate) const MESSAGE_MAX: usize = 16 * 1024;
 /// A batch is delivered once it holds this many payload bytes...
 const BYTES_MAX: usize = 64 * 1024;
 /// ...or this many messages (each costs the plugin a few bytes of list).

@@ -6,7 +6,7 @@ mod conn_id;
 mod connection;
 pub mod cores;
 mod handler;
-mod inbox;
+pub(crate) mod inbox;
 mod pending;
 mod per_address;
 pub mod static_files;

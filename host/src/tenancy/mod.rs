@@ -29,6 +29,7 @@ use crate::runtime::log_stream::LogBudget;
 use crate::runtime::shared::Migration;
 use crate::runtime::snapshot;
 use crate::runtime::{InstanceLimits, LoadError, Plugin, PluginSpec, Runtime, WasiGrants};
+use crate::server::inbox;
 
 /// One tenant as the server runs it.
 pub struct Tenant {
@@ -463,6 +464,9 @@ impl Tenant {
                 ping_interval: config::nonzero(ws.ping_interval),
                 idle_timeout: config::nonzero(ws.idle_timeout),
                 close_timeout: ws.close_timeout,
+                // Messages too large to be held for a batch are copied
+                // into a plugin's memory from where the protocol read them.
+                deliver_masked_from: Some(inbox::MESSAGE_MAX + 1),
             }),
             origins,
             rate: RateLimit {

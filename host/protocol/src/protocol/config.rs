@@ -31,6 +31,12 @@ pub struct Config {
     /// How long to wait for the peer's Close after we sent ours before
     /// giving up (1006).
     pub close_timeout: Duration,
+    /// Deliver a binary message that came as one frame of at least this
+    /// many bytes still masked
+    /// ([`Event::MaskedBinary`](super::Event::MaskedBinary)), for a caller
+    /// that copies such messages elsewhere anyway: it unmasks while
+    /// copying, one pass over the payload instead of two. `None`: never.
+    pub deliver_masked_from: Option<usize>,
 }
 
 impl Default for Config {
@@ -43,6 +49,7 @@ impl Default for Config {
             ping_interval: Some(Duration::from_secs(30)),
             idle_timeout: Some(Duration::from_secs(120)),
             close_timeout: Duration::from_secs(5),
+            deliver_masked_from: None,
         }
     }
 }

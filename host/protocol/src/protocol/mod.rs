@@ -11,6 +11,7 @@ pub mod close;
 mod config;
 mod error;
 pub(crate) mod frame;
+mod masked;
 mod output;
 
 use std::io::IoSlice;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 pub use batch::{FrameBatch, Tally};
 pub use config::Config;
 pub use error::{ProtocolError, SendError};
+pub use masked::Masked;
 
 use close::CloseCode;
 use frame::coding::{self, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN};
@@ -87,6 +89,9 @@ pub enum Event<'a> {
     Text(&'a str),
     /// A complete binary message.
     Binary(&'a [u8]),
+    /// A complete binary message of one frame, still masked: only with
+    /// [`Config::deliver_masked_from`].
+    MaskedBinary(Masked<'a>),
     /// The connection is closed; this is reported exactly once.
     Closed(CloseInfo),
 }
@@ -100,6 +105,7 @@ enum MsgKind {
 
 /// What `read_inner` found, without borrowing the message buffer.
 enum Ready {
+    /// A message, binary ones left masked if `Core::masked` says so.
     Message(MsgKind),
     Closed(CloseInfo),
 }
@@ -166,6 +172,9 @@ struct Core {
     lent: Option<usize>,
     msg_kind: Option<MsgKind>,
     msg_delivered: bool,
+    /// The mask of the message just delivered while its payload is still
+    /// masked (see [`Masked`]).
+    masked: Option<[u8; 4]>,
     utf8: Utf8Validator,
     /// The payload of the control frame being read (at most
     /// [`MAX_CONTROL_PAYLOAD`]): allocated for a frame that has one and
@@ -201,6 +210,7 @@ impl WebSocket {
                 lent: None,
                 msg_kind: None,
                 msg_delivered: false,
+                masked: None,
                 utf8: Utf8Validator::default(),
                 ctrl: Vec::new(),
                 now,
@@ -222,6 +232,8 @@ impl WebSocket {
         self.core.observe(now);
         if self.core.msg_delivered {
             self.core.msg_delivered = false;
+            // Held, it was unmasked then; if not, it goes now.
+            self.core.masked = None;
             if std::mem::take(&mut self.hold_delivered) {
                 self.held = self.msg.len();
             } else {
@@ -238,15 +250,25 @@ impl WebSocket {
             // holds stays until it releases it).
             self.drop_message();
         }
-        let message = self.msg.get(self.held..).unwrap_or_default();
+        let held = self.held;
         match ready? {
-            Ready::Message(MsgKind::Binary) => Some(Event::Binary(message)),
+            Ready::Message(MsgKind::Binary) if self.core.masked.is_some() => {
+                Some(Event::MaskedBinary(Masked::new(
+                    self.msg.get_mut(held..).unwrap_or_default(),
+                    &mut self.core.masked,
+                )))
+            }
+            Ready::Message(MsgKind::Binary) => {
+                Some(Event::Binary(self.msg.get(held..).unwrap_or_default()))
+            }
             // The incremental validator already accepted these bytes; this
             // second, fast pass is the price of staying free of `unsafe`.
-            Ready::Message(MsgKind::Text) => match simdutf8::basic::from_utf8(message) {
-                Ok(text) => Some(Event::Text(text)),
-                Err(_) => Some(Event::Closed(self.core.fail(ProtocolError::InvalidUtf8))),
-            },
+            Ready::Message(MsgKind::Text) => {
+                match simdutf8::basic::from_utf8(self.msg.get(held..).unwrap_or_default()) {
+                    Ok(text) => Some(Event::Text(text)),
+                    Err(_) => Some(Event::Closed(self.core.fail(ProtocolError::InvalidUtf8))),
+                }
+            }
             Ready::Closed(info) => Some(Event::Closed(info)),
         }
     }
@@ -257,8 +279,20 @@ impl WebSocket {
     /// This is how a caller collects a batch of messages without copying
     /// them; it bounds what it holds (every held byte stays in memory).
     /// Has no effect unless the last event was a message.
+    #[inline]
     pub fn hold_message(&mut self) {
         self.hold_delivered = self.core.msg_delivered;
+        if self.hold_delivered && self.core.masked.is_some() {
+            self.unmask_delivered();
+        }
+    }
+
+    /// Unmasks the message just delivered in place, if it is still masked.
+    #[cold]
+    fn unmask_delivered(&mut self) {
+        if let Some(mask) = self.core.masked.take() {
+            apply_mask(self.msg.get_mut(self.held..).unwrap_or_default(), mask, 0);
+        }
     }
 
     /// The messages held, back to back, the one [`read`](Self::read) just
@@ -681,6 +715,9 @@ impl Core {
                     return Some(Ready::Closed(self.fail(ProtocolError::InvalidUtf8)));
                 }
                 self.msg_delivered = true;
+                if self.leaves_masked(&header) {
+                    self.masked = Some(header.mask);
+                }
                 return Some(Ready::Message(kind));
             }
         }
@@ -711,6 +748,20 @@ impl Core {
         Ok(())
     }
 
+    /// Whether the payload of the data frame `header` starts is left masked
+    /// ([`Config::deliver_masked_from`]): binary, not a continuation, and
+    /// final, so one frame is the whole message, under one mask; and long
+    /// enough.
+    #[inline]
+    fn leaves_masked(&self, header: &FrameHeader) -> bool {
+        header.opcode == OpCode::Binary
+            && header.fin
+            && self
+                .config
+                .deliver_masked_from
+                .is_some_and(|from| header.len >= from as u64)
+    }
+
     /// A data frame's payload bytes, just stored at `start..` in the
     /// message buffer, are unmasked in place and checked.
     fn payload_in(
@@ -721,6 +772,9 @@ impl Core {
         frame: &mut InFrame,
     ) -> Result<(), ProtocolError> {
         let new = msg.get_mut(start..).unwrap_or_default();
+        if self.leaves_masked(&frame.header) {
+            return Ok(());
+        }
         frame.mask_offset = apply_mask(new, frame.header.mask, frame.mask_offset);
         // A message that arrived whole in this input is validated once,
         // when it is delivered; only one that arrives in parts is
@@ -1241,6 +1295,7 @@ mod tests {
             loop {
                 let message = match ws.read(&mut input, now) {
                     Some(Event::Binary(b)) => Some(b.to_vec()),
+                    Some(Event::MaskedBinary(m)) => Some(m.unmask().to_vec()),
                     Some(Event::Text(t)) => Some(t.as_bytes().to_vec()),
                     Some(Event::Closed(info)) => Some(format!("closed {}", info.code).into_bytes()),
                     None => None,
@@ -1344,6 +1399,80 @@ mod tests {
         let mut ws = WebSocket::new(Config::default(), Instant::now());
         let (got, lent, _) = read_lending(&mut ws, &wire, 4096, 1 << 20);
         assert_eq!((got.len(), lent), (3, 0));
+    }
+
+    /// With `deliver_masked_from`, a binary message of one frame comes
+    /// still masked (however it was read); unmasked into a copy or in
+    /// place, or in place when held, it reads as it was sent. Fragmented
+    /// binary, text and shorter messages come as before.
+    #[test]
+    fn binary_messages_of_one_frame_are_delivered_masked_on_request() {
+        let config = Config {
+            deliver_masked_from: Some(0),
+            ..Config::default()
+        };
+        let now = Instant::now();
+        let mut ws = WebSocket::new(config.clone(), now);
+        let mut input = masked(2, b"one");
+        input.extend(masked(2, b"two"));
+        let mut first = masked(2, b"thr");
+        first[0] = 0x02;
+        input.extend(first);
+        input.extend(masked(0, b"ee"));
+        input.extend(masked(1, b"four"));
+        input.extend(masked(2, b""));
+        let mut bytes = &input[..];
+        let Some(Event::MaskedBinary(one)) = ws.read(&mut bytes, now) else {
+            panic!("not masked");
+        };
+        assert_eq!(one.len(), 3);
+        let mut copy = [0; 3];
+        one.unmask_into(&mut copy);
+        assert_eq!(&copy, b"one");
+        // Copied out, it is still masked where it lies: held, it is
+        // unmasked there.
+        ws.hold_message();
+        assert_eq!(ws.held(), b"one");
+        let Some(Event::MaskedBinary(two)) = ws.read(&mut bytes, now) else {
+            panic!("not masked");
+        };
+        assert_eq!(two.unmask(), b"two");
+        ws.hold_message();
+        assert_eq!(ws.held(), b"onetwo");
+        assert_eq!(ws.read(&mut bytes, now), Some(Event::Binary(b"three")));
+        assert_eq!(ws.read(&mut bytes, now), Some(Event::Text("four")));
+        let Some(Event::MaskedBinary(empty)) = ws.read(&mut bytes, now) else {
+            panic!("not masked");
+        };
+        assert!(empty.is_empty());
+        assert_eq!(ws.held(), b"onetwo");
+
+        let big: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let mut wire = masked(2, b"small");
+        wire.extend(masked_binary(&big));
+        wire.extend(masked(1, b"after"));
+        for step in [1, 7, 4096, 65536, 1 << 20] {
+            let mut ws = WebSocket::new(config.clone(), Instant::now());
+            let (got, _, _) = read_lending(&mut ws, &wire, step, 1);
+            let want = [b"small".to_vec(), big.clone(), b"after".to_vec()];
+            assert_eq!(got, want, "step {step}");
+        }
+        let mut plain = WebSocket::new(Config::default(), now);
+        let mut bytes = &input[..];
+        assert_eq!(plain.read(&mut bytes, now), Some(Event::Binary(b"one")));
+        let from_four = Config {
+            deliver_masked_from: Some(4),
+            ..Config::default()
+        };
+        let mut ws = WebSocket::new(from_four, now);
+        let mut wire = masked(2, b"one");
+        wire.extend(masked(2, b"four"));
+        let mut bytes = &wire[..];
+        assert_eq!(ws.read(&mut bytes, now), Some(Event::Binary(b"one")));
+        assert!(matches!(
+            ws.read(&mut bytes, now),
+            Some(Event::MaskedBinary(m)) if m.len() == 4
+        ));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use wharf_protocol::State;
+use wharf_protocol::{Masked, State};
 
 use super::conn::Conn;
 use crate::runtime::batch::{Batch, BatchRef};
@@ -40,9 +40,12 @@ impl<'a> Woken<'a> {
 }
 
 /// What a call delivers: one message, or a batch of them.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub(super) enum Delivery<'a> {
     One(Message<'a>),
+    /// One binary message still masked, unmasked as it is copied into the
+    /// plugin's memory.
+    Masked(Masked<'a>),
     Batch(BatchRef<'a>),
 }
 
@@ -51,6 +54,7 @@ impl Delivery<'_> {
     fn bytes(&self) -> usize {
         match self {
             Delivery::One(message) => message.len(),
+            Delivery::Masked(masked) => masked.len(),
             Delivery::Batch(batch) => batch.bytes(),
         }
     }
@@ -112,6 +116,7 @@ pub(super) async fn call_with(
     }
     let result = match delivery {
         Delivery::One(message) => instance.on_message(message).await,
+        Delivery::Masked(masked) => instance.on_masked_binary(masked).await,
         Delivery::Batch(batch) => instance.on_batch(batch).await,
     };
     let salvage = match result {
@@ -136,14 +141,13 @@ async fn call_movable(
     from: Option<idle_pool::Lane>,
 ) -> Called {
     let owned = match delivery {
-        Delivery::One(message) => {
-            let mut one = Batch::default();
-            if let Err(e) = one.push(message) {
-                return Err(PluginError::Trap(e.into())).into();
-            }
-            one
-        }
-        Delivery::Batch(batch) => batch.to_owned(),
+        Delivery::One(message) => Batch::of_one(message),
+        Delivery::Masked(masked) => Batch::of_one(Message::Binary(masked.unmask())),
+        Delivery::Batch(batch) => Ok(batch.to_owned()),
+    };
+    let owned = match owned {
+        Ok(owned) => owned,
+        Err(e) => return Err(PluginError::Trap(e.into())).into(),
     };
     let Some(mut instance) = handler.lend() else {
         return Ok(()).into();

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tokio::net::TcpStream;
 
-use wharf_protocol::{CloseCode, CloseInfo, Event, FrameBatch, State, WebSocket};
+use wharf_protocol::{CloseCode, CloseInfo, Event, FrameBatch, Masked, State, WebSocket};
 
 use super::Shared;
 use super::calls::{Called, Delivery, Woken, call_with};
@@ -29,6 +29,23 @@ use crate::tenancy::swap::{Policy, Serving, Swaps};
 /// 1011 reason sent when a plugin dies: says what happened, not why (the why
 /// is in the host's log, not for the peer).
 const PLUGIN_FAILED: &str = "handler failed";
+
+/// A message as the protocol delivered it: a binary one of one frame
+/// comes still masked, and is unmasked where it goes (the plugin's memory,
+/// or in place when it is held).
+enum Incoming<'a> {
+    Plain(Message<'a>),
+    Masked(Masked<'a>),
+}
+
+impl Incoming<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Incoming::Plain(message) => message.len(),
+            Incoming::Masked(masked) => masked.len(),
+        }
+    }
+}
 
 /// An open connection: protocol state and, while it is alive, its plugin instance.
 pub(super) struct Conn {
@@ -549,13 +566,19 @@ impl Conn {
                     self.tally
                         .get_or_insert_default()
                         .message_received(false, text.len());
-                    Message::Text(text)
+                    Incoming::Plain(Message::Text(text))
                 }
                 Event::Binary(data) => {
                     self.tally
                         .get_or_insert_default()
                         .message_received(true, data.len());
-                    Message::Binary(data)
+                    Incoming::Plain(Message::Binary(data))
+                }
+                Event::MaskedBinary(data) => {
+                    self.tally
+                        .get_or_insert_default()
+                        .message_received(true, data.len());
+                    Incoming::Masked(data)
                 }
                 Event::Closed(info) => {
                     if !info.clean
@@ -585,6 +608,10 @@ impl Conn {
             // own is a plain call.
             let hold = batched && !input.is_empty() && message.len() <= inbox::MESSAGE_MAX;
             if !hold && self.inbox.is_empty() {
+                let delivery = match message {
+                    Incoming::Plain(message) => Delivery::One(message),
+                    Incoming::Masked(masked) => Delivery::Masked(masked),
+                };
                 let direct = Self::direct_for_call(
                     &self.direct,
                     &mut self.tally,
@@ -595,7 +622,7 @@ impl Conn {
                 );
                 let r = call_with(
                     Woken::of(&mut self.handler, &self.plugin, &self.tenant.cpu, self.id),
-                    Delivery::One(message),
+                    delivery,
                     backlog,
                     state,
                     direct,
@@ -607,6 +634,11 @@ impl Conn {
             if self.inbox.is_empty() {
                 self.inbox_state = state;
             }
+            let message = match message {
+                Incoming::Plain(message) => message,
+                // Held where the protocol read it, so unmasked there.
+                Incoming::Masked(masked) => Message::Binary(masked.unmask()),
+            };
             if let Err(err) = self.inbox.push(message) {
                 // Past what a plugin's 32-bit memory could take in any call.
                 tracing::warn!(conn = self.id, "message dropped: {err}");
