@@ -51,7 +51,7 @@ const DIRECT_MIN: usize = 16 * 1024;
 pub(super) const SETTLE: Duration = Duration::from_secs(1);
 
 /// What the loop carries from one pass to the next.
-struct Driver {
+pub(super) struct Driver {
     read: ReadBuffer,
     /// The peer closed its side (or the read failed): nothing more to read.
     eof: bool,
@@ -285,7 +285,7 @@ impl ReadBuffer {
 }
 
 impl Driver {
-    fn new(rbuf: BytesMut, tls: bool, socket: Socket) -> Self {
+    pub(super) fn new(rbuf: BytesMut, tls: bool, socket: Socket) -> Self {
         Self {
             read: ReadBuffer::new(rbuf),
             eof: false,
@@ -322,23 +322,20 @@ impl Driver {
 impl Conn {
     /// The connection's main loop, until the close handshake is over and the
     /// output flushed (or the transport is gone).
-    pub(super) async fn drive<R, W>(
-        &mut self,
-        reader: &mut R,
-        writer: &mut W,
-        rbuf: BytesMut,
-        tls: bool,
-        socket: Socket,
-    ) where
+    ///
+    /// The driver is the caller's: an async fn keeps its arguments in its
+    /// state for its whole life, so the read buffer and socket it is made
+    /// of would stay there beside it.
+    pub(super) async fn drive<R, W>(&mut self, reader: &mut R, writer: &mut W, d: &mut Driver)
+    where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut d = Driver::new(rbuf, tls, socket);
         // Registered once, not on every pass (see `crate::beacon`).
         let shutdown = self.shared.stop.watch();
         // A shutdown that began before the watch was made fired already.
         if self.shared.shutdown.is_cancelled() {
-            let _ = self.on_shutdown(&mut d);
+            let _ = self.on_shutdown(d);
         }
         // A shared instance's member is woken by other connections' calls.
         let peer = self.handler.take_peer_watcher();
@@ -355,10 +352,10 @@ impl Conn {
             // Boxed, while awake: its steps' plugin calls are most of the
             // task's state (2.9 KiB), which a hibernated or settled
             // connection, most of an idle server's, then does not carry.
-            let awake = self.awake(&mut d, reader, writer, &mut wakers, woke.take());
+            let awake = self.awake(d, reader, writer, &mut wakers, woke.take());
             match Box::pin(awake).await {
                 Pass::Asleep => {
-                    woke = Some(self.wait(&mut d, reader, writer, &mut wakers).await);
+                    woke = Some(self.wait(d, reader, writer, &mut wakers).await);
                     d.awake_since = Instant::now();
                 }
                 end => break end,

@@ -52,7 +52,8 @@ where
         };
         let (mut conn, buf, permits) = opened.into_parts();
         conn.write_through(direct);
-        conn.drive(&mut reader, &mut writer, buf, tls, socket).await;
+        let mut driver = driver::Driver::new(buf, tls, socket);
+        conn.drive(&mut reader, &mut writer, &mut driver).await;
         drop(permits);
     }
 }
