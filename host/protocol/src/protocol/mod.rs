@@ -115,8 +115,15 @@ enum Ready {
 struct InFrame {
     header: FrameHeader,
     remaining: u64,
+    /// Where the next payload byte falls in the mask's 4-byte cycle, or
+    /// [`LEFT_MASKED`].
     mask_offset: usize,
 }
+
+/// `InFrame::mask_offset` of a frame whose payload is left masked
+/// ([`Config::deliver_masked_from`]): one compare on the paths every
+/// frame takes, where a flag of its own made the frame larger.
+const LEFT_MASKED: usize = usize::MAX;
 
 /// Room in the message buffer for the payload of the data frame being
 /// read, lent by [`WebSocket::split_io`]: read into like any [`BufMut`],
@@ -715,7 +722,7 @@ impl Core {
                     return Some(Ready::Closed(self.fail(ProtocolError::InvalidUtf8)));
                 }
                 self.msg_delivered = true;
-                if self.leaves_masked(&header) {
+                if frame.mask_offset == LEFT_MASKED {
                     self.masked = Some(header.mask);
                 }
                 return Some(Ready::Message(kind));
@@ -772,7 +779,7 @@ impl Core {
         frame: &mut InFrame,
     ) -> Result<(), ProtocolError> {
         let new = msg.get_mut(start..).unwrap_or_default();
-        if self.leaves_masked(&frame.header) {
+        if frame.mask_offset == LEFT_MASKED {
             return Ok(());
         }
         frame.mask_offset = apply_mask(new, frame.header.mask, frame.mask_offset);
@@ -864,7 +871,11 @@ impl Core {
         self.frame = Some(InFrame {
             header,
             remaining: header.len,
-            mask_offset: 0,
+            mask_offset: if self.leaves_masked(&header) {
+                LEFT_MASKED
+            } else {
+                0
+            },
         });
         Ok(())
     }
