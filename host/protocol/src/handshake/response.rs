@@ -24,8 +24,8 @@ pub enum InvalidHeader {
     /// and never 101, which would mean the upgrade happened).
     #[error("invalid status code {0}")]
     InvalidStatus(u16),
-    /// The headers (or a refusal's body) are larger than
-    /// [`MAX_EXTRA_HEADER_BYTES`] ([`MAX_REJECT_BODY_BYTES`]): a response
+    /// The headers (or a refusal's body) are larger than 16 KiB
+    /// (64 KiB; `MAX_EXTRA_HEADER_BYTES`, `MAX_REJECT_BODY_BYTES`): a response
     /// is written in one piece, before any limit on the connection applies.
     #[error("{what} of {size} bytes is over the limit of {limit}")]
     TooLarge {

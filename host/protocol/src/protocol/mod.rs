@@ -519,7 +519,7 @@ impl WebSocket {
 
     /// The connection is idle: buffers that hold nothing are freed rather
     /// than kept for the next message. They are kept between messages (up
-    /// to [`MSG_BUF_KEEP`] for the message buffer), which saves an
+    /// to 64 KiB, `MSG_BUF_KEEP`, for the message buffer), which saves an
     /// allocation per message on a busy connection but is most of what an
     /// idle one holds once it has carried one larger message (20 KiB per
     /// connection after a 20 KB message, by the density bench). A message
