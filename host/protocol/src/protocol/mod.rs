@@ -770,7 +770,8 @@ impl Core {
     }
 
     /// A data frame's payload bytes, just stored at `start..` in the
-    /// message buffer, are unmasked in place and checked.
+    /// message buffer, are unmasked in place and checked (unless the frame
+    /// is left masked: binary, so nothing to check).
     fn payload_in(
         &mut self,
         msg: &mut [u8],
