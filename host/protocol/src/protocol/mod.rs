@@ -260,10 +260,7 @@ impl WebSocket {
         let held = self.held;
         match ready? {
             Ready::Message(MsgKind::Binary) if self.core.masked.is_some() => {
-                Some(Event::MaskedBinary(Masked::new(
-                    self.msg.get_mut(held..).unwrap_or_default(),
-                    &mut self.core.masked,
-                )))
+                Some(Event::MaskedBinary(self.delivered_masked()))
             }
             Ready::Message(MsgKind::Binary) => {
                 Some(Event::Binary(self.msg.get(held..).unwrap_or_default()))
@@ -297,9 +294,16 @@ impl WebSocket {
     /// Unmasks the message just delivered in place, if it is still masked.
     #[cold]
     fn unmask_delivered(&mut self) {
-        if let Some(mask) = self.core.masked.take() {
-            apply_mask(self.msg.get_mut(self.held..).unwrap_or_default(), mask, 0);
-        }
+        self.delivered_masked().unmask();
+    }
+
+    /// The message just delivered, as [`Masked`] (plain if `core.masked`
+    /// is `None`).
+    fn delivered_masked(&mut self) -> Masked<'_> {
+        Masked::new(
+            self.msg.get_mut(self.held..).unwrap_or_default(),
+            &mut self.core.masked,
+        )
     }
 
     /// The messages held, back to back, the one [`read`](Self::read) just
