@@ -307,3 +307,96 @@ async fn sleeping_in_on_upgrade_is_cut_and_frees_its_place() {
     assert_eq!(status, 101);
     assert_eq!(ask(&mut good, "after").await, "after");
 }
+
+/// The epoch clock's thread (`wharf-epoch`) stops when no call runs
+/// (`runtime::epoch`). Each tick is one sleep of that thread, so its count
+/// of voluntary context switches stands still while the clock is stopped.
+fn epoch_clock_switches(server: &Server) -> u64 {
+    let tasks =
+        std::fs::read_dir(format!("/proc/{}/task", server.pid())).expect("the server's threads");
+    for task in tasks.flatten() {
+        let path = task.path();
+        if std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.trim() == "wharf-epoch") {
+            let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse().ok())
+                .expect("the clock thread's switches");
+        }
+    }
+    panic!("no wharf-epoch thread");
+}
+
+/// Whether the clock is stopped: no tick over 50 ms.
+async fn epoch_clock_stopped(server: &Server) -> bool {
+    let before = epoch_clock_switches(server);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    epoch_clock_switches(server) == before
+}
+
+async fn until_epoch_clock_stops(server: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !epoch_clock_stopped(server).await {
+        assert!(
+            Instant::now() < deadline,
+            "the idle server's clock ticks on"
+        );
+    }
+}
+
+/// An idle server stops its epoch clock, and neither a call that begins
+/// afterwards nor one that waited in the host while it stopped escapes the
+/// CPU limit the clock enforces: a spinning call is cut (1011) either way.
+#[tokio::test]
+async fn spinning_calls_are_cut_after_the_epoch_clock_stopped() {
+    let limits = "cpu_time_per_event = \"100ms\"\nwall_time_per_event = \"10s\"";
+    let server = start("", limits);
+    let (mut good, status) = upgrade(&server, "/good").await;
+    assert_eq!(status, 101);
+    until_epoch_clock_stops(&server).await;
+    // A call starts it again.
+    assert_eq!(ask(&mut good, "wake").await, "wake");
+    assert!(
+        !epoch_clock_stopped(&server).await,
+        "the clock did not start"
+    );
+    // Cut by its 100 ms of CPU: a call the clock no longer reached would
+    // spin on past `read_frame`'s 3 s.
+    let cut = |bad: RawClient, what: &'static str| async move {
+        let mut bad = bad;
+        let frame = bad.read_frame().await;
+        assert_eq!(frame.opcode, 0x8, "{what}");
+        assert_eq!(frame.close_code().0, 1011, "{what}");
+    };
+    // A spinning call that begins on a stopped clock.
+    let (mut bad, status) = upgrade(&server, "/bad").await;
+    assert_eq!(status, 101);
+    until_epoch_clock_stops(&server).await;
+    bad.send_frame(true, OP_TEXT, b"loop").await;
+    cut(bad, "loop").await;
+    // One that waits in the host (no wasm runs) while the clock stops,
+    // then spins.
+    let (mut bad, status) = upgrade(&server, "/bad").await;
+    assert_eq!(status, 101);
+    bad.send_frame(true, OP_TEXT, b"nap-loop 1500").await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        epoch_clock_stopped(&server).await,
+        "the clock ticked on through the nap"
+    );
+    cut(bad, "nap-loop").await;
+    assert_eq!(ask(&mut good, "still here").await, "still here");
+    // Counted as their limits' failures (CPU, or on a loaded machine the
+    // wall clock, as in `each_attack_is_contained_and_counted`).
+    let text = server.metrics().await;
+    let cut: f64 = ["cpu", "wall-time"]
+        .iter()
+        .filter_map(|kind| {
+            let series = format!("wharf_plugin_failures_total{{tenant=\"bad\",kind=\"{kind}\"}}");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&series)?.trim().parse::<f64>().ok())
+        })
+        .sum();
+    assert_eq!(cut, 2.0, "{text}");
+}

@@ -1,15 +1,7 @@
-//! The one wasmtime `Engine` every plugin is compiled for, and its epoch clock.
-
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
-use std::time::Duration;
+//! The one wasmtime `Engine` every plugin is compiled for (its epoch clock
+//! is [`super::epoch`]).
 
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
-
-/// One epoch tick: the granularity of CPU deadlines and of the yields that
-/// keep a busy plugin from holding a worker thread.
-pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Sizing of the engine's instance pool.
 #[derive(Debug, Clone, Copy)]
@@ -228,39 +220,6 @@ pub fn reservation(memory_limit: usize, memories: u32) -> u64 {
         rounded
     } else {
         limit
-    }
-}
-
-/// Advances the engine's epoch every [`EPOCH_TICK`] on a dedicated thread.
-pub struct EpochClock {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl EpochClock {
-    pub fn start(engine: &Engine) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let engine = engine.clone();
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("wharf-epoch".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
-                }
-            })
-            .ok();
-        Self { stop, thread }
-    }
-}
-
-impl Drop for EpochClock {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -11,6 +11,7 @@ pub mod config_host;
 pub mod connection_host;
 pub mod cpu_share;
 pub mod engine;
+pub mod epoch;
 pub mod export;
 pub mod handler;
 pub mod idle_pool;
@@ -51,7 +52,8 @@ use self::batch_handler::Message;
 use self::bindings::UpgradeResponse;
 use self::connection_host::{ConnectionEntry, Parked, SendLimits};
 use self::cpu_share::CpuShare;
-use self::engine::{EpochClock, PoolSizing};
+use self::engine::PoolSizing;
+use self::epoch::{EpochClock, EpochUse};
 use self::export::FuncExport;
 use self::handler::{HandlerExports, HandlerFuncs};
 use self::lifecycle::{Calls, Wanted};
@@ -150,7 +152,7 @@ pub struct Runtime {
     config: RuntimeConfig,
     /// The cap on `config.cache_dir`'s compiled plugins (0: no cache).
     cache_max_size: u64,
-    _clock: EpochClock,
+    clock: EpochClock,
 }
 
 /// Why a plugin could not be loaded. Each is told before the plugin is
@@ -314,7 +316,7 @@ impl Runtime {
             linker,
             config,
             cache_max_size: cache::DEFAULT_MAX_SIZE,
-            _clock: clock,
+            clock,
         })
     }
 
@@ -422,6 +424,7 @@ impl Runtime {
             wanted: Wanted::default(),
             spec,
             broker: self.broker.clone(),
+            clock: self.clock.user(),
         };
         tracing::info!(
             tenant = %plugin.spec.tenant,
@@ -534,6 +537,7 @@ pub struct Plugin {
     wanted: Wanted,
     spec: PluginSpec,
     broker: Arc<Broker>,
+    clock: EpochUse,
 }
 
 impl Plugin {
@@ -640,6 +644,7 @@ impl Plugin {
             wasi_source,
             table,
             broker: self.broker.clone(),
+            clock: self.clock.clone(),
             tenant: self.spec.tenant.clone(),
             settings: self.spec.settings.clone(),
             max_message_size: limits.send.max_message_size,
@@ -658,6 +663,8 @@ impl Plugin {
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_callback(|mut ctx| {
             let state = ctx.data_mut();
+            // A running call: the clock must go on.
+            state.clock.mark();
             // Time since the call started or last came back from a yield:
             // the wasm it ran and the host calls it made, not the time
             // other connections had the thread.
@@ -780,6 +787,8 @@ pub struct HostState {
     table: ResourceTable,
     /// Topics, shared by every instance of every plugin.
     broker: Arc<Broker>,
+    /// Told of each call, which the clock must tick for.
+    clock: EpochUse,
     /// The plugin's tenant: the scope of its topics.
     tenant: Arc<str>,
     /// The tenant's settings (`wharf:websocket/config`).
@@ -866,6 +875,7 @@ impl Conns {
 impl HostState {
     /// Starts a call's accounting: no CPU time used, on the slice clock.
     fn begin_call(&mut self) {
+        self.clock.mark();
         self.cpu_used = Duration::ZERO;
         self.ticked = false;
         self.running_since

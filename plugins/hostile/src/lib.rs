@@ -27,6 +27,9 @@
 //!   `wasi:io/poll` wait during which no wasm runs (time outside wasm must
 //!   count against the call, and must not block other connections), then
 //!   sends "napped".
+//! - "nap-loop MS": naps as "nap" does, then spins forever: a call that
+//!   waits in the host while the host's epoch clock stops for want of
+//!   running calls, and must still be interrupted once it runs again.
 //! - "flood N": sends "m0".."m<N-1>" as fast as it can, then reports
 //!   "flooded ok=<sent> full=<refused with queue-full>" (the send queue bound).
 //! - "big-reply MIB": sends one binary message of MIB MiB (bytes 0x42); if
@@ -403,6 +406,10 @@ impl Guest for Hostile {
             ("nap", Some(ms)) => {
                 std::thread::sleep(Duration::from_millis(ms));
                 log_err(conn, conn.send_text("napped"));
+            }
+            ("nap-loop", Some(ms)) => {
+                std::thread::sleep(Duration::from_millis(ms));
+                spin_forever()
             }
             ("flood", Some(n)) => flood(conn, n),
             ("big-reply", Some(mib)) => big_reply(conn, mib),
