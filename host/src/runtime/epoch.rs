@@ -57,7 +57,9 @@ struct Shared {
 }
 
 impl EpochClock {
-    pub fn start(engine: &Engine) -> Self {
+    /// Fails if its thread cannot be made: without it no call could be
+    /// interrupted.
+    pub fn start(engine: &Engine) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             used: AtomicBool::new(false),
             awake: AtomicBool::new(true),
@@ -70,12 +72,11 @@ impl EpochClock {
         let ticking = shared.clone();
         let thread = std::thread::Builder::new()
             .name("wharf-epoch".into())
-            .spawn(move || ticking.run(&engine))
-            .ok();
-        if let Some(thread) = &thread {
-            let _ = shared.thread.set(thread.thread().clone());
-        }
-        Self { shared, thread }
+            .spawn(move || ticking.run(&engine))?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
     }
 
     /// The handle calls mark the clock with.
@@ -125,6 +126,8 @@ impl EpochUse {
 
 impl Shared {
     fn run(&self, engine: &Engine) {
+        // Before it can stop: a wake must find the thread to unpark.
+        let _ = self.thread.set(std::thread::current());
         let mut idle = 0;
         while !self.stop.load(Ordering::Relaxed) {
             std::thread::sleep(EPOCH_TICK);
@@ -193,7 +196,7 @@ mod tests {
     #[test]
     fn the_clock_stops_when_unused_and_a_call_starts_it() {
         let engine = engine();
-        let clock = EpochClock::start(&engine);
+        let clock = EpochClock::start(&engine).unwrap();
         let user = clock.user();
         eventually("the unused clock stops", || user.is_stopped());
         let stopped_at = user.ticks();
@@ -220,7 +223,7 @@ mod tests {
     #[test]
     fn a_deadline_armed_before_the_stop_still_interrupts() {
         let engine = engine();
-        let clock = EpochClock::start(&engine);
+        let clock = EpochClock::start(&engine).unwrap();
         let user = clock.user();
         let wat = r#"(module (func (export "spin") (loop br 0)))"#;
         let module = Module::new(&engine, wat::parse_str(wat).unwrap()).unwrap();

@@ -36,6 +36,7 @@ pub mod text_batch_handler;
 pub mod text_batch_send_host;
 pub mod wall;
 
+use anyhow::Context as _;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -309,7 +310,7 @@ impl Runtime {
         packed_words_send_host::add_to_linker(&mut linker)?;
         text_batch_send_host::add_to_linker(&mut linker)?;
         request_host::add_to_linker(&mut linker)?;
-        let clock = EpochClock::start(&engine);
+        let clock = EpochClock::start(&engine).context("starting the epoch clock's thread")?;
         Ok(Self {
             engine,
             broker: Broker::new(),
