@@ -36,6 +36,19 @@ fn start_with(server: &'static str, bad_limits: &str, plugin: &'static str) -> S
 const BAD_LIMITS: &str = "memory_limit = \"16MiB\"\ncpu_time_per_event = \"100ms\"\n\
                           wall_time_per_event = \"300ms\"\ncpu_share = 0.5";
 
+/// The bad tenant's plugin failures of the kinds `kinds` names ("a|b"),
+/// summed, in the metrics `text`.
+fn bad_failures(text: &str, kinds: &str) -> f64 {
+    kinds
+        .split('|')
+        .filter_map(|kind| {
+            let series = format!("wharf_plugin_failures_total{{tenant=\"bad\",kind=\"{kind}\"}}");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&series)?.trim().parse::<f64>().ok())
+        })
+        .sum()
+}
+
 async fn upgrade(server: &Server, path: &str) -> (RawClient, u16) {
     let mut raw = server.raw(false).await;
     raw.send(upgrade_request_to("x", path, &[]).as_bytes())
@@ -124,25 +137,13 @@ async fn each_attack_is_contained_and_counted() {
         ("8 MiB publish loop", &["publish 8"], SPIN),
         ("handle exhaustion", &["streams 100000"], TRAP),
     ];
-    // The failures of the kinds `kinds` names ("a|b"), summed.
-    let failures = |text: &str, kinds: &str| -> f64 {
-        kinds
-            .split('|')
-            .filter_map(|kind| {
-                let series =
-                    format!("wharf_plugin_failures_total{{tenant=\"bad\",kind=\"{kind}\"}}");
-                text.lines()
-                    .find_map(|l| l.strip_prefix(&series)?.trim().parse::<f64>().ok())
-            })
-            .sum()
-    };
     for (name, messages, kinds) in cases {
-        let was = failures(&server.metrics().await, kinds);
+        let was = bad_failures(&server.metrics().await, kinds);
         let started = Instant::now();
         let (code, _) = attack(&server, &mut good, messages).await;
         assert_eq!(code, 1011, "{name}");
         let text = server.metrics().await;
-        assert_eq!(failures(&text, kinds), was + 1.0, "{name}:\n{text}");
+        assert_eq!(bad_failures(&text, kinds), was + 1.0, "{name}:\n{text}");
         eprintln!("{name}: 1011 after {:?}", started.elapsed());
     }
     // The good tenant never failed.
@@ -390,13 +391,5 @@ async fn spinning_calls_are_cut_after_the_epoch_clock_stopped() {
     // Counted as their limits' failures (CPU, or on a loaded machine the
     // wall clock, as in `each_attack_is_contained_and_counted`).
     let text = server.metrics().await;
-    let cut: f64 = ["cpu", "wall-time"]
-        .iter()
-        .filter_map(|kind| {
-            let series = format!("wharf_plugin_failures_total{{tenant=\"bad\",kind=\"{kind}\"}}");
-            text.lines()
-                .find_map(|l| l.strip_prefix(&series)?.trim().parse::<f64>().ok())
-        })
-        .sum();
-    assert_eq!(cut, 2.0, "{text}");
+    assert_eq!(bad_failures(&text, "cpu|wall-time"), 2.0, "{text}");
 }
