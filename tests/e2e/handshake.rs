@@ -283,16 +283,6 @@ async fn silent_sockets_cannot_starve_a_real_client() {
     drop(silent);
 }
 
-/// Resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// Static files are streamed, and at most `max_concurrent` are in flight:
 /// 300 clients ask for an 8 MiB file and never read it; those over the cap
 /// get 503 and the server's memory does not grow with them (read whole,
@@ -311,7 +301,7 @@ async fn static_files_are_capped_and_streamed() {
         server: "max_pending_per_address = 0",
         ..ServerOpts::new("echo")
     });
-    let before = rss_kib(server.pid());
+    let before = server.rss_kib();
     let mut clients = Vec::new();
     // 300 from one address: past the default per-address cap on pending
     // handshakes (256), which this test is not about.
@@ -337,7 +327,7 @@ async fn static_files_are_capped_and_streamed() {
             other => panic!("status {}", String::from_utf8_lossy(other)),
         }
     }
-    let grown = rss_kib(server.pid()).saturating_sub(before);
+    let grown = server.rss_kib().saturating_sub(before);
     assert_eq!((ok, busy), (50, 250));
     assert!(grown < 64 * 1024, "RSS grew {grown} KiB");
     drop(clients);

@@ -114,18 +114,6 @@ async fn bad_names_are_rejected_before_the_upgrade() {
     }
 }
 
-/// The server's resident set, in KiB.
-fn rss_kib(server: &Server) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
-        .expect("read /proc/PID/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in:\n{status}"))
-}
-
 /// `key=<number>` from a hostile "published ..." answer.
 fn field(answer: &str, key: &str) -> u64 {
     answer
@@ -164,7 +152,7 @@ async fn a_stuck_subscriber_holds_its_byte_budget_not_every_message() {
         Message::Binary(data) => assert_eq!(data.len() as u64, MIB),
         other => panic!("expected the warm-up message, got {}", describe(&other)),
     }
-    let before = rss_kib(&server);
+    let before = server.rss_kib();
 
     // A's task is busy in a 5 s call: its mailbox is not drained meanwhile.
     send_text(&mut a, "nap 5000").await;
@@ -173,7 +161,7 @@ async fn a_stuck_subscriber_holds_its_byte_budget_not_every_message() {
     send_text(&mut b, &format!("pub t {MESSAGES} {MIB}")).await;
     let answer = recv_text(&mut b).await;
     let publishing = started.elapsed();
-    let after = rss_kib(&server);
+    let after = server.rss_kib();
     eprintln!(
         "{answer} in {publishing:?}; server RSS {before} KiB -> {after} KiB (+{} KiB)",
         after.saturating_sub(before)

@@ -292,6 +292,18 @@ impl Server {
         self.child.id()
     }
 
+    /// The server's resident set, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in:\n{status}"))
+    }
+
     pub fn addr(&self, tls: bool) -> SocketAddr {
         if tls {
             self.wss_addr.expect("server started without tls")
