@@ -1470,5 +1470,7 @@ mod instructions {
 }
 
 // The baseline servers: `--serve-baseline NAME [--cert PEM --key PEM]`.
+#[path = "common/allocator.rs"]
+mod allocator;
 #[path = "common/baseline.rs"]
 mod baseline;

@@ -27,6 +27,8 @@
 //! best of `--rounds`. Without `--bench` (`cargo test`), a smoke run; where
 //! io_uring is not allowed the uring server is reported as missing.
 
+#[path = "common/allocator.rs"]
+mod allocator;
 #[path = "common/baseline.rs"]
 mod baseline;
 #[path = "common/loadgen.rs"]

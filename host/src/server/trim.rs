@@ -2,11 +2,14 @@
 //!
 //! A hibernating connection frees its instance's host-side state (store,
 //! tables, buffers: tens of KiB), and one that settles frees the buffers a
-//! larger message grew, but glibc's allocator keeps freed pages in the
-//! middle of its arenas resident until something reuses them, so an idle
-//! server would not shrink. `malloc_trim(0)` releases every free page; it
-//! walks the arenas, so it runs at most once per interval, on a blocking
-//! thread, and only after such releases happened.
+//! larger message grew, but an allocator keeps freed pages resident until
+//! something reuses them: jemalloc (the `wharf` binary's) returns them only
+//! from an allocation in the same arena, ten seconds after they were freed,
+//! and glibc's malloc (which C code such as aws-lc uses either way) only
+//! from the top of each arena. So an idle server would not shrink. A pass
+//! purges every jemalloc arena and runs `malloc_trim(0)`; it walks the
+//! arenas, so it runs at most once per interval, on a blocking thread, and
+//! only after such releases happened.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,9 +47,10 @@ impl Released {
 }
 
 /// Runs until `shutdown`: every `interval` (or longer, see [`PACE`]), trims
-/// if at least [`MIN_TRIM`] was released since the last pass.
+/// if a pass is [`due`].
 pub(crate) async fn run(released: Arc<Released>, interval: Duration, shutdown: CancellationToken) {
     let mut seen = 0;
+    let mut last = 0;
     let mut wait = interval;
     loop {
         tokio::select! {
@@ -54,7 +58,9 @@ pub(crate) async fn run(released: Arc<Released>, interval: Duration, shutdown: C
             _ = tokio::time::sleep(wait) => {}
         }
         let now = released.0.load(Ordering::Relaxed);
-        if now.saturating_sub(seen) >= MIN_TRIM {
+        let pass = due(now.saturating_sub(seen), now.saturating_sub(last));
+        last = now;
+        if pass {
             seen = now;
             let took = tokio::task::spawn_blocking(trim).await.unwrap_or_default();
             tracing::debug!(?took, "heap trimmed");
@@ -63,29 +69,76 @@ pub(crate) async fn run(released: Arc<Released>, interval: Duration, shutdown: C
     }
 }
 
+/// Whether a pass is due, from the bytes released since the last pass and
+/// since the last look: at least [`MIN_TRIM`], or any once releases have
+/// stopped. Without the second, the tail of a burst of hibernations (the
+/// last second's, under [`MIN_TRIM`]) stayed resident until the next burst:
+/// 10,000 hibernated connections measured 4.9 KiB each where the pass after
+/// them made it 4.0.
+fn due(since_pass: u64, since_look: u64) -> bool {
+    since_pass >= MIN_TRIM || (since_pass > 0 && since_look == 0)
+}
+
 fn next_wait(interval: Duration, took: Duration) -> Duration {
     interval.max(took.saturating_mul(PACE))
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn trim() -> Duration {
     let started = Instant::now();
+    purge_jemalloc();
+    trim_glibc();
+    started.elapsed()
+}
+
+#[cfg(unix)]
+fn purge_jemalloc() {
+    // Arena 4096 is `MALLCTL_ARENAS_ALL`: every arena's unused pages, dirty
+    // and muzzy, given back now. Where jemalloc is not the global allocator
+    // (the library's tests), its arenas are empty and this costs nothing.
+    let all = c"arena.4096.purge";
+    // SAFETY: a `purge` takes and returns no value, so every pointer is
+    // null and the length 0; the name is NUL-terminated. mallctl is
+    // thread-safe.
+    let failed = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            all.as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if failed != 0 {
+        tracing::warn!(errno = failed, "jemalloc purge failed");
+    }
+}
+
+#[cfg(not(unix))]
+fn purge_jemalloc() {}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_glibc() {
     // SAFETY: malloc_trim takes no pointers and is thread-safe (it locks
     // each arena); 0 keeps no padding at the top of the heap.
     unsafe {
         libc::malloc_trim(0);
     }
-    started.elapsed()
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim() -> Duration {
-    Duration::ZERO
-}
+fn trim_glibc() {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pass_is_due_for_enough_or_once_releases_stop() {
+        assert!(!due(0, 0), "nothing released: no pass");
+        assert!(due(MIN_TRIM, 1), "enough since the last pass");
+        assert!(!due(MIN_TRIM - 1, 1), "a little, still coming");
+        assert!(due(1, 0), "a little, and no more since the last look");
+    }
 
     #[test]
     fn a_slow_pass_puts_off_the_next() {
