@@ -74,7 +74,7 @@ pub(crate) async fn run(released: Arc<Released>, interval: Duration, shutdown: C
 /// stopped. Without the second, the tail of a burst of hibernations (the
 /// last second's, under [`MIN_TRIM`]) stayed resident until the next burst:
 /// 10,000 hibernated connections measured 4.9 KiB each where the pass after
-/// them made it 4.0.
+/// them makes it 3.5–3.9.
 fn due(since_pass: u64, since_look: u64) -> bool {
     since_pass >= MIN_TRIM || (since_pass > 0 && since_look == 0)
 }
