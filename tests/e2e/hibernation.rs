@@ -141,18 +141,16 @@ async fn a_hibernated_connection_that_cannot_wake_gets_1013() {
 /// it was before the messages.
 #[tokio::test]
 async fn settled_connections_give_their_buffers_back() {
-    use crate::support::{OP_BINARY, upgrade_request};
+    use crate::shared::{connect, tenant};
+    use crate::support::OP_BINARY;
 
     const CONNECTIONS: usize = 200;
     let mut opts = ServerOpts::new("");
-    opts.extra = crate::shared::tenant("echo", "echo", &["/"], "shared");
+    opts.extra = tenant("echo", "echo", &["/"], "shared");
     let server = Server::start(opts);
     let mut conns = Vec::with_capacity(CONNECTIONS);
     for _ in 0..CONNECTIONS {
-        let mut raw = server.raw(false).await;
-        raw.send(upgrade_request("/", &[]).as_bytes()).await;
-        assert_eq!(raw.read_response().await.status, 101);
-        conns.push(raw);
+        conns.push(connect(&server, "/").await);
     }
     let before = server.rss_kib();
     let message: Vec<u8> = (0..60_000u32).map(|i| (i % 251) as u8).collect();

@@ -21,7 +21,8 @@ fn start(tenants: &[String]) -> Server {
     Server::start(opts)
 }
 
-async fn connect(server: &Server, path: &str) -> RawClient {
+/// A raw client upgraded at `path`.
+pub(crate) async fn connect(server: &Server, path: &str) -> RawClient {
     let mut raw = server.raw(false).await;
     raw.send(upgrade_request_to("x", path, &[]).as_bytes())
         .await;
